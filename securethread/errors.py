@@ -1,0 +1,157 @@
+"""One exception hierarchy for securethread, split by who is at fault.
+
+* :class:`ConfigurationError` -- the caller's setup is wrong (missing module, bad URI,
+  unknown token, no PIN).
+* :class:`HSMError` -- the token refused or failed; always raised ``from`` the PKCS#11
+  exception so the CKR code stays visible.
+* :class:`VerificationError` and its kin -- data that crossed a boundary is bad (wrong
+  signature, malformed encoding, replay, wrong recipient, policy violation).
+* :class:`QuotaExceededError` -- the job's quota is exhausted.
+
+``ValueError``/``TypeError`` are reserved for programming errors inside the library.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Root of every error securethread raises on purpose."""
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+class ConfigurationError(Error):
+    """The environment or the caller's configuration is wrong."""
+
+
+class URIError(ConfigurationError):
+    """A PKCS#11 URI (RFC 7512) is malformed or names something unsupported."""
+
+
+class ModuleLoadError(ConfigurationError):
+    """The PKCS#11 module could not be loaded (path missing or not a PKCS#11 library)."""
+
+
+class TokenNotFoundError(ConfigurationError):
+    """No token with the requested label is present."""
+
+
+class PinMissingError(ConfigurationError):
+    """No PIN source was configured for a token that needs a login."""
+
+
+# --- token trouble ---------------------------------------------------------------------
+
+
+class HSMError(Error):
+    """The token refused or failed an operation."""
+
+
+class PinIncorrectError(HSMError):
+    """The token rejected the PIN."""
+
+
+class KeyNotFoundError(HSMError):
+    """No key or certificate with the requested label exists in the token."""
+
+
+class DuplicateObjectError(HSMError):
+    """An object with this label already exists where a new one was to be created."""
+
+
+class KeyPolicyError(Error):
+    """A key was used for an operation its type or policy does not allow."""
+
+
+# --- bad data --------------------------------------------------------------------------
+
+
+class VerificationError(Error):
+    """Data that crossed a trust boundary failed a check."""
+
+
+class FormatError(VerificationError):
+    """Bytes are malformed, non-canonical, truncated, oversized or of the wrong kind."""
+
+
+class SignatureError(VerificationError):
+    """A signature does not verify under the expected key."""
+
+
+class InvalidPointError(VerificationError):
+    """An EC public point is not on the expected curve."""
+
+
+class DecryptionError(VerificationError):
+    """Authenticated decryption failed: the ciphertext, nonce, AAD or tag was altered."""
+
+
+class CertificateError(VerificationError):
+    """A certificate or chain fails validation or violates the profile."""
+
+
+class ProfileViolationError(CertificateError):
+    """A certificate request violates the RFC 5280 profile securethread issues under."""
+
+
+class ChannelError(VerificationError):
+    """The secure channel protocol was violated (replay, reflection, wrong peer...)."""
+
+
+class ReplayError(ChannelError):
+    """A message was seen before or belongs to another session."""
+
+
+class ConfirmationError(ChannelError):
+    """A key-confirmation value does not match."""
+
+
+class ImageError(VerificationError):
+    """An encrypted image, its manifest or a chunk failed verification."""
+
+
+class RollbackError(ImageError):
+    """An image's security counter is below the device's minimum."""
+
+
+class LicenseError(VerificationError):
+    """A license is not for this device or image, or does not verify."""
+
+
+class JobError(VerificationError):
+    """A production job is expired, foreign, tampered or otherwise unusable."""
+
+
+class DeviceRefusedError(VerificationError):
+    """A device failed identification or is not allowed under the job."""
+
+
+class AlreadyProvisionedError(DeviceRefusedError):
+    """The device was already provisioned under this job."""
+
+
+class NotTargetedError(DeviceRefusedError):
+    """The device identifier is outside the job's targets."""
+
+
+class LedgerError(VerificationError):
+    """A ledger (or transcript) record is missing, reordered, duplicated or altered.
+
+    ``index`` names the first bad record (0-based) where one can be named.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class TranscriptError(LedgerError):
+    """A ceremony transcript fails verification."""
+
+
+# --- quota -----------------------------------------------------------------------------
+
+
+class QuotaExceededError(Error):
+    """The job's quota is exhausted; nothing was counted or released."""
