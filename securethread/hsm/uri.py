@@ -106,7 +106,9 @@ class PKCS11URI:
                 fields["id"] = raw
             elif name == "slot-id":
                 text = _text(raw, name)
-                if not text.isdigit():
+                # RFC 7512 §2.3: slot-id = 1*DIGIT (ASCII only; str.isdigit() also takes
+                # "²", which int() refuses, and "١", which int() reads as 1).
+                if not (text.isascii() and text.isdigit()):
                     raise URIError(f"PKCS#11 URI: slot-id {text!r} is not a decimal number")
                 fields["slot_id"] = int(text)
             elif name == "type":
