@@ -99,6 +99,8 @@ def decode(data: bytes, *, what: str = "data", max_size: int | None = None) -> A
         value, pos = _decode(data, 0, 0)
     except IndexError:
         raise FormatError(f"{what}: truncated") from None
+    except FormatError as exc:  # errors deep in the item also name the artefact
+        raise FormatError(f"{what}: {exc}") from None
     if pos != len(data):
         raise FormatError(f"{what}: {len(data) - pos} trailing bytes")
     return value

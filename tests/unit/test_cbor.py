@@ -35,7 +35,7 @@ RFC_VECTORS: list[tuple[Any, str]] = [
     ("", "60"),
     ("a", "6161"),
     ("IETF", "6449455446"),
-    ("\"\\", "62225c"),
+    ('"\\', "62225c"),
     ("\u00fc", "62c3bc"),
     ("\u6c34", "63e6b0b4"),
     ("\U00010151", "64f0908591"),
@@ -271,3 +271,12 @@ def test_max_size_enforced_before_parsing() -> None:
 def test_format_error_is_a_securethread_error() -> None:
     with pytest.raises(Error):
         cbor.decode(b"\x18")
+
+
+@pytest.mark.parametrize(
+    "hexstr", ["a2616201616102", "1800", "f93c00", "c001", "5f40ff", "81" * 40 + "00"]
+)
+def test_every_error_names_the_artefact(hexstr: str) -> None:
+    # Regression: errors raised deep inside the item used to omit ``what``.
+    with pytest.raises(FormatError, match="^ledger record: "):
+        cbor.decode(bytes.fromhex(hexstr), what="ledger record")
