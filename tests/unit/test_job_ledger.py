@@ -1,0 +1,264 @@
+"""Jobs, the quota store and the ledger, on the software backend (pure logic + SQLite)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from securethread import cbor, ledger
+from securethread.errors import (
+    FormatError,
+    JobError,
+    LedgerError,
+    NotTargetedError,
+    QuotaExceededError,
+    SignatureError,
+)
+from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
+from securethread.job import (
+    ProductionJob,
+    Targets,
+    cosign_job,
+    sign_job,
+    verify_job,
+)
+from securethread.store import SQLiteStore
+
+PROGRAMMER = b"\x11" * 32
+
+
+@pytest.fixture
+def keys() -> SoftwareBackend:
+    b = SoftwareBackend("oem")
+    for name in ("officer-1", "officer-2", "officer-3", "ledger"):
+        b.generate_ec(name, curve=Curve.P256, policy=SIGNING)
+    return b
+
+
+def make_job(**kw: object) -> ProductionJob:
+    now = int(time.time())
+    args: dict[str, object] = dict(
+        job_id="job-1",
+        device_class="sensor-v1",
+        targets=Targets(ranges=((0x1000, 0x1FFF),), explicit=frozenset({"00000000000000aa"})),
+        quota=5,
+        not_before=now - 60,
+        not_after=now + 3600,
+        image_id="fw-1",
+        manifest_sha256=b"\x22" * 32,
+        programmer=PROGRAMMER,
+    )
+    args.update(kw)
+    return ProductionJob(**args)  # type: ignore[arg-type]
+
+
+def officers(b: SoftwareBackend, *names: str) -> dict[bytes, object]:
+    return {fingerprint(b.public_key(n)): b.public_key(n) for n in names}
+
+
+def test_job_round_trip_and_targets(keys: SoftwareBackend) -> None:
+    signed = sign_job(make_job(), [keys.private_key("officer-1")])
+    v = verify_job(signed, officers=officers(keys, "officer-1"), programmer=PROGRAMMER)
+    assert v.job.quota == 5
+    assert "0000000000001abc" in v.job.targets
+    assert "00000000000000aa" in v.job.targets
+    with pytest.raises(NotTargetedError):
+        v.job.targets.check("0000000000002000")
+
+
+@pytest.mark.parametrize(
+    "kw, err",
+    [
+        ({"quota": 0}, JobError),
+        ({"quota": -1}, JobError),
+        ({"job_id": "bad id!"}, FormatError),
+        ({"manifest_sha256": b"x"}, FormatError),
+        ({"not_after": 0, "not_before": 10}, JobError),
+        ({"threshold": 0}, JobError),
+    ],
+)
+def test_bad_job_fields_are_refused(kw: dict[str, object], err: type[Exception]) -> None:
+    with pytest.raises(err):
+        make_job(**kw)
+
+
+def test_bad_targets_refused() -> None:
+    with pytest.raises(FormatError):
+        Targets()
+    with pytest.raises(FormatError):
+        Targets(ranges=((5, 1),))
+    with pytest.raises(FormatError):
+        Targets(explicit=frozenset({"XYZ"}))
+
+
+def test_expired_foreign_tampered_jobs(keys: SoftwareBackend) -> None:
+    trusted = officers(keys, "officer-1")
+    now = int(time.time())
+    expired = sign_job(
+        make_job(not_before=now - 100, not_after=now - 10), [keys.private_key("officer-1")]
+    )
+    with pytest.raises(JobError, match="expired"):
+        verify_job(expired, officers=trusted, programmer=PROGRAMMER)
+    future = sign_job(
+        make_job(not_before=now + 100, not_after=now + 200), [keys.private_key("officer-1")]
+    )
+    with pytest.raises(JobError, match="not valid yet"):
+        verify_job(future, officers=trusted, programmer=PROGRAMMER)
+    foreign = sign_job(make_job(programmer=b"\x33" * 32), [keys.private_key("officer-1")])
+    with pytest.raises(JobError, match="another programmer"):
+        verify_job(foreign, officers=trusted, programmer=PROGRAMMER)
+    good = sign_job(make_job(), [keys.private_key("officer-1")])
+    outer = cbor.decode(good)
+    body = cbor.decode(outer["body"])
+    body["quota"] = 5000
+    outer["body"] = cbor.encode(body)
+    with pytest.raises(SignatureError):
+        verify_job(cbor.encode(outer), officers=trusted, programmer=PROGRAMMER)
+    with pytest.raises(SignatureError):
+        verify_job(good, officers=officers(keys, "officer-2"), programmer=PROGRAMMER)
+    with pytest.raises(FormatError):
+        verify_job(good[:-3], officers=trusted, programmer=PROGRAMMER)
+
+
+def test_m_of_n(keys: SoftwareBackend) -> None:
+    trusted = officers(keys, "officer-1", "officer-2", "officer-3")
+    one = sign_job(make_job(threshold=2), [keys.private_key("officer-1")])
+    with pytest.raises(SignatureError, match="2 required"):
+        verify_job(one, officers=trusted, programmer=PROGRAMMER)
+    two = cosign_job(one, keys.private_key("officer-3"))
+    assert verify_job(two, officers=trusted, programmer=PROGRAMMER).job.threshold == 2
+    # the programmer's own floor applies even if the job asks for less
+    with pytest.raises(SignatureError):
+        verify_job(one, officers=trusted, programmer=PROGRAMMER, min_threshold=2)
+    with pytest.raises(FormatError, match="already signed"):
+        cosign_job(two, keys.private_key("officer-1"))
+
+
+# --- store + ledger --------------------------------------------------------------------------
+
+JOB = b"\x44" * 32
+
+
+def pending(i: int, kind: str = ledger.KIND_PROVISIONED) -> ledger.PendingRecord:
+    return ledger.PendingRecord(
+        kind=kind,
+        slot=i,
+        device_id=f"{i:016x}",
+        time=1_700_000_000 + i,
+        cert=b"cert%d" % i if kind == ledger.KIND_PROVISIONED else b"",
+        license_sha256=b"\x01" * 32 if kind == ledger.KIND_PROVISIONED else b"",
+        boot=b"boot" if kind == ledger.KIND_PROGRAMMED else b"",
+    )
+
+
+@pytest.fixture
+def store(tmp_path):  # type: ignore[no-untyped-def]
+    s = SQLiteStore(tmp_path / "prod.sqlite")
+    s.open_job(job=JOB, job_id="job-1", quota=10, signed=b"signed-job")
+    yield s
+    s.close()
+
+
+def signer(keys: SoftwareBackend):  # type: ignore[no-untyped-def]
+    k = keys.private_key("ledger")
+    return lambda upto, head: ledger.sign_checkpoint(k, job=JOB, upto=upto, head=head, time=1)
+
+
+def test_quota_reservation_never_exceeds(store: SQLiteStore) -> None:
+    assert store.reserve(JOB, 4) == range(0, 4)
+    assert store.reserve(JOB, 4) == range(4, 8)
+    assert store.reserve(JOB, 4) == range(8, 10)  # only what is left
+    with pytest.raises(QuotaExceededError):
+        store.reserve(JOB, 1)
+    assert store.counts(JOB) == (10, 10)
+    with pytest.raises(JobError):
+        store.reserve(b"\x00" * 32, 1)
+    with pytest.raises(JobError):
+        store.open_job(job=JOB, job_id="job-1", quota=11, signed=b"x")
+
+
+def test_commit_export_verify(store: SQLiteStore, keys: SoftwareBackend) -> None:
+    c1 = store.commit(JOB, [pending(0), pending(1)], signer(keys))
+    c2 = store.commit(
+        JOB, [pending(2), pending(1), pending(0, ledger.KIND_PROGRAMMED)], signer(keys)
+    )
+    assert [seq for _, seq, _ in c1.records] == [0, 1]
+    assert [p.device_id for p in c2.duplicates] == [f"{1:016x}"]
+    items = list(store.export(JOB))
+    summary = ledger.verify_ledger(items, job=JOB, ledger_key=keys.public_key("ledger"))
+    assert (summary.records, summary.provisioned, summary.programmed, summary.checkpoints) == (
+        4,
+        3,
+        1,
+        2,
+    )
+    buf = io.BytesIO()
+    ledger.write_export(buf, b"signed-job", items)
+    buf.seek(0)
+    job_signed, it = ledger.read_export(buf)
+    assert job_signed == b"signed-job"
+    assert ledger.verify_ledger(it, job=JOB, ledger_key=keys.public_key("ledger")).records == 4
+
+
+def _records(store: SQLiteStore, keys: SoftwareBackend) -> list[tuple[str, bytes]]:
+    for i in range(0, 6, 2):
+        store.commit(JOB, [pending(i), pending(i + 1)], signer(keys))
+    return list(store.export(JOB))
+
+
+def _verify(items: list[tuple[str, bytes]], keys: SoftwareBackend) -> None:
+    ledger.verify_ledger(items, job=JOB, ledger_key=keys.public_key("ledger"))
+
+
+def test_tampered_ledgers_name_the_first_bad_record(
+    store: SQLiteStore, keys: SoftwareBackend
+) -> None:
+    items = _records(store, keys)
+    recs = [i for i, (t, _) in enumerate(items) if t == "r"]
+    # deleted record 2
+    with pytest.raises(LedgerError) as e:
+        _verify([it for k, it in enumerate(items) if k != recs[2]], keys)
+    assert e.value.index == 2
+    # reordered records 2 and 3
+    swapped = list(items)
+    swapped[recs[2]], swapped[recs[3]] = swapped[recs[3]], swapped[recs[2]]
+    with pytest.raises(LedgerError) as e:
+        _verify(swapped, keys)
+    assert e.value.index == 2
+    # duplicated record 1
+    dup = list(items)
+    dup.insert(recs[1] + 1, items[recs[1]])
+    with pytest.raises(LedgerError) as e:
+        _verify(dup, keys)
+    assert e.value.index == 2
+    # altered record 3 (a byte of its certificate)
+    altered = list(items)
+    body = cbor.decode(items[recs[3]][1])
+    body["cert"] = b"forged"
+    altered[recs[3]] = ("r", cbor.encode(body))
+    with pytest.raises(LedgerError) as e:
+        _verify(altered, keys)
+    assert e.value.index == 3
+    # altered last record (only its checkpoint commits to it)
+    last = list(items)
+    body = cbor.decode(items[recs[5]][1])
+    body["device_id"] = "00000000000000ff"
+    last[recs[5]] = ("r", cbor.encode(body))
+    with pytest.raises(LedgerError) as e:
+        _verify(last, keys)
+    assert e.value.index == 5
+    # truncated tail: final checkpoint removed
+    with pytest.raises(LedgerError, match="not covered") as e:
+        _verify(items[:-1], keys)
+    assert e.value.index == 4
+    # wrong ledger key
+    other = SoftwareBackend()
+    other.generate_ec("x", curve=Curve.P256, policy=SIGNING)
+    with pytest.raises(LedgerError):
+        ledger.verify_ledger(items, job=JOB, ledger_key=other.public_key("x"))
+    # garbage record
+    with pytest.raises(LedgerError) as e:
+        _verify([("r", b"\xff\x00")] + items[1:], keys)
+    assert e.value.index == 0
