@@ -1,0 +1,226 @@
+"""Chain validation: ``cryptography.x509.verification`` plus the project's explicit checks.
+
+Order: validity at the validation time (specific expiry errors), the profile and key
+purpose of each certificate (so an enclave certificate never passes as a device or CA one),
+then the RFC 5280 §6 path validation by cryptography's verifier -- signatures, name
+chaining, basicConstraints, pathLen, keyUsage -- under an ExtensionPolicy that also pins the
+key purpose, and last the job binding (subject job id and serial job tag).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+
+from cryptography import x509
+from cryptography.x509 import verification as xv
+
+from ..errors import CertificateError
+from . import oids
+from ._errors import (
+    CertificateExpiredError,
+    CertificateNotYetValidError,
+    ChainValidationError,
+    JobMismatchError,
+    NameNotAllowedError,
+    SerialNumberError,
+    ValidityBeyondIssuerError,
+    WrongPurposeError,
+)
+from ._names import check_device_id, check_enclave_name, check_job_id, check_role
+from .profile import DEVICE, PRODUCTION_CA, EnclavePurpose, enclave_profile, single_attribute
+from .serial import job_tag, parse_device_serial
+
+_C = xv.Criticality
+
+
+def job_id_of(production_ca_cert: x509.Certificate) -> str:
+    """The job id bound into a production CA (or device) certificate's subject."""
+    value = single_attribute(production_ca_cert.subject, oids.ATTR_JOB_ID, what="certificate")
+    return check_job_id(value)
+
+
+def device_id_of(device_cert: x509.Certificate) -> str:
+    """The 16-hex-digit device id (subject CN) of a device certificate."""
+    value = single_attribute(
+        device_cert.subject, x509.NameOID.COMMON_NAME, what="device certificate"
+    )
+    return check_device_id(value)
+
+
+# --- cryptography verifier policies -------------------------------------------------------------
+
+
+def _require_purpose(
+    oid: x509.ObjectIdentifier,
+) -> Callable[[xv.Policy, x509.Certificate, x509.ExtendedKeyUsage], None]:
+    def check(_: xv.Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
+        if list(eku) != [oid]:
+            raise ValueError(f"key purpose is not {oid.dotted_string}")
+
+    return check
+
+
+def _ca_purpose(_: xv.Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+    # The root (a trust anchor) has no EKU; an intermediate must be a production CA.
+    if eku is not None and list(eku) != [oids.EKU_PRODUCTION_CA]:
+        raise ValueError("intermediate is not a production CA")
+
+
+def _ee_not_ca(_: xv.Policy, cert: x509.Certificate, bc: x509.BasicConstraints) -> None:
+    if bc.ca:
+        raise ValueError("end-entity certificate has cA=TRUE")
+
+
+_CA_POLICY = (
+    xv.ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, _C.CRITICAL, None)
+    .require_present(x509.KeyUsage, _C.CRITICAL, None)
+    .require_present(x509.SubjectKeyIdentifier, _C.NON_CRITICAL, None)
+    .may_be_present(x509.ExtendedKeyUsage, _C.NON_CRITICAL, _ca_purpose)
+)
+
+
+def _ee_policy(oid: x509.ObjectIdentifier) -> xv.ExtensionPolicy:
+    return (
+        xv.ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, _C.CRITICAL, _ee_not_ca)
+        .require_present(x509.KeyUsage, _C.CRITICAL, None)
+        .require_present(x509.AuthorityKeyIdentifier, _C.NON_CRITICAL, None)
+        .require_present(x509.ExtendedKeyUsage, _C.NON_CRITICAL, _require_purpose(oid))
+    )
+
+
+_EE_POLICIES: dict[x509.ObjectIdentifier, xv.ExtensionPolicy] = {
+    oid: _ee_policy(oid) for oid in oids.ALL_PURPOSES if oid != oids.EKU_PRODUCTION_CA
+}
+
+
+def build_verifier(
+    root_cert: x509.Certificate, *, purpose: x509.ObjectIdentifier, at: datetime.datetime
+) -> xv.ClientVerifier:
+    """cryptography's RFC 5280 verifier with the library's policy for one leaf purpose."""
+    ee = _EE_POLICIES.get(purpose)
+    if ee is None:
+        raise WrongPurposeError(f"{purpose.dotted_string} is not an end-entity key purpose")
+    return (
+        xv.PolicyBuilder()
+        .store(xv.Store([root_cert]))
+        .time(at)
+        .max_chain_depth(1 if purpose == oids.EKU_DEVICE else 0)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=ee)
+        .build_client_verifier()
+    )
+
+
+# --- explicit checks ------------------------------------------------------------------------------
+
+
+def _at(at: datetime.datetime | None) -> datetime.datetime:
+    if at is None:
+        return datetime.datetime.now(datetime.UTC)
+    if at.tzinfo is None:
+        raise ValueError("validation time must be timezone-aware")
+    return at
+
+
+def _check_type(cert: object, what: str) -> x509.Certificate:
+    if not isinstance(cert, x509.Certificate):
+        raise CertificateError(f"{what} is a {type(cert).__name__}, not a certificate")
+    return cert
+
+
+def check_validity(cert: x509.Certificate, at: datetime.datetime, *, what: str) -> None:
+    """RFC 5280 §6.1.3 (a)(2): ``at`` must lie in [notBefore, notAfter]."""
+    if at < cert.not_valid_before_utc:
+        raise CertificateNotYetValidError(
+            f"{what} is not valid before {cert.not_valid_before_utc} (checked at {at})"
+        )
+    if at > cert.not_valid_after_utc:
+        raise CertificateExpiredError(
+            f"{what} expired at {cert.not_valid_after_utc} (checked at {at})"
+        )
+
+
+def _verify(
+    verifier: xv.ClientVerifier,
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    expected: list[x509.Certificate],
+) -> None:
+    try:
+        chain = verifier.verify(leaf, intermediates).chain
+    except xv.VerificationError as exc:
+        raise ChainValidationError(f"path validation failed: {exc}") from None
+    if chain != expected:  # pragma: no cover - only the given certificates are offered
+        raise ChainValidationError("path validation chose an unexpected chain")
+
+
+def validate_device_chain(
+    device_cert: x509.Certificate,
+    production_ca_cert: x509.Certificate,
+    root_cert: x509.Certificate,
+    *,
+    at: datetime.datetime | None = None,
+    job_id: str | None = None,
+) -> None:
+    """Validate root -> production CA -> device; raise a CertificateError subclass."""
+    device = _check_type(device_cert, "device certificate")
+    ca = _check_type(production_ca_cert, "production CA certificate")
+    root = _check_type(root_cert, "root certificate")
+    when = _at(at)
+    check_validity(root, when, what="root certificate")
+    check_validity(ca, when, what="production CA certificate")
+    check_validity(device, when, what="device certificate")
+    PRODUCTION_CA.check_certificate(ca, what="production CA certificate")
+    DEVICE.check_certificate(device, what="device certificate")
+    _verify(
+        build_verifier(root, purpose=oids.EKU_DEVICE, at=when), device, [ca], [device, ca, root]
+    )
+    # Job binding: the CA's job, the device subject's job and the serial's job tag agree.
+    ca_job = job_id_of(ca)
+    if job_id is not None and ca_job != job_id:
+        raise JobMismatchError(f"production CA is for job {ca_job!r}, not {job_id!r}")
+    try:
+        device_job = job_id_of(device)
+    except NameNotAllowedError as exc:
+        raise JobMismatchError(f"device certificate names no valid job: {exc}") from None
+    if device_job != ca_job:
+        raise JobMismatchError(f"device certificate is for job {device_job!r}, CA for {ca_job!r}")
+    device_id_of(device)
+    if parse_device_serial(device.serial_number).job_tag != job_tag(ca_job):
+        raise SerialNumberError(f"device serial {device.serial_number:#x} is not of job {ca_job!r}")
+    if (
+        device.not_valid_before_utc < ca.not_valid_before_utc
+        or device.not_valid_after_utc > ca.not_valid_after_utc
+    ):
+        raise ValidityBeyondIssuerError("device certificate validity exceeds its production CA's")
+
+
+def validate_enclave_certificate(
+    cert: x509.Certificate,
+    root_cert: x509.Certificate,
+    *,
+    purpose: EnclavePurpose,
+    role: str | None = None,
+    at: datetime.datetime | None = None,
+) -> None:
+    """Validate root -> enclave certificate for ``purpose`` (and ``role`` if given)."""
+    leaf = _check_type(cert, "enclave certificate")
+    root = _check_type(root_cert, "root certificate")
+    profile = enclave_profile(purpose)
+    if role is not None:
+        check_role(role)
+    when = _at(at)
+    check_validity(root, when, what="root certificate")
+    check_validity(leaf, when, what="enclave certificate")
+    profile.check_certificate(leaf, what="enclave certificate")
+    assert profile.purpose is not None
+    _verify(build_verifier(root, purpose=profile.purpose, at=when), leaf, [], [leaf, root])
+    actual = single_attribute(leaf.subject, oids.ATTR_ENCLAVE_ROLE, what="enclave certificate")
+    check_role(actual)
+    if role is not None and actual != role:
+        raise WrongPurposeError(f"enclave certificate has role {actual!r}, not {role!r}")
+    check_enclave_name(
+        single_attribute(leaf.subject, x509.NameOID.COMMON_NAME, what="enclave certificate")
+    )
