@@ -65,6 +65,25 @@ def _p11(what: str) -> Iterator[None]:
         raise HSMError(f"{what}: {type(exc).__name__} {exc}".rstrip()) from exc
 
 
+#: How a token refuses a key for a mechanism.  python-pkcs11 0.10.1 has no exception for
+#: CKR_KEY_FUNCTION_NOT_PERMITTED (it only gives an object the methods its CKA_SIGN,
+#: CKA_DERIVE, ... attributes allow; see :func:`_usage`).
+_KEY_REFUSED = (pkcs11.KeyTypeInconsistent,)
+
+
+def _usage(obj: Any, method: str, label: str, what: str) -> Any:
+    """The bound PKCS#11 operation ``method`` of ``obj``, or :class:`KeyPolicyError`.
+
+    python-pkcs11 builds each object's class from its usage attributes (PKCS#11 v2.40
+    §4.8): a key without CKA_SIGN has no ``sign`` method at all, so calling it would be an
+    ``AttributeError`` rather than a token error.
+    """
+    fn = getattr(obj, method, None)
+    if fn is None:
+        raise KeyPolicyError(f"key {label!r} is not allowed to {what}")
+    return fn
+
+
 def key_id_for(public: ec.EllipticCurvePublicKey) -> bytes:
     """CKA_ID = SHA-1 of the public point, RFC 5280 §4.2.1.2 method (1).
 
@@ -422,8 +441,8 @@ class HsmPrivateKey:
 
         obj = self._obj()
         try:
-            raw = obj.sign(digest, mechanism=Mechanism.ECDSA)
-        except pkcs11.KeyFunctionNotPermitted as exc:
+            raw = _usage(obj, "sign", self.label, "sign")(digest, mechanism=Mechanism.ECDSA)
+        except _KEY_REFUSED as exc:
             raise KeyPolicyError(f"key {self.label!r} is not allowed to sign") from exc
         except pkcs11.PKCS11Error as exc:
             raise HSMError(f"sign with {self.label!r}: {type(exc).__name__}") from exc
@@ -445,12 +464,12 @@ class HsmPrivateKey:
             raise KeyPolicyError(
                 f"peer key is on {peer.curve.name}, key {self.label!r} on {self.curve.value}"
             )
-        obj = self._obj()
+        derive_key = _usage(self._obj(), "derive_key", self.label, "derive")
         token = self._token
         try:
             with token._objects_lock:
                 # PKCS#11 v2.40 §2.3.14: CKM_ECDH1_DERIVE; SoftHSM 2.6 only has CKD_NULL.
-                derived = obj.derive_key(
+                derived = derive_key(
                     KeyType.AES,
                     256,
                     label=label,
@@ -459,7 +478,7 @@ class HsmPrivateKey:
                     mechanism_param=(KDF.NULL, None, point_of(peer)),
                     template=policy.secret_template(),
                 )
-        except pkcs11.KeyFunctionNotPermitted as exc:
+        except _KEY_REFUSED as exc:
             raise KeyPolicyError(f"key {self.label!r} is not allowed to derive") from exc
         except pkcs11.PKCS11Error as exc:
             raise HSMError(f"ECDH with {self.label!r}: {type(exc).__name__}") from exc
@@ -508,7 +527,7 @@ class HsmSecretKey:
             raise ValueError("GCM nonce must be 96 bits")
         with _p11(f"AES-GCM encrypt with {self.label!r}"):
             return bytes(
-                self._obj().encrypt(
+                _usage(self._obj(), "encrypt", self.label, "encrypt")(
                     plaintext,
                     mechanism=Mechanism.AES_GCM,
                     mechanism_param=pkcs11.GCMParams(nonce, aad, 128),
@@ -520,9 +539,10 @@ class HsmSecretKey:
             raise ValueError("GCM nonce must be 96 bits")
         if len(ciphertext) < 16:
             raise DecryptionError("AES-GCM ciphertext shorter than its tag")
+        decrypt = _usage(self._obj(), "decrypt", self.label, "decrypt")
         try:
             return bytes(
-                self._obj().decrypt(
+                decrypt(
                     ciphertext,
                     mechanism=Mechanism.AES_GCM,
                     mechanism_param=pkcs11.GCMParams(nonce, aad, 128),
@@ -536,15 +556,17 @@ class HsmSecretKey:
 
     def cmac(self, data: bytes) -> bytes:
         with _p11(f"AES-CMAC with {self.label!r}"):
-            return bytes(self._obj().sign(data, mechanism=Mechanism.AES_CMAC))
+            sign = _usage(self._obj(), "sign", self.label, "compute a CMAC")
+            return bytes(sign(data, mechanism=Mechanism.AES_CMAC))
 
     def derive_ecb(self, data: bytes, *, policy: KeyPolicy, label: str = "") -> HsmSecretKey:
         if len(data) != 32:
             raise ValueError("CKM_AES_ECB_ENCRYPT_DATA input must be 32 bytes for AES-256")
+        derive_key = _usage(self._obj(), "derive_key", self.label, "derive")
         try:
             with self._token._objects_lock:
                 # PKCS#11 v2.40 §2.10.x: CKM_AES_ECB_ENCRYPT_DATA, value = AES-ECB(base, data).
-                derived = self._obj().derive_key(
+                derived = derive_key(
                     KeyType.AES,
                     256,
                     label=label,
@@ -553,7 +575,7 @@ class HsmSecretKey:
                     mechanism_param=data,
                     template=policy.secret_template(),
                 )
-        except pkcs11.KeyFunctionNotPermitted as exc:
+        except _KEY_REFUSED as exc:
             raise KeyPolicyError(f"key {self.label!r} is not allowed to derive") from exc
         except pkcs11.PKCS11Error as exc:
             raise HSMError(f"derive from {self.label!r}: {type(exc).__name__}") from exc
@@ -564,12 +586,13 @@ class HsmSecretKey:
     def wrap(self, key: object) -> bytes:
         if not isinstance(key, HsmSecretKey) or key._token is not self._token:
             raise KeyPolicyError("can only wrap a secret key of the same token")
+        wrap_key = _usage(self._obj(), "wrap_key", self.label, "wrap")
         try:
             # RFC 5649 via CKM_AES_KEY_WRAP_PAD (PKCS#11 v2.40 §2.14.4).
-            return bytes(self._obj().wrap_key(key._obj(), mechanism=Mechanism.AES_KEY_WRAP_PAD))
+            return bytes(wrap_key(key._obj(), mechanism=Mechanism.AES_KEY_WRAP_PAD))
         except pkcs11.KeyUnextractable as exc:
             raise KeyPolicyError(f"key {key.label!r} is not extractable") from exc
-        except pkcs11.KeyFunctionNotPermitted as exc:
+        except _KEY_REFUSED as exc:
             raise KeyPolicyError(f"key {self.label!r} is not a wrapping key") from exc
         except pkcs11.PKCS11Error as exc:
             raise HSMError(f"wrap with {self.label!r}: {type(exc).__name__}") from exc
@@ -580,9 +603,10 @@ class HsmSecretKey:
         token = self._token
         if policy.persistent and token._exists(ObjectClass.SECRET_KEY, label):
             raise DuplicateObjectError(f"token {token.name!r} already has a key {label!r}")
+        unwrap_key = _usage(self._obj(), "unwrap_key", self.label, "unwrap")
         try:
             with token._objects_lock:
-                obj = self._obj().unwrap_key(
+                obj = unwrap_key(
                     ObjectClass.SECRET_KEY,
                     KeyType.AES,
                     wrapped,
@@ -594,7 +618,7 @@ class HsmSecretKey:
                 )
         except (pkcs11.WrappedKeyInvalid, pkcs11.WrappedKeyLenRange, pkcs11.GeneralError) as exc:
             raise DecryptionError("wrapped key fails the RFC 5649 integrity check") from exc
-        except pkcs11.KeyFunctionNotPermitted as exc:
+        except _KEY_REFUSED as exc:
             raise KeyPolicyError(f"key {self.label!r} is not an unwrapping key") from exc
         except pkcs11.PKCS11Error as exc:
             raise HSMError(f"unwrap with {self.label!r}: {type(exc).__name__}") from exc
