@@ -270,15 +270,21 @@ def _mac_input(body: bytes) -> bytes:
     return _MAC_LABEL + body
 
 
-def _split_transfer(data: bytes) -> tuple[bytes, bytes]:
+def _split_transfer(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """Outer layer: ``{"v", "type", "sid", "body", "mac"}``; nothing in it is acted on
+    before the MAC verifies, except refusing a session id that is not ours."""
     outer = cbor.decode(data, what="key transfer", max_size=MAX_TRANSFER_SIZE)
-    if not isinstance(outer, dict) or set(outer) != {"v", "type", "body", "mac"}:
+    if not isinstance(outer, dict) or set(outer) != {"v", "type", "sid", "body", "mac"}:
         raise FormatError("key transfer: malformed")
     if outer["v"] != VERSION:
         raise FormatError(f"key transfer: unsupported version {outer['v']!r}")
     if outer["type"] != TRANSFER_TYPE:
         raise FormatError(f"expected a key transfer, got {outer['type']!r}")
-    return _check_bytes(outer["body"], "body"), _check_bytes(outer["mac"], "mac", size=16)
+    return (
+        _check_bytes(outer["sid"], "sid", size=16),
+        _check_bytes(outer["body"], "body"),
+        _check_bytes(outer["mac"], "mac", size=16),
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -322,6 +328,7 @@ class KeySender:
             {
                 "v": VERSION,
                 "type": TRANSFER_TYPE,
+                "sid": s.session_id,
                 "body": body,
                 "mac": s.mac_key.cmac(_mac_input(body)),
             }
@@ -386,13 +393,15 @@ class KeyReceiver:
         """Import the keys of one transfer message; return the signed acknowledgement."""
         s = self.session
         s.require_open()
-        body, mac = _split_transfer(data)
+        sid, body, mac = _split_transfer(data)
+        if not hmac.compare_digest(sid, s.session_id):
+            raise ReplayError("key transfer belongs to another (older) session")
         # S2: authenticate before parsing the body (CMAC in the token, constant-time compare).
         if not hmac.compare_digest(mac, s.mac_key.cmac(_mac_input(body))):
             raise ChannelError("key transfer: MAC does not verify under this session")
         msg = TransferMessage.from_body(body)
         if not hmac.compare_digest(msg.session_id, s.session_id):
-            raise WrongRecipientError("key transfer belongs to another session")
+            raise ReplayError("key transfer belongs to another session")
         if msg.sequence < s.next_receive_sequence:
             raise ReplayError(f"key transfer {msg.sequence} was already received")
         if msg.sequence > s.next_receive_sequence:
