@@ -1,0 +1,135 @@
+"""Threads and processes on one SoftHSM token (SOFTHSM_NOTES: OS locking, a session per thread,
+one login per process)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from securethread.hsm import (
+    EPHEMERAL_AGREEMENT,
+    SIGNING,
+    TEMP_DERIVE,
+    Curve,
+    HsmPrivateKey,
+    Token,
+    open_token,
+    verify_signature,
+)
+
+THREADS = 4
+SIGNATURES_PER_THREAD = 2000
+SAMPLE = 100
+
+
+def _message(worker: int, i: int) -> bytes:
+    return f"worker {worker} signature {i}".encode()
+
+
+@pytest.fixture
+def signer(oem: Token, label: str) -> Iterator[HsmPrivateKey]:
+    key = oem.generate_ec(label, curve=Curve.P256, policy=SIGNING)
+    yield key
+    oem.destroy(label)
+
+
+def test_four_threads_sign_2000_each(signer: HsmPrivateKey) -> None:
+    results: dict[int, list[bytes]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(THREADS)
+
+    def work(worker: int) -> None:
+        try:
+            barrier.wait()
+            results[worker] = [
+                signer.sign(_message(worker, i)) for i in range(SIGNATURES_PER_THREAD)
+            ]
+        except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(results) == list(range(THREADS))
+    assert all(len(sigs) == SIGNATURES_PER_THREAD for sigs in results.values())
+    rng = random.Random(0)
+    public = signer.public_key()
+    for worker, sigs in results.items():
+        for i in rng.sample(range(SIGNATURES_PER_THREAD), SAMPLE) + [0, SIGNATURES_PER_THREAD - 1]:
+            verify_signature(public, sigs[i], _message(worker, i), what=f"t{worker}/{i}")
+
+
+def test_threads_use_separate_sessions(oem: Token) -> None:
+    sessions: list[object] = []
+
+    def grab() -> None:
+        sessions.append(oem.session)
+
+    threads = [threading.Thread(target=grab) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(s) for s in sessions}) == 3
+    assert all(s is not oem.session for s in sessions)
+
+
+def test_threads_derive_concurrently(oem: Token) -> None:
+    """Temporary-object create/destroy from several threads (SoftHSMv2 #573) stays safe."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(50):
+                a = oem.generate_ec("", curve=Curve.P256, policy=EPHEMERAL_AGREEMENT)
+                k = a.derive_aes(a.public_key(), policy=TEMP_DERIVE)
+                k.destroy()
+                a.destroy()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    before = len(list(oem.session.get_objects()))
+    threads = [threading.Thread(target=work) for _ in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(list(oem.session.get_objects())) == before
+
+
+def _process_worker(label: str, worker: int, count: int) -> tuple[int, list[bytes], str]:
+    """Runs in a spawned process: its own module load, login and sessions."""
+    token = open_token("oem")
+    key = token.private_key(label)
+    sigs = [key.sign(_message(worker, i)) for i in range(count)]
+    eph = token.generate_ec("", curve=Curve.P256, policy=EPHEMERAL_AGREEMENT)
+    derived = eph.derive_aes(eph.public_key(), policy=TEMP_DERIVE)
+    derived.destroy()
+    eph.destroy()
+    token.close()
+    return os.getpid(), sigs, label
+
+
+def test_two_processes_sign_on_the_same_token_directory(signer: HsmPrivateKey) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    count = 300
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_process_worker, [(signer.label, w, count) for w in range(2)])
+    pids = {pid for pid, _, _ in results}
+    assert len(pids) == 2 and os.getpid() not in pids
+    public = signer.public_key()
+    for worker, (_, sigs, label) in enumerate(results):
+        assert label == signer.label and len(sigs) == count
+        for i in (0, count // 2, count - 1):
+            verify_signature(public, sigs[i], _message(worker, i), what=f"p{worker}/{i}")
+    # This process's token is still logged in and working after the workers logged out.
+    verify_signature(public, signer.sign(b"after"), b"after", what="parent")
