@@ -1,0 +1,632 @@
+"""Issuance and validation with the software backend: profiles, refusals, specific errors."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+
+import attrs
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from securethread.errors import CertificateError, DuplicateObjectError, FormatError
+from securethread.hsm import SoftwareBackend
+from securethread.pki import (
+    BadRequestSignatureError,
+    CARequestError,
+    CertificateExpiredError,
+    CertificateNotYetValidError,
+    ChainValidationError,
+    DeviceCertificateIssuer,
+    EnclavePurpose,
+    IssuerError,
+    IssuerKeyMismatchError,
+    IssuerNotValidError,
+    JobMismatchError,
+    NameNotAllowedError,
+    SerialNumberError,
+    UnexpectedExtensionError,
+    ValidityBeyondIssuerError,
+    WrongKeyTypeError,
+    WrongPurposeError,
+    cert_fingerprint,
+    certify_enclave,
+    certify_production_ca,
+    create_enclave_csr,
+    create_production_ca_csr,
+    create_root_ca,
+    device_id_of,
+    from_pem,
+    job_id_of,
+    load_csr,
+    load_der,
+    oids,
+    parse_device_serial,
+    to_der,
+    to_pem,
+    validate_device_chain,
+    validate_enclave_certificate,
+)
+from securethread.pki.profile import DEVICE, device_subject, enclave_request_subject
+
+UTC = datetime.UTC
+DEVICE_ID = "00000000000003e8"
+
+
+@attrs.frozen
+class Pki:
+    oem: SoftwareBackend
+    prog: SoftwareBackend
+    root: x509.Certificate
+    pca: x509.Certificate
+    identity: x509.Certificate
+    issuer: DeviceCertificateIssuer
+
+
+def _window(days: int = 30) -> tuple[datetime.datetime, datetime.datetime]:
+    now = datetime.datetime.now(UTC).replace(microsecond=0)
+    return now, now + datetime.timedelta(days=days)
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    oem, prog = SoftwareBackend("oem"), SoftwareBackend("programmer")
+    root = create_root_ca(oem)
+    rk = oem.private_key("oem-root-ca")
+    nb, na = _window()
+    pca = certify_production_ca(
+        rk,
+        root,
+        create_production_ca_csr(prog, label="pca-job-1", job_id="job-1"),
+        job_id="job-1",
+        not_before=nb,
+        not_after=na,
+    )
+    identity = certify_enclave(
+        rk,
+        root,
+        create_enclave_csr(
+            prog, label="identity", enclave_name="prog-1", purpose=EnclavePurpose.IDENTITY
+        ),
+        enclave_name="prog-1",
+        purpose=EnclavePurpose.IDENTITY,
+        role="programmer",
+    )
+    issuer = DeviceCertificateIssuer(prog.private_key("pca-job-1"), pca, job_id="job-1")
+    return Pki(oem, prog, root, pca, identity, issuer)
+
+
+def _root_key(pki: Pki):  # type: ignore[no-untyped-def]
+    return pki.oem.private_key("oem-root-ca")
+
+
+def _device_key() -> ec.EllipticCurvePublicKey:
+    return ec.generate_private_key(ec.SECP256R1()).public_key()
+
+
+def _csr(subject: x509.Name, key: ec.EllipticCurvePrivateKey, *exts: x509.ExtensionType):
+    b = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    for e in exts:
+        b = b.add_extension(e, critical=True)
+    return b.sign(key, hashes.SHA256())
+
+
+# --- happy paths ----------------------------------------------------------------------------------
+
+
+def test_device_chain_validates(pki: Pki) -> None:
+    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 42)
+    assert validate_device_chain(cert, pki.pca, pki.root, job_id="job-1") is None
+    assert device_id_of(cert) == DEVICE_ID
+    assert job_id_of(cert) == job_id_of(pki.pca) == "job-1"
+    assert parse_device_serial(cert.serial_number).sequence == 42
+    assert cert.not_valid_after_utc == pki.pca.not_valid_after_utc
+
+
+def test_template_matches_certificate_builder(pki: Pki) -> None:
+    """The spliced TBS is byte-identical to what x509.CertificateBuilder encodes."""
+    key = _device_key()
+    cert = pki.issuer.issue(key, "0123456789abcdef", 99)
+    ski = pki.pca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(device_subject("job-1", "0123456789abcdef"))
+        .issuer_name(pki.pca.subject)
+        .public_key(key)
+        .serial_number(cert.serial_number)
+        .not_valid_before(pki.pca.not_valid_before_utc)
+        .not_valid_after(pki.pca.not_valid_after_utc)
+    )
+    for ext, critical in DEVICE.extensions(key, ski):
+        b = b.add_extension(ext, critical=critical)
+    expected = b.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    assert cert.tbs_certificate_bytes == expected.tbs_certificate_bytes
+    assert cert.signature_algorithm_oid == expected.signature_algorithm_oid
+
+
+def test_profiles_have_exact_extensions(pki: Pki) -> None:
+    dev = pki.issuer.issue(_device_key(), DEVICE_ID, 1)
+    for cert, ca, plen, eku in [
+        (pki.root, True, None, None),
+        (pki.pca, True, 0, oids.EKU_PRODUCTION_CA),
+        (pki.identity, False, None, oids.EKU_ENCLAVE_IDENTITY),
+        (dev, False, None, oids.EKU_DEVICE),
+    ]:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        assert bc.critical and bc.value.ca is ca and bc.value.path_length == plen
+        assert cert.extensions.get_extension_for_class(x509.KeyUsage).critical
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        assert not ski.critical
+        assert ski.value == x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
+        if eku is None:
+            with pytest.raises(x509.ExtensionNotFound):
+                cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        else:
+            assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+                eku
+            ]
+    assert pki.root.public_key().curve.name == "secp384r1"
+    assert pki.identity.public_key().curve.name == "secp384r1"
+    assert pki.pca.public_key().curve.name == "secp256r1"
+    # AKI of each issued cert = issuer SKI (RFC 5280 §4.2.1.1)
+    aki = dev.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = pki.pca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+
+
+@pytest.mark.parametrize(
+    "purpose,curve",
+    [
+        (EnclavePurpose.LICENSE_SIGNING, "secp256r1"),
+        (EnclavePurpose.LEDGER_SIGNING, "secp256r1"),
+    ],
+)
+def test_signing_enclave_certs(pki: Pki, purpose: EnclavePurpose, curve: str) -> None:
+    label = f"enclave-{purpose.value}"
+    csr = create_enclave_csr(pki.prog, label=label, enclave_name="prog-1", purpose=purpose)
+    cert = certify_enclave(
+        _root_key(pki), pki.root, csr, enclave_name="prog-1", purpose=purpose, role="programmer"
+    )
+    assert cert.public_key().curve.name == curve
+    validate_enclave_certificate(cert, pki.root, purpose=purpose, role="programmer")
+    with pytest.raises(WrongPurposeError):
+        validate_enclave_certificate(cert, pki.root, purpose=EnclavePurpose.IDENTITY)
+
+
+def test_key_agreement_csr_is_signed_by_identity(pki: Pki) -> None:
+    ka_csr = create_enclave_csr(
+        pki.prog,
+        label="ka-1",
+        enclave_name="prog-1",
+        purpose=EnclavePurpose.KEY_AGREEMENT,
+        signer=pki.prog.private_key("identity"),
+    )
+    assert ka_csr.public_key().curve.name == "secp256r1"
+    assert not ka_csr.is_signature_valid  # not self-signed: the KA key cannot sign
+    kw = dict(enclave_name="prog-1", purpose=EnclavePurpose.KEY_AGREEMENT, role="programmer")
+    with pytest.raises(BadRequestSignatureError):  # proof key missing
+        certify_enclave(_root_key(pki), pki.root, ka_csr, **kw)  # type: ignore[arg-type]
+    other = ec.generate_private_key(ec.SECP384R1()).public_key()
+    with pytest.raises(BadRequestSignatureError):  # wrong identity
+        certify_enclave(_root_key(pki), pki.root, ka_csr, proof_key=other, **kw)  # type: ignore[arg-type]
+    with pytest.raises(WrongKeyTypeError):  # a P-256 key is not an identity key
+        certify_enclave(
+            _root_key(pki),
+            pki.root,
+            ka_csr,
+            proof_key=_device_key(),
+            **kw,  # type: ignore[arg-type]
+        )
+    cert = certify_enclave(
+        _root_key(pki),
+        pki.root,
+        ka_csr,
+        proof_key=pki.identity.public_key(),
+        **kw,  # type: ignore[arg-type]
+    )
+    validate_enclave_certificate(
+        cert, pki.root, purpose=EnclavePurpose.KEY_AGREEMENT, role="programmer"
+    )
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.key_agreement and not ku.digital_signature
+
+
+def test_key_agreement_csr_needs_identity_signer(pki: Pki) -> None:
+    with pytest.raises(BadRequestSignatureError):
+        create_enclave_csr(
+            pki.prog, label="ka-x", enclave_name="p", purpose=EnclavePurpose.KEY_AGREEMENT
+        )
+    with pytest.raises(WrongKeyTypeError):
+        create_enclave_csr(
+            pki.prog,
+            label="ka-x",
+            enclave_name="p",
+            purpose=EnclavePurpose.KEY_AGREEMENT,
+            signer=pki.prog.private_key("pca-job-1"),
+        )
+    with pytest.raises(BadRequestSignatureError):
+        create_enclave_csr(
+            pki.prog,
+            label="ka-x",
+            enclave_name="p",
+            purpose=EnclavePurpose.IDENTITY,
+            signer=pki.prog.private_key("identity"),
+        )
+    assert not pki.prog.has_key("ka-x")  # nothing generated on refusal
+
+
+# --- bad requests ---------------------------------------------------------------------------------
+
+
+def test_bad_csr_signature(pki: Pki) -> None:
+    csr = create_production_ca_csr(pki.prog, label="pca-badsig", job_id="job-2")
+    der = bytearray(to_der(csr))
+    der[-5] ^= 0x01  # inside the signature value
+    tampered = load_csr(bytes(der))
+    nb, na = _window()
+    with pytest.raises(BadRequestSignatureError):
+        certify_production_ca(
+            _root_key(pki), pki.root, tampered, job_id="job-2", not_before=nb, not_after=na
+        )
+
+
+def test_p256_where_p384_required(pki: Pki) -> None:
+    csr = _csr(enclave_request_subject("prog-1"), ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(WrongKeyTypeError, match="P-384"):
+        certify_enclave(
+            _root_key(pki),
+            pki.root,
+            csr,
+            enclave_name="prog-1",
+            purpose=EnclavePurpose.IDENTITY,
+            role="programmer",
+        )
+
+
+def test_p384_where_p256_required(pki: Pki) -> None:
+    from securethread.pki.profile import production_ca_subject
+
+    csr = _csr(production_ca_subject("job-3"), ec.generate_private_key(ec.SECP384R1()))
+    nb, na = _window()
+    with pytest.raises(WrongKeyTypeError, match="P-256"):
+        certify_production_ca(
+            _root_key(pki), pki.root, csr, job_id="job-3", not_before=nb, not_after=na
+        )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        ec.generate_private_key(ec.SECP384R1()).public_key(),
+        ed25519.Ed25519PrivateKey.generate().public_key(),
+        b"\x04" + b"\x00" * 64,
+        None,
+    ],
+)
+def test_device_key_type(pki: Pki, key: object) -> None:
+    with pytest.raises(WrongKeyTypeError):
+        pki.issuer.issue(key, DEVICE_ID, 1)  # type: ignore[arg-type]
+
+
+def test_ca_request_from_device_profile(pki: Pki) -> None:
+    csr = _csr(
+        enclave_request_subject("prog-1"),
+        ec.generate_private_key(ec.SECP384R1()),
+        x509.BasicConstraints(ca=True, path_length=None),
+    )
+    with pytest.raises(CARequestError):
+        DEVICE.check_request(csr)
+    with pytest.raises(CARequestError):
+        certify_enclave(
+            _root_key(pki),
+            pki.root,
+            csr,
+            enclave_name="prog-1",
+            purpose=EnclavePurpose.IDENTITY,
+            role="oem",
+        )
+
+
+def test_other_requested_extension_refused(pki: Pki) -> None:
+    csr = _csr(
+        enclave_request_subject("prog-1"),
+        ec.generate_private_key(ec.SECP384R1()),
+        x509.KeyUsage(True, True, True, True, True, True, True, False, False),
+    )
+    with pytest.raises(UnexpectedExtensionError):
+        certify_enclave(
+            _root_key(pki),
+            pki.root,
+            csr,
+            enclave_name="prog-1",
+            purpose=EnclavePurpose.IDENTITY,
+            role="oem",
+        )
+
+
+def test_name_the_job_does_not_allow(pki: Pki) -> None:
+    csr = create_production_ca_csr(pki.prog, label="pca-job-4", job_id="job-4")
+    nb, na = _window()
+    with pytest.raises(NameNotAllowedError):
+        certify_production_ca(
+            _root_key(pki), pki.root, csr, job_id="job-5", not_before=nb, not_after=na
+        )
+    with pytest.raises(NameNotAllowedError):  # enclave CSR for another name
+        certify_enclave(
+            _root_key(pki),
+            pki.root,
+            create_enclave_csr(
+                pki.prog, label="id-other", enclave_name="other", purpose=EnclavePurpose.IDENTITY
+            ),
+            enclave_name="prog-1",
+            purpose=EnclavePurpose.IDENTITY,
+            role="programmer",
+        )
+
+
+@pytest.mark.parametrize(
+    "device_id",
+    ["00000000000003E8", "3e8", "00000000000003e8 ", "0x000000000003e8", "", 1000, None, "g" * 16],
+)
+def test_bad_device_id(pki: Pki, device_id: object) -> None:
+    with pytest.raises(NameNotAllowedError):
+        pki.issuer.issue(_device_key(), device_id, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sequence", [-1, 2**64, True, None])
+def test_bad_sequence(pki: Pki, sequence: object) -> None:
+    with pytest.raises(SerialNumberError):
+        pki.issuer.issue(_device_key(), DEVICE_ID, sequence)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("role", ["OEM", "vendor", "", None])
+def test_bad_role(pki: Pki, role: object) -> None:
+    csr = create_enclave_csr(
+        pki.prog, label=f"id-role-{role}", enclave_name="prog-9", purpose=EnclavePurpose.IDENTITY
+    )
+    with pytest.raises(NameNotAllowedError):
+        certify_enclave(
+            _root_key(pki),
+            pki.root,
+            csr,
+            enclave_name="prog-9",
+            purpose=EnclavePurpose.IDENTITY,
+            role=role,  # type: ignore[arg-type]
+        )
+
+
+def test_validity_beyond_issuer(pki: Pki) -> None:
+    rk = _root_key(pki)
+    csr = create_production_ca_csr(pki.prog, label="pca-job-6", job_id="job-6")
+    nb, _ = _window()
+    cases = [
+        (nb, pki.root.not_valid_after_utc + datetime.timedelta(seconds=1)),  # outlives the root
+        (pki.root.not_valid_before_utc - datetime.timedelta(days=1), nb + datetime.timedelta(1)),
+        (nb + datetime.timedelta(days=2), nb + datetime.timedelta(days=1)),  # empty
+        (nb - datetime.timedelta(days=3), nb - datetime.timedelta(days=2)),  # already over
+    ]
+    for start, end in cases:
+        with pytest.raises(ValidityBeyondIssuerError):
+            certify_production_ca(
+                rk, pki.root, csr, job_id="job-6", not_before=start, not_after=end
+            )
+    csr = create_enclave_csr(
+        pki.prog, label="id-long", enclave_name="prog-2", purpose=EnclavePurpose.IDENTITY
+    )
+    with pytest.raises(ValidityBeyondIssuerError):
+        certify_enclave(
+            rk,
+            pki.root,
+            csr,
+            enclave_name="prog-2",
+            purpose=EnclavePurpose.IDENTITY,
+            role="programmer",
+            valid_days=3651,
+        )
+    with pytest.raises(ValueError):  # naive datetimes are a programming error
+        certify_production_ca(
+            rk, pki.root, csr, job_id="job-6", not_before=nb.replace(tzinfo=None), not_after=nb
+        )
+
+
+def _reissue(
+    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, **changes: datetime.datetime
+) -> x509.Certificate:
+    """``cert`` re-signed by ``key`` with other validity (to make expired issuers)."""
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(changes.get("nb", cert.not_valid_before_utc))
+        .not_valid_after(changes.get("na", cert.not_valid_after_utc))
+    )
+    for ext in cert.extensions:
+        b = b.add_extension(ext.value, critical=ext.critical)
+    return b.sign(key, hashes.SHA384())
+
+
+def test_issuer_expired_or_not_yet_valid(pki: Pki) -> None:
+    rk = _root_key(pki)
+    now = datetime.datetime.now(UTC)
+    expired = _reissue(
+        pki.root,
+        rk.as_cryptography(),
+        nb=now - datetime.timedelta(days=9),
+        na=now - datetime.timedelta(days=1),
+    )
+    future = _reissue(pki.root, rk.as_cryptography(), nb=now + datetime.timedelta(days=1))
+    csr = create_production_ca_csr(pki.prog, label="pca-job-7", job_id="job-7")
+    for issuer_cert in (expired, future):
+        with pytest.raises(IssuerNotValidError):
+            certify_production_ca(
+                rk,
+                issuer_cert,
+                csr,
+                job_id="job-7",
+                not_before=now,
+                not_after=now + datetime.timedelta(days=1),
+            )
+    # a production CA whose window has not started cannot issue devices yet
+    start = now.replace(microsecond=0) + datetime.timedelta(days=1)
+    pca = certify_production_ca(
+        rk, pki.root, csr, job_id="job-7", not_before=start, not_after=start + datetime.timedelta(1)
+    )
+    with pytest.raises(IssuerNotValidError):
+        DeviceCertificateIssuer(pki.prog.private_key("pca-job-7"), pca, job_id="job-7")
+
+
+def test_issuer_cert_does_not_match_key(pki: Pki) -> None:
+    csr = create_production_ca_csr(pki.prog, label="pca-job-8", job_id="job-8")
+    nb, na = _window()
+    with pytest.raises(IssuerKeyMismatchError):
+        certify_production_ca(
+            pki.prog.private_key("identity"),
+            pki.root,
+            csr,
+            job_id="job-8",
+            not_before=nb,
+            not_after=na,
+        )
+    with pytest.raises(IssuerKeyMismatchError):
+        DeviceCertificateIssuer(pki.prog.private_key("identity"), pki.pca, job_id="job-1")
+
+
+def test_device_issuer_needs_production_ca_of_the_job(pki: Pki) -> None:
+    with pytest.raises(JobMismatchError):
+        DeviceCertificateIssuer(pki.prog.private_key("pca-job-1"), pki.pca, job_id="job-2")
+    with pytest.raises(IssuerError):  # an enclave certificate is not a CA
+        DeviceCertificateIssuer(pki.prog.private_key("identity"), pki.identity, job_id="job-1")
+
+
+def test_duplicate_label_refused_before_generation(pki: Pki) -> None:
+    with pytest.raises(DuplicateObjectError):
+        create_root_ca(pki.oem)
+    with pytest.raises(DuplicateObjectError):
+        create_production_ca_csr(pki.prog, label="pca-job-1", job_id="job-1")
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def test_expired_and_not_yet_valid_chain(pki: Pki) -> None:
+    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 3)
+    late = pki.pca.not_valid_after_utc + datetime.timedelta(seconds=1)
+    with pytest.raises(CertificateExpiredError, match="production CA"):
+        validate_device_chain(cert, pki.pca, pki.root, at=late)
+    early = pki.root.not_valid_before_utc - datetime.timedelta(seconds=1)
+    with pytest.raises(CertificateNotYetValidError, match="root"):
+        validate_device_chain(cert, pki.pca, pki.root, at=early)
+
+
+def test_swapped_issuer_fails(pki: Pki) -> None:
+    rk = _root_key(pki)
+    nb, na = _window()
+    other = certify_production_ca(
+        rk,
+        pki.root,
+        create_production_ca_csr(pki.prog, label="pca-job-9", job_id="job-9"),
+        job_id="job-9",
+        not_before=nb,
+        not_after=na,
+    )
+    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 4)
+    with pytest.raises(ChainValidationError):
+        validate_device_chain(cert, other, pki.root)
+    with pytest.raises(JobMismatchError):
+        validate_device_chain(cert, pki.pca, pki.root, job_id="job-9")
+
+
+def test_foreign_root_fails(pki: Pki) -> None:
+    foreign = create_root_ca(SoftwareBackend("foreign"))
+    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 5)
+    with pytest.raises(ChainValidationError):
+        validate_device_chain(cert, pki.pca, foreign)
+    with pytest.raises(ChainValidationError):
+        validate_enclave_certificate(pki.identity, foreign, purpose=EnclavePurpose.IDENTITY)
+
+
+def test_tampered_byte_fails(pki: Pki) -> None:
+    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 6)
+    der = bytearray(to_der(cert))
+    idx = der.index(DEVICE_ID.encode())
+    der[idx] = ord("1")  # still a valid device id, but not the one signed
+    tampered = load_der(bytes(der))
+    with pytest.raises(ChainValidationError):
+        validate_device_chain(tampered, pki.pca, pki.root)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: validate_device_chain(p.identity, p.pca, p.root),  # enclave as device
+        lambda p: validate_device_chain(p.pca, p.pca, p.root),  # CA as device
+        lambda p: validate_device_chain(
+            p.issuer.issue(_device_key(), DEVICE_ID, 1), p.identity, p.root
+        ),  # enclave as CA
+        lambda p: validate_enclave_certificate(
+            p.issuer.issue(_device_key(), DEVICE_ID, 1), p.root, purpose=EnclavePurpose.IDENTITY
+        ),  # device as enclave
+        lambda p: validate_enclave_certificate(
+            p.pca, p.root, purpose=EnclavePurpose.IDENTITY
+        ),  # CA as enclave
+        lambda p: validate_enclave_certificate(
+            p.identity, p.root, purpose=EnclavePurpose.IDENTITY, role="oem"
+        ),  # wrong role
+    ],
+)
+def test_wrong_kind_of_certificate(pki: Pki, call: Callable[[Pki], None]) -> None:
+    with pytest.raises((WrongPurposeError, UnexpectedExtensionError)):
+        call(pki)
+
+
+def test_cryptography_verifier_enforces_purpose_on_its_own(pki: Pki) -> None:
+    """The ExtensionPolicy alone (no explicit checks) refuses an enclave cert as a device."""
+    from cryptography.x509.verification import VerificationError
+
+    from securethread.pki import build_verifier
+
+    now = datetime.datetime.now(UTC)
+    dev = pki.issuer.issue(_device_key(), DEVICE_ID, 8)
+    build_verifier(pki.root, purpose=oids.EKU_DEVICE, at=now).verify(dev, [pki.pca])
+    with pytest.raises(VerificationError):
+        build_verifier(pki.root, purpose=oids.EKU_DEVICE, at=now).verify(pki.identity, [])
+    with pytest.raises(VerificationError):
+        build_verifier(pki.root, purpose=oids.EKU_ENCLAVE_IDENTITY, at=now).verify(dev, [pki.pca])
+
+
+def test_validation_refuses_non_certificates(pki: Pki) -> None:
+    with pytest.raises(CertificateError):
+        validate_device_chain(to_der(pki.pca), pki.pca, pki.root)  # type: ignore[arg-type]
+
+
+# --- encodings ------------------------------------------------------------------------------------
+
+
+def test_pem_der_roundtrip(pki: Pki) -> None:
+    assert from_pem(to_pem(pki.root)) == pki.root
+    assert load_der(to_der(pki.root)) == pki.root
+    assert len(cert_fingerprint(pki.root)) == 32
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"garbage", b"\x30\x03\x02\x01\x01", "text", b"\x30" * 20000],
+)
+def test_garbage_is_format_error(data: object) -> None:
+    with pytest.raises(FormatError):
+        load_der(data)  # type: ignore[arg-type]
+    with pytest.raises(FormatError):
+        from_pem(data)  # type: ignore[arg-type]
+    with pytest.raises(FormatError):
+        load_csr(data)  # type: ignore[arg-type]
+
+
+def test_trailing_bytes_and_double_pem(pki: Pki) -> None:
+    with pytest.raises(FormatError):
+        load_der(to_der(pki.root) + b"\x00")
+    with pytest.raises(FormatError):
+        from_pem(to_pem(pki.root) + to_pem(pki.pca))
