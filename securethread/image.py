@@ -66,6 +66,7 @@ __all__ = [
     "ManifestMismatchError",
     "ManifestSignatureError",
     "TruncatedImageError",
+    "check_name",
     "decrypt_image",
     "encrypt_image",
     "master_image",
@@ -167,10 +168,16 @@ class AesGcmKey:
 # --- value objects -----------------------------------------------------------------------
 
 
+def check_name(what: str, value: object) -> str:
+    """Image ids, versions and device classes: 1-64 characters of [A-Za-z0-9._+-]."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ImageFormatError(f"{what} {value!r} is not 1-64 characters of [A-Za-z0-9._+-]")
+    return value
+
+
 def _name(what: str) -> Any:
     def check(_inst: object, _attr: object, value: object) -> None:
-        if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-            raise ImageFormatError(f"{what} {value!r} is not 1-64 characters of [A-Za-z0-9._+-]")
+        check_name(what, value)
 
     return check
 

@@ -1,0 +1,288 @@
+"""Device identification: a fresh challenge, the device's answer, and its verification.
+
+The programmer sends a random challenge; the device answers (canonical CBOR, versioned)::
+
+    {"v": 1, "challenge": bstr, "device_id": "<16 hex>", "public_key": SPKI DER,
+     "vendor_certificate": DER, "signature": DER ECDSA-P256-SHA256}
+
+where the signature covers ``CBOR(["securethread-device-identification", 1, challenge,
+device_id, public_key])`` (domain separation: no other securethread signature has this shape).
+
+:class:`IdentityVerifier` runs per device on the programmer, so it does the smallest complete
+set of checks instead of a general path builder (RFC 5280 §6.1 reduced to a one-level chain
+under a pinned vendor root): issuer name = a trusted root's subject, the vendor's signature (one
+ECDSA verify), validity period, key usage digitalSignature and not a CA, the subject CN binds
+the device id, the certified key is the answering key, then proof of possession over the
+programmer's challenge (the second ECDSA verify).  Each failure is its own
+:class:`DeviceRefusedError` subclass.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+
+from . import cbor
+from .errors import DeviceRefusedError, FormatError
+from .hsm.ecutil import load_spki, spki_der
+
+__all__ = [
+    "CHALLENGE_SIZE",
+    "ChallengeMismatchError",
+    "DeviceIdentity",
+    "DeviceIdMismatchError",
+    "IdentificationFormatError",
+    "IdentificationResponse",
+    "IdentityVerifier",
+    "KeyMismatchError",
+    "ProofOfPossessionError",
+    "UnknownVendorError",
+    "VendorCertificateError",
+    "check_device_id",
+    "new_challenge",
+    "pop_payload",
+    "verify_identification",
+]
+
+VERSION = 1
+CHALLENGE_SIZE = 32
+MAX_RESPONSE_SIZE = 4096
+_DOMAIN = "securethread-device-identification"
+_DEVICE_ID_RE = re.compile(r"[0-9a-f]{16}")
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_SIG_HASHES: dict[x509.ObjectIdentifier, hashes.HashAlgorithm] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256(),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384(),
+}
+
+
+class IdentificationFormatError(DeviceRefusedError, FormatError):
+    """The identification response is malformed, oversized or of an unknown version."""
+
+
+class ChallengeMismatchError(DeviceRefusedError):
+    """The response answers another (stale or replayed) challenge."""
+
+
+class UnknownVendorError(DeviceRefusedError):
+    """The vendor certificate's issuer is not a trusted silicon-vendor root."""
+
+
+class VendorCertificateError(DeviceRefusedError):
+    """The vendor certificate's signature, validity or key usage is wrong."""
+
+
+class DeviceIdMismatchError(DeviceRefusedError):
+    """The vendor certificate does not name the device id the device claims."""
+
+
+class KeyMismatchError(DeviceRefusedError):
+    """The answering key is not the key the vendor certified."""
+
+
+class ProofOfPossessionError(DeviceRefusedError):
+    """The device's signature over the challenge does not verify."""
+
+
+def check_device_id(device_id: object) -> str:
+    """Device ids are exactly 16 lowercase hex digits (a 64-bit chip UID)."""
+    if type(device_id) is not str or _DEVICE_ID_RE.fullmatch(device_id) is None:
+        raise IdentificationFormatError(
+            f"device id {device_id!r} is not 16 lowercase hex digits (a 64-bit chip UID)"
+        )
+    return device_id
+
+
+def new_challenge() -> bytes:
+    """A fresh 256-bit challenge from the OS CSPRNG."""
+    return os.urandom(CHALLENGE_SIZE)
+
+
+def pop_payload(challenge: bytes, device_id: str, public_key_der: bytes) -> bytes:
+    """The exact bytes the device signs to prove possession of its key."""
+    return cbor.encode([_DOMAIN, VERSION, challenge, device_id, public_key_der])
+
+
+def _bytes_field(d: dict[str, Any], name: str, lo: int, hi: int) -> bytes:
+    v = d[name]
+    if not isinstance(v, bytes) or not lo <= len(v) <= hi:
+        raise IdentificationFormatError(f"identification: {name} must be {lo}..{hi} bytes")
+    return v
+
+
+@attrs.frozen(kw_only=True)
+class IdentificationResponse:
+    """The device's answer to a challenge (wire format, validated on construction)."""
+
+    challenge: bytes = attrs.field()
+    device_id: str = attrs.field()
+    public_key: bytes = attrs.field()  # DER SubjectPublicKeyInfo
+    vendor_certificate: bytes = attrs.field()  # DER
+    signature: bytes = attrs.field()  # DER ECDSA
+    version: int = VERSION
+
+    _KEYS = frozenset({"v", "challenge", "device_id", "public_key", "vendor_certificate", "sig"})
+
+    def __attrs_post_init__(self) -> None:
+        if self.version != VERSION:
+            raise IdentificationFormatError(f"identification: unsupported version {self.version}")
+        check_device_id(self.device_id)
+        d = self._as_dict()
+        _bytes_field(d, "challenge", 16, 64)
+        _bytes_field(d, "public_key", 32, 200)
+        _bytes_field(d, "vendor_certificate", 64, 2048)
+        _bytes_field(d, "sig", 8, 80)
+
+    def _as_dict(self) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "challenge": self.challenge,
+            "device_id": self.device_id,
+            "public_key": self.public_key,
+            "vendor_certificate": self.vendor_certificate,
+            "sig": self.signature,
+        }
+
+    def to_bytes(self) -> bytes:
+        return cbor.encode(self._as_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> IdentificationResponse:
+        try:
+            d = cbor.decode(data, what="identification response", max_size=MAX_RESPONSE_SIZE)
+        except FormatError as exc:
+            raise IdentificationFormatError(str(exc)) from None
+        if not isinstance(d, dict) or set(d) != cls._KEYS:
+            raise IdentificationFormatError("identification response: wrong fields")
+        if type(d["v"]) is not int:
+            raise IdentificationFormatError("identification response: bad version")
+        return cls(
+            challenge=d["challenge"],
+            device_id=d["device_id"],
+            public_key=d["public_key"],
+            vendor_certificate=d["vendor_certificate"],
+            signature=d["sig"],
+            version=d["v"],
+        )
+
+
+@attrs.frozen
+class DeviceIdentity:
+    """A device that proved its identity: what the programmer acts on next."""
+
+    device_id: str
+    public_key: ec.EllipticCurvePublicKey
+    vendor_certificate: x509.Certificate
+
+
+class IdentityVerifier:
+    """Verifies identification responses under a fixed set of vendor roots (built once)."""
+
+    def __init__(self, vendor_roots: Iterable[x509.Certificate]) -> None:
+        self._roots: dict[bytes, ec.EllipticCurvePublicKey] = {}
+        for root in vendor_roots:
+            key = root.public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise ValueError("vendor roots must have EC keys")
+            self._roots[root.subject.public_bytes()] = key
+        if not self._roots:
+            raise ValueError("at least one vendor root is needed")
+
+    def verify(
+        self, response: bytes, *, challenge: bytes, at: datetime.datetime | None = None
+    ) -> DeviceIdentity:
+        """Check one response against the challenge we sent; raise a DeviceRefusedError."""
+        r = IdentificationResponse.from_bytes(response)
+        if not hmac.compare_digest(r.challenge, challenge):
+            raise ChallengeMismatchError(
+                f"device {r.device_id}: response answers another challenge (stale or replayed)"
+            )
+        try:
+            cert = x509.load_der_x509_certificate(r.vendor_certificate)
+        except ValueError:
+            raise IdentificationFormatError(
+                f"device {r.device_id}: vendor certificate is not DER X.509"
+            ) from None
+        root_key = self._roots.get(cert.issuer.public_bytes())
+        if root_key is None:
+            raise UnknownVendorError(
+                f"device {r.device_id}: vendor certificate issued by unknown {cert.issuer}"
+            )
+        self._check_vendor_cert(cert, root_key, r.device_id, at)
+        try:
+            key = load_spki(r.public_key, what="device public key")
+        except FormatError as exc:
+            raise IdentificationFormatError(f"device {r.device_id}: {exc}") from None
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise IdentificationFormatError(f"device {r.device_id}: device keys are P-256")
+        cert_key = cert.public_key()
+        if not isinstance(cert_key, ec.EllipticCurvePublicKey) or spki_der(cert_key) != (
+            r.public_key
+        ):
+            raise KeyMismatchError(
+                f"device {r.device_id}: answering key is not the vendor-certified key"
+            )
+        try:
+            key.verify(
+                r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256
+            )
+        except InvalidSignature:
+            raise ProofOfPossessionError(
+                f"device {r.device_id}: proof of possession does not verify"
+            ) from None
+        return DeviceIdentity(r.device_id, key, cert)
+
+    @staticmethod
+    def _check_vendor_cert(
+        cert: x509.Certificate,
+        root_key: ec.EllipticCurvePublicKey,
+        device_id: str,
+        at: datetime.datetime | None,
+    ) -> None:
+        who = f"device {device_id}"
+        algorithm = _SIG_HASHES.get(cert.signature_algorithm_oid)
+        if algorithm is None:
+            raise VendorCertificateError(f"{who}: vendor certificate uses an unexpected algorithm")
+        try:
+            root_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+        except InvalidSignature:
+            raise VendorCertificateError(
+                f"{who}: vendor certificate signature does not verify"
+            ) from None
+        now = at or datetime.datetime.now(datetime.UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise VendorCertificateError(f"{who}: vendor certificate is outside its validity")
+        try:
+            ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound as exc:
+            raise VendorCertificateError(f"{who}: vendor certificate lacks {exc.oid}") from None
+        if not ku.digital_signature or bc.ca:
+            raise VendorCertificateError(
+                f"{who}: vendor certificate is not a digitalSignature end-entity certificate"
+            )
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(cns) != 1 or cns[0].value != device_id:
+            raise DeviceIdMismatchError(f"{who}: vendor certificate is for another device id")
+
+
+def verify_identification(
+    response: bytes,
+    *,
+    challenge: bytes,
+    vendor_roots: list[x509.Certificate],
+    at: datetime.datetime | None = None,
+) -> DeviceIdentity:
+    """One-shot :meth:`IdentityVerifier.verify`; build an :class:`IdentityVerifier` per job."""
+    return IdentityVerifier(vendor_roots).verify(response, challenge=challenge, at=at)

@@ -1,0 +1,362 @@
+"""Per-device licenses: the image key, wrapped so that only one device can unwrap it.
+
+Programmer side (:class:`LicenseIssuer`, every step inside the programmer token):
+
+1. Z-key = ECDH(programmer KA key, device public key)  -- CKM_ECDH1_DERIVE, CKD_NULL
+   (PKCS#11 v2.40 §2.3.14; NIST SP 800-56A §5.7.1.2); SoftHSM keeps the rightmost 32 bytes of Z;
+2. KEK = AES-ECB(Z-key, SHA-256("securethread-license-kek-v1\\0" || device_id || u8 len ||
+   image_id || nonce))  -- CKM_AES_ECB_ENCRYPT_DATA, the only in-token KDF SoftHSM 2.6 offers; the
+   fixed info binds device, image and a fresh 128-bit nonce (SP 800-56A §5.8 "FixedInfo" in
+   spirit; not an approved KDF, a documented limitation of the token);
+3. wrapped = AES-KWP(KEK, image key)  -- RFC 5649, CKM_AES_KEY_WRAP_PAD; temporaries destroyed;
+4. the body is signed (envelope kind ``license``) by the LICENSE_SIGNING key.
+
+The image key never exists in host memory on the programmer.  Device side
+(:func:`open_license`) repeats the derivation in software with its private key.
+
+Wire format (canonical CBOR)::
+
+    {"v": 1, "certificate": <DER license-signing cert>, "envelope": <license envelope>}
+    body = {"v": 1, "device_id", "image_id", "image_key_id", "nonce", "ka_public_key",
+            "wrapped_key"}
+
+The certificate travels outside the envelope because it is what authenticates the envelope;
+it is validated against the OEM root before the envelope's body is parsed (S2).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import keywrap, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from . import cbor
+from .envelope import ENVELOPE_VERSION, open_envelope, signed_bytes
+from .errors import (
+    CertificateError,
+    ConfigurationError,
+    DecryptionError,
+    FormatError,
+    LicenseError,
+    SignatureError,
+)
+from .hsm.ecutil import fingerprint, load_spki, spki_der
+from .hsm.policy import TEMP_DERIVE, TEMP_WRAP
+from .hsm.protocol import PrivateKey, SecretKey
+from .identity import check_device_id
+from .image import AesGcmKey, Manifest
+
+__all__ = [
+    "LICENSE_KIND",
+    "License",
+    "LicenseFormatError",
+    "LicenseIssuer",
+    "LicenseSignatureError",
+    "LicenseSignerError",
+    "LicenseUnwrapError",
+    "WrongDeviceLicenseError",
+    "WrongImageLicenseError",
+    "kek_input",
+    "open_license",
+]
+
+VERSION = 1
+LICENSE_KIND = "license"
+NONCE_SIZE = 16
+MAX_LICENSE_SIZE = 4096
+_KEK_LABEL = b"securethread-license-kek-v1\x00"
+_OUTER_KEYS = frozenset({"v", "certificate", "envelope"})
+
+
+class LicenseFormatError(LicenseError, FormatError):
+    """A license is malformed, oversized or of an unknown version."""
+
+
+class LicenseSignerError(LicenseError):
+    """The license-signing certificate does not validate under the OEM root."""
+
+
+class LicenseSignatureError(LicenseError, SignatureError):
+    """The license signature does not verify under its signer's certificate."""
+
+
+class WrongDeviceLicenseError(LicenseError):
+    """The license is for another device."""
+
+
+class WrongImageLicenseError(LicenseError):
+    """The license is for another image or image key."""
+
+
+class LicenseUnwrapError(LicenseError, DecryptionError):
+    """The wrapped image key does not unwrap with this device's key (RFC 5649 check)."""
+
+
+def kek_input(device_id: str, image_id: str, nonce: bytes) -> bytes:
+    """The 32 bytes AES-ECB-encrypted under the ECDH key to make the KEK.
+
+    Fixed-length fields and a length-prefixed image id make the encoding injective.
+    """
+    iid = image_id.encode("ascii")
+    return hashlib.sha256(
+        _KEK_LABEL + device_id.encode("ascii") + bytes((len(iid),)) + iid + nonce
+    ).digest()
+
+
+def _check_bytes(what: str, lo: int, hi: int) -> Any:
+    def check(_i: object, _a: object, v: object) -> None:
+        if not isinstance(v, bytes) or not lo <= len(v) <= hi:
+            raise LicenseFormatError(f"license: {what} must be {lo}..{hi} bytes")
+
+    return check
+
+
+def _check_device(_i: object, _a: object, v: object) -> None:
+    try:
+        check_device_id(v)
+    except FormatError as exc:
+        raise LicenseFormatError(f"license: {exc}") from None
+
+
+def _check_image_id(_i: object, _a: object, v: object) -> None:
+    if not isinstance(v, str) or not 1 <= len(v) <= 64 or not v.isascii():
+        raise LicenseFormatError("license: image id must be 1-64 ASCII characters")
+
+
+@attrs.frozen(kw_only=True)
+class License:
+    """The signed body of a license (validated on construction)."""
+
+    device_id: str = attrs.field(validator=_check_device)
+    image_id: str = attrs.field(validator=_check_image_id)
+    image_key_id: bytes = attrs.field(validator=_check_bytes("image key id", 1, 64))
+    nonce: bytes = attrs.field(validator=_check_bytes("nonce", NONCE_SIZE, NONCE_SIZE))
+    ka_public_key: bytes = attrs.field(validator=_check_bytes("KA public key", 32, 200))
+    wrapped_key: bytes = attrs.field(validator=_check_bytes("wrapped key", 40, 40))
+    version: int = VERSION
+
+    _KEYS = frozenset(
+        {"v", "device_id", "image_id", "image_key_id", "nonce", "ka_public_key", "wrapped_key"}
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.version != VERSION:
+            raise LicenseFormatError(f"license: unsupported version {self.version!r}")
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "device_id": self.device_id,
+            "image_id": self.image_id,
+            "image_key_id": self.image_key_id,
+            "nonce": self.nonce,
+            "ka_public_key": self.ka_public_key,
+            "wrapped_key": self.wrapped_key,
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> License:
+        if not isinstance(body, dict) or set(body) != cls._KEYS:
+            raise LicenseFormatError("license: unexpected or missing fields")
+        return cls(
+            device_id=body["device_id"],
+            image_id=body["image_id"],
+            image_key_id=body["image_key_id"],
+            nonce=body["nonce"],
+            ka_public_key=body["ka_public_key"],
+            wrapped_key=body["wrapped_key"],
+            version=body["v"],
+        )
+
+
+def _cert_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigurationError("license certificates must certify EC keys")
+    return key
+
+
+class LicenseIssuer:
+    """Issues licenses for one image in one job; constants are computed once here.
+
+    ``ka_key``: the programmer's static KEY_AGREEMENT key (P-256, in the token);
+    ``signing_key``: its LICENSE_SIGNING key; ``image_key``: the transferable image key
+    imported into the same token.  The image id and key id come from ``manifest`` when
+    given (and must agree with ``image_key``), else from ``image_id`` and the key's CKA_ID.
+    """
+
+    def __init__(
+        self,
+        *,
+        ka_key: PrivateKey,
+        ka_certificate: x509.Certificate,
+        signing_key: PrivateKey,
+        signing_certificate: x509.Certificate,
+        image_key: SecretKey,
+        manifest: Manifest | None = None,
+        image_id: str | None = None,
+    ) -> None:
+        ka_pub = ka_key.public_key()
+        if spki_der(_cert_key(ka_certificate)) != spki_der(ka_pub):
+            raise ConfigurationError("the KA certificate does not certify the KA key")
+        sign_pub = signing_key.public_key()
+        if spki_der(_cert_key(signing_certificate)) != spki_der(sign_pub):
+            raise ConfigurationError("the license certificate does not certify the signing key")
+        key_id = bytes(image_key.key_id)
+        if manifest is not None:
+            if image_id is not None and image_id != manifest.image_id:
+                raise ConfigurationError("image_id disagrees with the manifest")
+            if manifest.image_key_id != key_id:
+                raise ConfigurationError("the image key is not the manifest's image key")
+            image_id = manifest.image_id
+        if image_id is None:
+            raise ConfigurationError("a manifest or an image id is needed")
+        # A template license validates every constant field once, here.
+        self._template = License(
+            device_id="0" * 16,
+            image_id=image_id,
+            image_key_id=key_id,
+            nonce=bytes(NONCE_SIZE),
+            ka_public_key=spki_der(ka_pub),
+            wrapped_key=bytes(40),
+        )
+        self.image_id = image_id
+        self._ka_key = ka_key
+        self._signing_key = signing_key
+        self._image_key = image_key
+        self._kek_suffix = bytes((len(image_id),)) + image_id.encode("ascii")
+        self._signer_fp = fingerprint(sign_pub)
+        self._cert_der = signing_certificate.public_bytes(serialization.Encoding.DER)
+
+    def issue(self, device_id: str, device_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        """A signed license wrapping the image key to ``device_public_key`` (P-256)."""
+        try:
+            check_device_id(device_id)
+        except FormatError as exc:
+            raise LicenseFormatError(str(exc)) from None
+        if not isinstance(device_public_key, ec.EllipticCurvePublicKey) or not isinstance(
+            device_public_key.curve, ec.SECP256R1
+        ):
+            raise LicenseFormatError("license: device keys are P-256")
+        nonce = os.urandom(NONCE_SIZE)
+        info = hashlib.sha256(
+            _KEK_LABEL + device_id.encode("ascii") + self._kek_suffix + nonce
+        ).digest()
+        shared = self._ka_key.derive_aes(device_public_key, policy=TEMP_DERIVE)
+        try:
+            kek = shared.derive_ecb(info, policy=TEMP_WRAP)
+            try:
+                wrapped = kek.wrap(self._image_key)
+            finally:
+                kek.destroy()
+        finally:
+            shared.destroy()
+        body = cbor.encode(
+            attrs.evolve(
+                self._template, device_id=device_id, nonce=nonce, wrapped_key=wrapped
+            ).to_body()
+        )
+        # envelope.seal with the signer fingerprint computed once (same bytes, same checks).
+        sig = self._signing_key.sign(signed_bytes(LICENSE_KIND, body))
+        envelope = cbor.encode(
+            {
+                "kind": LICENSE_KIND,
+                "v": ENVELOPE_VERSION,
+                "body": body,
+                "sigs": [{"signer": self._signer_fp, "sig": sig}],
+            }
+        )
+        return cbor.encode({"v": VERSION, "certificate": self._cert_der, "envelope": envelope})
+
+
+def _aes_ecb(key: bytes, data: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+def open_license(
+    data: bytes,
+    *,
+    device_id: str,
+    device_key: ec.EllipticCurvePrivateKey,
+    oem_root: x509.Certificate,
+    image_id: str,
+    image_key_id: bytes,
+    at: datetime.datetime | None = None,
+) -> AesGcmKey:
+    """Device side: authenticate the license, check it is ours, unwrap the image key.
+
+    Order (S2): the signer certificate is validated under the OEM root (purpose
+    LICENSE_SIGNING), the envelope signature verified, and only then the body parsed and
+    checked for device id, image id and key id, and the key unwrapped (RFC 5649 §4.2 check).
+    """
+    from .pki import EnclavePurpose, validate_enclave_certificate
+
+    try:
+        outer = cbor.decode(data, what="license", max_size=MAX_LICENSE_SIZE)
+    except FormatError as exc:
+        raise LicenseFormatError(str(exc)) from None
+    if (
+        not isinstance(outer, dict)
+        or set(outer) != _OUTER_KEYS
+        or not isinstance(outer["certificate"], bytes)
+        or not isinstance(outer["envelope"], bytes)
+    ):
+        raise LicenseFormatError("license: not a license container")
+    if outer["v"] != VERSION:
+        raise LicenseFormatError(f"license: unsupported version {outer['v']!r}")
+    try:
+        cert = x509.load_der_x509_certificate(outer["certificate"])
+    except ValueError:
+        raise LicenseFormatError("license: signer certificate is not DER X.509") from None
+    try:
+        validate_enclave_certificate(
+            cert, oem_root, purpose=EnclavePurpose.LICENSE_SIGNING, role="programmer", at=at
+        )
+    except CertificateError as exc:
+        raise LicenseSignerError(f"license signer not trusted: {exc}") from exc
+    try:
+        body = open_envelope(
+            outer["envelope"],
+            kind=LICENSE_KIND,
+            keys=_cert_key(cert),
+            max_size=MAX_LICENSE_SIZE,
+        )
+    except SignatureError as exc:
+        raise LicenseSignatureError(str(exc)) from None
+    except FormatError as exc:
+        raise LicenseFormatError(str(exc)) from None
+    lic = License.from_body(body)
+    if lic.device_id != device_id:
+        raise WrongDeviceLicenseError(
+            f"license is for device {lic.device_id}, this device is {device_id}"
+        )
+    if lic.image_id != image_id or lic.image_key_id != image_key_id:
+        raise WrongImageLicenseError(
+            f"license is for image {lic.image_id!r}, not {image_id!r} (or another image key)"
+        )
+    try:
+        ka_pub = load_spki(lic.ka_public_key, what="license KA key")
+    except FormatError as exc:
+        raise LicenseFormatError(str(exc)) from None
+    if not isinstance(ka_pub.curve, ec.SECP256R1):
+        raise LicenseFormatError("license: KA key is not P-256")
+    z = device_key.exchange(ec.ECDH(), ka_pub)
+    # SoftHSM's CKD_NULL AES-256 key = the rightmost 32 bytes of Z (SOFTHSM_NOTES).
+    kek = _aes_ecb(z[-32:], kek_input(lic.device_id, lic.image_id, lic.nonce))
+    try:
+        key = keywrap.aes_key_unwrap_with_padding(kek, lic.wrapped_key)
+    except keywrap.InvalidUnwrap:
+        raise LicenseUnwrapError(
+            "license does not unwrap with this device's key (issued to another key)"
+        ) from None
+    if len(key) != 32:
+        raise LicenseUnwrapError("license does not carry an AES-256 key")
+    return AesGcmKey(key, key_id=lic.image_key_id)
