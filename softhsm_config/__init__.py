@@ -85,10 +85,6 @@ def ensure_tokens(
     opening tokens in this process.
     """
     tdir = TokenDirectory(Path(directory).resolve())
-    tdir.tokendir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    conf = template_text().replace("@TOKENDIR@", str(tdir.tokendir))
-    if not tdir.conf.exists() or tdir.conf.read_text() != conf:
-        tdir.conf.write_text(conf)
     labels = list(labels)
     stored = read_pins_file(tdir.pins_file) if tdir.pins_file.exists() else {}
     wanted: dict[str, tuple[str, str]] = {}
@@ -109,6 +105,11 @@ def ensure_tokens(
             user = user or secrets.token_hex(16)
             generated[so_var], generated[user_var] = so, user
         wanted[label] = (so, user)
+    # Only now that every PIN is known is anything written (S5: bad input changes nothing).
+    tdir.tokendir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    conf = template_text().replace("@TOKENDIR@", str(tdir.tokendir))
+    if not tdir.conf.exists() or tdir.conf.read_text() != conf:
+        tdir.conf.write_text(conf)
     if generated:
         merged = {**stored, **generated}
         fd = os.open(tdir.pins_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
