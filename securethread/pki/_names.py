@@ -35,6 +35,6 @@ def check_enclave_name(name: object) -> str:
 
 
 def check_role(role: object) -> str:
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise NameNotAllowedError(f"enclave role {role!r} is not one of {ROLES}")
-    return role  # type: ignore[return-value]
+    return role

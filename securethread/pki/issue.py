@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import DuplicateObjectError
-from ..hsm.ecutil import CryptographyKeyAdapter, hash_for, spki_der
+from ..hsm.ecutil import CryptographyKeyAdapter, spki_der
 from ..hsm.policy import KEY_AGREEMENT, SIGNING, Curve
 from ..hsm.protocol import KeyBackend, PrivateKey
 from ._errors import (
@@ -146,8 +146,13 @@ def _verify_with(proof_key: ec.EllipticCurvePublicKey, csr: x509.CertificateSign
         ) from None
 
 
+def _hash(curve: Curve) -> hashes.SHA256 | hashes.SHA384:
+    """SHA-384 for P-384 keys, SHA-256 for P-256 (RFC 5758 §3.2, matched strength)."""
+    return hashes.SHA384() if curve is Curve.P384 else hashes.SHA256()
+
+
 def _sign(builder: x509.CertificateBuilder, key: PrivateKey) -> x509.Certificate:
-    return builder.sign(key.as_cryptography(), hash_for(key.curve))
+    return builder.sign(key.as_cryptography(), _hash(key.curve))
 
 
 def _build(
@@ -268,8 +273,8 @@ def create_enclave_csr(
     key = backend.generate_ec(label, curve=curve, policy=policy)
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     if signer is None:
-        return builder.sign(key.as_cryptography(), hash_for(curve))
-    return builder.sign(_ProxySigner(signer, key.public_key()), hash_for(signer.curve))
+        return builder.sign(key.as_cryptography(), _hash(curve))
+    return builder.sign(_ProxySigner(signer, key.public_key()), _hash(signer.curve))
 
 
 def certify_enclave(
