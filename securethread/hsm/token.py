@@ -123,6 +123,7 @@ class Token:
             raise HSMError(f"cannot log in to token {label!r}: {type(exc).__name__}") from exc
         self._local = threading.local()
         self._sessions: list[Any] = []
+        self._caches: list[dict[Any, Any]] = []  # every thread's handle cache
         self._objects_lock = threading.Lock()  # SoftHSMv2 #573
         self._sessions_lock = threading.Lock()
         self._private_keys: dict[str, HsmPrivateKey] = {}
@@ -151,6 +152,8 @@ class Token:
                 self._sessions.append(session)
             local.session = session
             local.cache = {}
+            with self._sessions_lock:
+                self._caches.append(local.cache)
         return local
 
     @property
@@ -176,7 +179,12 @@ class Token:
         return obj
 
     def _forget(self, object_class: ObjectClass, label: str) -> None:
-        self._state().cache.pop((object_class, label), None)
+        # Every thread's cache, not just this one's: a handle another thread cached for a
+        # destroyed object would otherwise fail with ObjectHandleInvalid (or, were the
+        # label re-created, keep naming the old object).
+        with self._sessions_lock:
+            for cache in self._caches:
+                cache.pop((object_class, label), None)
 
     def _exists(self, object_class: ObjectClass, label: str) -> bool:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import random
 import threading
 from collections.abc import Iterator
@@ -133,3 +134,38 @@ def test_two_processes_sign_on_the_same_token_directory(signer: HsmPrivateKey) -
             verify_signature(public, sigs[i], _message(worker, i), what=f"p{worker}/{i}")
     # This process's token is still logged in and working after the workers logged out.
     verify_signature(public, signer.sign(b"after"), b"after", what="parent")
+
+
+def test_destroy_invalidates_every_threads_handle_cache(oem: Token, label: str) -> None:
+    """Regression: a handle cached by another thread outlived Token.destroy(label), so that
+    thread's next sign failed with ObjectHandleInvalid even after the label was re-created."""
+    requests: queue.Queue[bool] = queue.Queue()
+    replies: queue.Queue[tuple[bytes, object] | BaseException] = queue.Queue()
+
+    def worker() -> None:
+        while requests.get():
+            try:
+                key = oem.private_key(label)
+                replies.put((key.sign(b"m"), key.public_key()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                replies.put(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        first = oem.generate_ec(label, curve=Curve.P256, policy=SIGNING)
+        requests.put(True)
+        reply = replies.get(timeout=60)
+        assert not isinstance(reply, BaseException), reply
+        verify_signature(first.public_key(), reply[0], b"m", what="first")
+        oem.destroy(label)
+        second = oem.generate_ec(label, curve=Curve.P256, policy=SIGNING)
+        requests.put(True)
+        reply = replies.get(timeout=60)
+        assert not isinstance(reply, BaseException), reply
+        assert reply[1] == second.public_key()
+        verify_signature(second.public_key(), reply[0], b"m", what="second")
+    finally:
+        requests.put(False)
+        thread.join()
+        oem.destroy(label)
