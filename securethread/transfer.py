@@ -673,7 +673,7 @@ def open_package(
     try:
         registry.record(pkg.package_id)
     except BaseException:
-        for k in keys:
-            backend.destroy(k.label)
+        for imported in keys:
+            backend.destroy(imported.label)
         raise
     return PackageReceipt(package_id=pkg.package_id, sender=_cert_fp(sender_cert), keys=keys)
