@@ -255,7 +255,7 @@ def run_worker(
             nonce=nonce,
         )
 
-    for device_id, err in line.program(
+    for _device_id, err in line.program(
         [(ports[p.device_id], p) for p in provisioned],
         manifest=cfg.manifest,
         open_image=lambda: open(image_path, "rb"),
