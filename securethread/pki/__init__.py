@@ -33,6 +33,7 @@ from .issue import (
 from .profile import EnclavePurpose
 from .serial import DeviceSerial, device_serial, job_tag, parse_device_serial
 from .validate import (
+    DeviceChainValidator,
     build_verifier,
     device_id_of,
     job_id_of,
@@ -47,6 +48,7 @@ __all__ = [
     "CertificateNotYetValidError",
     "ChainValidationError",
     "DeviceCertificateIssuer",
+    "DeviceChainValidator",
     "DeviceSerial",
     "EnclavePurpose",
     "IssuerError",

@@ -177,10 +177,17 @@ def validate_device_chain(
     _verify(
         build_verifier(root, purpose=oids.EKU_DEVICE, at=when), device, [ca], [device, ca, root]
     )
-    # Job binding: the CA's job, the device subject's job and the serial's job tag agree.
     ca_job = job_id_of(ca)
     if job_id is not None and ca_job != job_id:
         raise JobMismatchError(f"production CA is for job {ca_job!r}, not {job_id!r}")
+    _check_job_binding(device, ca, ca_job, job_tag(ca_job))
+
+
+def _check_job_binding(
+    device: x509.Certificate, ca: x509.Certificate, ca_job: str, tag: bytes
+) -> None:
+    """The CA's job, the device subject's job and the serial's job tag agree; the device's
+    validity is nested in the CA's."""
     try:
         device_job = job_id_of(device)
     except NameNotAllowedError as exc:
@@ -188,7 +195,7 @@ def validate_device_chain(
     if device_job != ca_job:
         raise JobMismatchError(f"device certificate is for job {device_job!r}, CA for {ca_job!r}")
     device_id_of(device)
-    if parse_device_serial(device.serial_number).job_tag != job_tag(ca_job):
+    if parse_device_serial(device.serial_number).job_tag != tag:
         raise SerialNumberError(f"device serial {device.serial_number:#x} is not of job {ca_job!r}")
     if (
         device.not_valid_before_utc < ca.not_valid_before_utc
@@ -224,3 +231,61 @@ def validate_enclave_certificate(
     check_enclave_name(
         single_attribute(leaf.subject, x509.NameOID.COMMON_NAME, what="enclave certificate")
     )
+
+
+class DeviceChainValidator:
+    """Validates many device certificates of one job (reconciliation's hot path).
+
+    The production CA is validated against the root once, here: validity at ``at``,
+    profile, ``verify_directly_issued_by`` (issuer name and signature, RFC 5280 §6.1.3 (a)),
+    job.  Per device, cryptography's verifier runs with the validated production CA as its
+    trust anchor (one signature check instead of two), then the same explicit checks as
+    :func:`validate_device_chain`.
+    """
+
+    __slots__ = ("production_ca", "root", "job_id", "at", "_tag", "_verifier")
+
+    def __init__(
+        self,
+        production_ca_cert: x509.Certificate,
+        root_cert: x509.Certificate,
+        *,
+        at: datetime.datetime | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        ca = _check_type(production_ca_cert, "production CA certificate")
+        root = _check_type(root_cert, "root certificate")
+        when = _at(at)
+        check_validity(root, when, what="root certificate")
+        check_validity(ca, when, what="production CA certificate")
+        PRODUCTION_CA.check_certificate(ca, what="production CA certificate")
+        try:
+            ca.verify_directly_issued_by(root)
+        except (ValueError, TypeError) as exc:
+            raise ChainValidationError(f"production CA is not issued by the root: {exc}") from None
+        except Exception as exc:  # cryptography.exceptions.InvalidSignature
+            raise ChainValidationError(
+                f"production CA signature does not verify under the root ({type(exc).__name__})"
+            ) from None
+        ca_job = job_id_of(ca)
+        if job_id is not None and ca_job != job_id:
+            raise JobMismatchError(f"production CA is for job {ca_job!r}, not {job_id!r}")
+        self.production_ca, self.root, self.job_id, self.at = ca, root, ca_job, when
+        self._tag = job_tag(ca_job)
+        self._verifier = (
+            xv.PolicyBuilder()
+            .store(xv.Store([ca]))
+            .time(when)
+            .max_chain_depth(0)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICIES[oids.EKU_DEVICE])
+            .build_client_verifier()
+        )
+
+    def validate(self, device_cert: x509.Certificate) -> None:
+        """Validate one device certificate of this job; raise a CertificateError subclass."""
+        device = _check_type(device_cert, "device certificate")
+        ca = self.production_ca
+        check_validity(device, self.at, what="device certificate")
+        DEVICE.check_certificate(device, what="device certificate")
+        _verify(self._verifier, device, [], [device, ca])
+        _check_job_binding(device, ca, self.job_id, self._tag)

@@ -630,3 +630,41 @@ def test_trailing_bytes_and_double_pem(pki: Pki) -> None:
         load_der(to_der(pki.root) + b"\x00")
     with pytest.raises(FormatError):
         from_pem(to_pem(pki.root) + to_pem(pki.pca))
+
+
+# --- DeviceChainValidator (many devices of one job) ---------------------------------------------
+
+
+def test_chain_validator_accepts_and_refuses_like_the_function(pki: Pki) -> None:
+    from securethread.pki import DeviceChainValidator
+
+    v = DeviceChainValidator(pki.pca, pki.root, job_id="job-1")
+    good = pki.issuer.issue(_device_key(), DEVICE_ID, 11)
+    assert v.validate(good) is None
+    der = bytearray(to_der(good))
+    der[der.index(DEVICE_ID.encode())] = ord("1")
+    with pytest.raises(ChainValidationError):
+        v.validate(load_der(bytes(der)))
+    with pytest.raises(WrongPurposeError):
+        v.validate(pki.identity)
+    with pytest.raises(JobMismatchError):
+        DeviceChainValidator(pki.pca, pki.root, job_id="job-2")
+    with pytest.raises(ChainValidationError):
+        DeviceChainValidator(pki.pca, create_root_ca(SoftwareBackend("x")))
+    late = pki.pca.not_valid_after_utc + datetime.timedelta(seconds=1)
+    with pytest.raises(CertificateExpiredError):
+        DeviceChainValidator(pki.pca, pki.root, at=late)
+    # a device certificate from another job's CA (same root) fails
+    rk = _root_key(pki)
+    nb, na = _window()
+    other = certify_production_ca(
+        rk,
+        pki.root,
+        create_production_ca_csr(pki.prog, label="pca-job-10", job_id="job-10"),
+        job_id="job-10",
+        not_before=nb,
+        not_after=na,
+    )
+    foreign = DeviceCertificateIssuer(pki.prog.private_key("pca-job-10"), other, job_id="job-10")
+    with pytest.raises(ChainValidationError):
+        v.validate(foreign.issue(_device_key(), DEVICE_ID, 1))
