@@ -8,8 +8,8 @@ tampered image refused by a device's SBM, the ledger reconciled and both ceremon
 transcripts verified.
 
 Work directory layout (see README): ``hsm/`` (SoftHSM config, tokens, demo PINs),
-``oem/`` (root and identity certificates, firmware, encrypted image, manifest, job, OEM
-transcript), ``programmer/`` (certificates, production database, transcript),
+``oem/`` (root and identity certificates, officer-key bundle, firmware, encrypted image,
+manifest, job, OEM transcript), ``programmer/`` (certificates, production database, transcript),
 ``job/`` (production CA, device certificates, ledger export, reconciliation report).
 """
 
@@ -333,6 +333,7 @@ def run_demo(
     officer_bundle = envelope.seal(
         OFFICERS_KIND, {"keys": [spki_der(k.public_key()) for k in officers]}, [root_key]
     )
+    (work / "oem" / "officers.bin").write_bytes(officer_bundle)
     oem_tx.append(
         "signing-key",
         keys=[KeyEntry.from_key(k) for k in officers],
