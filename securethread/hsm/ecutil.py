@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.utils import Buffer
 
 from ..errors import FormatError, InvalidPointError, KeyPolicyError
 from .policy import Curve
@@ -129,9 +130,7 @@ class CryptographyKeyAdapter(ec.EllipticCurvePrivateKey):
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._key.public_key()
 
-    def sign(
-        self, data: utils.Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
-    ) -> bytes:
+    def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise KeyPolicyError("only ECDSA signatures are supported")
         algorithm = signature_algorithm.algorithm

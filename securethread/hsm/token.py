@@ -670,7 +670,7 @@ def open_token(
         uri = PKCS11URI.parse(uri_or_label)
     else:
         uri = None
-    label = uri.token if uri is not None else uri_or_label
+    label = uri.token if uri is not None else str(uri_or_label)
     if not label:
         from ..errors import URIError
 

@@ -50,7 +50,8 @@ def key(oem: Token, label: str, request: pytest.FixtureRequest) -> Iterator[HsmP
 
 
 def _object_blocks(listing: str) -> list[str]:
-    blocks, current = [], []
+    blocks: list[str] = []
+    current: list[str] = []
     for line in listing.splitlines():
         if line and not line.startswith(" ") and current:
             blocks.append("\n".join(current))

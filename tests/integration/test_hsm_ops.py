@@ -36,7 +36,10 @@ from securethread.hsm import (
 #: A temporary key that can both encrypt (to compare with cryptography) and derive.
 ENC_DERIVE = KeyPolicy(usage=Usage.ENCRYPT | Usage.DERIVE, persistent=False)
 CURVES = {Curve.P256: ec.SECP256R1(), Curve.P384: ec.SECP384R1()}
-HASHES = {Curve.P256: hashes.SHA256(), Curve.P384: hashes.SHA384()}
+HASHES: dict[Curve, hashes.SHA256 | hashes.SHA384] = {
+    Curve.P256: hashes.SHA256(),
+    Curve.P384: hashes.SHA384(),
+}
 
 
 @pytest.fixture
