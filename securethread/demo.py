@@ -149,6 +149,9 @@ class LineConfig:
     manifest: bytes
     firmware_signing_spki: bytes
     batch_size: int = 32
+    #: Where simulated devices note that they received their provisioning data (tests use it
+    #: to check after a crash that every device holding secrets is in the ledger).
+    release_log: str | None = None
 
 
 def open_line(cfg: LineConfig, token: KeyBackend) -> tuple[ProductionLine, Manifest]:
@@ -198,13 +201,21 @@ def open_line(cfg: LineConfig, token: KeyBackend) -> tuple[ProductionLine, Manif
 class _Port:
     """Adapts a SimulatedDevice to the pipeline's DevicePort."""
 
-    def __init__(self, dev: SimulatedDevice) -> None:
+    def __init__(self, dev: SimulatedDevice, release_log: str | None = None) -> None:
         self.dev = dev
+        self._log = release_log
 
     def identify(self, challenge: bytes) -> bytes:
         return self.dev.identify(challenge)
 
     def provision(self, data: bytes) -> None:
+        if self._log is not None:  # the device side saw its secrets: note it durably first
+            fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, self.dev.device_id.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.dev.provision(data)
 
     def program(self, manifest: bytes, image: Any, license: bytes, nonce: bytes) -> bytes:
@@ -219,7 +230,7 @@ def run_worker(
     line, manifest = open_line(cfg, token)
     work = Path(cfg.workdir)
     image_path = work / "oem" / "image.enc"
-    ports = {c.device_id: _Port(c.build()) for c in chips}
+    ports = {c.device_id: _Port(c.build(), cfg.release_log) for c in chips}
     counts: dict[str, Any] = {"provisioned": 0, "booted": 0, "refused": {}, "tampered": 0}
     t0 = time.perf_counter()
     provisioned: list[Provisioned] = []
@@ -284,8 +295,13 @@ def run_demo(
     workers: int = 1,
     firmware_size: int = 256 << 10,
     progress: Callable[[str], None] = lambda _msg: None,
+    setup_hook: Callable[[LineConfig, list[ChipSpec], list[ChipSpec]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole chain; return the summary (the CLI prints it)."""
+    """Run the whole chain; return the summary (the CLI prints it).
+
+    ``setup_hook`` (tests, benchmarks) receives the line configuration and the chips once
+    everything up to the job exists, and the demo stops there.
+    """
     from softhsm_config import ensure_tokens
 
     if devices < 1:
@@ -525,6 +541,9 @@ def run_demo(
         manifest=manifest_bytes,
         firmware_signing_spki=spki_der(fw.public_key()),
     )
+    if setup_hook is not None:
+        setup_hook(cfg, chips, outsider)
+        return {"setup": True, "workdir": str(work)}
     progress(f"provisioning {devices} devices (+4 to be refused) with {workers} worker(s)")
     all_chips = chips + outsider
     shares = [all_chips[i::workers] for i in range(workers)]
