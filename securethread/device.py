@@ -97,17 +97,17 @@ def _is(kind: type, what: str) -> Any:
     return check
 
 
-def _p256(_i: object, _a: object, v: object) -> None:
+def _p256(_i: Any, _a: Any, v: Any) -> None:
     if not isinstance(v, ec.EllipticCurvePublicKey) or not isinstance(v.curve, ec.SECP256R1):
         raise ProvisioningFormatError("provisioning data: firmware-signing key must be P-256")
 
 
-def _counter(_i: object, _a: object, v: object) -> None:
+def _counter(_i: Any, _a: Any, v: Any) -> None:
     if type(v) is not int or not 0 <= v < 2**32:
         raise ProvisioningFormatError("provisioning data: security counter out of range")
 
 
-def _device_class(_i: object, _a: object, v: object) -> None:
+def _device_class(_i: Any, _a: Any, v: Any) -> None:
     try:
         check_name("device class", v)
     except ImageError:

@@ -118,14 +118,14 @@ def _check_bytes(what: str, lo: int, hi: int) -> Any:
     return check
 
 
-def _check_device(_i: object, _a: object, v: object) -> None:
+def _check_device(_i: Any, _a: Any, v: Any) -> None:
     try:
         check_device_id(v)
     except FormatError as exc:
         raise LicenseFormatError(f"license: {exc}") from None
 
 
-def _check_image_id(_i: object, _a: object, v: object) -> None:
+def _check_image_id(_i: Any, _a: Any, v: Any) -> None:
     if not isinstance(v, str) or not 1 <= len(v) <= 64 or not v.isascii():
         raise LicenseFormatError("license: image id must be 1-64 ASCII characters")
 
