@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ConfigurationError, Error, HSMError, QuotaExceededError, VerificationError
 
@@ -227,10 +227,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2 (the CLI's contract)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: usage error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="securethread", description=__doc__.splitlines()[0])
+    p = _Parser(prog="securethread", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(
         name: str, fn: Callable[[argparse.Namespace], int], help: str
@@ -278,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Error as exc:
         print(f"securethread {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return _exit_code(exc)
+    except OSError as exc:  # a path that is not what it should be (file vs directory...)
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"securethread {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         print(f"securethread {args.command}: interrupted", file=sys.stderr)
         return 130

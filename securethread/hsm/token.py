@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,7 +39,7 @@ from ..errors import (
     TokenNotFoundError,
 )
 from .ecutil import CryptographyKeyAdapter, curve_of, digest_for, point_of, public_from_point
-from .module import default_module_path, load_module
+from .module import default_module_path, load_module, reload_module
 from .pin import PinCallback, resolve_pin
 from .policy import Curve, KeyPolicy, PolicyReport, report_from_attributes
 from .uri import PKCS11URI
@@ -648,6 +649,7 @@ class HsmSecretKey:
 
 # --- opening tokens --------------------------------------------------------------------------
 
+_TOKEN_SCAN_RETRIES = 5
 _registry_lock = threading.Lock()
 _registry: dict[tuple[str, str, int], Token] = {}
 
@@ -683,15 +685,27 @@ def open_token(
         if existing is not None:
             existing._refs += 1
             return existing
-        token = Token(
-            module_path=module,
-            label=label,
-            pin=lambda: resolve_pin(
+
+        def get_pin() -> str:
+            return resolve_pin(
                 label,
                 callback=pin,
                 pin_value=uri.pin_value if uri is not None else None,
                 pin_source=uri.pin_source if uri is not None else None,
-            ),
-        )
+            )
+
+        for attempt in range(_TOKEN_SCAN_RETRIES):
+            try:
+                token = Token(module_path=module, label=label, pin=get_pin)
+                break
+            except TokenNotFoundError:
+                # SoftHSM's file store rewrites a token's file on login; a process that
+                # scans the token directory at that instant does not see the token.  Rescan,
+                # but only while nothing of this module is open here (a rescan re-initialises
+                # the module and would kill open sessions).
+                if attempt + 1 == _TOKEN_SCAN_RETRIES or any(k[0] == module for k in _registry):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+                reload_module(module)
         _registry[key] = token
         return token

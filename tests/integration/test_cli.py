@@ -657,11 +657,6 @@ def test_demo_refuses_bad_counts(tmp_path: Path, option: tuple[str, str], needle
     assert not work.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: demo --workdir <regular file> dies with a NotADirectoryError traceback, "
-    "exit 1 (demo._prepare_workdir calls iterdir() on a file; OSError is not mapped)",
-)
 def test_demo_refuses_a_file_as_workdir(tmp_path: Path) -> None:
     target = tmp_path / "afile"
     target.write_text("keep me\n")
@@ -708,11 +703,6 @@ def test_init_tokens_default_labels_need_every_pin(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: init-tokens <regular file> dies with a NotADirectoryError traceback, exit 1 "
-    "(softhsm_config.ensure_tokens mkdir; OSError is not mapped to ConfigurationError)",
-)
 def test_init_tokens_refuses_a_file_as_directory(tmp_path: Path) -> None:
     target = tmp_path / "afile"
     target.write_text("keep me\n")
@@ -777,11 +767,6 @@ def test_usage_errors_exit_2_without_traceback(argv: list[str]) -> None:
     assert "error:" in proc.stderr.splitlines()[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG vs cli.py's contract ('every failure prints one line on stderr'): argparse "
-    "usage errors print the multi-line usage text before the error line",
-)
 def test_usage_error_prints_one_line() -> None:
     proc = run("verify-ledger")
     assert proc.returncode == CONFIG
