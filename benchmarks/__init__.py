@@ -1,0 +1,1 @@
+"""Benchmarks for securethread; ``python -m benchmarks [--quick] [--json]`` runs them all."""

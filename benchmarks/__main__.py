@@ -1,0 +1,294 @@
+"""Run every benchmark in one go: ``python -m benchmarks [--quick] [--json]``.
+
+Groups (each a key of the JSON object printed as the last line of stdout with --json):
+
+provision      the real pipeline on SoftHSM: setup subprocess (run_demo(setup_hook=...),
+               firmware 4 KiB), worker subprocesses timing only ``list(line.provision(ports))``
+               (programming excluded; SimulatedDevices built before the clock; the time includes
+               each simulated device receiving its provisioning data).  p50/p99 come from
+               Provisioned.elapsed_s, which is the per-batch time divided by the batch size (and
+               stops before the release to the devices).  2-worker rate = all devices / the
+               slowest worker's provisioning time; both are released together.
+floor          per device, the token operations the pipeline makes, alone, in the 1-worker
+               process on the same token and keys: CA sign, ECDH derive_aes + derive_ecb + KWP
+               wrap of the image key + destroy temporaries, license sign, 1/batch ledger sign.
+               Through the library's key handles (thin python-pkcs11 wrappers).
+peer           bench_certs' openssl + libp11 loop on the same production CA key (certs only).
+software       the same pipeline (full in-process setup) with every key in a SoftwareBackend.
+image          benchmarks/bench_image.py --json (median of its reps; quick: peak RSS at 64 MiB
+               only, the 512 MiB measurement skipped).
+ledger_verify  verify_ledger over a software-signed ledger (checkpoint every 32 records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+from . import provision as P
+
+BATCH = 32
+
+
+def spread(values: list[float], nd: int = 1) -> dict[str, Any]:
+    return {
+        "median": round(statistics.median(values), nd),
+        "min": round(min(values), nd),
+        "max": round(max(values), nd),
+        "runs": len(values),
+    }
+
+
+def bench_provision(work: Path, n: int, reps: int, floor_n: int, scaling: list[int],
+                    peer_n: int, log: Any) -> dict[str, Any]:  # fmt: skip
+    quota = max([n, *scaling])
+    log(f"setup (quota {quota})")
+    setup_s = P.run_setup(work, quota)
+    one, two, p50, p99, floors = [], [], [], [], []
+    for r in range(reps):
+        log(f"provision rep {r + 1}/{reps}: 1 worker, {n} devices")
+        P.fresh_store(work)
+        (res,) = P.start_workers(work, [(0, n)], BATCH, floor_n)
+        assert res["provisioned"] == n, res
+        one.append(n / res["provision_s"])
+        p50.append(res["p50_ms"])
+        p99.append(res["p99_ms"])
+        floors.append(res["floor_devices_per_s"])
+        log(f"provision rep {r + 1}/{reps}: 2 workers, {n} devices")
+        P.fresh_store(work)
+        half = n // 2
+        res2 = P.start_workers(work, [(0, half), (half, n)], BATCH, 0)
+        assert sum(x["provisioned"] for x in res2) == n, res2
+        two.append(n / max(x["provision_s"] for x in res2))
+    scal = []
+    for size in scaling:
+        log(f"scaling: {size} devices, 1 worker")
+        P.fresh_store(work)
+        (res,) = P.start_workers(work, [(0, size)], BATCH, 0)
+        rate = round(size / res["provision_s"], 1)
+        p50, p99 = round(res["p50_ms"], 3), round(res["p99_ms"], 3)
+        scal.append({"devices": size, "devices_per_s": rate, "p50_ms": p50, "p99_ms": p99})
+    peers = []
+    for r in range(reps):
+        log(f"peer rep {r + 1}/{reps}: {peer_n} certs")
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.provision", "peer", str(work), str(peer_n)],
+            env=P.clean_env(), cwd=P.ROOT, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        peers.append(json.loads(out.stdout.strip().splitlines()[-1])["peer_devices_per_s"])
+    dps = statistics.median(one)
+    fl = statistics.median(floors)
+    pr = statistics.median(peers)
+    out: dict[str, Any] = {
+        "provision": {
+            "devices": n,
+            "batch_size": BATCH,
+            "setup_s": round(setup_s, 2),
+            "devices_per_s": spread(one),
+            "devices_per_s_2w": spread(two),
+            "ratio_2w_1w": round(statistics.median(two) / dps, 3),
+            "p50_ms": spread(p50, 3),
+            "p99_ms": spread(p99, 3),
+            "latency_note": "Provisioned.elapsed_s = per-batch time / batch size",
+        },
+        "floor": {
+            "n": floor_n,
+            "floor_devices_per_s": spread(floors),
+            "efficiency": round(dps / fl, 3),
+        },
+        "peer": {
+            "n": peer_n,
+            "peer_devices_per_s": spread(peers, 2),
+            "speedup_vs_peer": round(dps / pr, 1),
+        },
+    }
+    if scal:
+        rates = [s["devices_per_s"] for s in scal]
+        out["scaling"] = {
+            "points": scal,
+            "max_over_min": round(max(rates) / min(rates), 3),
+            "single_run_each": True,
+        }
+    return out
+
+
+def bench_software(n: int, reps: int, log: Any) -> dict[str, Any]:
+    log(f"software backend pipeline, {n} devices x {reps}")
+    with tempfile.TemporaryDirectory(prefix="bench-sw-") as tmp:
+        runs = P.software_runs(Path(tmp), n, reps)
+    rates = [r["provision_s"] and n / r["provision_s"] for r in runs]
+    return {
+        "devices": n,
+        "what": "full pipeline (ProductionLine.provision) with all keys in a SoftwareBackend",
+        "software_devices_per_s": spread(rates),
+        "p50_ms": spread([r["p50_ms"] for r in runs], 3),
+    }
+
+
+def bench_image(quick: bool, log: Any) -> dict[str, Any]:
+    log("image throughput")
+    args = ["--json", "--size-mib", "64", "--reps", "3",
+            "--peak-sizes", "64" if quick else "64,512"]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(P.ROOT / "benchmarks" / "bench_image.py"), *args],
+        env=P.clean_env(), cwd=P.ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    t = rep["throughput"]
+    return {
+        "size_mib": t["size_mib"],
+        "reps_median_of": t["reps"],
+        "token_encrypt_mib_per_s": t["mib_per_s"]["encrypt_image"],
+        "token_raw_mib_per_s": t["mib_per_s"]["token_raw"],
+        "cryptography_mib_per_s": t["mib_per_s"]["cryptography"],
+        "device_decrypt_mib_per_s": t["mib_per_s"]["decrypt_image"],
+        "ratio": t["encrypt_image/token_raw"],
+        "ratio_note": "encrypt_image / bare token AES-GCM (bench_image's target denominator)",
+        "encrypt_vs_cryptography": t["encrypt_image/cryptography"],
+        "peak_memory": rep.get("peak_memory"),
+        "peak_note": "quick mode: 64 MiB only (512 MiB skipped)" if quick else "64 and 512 MiB",
+    }
+
+
+def bench_ledger(n: int, reps: int, log: Any) -> dict[str, Any]:
+    from securethread import ledger
+    from securethread.hsm import SIGNING, Curve, SoftwareBackend
+
+    log(f"ledger of {n} records")
+    b = SoftwareBackend("ledger")
+    key = b.generate_ec("ledger", curve=Curve.P256, policy=SIGNING)
+    job = ledger.sha256(b"bench-job")
+    t = time.perf_counter()
+    items: list[tuple[str, bytes]] = []
+    prev, seq = job, 0
+    while seq < n:
+        k = min(32, n - seq)
+        pend = [
+            ledger.PendingRecord(
+                kind=ledger.KIND_PROVISIONED,
+                slot=i,
+                device_id=f"{i:016x}",
+                time=1_700_000_000 + i,
+                cert=b"cert%d" % i,
+                license_sha256=b"\x01" * 32,
+            )  # fmt: skip
+            for i in range(seq, seq + k)
+        ]
+        chained = ledger.chain(pend, job=job, start_seq=seq, prev=prev)
+        items.extend(("r", raw) for _r, _s, raw, _h in chained)
+        prev = chained[-1][3]
+        seq += k
+        items.append(("c", ledger.sign_checkpoint(key, job=job, upto=seq - 1, head=prev, time=1)))
+    build_s = time.perf_counter() - t
+    pub = key.public_key()
+    rates = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        s = ledger.verify_ledger(iter(items), job=job, ledger_key=pub)
+        rates.append(n / (time.perf_counter() - t))
+    tracemalloc.start()
+    ledger.verify_ledger(iter(items), job=job, ledger_key=pub)
+    _cur, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "records": n,
+        "checkpoints": len(items) - n,
+        "build_s": round(build_s, 2),
+        "records_per_s": spread(rates, 0),
+        "peak_mib": round(peak / 2**20, 3),
+        "peak_note": "tracemalloc peak during one verify pass (ledger itself already in memory)",
+        "summary": str(s),
+    }
+
+
+def targets(r: dict[str, Any]) -> dict[str, Any]:
+    t: dict[str, Any] = {
+        "efficiency>=0.7": r["floor"]["efficiency"] >= 0.7,
+        "2w>=1.7x1w": r["provision"]["ratio_2w_1w"] >= 1.7,
+        "speedup_vs_peer>=30": r["peer"]["speedup_vs_peer"] >= 30,
+        "image_ratio>=0.8": r["image"]["ratio"] >= 0.8,
+    }
+    if "scaling" in r:
+        t["scaling_flat_15%"] = r["scaling"]["max_over_min"] <= 1.15
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (~2 minutes)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    reps = 3
+    n = 500 if quick else 1000
+    scaling = [500, 2000] if quick else [1000, 10_000, 100_000]
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="securethread-bench-"))
+    try:
+        r = bench_provision(work, n, reps, floor_n=300 if quick else 1000, scaling=scaling,
+                            peer_n=30 if quick else 50, log=log)  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if "scaling" in r:
+        r["scaling"]["mode"] = "quick (500, 2000)" if quick else "full (1k, 10k, 100k)"
+    r["software"] = bench_software(n, reps, log)
+    r["software"]["hsm_over_software"] = round(
+        r["provision"]["devices_per_s"]["median"]
+        / r["software"]["software_devices_per_s"]["median"],
+        3,
+    )
+    r["image"] = bench_image(quick, log)
+    r["ledger_verify"] = bench_ledger(20_000 if quick else 100_000, reps, log)
+    r["targets_met"] = targets(r)
+    r["mode"] = "quick" if quick else "full"
+    r["cpus"] = os.cpu_count()
+    r["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    pv, fl, pe = r["provision"], r["floor"], r["peer"]
+    rows = [
+        ("provision devices/s (1 worker)", pv["devices_per_s"]),
+        ("provision devices/s (2 workers)", pv["devices_per_s_2w"]),
+        ("per-device p50 ms (batch/size)", pv["p50_ms"]),
+        ("per-device p99 ms (batch/size)", pv["p99_ms"]),
+        ("HSM floor devices/s", fl["floor_devices_per_s"]),
+        ("peer openssl loop devices/s", pe["peer_devices_per_s"]),
+        ("software backend devices/s", r["software"]["software_devices_per_s"]),
+        ("ledger verify records/s", r["ledger_verify"]["records_per_s"]),
+    ]
+    print(f"securethread benchmarks ({r['mode']}, {r['cpus']} CPUs, {r['elapsed_s']} s)")
+    for name, s in rows:
+        print(f"  {name:34s} {s['median']:>10}  [{s['min']} .. {s['max']}]")
+    print(f"  efficiency vs floor  {fl['efficiency']:.3f}")
+    print(f"  2 workers / 1 worker {pv['ratio_2w_1w']:.3f}")
+    print(f"  speedup vs peer      {pe['speedup_vs_peer']:.1f}x")
+    im = r["image"]
+    print(f"  image: token {im['token_encrypt_mib_per_s']} MiB/s, raw {im['token_raw_mib_per_s']}, "
+          f"cryptography {im['cryptography_mib_per_s']}, device decrypt "
+          f"{im['device_decrypt_mib_per_s']} MiB/s, ratio {im['ratio']}")  # fmt: skip
+    print(f"  ledger verify peak {r['ledger_verify']['peak_mib']} MiB")
+    if "scaling" in r:
+        for p in r["scaling"]["points"]:
+            print(f"  scaling {p['devices']:>7} devices: {p['devices_per_s']} devices/s")
+    for k, v in r["targets_met"].items():
+        print(f"  target {k:24s} {'met' if v else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
