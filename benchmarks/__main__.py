@@ -76,8 +76,8 @@ def bench_provision(work: Path, n: int, reps: int, floor_n: int, scaling: list[i
         P.fresh_store(work)
         (res,) = P.start_workers(work, [(0, size)], BATCH, 0)
         rate = round(size / res["provision_s"], 1)
-        p50, p99 = round(res["p50_ms"], 3), round(res["p99_ms"], 3)
-        scal.append({"devices": size, "devices_per_s": rate, "p50_ms": p50, "p99_ms": p99})
+        lo, hi = round(res["p50_ms"], 3), round(res["p99_ms"], 3)
+        scal.append({"devices": size, "devices_per_s": rate, "p50_ms": lo, "p99_ms": hi})
     peers = []
     for r in range(reps):
         log(f"peer rep {r + 1}/{reps}: {peer_n} certs")
