@@ -115,7 +115,7 @@ class Token:
         except pkcs11.MultipleTokensReturned:
             raise TokenNotFoundError(f"more than one token labelled {label!r}") from None
         try:
-            self._login_session = self._p11_token.open(rw=True, user_pin=pin())
+            self._login_session = self._login(pin)
         except pkcs11.PinIncorrect:
             raise PinIncorrectError(f"token {label!r} rejected the user PIN") from None
         except pkcs11.PinLocked:
@@ -134,6 +134,18 @@ class Token:
 
     def __repr__(self) -> str:
         return f"<Token {self.name!r}>"
+
+    def _login(self, pin: Callable[[], str]) -> Any:
+        # SoftHSM's file store rewrites the token file on login; a second process logging in
+        # at that instant gets CKR_GENERAL_ERROR.  Retry a few times with a short back-off.
+        for attempt in range(_TOKEN_SCAN_RETRIES):
+            try:
+                return self._p11_token.open(rw=True, user_pin=pin())
+            except pkcs11.GeneralError:
+                if attempt + 1 == _TOKEN_SCAN_RETRIES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # --- sessions and lookups ------------------------------------------------------------
 
