@@ -17,6 +17,7 @@ added later.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -94,12 +95,23 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open database {str(self.path)!r}: {exc}") from None
         db = self._db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "PRAGMA synchronous=FULL"
-        )  # durable at COMMIT (https://sqlite.org/pragma.html#pragma_synchronous)
         db.execute("PRAGMA busy_timeout=60000")
-        db.executescript(_SCHEMA)
+        # Switching to WAL and creating the schema need an exclusive lock that SQLite does not
+        # wait for (no busy handler); concurrent workers opening the store retry briefly.
+        for attempt in range(50):
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 49:
+                    raise ConfigurationError(
+                        f"cannot open database {str(self.path)!r}: {exc}"
+                    ) from None
+                time.sleep(0.02 * (attempt + 1))
+        # durable at COMMIT (https://sqlite.org/pragma.html#pragma_synchronous)
+        db.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:
         self._db.close()
