@@ -239,6 +239,7 @@ def software_line(work: Path, quota: int) -> tuple[Any, Any, list[Any]]:
     from securethread.ledger import sha256
     from securethread.pki import (
         EnclavePurpose,
+        cert_fingerprint,
         certify_enclave,
         certify_production_ca,
         create_enclave_csr,
@@ -290,7 +291,7 @@ def software_line(work: Path, quota: int) -> tuple[Any, Any, list[Any]]:
         targets=Targets(ranges=((demo.DEVICE_BASE, demo.DEVICE_BASE + quota - 1),)),
         quota=quota, not_before=int(not_before.timestamp()), not_after=int(not_after.timestamp()),
         image_id=demo.IMAGE_ID, manifest_sha256=sha256(manifest_bytes),
-        programmer=demo.fingerprint_cert(p_cert), threshold=2,
+        programmer=cert_fingerprint(p_cert), threshold=2,
     )  # fmt: skip
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
     vendor = SiliconVendor()
@@ -299,7 +300,7 @@ def software_line(work: Path, quota: int) -> tuple[Any, Any, list[Any]]:
     cfg = demo.LineConfig(
         workdir=str(work), job_signed=job_signed,
         officer_keys=tuple(spki_der(k.public_key()) for k in officers),
-        programmer_fp=demo.fingerprint_cert(p_cert),
+        programmer_fp=cert_fingerprint(p_cert),
         root_der=root.public_bytes(serialization.Encoding.DER),
         production_ca_der=pca.public_bytes(serialization.Encoding.DER),
         vendor_root_der=vendor.root_certificate.public_bytes(serialization.Encoding.DER),

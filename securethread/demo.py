@@ -43,6 +43,7 @@ from .license import LicenseIssuer
 from .pki import (
     DeviceCertificateIssuer,
     EnclavePurpose,
+    cert_fingerprint,
     certify_enclave,
     certify_production_ca,
     create_enclave_csr,
@@ -375,6 +376,7 @@ def run_demo(
         role="programmer",
     )
     install_certificate(prog, L_PROG_ID, p_cert)
+    p_fp = cert_fingerprint(p_cert)
     p_id = prog.private_key(L_PROG_ID)
     prog_tx = Transcript(work / "programmer" / "transcript.bin", p_id, "programmer")
     prog_tx.append("token-init", details={"token": "programmer", "module": prog.module_path})
@@ -495,7 +497,7 @@ def run_demo(
         not_after=int(not_after.timestamp()),
         image_id=IMAGE_ID,
         manifest_sha256=ledger.sha256(manifest_bytes),
-        programmer=fingerprint_cert(p_cert),
+        programmer=p_fp,
         threshold=2,
     )
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
@@ -519,7 +521,7 @@ def run_demo(
     verified: VerifiedJob = verify_job(
         job_signed,
         officers=[serialization.load_der_public_key(k) for k in officer_keys],  # type: ignore[misc]
-        programmer=fingerprint_cert(p_cert),
+        programmer=p_fp,
         min_threshold=2,
     )
     prog_tx.append(
@@ -534,7 +536,7 @@ def run_demo(
         workdir=str(work),
         job_signed=job_signed,
         officer_keys=officer_keys,
-        programmer_fp=fingerprint_cert(p_cert),
+        programmer_fp=p_fp,
         root_der=root.public_bytes(serialization.Encoding.DER),
         production_ca_der=pca.public_bytes(serialization.Encoding.DER),
         vendor_root_der=vendor.root_certificate.public_bytes(serialization.Encoding.DER),
@@ -581,7 +583,7 @@ def run_demo(
             job_bytes,
             items,
             officers={fingerprint(k.public_key()): k.public_key() for k in officers},
-            programmer=fingerprint_cert(p_cert),
+            programmer=p_fp,
             ledger_key=ledger_cert.public_key(),  # type: ignore[arg-type]
             root_cert=root,
             production_ca_cert=pca,
@@ -619,12 +621,6 @@ def run_demo(
     }
     (work / "job" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def fingerprint_cert(cert: x509.Certificate) -> bytes:
-    from .pki import cert_fingerprint
-
-    return cert_fingerprint(cert)
 
 
 __all__ = ["ChipSpec", "LineConfig", "make_chips", "open_line", "run_demo", "run_worker", "Error"]

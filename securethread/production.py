@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 import attrs
 from cryptography import x509
@@ -346,14 +346,3 @@ class ProductionLine:
             if len(pending) >= self.batch_size:
                 yield from flush()
         yield from flush()
-
-
-def summarise(outcomes: Iterable[Outcome]) -> dict[str, Any]:
-    """Counts by outcome kind, for reports."""
-    out: dict[str, Any] = {"provisioned": 0, "refused": {}}
-    for o in outcomes:
-        if isinstance(o, Provisioned):
-            out["provisioned"] += 1
-        else:
-            out["refused"][o.kind] = out["refused"].get(o.kind, 0) + 1
-    return out

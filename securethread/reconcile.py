@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import attrs
 from cryptography import x509
@@ -188,7 +187,3 @@ def _verified_job_any_time(
         programmer=programmer,
         now=job.not_before,
     ).job
-
-
-def report_dict(report: ReconciliationReport) -> dict[str, Any]:
-    return dict(json.loads(report.to_json()))
