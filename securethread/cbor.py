@@ -36,6 +36,21 @@ def _head(major: int, n: int) -> bytes:
     raise ValueError("integer too large for CBOR head")
 
 
+class Encoded(bytes):
+    """One item already in deterministic CBOR, spliced verbatim by :func:`encode`.
+
+    Only :func:`pre_encode` makes these, so the bytes are always this encoder's output: a
+    hot path encodes its per-job constants once (a certificate, a key) and reuses them.
+    """
+
+    __slots__ = ()
+
+
+def pre_encode(value: Any) -> Encoded:
+    """Encode ``value`` once for reuse inside many later :func:`encode` calls."""
+    return Encoded(encode(value))
+
+
 def encode(value: Any) -> bytes:
     """Encode ``value`` deterministically. Raises ``TypeError`` for unsupported types."""
     out = bytearray()
@@ -43,41 +58,71 @@ def encode(value: Any) -> bytes:
     return bytes(out)
 
 
+#: Encoded map keys: the same few field names recur in every artefact.
+_key_cache: dict[str, bytes] = {}
+
+
+def _key(k: Any) -> bytes:
+    kb = _key_cache.get(k) if type(k) is str else None
+    if kb is None:
+        if not isinstance(k, str):
+            raise TypeError("CBOR map keys must be text strings")
+        b = k.encode("utf-8")
+        kb = _head(_MT_TEXT, len(b)) + b
+        if len(_key_cache) < 4096 and type(k) is str:
+            _key_cache[k] = kb
+    return kb
+
+
 def _encode(value: Any, out: bytearray) -> None:
-    if value is True:
+    # Exact-type dispatch first (the hot path); subclasses fall through to isinstance.
+    t = type(value)
+    if t is bytes:
+        out += _head(_MT_BYTES, len(value))
+        out += value
+    elif t is str:
+        b = value.encode("utf-8")
+        out += _head(_MT_TEXT, len(b))
+        out += b
+    elif t is int:
+        if value >= 0:
+            out += _head(_MT_UINT, value)
+        else:
+            out += _head(_MT_NINT, -1 - value)
+    elif t is dict:
+        items = (
+            sorted((_key(k), v) for k, v in value.items())
+            if len(value) > 1
+            else [(_key(k), v) for k, v in value.items()]
+        )
+        # §4.2.1: keys in bytewise lexicographic order of their encodings (distinct keys
+        # have distinct encodings, so the sort never compares values).
+        out += _head(_MT_MAP, len(items))
+        for kb, v in items:
+            out += kb
+            _encode(v, out)
+    elif t is list or t is tuple:
+        out += _head(_MT_ARRAY, len(value))
+        for item in value:
+            _encode(item, out)
+    elif t is Encoded:
+        out += value
+    elif value is True:
         out.append(_TRUE)
     elif value is False:
         out.append(_FALSE)
     elif value is None:
         out.append(_NULL)
     elif isinstance(value, int):
-        if value >= 0:
-            out += _head(_MT_UINT, value)
-        else:
-            out += _head(_MT_NINT, -1 - value)
+        _encode(int(value), out)
     elif isinstance(value, bytes | bytearray | memoryview):
-        b = bytes(value)
-        out += _head(_MT_BYTES, len(b))
-        out += b
+        _encode(bytes(value), out)
     elif isinstance(value, str):
-        b = value.encode("utf-8")
-        out += _head(_MT_TEXT, len(b))
-        out += b
+        _encode(str(value), out)
     elif isinstance(value, list | tuple):
-        out += _head(_MT_ARRAY, len(value))
-        for item in value:
-            _encode(item, out)
+        _encode(list(value), out)
     elif isinstance(value, dict):
-        items = []
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError("CBOR map keys must be text strings")
-            items.append((encode(k), v))
-        items.sort(key=lambda kv: kv[0])  # §4.2.1: bytewise lexicographic order of keys
-        out += _head(_MT_MAP, len(items))
-        for kb, v in items:
-            out += kb
-            _encode(v, out)
+        _encode(dict(value), out)
     else:
         raise TypeError(f"cannot CBOR-encode {type(value).__name__}")
 

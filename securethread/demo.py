@@ -175,16 +175,13 @@ def open_line(cfg: LineConfig, token: KeyBackend) -> tuple[ProductionLine, Manif
         manifest=manifest,
     )
     verifier = IdentityVerifier([x509.load_der_x509_certificate(cfg.vendor_root_der)])
-    anchors = dict(
+    package = ProvisioningData.packager(
         production_ca_certificate=pca,
         oem_root_certificate=root,
         firmware_signing_key=fw_key,
         min_security_counter=manifest.security_counter,
         device_class=job.job.device_class,
     )
-
-    def package(cert: x509.Certificate) -> bytes:
-        return ProvisioningData(device_certificate=cert, **anchors).to_bytes()  # type: ignore[arg-type]
 
     line = ProductionLine(
         job=job,

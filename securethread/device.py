@@ -19,6 +19,7 @@ import datetime
 import hmac
 import io
 import os
+from collections.abc import Callable
 from typing import Any, BinaryIO, cast
 
 import attrs
@@ -153,17 +154,50 @@ class ProvisioningData:
             raise ProvisioningFormatError(f"provisioning data: unsupported version {self.version}")
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": self.version,
-                "device_certificate": _der(self.device_certificate),
-                "production_ca_certificate": _der(self.production_ca_certificate),
-                "oem_root_certificate": _der(self.oem_root_certificate),
-                "firmware_signing_key": spki_der(self.firmware_signing_key),
-                "min_security_counter": self.min_security_counter,
-                "device_class": self.device_class,
-            }
+        return cbor.encode(self._fields(_der(self.device_certificate)))
+
+    @classmethod
+    def packager(
+        cls,
+        *,
+        production_ca_certificate: x509.Certificate,
+        oem_root_certificate: x509.Certificate,
+        firmware_signing_key: ec.EllipticCurvePublicKey,
+        min_security_counter: int,
+        device_class: str,
+    ) -> Callable[[bytes], bytes]:
+        """A function from a device certificate's DER to the provisioning data bytes.
+
+        The job's anchors are validated and encoded once; per device only the certificate
+        is encoded.  The result equals ``ProvisioningData(...).to_bytes()`` byte for byte.
+        """
+        proto = cls(
+            device_certificate=production_ca_certificate,  # placeholder, replaced below
+            production_ca_certificate=production_ca_certificate,
+            oem_root_certificate=oem_root_certificate,
+            firmware_signing_key=firmware_signing_key,
+            min_security_counter=min_security_counter,
+            device_class=device_class,
         )
+        fields = {k: cbor.pre_encode(v) for k, v in proto._fields(b"").items()}
+
+        def package(device_certificate_der: bytes) -> bytes:
+            if type(device_certificate_der) is not bytes:
+                raise ProvisioningFormatError("provisioning data: device certificate not DER")
+            return cbor.encode({**fields, "device_certificate": device_certificate_der})
+
+        return package
+
+    def _fields(self, device_der: bytes) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "device_certificate": device_der,
+            "production_ca_certificate": _der(self.production_ca_certificate),
+            "oem_root_certificate": _der(self.oem_root_certificate),
+            "firmware_signing_key": spki_der(self.firmware_signing_key),
+            "min_security_counter": self.min_security_counter,
+            "device_class": self.device_class,
+        }
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ProvisioningData:

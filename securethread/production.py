@@ -103,8 +103,8 @@ class LicenseMaker(Protocol):
 
 #: Verifies an identification response for a challenge; raises DeviceRefusedError.
 IdentityVerifier = Callable[[bytes, bytes], Identity]
-#: Builds the provisioning data released to a device, from its certificate.
-Packager = Callable[[x509.Certificate], bytes]
+#: Builds the provisioning data released to a device, from its certificate's DER.
+Packager = Callable[[bytes], bytes]
 #: Verifies a boot confirmation (device cert, nonce, confirmation); raises.
 BootVerifier = Callable[[x509.Certificate, bytes, bytes], None]
 
@@ -248,7 +248,7 @@ class ProductionLine:
 
         now = int(self._clock())
         pending: list[ledger.PendingRecord] = []
-        issued: dict[str, tuple[DevicePort, x509.Certificate, bytes]] = {}
+        issued: dict[str, tuple[DevicePort, x509.Certificate, bytes, bytes]] = {}
         for dev, ident, slot in work:
             cert = self._issuer.issue(ident.public_key, ident.device_id, slot)
             _fault("after-certificate")
@@ -265,7 +265,7 @@ class ProductionLine:
                     license_sha256=ledger.sha256(lic),
                 )
             )
-            issued[ident.device_id] = (dev, cert, lic)
+            issued[ident.device_id] = (dev, cert, der, lic)
         _fault("before-commit")
         committed = self._store.commit(self._job_hash, pending, self._sign_checkpoint)
         _fault("after-commit")
@@ -281,8 +281,8 @@ class ProductionLine:
         yield from refused
         elapsed = (time.perf_counter() - t0) / max(len(batch), 1)
         for rec, seq, _raw in committed.records:
-            dev, cert, lic = issued[rec.device_id]
-            dev.provision(self._packager(cert))  # release: only after the commit above
+            dev, cert, der, lic = issued[rec.device_id]
+            dev.provision(self._packager(der))  # release: only after the commit above
             _fault("mid-release")
             yield Provisioned(
                 device_id=rec.device_id,
