@@ -48,7 +48,6 @@ from .errors import (
     SignatureError,
 )
 from .hsm.ecutil import fingerprint, load_spki, spki_der
-from .hsm.policy import TEMP_DERIVE, TEMP_WRAP
 from .hsm.protocol import PrivateKey, SecretKey
 from .identity import check_device_id
 from .image import AesGcmKey, Manifest
@@ -249,15 +248,8 @@ class LicenseIssuer:
         info = hashlib.sha256(
             _KEK_LABEL + device_id.encode("ascii") + self._kek_suffix + nonce
         ).digest()
-        shared = self._ka_key.derive_aes(device_public_key, policy=TEMP_DERIVE)
-        try:
-            kek = shared.derive_ecb(info, policy=TEMP_WRAP)
-            try:
-                wrapped = kek.wrap(self._image_key)
-            finally:
-                kek.destroy()
-        finally:
-            shared.destroy()
+        # KEK = AES-ECB(Z, info), Z = ECDH(KA key, device key): both temporaries in the token.
+        wrapped = self._ka_key.agree_and_wrap(device_public_key, info, self._image_key)
         body = cbor.encode(
             attrs.evolve(
                 self._template, device_id=device_id, nonce=nonce, wrapped_key=wrapped

@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import attrs
 from cryptography import x509
@@ -134,6 +134,24 @@ class Refused:
 Outcome = Provisioned | Refused
 
 
+class _Identified(NamedTuple):
+    started: float  # perf_counter when the batch's identification began
+    size: int
+    accepted: list[tuple[DevicePort, Identity]]
+    refused: list[Refused]
+
+
+def _batches(devices: Iterable[DevicePort], size: int) -> Iterator[list[DevicePort]]:
+    batch: list[DevicePort] = []
+    for dev in devices:
+        batch.append(dev)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class ProductionLine:
     """One worker's provisioning pipeline for one verified job.
 
@@ -174,21 +192,16 @@ class ProductionLine:
 
     def provision(self, devices: Iterable[DevicePort]) -> Iterator[Outcome]:
         """Provision ``devices``; yields one outcome per device, in batches."""
-        batch: list[DevicePort] = []
-        for dev in devices:
-            batch.append(dev)
-            if len(batch) == self.batch_size:
-                yield from self._provision_batch(batch)
-                batch = []
-        if batch:
-            yield from self._provision_batch(batch)
+        for batch in _batches(devices, self.batch_size):
+            yield from self._finish_batch(self._identify_batch(batch))
 
     def _check_window(self) -> None:
         from .job import check_job_window
 
         check_job_window(self.job.job, int(self._clock()))
 
-    def _provision_batch(self, batch: Sequence[DevicePort]) -> Iterator[Outcome]:
+    def _identify_batch(self, batch: Sequence[DevicePort]) -> _Identified:
+        """Challenge, proof of possession, vendor chain, targets: no state is changed."""
         t0 = time.perf_counter()
         self._check_window()
         targets = self.job.job.targets
@@ -210,6 +223,11 @@ class ProductionLine:
                 continue
             seen.add(ident.device_id)
             accepted.append((dev, ident))
+        return _Identified(t0, len(batch), accepted, refused)
+
+    def _finish_batch(self, identified: _Identified) -> Iterator[Outcome]:
+        """Count, issue, commit, release one identified batch."""
+        t0, size, accepted, refused = identified
         _fault("after-identify")
         known = self._store.known_devices(
             self._job_hash, ledger.KIND_PROVISIONED, [i.device_id for _, i in accepted]
@@ -279,7 +297,7 @@ class ProductionLine:
                 )
             )
         yield from refused
-        elapsed = (time.perf_counter() - t0) / max(len(batch), 1)
+        elapsed = (time.perf_counter() - t0) / max(size, 1)
         for rec, seq, _raw in committed.records:
             dev, cert, der, lic = issued[rec.device_id]
             dev.provision(self._packager(der))  # release: only after the commit above

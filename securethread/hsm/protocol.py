@@ -82,6 +82,16 @@ class PrivateKey(Protocol):
         """ECDH (CKM_ECDH1_DERIVE, CKD_NULL) into a non-extractable AES-256 key."""
         ...
 
+    def agree_and_wrap(
+        self, peer: ec.EllipticCurvePublicKey, kdf_input: bytes, key: SecretKey
+    ) -> bytes:
+        """RFC 5649-wrap ``key`` under KEK = AES-ECB(ECDH(self, peer), ``kdf_input``).
+
+        Equal to ``derive_aes`` (TEMP_DERIVE) -> ``derive_ecb`` (TEMP_WRAP) -> ``wrap``, with
+        both temporaries destroyed: the per-device step of a license, as one call.
+        """
+        ...
+
     def as_cryptography(self) -> ec.EllipticCurvePrivateKey: ...
 
     def policy_report(self) -> PolicyReport: ...

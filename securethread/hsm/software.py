@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import DecryptionError, DuplicateObjectError, KeyNotFoundError, KeyPolicyError
 from .ecutil import CryptographyKeyAdapter, curve_object, curve_of, digest_for, public_from_point
-from .policy import Curve, KeyPolicy, PolicyReport, Usage
+from .policy import TEMP_DERIVE, TEMP_WRAP, Curve, KeyPolicy, PolicyReport, Usage
 
 
 def _ecdh_key_bytes(shared: bytes) -> bytes:
@@ -162,6 +162,20 @@ class SoftwarePrivateKey:
             raise KeyPolicyError(f"peer key is not on {self.curve.value}")
         shared = self._key.exchange(ec.ECDH(), peer)
         return self._backend._add_secret(label, b"", _ecdh_key_bytes(shared), policy)
+
+    def agree_and_wrap(
+        self, peer: ec.EllipticCurvePublicKey, kdf_input: bytes, key: object
+    ) -> bytes:
+        """The token's composite, with the same checks and the same bytes."""
+        z = self.derive_aes(peer, policy=TEMP_DERIVE)
+        try:
+            kek = z.derive_ecb(kdf_input, policy=TEMP_WRAP)
+            try:
+                return kek.wrap(key)
+            finally:
+                kek.destroy()
+        finally:
+            z.destroy()
 
     def as_cryptography(self) -> ec.EllipticCurvePrivateKey:
         return CryptographyKeyAdapter(self)

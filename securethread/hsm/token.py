@@ -107,13 +107,15 @@ class Token:
         self._pid = os.getpid()
         lib = load_module(module_path)
         try:
-            self._p11_token = lib.get_token(token_label=label)
+            self._p11_token = self._get_token(lib, label)
         except pkcs11.NoSuchToken:
             raise TokenNotFoundError(
                 f"no token labelled {label!r} in module {module_path!r}"
             ) from None
         except pkcs11.MultipleTokensReturned:
             raise TokenNotFoundError(f"more than one token labelled {label!r}") from None
+        except pkcs11.PKCS11Error as exc:
+            raise HSMError(f"cannot read token {label!r}: {type(exc).__name__}") from exc
         try:
             self._login_session = self._login(pin)
         except pkcs11.PinIncorrect:
@@ -135,13 +137,27 @@ class Token:
     def __repr__(self) -> str:
         return f"<Token {self.name!r}>"
 
+    @staticmethod
+    def _get_token(lib: Any, label: str) -> Any:
+        # The token-info read (C_GetTokenInfo) fails with CKR_GENERAL_ERROR too while another
+        # process has SoftHSM rewrite the token file (seen with 2-4 workers starting at once).
+        for attempt in range(_TOKEN_SCAN_RETRIES):
+            try:
+                return lib.get_token(token_label=label)
+            except pkcs11.GeneralError:
+                if attempt + 1 == _TOKEN_SCAN_RETRIES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     def _login(self, pin: Callable[[], str]) -> Any:
         # SoftHSM's file store rewrites the token file on login; a second process logging in
-        # at that instant gets CKR_GENERAL_ERROR.  Retry a few times with a short back-off.
+        # at that instant gets CKR_GENERAL_ERROR, or CKR_USER_PIN_NOT_INITIALIZED from a
+        # half-read file.  Retry a few times with a short back-off.
         for attempt in range(_TOKEN_SCAN_RETRIES):
             try:
                 return self._p11_token.open(rw=True, user_pin=pin())
-            except pkcs11.GeneralError:
+            except (pkcs11.GeneralError, pkcs11.UserPinNotInitialized):
                 if attempt + 1 == _TOKEN_SCAN_RETRIES:
                     raise
                 time.sleep(0.05 * (attempt + 1))
@@ -506,6 +522,29 @@ class HsmPrivateKey:
         return HsmSecretKey(
             token, label=label, key_id=b"", handle=None if policy.persistent else derived
         )
+
+    def agree_and_wrap(
+        self, peer: ec.EllipticCurvePublicKey, kdf_input: bytes, key: object
+    ) -> bytes:
+        """RFC 5649-wrap ``key`` under AES-ECB(ECDH(self, peer), ``kdf_input``), in the token.
+
+        The same bytes as ``derive_aes`` -> ``derive_ecb`` -> ``wrap`` with TEMP_DERIVE and
+        TEMP_WRAP temporaries, in five direct C calls (see :mod:`.direct`).
+        """
+        from .direct import calls_for
+
+        if not isinstance(key, HsmSecretKey) or key._token is not self._token:
+            raise KeyPolicyError("can only wrap a secret key of the same token")
+        if curve_of(peer) is not self.curve:
+            raise KeyPolicyError(
+                f"peer key is on {peer.curve.name}, key {self.label!r} on {self.curve.value}"
+            )
+        token = self._token
+        base, target = self._obj().handle, key._obj().handle
+        with token._objects_lock:
+            return calls_for(token.module_path).agree_and_wrap(
+                token.session.handle, base, point_of(peer), kdf_input, target
+            )
 
     def as_cryptography(self) -> ec.EllipticCurvePrivateKey:
         return CryptographyKeyAdapter(self)

@@ -327,3 +327,74 @@ def test_generated_aes_key_lookup_and_destroy(oem: Token, label: str) -> None:
 def test_random(oem: Token) -> None:
     values: set[Any] = {oem.random(32) for _ in range(4)}
     assert len(values) == 4 and all(len(v) == 32 for v in values)
+
+
+# --- agree_and_wrap: the license hot path's composite (hsm/direct.py) ----------------------
+
+
+def _kek_by_hand(device: ec.EllipticCurvePrivateKey, ka_public: Any, info: bytes) -> bytes:
+    z = device.exchange(ec.ECDH(), ka_public)[-32:]
+    enc = Cipher(algorithms.AES(z), modes.ECB()).encryptor()
+    return enc.update(info) + enc.finalize()
+
+
+def test_agree_and_wrap_equals_the_three_step_path_and_unwraps_on_the_device(
+    oem: Token, label: str
+) -> None:
+    from securethread.hsm import KEY_AGREEMENT, TEMP_DERIVE, TEMP_WRAP
+
+    ka = oem.generate_ec(label, curve=Curve.P256, policy=KEY_AGREEMENT)
+    image = _known_secret(oem, os.urandom(32), wrap=False, extractable=True)
+    device = ec.generate_private_key(ec.SECP256R1())
+    info = os.urandom(32)
+    try:
+        before = len(list(oem.session.get_objects()))
+        fast = ka.agree_and_wrap(device.public_key(), info, image)
+        assert len(list(oem.session.get_objects())) == before  # temporaries destroyed
+        z = ka.derive_aes(device.public_key(), policy=TEMP_DERIVE)
+        kek = z.derive_ecb(info, policy=TEMP_WRAP)
+        slow = kek.wrap(image)
+        kek.destroy()
+        z.destroy()
+        assert fast == slow  # RFC 5649 is deterministic
+        kek_value = _kek_by_hand(device, ka.public_key(), info)
+        nonce = os.urandom(12)
+        unwrapped = keywrap.aes_key_unwrap_with_padding(kek_value, fast)
+        assert AESGCM(unwrapped).decrypt(nonce, image.encrypt_gcm(nonce, b"fw", b""), b"") == (
+            b"fw"
+        )
+    finally:
+        image.destroy()
+        oem.destroy(label)
+
+
+def test_agree_and_wrap_refusals_leave_no_objects(oem: Token, label: str) -> None:
+    from securethread.errors import KeyPolicyError
+    from securethread.hsm import KEY_AGREEMENT, SoftwareBackend
+
+    ka = oem.generate_ec(label, curve=Curve.P256, policy=KEY_AGREEMENT)
+    signer = oem.generate_ec(label + "-sig", curve=Curve.P256, policy=SIGNING)
+    locked = _known_secret(oem, os.urandom(32), wrap=False, extractable=False)
+    movable = _known_secret(oem, os.urandom(32), wrap=False, extractable=True)
+    peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+    try:
+        before = len(list(oem.session.get_objects()))
+        with pytest.raises(KeyPolicyError, match="CKR_KEY_UNEXTRACTABLE"):
+            ka.agree_and_wrap(peer, os.urandom(32), locked)
+        with pytest.raises(KeyPolicyError, match="CKR_KEY_FUNCTION_NOT_PERMITTED|INCONSISTENT"):
+            signer.agree_and_wrap(peer, os.urandom(32), movable)
+        with pytest.raises(KeyPolicyError, match="peer key is on secp384r1"):
+            ka.agree_and_wrap(
+                ec.generate_private_key(ec.SECP384R1()).public_key(), bytes(32), movable
+            )
+        with pytest.raises(ValueError, match="32 bytes"):
+            ka.agree_and_wrap(peer, b"short", movable)
+        soft = SoftwareBackend("other").generate_aes("k", policy=IMAGE_KEY)
+        with pytest.raises(KeyPolicyError, match="same token"):
+            ka.agree_and_wrap(peer, os.urandom(32), soft)
+        assert len(list(oem.session.get_objects())) == before
+    finally:
+        for k in (locked, movable):
+            k.destroy()
+        oem.destroy(label)
+        oem.destroy(label + "-sig")

@@ -207,3 +207,16 @@ def test_policy_reports(sw: SoftwareBackend) -> None:
     assert report.extractable and report.sensitive
     with pytest.raises(KeyPolicyError, match="not declared transferable"):
         report.check(transferable=False)
+
+
+def test_agree_and_wrap_equals_the_three_step_path() -> None:
+    from securethread.hsm import TEMP_DERIVE
+
+    b = SoftwareBackend("agree")
+    ka = b.generate_ec("ka", curve=Curve.P256, policy=KEY_AGREEMENT)
+    image = b.generate_aes("image", policy=IMAGE_KEY)
+    peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+    info = os.urandom(32)
+    z = ka.derive_aes(peer, policy=TEMP_DERIVE)
+    slow = z.derive_ecb(info, policy=TEMP_WRAP).wrap(image)
+    assert ka.agree_and_wrap(peer, info, image) == slow
