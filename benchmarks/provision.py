@@ -115,8 +115,13 @@ def time_provision(line: Any, ports: list[WirePort]) -> dict[str, Any]:
 
 
 def floor(token: Any, n: int, batch: int) -> dict[str, Any]:
-    """The token operations the pipeline makes per device, alone, via the library's key
-    handles (thin wrappers over python-pkcs11 calls), same token and keys."""
+    """The token operations the pipeline makes per device, alone, same token and keys.
+
+    ``floor``: exactly the pipeline's calls (CA sign, ``agree_and_wrap``, license sign,
+    1/batch ledger sign) through the library's key handles.  ``floor_p11``: the same
+    operations as three python-pkcs11 calls (derive, derive, wrap) plus two destroys, as
+    the pipeline made them before ``agree_and_wrap`` went direct (for comparison).
+    """
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from securethread.demo import L_IMAGE, L_KA, L_LEDGER, L_LICENSE, L_PCA
@@ -132,6 +137,13 @@ def floor(token: Any, n: int, batch: int) -> dict[str, Any]:
 
     def one(i: int) -> None:
         pca.sign_digest(digests[i])
+        ka.agree_and_wrap(pubs[i % len(pubs)], digests[i], image)
+        lic.sign_digest(digests[i])
+        if i % batch == 0:
+            led.sign_digest(digests[i])
+
+    def one_p11(i: int) -> None:
+        pca.sign_digest(digests[i])
         shared = ka.derive_aes(pubs[i % len(pubs)], policy=TEMP_DERIVE)
         kek = shared.derive_ecb(digests[i], policy=TEMP_WRAP)
         kek.wrap(image)
@@ -141,12 +153,16 @@ def floor(token: Any, n: int, batch: int) -> dict[str, Any]:
         if i % batch == 0:
             led.sign_digest(digests[i])
 
-    one(0)  # warm-up
-    t = time.perf_counter()
-    for i in range(n):
-        one(i)
-    dt = time.perf_counter() - t
-    return {"floor_n": n, "floor_s": dt, "floor_devices_per_s": n / dt}
+    out: dict[str, Any] = {"floor_n": n}
+    for name, fn in (("floor", one), ("floor_p11", one_p11)):
+        fn(0)  # warm-up
+        t = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        dt = time.perf_counter() - t
+        out[f"{name}_s"] = dt
+        out[f"{name}_devices_per_s"] = n / dt
+    return out
 
 
 def worker(work: Path, start: int, end: int, batch: int, floor_n: int) -> dict[str, Any]:
@@ -178,6 +194,114 @@ def worker(work: Path, start: int, end: int, batch: int, floor_n: int) -> dict[s
     if floor_n:
         out.update(floor(token, floor_n, batch))
     return out
+
+
+class _Timer:
+    """Accumulates wall time per stage name (perf_counter; ~0.1 us per call)."""
+
+    def __init__(self) -> None:
+        self.s: dict[str, float] = {}
+
+    def wrap(self, name: str, fn: Any) -> Any:
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
+
+        return timed
+
+
+class _TimedKey:
+    """A key handle whose token calls are timed; everything else is delegated."""
+
+    def __init__(self, key: Any, timer: _Timer) -> None:
+        self._key = key
+        self.sign_digest = timer.wrap("token calls", key.sign_digest)
+        self.sign = timer.wrap("token calls", key.sign)
+        if hasattr(key, "agree_and_wrap"):
+            self.agree_and_wrap = timer.wrap("token calls", key.agree_and_wrap)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._key, name)
+
+
+def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
+    """Where a device's time goes: stages timed without a profiler, then cProfile's top.
+
+    Stages are nested: "token calls" is part of "certificate", "license" and "store"
+    (the checkpoint signature); the JSON gives both the stage totals and the token share.
+    """
+    import cProfile
+    import pstats
+
+    import attrs
+
+    from softhsm_config import TokenDirectory
+
+    TokenDirectory(work / "hsm").activate()
+    from securethread.demo import open_line
+    from securethread.hsm import open_token
+
+    cfg, chips, _outsider = pickle.loads((work / "setup.pickle").read_bytes())
+    cfg = attrs.evolve(cfg, batch_size=batch)
+    token = open_token("programmer")
+    fresh_store(work)
+    timer = _Timer()
+    line, _m = open_line(cfg, token)
+    issuer, licenses = line._issuer, line._licenses  # type: ignore[attr-defined]
+    issuer._key = _TimedKey(issuer._key, timer)
+    licenses._ka_key = _TimedKey(licenses._ka_key, timer)
+    licenses._signing_key = _TimedKey(licenses._signing_key, timer)
+    line._ledger_key = _TimedKey(line._ledger_key, timer)  # type: ignore[attr-defined]
+    line._identify = timer.wrap("identity verification", line._identify)  # type: ignore[attr-defined]
+    issue_cert = timer.wrap("certificate", issuer.issue)
+    issue_lic = timer.wrap("license", licenses.issue)
+    line._issuer = type("I", (), {"issue": staticmethod(issue_cert)})()  # type: ignore[attr-defined]
+    line._licenses = type("L", (), {"issue": staticmethod(issue_lic)})()  # type: ignore[attr-defined]
+    store = line._store  # type: ignore[attr-defined]
+    for name in ("reserve", "commit", "known_devices"):
+        setattr(store, name, timer.wrap("store", getattr(store, name)))
+    line._packager = timer.wrap("release (packaging)", line._packager)  # type: ignore[attr-defined]
+    ports = [WirePort(c.build()) for c in chips[:n]]
+    for p in ports:
+        p.identify = timer.wrap("device answers (simulated chip)", p.identify)  # type: ignore[method-assign]
+    t = time.perf_counter()
+    list(line.provision(ports))
+    total = time.perf_counter() - t
+    stages = {k: round(v / n * 1e6, 1) for k, v in sorted(timer.s.items(), key=lambda kv: -kv[1])}
+    top_level = ("identity verification", "device answers (simulated chip)", "certificate",
+                 "license", "store", "release (packaging)")  # fmt: skip
+    other = total - sum(timer.s.get(k, 0.0) for k in top_level)
+    stages["other (pipeline glue)"] = round(other / n * 1e6, 1)
+
+    # cProfile over a second run of the same devices (fresh store, new chips).
+    fresh_store(work)
+    line2, _m = open_line(cfg, token)
+    ports2 = [WirePort(c.build()) for c in chips[:n]]
+    prof = cProfile.Profile()
+    prof.enable()
+    list(line2.provision(ports2))
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:15]  # type: ignore[attr-defined]
+    top = [
+        {
+            "function": f"{Path(fn).name}:{ln}({name})",
+            "tottime_us_per_device": round(tt / n * 1e6, 1),
+            "calls_per_device": round(nc / n, 2),
+        }
+        for (fn, ln, name), (_cc, nc, tt, _ct, _callers) in rows
+    ]
+    return {
+        "devices": n,
+        "wall_us_per_device": round(total / n * 1e6, 1),
+        "stages_us_per_device": stages,
+        "cprofile_top_tottime": top,
+        "note": "stages timed without the profiler; 'token calls' is inside certificate, "
+        "license and store; cProfile (second run) inflates pure-Python time",
+    }
 
 
 def peer(work: Path, n: int) -> dict[str, Any]:
@@ -360,10 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     pe = sub.add_parser("peer")
     pe.add_argument("work")
     pe.add_argument("n", type=int)
+    pr = sub.add_parser("profile")
+    pr.add_argument("work")
+    pr.add_argument("n", type=int)
+    pr.add_argument("batch", type=int)
     args = ap.parse_args(argv)
     if args.cmd == "worker":
         res = worker(Path(args.work), int(args.start), int(args.end), int(args.batch),
                      int(args.floor_n))  # fmt: skip
+    elif args.cmd == "profile":
+        res = profile(Path(args.work), args.n, args.batch)
     else:
         res = peer(Path(args.work), args.n)
     print(json.dumps(res), flush=True)

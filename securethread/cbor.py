@@ -22,9 +22,9 @@ _FALSE, _TRUE, _NULL = 0xF4, 0xF5, 0xF6
 
 def _head(major: int, n: int) -> bytes:
     # RFC 8949 §4.2.1: the argument uses the shortest possible encoding.
-    mt = major << 5
     if n < 24:
-        return bytes((mt | n,))
+        return _SMALL_HEADS[major][n]
+    mt = major << 5
     if n < 0x100:
         return bytes((mt | 24, n))
     if n < 0x10000:
@@ -34,6 +34,10 @@ def _head(major: int, n: int) -> bytes:
     if n < 0x10000000000000000:
         return bytes((mt | 27,)) + n.to_bytes(8, "big")
     raise ValueError("integer too large for CBOR head")
+
+
+#: One-byte heads (argument < 24) per major type, built once.
+_SMALL_HEADS = [[bytes(((major << 5) | n,)) for n in range(24)] for major in range(8)]
 
 
 class Encoded(bytes):
@@ -100,7 +104,17 @@ def _encode(value: Any, out: bytearray) -> None:
         out += _head(_MT_MAP, len(items))
         for kb, v in items:
             out += kb
-            _encode(v, out)
+            tv = type(v)  # flat fields inline: most artefacts are maps of bytes/str/int
+            if tv is bytes:
+                out += _head(_MT_BYTES, len(v))
+                out += v
+            elif tv is str and v.isascii():
+                out += _head(_MT_TEXT, len(v))
+                out += v.encode("ascii")
+            elif tv is int and v >= 0:
+                out += _head(_MT_UINT, v)
+            else:
+                _encode(v, out)
     elif t is list or t is tuple:
         out += _head(_MT_ARRAY, len(value))
         for item in value:

@@ -220,19 +220,16 @@ class IdentityVerifier:
                 f"device {r.device_id}: vendor certificate issued by unknown {cert.issuer}"
             )
         self._check_vendor_cert(cert, root_key, r.device_id, at)
-        try:
-            key = load_spki(r.public_key, what="device public key")
-        except FormatError as exc:
-            raise IdentificationFormatError(f"device {r.device_id}: {exc}") from None
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise IdentificationFormatError(f"device {r.device_id}: device keys are P-256")
-        cert_key = cert.public_key()
-        if not isinstance(cert_key, ec.EllipticCurvePublicKey) or spki_der(cert_key) != (
-            r.public_key
-        ):
+        # The answering key must be the certified key byte for byte; the certificate's
+        # parsed key is then the one to verify with (no second parse of the same SPKI).
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or spki_der(key) != r.public_key:
+            self._check_answering_key(r)  # a malformed or non-P-256 key is reported as such
             raise KeyMismatchError(
                 f"device {r.device_id}: answering key is not the vendor-certified key"
             )
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise IdentificationFormatError(f"device {r.device_id}: device keys are P-256")
         try:
             key.verify(
                 r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256
@@ -242,6 +239,15 @@ class IdentityVerifier:
                 f"device {r.device_id}: proof of possession does not verify"
             ) from None
         return DeviceIdentity(r.device_id, key, cert)
+
+    @staticmethod
+    def _check_answering_key(r: IdentificationResponse) -> None:
+        try:
+            key = load_spki(r.public_key, what="device public key")
+        except FormatError as exc:
+            raise IdentificationFormatError(f"device {r.device_id}: {exc}") from None
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise IdentificationFormatError(f"device {r.device_id}: device keys are P-256")
 
     @staticmethod
     def _check_vendor_cert(

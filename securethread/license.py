@@ -232,7 +232,10 @@ class LicenseIssuer:
         self._image_key = image_key
         self._kek_suffix = bytes((len(image_id),)) + image_id.encode("ascii")
         self._signer_fp = fingerprint(sign_pub)
-        self._cert_der = signing_certificate.public_bytes(serialization.Encoding.DER)
+        self._cert_cbor = cbor.pre_encode(
+            signing_certificate.public_bytes(serialization.Encoding.DER)
+        )
+        self._body = self._template.to_body()  # per device: device id, nonce, wrapped key
 
     def issue(self, device_id: str, device_public_key: ec.EllipticCurvePublicKey) -> bytes:
         """A signed license wrapping the image key to ``device_public_key`` (P-256)."""
@@ -250,10 +253,10 @@ class LicenseIssuer:
         ).digest()
         # KEK = AES-ECB(Z, info), Z = ECDH(KA key, device key): both temporaries in the token.
         wrapped = self._ka_key.agree_and_wrap(device_public_key, info, self._image_key)
+        if len(wrapped) != 40:  # RFC 5649 of a 32-byte key; the template checked the rest
+            raise LicenseFormatError("license: wrapped key must be 40 bytes")
         body = cbor.encode(
-            attrs.evolve(
-                self._template, device_id=device_id, nonce=nonce, wrapped_key=wrapped
-            ).to_body()
+            {**self._body, "device_id": device_id, "nonce": nonce, "wrapped_key": wrapped}
         )
         # envelope.seal with the signer fingerprint computed once (same bytes, same checks).
         sig = self._signing_key.sign(signed_bytes(LICENSE_KIND, body))
@@ -265,7 +268,7 @@ class LicenseIssuer:
                 "sigs": [{"signer": self._signer_fp, "sig": sig}],
             }
         )
-        return cbor.encode({"v": VERSION, "certificate": self._cert_der, "envelope": envelope})
+        return cbor.encode({"v": VERSION, "certificate": self._cert_cbor, "envelope": envelope})
 
 
 def _aes_ecb(key: bytes, data: bytes) -> bytes:

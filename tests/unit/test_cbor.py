@@ -280,3 +280,91 @@ def test_every_error_names_the_artefact(hexstr: str) -> None:
     # Regression: errors raised deep inside the item used to omit ``what``.
     with pytest.raises(FormatError, match="^ledger record: "):
         cbor.decode(bytes.fromhex(hexstr), what="ledger record")
+
+
+# --- the fast encoder against a plain reference (RFC 8949 §4.2.1) ---------------------------
+
+
+def _ref_head(major: int, n: int) -> bytes:
+    for size, info in ((0, None), (1, 24), (2, 25), (4, 26), (8, 27)):
+        if info is None and n < 24:
+            return bytes(((major << 5) | n,))
+        if info is not None and n < 1 << (8 * size):
+            return bytes(((major << 5) | info,)) + n.to_bytes(size, "big")
+    raise ValueError
+
+
+def _ref(v: Any) -> bytes:
+    if v is True or v is False or v is None:
+        return {True: b"\xf5", False: b"\xf4", None: b"\xf6"}[v]
+    if isinstance(v, int):
+        return _ref_head(0, v) if v >= 0 else _ref_head(1, -1 - v)
+    if isinstance(v, bytes | bytearray | memoryview):
+        return _ref_head(2, len(bytes(v))) + bytes(v)
+    if isinstance(v, str):
+        b = v.encode()
+        return _ref_head(3, len(b)) + b
+    if isinstance(v, list | tuple):
+        return _ref_head(4, len(v)) + b"".join(_ref(x) for x in v)
+    items = sorted((_ref(k), _ref(x)) for k, x in v.items())
+    return _ref_head(5, len(items)) + b"".join(k + x for k, x in items)
+
+
+def _random_value(rng: Any, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return rng.choice([0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1])
+    if kind == 1:
+        return -rng.randrange(1, 2**40)
+    if kind == 2:
+        return rng.randbytes(rng.choice([0, 1, 23, 24, 300, 70000]))
+    if kind == 3:
+        return "".join(rng.choice("aZ09-é€") for _ in range(rng.randrange(0, 40)))
+    if kind == 4:
+        return rng.choice([True, False, None])
+    if kind == 5:
+        return rng.randrange(0, 2**16)
+    if kind == 6:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
+    if kind == 7:
+        return tuple(_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 3)))
+    keys = ["v", "a", "bb", "kind", "é", "zz" * rng.randrange(1, 20), str(rng.random())]
+    return {k: _random_value(rng, depth + 1) for k in rng.sample(keys, rng.randrange(0, 6))}
+
+
+def test_fast_encoder_matches_reference_and_round_trips() -> None:
+    import random
+
+    rng = random.Random(8949)
+    for _ in range(3000):
+        v = _random_value(rng)
+        assert cbor.encode(v) == _ref(v)
+        cbor.decode(cbor.encode(v))  # canonical by the strict decoder
+
+
+def test_subclasses_encode_as_their_base_type() -> None:
+    import enum
+
+    class Small(enum.IntEnum):
+        TWO = 2
+
+    class Text(str):
+        pass
+
+    v = {"e": Small.TWO, "t": Text("x"), "b": bytearray(b"ab"), "m": memoryview(b"cd")}
+    assert cbor.encode(v) == cbor.encode({"e": 2, "t": "x", "b": b"ab", "m": b"cd"})
+    assert cbor.encode((1, 2)) == cbor.encode([1, 2])
+
+
+def test_pre_encoded_items_splice_verbatim() -> None:
+    cert = bytes(range(256)) * 3
+    fields = {"certificate": cbor.pre_encode(cert), "nested": cbor.pre_encode({"z": 1, "a": [2]})}
+    assert cbor.encode({**fields, "v": 1}) == cbor.encode(
+        {"certificate": cert, "nested": {"z": 1, "a": [2]}, "v": 1}
+    )
+    assert isinstance(cbor.pre_encode(1), cbor.Encoded)
+
+
+def test_non_text_map_keys_are_refused() -> None:
+    with pytest.raises(TypeError, match="text strings"):
+        cbor.encode({1: "x"})
