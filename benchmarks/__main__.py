@@ -2,22 +2,30 @@
 
 Groups (each a key of the JSON object printed as the last line of stdout with --json):
 
-provision      the real pipeline on SoftHSM: setup subprocess (run_demo(setup_hook=...),
-               firmware 4 KiB), worker subprocesses timing only ``list(line.provision(ports))``
-               (programming excluded; SimulatedDevices built before the clock; the time includes
-               each simulated device receiving its provisioning data).  p50/p99 come from
-               Provisioned.elapsed_s, which is the per-batch time divided by the batch size (and
-               stops before the release to the devices).  2-worker rate = all devices / the
-               slowest worker's provisioning time; both are released together.
-floor          per device, the token operations the pipeline makes, alone, in the 1-worker
-               process on the same token and keys: CA sign, ECDH derive_aes + derive_ecb + KWP
-               wrap of the image key + destroy temporaries, license sign, 1/batch ledger sign.
-               Through the library's key handles (thin python-pkcs11 wrappers).
+provision      the real pipeline on SoftHSM: a setup subprocess (run_demo(setup_hook=...),
+               firmware 4 KiB), then worker subprocesses that build the line and the simulated
+               chips before the clock and time only ``list(line.provision(ports))``: identify,
+               count, certificate, license, ledger commit, release (programming excluded).  The
+               chips answer identification inside the clock; the provisioning data released to
+               them is queued and checked by each simulated SBM after the clock
+               (``device_accept_ms``: chip-side work).  p50/p99 come from Provisioned.elapsed_s
+               (per-batch time / batch size).  2-worker rate = all devices / the slowest
+               worker's time; both workers are released together.
+floor          per device, exactly the token calls the pipeline makes, alone, in the 1-worker
+               process on the same token and keys: CA sign, ``agree_and_wrap`` (ECDH, KEK
+               derivation, KWP wrap, two destroys), license sign, 1/batch checkpoint sign.
+               ``floor_p11`` is the same with the three python-pkcs11 calls the pipeline used
+               before hsm/direct.py, for comparison.
+profile        ``python -m benchmarks.provision profile``: per-stage microseconds per device
+               (timed without a profiler) and cProfile's top functions (a second run).
 peer           bench_certs' openssl + libp11 loop on the same production CA key (certs only).
 software       the same pipeline (full in-process setup) with every key in a SoftwareBackend.
-image          benchmarks/bench_image.py --json (median of its reps; quick: peak RSS at 64 MiB
-               only, the 512 MiB measurement skipped).
-ledger_verify  verify_ledger over a software-signed ledger (checkpoint every 32 records).
+image          benchmarks/bench_image.py --json (median of its reps; peak RSS growth for 64
+               and 512 MiB images in fresh processes).
+ledger_verify  verify_ledger streaming an export file of 10k and 100k records (full: 100k and
+               1M), a checkpoint every 32 records: records/s at the larger, tracemalloc peak at
+               both (memory must not grow with the ledger).
+scaling        devices/s at 1k and 10k devices (full: 1k, 10k, 100k) on one growing store.
 """
 
 from __future__ import annotations
@@ -81,6 +89,12 @@ def bench_provision(work: Path, n: int, reps: int, floor_n: int, scaling: list[i
         rate = round(size / res["provision_s"], 1)
         lo, hi = round(res["p50_ms"], 3), round(res["p99_ms"], 3)
         scal.append({"devices": size, "devices_per_s": rate, "p50_ms": lo, "p99_ms": hi})
+    log(f"profile: stages and cProfile over {n} devices")
+    prof = subprocess.run(
+        [sys.executable, "-m", "benchmarks.provision", "profile", str(work), str(n), str(BATCH)],
+        env=P.clean_env(), cwd=P.ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    profile = json.loads(prof.stdout.strip().splitlines()[-1])
     peers = []
     for r in range(reps):
         log(f"peer rep {r + 1}/{reps}: {peer_n} certs")
@@ -121,6 +135,7 @@ def bench_provision(work: Path, n: int, reps: int, floor_n: int, scaling: list[i
             "speedup_vs_peer": round(dps / pr, 1),
         },
     }
+    out["profile"] = profile
     if scal:
         rates = [s["devices_per_s"] for s in scal]
         out["scaling"] = {
@@ -299,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         ("per-device p50 ms (batch/size)", pv["p50_ms"]),
         ("per-device p99 ms (batch/size)", pv["p99_ms"]),
         ("HSM floor devices/s", fl["floor_devices_per_s"]),
+        ("HSM floor, python-pkcs11 calls", fl["floor_p11_devices_per_s"]),
         ("peer openssl loop devices/s", pe["peer_devices_per_s"]),
         ("software backend devices/s", r["software"]["software_devices_per_s"]),
         ("ledger verify records/s", r["ledger_verify"]["records_per_s"]),
@@ -313,7 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  image: token {im['token_encrypt_mib_per_s']} MiB/s, raw {im['token_raw_mib_per_s']}, "
           f"cryptography {im['cryptography_mib_per_s']}, device decrypt "
           f"{im['device_decrypt_mib_per_s']} MiB/s, ratio {im['ratio']}")  # fmt: skip
-    print(f"  ledger verify peak {r['ledger_verify']['peak_mib']} MiB")
+    for p in r["ledger_verify"]["peak_memory"]:
+        print(f"  ledger verify {p['records']:>9} records: peak {p['peak_mib']} MiB")
+    for p in im["peak_memory"]:
+        print(
+            f"  image {p['size_mib']:>4} MiB: encrypt peak RSS +{p['encrypt_rss_growth_mib']} MiB"
+        )
+    print(f"  where a device's time goes ({r['profile']['wall_us_per_device']} us/device):")
+    for stage, us in r["profile"]["stages_us_per_device"].items():
+        print(f"    {stage:34s} {us:8.1f} us")
     if "scaling" in r:
         for p in r["scaling"]["points"]:
             print(f"  scaling {p['devices']:>7} devices: {p['devices_per_s']} devices/s")

@@ -409,40 +409,46 @@ def _aad(header_hash: bytes, index: int, final: bool) -> bytes:
 
 
 class _Sink:
-    """Hashes and writes finished chunks on one worker thread, one chunk behind the token.
+    """Hashes and writes finished chunks on two worker threads, one chunk behind the token.
 
-    hashlib and python-pkcs11 release the GIL on large buffers, so SHA-256 of chunk ``i``
-    overlaps the token's AES-GCM of chunk ``i+1``; at most one chunk is in flight, which keeps
-    memory constant.
+    hashlib and python-pkcs11 release the GIL on large buffers, so while the token runs
+    AES-GCM on chunk ``i+1``, one thread hashes chunk ``i``'s plaintext and another hashes
+    (and writes) its ciphertext: SHA-256 of both is about as much work as SoftHSM's GCM,
+    so one hashing thread would be the bottleneck.  At most one chunk is in flight, which
+    keeps memory constant.
     """
 
     def __init__(self, dst: BinaryIO | None, pt_hash: Any, ct_hash: Any) -> None:
         self._dst = dst
         self._pt = pt_hash
         self._ct = ct_hash
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="image-sink")
-        self._pending: Future[None] | None = None
+        self._pt_pool = ThreadPoolExecutor(1, thread_name_prefix="image-pt")
+        self._ct_pool = ThreadPoolExecutor(1, thread_name_prefix="image-ct")
+        self._pending: tuple[Future[None], Future[None]] | None = None
 
-    def _absorb(self, pt: bytes, ct: bytes) -> None:
+    def _absorb_ct(self, pt: bytes, ct: bytes) -> None:
         self._ct.update(ct)
-        self._pt.update(pt)
         if self._dst is not None:
             self._dst.write(pt if self._write_plain else ct)
 
     _write_plain = False
 
     def submit(self, pt: bytes, ct: bytes) -> None:
-        if self._pending is not None:
-            self._pending.result()
-        self._pending = self._pool.submit(self._absorb, pt, ct)
+        self.drain()
+        self._pending = (
+            self._pt_pool.submit(self._pt.update, pt),
+            self._ct_pool.submit(self._absorb_ct, pt, ct),
+        )
 
     def drain(self) -> None:
         if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+            pending, self._pending = self._pending, None
+            for f in pending:
+                f.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._pt_pool, self._ct_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _PlainSink(_Sink):
