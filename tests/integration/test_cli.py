@@ -15,96 +15,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-_SCRIPT = Path(sys.executable).parent / "securethread"
-CLI = str(_SCRIPT) if _SCRIPT.exists() else shutil.which("securethread")
+from .cli_helpers import CLI, assert_failure, clean_env, last_json, ok, run, snapshot
+
 OPENSSL = shutil.which("openssl")
 TRANSCRIPT_MAGIC = b"securethread-transcript/1\n"
 DEVICES = 12
 
 pytestmark = pytest.mark.skipif(CLI is None, reason="securethread console script not installed")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without the conftest's token directory and PINs."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SECURETHREAD_", "SOFTHSM2_CONF"))
-    }
-    env.update(extra)
-    return env
-
-
-def run(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    assert CLI is not None
-    return subprocess.run(
-        [CLI, *args],
-        capture_output=True,
-        text=True,
-        env=dict(env) if env is not None else clean_env(),
-        timeout=timeout,
-        check=False,
-    )
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}"
-    )
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def last_json(proc: subprocess.CompletedProcess[str]) -> Any:
-    out = ok(proc)
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def assert_failure(
-    proc: subprocess.CompletedProcess[str], code: int, command: str, *needles: str
-) -> str:
-    """Exit ``code``, one stderr line ``securethread <command>: ...`` containing ``needles``."""
-    text = proc.stdout + proc.stderr
-    assert "Traceback" not in text, text
-    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}\n{text}"
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
-    line = lines[0]
-    assert line.startswith(f"securethread {command}: "), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    assert proc.stdout == "", proc.stdout
-    return line
-
-
-Snapshot = dict[str, tuple[str, int, int]]
-
-
-def snapshot(*roots: Path, mtimes: bool = True) -> Snapshot:
-    """path -> (sha256, size, mtime_ns) of every file under ``roots``, plus directories.
-    ``mtimes=False`` for token directories: SoftHSM rewrites its ``generation`` file (same
-    bytes) whenever a token is opened."""
-    out: Snapshot = {}
-    for root in roots:
-        if not root.exists():
-            continue
-        items = [root, *root.rglob("*")] if root.is_dir() else [root]
-        for p in items:
-            st = p.stat()
-            if p.is_dir():
-                out[str(p)] = ("dir", 0, 0)
-            else:
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                out[str(p)] = (digest, st.st_size, st.st_mtime_ns if mtimes else 0)
-    return out
 
 
 # --- the demo ------------------------------------------------------------------------------
@@ -129,6 +53,8 @@ LAYOUT = (
     "hsm/pins.env",
     "oem/root-ca.pem",
     "oem/oem-identity.pem",
+    "oem/firmware-signing.pem",
+    "oem/key-transfer-ack.bin",
     "oem/firmware.bin",
     "oem/image.enc",
     "oem/manifest.bin",
@@ -144,6 +70,9 @@ LAYOUT = (
     "job/ledger.bin",
     "job/reconciliation.json",
     "job/summary.json",
+    "vendor/root-ca.pem",
+    "vendor/vendor-key.pem",
+    "minutes.txt",
 )
 
 
@@ -189,6 +118,38 @@ def test_demo_layout(demo: Demo) -> None:
     assert devices == [f"{0x5EC0_0000_0000_0000 + i:016x}" for i in range(DEVICES)]
     assert json.loads((demo / "job/reconciliation.json").read_text())["reconciled"] is True
     assert (demo / "hsm/pins.env").stat().st_mode & 0o077 == 0
+    assert (demo / "vendor/vendor-key.pem").stat().st_mode & 0o077 == 0
+
+
+def minutes(work: Path) -> dict[str, list[tuple[str, int, str]]]:
+    """The ceremony minutes: enclave -> [(step, record number, anchor hex)] in order."""
+    out: dict[str, list[tuple[str, int, str]]] = {}
+    for line in (work / "minutes.txt").read_text().splitlines():
+        _stamp, step, enclave, _transcript, _record, seq, head = line.split()
+        assert seq.startswith("#") and len(head) == 64, line
+        out.setdefault(enclave, []).append((step.rstrip(":"), int(seq[1:]), head))
+    return out
+
+
+def test_demo_keeps_minutes_of_every_step(demo: Demo) -> None:
+    m = minutes(demo.work)
+    assert [step for step, _, _ in m["oem"]] == [
+        "oem-init",
+        "onboard-programmer",
+        "master-image",
+        "transfer-keys",
+        "issue-job",
+        "reconcile",
+    ]
+    assert [step for step, _, _ in m["programmer"]] == [
+        "onboard-programmer",
+        "transfer-keys",
+        "issue-job",
+        "export-ledger",
+    ]
+    for entries in m.values():
+        seqs = [seq for _, seq, _ in entries]
+        assert seqs == sorted(set(seqs))
 
 
 def test_demo_writes_the_officer_bundle(demo: Demo) -> None:
@@ -360,10 +321,19 @@ def test_verify_transcript(
     assert [r["seq"] for r in records] == list(range(len(records)))
     assert records[0]["operation"] == "token-init"
     assert operations <= {r["operation"] for r in records}
+    # the head is the anchor the last ceremony step wrote in the minutes
+    step, seq, head = minutes(demo.work)[enclave][-1]
+    assert (seq, head) == (len(records) - 1, got["head"])
+    assert got["anchor_checked"] is False
     out = ok(run(*cmd)).splitlines()
     assert out[0] == f"transcript of {enclave!r}: {len(records)} records verified"
-    assert len(out) == 1 + len(records)
-    assert all(line.startswith(f"  #{i} ") for i, line in enumerate(out[1:]))
+    assert len(out) == 2 + len(records)
+    assert all(line.startswith(f"  #{i} ") for i, line in enumerate(out[1:-1]))
+    assert out[-1] == f"head: record #{seq} {head} (no anchor given)"
+    # every anchor of the minutes is in the chain
+    for _step, _seq, anchor in minutes(demo.work)[enclave]:
+        got = last_json(run(*cmd, "--anchor", anchor, "--json"))
+        assert got["anchor_checked"] is True
 
 
 def test_inspect_job(demo: Demo, unchanged: None) -> None:
@@ -374,8 +344,10 @@ def test_inspect_job(demo: Demo, unchanged: None) -> None:
     assert body["quota"] == DEVICES
     assert body["image_id"] == "fw-sensor-1"
     assert len(got["signers"]) == 2  # co-signed by both officers
-    human = json.loads(ok(run("inspect", demo.p("oem/job.bin"))))
-    assert human == got
+    assert got["verified"] is False
+    header, *rest = ok(run("inspect", demo.p("oem/job.bin"))).splitlines()
+    assert header.startswith(f"job {demo.p('oem/job.bin')}: UNVERIFIED")
+    assert json.loads("\n".join(rest)) == got
 
 
 def test_inspect_manifest(demo: Demo, unchanged: None) -> None:
@@ -400,13 +372,80 @@ def test_inspect_ledger(demo: Demo, unchanged: None) -> None:
     for kind in ("provisioned", "programmed"):
         assert {r["device_id"] for r in records if r["kind"] == kind} == devices
     assert all("cert" not in r for r in records)
-    human = ok(run("inspect", demo.p("job/ledger.bin"))).splitlines()
+    assert got["verified"] is False
+    assert got["job_id"] == "demo-job-1"
+    recon = json.loads((demo / "job/reconciliation.json").read_text())
+    assert got["checkpoints"] == recon["checkpoints"]
+    header, *human = ok(run("inspect", demo.p("job/ledger.bin"))).splitlines()
+    assert "UNVERIFIED" in header and "verify-ledger" in header
     assert [json.loads(line) for line in human] == records
+
+
+def test_inspect_ledger_record(demo: Demo, unchanged: None, tmp_path: Path) -> None:
+    """One record of the export in full (``--record``), or a record on its own."""
+    from securethread import ledger
+
+    got = last_json(run("--json", "inspect", demo.p("job/ledger.bin"), "--record", "0"))
+    assert got["kind"] == "ledger-record"
+    assert got["verified"] is False
+    rec = got["record"]
+    assert (rec["seq"], rec["kind"], rec["slot"]) == (0, "provisioned", 0)
+    assert rec["cert"]["subject"].startswith(f"CN={rec['device_id']}")
+    assert rec["cert"]["issuer"]
+    # the same record extracted to a file of its own
+    with open(demo / "job/ledger.bin", "rb") as src:
+        _job, items = ledger.read_export(src)
+        raw = next(payload for tag, payload in items if tag == "r")
+    (tmp_path / "record.cbor").write_bytes(raw)
+    alone = last_json(run("--json", "inspect", str(tmp_path / "record.cbor")))
+    assert alone == got
+    header = ok(run("inspect", str(tmp_path / "record.cbor"))).splitlines()[0]
+    assert header.startswith("ledger-record ") and "UNVERIFIED" in header
+
+
+def test_inspect_transcript(demo: Demo, unchanged: None) -> None:
+    got = last_json(run("--json", "inspect", demo.p(OEM_TX)))
+    assert got["kind"] == "transcript"
+    assert got["verified"] is False
+    assert got["enclave"] == "oem"
+    ops = [r["operation"] for r in got["records"]]
+    assert ops[0] == "token-init" and ops[-1] == "reconciliation"
+    assert got["records"][-1]["hash"] == minutes(demo.work)["oem"][-1][2]
+    header = ok(run("inspect", demo.p(OEM_TX))).splitlines()[0]
+    assert "UNVERIFIED" in header and "verify-transcript" in header
+
+
+def test_inspect_key_transfer_ack_and_officer_bundle(demo: Demo, unchanged: None) -> None:
+    ack = last_json(run("--json", "inspect", demo.p("oem/key-transfer-ack.bin")))
+    assert ack["kind"] == "key-transfer-ack"
+    assert [k["label"] for k in ack["body (unverified)"]["keys"]] == ["image-key-1"]
+    bundle = last_json(run("--json", "inspect", demo.p("oem/officers.bin")))
+    assert bundle["kind"] == "officer-keys"
+    assert len(bundle["body (unverified)"]["keys"]) == 2
+
+
+def test_inspect_license(tmp_path: Path) -> None:
+    """A license (made here with software keys: the demo keeps none) in readable form."""
+    from tests.unit.test_device import make_world
+
+    world = make_world()
+    _signed, _blob, manifest = world.master(os.urandom(1000))
+    chip = world.vendor.make_chip()
+    path = tmp_path / "license.bin"
+    path.write_bytes(world.issuer(manifest).issue(chip.device_id, chip.public_key))
+    got = last_json(run("--json", "inspect", str(path)))
+    assert got["kind"] == "license"
+    assert got["verified"] is False
+    assert got["body (unverified)"]["device_id"] == chip.device_id
+    assert got["body (unverified)"]["image_id"] == manifest.image_id
+    assert "license" in got["certificate"]["subject"].lower() or got["certificate"]["subject"]
+    assert len(got["signers"]) == 1
+    assert "UNVERIFIED" in ok(run("inspect", str(path))).splitlines()[0]
 
 
 # --- bad inputs ---------------------------------------------------------------------------
 
-CONFIG, VERIFY = 2, 4  # exit codes (cli.py); 3 (token error) is not reachable here
+CONFIG, VERIFY = 2, 4  # exit codes (cli.py); 3 (token error): see test_cli_steps.py
 
 
 def flip_middle(src: Path, dst: Path) -> Path:
@@ -491,6 +530,10 @@ def tampered_ledger(d: Demo, tmp: Path) -> Path:
 
 def truncated_ledger(d: Demo, tmp: Path) -> Path:
     return truncate(d / LEDGER, tmp / "ledger.bin")
+
+
+def truncated_transcript(d: Demo, tmp: Path) -> Path:
+    return truncate(d / OEM_TX, tmp / "transcript.bin")
 
 
 def tx_edit(edit: Callable[[list[bytes]], list[bytes]]) -> Callable[[Demo, Path], Path]:
@@ -585,12 +628,62 @@ BAD_INPUTS: list[tuple[str, Args, int, tuple[str, ...]]] = [
         ("TranscriptError",),
     ),
     ("vt-empty", _vt(empty, OEM_CERT), VERIFY, ("TranscriptError",)),
+    (
+        "vt-anchor-not-hex",
+        lambda d, tmp: [*_vt(OEM_TX, OEM_CERT)(d, tmp), "--anchor", "xyz"],
+        CONFIG,
+        ("--anchor must be 64 hex digits",),
+    ),
+    (
+        "vt-anchor-too-short",
+        lambda d, tmp: [*_vt(OEM_TX, OEM_CERT)(d, tmp), "--anchor", "ab" * 16],
+        CONFIG,
+        ("--anchor",),
+    ),
+    (
+        "vt-anchor-of-other-transcript",
+        lambda d, tmp: [
+            *_vt(OEM_TX, OEM_CERT)(d, tmp),
+            "--anchor",
+            minutes(d.work)["programmer"][-1][2],
+        ],
+        VERIFY,
+        ("not in the chain",),
+    ),
+    # reconcile: either the files or --workdir
+    (
+        "rc-files-and-workdir",
+        lambda d, tmp: [*reconcile_args(d), "--workdir", str(d.work)],
+        CONFIG,
+        ("either --workdir",),
+    ),
+    ("rc-no-ledger", lambda d, tmp: ["reconcile"], CONFIG, ("missing LEDGER", "--root")),
+    (
+        "rc-no-root",
+        lambda d, tmp: [
+            a for a in reconcile_args(d) if a not in ("--root", d.p("oem/root-ca.pem"))
+        ],
+        CONFIG,
+        ("missing --root",),
+    ),
     # inspect
     ("in-missing", _in(missing), CONFIG, ("cannot read artefact",)),
     ("in-directory", _in("job"), CONFIG, ("cannot read artefact",)),
     ("in-firmware", _in("oem/firmware.bin"), VERIFY, ("not a securethread artefact",)),
     ("in-pem", _in("oem/root-ca.pem"), VERIFY, ("not a securethread artefact",)),
-    ("in-transcript", _in(OEM_TX), VERIFY, ("not a securethread artefact",)),
+    ("in-truncated-transcript", _in(truncated_transcript), VERIFY, ("truncated",)),
+    (
+        "in-record-out-of-range",
+        lambda d, tmp: ["inspect", d.p(LEDGER), "--record", "999"],
+        CONFIG,
+        ("--record 999",),
+    ),
+    (
+        "in-record-of-a-job",
+        lambda d, tmp: ["inspect", d.p("oem/job.bin"), "--record", "0"],
+        CONFIG,
+        ("ledger export only",),
+    ),
     ("in-empty", _in(empty), VERIFY, ("not a securethread artefact",)),
     ("in-truncated-ledger", _in(truncated_ledger), VERIFY, ("truncated",)),
 ]
@@ -616,14 +709,24 @@ def test_bad_input(
     assert snapshot(demo.work, tmp_path) == before
 
 
-def test_tampered_transcript_tail_is_not_detectable_without_anchor(
-    demo: Demo, tmp_path: Path
-) -> None:
-    """Documented limit (verify_transcript needs an anchor for this; the CLI takes none):
-    dropping the last record leaves a valid, shorter transcript.  The count shows it."""
+def test_transcript_tail_cut_is_caught_by_the_anchor(demo: Demo, tmp_path: Path) -> None:
+    """Records cut cleanly from the end leave a valid, shorter chain: without an anchor it
+    verifies (the documented limit), with the anchor the last step wrote down it fails."""
     full = last_json(run("--json", *_vt(OEM_TX, OEM_CERT)(demo, tmp_path)))
-    short = last_json(run("--json", *_vt(tx_edit(lambda f: f[:-1]), OEM_CERT)(demo, tmp_path)))
-    assert len(short["records"]) == len(full["records"]) - 1
+    cut = _vt(tx_edit(lambda f: f[:-2]), OEM_CERT)(demo, tmp_path)
+    short = last_json(run("--json", *cut))
+    assert len(short["records"]) == len(full["records"]) - 2
+    anchor = minutes(demo.work)["oem"][-1][2]
+    assert anchor == full["head"]
+    before = snapshot(demo.work, tmp_path)
+    line = assert_failure(
+        run(*cut, "--anchor", anchor), VERIFY, "verify-transcript", "TranscriptError", anchor
+    )
+    assert "not in the chain" in line
+    assert snapshot(demo.work, tmp_path) == before
+    # an anchor written down before the cut records still verifies the shorter transcript
+    earlier = minutes(demo.work)["oem"][-3][2]
+    assert last_json(run("--json", *cut, "--anchor", earlier))["anchor_checked"] is True
 
 
 # --- demo and init-tokens refusals --------------------------------------------------------
