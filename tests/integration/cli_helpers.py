@@ -124,3 +124,9 @@ def token_dir(work: Path, label: str) -> Path:
         if label.encode().ljust(32, b" ") in obj.read_bytes():
             return obj.parent
     raise AssertionError(f"no token {label!r} under {work}")
+
+
+def verify_ledger(work: Path) -> Any:
+    """``verify-ledger --json`` on a work directory's ledger export (it must verify)."""
+    export, cert = work / "job" / "ledger.bin", work / "programmer" / "ledger-signing.pem"
+    return last_json(run("--json", "verify-ledger", str(export), "--ledger-cert", str(cert)))

@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 
-from .cli_helpers import CLI, assert_failure, clean_env, last_json, ok, run, snapshot
+from .cli_helpers import (
+    CLI,
+    assert_failure,
+    clean_env,
+    last_json,
+    ok,
+    run,
+    snapshot,
+    verify_ledger,
+)
 
 OPENSSL = shutil.which("openssl")
 TRANSCRIPT_MAGIC = b"securethread-transcript/1\n"
@@ -203,15 +212,7 @@ def test_demo_with_two_workers_then_restart(tmp_path: Path) -> None:
     assert s["tampered_rejected"] == 1
     assert s["reconciled"] is True
     assert len(list((work / "job/devices").iterdir())) == DEVICES
-    v = last_json(
-        run(
-            "--json",
-            "verify-ledger",
-            str(work / "job/ledger.bin"),
-            "--ledger-cert",
-            str(work / "programmer/ledger-signing.pem"),
-        )
-    )
+    v = verify_ledger(work)
     assert (v["provisioned"], v["programmed"]) == (DEVICES, DEVICES)
 
     # A demo directory is restarted from scratch (human output this time).

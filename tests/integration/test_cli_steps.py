@@ -35,6 +35,7 @@ from .cli_helpers import (
     ok,
     run,
     token_dir,
+    verify_ledger,
     workdir_state,
 )
 
@@ -202,15 +203,7 @@ def test_provision_in_batches_then_close_and_reconcile(work: Path) -> None:
     assert closed["ledger_verified"] is True
     assert (closed["records"], closed["provisioned"], closed["programmed"]) == (24, 12, 12)
     assert set(closed["anchors"]) == {"programmer"}
-    v = last_json(
-        run(
-            "--json",
-            "verify-ledger",
-            str(work / "job/ledger.bin"),
-            "--ledger-cert",
-            str(work / "programmer/ledger-signing.pem"),
-        )
-    )
+    v = verify_ledger(work)
     assert (v["provisioned"], v["programmed"]) == (QUOTA, QUOTA)
 
     rec = step("reconcile", work)
