@@ -1201,10 +1201,18 @@ def _run_pool(
 ) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
+    stop = threading.Event()
 
     def drain() -> None:
-        while (item := queue.get()) is not None:
-            tally.add(item)
+        # Polls rather than waiting for an end marker: putting one would take the queue's
+        # write lock, which a worker killed mid-put would hold for ever.
+        while True:
+            if queue.empty():
+                if stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            tally.add(queue.get())
 
     reader = threading.Thread(target=drain, name="securethread-progress", daemon=True)
     reader.start()
@@ -1222,7 +1230,7 @@ def _run_pool(
             "a provisioning worker process died; run provision again to resume"
         ) from None
     finally:
-        queue.put(None)
+        stop.set()
         reader.join(timeout=5)
 
 

@@ -651,3 +651,59 @@ def test_missing_oem_token(early: Path, tmp_path: Path) -> None:
     proc = run("master-image", "--workdir", str(work))
     assert_failure(proc, CONFIG, "master-image", "TokenNotFoundError", "'oem'")
     assert workdir_state(work) == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        pytest.param(replace("vendor/root-ca.pem", "oem/root-ca.pem"), "does not match", id="root"),
+        pytest.param(garbage("vendor/vendor-key.pem"), "vendor key", id="key"),
+    ],
+)
+def test_provision_refuses_an_altered_vendor(
+    work: Path, edit: Callable[[Path], None], needle: str
+) -> None:
+    """The simulated fab is kept in vendor/ from the first provision on; altered, it is
+    refused before anything is provisioned."""
+    assert step("provision", work, "--devices", "1")["provisioned"] == 1
+    edit(work)
+    before = workdir_state(work)
+    proc = run("provision", "--workdir", str(work), "--devices", "3")
+    assert_failure(proc, VERIFY, "provision", needle)
+    assert workdir_state(work) == before
+
+
+def test_pin_prompt_on_a_terminal(work: Path) -> None:
+    """No PIN in the environment or pins.env: asked on the terminal, never echoed; the
+    worker processes get it too."""
+    pty = pytest.importorskip("pty")
+    pins = dict(line.split("=", 1) for line in (work / "hsm/pins.env").read_text().split())
+    pin = pins["SECURETHREAD_PIN_PROGRAMMER"]
+    (work / "hsm/pins.env").unlink()
+    assert CLI is not None
+    argv = [CLI, "provision", "--workdir", str(work), "--devices", "3", "--workers", "2"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command on a terminal, without the test's PINs
+        try:
+            os.execve(CLI, argv, clean_env())
+        finally:
+            os._exit(127)
+    out, answered = b"", False
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        out += chunk
+        if not answered and b"PIN for token 'programmer': " in out:
+            os.write(fd, pin.encode() + b"\n")
+            answered = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert answered
+    assert pin not in text
+    assert "3 devices: 3 provisioned, 3 booted" in text
