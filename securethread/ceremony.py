@@ -1141,8 +1141,10 @@ def provision(
     ):
         if value < low:
             raise ConfigurationError(f"{name} must be at least {low}")
+    if DEVICE_BASE + first + devices > 1 << 64:
+        raise ConfigurationError("--first and --devices reach beyond 64-bit chip UIDs")
     work = check_step(workdir, "provision")
-    (prog,) = _open(work, pin, "programmer")  # logs in here: a wrong PIN stops us now
+    _open(work, pin, "programmer")  # logs in now: a wrong PIN stops us before anything
     cfg = line_config(work, batch_size=batch_size)
     officers = [load_spki(k) for k in cfg.officer_keys]
     job = verify_job(cfg.job_signed, officers=officers, programmer=cfg.programmer_fp).job

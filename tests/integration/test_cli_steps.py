@@ -577,6 +577,14 @@ BAD: list[tuple[str, Callable[[Path], None], list[str], dict[str, str], int, tup
         CONFIG,
         ("--first must be at least 0",),
     ),
+    (
+        "beyond-64-bit-uids",
+        nothing,
+        [*PROVISION, "--first", str(1 << 64)],
+        {},
+        CONFIG,
+        ("64-bit chip UIDs",),
+    ),
     ("zero-quota", nothing, ["issue-job", "--quota", "0"], {}, CONFIG, ("--quota",)),
 ]
 
@@ -620,6 +628,13 @@ def test_bad_input(
             id="firmware-is-a-directory",
         ),
         pytest.param(
+            ["master-image", "--firmware", "{empty}"],
+            {},
+            VERIFY,
+            ("ImageSizeError", "zero-length"),
+            id="empty-firmware",
+        ),
+        pytest.param(
             ["onboard-programmer"],
             {"SECURETHREAD_PIN_OEM": "wrong-pin-0000"},
             TOKEN,
@@ -636,8 +651,15 @@ def test_bad_input(
     ],
 )
 def test_bad_input_early(
-    early: Path, argv: list[str], env: dict[str, str], code: int, needles: tuple[str, ...]
+    early: Path,
+    tmp_path: Path,
+    argv: list[str],
+    env: dict[str, str],
+    code: int,
+    needles: tuple[str, ...],
 ) -> None:
+    (tmp_path / "empty.bin").write_bytes(b"")
+    argv = [a.replace("{empty}", str(tmp_path / "empty.bin")) for a in argv]
     before = workdir_state(early)
     proc = run(*argv, "--workdir", str(early), env=clean_env(**env))
     assert_failure(proc, code, argv[0], *needles)
