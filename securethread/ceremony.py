@@ -53,7 +53,6 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from . import cbor, envelope, ledger
 from . import image as image_mod
@@ -765,37 +764,22 @@ def silicon_vendor(workdir: str | os.PathLike[str]) -> SiliconVendor:
         key = serialization.load_pem_private_key(_read(work / VENDOR_KEY, "vendor key"), None)
     except ValueError as exc:
         raise FormatError(f"vendor key {str(key_path)!r}: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != root.public_key():
-        raise CertificateError(f"vendor key {str(key_path)!r} does not match {VENDOR_ROOT}")
-    return _restore_vendor(key, root)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise FormatError(f"vendor key {str(key_path)!r} is not an EC private key")
+    try:
+        return SiliconVendor.from_key(key, root)
+    except CertificateError:
+        raise CertificateError(
+            f"vendor key {str(key_path)!r} does not match {VENDOR_ROOT}"
+        ) from None
 
 
 def _vendor_key_pem(vendor: SiliconVendor) -> bytes:
-    # device.SiliconVendor has no API to export or re-import its CA key yet (see
-    # _restore_vendor); the simulated fab's key is software by design.
-    key: ec.EllipticCurvePrivateKey = vendor._key
-    return key.private_bytes(
+    return vendor.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _restore_vendor(key: ec.EllipticCurvePrivateKey, root: x509.Certificate) -> SiliconVendor:
-    """A SiliconVendor around a saved key and root.
-
-    Stop-gap until device.py offers ``SiliconVendor.from_key(key, root_certificate)``: the
-    constructor always generates a new key, so this sets the attributes ``__init__`` sets.
-    """
-    vendor = SiliconVendor.__new__(SiliconVendor)
-    names = root.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    vendor.name = str(names[0].value) if names else "Simulated Silicon Vendor"
-    vendor._key = key
-    vendor._not_before = root.not_valid_before_utc
-    vendor._not_after = root.not_valid_after_utc
-    vendor.root_certificate = root
-    vendor._issued = set()
-    return vendor
 
 
 @attrs.frozen

@@ -260,6 +260,33 @@ class SiliconVendor:
         )
         self._issued: set[str] = set()
 
+    @classmethod
+    def from_key(
+        cls, key: ec.EllipticCurvePrivateKey, root_certificate: x509.Certificate
+    ) -> SiliconVendor:
+        """The same simulated fab again, from its saved CA key and root certificate."""
+        pub = root_certificate.public_key()
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
+            pub, ec.EllipticCurvePublicKey
+        ):
+            raise CertificateError("a silicon vendor needs an EC key and an EC root certificate")
+        if spki_der(key.public_key()) != spki_der(pub):
+            raise CertificateError("the vendor key does not match the vendor root certificate")
+        orgs = root_certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        vendor = cls.__new__(cls)
+        vendor.name = str(orgs[0].value) if orgs else "Simulated Silicon Vendor"
+        vendor._key = key
+        vendor._not_before = root_certificate.not_valid_before_utc
+        vendor._not_after = root_certificate.not_valid_after_utc
+        vendor.root_certificate = root_certificate
+        vendor._issued = set()
+        return vendor
+
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The fab's CA key (software: this vendor is a simulation, saved to be reloaded)."""
+        return self._key
+
     def certify(self, device_id: str, public_key: ec.EllipticCurvePublicKey) -> x509.Certificate:
         """The chip's identity certificate: CN = device id, digitalSignature + keyAgreement."""
         check_device_id(device_id)

@@ -87,8 +87,13 @@ class DevicePort(Protocol):
 
 
 class Identity(Protocol):
-    device_id: str
-    public_key: ec.EllipticCurvePublicKey
+    """What identification established (read-only: frozen results satisfy it)."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey: ...
 
 
 class CertificateIssuer(Protocol):

@@ -490,3 +490,20 @@ def test_vendor_makes_unique_chips(world: World) -> None:
 def test_verify_manifest_used_by_sbm_is_the_library_call(world: World, firmware) -> None:  # type: ignore[no-untyped-def]
     _, signed, _, m = firmware
     assert verify_manifest(signed, key=world.fw_key.public_key()) == m
+
+
+def test_silicon_vendor_reloads_from_its_saved_key() -> None:
+    from securethread.device import SiliconVendor
+    from securethread.errors import CertificateError
+    from securethread.identity import IdentityVerifier
+
+    vendor = SiliconVendor()
+    again = SiliconVendor.from_key(vendor.private_key, vendor.root_certificate)
+    chip = again.make_chip()
+    challenge = os.urandom(32)
+    ident = IdentityVerifier([vendor.root_certificate]).verify(
+        chip.identify(challenge), challenge=challenge
+    )
+    assert ident.device_id == chip.device_id
+    with pytest.raises(CertificateError, match="does not match"):
+        SiliconVendor.from_key(ec.generate_private_key(ec.SECP256R1()), vendor.root_certificate)
