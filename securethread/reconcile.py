@@ -71,7 +71,7 @@ def reconcile(
     boot_check: BootCheck | None = None,
 ) -> ReconciliationReport:
     """Verify a returned ledger against the job it claims; raise naming the first bad record."""
-    from .pki import job_id_of, parse_device_serial, validate_device_chain
+    from .pki import DeviceChainValidator, job_id_of, parse_device_serial
     from .pki import job_tag as tag_of
 
     # The job may have expired by now: reconciliation checks it was valid when issued.
@@ -87,6 +87,10 @@ def reconcile(
     certs: dict[str, x509.Certificate] = {}
     first_t: int | None = None
     last_t: int | None = None
+    # Each certificate is validated at its record's time.  A batch's records share one time,
+    # so one validator (production CA checked against the root once) serves a whole batch.
+    validator: DeviceChainValidator | None = None
+    validator_t: int | None = None
     n = prov = prog = 0
     checkpoints = 0
 
@@ -127,13 +131,15 @@ def reconcile(
                         f"ledger record {i}: serial does not encode this job and slot {slot}",
                         index=i,
                     )
-                validate_device_chain(
-                    cert,
-                    production_ca_cert,
-                    root_cert,
-                    at=datetime.datetime.fromtimestamp(t, datetime.UTC),
-                    job_id=job_id,
-                )
+                if validator is None or validator_t != t:
+                    validator = DeviceChainValidator(
+                        production_ca_cert,
+                        root_cert,
+                        at=datetime.datetime.fromtimestamp(t, datetime.UTC),
+                        job_id=job_id,
+                    )
+                    validator_t = t
+                validator.validate(cert)
             except LedgerError:
                 raise
             except Error as exc:
