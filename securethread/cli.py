@@ -424,7 +424,7 @@ _VERIFY_WITH = {
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .ceremony import describe
+    from .describe import describe
 
     data = _read(args.file, "artefact")
     try:
