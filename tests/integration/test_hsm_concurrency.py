@@ -107,6 +107,54 @@ def test_threads_derive_concurrently(oem: Token) -> None:
     assert len(list(oem.session.get_objects())) == before
 
 
+def test_threads_agree_and_wrap_concurrently(oem: Token, label: str) -> None:
+    """The license hot path's direct calls from several threads: right bytes, nothing left."""
+    from cryptography.hazmat.primitives import keywrap
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from securethread.hsm import IMAGE_KEY, KEY_AGREEMENT
+
+    ka = oem.generate_ec(label, curve=Curve.P256, policy=KEY_AGREEMENT)
+    image = oem.generate_aes(label + "-image", policy=IMAGE_KEY)
+    devices = [ec.generate_private_key(ec.SECP256R1()) for _ in range(THREADS)]
+    results: dict[int, list[tuple[bytes, bytes]]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(THREADS)
+
+    def work(worker: int) -> None:
+        try:
+            barrier.wait()
+            out = []
+            for _ in range(100):
+                info = os.urandom(32)
+                out.append((info, ka.agree_and_wrap(devices[worker].public_key(), info, image)))
+            results[worker] = out
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    try:
+        before = len(list(oem.session.get_objects()))
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(list(oem.session.get_objects())) == before
+        keys = set()
+        for worker, out in results.items():
+            z = devices[worker].exchange(ec.ECDH(), ka.public_key())
+            for info, wrapped in random.sample(out, 10):
+                enc = Cipher(algorithms.AES(z), modes.ECB()).encryptor()
+                kek = enc.update(info) + enc.finalize()
+                keys.add(keywrap.aes_key_unwrap_with_padding(kek, wrapped))
+        assert len(keys) == 1  # every thread wrapped the same image key
+    finally:
+        oem.destroy(label)
+        oem.destroy(label + "-image")
+
+
 def _process_worker(label: str, worker: int, count: int) -> tuple[int, list[bytes], str]:
     """Runs in a spawned process: its own module load, login and sessions."""
     token = open_token("oem")
