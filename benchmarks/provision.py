@@ -227,6 +227,13 @@ class _TimedKey:
         return getattr(self._key, name)
 
 
+class _TimedIssue:
+    """Stands in for the certificate issuer or the license maker, with a timed ``issue``."""
+
+    def __init__(self, issue: Any) -> None:
+        self.issue = issue
+
+
 def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
     """Where a device's time goes: stages timed without a profiler, then cProfile's top.
 
@@ -258,8 +265,8 @@ def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
     line._identify = timer.wrap("identity verification", line._identify)  # type: ignore[attr-defined]
     issue_cert = timer.wrap("certificate", issuer.issue)
     issue_lic = timer.wrap("license", licenses.issue)
-    line._issuer = type("I", (), {"issue": staticmethod(issue_cert)})()  # type: ignore[attr-defined]
-    line._licenses = type("L", (), {"issue": staticmethod(issue_lic)})()  # type: ignore[attr-defined]
+    line._issuer = _TimedIssue(issue_cert)  # type: ignore[attr-defined]
+    line._licenses = _TimedIssue(issue_lic)  # type: ignore[attr-defined]
     store = line._store  # type: ignore[attr-defined]
     for name in ("reserve", "commit", "known_devices"):
         setattr(store, name, timer.wrap("store", getattr(store, name)))
