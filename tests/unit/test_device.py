@@ -507,3 +507,30 @@ def test_silicon_vendor_reloads_from_its_saved_key() -> None:
     assert ident.device_id == chip.device_id
     with pytest.raises(CertificateError, match="does not match"):
         SiliconVendor.from_key(ec.generate_private_key(ec.SECP256R1()), vendor.root_certificate)
+
+
+def test_packager_encodes_exactly_what_to_bytes_does(world: World) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    dev = world.vendor.make_chip(flash_size=1 << 20)
+    data = world.provisioning(dev)
+    package = ProvisioningData.packager(
+        production_ca_certificate=data.production_ca_certificate,
+        oem_root_certificate=data.oem_root_certificate,
+        firmware_signing_key=data.firmware_signing_key,
+        min_security_counter=data.min_security_counter,
+        device_class=data.device_class,
+    )
+    der = data.device_certificate.public_bytes(serialization.Encoding.DER)
+    assert package(der) == data.to_bytes()
+    dev.provision(package(der))  # and the SBM takes it
+    with pytest.raises(ProvisioningFormatError, match="not DER"):
+        package(data.device_certificate)  # type: ignore[arg-type]
+    with pytest.raises(ProvisioningFormatError, match="device class"):
+        ProvisioningData.packager(
+            production_ca_certificate=data.production_ca_certificate,
+            oem_root_certificate=data.oem_root_certificate,
+            firmware_signing_key=data.firmware_signing_key,
+            min_security_counter=1,
+            device_class="bad class!",
+        )
