@@ -12,8 +12,10 @@ instance), with python-pkcs11's session and object handles.
 Nothing here decides a key attribute: the templates are :meth:`KeyPolicy.secret_template`
 of ``TEMP_DERIVE`` and ``TEMP_WRAP`` (session objects, sensitive, never extractable); the
 token enforces each key's usage attributes itself (``CKR_KEY_FUNCTION_NOT_PERMITTED``).
-Structures follow PKCS#11 v2.40 §3 (base types) and §2.3.8/§2.10/§2.14 (mechanism
-parameters); CK_ULONG is ``unsigned long`` and structures are not packed on Unix.
+Structures follow PKCS#11 v2.40 Base Specification §3 (CK_MECHANISM, CK_ATTRIBUTE) and the
+Current Mechanisms document ("EC mechanism parameters": CK_ECDH1_DERIVE_PARAMS; "Key
+derivation by data encryption": CK_KEY_DERIVATION_STRING_DATA); CK_ULONG is ``unsigned long``
+and structures are not packed on Unix.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .policy import TEMP_DERIVE, TEMP_WRAP, KeyPolicy
 _ULONG = ctypes.c_ulong
 _BBOOL = ctypes.c_ubyte
 
-CKD_NULL = 0x00000001  # PKCS#11 v2.40 §2.3.8, CK_EC_KDF_TYPE
+CKD_NULL = 0x00000001  # CK_EC_KDF_TYPE: the raw shared secret, no KDF
 
 #: Return values that mean "this key may not be used for this" (PKCS#11 v2.40 §5.1).
 _POLICY_RVS = {
@@ -109,6 +111,14 @@ class Calls:
             self._destroy = lib.C_DestroyObject
         except (OSError, AttributeError) as exc:
             raise HSMError(f"{module_path!r} does not export the PKCS#11 key functions") from exc
+        handle, ulong_p = _ULONG, ctypes.POINTER(_ULONG)
+        mech_p, attr_p = ctypes.POINTER(_Mechanism), ctypes.POINTER(_Attribute)
+        # C_DeriveKey(hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey)
+        self._derive.argtypes = [handle, mech_p, handle, attr_p, _ULONG, ulong_p]
+        # C_WrapKey(hSession, pMechanism, hWrappingKey, hKey, pWrappedKey, pulWrappedKeyLen)
+        self._wrap.argtypes = [handle, mech_p, handle, handle, ctypes.c_char_p, ulong_p]
+        # C_DestroyObject(hSession, hObject)
+        self._destroy.argtypes = [handle, handle]
         for fn in (self._derive, self._wrap, self._destroy):
             fn.restype = _ULONG
         self._z_template = _Template(TEMP_DERIVE)
@@ -127,11 +137,12 @@ class Calls:
             raise ValueError("CKM_AES_ECB_ENCRYPT_DATA input must be 32 bytes for AES-256")
         s = _ULONG(session)
         point = ctypes.create_string_buffer(peer_point, len(peer_point))
-        # PKCS#11 v2.40 §2.3.8: CKM_ECDH1_DERIVE; SoftHSM 2.6 takes only CKD_NULL.
+        # CKM_ECDH1_DERIVE ("Elliptic curve Diffie-Hellman key derivation"): the value is Z
+        # truncated from the leading end to CKA_VALUE_LEN; SoftHSM 2.6 takes only CKD_NULL.
         ecdh = _Ecdh1DeriveParams(CKD_NULL, 0, None, len(peer_point), ctypes.addressof(point))
         ecdh_mech = _Mechanism(Mechanism.ECDH1_DERIVE, ctypes.addressof(ecdh), ctypes.sizeof(ecdh))
         data = ctypes.create_string_buffer(kdf_input, 32)
-        # PKCS#11 v2.40 §2.10 (AES): CKM_AES_ECB_ENCRYPT_DATA, value = AES-ECB(base, data).
+        # CKM_AES_ECB_ENCRYPT_DATA ("Key derivation by data encryption"): AES-ECB(base, data).
         ecb = _KeyDerivationStringData(ctypes.addressof(data), 32)
         ecb_mech = _Mechanism(
             Mechanism.AES_ECB_ENCRYPT_DATA, ctypes.addressof(ecb), ctypes.sizeof(ecb)
@@ -160,7 +171,7 @@ class Calls:
                 ),
                 "KEK derive",
             )
-            # RFC 5649 via CKM_AES_KEY_WRAP_PAD (PKCS#11 v2.40 §2.14.4): 32 -> 40 bytes.
+            # CKM_AES_KEY_WRAP_PAD = RFC 5649 key wrap with padding: 32 -> 40 bytes.
             out = ctypes.create_string_buffer(64)
             out_len = _ULONG(64)
             self._check(
