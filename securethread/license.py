@@ -230,7 +230,6 @@ class LicenseIssuer:
         self._ka_key = ka_key
         self._signing_key = signing_key
         self._image_key = image_key
-        self._kek_suffix = bytes((len(image_id),)) + image_id.encode("ascii")
         self._signer_fp = fingerprint(sign_pub)
         self._cert_cbor = cbor.pre_encode(
             signing_certificate.public_bytes(serialization.Encoding.DER)
@@ -248,9 +247,7 @@ class LicenseIssuer:
         ):
             raise LicenseFormatError("license: device keys are P-256")
         nonce = os.urandom(NONCE_SIZE)
-        info = hashlib.sha256(
-            _KEK_LABEL + device_id.encode("ascii") + self._kek_suffix + nonce
-        ).digest()
+        info = kek_input(device_id, self.image_id, nonce)  # the device computes the same
         # KEK = AES-ECB(Z, info), Z = ECDH(KA key, device key): both temporaries in the token.
         wrapped = self._ka_key.agree_and_wrap(device_public_key, info, self._image_key)
         if len(wrapped) != 40:  # RFC 5649 of a 32-byte key; the template checked the rest

@@ -141,27 +141,16 @@ class Token:
     def _get_token(lib: Any, label: str) -> Any:
         # The token-info read (C_GetTokenInfo) fails with CKR_GENERAL_ERROR too while another
         # process has SoftHSM rewrite the token file (seen with 2-4 workers starting at once).
-        for attempt in range(_TOKEN_SCAN_RETRIES):
-            try:
-                return lib.get_token(token_label=label)
-            except pkcs11.GeneralError:
-                if attempt + 1 == _TOKEN_SCAN_RETRIES:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+        return _retry_transient(lambda: lib.get_token(token_label=label), (pkcs11.GeneralError,))
 
     def _login(self, pin: Callable[[], str]) -> Any:
         # SoftHSM's file store rewrites the token file on login; a second process logging in
         # at that instant gets CKR_GENERAL_ERROR, or CKR_USER_PIN_NOT_INITIALIZED from a
-        # half-read file.  Retry a few times with a short back-off.
-        for attempt in range(_TOKEN_SCAN_RETRIES):
-            try:
-                return self._p11_token.open(rw=True, user_pin=pin())
-            except (pkcs11.GeneralError, pkcs11.UserPinNotInitialized):
-                if attempt + 1 == _TOKEN_SCAN_RETRIES:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+        # half-read file.
+        return _retry_transient(
+            lambda: self._p11_token.open(rw=True, user_pin=pin()),
+            (pkcs11.GeneralError, pkcs11.UserPinNotInitialized),
+        )
 
     # --- sessions and lookups ------------------------------------------------------------
 
@@ -488,6 +477,16 @@ class HsmPrivateKey:
     def sign(self, data: bytes) -> bytes:
         return self.sign_digest(digest_for(self.curve, data))
 
+    def _peer_point(self, peer: ec.EllipticCurvePublicKey | bytes) -> bytes:
+        """The peer's uncompressed point, after checking it is on this key's curve."""
+        if isinstance(peer, bytes | bytearray):
+            peer = public_from_point(self.curve, bytes(peer))
+        if curve_of(peer) is not self.curve:
+            raise KeyPolicyError(
+                f"peer key is on {peer.curve.name}, key {self.label!r} on {self.curve.value}"
+            )
+        return point_of(peer)
+
     def derive_aes(
         self,
         peer: ec.EllipticCurvePublicKey | bytes,
@@ -495,12 +494,7 @@ class HsmPrivateKey:
         policy: KeyPolicy,
         label: str = "",
     ) -> HsmSecretKey:
-        if isinstance(peer, bytes | bytearray):
-            peer = public_from_point(self.curve, bytes(peer))
-        if curve_of(peer) is not self.curve:
-            raise KeyPolicyError(
-                f"peer key is on {peer.curve.name}, key {self.label!r} on {self.curve.value}"
-            )
+        point = self._peer_point(peer)
         derive_key = _usage(self._obj(), "derive_key", self.label, "derive")
         token = self._token
         try:
@@ -512,7 +506,7 @@ class HsmPrivateKey:
                     label=label,
                     store=policy.persistent,
                     mechanism=Mechanism.ECDH1_DERIVE,
-                    mechanism_param=(KDF.NULL, None, point_of(peer)),
+                    mechanism_param=(KDF.NULL, None, point),
                     template=policy.secret_template(),
                 )
         except _KEY_REFUSED as exc:
@@ -535,15 +529,12 @@ class HsmPrivateKey:
 
         if not isinstance(key, HsmSecretKey) or key._token is not self._token:
             raise KeyPolicyError("can only wrap a secret key of the same token")
-        if curve_of(peer) is not self.curve:
-            raise KeyPolicyError(
-                f"peer key is on {peer.curve.name}, key {self.label!r} on {self.curve.value}"
-            )
+        point = self._peer_point(peer)
         token = self._token
         base, target = self._obj().handle, key._obj().handle
         with token._objects_lock:
             return calls_for(token.module_path).agree_and_wrap(
-                token.session.handle, base, point_of(peer), kdf_input, target
+                token.session.handle, base, point, kdf_input, target
             )
 
     def as_cryptography(self) -> ec.EllipticCurvePrivateKey:
@@ -701,6 +692,21 @@ class HsmSecretKey:
 # --- opening tokens --------------------------------------------------------------------------
 
 _TOKEN_SCAN_RETRIES = 5
+
+
+def _retry_transient(call: Callable[[], Any], transient: tuple[type[Exception], ...]) -> Any:
+    """``call()``, retried a few times with a short back-off while it raises ``transient``
+    (SoftHSM's file store under concurrent processes); the last failure propagates."""
+    for attempt in range(_TOKEN_SCAN_RETRIES):
+        try:
+            return call()
+        except transient:
+            if attempt + 1 == _TOKEN_SCAN_RETRIES:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 _registry_lock = threading.Lock()
 _registry: dict[tuple[str, str, int], Token] = {}
 
