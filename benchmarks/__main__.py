@@ -186,7 +186,7 @@ def bench_image(log: Any) -> dict[str, Any]:
 
 def _ledger_items(n: int, key: Any, job: bytes) -> Iterator[tuple[str, bytes]]:
     """A valid ledger of ``n`` records, a signed checkpoint every BATCH records, lazily."""
-    from securethread import ledger
+    from securethread.formats import ledger
 
     prev, seq = job, 0
     while seq < n:
@@ -212,7 +212,7 @@ def _ledger_items(n: int, key: Any, job: bytes) -> Iterator[tuple[str, bytes]]:
 def bench_ledger(sizes: list[int], reps: int, work: Path, log: Any) -> dict[str, Any]:
     """verify_ledger streaming a ledger export file, as the OEM does: records/s at the
     largest size (median of ``reps``) and the tracemalloc peak at each size."""
-    from securethread import ledger
+    from securethread.formats import ledger
     from securethread.hsm import SIGNING, Curve, SoftwareBackend
 
     key = SoftwareBackend("ledger").generate_ec("ledger", curve=Curve.P256, policy=SIGNING)

@@ -35,20 +35,20 @@ def main() -> None:
         pins = {t: (secrets.token_hex(8), secrets.token_hex(8)) for t in ("oem", "programmer")}
         ensure_tokens(tmp, pins.keys(), pins=pins).activate()
 
-        from securethread.channel import OemChannel, ProgrammerChannel
+        from securethread.channel.handshake import OemChannel, ProgrammerChannel
+        from securethread.channel.transfer import (
+            KeyReceiver,
+            KeySender,
+            MemoryPackageRegistry,
+            open_package,
+            seal_package,
+        )
         from securethread.hsm import IMAGE_KEY, open_token
         from securethread.pki import (
             EnclavePurpose,
             certify_enclave,
             create_enclave_csr,
             create_root_ca,
-        )
-        from securethread.transfer import (
-            KeyReceiver,
-            KeySender,
-            MemoryPackageRegistry,
-            open_package,
-            seal_package,
         )
 
         oem = open_token("oem", pin=lambda label: pins[label][1])

@@ -61,6 +61,7 @@ def _pairs(token: Any) -> dict[str, tuple[int, Callable[[], Any], Callable[[], A
         Usage,
         point_of,
     )
+    from securethread.hsm.policy import private_template, public_template, secret_template
 
     session = token.session  # the library's own session: both sides use the same one
     digest = hashlib.sha256(b"device certificate tbs").digest()
@@ -84,10 +85,10 @@ def _pairs(token: Any) -> dict[str, tuple[int, Callable[[], Any], Callable[[], A
     )
     _, raw_eph = params.generate_keypair(
         store=False,
-        public_template=EPHEMERAL_AGREEMENT.public_template(),
-        private_template=EPHEMERAL_AGREEMENT.private_template(),
+        public_template=public_template(EPHEMERAL_AGREEMENT),
+        private_template=private_template(EPHEMERAL_AGREEMENT),
     )
-    derive_template = TEMP_DERIVE.secret_template()
+    derive_template = secret_template(TEMP_DERIVE)
     raw_base = raw_eph.derive_key(
         KeyType.AES,
         256,
@@ -97,12 +98,12 @@ def _pairs(token: Any) -> dict[str, tuple[int, Callable[[], Any], Callable[[], A
         template=derive_template,
     )
     raw_kek = session.generate_key(
-        KeyType.AES, 256, store=False, template=TEMP_WRAP.secret_template()
+        KeyType.AES, 256, store=False, template=secret_template(TEMP_WRAP)
     )
     raw_target = session.generate_key(
-        KeyType.AES, 256, store=False, template=movable.secret_template()
+        KeyType.AES, 256, store=False, template=secret_template(movable)
     )
-    confirm_template = TEMP_CONFIRM.secret_template()
+    confirm_template = secret_template(TEMP_CONFIRM)
 
     def raw_ecdh() -> None:
         raw_eph.derive_key(

@@ -100,7 +100,7 @@ def _known_token_key(token: Any) -> tuple[Any, bytes]:
 
 
 def _encrypt(src: Any, dst: Any, key: Any) -> Any:
-    from securethread.image import encrypt_image
+    from securethread.formats.image import encrypt_image
 
     return encrypt_image(
         src,
@@ -118,7 +118,7 @@ def _throughput(token: Any, size_mib: int, reps: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from securethread.image import AesGcmKey, decrypt_image
+    from securethread.formats.image import AesGcmKey, decrypt_image
 
     key, value = _known_token_key(token)
     raw_key = token.session.get_key(object_class=ObjectClass.SECRET_KEY, label=key.label)
@@ -203,8 +203,8 @@ def _maxrss_mib() -> float:
 
 def _child_peak(size_mib: int, workdir: str) -> dict[str, Any]:
     """Runs in a fresh process: RSS growth of encrypt (token) and decrypt (software)."""
+    from securethread.formats.image import AesGcmKey, decrypt_image
     from securethread.hsm import open_token
-    from securethread.image import AesGcmKey, decrypt_image
 
     token = open_token(LABEL)
     key, value = _known_token_key(token)

@@ -91,7 +91,7 @@ class WirePort:
 
 
 def time_provision(line: Any, ports: list[WirePort]) -> dict[str, Any]:
-    from securethread.production import Provisioned
+    from securethread.programmer.line import Provisioned
 
     t0 = time.perf_counter()
     outcomes = list(line.provision(ports))
@@ -125,7 +125,7 @@ def floor(token: Any, n: int, batch: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from securethread.demo import L_IMAGE, L_KA, L_LEDGER, L_LICENSE, L_PCA
-    from securethread.hsm.policy import TEMP_DERIVE, TEMP_WRAP
+    from securethread.keys.policy import TEMP_DERIVE, TEMP_WRAP
 
     pca = token.private_key(L_PCA)
     ka = token.private_key(L_KA)
@@ -391,11 +391,11 @@ def software_line(work: Path, quota: int) -> tuple[Any, Any, list[Any]]:
     from cryptography.hazmat.primitives import serialization
 
     from securethread import demo
-    from securethread.device import SiliconVendor
+    from securethread.device.sbm import SiliconVendor
+    from securethread.formats.image import master_image
+    from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job
+    from securethread.formats.ledger import sha256
     from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend, spki_der
-    from securethread.image import master_image
-    from securethread.job import ProductionJob, Targets, cosign_job, sign_job
-    from securethread.ledger import sha256
     from securethread.pki import (
         EnclavePurpose,
         cert_fingerprint,

@@ -54,11 +54,34 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import envelope, ledger
-from . import image as image_mod
-from . import transcript as transcript_mod
-from .channel import OemChannel, ProgrammerChannel
-from .device import ProvisioningData, SiliconVendor, SimulatedDevice, verify_boot_confirmation
+from securethread.channel.handshake import OemChannel, ProgrammerChannel
+from securethread.channel.transfer import KeyReceiver, KeySender
+from securethread.device.sbm import (
+    ProvisioningData,
+    SiliconVendor,
+    SimulatedDevice,
+    verify_boot_confirmation,
+)
+from securethread.formats import envelope, ledger
+from securethread.formats import image as image_mod
+from securethread.formats import transcript as transcript_mod
+from securethread.formats.identity import IdentityVerifier
+from securethread.formats.image import Manifest, verify_manifest
+from securethread.formats.job import (
+    ProductionJob,
+    Targets,
+    cosign_job,
+    job_hash,
+    sign_job,
+    verify_job,
+)
+from securethread.formats.license import LicenseIssuer
+from securethread.formats.reconciliation import ReconciliationReport
+from securethread.formats.reconciliation import reconcile as reconcile_ledger
+from securethread.formats.transcript import CertEntry, KeyEntry, Transcript
+from securethread.programmer.line import ProductionLine, Provisioned, Refused
+from securethread.programmer.store import SQLiteStore
+
 from .errors import (
     AlreadyProvisionedError,
     CertificateError,
@@ -83,10 +106,6 @@ from .hsm import (
     open_token,
     spki_der,
 )
-from .identity import IdentityVerifier
-from .image import Manifest, verify_manifest
-from .job import ProductionJob, Targets, cosign_job, job_hash, sign_job, verify_job
-from .license import LicenseIssuer
 from .pki import (
     DeviceCertificateIssuer,
     EnclavePurpose,
@@ -101,12 +120,6 @@ from .pki import (
     load_der,
     to_pem,
 )
-from .production import ProductionLine, Provisioned, Refused
-from .reconcile import ReconciliationReport
-from .reconcile import reconcile as reconcile_ledger
-from .store import SQLiteStore
-from .transcript import CertEntry, KeyEntry, Transcript
-from .transfer import KeyReceiver, KeySender
 
 # --- names ------------------------------------------------------------------------------------
 

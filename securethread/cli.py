@@ -299,8 +299,8 @@ def cmd_export_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_ledger(args: argparse.Namespace) -> int:
-    from . import ledger
-    from .job import job_hash
+    from securethread.formats import ledger
+    from securethread.formats.job import job_hash
 
     key = _load_cert(args.ledger_cert, "ledger certificate").public_key()
     try:
@@ -365,7 +365,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_transcript(args: argparse.Namespace) -> int:
-    from .transcript import verify_transcript
+    from securethread.formats.transcript import verify_transcript
 
     anchor = None
     if args.anchor is not None:
@@ -424,7 +424,7 @@ _VERIFY_WITH = {
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .describe import describe
+    from securethread.audit.inspect import describe
 
     data = _read(args.file, "artefact")
     try:

@@ -1,6 +1,7 @@
-"""Key backends: PKCS#11 tokens (:class:`Token`) and the software stand-in."""
+"""The PKCS#11 backend: tokens (:class:`Token`) opened by RFC 7512 URI, sessions, key
+templates, the direct fast path.  Re-exports the pure key protocol of :mod:`securethread.keys`."""
 
-from .ecutil import (
+from securethread.keys.ecutil import (
     CryptographyKeyAdapter,
     fingerprint,
     load_spki,
@@ -9,9 +10,10 @@ from .ecutil import (
     spki_der,
     verify_signature,
 )
-from .module import default_module_path, load_module
-from .pin import PinCallback, env_var_for, resolve_pin
-from .policy import (
+from securethread.keys.protocol import KeyBackend, PrivateKey, SecretKey
+from securethread.keys.software import SoftwareBackend
+
+from ..keys.policy import (
     EPHEMERAL_AGREEMENT,
     IMAGE_KEY,
     KEY_AGREEMENT,
@@ -24,8 +26,8 @@ from .policy import (
     PolicyReport,
     Usage,
 )
-from .protocol import KeyBackend, PrivateKey, SecretKey
-from .software import SoftwareBackend
+from .module import default_module_path, load_module
+from .pin import PinCallback, env_var_for, resolve_pin
 from .token import HsmPrivateKey, HsmSecretKey, Token, key_id_for, open_token
 from .uri import PKCS11URI
 

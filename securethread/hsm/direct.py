@@ -9,7 +9,7 @@ mechanisms and templates are built once, the C functions are called through ``ct
 the module python-pkcs11 already loaded (``dlopen`` of the same path returns the same
 instance), with python-pkcs11's session and object handles.
 
-Nothing here decides a key attribute: the templates are :meth:`KeyPolicy.secret_template`
+Nothing here decides a key attribute: the templates are :func:`.policy.secret_template`
 of ``TEMP_DERIVE`` and ``TEMP_WRAP`` (session objects, sensitive, never extractable); the
 token enforces each key's usage attributes itself (``CKR_KEY_FUNCTION_NOT_PERMITTED``).
 Structures follow PKCS#11 v2.40 Base Specification §3 (CK_MECHANISM, CK_ATTRIBUTE) and the
@@ -28,7 +28,7 @@ from typing import Any
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from ..errors import HSMError, KeyPolicyError
-from .policy import TEMP_DERIVE, TEMP_WRAP, KeyPolicy
+from .policy import TEMP_DERIVE, TEMP_WRAP, KeyPolicy, secret_template
 
 _ULONG = ctypes.c_ulong
 _BBOOL = ctypes.c_ubyte
@@ -88,7 +88,7 @@ class _Template:
             (Attribute.KEY_TYPE, _ULONG(KeyType.AES)),
             (Attribute.VALUE_LEN, _ULONG(32)),
         ]
-        for attr, flag in policy.secret_template().items():
+        for attr, flag in secret_template(policy).items():
             values.append((attr, _BBOOL(1 if flag else 0)))
         self._values = [v for _, v in values]  # keep the buffers alive
         self.array = (_Attribute * len(values))(

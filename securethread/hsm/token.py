@@ -29,6 +29,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import KDF, Attribute, CertificateType, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from securethread.keys.ecutil import (
+    CryptographyKeyAdapter,
+    curve_of,
+    digest_for,
+    point_of,
+    public_from_point,
+)
+
 from ..errors import (
     DecryptionError,
     DuplicateObjectError,
@@ -38,10 +46,17 @@ from ..errors import (
     PinIncorrectError,
     TokenNotFoundError,
 )
-from .ecutil import CryptographyKeyAdapter, curve_of, digest_for, point_of, public_from_point
 from .module import default_module_path, load_module, reload_module
 from .pin import PinCallback, resolve_pin
-from .policy import Curve, KeyPolicy, PolicyReport, report_from_attributes
+from .policy import (
+    Curve,
+    KeyPolicy,
+    PolicyReport,
+    private_template,
+    public_template,
+    report_from_attributes,
+    secret_template,
+)
 from .uri import PKCS11URI
 
 _POLICY_ATTRS = [
@@ -231,8 +246,8 @@ class Token:
                 store=policy.persistent,
                 label=label,
                 id=key_id or b"",
-                public_template=policy.public_template(),
-                private_template=policy.private_template(),
+                public_template=public_template(policy),
+                private_template=private_template(policy),
             )
             public = public_from_point(curve, OctetString.load(pub[Attribute.EC_POINT]).native)
             if key_id is None and policy.persistent:
@@ -267,7 +282,7 @@ class Token:
                 label=label,
                 id=key_id,
                 store=policy.persistent,
-                template=policy.secret_template(),
+                template=secret_template(policy),
             )
         return HsmSecretKey(
             self, label=label, key_id=key_id, handle=None if policy.persistent else obj
@@ -463,7 +478,7 @@ class HsmPrivateKey:
         return self._public
 
     def sign_digest(self, digest: bytes) -> bytes:
-        from .ecutil import raw_to_der
+        from securethread.keys.ecutil import raw_to_der
 
         obj = self._obj()
         try:
@@ -507,7 +522,7 @@ class HsmPrivateKey:
                     store=policy.persistent,
                     mechanism=Mechanism.ECDH1_DERIVE,
                     mechanism_param=(KDF.NULL, None, point),
-                    template=policy.secret_template(),
+                    template=secret_template(policy),
                 )
         except _KEY_REFUSED as exc:
             raise KeyPolicyError(f"key {self.label!r} is not allowed to derive") from exc
@@ -624,7 +639,7 @@ class HsmSecretKey:
                     store=policy.persistent,
                     mechanism=Mechanism.AES_ECB_ENCRYPT_DATA,
                     mechanism_param=data,
-                    template=policy.secret_template(),
+                    template=secret_template(policy),
                 )
         except _KEY_REFUSED as exc:
             raise KeyPolicyError(f"key {self.label!r} is not allowed to derive") from exc
@@ -665,7 +680,7 @@ class HsmSecretKey:
                     id=key_id,
                     store=policy.persistent,
                     mechanism=Mechanism.AES_KEY_WRAP_PAD,
-                    template=policy.secret_template(),
+                    template=secret_template(policy),
                 )
         except (pkcs11.WrappedKeyInvalid, pkcs11.WrappedKeyLenRange, pkcs11.GeneralError) as exc:
             raise DecryptionError("wrapped key fails the RFC 5649 integrity check") from exc

@@ -16,10 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from securethread.keys.ecutil import CryptographyKeyAdapter, spki_der
+from securethread.keys.protocol import KeyBackend, PrivateKey
+
 from ..errors import DuplicateObjectError
-from ..hsm.ecutil import CryptographyKeyAdapter, spki_der
-from ..hsm.policy import KEY_AGREEMENT, SIGNING, Curve
-from ..hsm.protocol import KeyBackend, PrivateKey
+from ..keys.policy import KEY_AGREEMENT, SIGNING, Curve
 from ._errors import (
     BadRequestSignatureError,
     IssuerError,

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from ..hsm.policy import Curve
+from ..keys.policy import Curve
 from . import oids
 from ._errors import (
     CARequestError,

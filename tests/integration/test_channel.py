@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute
 
-from securethread.channel import (
+from securethread.channel.handshake import (
     ChannelSession,
     ChannelStateError,
     OemChannel,
@@ -253,7 +253,7 @@ def test_programmer_refuses_oem_with_role_programmer(pki: Pki) -> None:
 
 
 def test_wrong_transcript_signature(pki: Pki) -> None:
-    from securethread import cbor
+    from securethread.formats import cbor
 
     o, p = oem_channel(pki), programmer_channel(pki)
     m3 = o.receive_hello(p.receive_hello(o.start()))
@@ -267,7 +267,7 @@ def test_wrong_transcript_signature(pki: Pki) -> None:
 
 
 def test_signature_of_the_other_role_is_refused(pki: Pki) -> None:
-    from securethread import cbor
+    from securethread.formats import cbor
 
     o, p = oem_channel(pki), programmer_channel(pki)
     m3 = o.receive_hello(p.receive_hello(o.start()))
@@ -279,7 +279,7 @@ def test_signature_of_the_other_role_is_refused(pki: Pki) -> None:
 
 
 def test_confirmation_mismatch(pki: Pki) -> None:
-    from securethread import cbor
+    from securethread.formats import cbor
 
     o, p = oem_channel(pki), programmer_channel(pki)
     m3 = o.receive_hello(p.receive_hello(o.start()))
@@ -306,7 +306,7 @@ def test_reflected_hello_and_finish(pki: Pki) -> None:
 
 
 def test_reflected_hello_with_role_rewritten(pki: Pki) -> None:
-    from securethread import cbor
+    from securethread.formats import cbor
 
     o = oem_channel(pki)
     m = cbor.decode(o.start())
@@ -378,7 +378,7 @@ def test_out_of_order_messages(pki: Pki) -> None:
 
 
 def _finish_like() -> bytes:
-    from securethread.channel import Finish
+    from securethread.channel.handshake import Finish
 
     return Finish(role="oem", session_id=b"s" * 16, signature=b"x", confirm=b"c" * 16).to_bytes()
 
@@ -396,7 +396,7 @@ def test_identity_cert_must_match_key(pki: Pki) -> None:
 
 
 def test_unsupported_derivation_is_refused(pki: Pki) -> None:
-    from securethread import cbor
+    from securethread.formats import cbor
 
     o = oem_channel(pki)
     m = cbor.decode(o.start())
@@ -432,8 +432,8 @@ def programmer_process(
     sock: socket.socket, identity: str, cert_der: bytes, root_der: bytes
 ) -> None:
     """The programmer enclave in its own process: open its token, answer, import keys."""
+    from securethread.channel.transfer import KeyReceiver
     from securethread.hsm import open_token
-    from securethread.transfer import KeyReceiver
 
     token = open_token("programmer")
     try:
@@ -458,8 +458,8 @@ def programmer_process(
 def test_handshake_and_transfer_across_processes(
     pki: Pki, oem: Token, programmer: Token, label: str
 ) -> None:
+    from securethread.channel.transfer import KeySender
     from securethread.hsm import IMAGE_KEY
-    from securethread.transfer import KeySender
 
     image_key = oem.generate_aes(label, policy=IMAGE_KEY)
     der = serialization.Encoding.DER

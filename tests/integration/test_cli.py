@@ -384,7 +384,7 @@ def test_inspect_ledger(demo: Demo, unchanged: None) -> None:
 
 def test_inspect_ledger_record(demo: Demo, unchanged: None, tmp_path: Path) -> None:
     """One record of the export in full (``--record``), or a record on its own."""
-    from securethread import ledger
+    from securethread.formats import ledger
 
     got = last_json(run("--json", "inspect", demo.p("job/ledger.bin"), "--record", "0"))
     assert got["kind"] == "ledger-record"

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from securethread import ledger
+from securethread.formats import ledger
 
 from .cli_helpers import (
     CLI,

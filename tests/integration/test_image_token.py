@@ -19,9 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import keywrap
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.hsm import IMAGE_KEY, KeyPolicy, Usage
-from securethread.hsm.policy import EPHEMERAL_AGREEMENT, Curve
-from securethread.image import (
+from securethread.formats.image import (
     DEFAULT_CHUNK_SIZE,
     TAG_SIZE,
     AesGcmKey,
@@ -30,6 +28,8 @@ from securethread.image import (
     decrypt_image,
     encrypt_image,
 )
+from securethread.hsm import IMAGE_KEY, KeyPolicy, Usage
+from securethread.keys.policy import EPHEMERAL_AGREEMENT, Curve
 
 CS = DEFAULT_CHUNK_SIZE
 _TEMP_KEK = KeyPolicy(usage=Usage.WRAP, persistent=False)
@@ -187,7 +187,7 @@ def test_256_mib_streams_in_constant_memory(known_key, tmp_path: Path) -> None: 
 
 
 def _header(path: Path) -> bytes:
-    from securethread.image import read_header
+    from securethread.formats.image import read_header
 
     with open(path, "rb") as f:
         return read_header(f)[1]

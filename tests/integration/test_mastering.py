@@ -20,17 +20,13 @@ from typing import Any
 import pytest
 from pkcs11 import Attribute, ObjectClass
 
-from securethread.device import (
-    ProvisioningData,
-    SiliconVendor,
-    verify_boot_confirmation,
-)
+from securethread.device.sbm import ProvisioningData, SiliconVendor, verify_boot_confirmation
 from securethread.errors import KeyPolicyError, RollbackError
+from securethread.formats.identity import IdentityVerifier, new_challenge
+from securethread.formats.image import DEFAULT_CHUNK_SIZE, master_image, verify_manifest
+from securethread.formats.license import LicenseIssuer, WrongDeviceLicenseError
 from securethread.hsm import IMAGE_KEY, SIGNING, Curve, KeyPolicy, Usage
-from securethread.hsm.policy import EPHEMERAL_AGREEMENT
-from securethread.identity import IdentityVerifier, new_challenge
-from securethread.image import DEFAULT_CHUNK_SIZE, master_image, verify_manifest
-from securethread.license import LicenseIssuer, WrongDeviceLicenseError
+from securethread.keys.policy import EPHEMERAL_AGREEMENT
 from securethread.pki import (
     DeviceCertificateIssuer,
     EnclavePurpose,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from securethread import ledger
-from securethread.production import FAULT_POINTS
+from securethread.formats import ledger
+from securethread.programmer.line import FAULT_POINTS
 
 QUOTA = 60
 CHIPS = QUOTA + 3  # the setup makes quota + 3 chips in the job's targets, plus one outsider
@@ -98,9 +98,9 @@ def _start_worker(
 
 def _check_invariants(work: Path) -> tuple[int, int, set[str]]:
     """S3 and S4 after whatever happened: returns (reserved, provisioned, ledger devices)."""
-    from securethread.job import job_hash
+    from securethread.formats.job import job_hash
     from securethread.pki import from_pem
-    from securethread.store import SQLiteStore
+    from securethread.programmer.store import SQLiteStore
 
     cfg, _chips, _out = pickle.load(open(work / "setup.pickle", "rb"))
     jh = job_hash(cfg.job_signed)
@@ -157,8 +157,8 @@ def test_whole_flow_two_and_four_workers(setup: Path) -> None:
 def test_ledger_serials_are_unique_across_workers(setup: Path) -> None:
     from cryptography import x509
 
-    from securethread.job import job_hash
-    from securethread.store import SQLiteStore
+    from securethread.formats.job import job_hash
+    from securethread.programmer.store import SQLiteStore
 
     _fresh_store(setup)
     procs = [_start_worker(setup, i * 16, (i + 1) * 16) for i in range(4)]

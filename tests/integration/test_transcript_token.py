@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 
 from securethread.errors import TranscriptError
+from securethread.formats.transcript import (
+    MAGIC,
+    KeyEntry,
+    SignedRecord,
+    Transcript,
+    verify_transcript,
+)
 from securethread.hsm import IMAGE_KEY, SIGNING, Curve, Token, fingerprint
-from securethread.hsm.protocol import PrivateKey
-from securethread.transcript import MAGIC, KeyEntry, SignedRecord, Transcript, verify_transcript
+from securethread.keys.protocol import PrivateKey
 
 
 @pytest.fixture

@@ -9,7 +9,15 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from securethread import cbor, envelope
+from securethread.channel.transfer import (
+    KeyReceiver,
+    KeySender,
+    TokenPackageRegistry,
+    WrongRecipientError,
+    _mac_input,
+    open_package,
+    seal_package,
+)
 from securethread.errors import (
     CertificateError,
     ChannelError,
@@ -20,17 +28,10 @@ from securethread.errors import (
     ReplayError,
     SignatureError,
 )
+from securethread.formats import cbor, envelope
 from securethread.hsm import IMAGE_KEY, KEY_AGREEMENT, Curve, Token
-from securethread.hsm.policy import KeyPolicy, Usage
-from securethread.transfer import (
-    KeyReceiver,
-    KeySender,
-    TokenPackageRegistry,
-    WrongRecipientError,
-    _mac_input,
-    open_package,
-    seal_package,
-)
+from securethread.hsm.policy import secret_template
+from securethread.keys.policy import KeyPolicy, Usage
 from tests.integration import test_channel as _channel_tests
 from tests.integration.test_channel import Pki, handshake
 
@@ -91,7 +92,7 @@ def test_no_message_contains_the_plaintext_key(pki: Pki, oem: Token, programmer:
             Attribute.VALUE: known,
             Attribute.LABEL: lb,
             Attribute.ID: b"known",
-            **IMAGE_KEY.secret_template(),
+            **secret_template(IMAGE_KEY),
         }
     )
     hs = handshake(pki)

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from securethread import cbor
 from securethread.errors import Error, FormatError
+from securethread.formats import cbor
 
 # RFC 8949 Appendix A vectors that fall inside the supported subset.
 RFC_VECTORS: list[tuple[Any, str]] = [

@@ -7,8 +7,7 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread import cbor
-from securethread.channel import (
+from securethread.channel.handshake import (
     MAX_FINISH_SIZE,
     MAX_HELLO_SIZE,
     ChannelStateError,
@@ -19,9 +18,10 @@ from securethread.channel import (
     session_id_for,
     signed_transcript,
 )
+from securethread.channel.transfer import TransferMessage, WrappedEntry
 from securethread.errors import FormatError, InvalidPointError
-from securethread.hsm.ecutil import point_of
-from securethread.transfer import TransferMessage, WrappedEntry
+from securethread.formats import cbor
+from securethread.keys.ecutil import point_of
 
 POINT = point_of(ec.generate_private_key(ec.SECP256R1()).public_key())
 POINT2 = point_of(ec.generate_private_key(ec.SECP256R1()).public_key())

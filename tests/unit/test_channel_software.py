@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from securethread.channel import ChannelStateError, OemChannel, ProgrammerChannel
+from securethread.channel.handshake import ChannelStateError, OemChannel, ProgrammerChannel
+from securethread.channel.transfer import KeyReceiver, KeySender
 from securethread.errors import ConfirmationError, ReplayError
 from securethread.hsm import IMAGE_KEY, SoftwareBackend
 from securethread.pki import EnclavePurpose, certify_enclave, create_enclave_csr, create_root_ca
-from securethread.transfer import KeyReceiver, KeySender
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_software_handshake_and_transfer(world: dict[str, object]) -> None:
 
 
 def test_software_confirmation_and_state(world: dict[str, object]) -> None:
-    from securethread import cbor
+    from securethread.formats import cbor
 
     o, p = channels(world)
     m3 = cbor.decode(o.receive_hello(p.receive_hello(o.start())))

@@ -18,8 +18,7 @@ import attrs
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread import cbor
-from securethread.device import (
+from securethread.device.sbm import (
     BootConfirmationError,
     NotProvisionedError,
     ProvisioningData,
@@ -38,8 +37,8 @@ from securethread.errors import (
     RollbackError,
     VerificationError,
 )
-from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend
-from securethread.image import (
+from securethread.formats import cbor
+from securethread.formats.image import (
     ChunkAuthenticationError,
     ImageSizeError,
     Manifest,
@@ -49,12 +48,13 @@ from securethread.image import (
     sign_manifest,
     verify_manifest,
 )
-from securethread.license import (
+from securethread.formats.license import (
     LicenseIssuer,
     LicenseSignatureError,
     WrongDeviceLicenseError,
     WrongImageLicenseError,
 )
+from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend
 from securethread.pki import (
     DeviceCertificateIssuer,
     EnclavePurpose,
@@ -493,9 +493,9 @@ def test_verify_manifest_used_by_sbm_is_the_library_call(world: World, firmware)
 
 
 def test_silicon_vendor_reloads_from_its_saved_key() -> None:
-    from securethread.device import SiliconVendor
+    from securethread.device.sbm import SiliconVendor
     from securethread.errors import CertificateError
-    from securethread.identity import IdentityVerifier
+    from securethread.formats.identity import IdentityVerifier
 
     vendor = SiliconVendor()
     again = SiliconVendor.from_key(vendor.private_key, vendor.root_certificate)

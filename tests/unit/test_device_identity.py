@@ -10,10 +10,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread import cbor
-from securethread.device import SiliconVendor, SimulatedDevice
+from securethread.device.sbm import SiliconVendor, SimulatedDevice
 from securethread.errors import DeviceRefusedError
-from securethread.identity import (
+from securethread.formats import cbor
+from securethread.formats.identity import (
     ChallengeMismatchError,
     DeviceIdMismatchError,
     IdentificationFormatError,

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from securethread import cbor
-from securethread.envelope import (
+from securethread.errors import FormatError, SignatureError
+from securethread.formats import cbor
+from securethread.formats.envelope import (
     ENVELOPE_VERSION,
     add_signature,
     open_envelope,
@@ -16,9 +17,8 @@ from securethread.envelope import (
     seal,
     signed_bytes,
 )
-from securethread.errors import FormatError, SignatureError
 from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
-from securethread.hsm.protocol import PrivateKey
+from securethread.keys.protocol import PrivateKey
 
 BODY = {"device_class": "sensor-x", "quota": 1000, "targets": [b"\x01" * 8, b"\x02" * 8]}
 

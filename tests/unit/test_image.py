@@ -13,10 +13,9 @@ import os
 import attrs
 import pytest
 
-from securethread import cbor
 from securethread.errors import ConfigurationError, ImageError, SignatureError
-from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend
-from securethread.image import (
+from securethread.formats import cbor
+from securethread.formats.image import (
     MAGIC,
     MIN_CHUNK_SIZE,
     TAG_SIZE,
@@ -37,6 +36,7 @@ from securethread.image import (
     sign_manifest,
     verify_manifest,
 )
+from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend
 
 CS = 4096
 BLOCK = CS + TAG_SIZE
@@ -375,7 +375,7 @@ def test_every_manifest_bit_detected(key, fw_key) -> None:  # type: ignore[no-un
 
 
 def test_manifest_of_another_kind_refused(key, fw_key) -> None:  # type: ignore[no-untyped-def]
-    from securethread.envelope import seal
+    from securethread.formats.envelope import seal
 
     m, _ = _encrypt(key, b"hello")
     with pytest.raises(ImageFormatError, match="manifest"):

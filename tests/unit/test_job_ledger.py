@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from securethread import cbor, ledger
 from securethread.errors import (
     FormatError,
     JobError,
@@ -16,15 +15,16 @@ from securethread.errors import (
     QuotaExceededError,
     SignatureError,
 )
-from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
-from securethread.job import (
+from securethread.formats import cbor, ledger
+from securethread.formats.job import (
     ProductionJob,
     Targets,
     cosign_job,
     sign_job,
     verify_job,
 )
-from securethread.store import SQLiteStore
+from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
+from securethread.programmer.store import SQLiteStore
 
 PROGRAMMER = b"\x11" * 32
 

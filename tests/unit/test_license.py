@@ -14,12 +14,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from securethread import cbor
-from securethread.envelope import open_envelope, seal
 from securethread.errors import ConfigurationError, LicenseError, SignatureError
-from securethread.hsm import SIGNING, Curve, SoftwareBackend
-from securethread.image import decrypt_image
-from securethread.license import (
+from securethread.formats import cbor
+from securethread.formats.envelope import open_envelope, seal
+from securethread.formats.image import decrypt_image
+from securethread.formats.license import (
     License,
     LicenseFormatError,
     LicenseSignatureError,
@@ -30,6 +29,7 @@ from securethread.license import (
     kek_input,
     open_license,
 )
+from securethread.hsm import SIGNING, Curve, SoftwareBackend
 from securethread.pki import EnclavePurpose, certify_enclave, create_enclave_csr, create_root_ca
 
 from .test_device import World, make_world
@@ -246,7 +246,7 @@ def test_issuer_refuses_bad_inputs(world: World, image) -> None:  # type: ignore
 
 
 def test_issuer_configuration_checked(world: World, image) -> None:  # type: ignore[no-untyped-def]
-    from securethread.license import LicenseIssuer
+    from securethread.formats.license import LicenseIssuer
 
     _, _, m = image
     base = dict(

@@ -17,17 +17,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread import ledger
 from securethread.errors import LedgerError
+from securethread.formats import ledger
+from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job
+from securethread.formats.reconciliation import reconcile
 from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
-from securethread.job import ProductionJob, Targets, cosign_job, sign_job
 from securethread.pki import (
     DeviceCertificateIssuer,
     certify_production_ca,
     create_production_ca_csr,
     create_root_ca,
 )
-from securethread.reconcile import reconcile
 
 JOB_ID = "reconcile-job"
 BASE = 0x1000

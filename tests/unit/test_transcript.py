@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from securethread import cbor
 from securethread.errors import (
     ConfigurationError,
     Error,
@@ -24,9 +23,8 @@ from securethread.errors import (
     KeyPolicyError,
     TranscriptError,
 )
-from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend, fingerprint
-from securethread.hsm.protocol import PrivateKey
-from securethread.transcript import (
+from securethread.formats import cbor
+from securethread.formats.transcript import (
     GENESIS,
     MAGIC,
     CeremonyRecord,
@@ -36,6 +34,8 @@ from securethread.transcript import (
     Transcript,
     verify_transcript,
 )
+from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend, fingerprint
+from securethread.keys.protocol import PrivateKey
 
 T0 = 1_700_000_000
 

@@ -37,9 +37,7 @@ from cryptography.hazmat.primitives import keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from . import cbor
-from .envelope import ENVELOPE_VERSION, open_envelope, signed_bytes
-from .errors import (
+from securethread.errors import (
     CertificateError,
     ConfigurationError,
     DecryptionError,
@@ -47,10 +45,12 @@ from .errors import (
     LicenseError,
     SignatureError,
 )
-from .hsm.ecutil import fingerprint, load_spki, spki_der
-from .hsm.protocol import PrivateKey, SecretKey
-from .identity import check_device_id
-from .image import AesGcmKey, Manifest
+from securethread.formats import cbor
+from securethread.formats.envelope import ENVELOPE_VERSION, open_envelope, signed_bytes
+from securethread.formats.identity import check_device_id
+from securethread.formats.image import AesGcmKey, Manifest
+from securethread.keys.ecutil import fingerprint, load_spki, spki_der
+from securethread.keys.protocol import PrivateKey, SecretKey
 
 __all__ = [
     "LICENSE_KIND",
@@ -289,7 +289,7 @@ def open_license(
     LICENSE_SIGNING), the envelope signature verified, and only then the body parsed and
     checked for device id, image id and key id, and the key unwrapped (RFC 5649 §4.2 check).
     """
-    from .pki import EnclavePurpose, validate_enclave_certificate
+    from securethread.pki import EnclavePurpose, validate_enclave_certificate
 
     try:
         outer = cbor.decode(data, what="license", max_size=MAX_LICENSE_SIZE)

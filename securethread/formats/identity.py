@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
-from . import cbor
-from .errors import DeviceRefusedError, FormatError
-from .hsm.ecutil import load_spki, spki_der
+from securethread.errors import DeviceRefusedError, FormatError
+from securethread.formats import cbor
+from securethread.keys.ecutil import load_spki, spki_der
 
 __all__ = [
     "CHALLENGE_SIZE",

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .policy import Curve, KeyPolicy, PolicyReport
+from securethread.keys.policy import Curve, KeyPolicy, PolicyReport
 
 
 @runtime_checkable

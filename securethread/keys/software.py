@@ -19,9 +19,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..errors import DecryptionError, DuplicateObjectError, KeyNotFoundError, KeyPolicyError
-from .ecutil import CryptographyKeyAdapter, curve_object, curve_of, digest_for, public_from_point
-from .policy import TEMP_DERIVE, TEMP_WRAP, Curve, KeyPolicy, PolicyReport, Usage
+from securethread.errors import (
+    DecryptionError,
+    DuplicateObjectError,
+    KeyNotFoundError,
+    KeyPolicyError,
+)
+from securethread.keys.ecutil import (
+    CryptographyKeyAdapter,
+    curve_object,
+    curve_of,
+    digest_for,
+    public_from_point,
+)
+from securethread.keys.policy import TEMP_DERIVE, TEMP_WRAP, Curve, KeyPolicy, PolicyReport, Usage
 
 
 def _ecdh_key_bytes(shared: bytes) -> bytes:
@@ -140,7 +151,7 @@ class SoftwarePrivateKey:
     def sign_digest(self, digest: bytes) -> bytes:
         if not self._policy.usage & Usage.SIGN:
             raise KeyPolicyError(f"key {self.label!r} is not allowed to sign")
-        from .ecutil import hash_for
+        from securethread.keys.ecutil import hash_for
 
         return self._key.sign(digest, ec.ECDSA(utils.Prehashed(hash_for(self.curve))))
 
@@ -217,10 +228,10 @@ class SoftwareBackend:
     def generate_ec(
         self, label: str, *, curve: Curve, policy: KeyPolicy, key_id: bytes | None = None
     ) -> SoftwarePrivateKey:
-        policy.private_template()  # same usage checks as the token
+        policy.check_private()  # same usage checks as the token
         raw = ec.generate_private_key(curve_object(curve))
         if key_id is None:
-            from .ecutil import point_of
+            from securethread.keys.ecutil import point_of
 
             key_id = hashlib.sha1(point_of(raw.public_key())).digest() if policy.persistent else b""  # noqa: S324
         key = SoftwarePrivateKey(self, label=label, key_id=key_id, key=raw, policy=policy)

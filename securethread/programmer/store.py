@@ -24,8 +24,8 @@ from typing import Protocol
 
 import attrs
 
-from . import ledger
-from .errors import ConfigurationError, JobError, QuotaExceededError
+from securethread.errors import ConfigurationError, JobError, QuotaExceededError
+from securethread.formats import ledger
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

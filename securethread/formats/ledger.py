@@ -25,9 +25,9 @@ from typing import Any, BinaryIO
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import cbor, envelope
-from .errors import FormatError, LedgerError, VerificationError
-from .hsm.protocol import PrivateKey
+from securethread.errors import FormatError, LedgerError, VerificationError
+from securethread.formats import cbor, envelope
+from securethread.keys.protocol import PrivateKey
 
 LEDGER_VERSION = 1
 CHECKPOINT_KIND = "ledger-checkpoint"

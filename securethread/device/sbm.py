@@ -28,9 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from . import cbor
-from .envelope import open_envelope, seal
-from .errors import (
+from securethread.errors import (
     AlreadyProvisionedError,
     CertificateError,
     DeviceRefusedError,
@@ -40,10 +38,18 @@ from .errors import (
     SignatureError,
     VerificationError,
 )
-from .hsm.ecutil import load_spki, spki_der
-from .identity import IdentificationResponse, check_device_id, pop_payload
-from .image import ImageSizeError, Manifest, check_name, decrypt_image, verify_manifest
-from .license import open_license
+from securethread.formats import cbor
+from securethread.formats.envelope import open_envelope, seal
+from securethread.formats.identity import IdentificationResponse, check_device_id, pop_payload
+from securethread.formats.image import (
+    ImageSizeError,
+    Manifest,
+    check_name,
+    decrypt_image,
+    verify_manifest,
+)
+from securethread.formats.license import open_license
+from securethread.keys.ecutil import load_spki, spki_der
 
 __all__ = [
     "BOOT_CONFIRMATION_KIND",
@@ -432,7 +438,7 @@ class SimulatedDevice:
     def provision(self, provisioning_bytes: bytes, *, at: datetime.datetime | None = None) -> None:
         """Write trust anchors to OTP once: the device certificate must be for this chip and
         chain root -> production CA -> device."""
-        from .pki import validate_device_chain
+        from securethread.pki import validate_device_chain
 
         if self._otp is not None:
             raise AlreadyProvisionedError(f"device {self.device_id}: OTP already written")

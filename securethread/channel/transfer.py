@@ -27,9 +27,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import cbor, envelope
-from .channel import DERIVATION_CKD_NULL_ECB, ROLE_OEM, ROLE_PROGRAMMER, ChannelSession
-from .errors import (
+from securethread.channel.handshake import (
+    DERIVATION_CKD_NULL_ECB,
+    ROLE_OEM,
+    ROLE_PROGRAMMER,
+    ChannelSession,
+)
+from securethread.errors import (
     ChannelError,
     ConfigurationError,
     ConfirmationError,
@@ -37,9 +41,17 @@ from .errors import (
     FormatError,
     ReplayError,
 )
-from .hsm.ecutil import point_of, public_from_point
-from .hsm.policy import EPHEMERAL_AGREEMENT, TEMP_DERIVE, TEMP_WRAP, Curve, KeyPolicy, Usage
-from .hsm.protocol import KeyBackend, PrivateKey, SecretKey
+from securethread.formats import cbor, envelope
+from securethread.keys.ecutil import point_of, public_from_point
+from securethread.keys.policy import (
+    EPHEMERAL_AGREEMENT,
+    TEMP_DERIVE,
+    TEMP_WRAP,
+    Curve,
+    KeyPolicy,
+    Usage,
+)
+from securethread.keys.protocol import KeyBackend, PrivateKey, SecretKey
 
 VERSION = 1
 TRANSFER_TYPE = "key-transfer"
@@ -572,7 +584,7 @@ def seal_package(
 ) -> bytes:
     """Seal the keys ``labels`` to the programmer whose KEY_AGREEMENT certificate is
     ``recipient_cert`` (validated against the OEM root), signed by the OEM identity key."""
-    from .pki import EnclavePurpose, validate_enclave_certificate
+    from securethread.pki import EnclavePurpose, validate_enclave_certificate
 
     validate_enclave_certificate(
         recipient_cert, root_cert, purpose=EnclavePurpose.KEY_AGREEMENT, role=ROLE_PROGRAMMER, at=at
@@ -630,7 +642,7 @@ def open_package(
     at: datetime | None = None,
 ) -> PackageReceipt:
     """Verify a sealed package (signature, OEM chain, recipient, freshness) and import it."""
-    from .pki import EnclavePurpose, load_der, validate_enclave_certificate
+    from securethread.pki import EnclavePurpose, load_der, validate_enclave_certificate
 
     if ka_cert.public_key() != ka_key.public_key():
         raise ConfigurationError("ka_cert does not certify ka_key")

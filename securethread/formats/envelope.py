@@ -17,10 +17,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import cbor
-from .errors import FormatError, SignatureError
-from .hsm.ecutil import fingerprint, verify_signature
-from .hsm.protocol import PrivateKey
+from securethread.errors import FormatError, SignatureError
+from securethread.formats import cbor
+from securethread.keys.ecutil import fingerprint, verify_signature
+from securethread.keys.protocol import PrivateKey
 
 ENVELOPE_VERSION = 1
 DEFAULT_MAX_SIZE = 1 << 20

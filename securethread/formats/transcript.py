@@ -36,9 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import cbor
-from .envelope import signed_bytes
-from .errors import (
+from securethread.errors import (
     ConfigurationError,
     Error,
     FormatError,
@@ -46,8 +44,10 @@ from .errors import (
     SignatureError,
     TranscriptError,
 )
-from .hsm.ecutil import fingerprint, verify_signature
-from .hsm.protocol import PrivateKey, SecretKey
+from securethread.formats import cbor
+from securethread.formats.envelope import signed_bytes
+from securethread.keys.ecutil import fingerprint, verify_signature
+from securethread.keys.protocol import PrivateKey, SecretKey
 
 __all__ = [
     "MAGIC",

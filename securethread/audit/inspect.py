@@ -16,10 +16,10 @@ from typing import Any
 
 from cryptography import x509
 
-from . import cbor, envelope, ledger
-from . import transcript as transcript_mod
-from .errors import ConfigurationError, Error, FormatError
-from .job import job_hash
+from securethread.errors import ConfigurationError, Error, FormatError
+from securethread.formats import cbor, envelope, ledger
+from securethread.formats import transcript as transcript_mod
+from securethread.formats.job import job_hash
 
 
 def _show(v: Any) -> Any:
@@ -82,7 +82,7 @@ def _describe_ledger(data: bytes, record: int | None) -> dict[str, Any]:
 
 
 def _describe_transcript(data: bytes) -> dict[str, Any]:
-    from .transcript import CeremonyRecord, SignedRecord
+    from securethread.formats.transcript import CeremonyRecord, SignedRecord
 
     records: list[dict[str, Any]] = []
     pos = len(transcript_mod.MAGIC)

@@ -9,11 +9,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.utils import Buffer
 
-from ..errors import FormatError, InvalidPointError, KeyPolicyError
-from .policy import Curve
+from securethread.errors import FormatError, InvalidPointError, KeyPolicyError
+from securethread.keys.policy import Curve
 
 if TYPE_CHECKING:
-    from .protocol import PrivateKey
+    from securethread.keys.protocol import PrivateKey
 
 _CURVE_OBJECTS: dict[Curve, ec.EllipticCurve] = {
     Curve.P256: ec.SECP256R1(),
@@ -94,7 +94,7 @@ def verify_signature(
     """Verify an ECDSA signature made by :meth:`PrivateKey.sign`; raise SignatureError."""
     from cryptography.exceptions import InvalidSignature
 
-    from ..errors import SignatureError
+    from securethread.errors import SignatureError
 
     try:
         public.verify(signature, data, ec.ECDSA(hash_for(curve_of(public))))

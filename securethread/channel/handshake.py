@@ -32,17 +32,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import cbor
-from .errors import (
+from securethread.errors import (
     ChannelError,
     ConfigurationError,
     ConfirmationError,
     FormatError,
     ReplayError,
 )
-from .hsm.ecutil import public_from_point, verify_signature
-from .hsm.policy import EPHEMERAL_AGREEMENT, TEMP_CONFIRM, TEMP_DERIVE, TEMP_WRAP, Curve
-from .hsm.protocol import KeyBackend, PrivateKey, SecretKey
+from securethread.formats import cbor
+from securethread.keys.ecutil import public_from_point, verify_signature
+from securethread.keys.policy import (
+    EPHEMERAL_AGREEMENT,
+    TEMP_CONFIRM,
+    TEMP_DERIVE,
+    TEMP_WRAP,
+    Curve,
+)
+from securethread.keys.protocol import KeyBackend, PrivateKey, SecretKey
 
 PROTOCOL = "securethread-channel"
 VERSION = 1
@@ -450,7 +456,7 @@ class _Endpoint:
             raise ChannelStateError(f"{self.role}: expected {expected!r}, got {t!r}")
 
     def _new_ephemeral(self) -> tuple[bytes, bytes]:
-        from .hsm.ecutil import point_of
+        from securethread.keys.ecutil import point_of
 
         self._ephemeral = self.backend.generate_ec(
             _EPHEMERAL_LABEL, curve=Curve.P256, policy=EPHEMERAL_AGREEMENT
@@ -470,7 +476,7 @@ class _Endpoint:
         self._check_reflection(peer)
         if peer.derivation not in SUPPORTED_DERIVATIONS:
             raise ChannelError(f"unsupported key derivation {peer.derivation!r}")
-        from .pki import EnclavePurpose, load_der, validate_enclave_certificate
+        from securethread.pki import EnclavePurpose, load_der, validate_enclave_certificate
 
         cert = load_der(peer.certificate)
         # Chain to the pinned OEM root, purpose IDENTITY, and the *other* role: an OEM

@@ -40,16 +40,16 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import cbor
-from .envelope import open_envelope, seal
-from .errors import (
+from securethread.errors import (
     ConfigurationError,
     DecryptionError,
     FormatError,
     ImageError,
     SignatureError,
 )
-from .hsm.protocol import PrivateKey
+from securethread.formats import cbor
+from securethread.formats.envelope import open_envelope, seal
+from securethread.keys.protocol import PrivateKey
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -20,10 +20,10 @@ from typing import Any
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import envelope
-from .errors import FormatError, JobError, NotTargetedError
-from .hsm.ecutil import fingerprint
-from .hsm.protocol import PrivateKey
+from securethread.errors import FormatError, JobError, NotTargetedError
+from securethread.formats import envelope
+from securethread.keys.ecutil import fingerprint
+from securethread.keys.protocol import PrivateKey
 
 JOB_KIND = "job"
 JOB_VERSION = 1

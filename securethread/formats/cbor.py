@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import FormatError
+from securethread.errors import FormatError
 
 #: Upper bound for nesting, to keep hostile inputs from exhausting the stack.
 MAX_DEPTH = 16

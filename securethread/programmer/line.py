@@ -32,16 +32,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import ledger
-from .errors import (
+from securethread.errors import (
     AlreadyProvisionedError,
     DeviceRefusedError,
     Error,
     QuotaExceededError,
 )
-from .hsm.protocol import PrivateKey
-from .job import VerifiedJob
-from .store import ProductionStore
+from securethread.formats import ledger
+from securethread.formats.job import VerifiedJob
+from securethread.keys.protocol import PrivateKey
+from securethread.programmer.store import ProductionStore
 
 # --- fault injection for the crash-safety tests (S3) -----------------------------------------
 # SECURETHREAD_FAULT_INJECT="<point>:<n>" SIGKILLs this process the n-th time <point> is
@@ -201,7 +201,7 @@ class ProductionLine:
             yield from self._finish_batch(self._identify_batch(batch))
 
     def _check_window(self) -> None:
-        from .job import check_job_window
+        from securethread.formats.job import check_job_window
 
         check_job_window(self.job.job, int(self._clock()))
 

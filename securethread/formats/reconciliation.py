@@ -26,9 +26,9 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import ledger
-from .errors import Error, LedgerError
-from .job import ProductionJob, job_hash, verify_job
+from securethread.errors import Error, LedgerError
+from securethread.formats import ledger
+from securethread.formats.job import ProductionJob, job_hash, verify_job
 
 #: Verifies a boot confirmation given the device certificate; raises on failure.
 BootCheck = Callable[[x509.Certificate, bytes], None]
@@ -71,8 +71,8 @@ def reconcile(
     boot_check: BootCheck | None = None,
 ) -> ReconciliationReport:
     """Verify a returned ledger against the job it claims; raise naming the first bad record."""
-    from .pki import DeviceChainValidator, job_id_of, parse_device_serial
-    from .pki import job_tag as tag_of
+    from securethread.pki import DeviceChainValidator, job_id_of, parse_device_serial
+    from securethread.pki import job_tag as tag_of
 
     # The job may have expired by now: reconciliation checks it was valid when issued.
     body_job = _verified_job_any_time(job_signed, officers=officers, programmer=programmer)
@@ -182,8 +182,8 @@ def reconcile(
 def _verified_job_any_time(
     job_signed: bytes, *, officers: Mapping[bytes, ec.EllipticCurvePublicKey], programmer: bytes
 ) -> ProductionJob:
-    from . import envelope
-    from .job import JOB_KIND
+    from securethread.formats import envelope
+    from securethread.formats.job import JOB_KIND
 
     body = envelope.open_envelope(job_signed, kind=JOB_KIND, keys=officers)
     job = ProductionJob.from_obj(body)
