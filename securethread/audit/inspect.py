@@ -14,12 +14,11 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography import x509
-
 from securethread.errors import ConfigurationError, Error, FormatError
 from securethread.formats import cbor, envelope, ledger
 from securethread.formats import transcript as transcript_mod
 from securethread.formats.job import job_hash
+from securethread.pki import untrusted
 
 
 def _show(v: Any) -> Any:
@@ -34,9 +33,9 @@ def _show(v: Any) -> Any:
 
 def _cert_view(der: bytes) -> dict[str, Any]:
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return {"der": _show(der), "note": "not a parsable certificate"}
+        cert = untrusted.load_certificate(der, what="certificate")
+    except Error as exc:
+        return {"der": _show(der), "note": f"not a parsable certificate ({exc})"}
     return {
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),

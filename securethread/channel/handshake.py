@@ -476,9 +476,9 @@ class _Endpoint:
         self._check_reflection(peer)
         if peer.derivation not in SUPPORTED_DERIVATIONS:
             raise ChannelError(f"unsupported key derivation {peer.derivation!r}")
-        from securethread.pki import EnclavePurpose, load_der, validate_enclave_certificate
+        from securethread.pki import EnclavePurpose, untrusted, validate_enclave_certificate
 
-        cert = load_der(peer.certificate)
+        cert = untrusted.load_certificate(peer.certificate, what="peer identity certificate")
         # Chain to the pinned OEM root, purpose IDENTITY, and the *other* role: an OEM
         # that accepted role "oem" could be talking to itself (reflection).
         validate_enclave_certificate(
@@ -488,8 +488,6 @@ class _Endpoint:
             role=_other(self.role),
             at=self.at,
         )
-        if not isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
-            raise FormatError("peer identity certificate does not hold an EC key")
         return cert
 
     def _key_schedule(self, oem: Hello, programmer: Hello) -> None:

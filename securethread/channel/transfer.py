@@ -642,7 +642,7 @@ def open_package(
     at: datetime | None = None,
 ) -> PackageReceipt:
     """Verify a sealed package (signature, OEM chain, recipient, freshness) and import it."""
-    from securethread.pki import EnclavePurpose, load_der, validate_enclave_certificate
+    from securethread.pki import EnclavePurpose, untrusted, validate_enclave_certificate
 
     if ka_cert.public_key() != ka_key.public_key():
         raise ConfigurationError("ka_cert does not certify ka_key")
@@ -654,13 +654,12 @@ def open_package(
     sender_der = claimed.get("sender_cert")
     if not isinstance(sender_der, bytes):
         raise FormatError("sealed package: no sender certificate")
-    sender_cert = load_der(sender_der)
+    sender_cert = untrusted.load_certificate(sender_der, what="sealed package: sender certificate")
     validate_enclave_certificate(
         sender_cert, root_cert, purpose=EnclavePurpose.IDENTITY, role=ROLE_OEM, at=at
     )
     sender_pub = sender_cert.public_key()
-    if not isinstance(sender_pub, ec.EllipticCurvePublicKey):
-        raise FormatError("sender certificate does not hold an EC key")
+    assert isinstance(sender_pub, ec.EllipticCurvePublicKey)  # EC: checked by the loader
     body = envelope.open_envelope(
         data, kind=PACKAGE_KIND, keys=sender_pub, max_size=MAX_PACKAGE_SIZE
     )

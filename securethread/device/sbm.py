@@ -49,7 +49,9 @@ from securethread.formats.image import (
     verify_manifest,
 )
 from securethread.formats.license import open_license
-from securethread.keys.ecutil import load_spki, spki_der
+from securethread.keys.ecutil import spki_der
+from securethread.keys.policy import Curve
+from securethread.pki import untrusted
 
 __all__ = [
     "BOOT_CONFIRMATION_KIND",
@@ -213,17 +215,17 @@ class ProvisioningData:
         if not isinstance(d, dict) or set(d) != cls._KEYS:
             raise ProvisioningFormatError("provisioning data: unexpected or missing fields")
         certs = {}
-        for name in ("device_certificate", "production_ca_certificate", "oem_root_certificate"):
-            try:
-                certs[name] = x509.load_der_x509_certificate(d[name])
-            except (ValueError, TypeError):
-                raise ProvisioningFormatError(
-                    f"provisioning data: {name} is not DER X.509"
-                ) from None
         try:
-            key = load_spki(d["firmware_signing_key"], what="firmware-signing key")
+            for name in ("device_certificate", "production_ca_certificate", "oem_root_certificate"):
+                what = f"provisioning data: {name.replace('_', ' ')}"
+                certs[name] = untrusted.load_certificate(d[name], what=what)
+            key = untrusted.load_public_key(
+                d["firmware_signing_key"],
+                what="provisioning data: firmware-signing key",
+                curves=(Curve.P256,),
+            )
         except FormatError as exc:
-            raise ProvisioningFormatError(f"provisioning data: {exc}") from None
+            raise ProvisioningFormatError(str(exc)) from None
         return cls(
             **certs,
             firmware_signing_key=key,

@@ -35,7 +35,9 @@ from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from securethread.errors import DeviceRefusedError, FormatError
 from securethread.formats import cbor
-from securethread.keys.ecutil import load_spki, spki_der
+from securethread.keys.ecutil import spki_der
+from securethread.keys.policy import Curve
+from securethread.pki import untrusted
 
 __all__ = [
     "CHALLENGE_SIZE",
@@ -209,11 +211,14 @@ class IdentityVerifier:
                 f"device {r.device_id}: response answers another challenge (stale or replayed)"
             )
         try:
-            cert = x509.load_der_x509_certificate(r.vendor_certificate)
-        except ValueError:
-            raise IdentificationFormatError(
-                f"device {r.device_id}: vendor certificate is not DER X.509"
-            ) from None
+            # Every field read below (issuer, key, extensions, subject CN) is parsed here.
+            cert = untrusted.load_certificate(
+                r.vendor_certificate,
+                what=f"device {r.device_id}: vendor certificate",
+                curves=(Curve.P256,),
+            )
+        except FormatError as exc:
+            raise IdentificationFormatError(str(exc)) from None
         root_key = self._roots.get(cert.issuer.public_bytes())
         if root_key is None:
             raise UnknownVendorError(
@@ -223,13 +228,12 @@ class IdentityVerifier:
         # The answering key must be the certified key byte for byte; the certificate's
         # parsed key is then the one to verify with (no second parse of the same SPKI).
         key = cert.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or spki_der(key) != r.public_key:
+        assert isinstance(key, ec.EllipticCurvePublicKey)  # P-256: checked by the loader
+        if spki_der(key) != r.public_key:
             self._check_answering_key(r)  # a malformed or non-P-256 key is reported as such
             raise KeyMismatchError(
                 f"device {r.device_id}: answering key is not the vendor-certified key"
             )
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise IdentificationFormatError(f"device {r.device_id}: device keys are P-256")
         try:
             key.verify(
                 r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256
@@ -243,11 +247,11 @@ class IdentityVerifier:
     @staticmethod
     def _check_answering_key(r: IdentificationResponse) -> None:
         try:
-            key = load_spki(r.public_key, what="device public key")
+            untrusted.load_public_key(
+                r.public_key, what=f"device {r.device_id}: public key", curves=(Curve.P256,)
+            )
         except FormatError as exc:
-            raise IdentificationFormatError(f"device {r.device_id}: {exc}") from None
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise IdentificationFormatError(f"device {r.device_id}: device keys are P-256")
+            raise IdentificationFormatError(str(exc)) from None
 
     @staticmethod
     def _check_vendor_cert(

@@ -49,8 +49,10 @@ from securethread.formats import cbor
 from securethread.formats.envelope import ENVELOPE_VERSION, open_envelope, signed_bytes
 from securethread.formats.identity import check_device_id
 from securethread.formats.image import AesGcmKey, Manifest
-from securethread.keys.ecutil import fingerprint, load_spki, spki_der
+from securethread.keys.ecutil import fingerprint, spki_der
+from securethread.keys.policy import Curve
 from securethread.keys.protocol import PrivateKey, SecretKey
+from securethread.pki import untrusted
 
 __all__ = [
     "LICENSE_KIND",
@@ -305,9 +307,11 @@ def open_license(
     if outer["v"] != VERSION:
         raise LicenseFormatError(f"license: unsupported version {outer['v']!r}")
     try:
-        cert = x509.load_der_x509_certificate(outer["certificate"])
-    except ValueError:
-        raise LicenseFormatError("license: signer certificate is not DER X.509") from None
+        cert = untrusted.load_certificate(
+            outer["certificate"], what="license: signer certificate", curves=(Curve.P256,)
+        )
+    except FormatError as exc:
+        raise LicenseFormatError(str(exc)) from None
     try:
         validate_enclave_certificate(
             cert, oem_root, purpose=EnclavePurpose.LICENSE_SIGNING, role="programmer", at=at
@@ -335,11 +339,11 @@ def open_license(
             f"license is for image {lic.image_id!r}, not {image_id!r} (or another image key)"
         )
     try:
-        ka_pub = load_spki(lic.ka_public_key, what="license KA key")
+        ka_pub = untrusted.load_public_key(
+            lic.ka_public_key, what="license: KA key", curves=(Curve.P256,)
+        )
     except FormatError as exc:
         raise LicenseFormatError(str(exc)) from None
-    if not isinstance(ka_pub.curve, ec.SECP256R1):
-        raise LicenseFormatError("license: KA key is not P-256")
     z = device_key.exchange(ec.ECDH(), ka_pub)
     # SoftHSM's CKD_NULL AES-256 key = the rightmost 32 bytes of Z (SOFTHSM_NOTES).
     kek = _aes_ecb(z[-32:], kek_input(lic.device_id, lic.image_id, lic.nonce))

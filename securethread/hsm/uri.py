@@ -36,6 +36,8 @@ _PATH_ATTRS = frozenset(
 _QUERY_ATTRS = frozenset({"pin-source", "pin-value", "module-name", "module-path"})
 _OBJECT_TYPES = frozenset({"public", "private", "cert", "secret-key", "data"})
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: CK_SLOT_ID is a CK_ULONG (PKCS#11 v3.0 §3.2): below 2**64, at most 20 decimal digits.
+_MAX_SLOT_DIGITS = 20
 
 
 def _unquote(value: str, what: str) -> bytes:
@@ -50,7 +52,10 @@ def _unquote(value: str, what: str) -> bytes:
             out.append(int(value[i + 1 : i + 3], 16))
             i += 3
         else:
-            out += c.encode("utf-8")
+            try:
+                out += c.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate is no character (RFC 3629 §3)
+                raise URIError(f"PKCS#11 URI: {what!r} holds a non-character") from None
             i += 1
     return bytes(out)
 
@@ -108,8 +113,14 @@ class PKCS11URI:
                 text = _text(raw, name)
                 # RFC 7512 §2.3: slot-id = 1*DIGIT (ASCII only; str.isdigit() also takes
                 # "²", which int() refuses, and "١", which int() reads as 1).
-                if not (text.isascii() and text.isdigit()):
-                    raise URIError(f"PKCS#11 URI: slot-id {text!r} is not a decimal number")
+                if (
+                    not (text.isascii() and text.isdigit())
+                    or len(text) > _MAX_SLOT_DIGITS
+                    or int(text) >= 1 << 64
+                ):
+                    raise URIError(
+                        f"PKCS#11 URI: slot-id {text[:32]!r} is not a decimal number below 2^64"
+                    )
                 fields["slot_id"] = int(text)
             elif name == "type":
                 text = _text(raw, name)

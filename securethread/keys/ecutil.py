@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.utils import Buffer
 
-from securethread.errors import FormatError, InvalidPointError, KeyPolicyError
+from securethread.errors import InvalidPointError, KeyPolicyError
 from securethread.keys.policy import Curve
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def public_from_point(curve: Curve, point: bytes) -> ec.EllipticCurvePublicKey:
     """Load an uncompressed SEC1 point (X9.62 §4.3.6), refusing points not on the curve."""
     try:
         return ec.EllipticCurvePublicKey.from_encoded_point(_CURVE_OBJECTS[curve], point)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: not a bytes-like point
         raise InvalidPointError(f"EC point is not a valid {curve.name} point: {exc}") from None
 
 
@@ -64,15 +64,11 @@ def spki_der(key: ec.EllipticCurvePublicKey) -> bytes:
 
 
 def load_spki(der: bytes, *, what: str = "public key") -> ec.EllipticCurvePublicKey:
-    """Load a DER SubjectPublicKeyInfo holding a P-256/P-384 key, or raise FormatError."""
-    try:
-        key = serialization.load_der_public_key(der)
-    except (ValueError, TypeError) as exc:
-        raise FormatError(f"{what}: not a DER SubjectPublicKeyInfo ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise FormatError(f"{what}: not an EC key")
-    curve_of(key)
-    return key
+    """Load a canonical DER SubjectPublicKeyInfo holding a P-256/P-384 key, or raise
+    FormatError: the hardened loader for keys from outside (securethread.pki.untrusted)."""
+    from securethread.pki.untrusted import load_public_key  # pki imports keys: not at top
+
+    return load_public_key(der, what=what)
 
 
 def fingerprint(key: ec.EllipticCurvePublicKey) -> bytes:
