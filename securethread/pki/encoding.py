@@ -8,6 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import FormatError
+from . import untrusted
 
 MAX_CERT_SIZE = 16 * 1024
 
@@ -33,36 +34,17 @@ def _bytes(data: object, what: str) -> bytes:
 
 def load_der(data: bytes) -> x509.Certificate:
     """Load one DER certificate; FormatError on anything else (including trailing bytes)."""
-    raw = _bytes(data, "DER certificate")
-    try:
-        cert = x509.load_der_x509_certificate(raw)
-    except ValueError as exc:
-        raise FormatError(f"not a DER X.509 certificate: {exc}") from None
-    if to_der(cert) != raw:
-        raise FormatError("DER certificate is not in canonical encoding")
-    return cert
+    return untrusted.load_certificate(data, what="DER certificate")
 
 
 def from_pem(data: bytes) -> x509.Certificate:
     """Load exactly one PEM certificate; FormatError on garbage or several."""
-    raw = _bytes(data, "PEM certificate")
-    if raw.count(b"-----BEGIN ") != 1:
-        raise FormatError("expected exactly one PEM block")
-    try:
-        return x509.load_pem_x509_certificate(raw)
-    except ValueError as exc:
-        raise FormatError(f"not a PEM X.509 certificate: {exc}") from None
+    return untrusted.load_certificate_pem(data, what="PEM certificate")
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     """Load a PKCS#10 request (RFC 2986), DER or PEM; FormatError on garbage."""
-    raw = _bytes(data, "CSR")
-    try:
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_csr(raw)
-        return x509.load_der_x509_csr(raw)
-    except ValueError as exc:
-        raise FormatError(f"not a PKCS#10 certificate request: {exc}") from None
+    return untrusted.load_csr(data, what="CSR")
 
 
 def cert_fingerprint(cert: x509.Certificate) -> bytes:
