@@ -1,560 +1,750 @@
-"""The ``securethread`` command: a thin layer over the library (no logic of its own).
+"""The ``securethread`` command: one subcommand group per party, each a few lines over the
+library (docs/cli.md).
 
-One subcommand per ceremony step (:mod:`securethread.ceremony`, on a work directory), the
-whole demo, and the offline checks an auditor runs.  Exit codes: 0 success; 2 usage or
-configuration (also a step run out of order); 3 token (HSM) error; 4 verification failure
-(bad signature, tampered or malformed artefact, devices refused); 5 quota; 1 anything else
-deliberate.  Every failure prints one line on stderr naming the problem, never a
-traceback.  PINs come from the environment (``SECURETHREAD_PIN_<TOKEN>``) or a prompt.
+``securethread oem ...`` runs at the OEM on the OEM's work directory, ``securethread
+programmer ...`` at the programming centre on its own, ``securethread audit ...`` anywhere
+with public files only, and ``securethread demo`` runs the two sites side by side.
+
+Exit codes: 0 success; 2 usage, configuration or a step out of order; 3 token (HSM) error;
+4 verification failure (bad signature, tampered or malformed artefact, devices refused);
+5 quota used up; 6 interrupted (SIGINT/SIGTERM; the run stopped cleanly); 1 an OS error
+(disk full, ...); 70 an internal error (a bug: please report it).  Every failure prints
+one line on stderr naming the problem, never a traceback; with ``--json`` it also prints a
+JSON error object on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import getpass
 import json
 import os
+import signal
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .errors import (
+from securethread import __version__
+from securethread.errors import (
     ConfigurationError,
     Error,
     HSMError,
-    PinMissingError,
     QuotaExceededError,
     VerificationError,
 )
 
 if TYPE_CHECKING:
-    from .ceremony import ProvisionProgress, StepResult
+    from securethread.workdir import StepResult
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_OS, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA, EXIT_INTERRUPTED = range(7)
+EXIT_INTERNAL = 70
 
 
-def _exit_code(exc: Error) -> int:
+class Interrupted(Error):
+    """The command was interrupted by SIGINT or SIGTERM."""
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code for an exception (module docstring)."""
+    if isinstance(exc, Interrupted) or type(exc).__name__ == "RunInterrupted":
+        return EXIT_INTERRUPTED
     if isinstance(exc, ConfigurationError):
         return EXIT_CONFIG
     if isinstance(exc, HSMError):
         return EXIT_HSM
-    if isinstance(exc, VerificationError):
-        return EXIT_VERIFY
     if isinstance(exc, QuotaExceededError):
         return EXIT_QUOTA
-    return EXIT_ERROR
+    if isinstance(exc, VerificationError):
+        return EXIT_VERIFY
+    if isinstance(exc, Error):
+        return EXIT_VERIFY if "Refused" in type(exc).__name__ else EXIT_OS
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, OSError):
+        return EXIT_OS
+    return EXIT_INTERNAL
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
-def _load_cert(path: str, what: str) -> Any:
-    from .pki import from_pem, load_der
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted: stopped by SIGINT"
+    if isinstance(exc, OSError) and not isinstance(exc, Error):
+        where = f" {exc.filename!r}" if exc.filename else ""
+        return f"OSError: {exc.strerror or exc}{where}"
+    if isinstance(exc, Error):
+        return f"{type(exc).__name__}: {_one_line(str(exc))}"
+    return f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); please report it"
 
-    data = _read(path, what)
-    return from_pem(data) if data.lstrip().startswith(b"-----BEGIN") else load_der(data)
+
+# --- output -------------------------------------------------------------------------------------
 
 
-def _emit(args: argparse.Namespace, human: str, machine: dict[str, Any]) -> None:
+def _emit(args: argparse.Namespace, human: str | Sequence[str], machine: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(machine, sort_keys=True, default=str))
     else:
-        print(human)
+        print(human if isinstance(human, str) else "\n".join(human))
 
 
-def _fail_line(command: str, exc: Error) -> str:
-    text = " ".join(str(exc).split())  # one line, whatever the message holds
-    return f"securethread {command}: {type(exc).__name__}: {text}"
-
-
-def _pin(label: str) -> str:
-    """The token's PIN from the environment, else from a prompt on a terminal."""
-    from .hsm import env_var_for, resolve_pin
-
-    try:
-        return resolve_pin(label)
-    except PinMissingError:
-        if not sys.stdin.isatty():
-            raise
-    pin = getpass.getpass(f"PIN for token {label!r}: ")
-    os.environ[env_var_for(label)] = pin  # provision's worker processes inherit it
-    return pin
-
-
-class _Progress:
-    """Provisioning progress on stderr: a bar redrawn in place, or plain lines."""
-
-    def __init__(self, mode: str, label: str) -> None:
-        self.mode = mode
-        self.label = label
-        self._last: ProvisionProgress | None = None
-        self._shown = 0.0
-        self._width = 0
-        self._lock = threading.Lock()
-
-    @classmethod
-    @contextlib.contextmanager
-    def shown(cls, mode: str, label: str) -> Iterator[_Progress | None]:
-        """``mode`` auto: a bar when stderr is a terminal, nothing otherwise."""
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "none"
-        bar = None if mode == "none" else cls(mode, label)
-        try:
-            yield bar
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _text(self, p: ProvisionProgress) -> str:
-        counts = (
-            f"{p.handled}/{p.total} devices: {p.provisioned} provisioned, "
-            f"{p.refused} refused, {p.booted} booted"
-        )
-        if self.mode == "lines":
-            return f"[{self.label}] {counts}"
-        filled = 30 * p.handled // max(p.total, 1)
-        return f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {counts}"
-
-    def __call__(self, p: ProvisionProgress) -> None:
-        with self._lock:
-            self._last = p
-            now = time.monotonic()
-            if now - self._shown < (0.1 if self.mode == "bar" else 1.0):
-                return
-            self._shown = now
-            self._draw(p)
-
-    def _draw(self, p: ProvisionProgress) -> None:
-        text = self._text(p)
-        if self.mode == "bar":
-            sys.stderr.write("\r" + text.ljust(self._width))
-            self._width = len(text)
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._last is not None:
-                self._draw(self._last)
-            if self.mode == "bar" and self._width:
-                sys.stderr.write("\n")
-                sys.stderr.flush()
-
-
-# --- subcommands -------------------------------------------------------------------------------
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    def progress(msg: str) -> None:
-        print(f"[demo] {msg}", file=sys.stderr if args.json else sys.stdout, flush=True)
-
-    with _Progress.shown("auto", "provision") as bar:
-        summary = run_demo(
-            args.workdir,
-            devices=args.devices,
-            workers=args.workers,
-            progress=progress,
-            device_progress=bar,
-        )
-    human = "\n".join(
-        [
-            "securethread demo: the chain of trust, end to end",
-            f"  provisioned {summary['provisioned']}/{summary['devices_requested']} devices, "
-            f"{summary['booted']} booted the encrypted image",
-            f"  refused: {summary['refused_over_quota']} over quota, "
-            f"{summary['refused_not_targeted']} outside the job's targets; "
-            f"tampered image rejected by the SBM: {summary['tampered_rejected']}",
-            f"  ledger verified and reconciled: {summary['reconciled']}; "
-            f"transcripts verified: {summary['transcripts_verified']}",
-            f"  {summary['devices_per_s']} devices/s with {summary['workers']} worker(s); "
-            f"artefacts in {summary['workdir']}",
-        ]
-    )
-    if args.json:
-        print(json.dumps(summary, sort_keys=True))
-    else:
-        print(human)
-    return EXIT_OK
-
-
-def cmd_init_tokens(args: argparse.Namespace) -> int:
-    from softhsm_config import ensure_tokens
-
-    tdir = ensure_tokens(args.directory, args.labels, generate_missing_pins=args.generate_pins)
-    _emit(args, f"SOFTHSM2_CONF={tdir.conf}", {"softhsm2_conf": str(tdir.conf)})
-    return EXIT_OK
-
-
-# --- ceremony steps (securethread.ceremony), one subcommand each ---------------------------------
-
-
-def _step_result(args: argparse.Namespace, result: StepResult, lines: Sequence[str] = ()) -> int:
-    """Print a step's result; a step that ran but left something undone exits non-zero."""
-    if args.json:
-        print(json.dumps(result.to_json(), sort_keys=True, default=str))
-    else:
-        out = [f"{result.step}: done in {result.workdir}", *lines]
-        if result.written:
-            out.append("  wrote " + ", ".join(result.written))
-        for a in result.anchors:
-            out.append(f"  transcript anchor {a.enclave} record #{a.seq}: {a.head.hex()}")
-        if result.anchors:
-            out.append("  (kept in minutes.txt; an auditor checks with verify-transcript --anchor)")
-        print("\n".join(out))
-    if result.problem is not None:
-        print(_fail_line(args.command, result.problem), file=sys.stderr)
-        return _exit_code(result.problem)
-    return EXIT_OK
-
-
-def cmd_oem_init(args: argparse.Namespace) -> int:
-    from .ceremony import oem_init
-
-    return _step_result(args, oem_init(args.workdir, pin=_pin))
-
-
-def cmd_onboard_programmer(args: argparse.Namespace) -> int:
-    from .ceremony import onboard_programmer
-
-    return _step_result(args, onboard_programmer(args.workdir, pin=_pin))
-
-
-def cmd_master_image(args: argparse.Namespace) -> int:
-    from .ceremony import master_image
-
-    r = master_image(args.workdir, firmware=args.firmware, pin=_pin)
-    return _step_result(args, r, [f"  firmware of {r.details['firmware_bytes']} bytes mastered"])
-
-
-def cmd_transfer_keys(args: argparse.Namespace) -> int:
-    from .ceremony import transfer_keys
-
-    r = transfer_keys(args.workdir, pin=_pin)
-    return _step_result(args, r, [f"  transferred {', '.join(r.details['keys'])} (wrapped)"])
-
-
-def cmd_issue_job(args: argparse.Namespace) -> int:
-    from .ceremony import issue_job
-
-    r = issue_job(args.workdir, quota=args.quota, targets=args.targets, pin=_pin)
-    d = r.details
-    return _step_result(
-        args, r, [f"  job {d['job']}: quota {d['quota']} among {d['targets']} target devices"]
-    )
-
-
-def cmd_provision(args: argparse.Namespace) -> int:
-    from .ceremony import provision
-
-    with _Progress.shown(args.progress, "provision") as bar:
-        r = provision(
-            args.workdir,
-            devices=args.devices,
-            first=args.first,
-            workers=args.workers,
-            batch_size=args.batch_size,
-            progress=bar,
-            pin=_pin,
-        )
-    d = r.details
-    refused = ", ".join(f"{n} {k}" for k, n in sorted(d["refused"].items())) or "none"
-    lines = [
-        f"  {d['devices']} devices: {d['provisioned']} provisioned, {d['booted']} booted, "
-        f"{d['already_provisioned']} already provisioned; refused: {refused}",
-        f"  quota: {d['quota_used']} of {d['quota']} used; {d['devices_per_s']} devices/s "
-        f"with {d['workers']} worker(s)",
+def _step(args: argparse.Namespace, result: StepResult, lines: Sequence[str] = ()) -> int:
+    """Print a step's result; its ``problem`` (devices refused, quota) sets the exit code."""
+    human = [f"{result.step}: done in {result.workdir}", *lines]
+    human += [f"  wrote {w}" for w in result.written]
+    human += [
+        f"  transcript anchor ({a.enclave}): record #{a.seq} {a.head.hex()}" for a in result.anchors
     ]
-    if d["unprogrammed"]:
-        lines.append(
-            f"  {len(d['unprogrammed'])} device(s) in the ledger were never programmed "
-            "(an earlier run stopped between provisioning and programming)"
-        )
-    return _step_result(args, r, lines)
+    machine = {"ok": result.problem is None, **result.to_json()}
+    if result.problem is not None:
+        machine["error"] = {
+            "type": type(result.problem).__name__,
+            "message": str(result.problem),
+            "exit_code": exit_code(result.problem),
+        }
+    _emit(args, human, machine)
+    if result.problem is not None:
+        print(f"securethread: {_describe(result.problem)}", file=sys.stderr)
+        return exit_code(result.problem)
+    return EXIT_OK
 
 
-def cmd_export_ledger(args: argparse.Namespace) -> int:
-    from .ceremony import export_ledger
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigurationError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
 
-    r = export_ledger(args.workdir, pin=_pin)
+
+# --- oem ----------------------------------------------------------------------------------------
+
+
+def oem_init(a: argparse.Namespace) -> int:
+    from securethread.oem import init
+
+    r = init(a.workdir, name=a.name, officers=a.officers, threshold=a.threshold)
+    return _step(
+        a, r, [f"  OEM root fingerprint (give it to programmers): {r.details['root_fingerprint']}"]
+    )
+
+
+def oem_certify_programmer(a: argparse.Namespace) -> int:
+    from securethread.oem import certify_programmer
+
+    return _step(a, certify_programmer(a.workdir, a.request, fingerprint=a.fingerprint))
+
+
+def oem_master_image(a: argparse.Namespace) -> int:
+    from securethread.oem import master_image
+
+    r = master_image(
+        a.workdir,
+        a.firmware,
+        image_id=a.image_id,
+        version=a.version,
+        security_counter=a.security_counter,
+        device_class=a.device_class,
+    )
+    return _step(a, r)
+
+
+def oem_send_keys(a: argparse.Namespace) -> int:
+    from securethread.oem import send_keys
+
+    host, port = _hostport(a.connect)
+    r = send_keys(a.workdir, to=a.to, image=a.image, host=host, port=port, timeout=a.timeout)
+    return _step(a, r)
+
+
+def oem_seal_keys(a: argparse.Namespace) -> int:
+    from securethread.oem import seal_keys
+
+    return _step(a, seal_keys(a.workdir, to=a.to, image=a.image, out=a.out))
+
+
+def oem_confirm_keys(a: argparse.Namespace) -> int:
+    from securethread.oem import confirm_keys
+
+    return _step(a, confirm_keys(a.workdir, a.receipt))
+
+
+def oem_issue_job(a: argparse.Namespace) -> int:
+    from securethread.oem import issue_job
+
+    return _step(a, issue_job(a.workdir, a.spec, ca_request=a.ca_request))
+
+
+def oem_reconcile(a: argparse.Namespace) -> int:
+    from securethread.oem import reconcile
+
+    r = reconcile(a.workdir, a.ledger, job_id=a.job)
     d = r.details
-    return _step_result(
-        args,
+    return _step(
+        a,
         r,
         [
-            f"  ledger verified: {d['records']} records ({d['provisioned']} provisioned, "
-            f"{d['programmed']} programmed), {d['checkpoints']} signed checkpoints; run closed"
+            f"  reconciled: job {d['job']}: {d['provisioned']} provisioned, "
+            f"{d['programmed']} programmed, quota {d['quota_used']} of {d['quota']}"
         ],
     )
 
 
-def cmd_verify_ledger(args: argparse.Namespace) -> int:
-    from securethread.formats import ledger
-    from securethread.formats.job import job_hash
+def oem_revoke(a: argparse.Namespace) -> int:
+    from securethread.oem import revoke
 
-    key = _load_cert(args.ledger_cert, "ledger certificate").public_key()
-    try:
-        src = open(args.ledger, "rb")
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read ledger {args.ledger!r}: {exc.strerror}") from None
-    with src:
-        job_signed, items = ledger.read_export(src)
-        s = ledger.verify_ledger(items, job=job_hash(job_signed), ledger_key=key)
+    r = revoke(
+        a.workdir,
+        job_id=a.job,
+        devices=a.device or [],
+        production_ca=a.production_ca,
+        reason=a.reason,
+        out=a.out,
+    )
+    return _step(a, r)
+
+
+# --- programmer ------------------------------------------------------------------------------------
+
+
+def programmer_init(a: argparse.Namespace) -> int:
+    from securethread.programmer import init
+
+    return _step(a, init(a.workdir, name=a.name))
+
+
+def programmer_enrol(a: argparse.Namespace) -> int:
+    from securethread.programmer import enrol
+
+    r = enrol(a.workdir)
+    return _step(a, r, [f"  identity fingerprint (read it to the OEM): {r.details['fingerprint']}"])
+
+
+def programmer_install_certs(a: argparse.Namespace) -> int:
+    from securethread.programmer import install_certs
+
+    return _step(a, install_certs(a.workdir, a.bundle, root_fingerprint=a.root_fingerprint))
+
+
+def programmer_receive_keys(a: argparse.Namespace) -> int:
+    from securethread.programmer import receive_keys
+
+    host, port = _hostport(a.listen)
+
+    def ready(addr: tuple[str, int]) -> None:
+        # The bound address, for scripts that listen on port 0: one line on stderr.
+        print(f"listening on {addr[0]}:{addr[1]}", file=sys.stderr, flush=True)
+
+    return _step(a, receive_keys(a.workdir, host=host, port=port, timeout=a.timeout, ready=ready))
+
+
+def programmer_open_keys(a: argparse.Namespace) -> int:
+    from securethread.programmer import open_keys
+
+    return _step(a, open_keys(a.workdir, a.package))
+
+
+def programmer_request_ca(a: argparse.Namespace) -> int:
+    from securethread.programmer import request_ca
+
+    return _step(a, request_ca(a.workdir, job_id=a.job))
+
+
+def programmer_open_job(a: argparse.Namespace) -> int:
+    from securethread.programmer import open_job
+
+    return _step(a, open_job(a.workdir, a.package, image=a.image))
+
+
+def programmer_provision(a: argparse.Namespace) -> int:
+    from securethread.demo.line import provision_simulated
+
+    r = provision_simulated(
+        a.workdir,
+        job_id=a.job,
+        vendor=a.vendor,
+        devices=a.devices,
+        first=a.first,
+        workers=a.workers,
+        batch_size=a.batch_size,
+        progress=None if a.json else a.progress,
+    )
+    d = r.details
+    return _step(
+        a,
+        r,
+        [
+            f"  {d['provisioned']} provisioned, {d['booted']} booted, "
+            f"{d.get('recovered', 0)} recovered from an earlier run, "
+            f"quota {d['quota_used']} of {d['quota']}"
+        ],
+    )
+
+
+def programmer_close_job(a: argparse.Namespace) -> int:
+    from securethread.programmer import close_job
+
+    return _step(a, close_job(a.workdir, job_id=a.job))
+
+
+# --- audit -----------------------------------------------------------------------------------------
+
+
+def audit_verify_ledger(a: argparse.Namespace) -> int:
+    from securethread.audit import verify_ledger_file
+
+    s = verify_ledger_file(a.ledger, ledger_cert=a.ledger_cert, root=a.root)
     _emit(
-        args,
-        f"ledger verified: {s.records} records ({s.provisioned} provisioned, "
-        f"{s.programmed} programmed), {s.checkpoints} signed checkpoints",
-        {
-            "ledger_verified": True,
-            **{k: getattr(s, k) for k in ("records", "provisioned", "programmed", "checkpoints")},
-        },
+        a,
+        f"ledger verified: {s['records']} records ({s['provisioned']} provisioned, "
+        f"{s['programmed']} programmed), closed, {s['checkpoints']} checkpoints",
+        {"ok": True, "verified": True, **s},
     )
     return EXIT_OK
 
 
-_RECONCILE_FILES = ("ledger", "root", "officers", "programmer_cert", "ledger_cert", "production_ca")
+def audit_verify_transcript(a: argparse.Namespace) -> int:
+    from securethread.audit import verify_transcript_file
+
+    s = verify_transcript_file(a.transcript, cert=a.cert, anchor=a.anchor)
+    _emit(
+        a,
+        [f"transcript verified: {s['records']} records, head #{s['seq']} {s['head']}", *s["lines"]],
+        {"ok": True, "verified": True, **{k: v for k, v in s.items() if k != "lines"}},
+    )
+    return EXIT_OK
 
 
-def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .ceremony import reconcile as reconcile_step
-    from .ceremony import reconcile_files
+def audit_reconcile(a: argparse.Namespace) -> int:
+    from securethread.audit import reconcile_files
 
-    given = [name for name in _RECONCILE_FILES if getattr(args, name) is not None]
-    if args.workdir is not None:
-        if given:
-            raise ConfigurationError("give either --workdir or the ledger and its certificates")
-        r = reconcile_step(args.workdir, pin=_pin)
-        d = r.details
-        return _step_result(
-            args,
-            r,
-            [
-                f"  job {d['job_id']}: {d['records']} ledger records verified; provisioned "
-                f"{d['provisioned']} of quota {d['quota']}, programmed {d['programmed']}"
-            ],
-        )
-    missing = [n for n in _RECONCILE_FILES if n not in given]
-    if missing:
-        names = ", ".join(
-            "LEDGER" if n == "ledger" else "--" + n.replace("_", "-") for n in missing
-        )
-        raise ConfigurationError(f"missing {names} (or give --workdir DIR)")
     report = reconcile_files(
-        args.ledger,
-        root=args.root,
-        officers=args.officers,
-        programmer_cert=args.programmer_cert,
-        ledger_cert=args.ledger_cert,
-        production_ca=args.production_ca,
-    )
-    if args.json:
-        print(report.to_json())
-    else:
-        print(report.human())
-    return EXIT_OK
-
-
-def cmd_verify_transcript(args: argparse.Namespace) -> int:
-    from securethread.formats.transcript import verify_transcript
-
-    anchor = None
-    if args.anchor is not None:
-        try:
-            anchor = bytes.fromhex(args.anchor)
-        except ValueError:
-            anchor = b""
-        if len(anchor) != 32:
-            raise ConfigurationError("--anchor must be 64 hex digits (a transcript record hash)")
-    cert = _load_cert(args.cert, "signer certificate")
-    _read(args.transcript, "transcript")
-    s = verify_transcript(Path(args.transcript), public_key=cert.public_key(), anchor=anchor)
-    lines = [f"transcript of {s.enclave!r}: {len(s.records)} records verified"]
-    out = []
-    for r in s.records:
-        keys = ", ".join(k.label for k in r.keys)
-        certs = ", ".join(c.subject for c in r.certificates)
-        lines.append(
-            f"  #{r.seq} {r.timestamp} {r.operation}"
-            + (f"  keys: {keys}" if keys else "")
-            + (f"  certs: {certs}" if certs else "")
-        )
-        out.append(
-            {
-                "seq": r.seq,
-                "operation": r.operation,
-                "time": r.timestamp,
-                "keys": [k.label for k in r.keys],
-                "certificates": [c.subject for c in r.certificates],
-            }
-        )
-    last = s.records[-1].seq
-    lines.append(
-        f"head: record #{last} {s.head.hex()}"
-        + (" (the anchor given is in the chain)" if anchor else " (no anchor given)")
+        a.ledger,
+        job=a.job,
+        root=a.root,
+        officers=a.officers,
+        programmer_cert=a.programmer_cert,
+        ledger_cert=a.ledger_cert,
+        production_ca=a.production_ca,
     )
     _emit(
-        args,
-        "\n".join(lines),
-        {
-            "transcript_verified": True,
-            "enclave": s.enclave,
-            "records": out,
-            "head": s.head.hex(),
-            "anchor_checked": anchor is not None,
-        },
+        a,
+        f"reconciled: {report['provisioned']} provisioned, {report['programmed']} programmed, "
+        f"quota {report['quota_used']} of {report['quota']}",
+        {"ok": True, "reconciled": True, **report},
     )
     return EXIT_OK
 
 
-_VERIFY_WITH = {
-    "ledger": "verify-ledger or reconcile",
-    "ledger-record": "verify-ledger or reconcile on its ledger",
-    "transcript": "verify-transcript",
-}
+def audit_inspect(a: argparse.Namespace) -> int:
+    from securethread.audit import inspect_file
 
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from securethread.audit.inspect import describe
-
-    data = _read(args.file, "artefact")
-    try:
-        view = describe(data, record=args.record)
-    except VerificationError as exc:
-        raise type(exc)(f"{args.file}: {exc}") from None
-    kind = view["kind"]
-    how = _VERIFY_WITH.get(kind, "its signer's key")
-    head = f"{kind} {args.file}: UNVERIFIED (inspect checks no signature; verify with {how})"
-    if kind == "ledger":
-        body = "\n".join(json.dumps(r, sort_keys=True) for r in view["records"])
+    view = inspect_file(a.file, record=a.record)
+    if a.json:
+        print(json.dumps({"ok": True, **view}, sort_keys=True, default=str))
     else:
-        body = json.dumps(view, indent=2, sort_keys=True)
-    _emit(args, f"{head}\n{body}", view)
+        print(json.dumps(view, indent=2, sort_keys=True, default=str))
     return EXIT_OK
 
 
-# --- parser ------------------------------------------------------------------------------------
+# --- demo ------------------------------------------------------------------------------------------
+
+
+def demo(a: argparse.Namespace) -> int:
+    from securethread.demo import run_demo
+
+    summary = run_demo(
+        a.workdir,
+        devices=a.devices,
+        workers=a.workers,
+        log=None if a.json else (lambda m: print(m, file=sys.stderr, flush=True)),
+    )
+    _emit(
+        a,
+        summary["lines"],
+        {"ok": summary["ok"], **{k: v for k, v in summary.items() if k != "lines"}},
+    )
+    return EXIT_OK if summary["ok"] else EXIT_VERIFY
+
+
+# --- the parser ----------------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit code 2 (the CLI's contract)."""
+    """Usage errors as one line and exit code 2 (and a JSON error under --json)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG, f"{self.prog}: usage error: {message}\n")
+        if "--json" in sys.argv[1:]:
+            print(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "error": {
+                            "type": "UsageError",
+                            "message": message,
+                            "exit_code": EXIT_CONFIG,
+                        },
+                    }
+                )
+            )
+        print(f"{self.prog}: usage error: {_one_line(message)}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+
+
+Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="securethread", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(
+        prog="securethread",
+        description="Secure production of IoT devices: OEM, programming centre, audit.",
+    )
+    p.add_argument("--version", action="version", version=f"securethread {__version__}")
+    roles = p.add_subparsers(
+        dest="role", required=True, metavar="{oem,programmer,audit,demo}", parser_class=_Parser
+    )
 
-    def add(
-        name: str, fn: Callable[[argparse.Namespace], int], help: str
-    ) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
-        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-        sp.set_defaults(func=fn)
+    def command(group: Any, name: str, handler: Handler, help: str, *, workdir: str | None) -> Any:
+        sp = group.add_parser(name, help=help, description=help)
+        sp.set_defaults(handler=handler)
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        if workdir is not None:
+            sp.add_argument("--workdir", required=True, metavar="DIR", help=workdir)
         return sp
 
-    d = add("demo", cmd_demo, "run the end-to-end production demo on local SoftHSM tokens")
-    d.add_argument("--devices", type=int, default=100)
-    d.add_argument("--workdir", required=True)
-    d.add_argument("--workers", type=int, default=1)
-
-    t = add("init-tokens", cmd_init_tokens, "create a project-local SoftHSM2 token directory")
-    t.add_argument("directory")
-    t.add_argument("labels", nargs="*", default=["oem", "programmer"])
-    t.add_argument("--generate-pins", action="store_true")
-
-    def step(
-        name: str, fn: Callable[[argparse.Namespace], int], help: str
-    ) -> argparse.ArgumentParser:
-        sp = add(name, fn, help)
-        sp.add_argument("--workdir", required=True, help="the ceremony's work directory")
-        return sp
-
-    step("oem-init", cmd_oem_init, "OEM key ceremony: tokens, root CA, signing and image keys")
-    step(
-        "onboard-programmer",
-        cmd_onboard_programmer,
-        "programmer identity and signing keys, certified by the OEM root",
+    oem_dir = "the OEM's work directory (made by 'oem init')"
+    oem = roles.add_parser("oem", help="steps that run at the OEM").add_subparsers(
+        dest="cmd", required=True, parser_class=_Parser
     )
-    m = step("master-image", cmd_master_image, "encrypt the firmware and sign its manifest")
-    m.add_argument("--firmware", help="plaintext image (default: random 256 KiB)")
-    step(
-        "transfer-keys",
-        cmd_transfer_keys,
-        "secure channel between the tokens; the image key moves wrapped",
+    c = command(
+        oem,
+        "init",
+        oem_init,
+        "flow 1: create the OEM's tokens, root CA, identity, firmware-signing and officer keys",
+        workdir="a new, empty directory for the OEM's work",
     )
-    j = step("issue-job", cmd_issue_job, "production CA and a job signed by two officers")
-    j.add_argument("--quota", type=int, required=True, help="devices the job allows")
-    j.add_argument("--targets", type=int, help="chip UIDs the job targets (default: the quota)")
-    pr = step("provision", cmd_provision, "provision and program a batch of simulated chips")
-    pr.add_argument("--devices", type=int, required=True, help="chips in the batch")
-    pr.add_argument("--first", type=int, default=0, help="index of the batch's first chip")
-    pr.add_argument("--workers", type=int, default=1)
-    pr.add_argument("--batch-size", type=int, default=32, help="devices per ledger commit")
-    pr.add_argument(
+    c.add_argument("--name", required=True, help="the OEM's name (letters, digits, . _ -)")
+    c.add_argument(
+        "--officers", type=int, default=2, help="job-signing officers, one token each (default 2)"
+    )
+    c.add_argument(
+        "--threshold", type=int, default=2, help="officers who must sign every job (default 2)"
+    )
+    c = command(
+        oem,
+        "certify-programmer",
+        oem_certify_programmer,
+        "flow 2: certify a programmer enclave from its enrolment request",
+        workdir=oem_dir,
+    )
+    c.add_argument("request", help="the programmer's enrolment-request.bin")
+    c.add_argument(
+        "--fingerprint",
+        required=True,
+        help="the enclave's identity fingerprint, as given out of band",
+    )
+    c = command(
+        oem,
+        "master-image",
+        oem_master_image,
+        "flow 3: encrypt a firmware image in the OEM token and sign its manifest",
+        workdir=oem_dir,
+    )
+    c.add_argument("firmware", help="the plaintext firmware image")
+    c.add_argument("--image-id", required=True, help="the image's name")
+    c.add_argument("--version", required=True, help="the image's version string")
+    c.add_argument("--security-counter", type=int, required=True, help="anti-rollback counter")
+    c.add_argument("--device-class", required=True, help="the device class the image is for")
+    c = command(
+        oem,
+        "send-keys",
+        oem_send_keys,
+        "flows 4-5: send an image key to a programmer over the authenticated channel (TCP)",
+        workdir=oem_dir,
+    )
+    c.add_argument("--to", required=True, help="the programmer to send to (refuses any other peer)")
+    c.add_argument("--image", required=True, help="the image whose key is sent")
+    c.add_argument(
+        "--connect", required=True, metavar="HOST:PORT", help="where the programmer listens"
+    )
+    c.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each message (default 30)"
+    )
+    c = command(
+        oem,
+        "seal-keys",
+        oem_seal_keys,
+        "offline flow 5: seal an image key to a programmer's certified key",
+        workdir=oem_dir,
+    )
+    c.add_argument("--to", required=True, help="the programmer the package is for")
+    c.add_argument("--image", required=True, help="the image whose key is sealed")
+    c.add_argument("--out", required=True, help="where to write the sealed package")
+    c = command(
+        oem,
+        "confirm-keys",
+        oem_confirm_keys,
+        "verify a programmer's signed receipt for a sealed key package",
+        workdir=oem_dir,
+    )
+    c.add_argument("receipt", help="the programmer's key-receipt file")
+    c = command(
+        oem,
+        "issue-job",
+        oem_issue_job,
+        "flow 6: certify the job's production CA and have the officers sign the job",
+        workdir=oem_dir,
+    )
+    c.add_argument("spec", help="the job spec (TOML, docs/cli.md)")
+    c.add_argument(
+        "--ca-request", required=True, help="the programmer's production-CA request for this job"
+    )
+    c = command(
+        oem,
+        "reconcile",
+        oem_reconcile,
+        "flow 9: reconcile a returned ledger against the job this OEM issued",
+        workdir=oem_dir,
+    )
+    c.add_argument("ledger", help="the programmer's ledger export")
+    c.add_argument("--job", required=True, help="the job id")
+    c = command(
+        oem,
+        "revoke",
+        oem_revoke,
+        "write a CRL revoking device certificates or a job's production CA",
+        workdir=oem_dir,
+    )
+    c.add_argument(
+        "--job", required=True, help="the job whose devices or production CA are revoked"
+    )
+    c.add_argument(
+        "--device", action="append", help="a device certificate (PEM) to revoke; repeatable"
+    )
+    c.add_argument(
+        "--production-ca", action="store_true", help="revoke the job's production CA itself"
+    )
+    c.add_argument(
+        "--reason", default="unspecified", help="RFC 5280 reason (keyCompromise, superseded, ...)"
+    )
+    c.add_argument("--out", required=True, help="where to write the CRL (PEM)")
+
+    prog_dir = "the programming centre's work directory (made by 'programmer init')"
+    prog = roles.add_parser(
+        "programmer", help="steps that run at the programming centre"
+    ).add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    c = command(
+        prog,
+        "init",
+        programmer_init,
+        "create the programmer's work directory and token",
+        workdir="a new, empty directory for the programmer's work",
+    )
+    c.add_argument("--name", required=True, help="the programmer enclave's name")
+    command(
+        prog,
+        "enrol",
+        programmer_enrol,
+        "flow 2: generate the enclave's keys and write the enrolment request",
+        workdir=prog_dir,
+    )
+    c = command(
+        prog,
+        "install-certs",
+        programmer_install_certs,
+        "install the OEM's certificate bundle",
+        workdir=prog_dir,
+    )
+    c.add_argument("bundle", help="the OEM's certificates-<name>.bin")
+    c.add_argument(
+        "--root-fingerprint", required=True, help="the OEM root's fingerprint, as given out of band"
+    )
+    c = command(
+        prog,
+        "receive-keys",
+        programmer_receive_keys,
+        "flows 4-5: wait for one OEM key session on HOST:PORT",
+        workdir=prog_dir,
+    )
+    c.add_argument(
+        "--listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="address to listen on (port 0: any free port)",
+    )
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the OEM and for each message (default 300)",
+    )
+    c = command(
+        prog,
+        "open-keys",
+        programmer_open_keys,
+        "offline flow 5: open a sealed key package, write a signed receipt",
+        workdir=prog_dir,
+    )
+    c.add_argument("package", help="the sealed key package")
+    c = command(
+        prog,
+        "request-ca",
+        programmer_request_ca,
+        "generate a job's production-CA key and write its request",
+        workdir=prog_dir,
+    )
+    c.add_argument("--job", required=True, help="the job id the OEM will issue")
+    c = command(
+        prog,
+        "open-job",
+        programmer_open_job,
+        "verify a job package and open the job's quota",
+        workdir=prog_dir,
+    )
+    c.add_argument("package", help="the OEM's job-<id>.bin")
+    c.add_argument("--image", required=True, help="the encrypted image that came with it")
+    c = command(
+        prog,
+        "provision",
+        programmer_provision,
+        "flows 7-8: provision and program simulated chips; run again to resume",
+        workdir=prog_dir,
+    )
+    c.add_argument("--job", required=True, help="the job to produce")
+    c.add_argument(
+        "--vendor",
+        required=True,
+        metavar="DIR",
+        help="the simulated silicon vendor's directory (chips come from it)",
+    )
+    c.add_argument("--devices", type=int, required=True, help="chips in the batch")
+    c.add_argument(
+        "--first", type=int, default=0, help="index of the batch's first chip (default 0)"
+    )
+    c.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    c.add_argument(
+        "--batch-size", type=int, default=32, help="devices per ledger commit (default 32)"
+    )
+    c.add_argument(
         "--progress",
         choices=("auto", "bar", "lines", "none"),
         default="auto",
-        help="on stderr; auto: a bar on a terminal, nothing otherwise",
+        help="progress on stderr (default: a bar on a terminal)",
     )
-    step("export-ledger", cmd_export_ledger, "export and verify the ledger; close the run")
-
-    v = add("verify-ledger", cmd_verify_ledger, "verify a ledger export offline")
-    v.add_argument("ledger")
-    v.add_argument("--ledger-cert", required=True, help="the programmer's ledger-signing cert")
-
-    r = add("reconcile", cmd_reconcile, "OEM-side reconciliation of a returned ledger")
-    r.add_argument("ledger", nargs="?")
-    r.add_argument("--root")
-    r.add_argument("--officers", help="officer-key bundle signed by the root")
-    r.add_argument("--programmer-cert")
-    r.add_argument("--ledger-cert")
-    r.add_argument("--production-ca")
-    r.add_argument(
-        "--workdir", help="the ceremony step: files from DIR, report kept, OEM transcript"
+    c = command(
+        prog,
+        "close-job",
+        programmer_close_job,
+        "close a job: signed close record, ledger export in the outbox",
+        workdir=prog_dir,
     )
+    c.add_argument("--job", required=True, help="the job to close")
 
-    x = add("verify-transcript", cmd_verify_transcript, "verify a ceremony transcript offline")
-    x.add_argument("transcript")
-    x.add_argument("--cert", required=True, help="the enclave identity certificate")
-    x.add_argument("--anchor", help="a record hash written down earlier: must be in the chain")
-
-    i = add(
+    audit = roles.add_parser(
+        "audit", help="offline verification with public keys only"
+    ).add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    c = command(
+        audit,
+        "verify-ledger",
+        audit_verify_ledger,
+        "verify a ledger export: chain, checkpoints, close record",
+        workdir=None,
+    )
+    c.add_argument("ledger", help="the ledger export")
+    c.add_argument(
+        "--ledger-cert", required=True, help="the programmer's ledger-signing certificate"
+    )
+    c.add_argument(
+        "--root",
+        required=True,
+        help="the OEM root certificate the ledger certificate must chain to",
+    )
+    c = command(
+        audit,
+        "verify-transcript",
+        audit_verify_transcript,
+        "verify a party's ceremony transcript",
+        workdir=None,
+    )
+    c.add_argument("transcript", help="the transcript file")
+    c.add_argument("--cert", required=True, help="the party's identity certificate")
+    c.add_argument(
+        "--anchor", help="a record hash written down earlier (minutes): must be in the chain"
+    )
+    c = command(
+        audit,
+        "reconcile",
+        audit_reconcile,
+        "reconcile a ledger export against the job, from files",
+        workdir=None,
+    )
+    c.add_argument("ledger", help="the ledger export")
+    c.add_argument("--job", required=True, help="the signed job as the OEM issued it (job.bin)")
+    c.add_argument("--root", required=True, help="the OEM root certificate")
+    c.add_argument("--officers", required=True, help="the officer bundle signed by the root")
+    c.add_argument("--programmer-cert", required=True, help="the programmer's identity certificate")
+    c.add_argument(
+        "--ledger-cert", required=True, help="the programmer's ledger-signing certificate"
+    )
+    c.add_argument("--production-ca", required=True, help="the job's production-CA certificate")
+    c = command(
+        audit,
         "inspect",
-        cmd_inspect,
-        "print an artefact (job, manifest, license, ledger, ledger record, transcript), unverified",
+        audit_inspect,
+        "print any securethread artefact, marked UNVERIFIED",
+        workdir=None,
     )
-    i.add_argument("file")
-    i.add_argument("--record", type=int, help="one record of a ledger export, in full")
+    c.add_argument("file", help="the artefact")
+    c.add_argument("--record", type=int, help="one record of a ledger export, in full")
+
+    c = command(
+        roles,
+        "demo",
+        demo,
+        "the two-site demo: OEM, factory and vendor on local SoftHSM tokens",
+        workdir="a new directory for the demo (it refuses any other)",
+    )
+    c.add_argument("--devices", type=int, default=100, help="devices to produce (default 100)")
+    c.add_argument(
+        "--workers", type=int, default=1, help="provisioning worker processes (default 1)"
+    )
     return p
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(args.func(args))
-    except Error as exc:
-        print(_fail_line(args.command, exc), file=sys.stderr)
-        return _exit_code(exc)
-    except OSError as exc:  # a path that is not what it should be (file vs directory...)
-        where = f" {exc.filename!r}" if exc.filename else ""
-        print(f"securethread {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print(f"securethread {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return int(args.handler(args))
+    except BaseException as exc:  # the last-resort handler: one line, never a traceback
+        if isinstance(exc, SystemExit):
+            raise
+        code = exit_code(exc)
+        line = _describe(exc)
+        if getattr(args, "json", False):
+            print(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "error": {"type": type(exc).__name__, "message": line, "exit_code": code},
+                    }
+                )
+            )
+        print(
+            f"securethread {args.role} {getattr(args, 'cmd', '') or ''}: {line}".replace("  ", " "),
+            file=sys.stderr,
+        )
+        if os.environ.get("SECURETHREAD_DEBUG") and code == EXIT_INTERNAL:
+            import traceback
+
+            traceback.print_exc()
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,25 @@
-"""oem"""
+"""What runs at the OEM, with the OEM's tokens: one module per ceremony step.
+
+=====================  =======================================  ==========================
+step                   module                                   CLI
+=====================  =======================================  ==========================
+key ceremony           :mod:`~securethread.oem.ceremony`        ``oem init``
+onboarding             :mod:`~securethread.oem.onboarding`      ``oem certify-programmer``
+mastering              :mod:`~securethread.oem.mastering`       ``oem master-image``
+sending keys           :mod:`~securethread.oem.keys`            ``oem send-keys``,
+                                                                ``seal-keys``, ``confirm-keys``
+jobs                   :mod:`~securethread.oem.jobs`            ``oem issue-job``
+reconciliation         :mod:`~securethread.oem.reconcile`       ``oem reconcile``
+revocation             :mod:`~securethread.oem.revoke`          ``oem revoke``
+=====================  =======================================  ==========================
+
+Every step takes the OEM's work directory (:mod:`securethread.oem.layout`) and what it
+received from another party as a file; it verifies what it received before acting.
+"""
+
+from securethread.oem.ceremony import init
+from securethread.oem.jobs import issue_job
+from securethread.oem.mastering import master_image
+from securethread.oem.onboarding import certify_programmer
+
+__all__ = ["certify_programmer", "init", "issue_job", "master_image"]

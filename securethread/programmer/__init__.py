@@ -1,1 +1,21 @@
-"""programmer"""
+"""What runs at the programming centre, inside the programmer appliance (its token and the
+one process that holds its PIN): one module per step.
+
+=====================  ===========================================  ==========================
+step                   module                                       CLI
+=====================  ===========================================  ==========================
+enrolment              :mod:`~securethread.programmer.enrolment`    ``programmer init``,
+                                                                    ``enrol``, ``install-certs``
+receiving keys         :mod:`~securethread.programmer.keys`         ``receive-keys``,
+                                                                    ``open-keys``
+jobs                   :mod:`~securethread.programmer.jobs`         ``request-ca``,
+                                                                    ``open-job``, ``close-job``
+the production line    :mod:`~securethread.programmer.provision`    ``provision``
+                       (:mod:`.line`, :mod:`.runner`, :mod:`.store`)
+=====================  ===========================================  ==========================
+"""
+
+from securethread.programmer.enrolment import enrol, init, install_certs
+from securethread.programmer.jobs import close_job, open_job, request_ca
+
+__all__ = ["close_job", "enrol", "init", "install_certs", "open_job", "request_ca"]

@@ -1,0 +1,175 @@
+"""Flow 6 at the OEM: ``securethread oem issue-job SPEC --ca-request FILE``.
+
+From a job spec (:mod:`securethread.oem.jobspec`) and the programmer's production-CA
+request, the OEM
+
+1. checks what the job names exists here: the programmer is certified and has received the
+   image key, the image is mastered, the job id was never used;
+2. verifies the request under the programmer's certified identity key and certifies the
+   production CA for this job under the root;
+3. has the officers sign the job, each with the key in their own token (M-of-N);
+4. keeps the signed job (reconciliation later checks the returned ledger against *this*
+   job, never the copy the ledger carries) and writes the job package and the encrypted
+   image to the outbox.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+
+from securethread.errors import ConfigurationError, JobError
+from securethread.formats.job import ProductionJob, cosign_job, sign_job
+from securethread.formats.jobpackage import JobPackage, ProductionCARequest
+from securethread.formats.onboarding import OfficerBundle
+from securethread.formats.transcript import CertEntry, KeyEntry
+from securethread.keys import load_spki
+from securethread.oem import layout as L
+from securethread.oem.jobspec import load_job_spec
+from securethread.pki import cert_fingerprint, certify_production_ca, from_pem, to_der
+from securethread.workdir import StepResult, read_file, to_pem
+
+
+def issue_job(
+    workdir: str | os.PathLike[str],
+    spec_path: str | os.PathLike[str],
+    *,
+    ca_request: str | os.PathLike[str],
+) -> StepResult:
+    """Issue the job described by ``spec_path`` (see the module docstring)."""
+    work = L.open_oem(workdir)
+    spec = load_job_spec(spec_path)
+    jdir = L.job_dir(spec.job_id)
+    if work.exists(jdir):
+        raise JobError(f"job id {spec.job_id!r} was already used by this OEM ({jdir} exists)")
+    pdir = L.programmer_dir(spec.programmer)
+    work.require(
+        f"{pdir}/identity.pem", step="issue-job", needs=f"certify-programmer ({spec.programmer})"
+    )
+    idir = L.image_dir(spec.image)
+    work.require(f"{idir}/manifest.bin", step="issue-job", needs=f"master-image ({spec.image})")
+    if not (
+        work.exists(f"{pdir}/keys-{spec.image}.ack")
+        or work.exists(f"{pdir}/keys-{spec.image}.receipt")
+    ):
+        raise ConfigurationError(
+            f"issue-job needs the key of image {spec.image!r} delivered to {spec.programmer!r} "
+            "first (send-keys, or seal-keys and confirm-keys)"
+        )
+    manifest_bytes = work.read(f"{idir}/manifest.bin", "manifest")
+    programmer_cert = from_pem(work.read(f"{pdir}/identity.pem", "programmer certificate"))
+    request = ProductionCARequest.open(
+        read_file(ca_request, "production-CA request", limit=64 << 10),
+        programmer_key=programmer_cert.public_key(),  # type: ignore[arg-type]
+    )
+    if request.programmer != spec.programmer:
+        raise JobError(
+            f"the production-CA request comes from {request.programmer!r}, the job is for "
+            f"{spec.programmer!r}"
+        )
+    if request.job_id != spec.job_id:
+        raise JobError(
+            f"the production-CA request is for job {request.job_id!r}, not {spec.job_id!r}"
+        )
+    csr = request.certificate_request()
+    from securethread.formats.image import verify_manifest
+
+    manifest = verify_manifest(
+        manifest_bytes, key=_firmware_key(work.read(L.FIRMWARE_KEY, "firmware-signing key"))
+    )
+    device_class = spec.device_class or manifest.device_class
+    if device_class != manifest.device_class:
+        raise JobError(
+            f"the job's device class {device_class!r} is not the image's ({manifest.device_class!r})"
+        )
+
+    oem = work.open_token(L.TOKEN)
+    root_key = oem.private_key(L.L_ROOT)
+    root = oem.certificate(L.L_ROOT)
+    officers = OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), root.public_key())  # type: ignore[arg-type]
+    threshold = spec.threshold or officers.threshold
+    if not officers.threshold <= threshold <= len(officers.keys):
+        raise JobError(
+            f"threshold {threshold} is outside {officers.threshold}..{len(officers.keys)} "
+            "(the officer bundle's floor .. the number of officers)"
+        )
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    not_before, not_after = spec.window(now)
+    not_before = max(not_before, root.not_valid_before_utc)
+    pca = certify_production_ca(
+        root_key, root, csr, job_id=spec.job_id, not_before=not_before, not_after=not_after
+    )
+    job = ProductionJob(
+        job_id=spec.job_id,
+        device_class=device_class,
+        targets=spec.targets,
+        quota=spec.quota,
+        not_before=int(not_before.timestamp()),
+        not_after=int(not_after.timestamp()),
+        image_id=spec.image,
+        manifest_sha256=hashlib.sha256(manifest_bytes).digest(),
+        programmer=cert_fingerprint(programmer_cert),
+        threshold=threshold,
+    )
+    signers = []
+    for i in range(threshold):
+        token = work.open_token(L.officer_token(i + 1))
+        signers.append(token.private_key(L.L_OFFICER))
+    signed = sign_job(job, signers[:1])
+    for officer in signers[1:]:
+        signed = cosign_job(signed, officer)
+
+    tx = work.transcript(oem.private_key(L.L_IDENTITY))
+    tx.append(
+        "job-issuance",
+        keys=[KeyEntry.from_key(k) for k in signers],
+        certificates=[CertEntry.from_certificate(pca)],
+        artefacts={"job": hashlib.sha256(signed).digest()},
+        details={"job": spec.job_id, "quota": spec.quota, "programmer": spec.programmer},
+    )
+    package = JobPackage(job=signed, production_ca=to_der(pca), manifest=manifest_bytes)
+    written = [
+        work.write(f"outbox/job-{spec.job_id}.bin", package.to_bytes()),
+        _copy_image(
+            work.path(f"{idir}/image.enc"), work.path(f"outbox/image-{spec.image}.enc"), work.root
+        ),
+        work.write(f"{jdir}/spec.toml", read_file(spec_path, "job spec")),
+        work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
+    ]
+    written.append(work.write(f"{jdir}/job.bin", signed))  # last: marks the job issued
+    return work.finish(
+        "oem issue-job",
+        written,
+        [tx],
+        {
+            "job": spec.job_id,
+            "quota": spec.quota,
+            "threshold": threshold,
+            "package": f"outbox/job-{spec.job_id}.bin",
+            "image": f"outbox/image-{spec.image}.enc",
+        },
+    )
+
+
+def _firmware_key(pem: bytes):  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import serialization
+
+    from securethread.keys import spki_der
+
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError:
+        raise ConfigurationError("firmware-signing.pem is not a PEM public key") from None
+    return load_spki(spki_der(key), what="firmware-signing key")  # type: ignore[arg-type]
+
+
+def _copy_image(src: os.PathLike[str], dst: os.PathLike[str], root: os.PathLike[str]) -> str:
+    tmp = f"{os.fspath(dst)}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return os.path.relpath(dst, root)
+
+
+__all__ = ["issue_job"]

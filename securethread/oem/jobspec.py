@@ -1,0 +1,207 @@
+"""The job spec: what an OEM operator writes to issue a production job (TOML).
+
+::
+
+    job_id = "sensor-2026-11-a"        # unique per OEM: a reused id is refused
+    programmer = "factory-1"           # a programmer certified by certify-programmer
+    image = "fw-sensor-1"              # an image mastered by master-image
+    device_class = "sensor-v1"         # optional: defaults to the image's device class
+    quota = 1000
+    threshold = 2                      # optional: officers who sign (default: the floor)
+
+    [targets]                          # one or more of:
+    ranges = [["5ec0000000000000", "5ec00000000003e7"]]   # inclusive, 16 hex digits
+    list = ["5ec0000000100000"]
+    file = "ids.txt"                   # one device id per line, relative to the spec
+
+    [window]                           # when the programmer may issue (UTC)
+    not_before = 2026-11-30T00:00:00Z  # optional: default now
+    days = 30                          # or not_after = 2026-12-31T00:00:00Z
+
+    [certificate]                      # the device certificate profile (docs/pki.md)
+    organisation = "Acme Sensors"
+    product = "sensor-v1"              # optional
+    common_name = "{device_id}"        # optional
+    not_after = 9999-12-31T23:59:59Z   # optional: IDevID-style "no expiry" by default
+
+Parsing is strict: unknown keys are errors (a typo must not silently become a default).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from securethread.errors import ConfigurationError, FormatError
+from securethread.formats.job import Targets, check_device_id, check_job_id
+from securethread.workdir import check_name, read_file
+
+MAX_TARGET_FILE = 16 << 20
+_TOP = {"job_id", "programmer", "image", "device_class", "quota", "threshold"}
+_TABLES = {"targets", "window", "certificate"}
+
+
+class JobSpecError(ConfigurationError):
+    """The job spec file is malformed or incomplete."""
+
+
+@attrs.frozen(kw_only=True)
+class JobSpec:
+    job_id: str
+    programmer: str
+    image: str
+    device_class: str | None
+    quota: int
+    threshold: int | None
+    targets: Targets
+    not_before: datetime.datetime | None
+    not_after: datetime.datetime | None
+    days: int | None
+    certificate: Mapping[str, Any]
+
+    def window(self, now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
+        """The job's validity window, to the second, UTC."""
+        nb = (self.not_before or now).astimezone(datetime.UTC).replace(microsecond=0)
+        if self.not_after is not None:
+            na = self.not_after.astimezone(datetime.UTC).replace(microsecond=0)
+        else:
+            na = nb + datetime.timedelta(days=self.days or 7)
+        if na <= nb:
+            raise JobSpecError(f"job window is empty ({nb} .. {na})")
+        if na <= now:
+            raise JobSpecError(f"job window ended at {na}")
+        return nb, na
+
+
+def load_job_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and check a job spec file (see the module docstring)."""
+    p = Path(path)
+    raw = read_file(p, "job spec", limit=1 << 20)
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise JobSpecError(f"job spec {str(p)!r} is not valid TOML: {exc}") from None
+    try:
+        return _parse(doc, p.parent)
+    except FormatError as exc:
+        raise JobSpecError(f"job spec {str(p)!r}: {exc}") from None
+
+
+def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
+    unknown = set(doc) - _TOP - _TABLES
+    if unknown:
+        raise JobSpecError(f"unknown key(s) {sorted(unknown)}")
+    for key in ("job_id", "programmer", "image", "quota"):
+        if key not in doc:
+            raise JobSpecError(f"{key} is required")
+    for table in _TABLES - {"certificate"}:
+        if table not in doc:
+            raise JobSpecError(f"[{table}] is required")
+    quota = doc["quota"]
+    if type(quota) is not int or quota < 1:
+        raise JobSpecError(f"quota must be a positive integer, got {quota!r}")
+    threshold = doc.get("threshold")
+    if threshold is not None and (type(threshold) is not int or threshold < 1):
+        raise JobSpecError(f"threshold must be a positive integer, got {threshold!r}")
+    device_class = doc.get("device_class")
+    if device_class is not None and not isinstance(device_class, str):
+        raise JobSpecError("device_class must be a string")
+    window = _table(doc, "window", {"not_before", "not_after", "days"})
+    days = window.get("days")
+    if days is not None and (type(days) is not int or not 1 <= days <= 36500):
+        raise JobSpecError(f"window.days must be 1..36500, got {days!r}")
+    if days is not None and "not_after" in window:
+        raise JobSpecError("window: give days or not_after, not both")
+    if days is None and "not_after" not in window:
+        raise JobSpecError("window: days or not_after is required")
+    certificate = dict(
+        _table(
+            doc,
+            "certificate",
+            {"organisation", "product", "common_name", "not_after"},
+            required=False,
+        )
+    )
+    for key, value in certificate.items():
+        if key == "not_after":
+            certificate[key] = _time(value, "certificate.not_after")
+        elif not isinstance(value, str):
+            raise JobSpecError(f"certificate.{key} must be a string")
+    return JobSpec(
+        job_id=check_job_id(doc["job_id"]),
+        programmer=check_name("programmer", doc["programmer"]),
+        image=check_name("image", doc["image"]),
+        device_class=device_class,
+        quota=quota,
+        threshold=threshold,
+        targets=_targets(_table(doc, "targets", {"ranges", "list", "file"}), base),
+        not_before=_time(window["not_before"], "window.not_before")
+        if "not_before" in window
+        else None,
+        not_after=_time(window["not_after"], "window.not_after") if "not_after" in window else None,
+        days=days,
+        certificate=certificate,
+    )
+
+
+def _table(
+    doc: Mapping[str, Any], name: str, keys: set[str], *, required: bool = True
+) -> Mapping[str, Any]:
+    table = doc.get(name, {} if not required else None)
+    if not isinstance(table, dict):
+        raise JobSpecError(f"[{name}] must be a table")
+    unknown = set(table) - keys
+    if unknown:
+        raise JobSpecError(f"[{name}]: unknown key(s) {sorted(unknown)}")
+    return table
+
+
+def _time(value: object, what: str) -> datetime.datetime:
+    """A TOML offset date-time (RFC 3339), or a quoted one."""
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise JobSpecError(f"{what}: {value!r} is not an RFC 3339 date-time") from None
+    if not isinstance(value, datetime.datetime) or value.tzinfo is None:
+        raise JobSpecError(f"{what} must be a date-time with a time zone (e.g. ...Z)")
+    return value.astimezone(datetime.UTC)
+
+
+def _uid(value: object, what: str) -> int:
+    if not isinstance(value, str):
+        raise JobSpecError(f"{what}: device ids are strings of 16 hex digits")
+    return int(check_device_id(value.lower()), 16)
+
+
+def _targets(table: Mapping[str, Any], base: Path) -> Targets:
+    if not table:
+        raise JobSpecError("[targets] needs ranges, list or file")
+    ranges = []
+    for r in table.get("ranges", []):
+        if not isinstance(r, list) or len(r) != 2:
+            raise JobSpecError("targets.ranges: each range is [first, last]")
+        first, last = _uid(r[0], "targets.ranges"), _uid(r[1], "targets.ranges")
+        if first > last:
+            raise JobSpecError(f"targets.ranges: {r[0]} is after {r[1]}")
+        ranges.append((first, last))
+    explicit = set()
+    for d in table.get("list", []):
+        explicit.add(f"{_uid(d, 'targets.list'):016x}")
+    if "file" in table:
+        fname = table["file"]
+        if not isinstance(fname, str):
+            raise JobSpecError("targets.file must be a path")
+        text = read_file(base / fname, "targets file", limit=MAX_TARGET_FILE)
+        for n, line in enumerate(text.decode("ascii", "replace").splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if line:
+                explicit.add(f"{_uid(line, f'targets file line {n}'):016x}")
+    ranges.sort()
+    return Targets(ranges=tuple(ranges), explicit=frozenset(explicit))

@@ -1,0 +1,129 @@
+"""Flow 2 at the programming centre: ``programmer init``, ``enrol``, ``install-certs``.
+
+``init`` creates the work directory and the enclave's token.  ``enrol`` generates the
+enclave's four keys inside the token (identity P-384; license signing, ledger signing P-256;
+key agreement P-256, whose CSR the identity key signs) and writes the enrolment request;
+the operator reads the printed identity fingerprint to the OEM out of band.  ``install-certs``
+takes the OEM's certificate bundle, pinned by the root fingerprint the OEM gave out of band,
+checks that every certificate certifies the key of the same purpose in this token, and
+installs them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.hazmat.primitives import serialization
+
+from securethread.errors import CertificateError
+from securethread.formats.onboarding import PURPOSES, CertificateBundle, EnrolmentRequest
+from securethread.formats.transcript import CertEntry, KeyEntry
+from securethread.keys import fingerprint
+from securethread.pki import EnclavePurpose, create_enclave_csr, install_certificate
+from securethread.programmer import layout as L
+from securethread.workdir import (
+    PartyDir,
+    StepResult,
+    check_name,
+    parse_fingerprint,
+    read_file,
+    to_pem,
+)
+
+_PURPOSE = {
+    "identity": EnclavePurpose.IDENTITY,
+    "license-signing": EnclavePurpose.LICENSE_SIGNING,
+    "ledger-signing": EnclavePurpose.LEDGER_SIGNING,
+    "key-agreement": EnclavePurpose.KEY_AGREEMENT,
+}
+
+
+def init(workdir: str | os.PathLike[str], *, name: str) -> StepResult:
+    """Create the programming centre ``name``'s work directory and its token."""
+    check_name("programmer name", name)
+    work = PartyDir.create(workdir, L.PARTY, name)
+    work.init_tokens([L.TOKEN])
+    work.mark_created()
+    return work.finish("programmer init", ["hsm/softhsm2.conf", "pins"], (), {"programmer": name})
+
+
+def enrol(workdir: str | os.PathLike[str]) -> StepResult:
+    """Generate the enclave's keys in its token and write the enrolment request."""
+    work = L.open_programmer(workdir)
+    work.refuse_done(L.ENROLMENT, step="enrol")
+    token = work.open_token(L.TOKEN)
+    # Keys left by an enrol that was killed before writing its request are this step's own
+    # (their labels are reserved for it): remove them and start again.
+    for label in L.LABELS.values():
+        token.destroy(label)
+    identity_csr = create_enclave_csr(
+        token, label=L.L_IDENTITY, enclave_name=work.name, purpose=EnclavePurpose.IDENTITY
+    )
+    identity = token.private_key(L.L_IDENTITY)
+    csrs = {"identity": identity_csr}
+    for purpose in PURPOSES[1:]:
+        csrs[purpose] = create_enclave_csr(
+            token,
+            label=L.LABELS[purpose],
+            enclave_name=work.name,
+            purpose=_PURPOSE[purpose],
+            signer=identity if purpose == "key-agreement" else None,
+        )
+    der = serialization.Encoding.DER
+    request = EnrolmentRequest(work.name, {p: c.public_bytes(der) for p, c in csrs.items()})
+    sealed = request.seal(identity)
+    tx = work.transcript(identity)
+    tx.append("token-init", details={"token": L.TOKEN, "module": token.module_path})
+    tx.append(
+        "enrolment",
+        keys=[KeyEntry.from_key(token.private_key(L.LABELS[p])) for p in PURPOSES],
+        details={"programmer": work.name},
+    )
+    written = [work.write(L.ENROLMENT, sealed)]
+    fp = fingerprint(identity.public_key()).hex()
+    return work.finish(
+        "programmer enrol", written, [tx], {"programmer": work.name, "fingerprint": fp}
+    )
+
+
+def install_certs(
+    workdir: str | os.PathLike[str], bundle_path: str | os.PathLike[str], *, root_fingerprint: str
+) -> StepResult:
+    """Install the OEM's certificate bundle, pinned by ``root_fingerprint`` (hex)."""
+    work = L.open_programmer(workdir)
+    work.require(L.ENROLMENT, step="install-certs", needs="enrol")
+    work.refuse_done(L.cert_path("identity"), step="install-certs")
+    bundle = CertificateBundle.open(
+        read_file(bundle_path, "certificate bundle", limit=256 << 10),
+        root_fingerprint=parse_fingerprint(root_fingerprint),
+    )
+    if bundle.programmer != work.name:
+        raise CertificateError(
+            f"the certificate bundle is for programmer {bundle.programmer!r}, this is {work.name!r}"
+        )
+    token = work.open_token(L.TOKEN)
+    certs = {p: bundle.certificate(p) for p in PURPOSES}
+    for purpose, cert in certs.items():  # each must certify the key of its purpose here
+        install_certificate(token, L.LABELS[purpose], cert)
+    root = bundle.root_certificate()
+    written = [
+        work.write(L.ROOT_CA, to_pem(root)),
+        work.write(L.OEM_IDENTITY, _pem_of(bundle.oem_identity)),
+        work.write(L.OFFICERS, bundle.officers),
+        work.write(L.FIRMWARE_KEY, bundle.firmware_signing),
+    ]
+    tx = work.transcript(token.private_key(L.L_IDENTITY))
+    tx.append(
+        "identity",
+        certificates=[CertEntry.from_certificate(c) for c in [root, *certs.values()]],
+        details={"programmer": work.name},
+    )
+    for purpose in reversed(PURPOSES):  # identity.pem last: marks the step done
+        written.append(work.write(L.cert_path(purpose), to_pem(certs[purpose])))
+    return work.finish("programmer install-certs", written, [tx], {"programmer": work.name})
+
+
+def _pem_of(der: bytes) -> bytes:
+    from securethread.pki import load_der
+
+    return to_pem(load_der(der))

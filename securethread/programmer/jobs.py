@@ -1,0 +1,304 @@
+"""Flow 6 at the programming centre: ``request-ca``, ``open-job``, ``close-job``.
+
+``request-ca --job-id J`` generates job J's production-CA key in the token and sends its
+CSR, signed by the enclave's identity key.  ``open-job PACKAGE --image FILE`` verifies
+everything the OEM sent before using any of it -- the officers' signatures on the job
+(threshold floor from the root-signed officer bundle), that the job is for this enclave,
+the production-CA certificate under the pinned root and against this token's key, the
+manifest under the firmware-signing key and against the job, the encrypted image against
+the manifest -- then installs the CA certificate and opens the job's quota store.
+``close-job --job J`` appends the signed close record and exports the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from securethread.errors import CertificateError, ConfigurationError, ImageError, JobError
+from securethread.formats.image import Manifest, verify_manifest
+from securethread.formats.job import VerifiedJob, check_job_id, verify_job
+from securethread.formats.jobpackage import JobPackage, ProductionCARequest
+from securethread.formats.onboarding import OfficerBundle
+from securethread.formats.transcript import CertEntry, KeyEntry
+from securethread.keys import load_spki, spki_der
+from securethread.pki import (
+    cert_fingerprint,
+    create_production_ca_csr,
+    from_pem,
+    install_certificate,
+    load_der,
+)
+from securethread.programmer import layout as L
+from securethread.workdir import PartyDir, StepResult, file_sha256, read_file, to_pem
+
+
+def request_ca(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
+    """Generate job ``job_id``'s production-CA key and write its signed request."""
+    work = L.open_programmer(workdir)
+    check_job_id(job_id)
+    work.require(L.cert_path("identity"), step="request-ca", needs="install-certs")
+    jdir = L.job_dir(job_id)
+    work.refuse_done(f"{jdir}/production-ca.csr", step=f"request-ca {job_id}")
+    token = work.open_token(L.TOKEN)
+    label = L.production_ca_label(job_id)
+    # A key left by a request-ca killed before it wrote its CSR is this step's own (its label
+    # names this job and no CSR for it exists): remove it and make a fresh one.
+    token.destroy(label)
+    csr = create_production_ca_csr(token, label=label, job_id=job_id)
+    der = csr.public_bytes(serialization.Encoding.DER)
+    identity = token.private_key(L.L_IDENTITY)
+    request = ProductionCARequest(work.name, job_id, der).seal(identity)
+    tx = work.transcript(identity)
+    tx.append(
+        "production-ca",
+        keys=[KeyEntry.from_key(token.private_key(label))],
+        details={"job": job_id},
+    )
+    out = work.write(f"outbox/production-ca-request-{job_id}.bin", request)
+    written = [out, work.write(f"{jdir}/production-ca.csr", der)]
+    return work.finish("programmer request-ca", written, [tx], {"job": job_id, "request": out})
+
+
+# --- opening a job ------------------------------------------------------------------------------
+
+
+def trusted_officers(work: PartyDir) -> OfficerBundle:
+    """The officer bundle the pinned OEM root signed (installed by install-certs)."""
+    root = _root(work)
+    return OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), _ec(root.public_key()))
+
+
+def verified_job(work: PartyDir, signed: bytes, *, now: int | None = None) -> VerifiedJob:
+    """Verify ``signed`` as this programmer's job under the officers the root vouches for."""
+    officers = trusted_officers(work)
+    identity = from_pem(work.read(L.cert_path("identity"), "identity certificate"))
+    return verify_job(
+        signed,
+        officers=officers.public_keys(),
+        programmer=cert_fingerprint(identity),
+        min_threshold=officers.threshold,
+        now=now,
+    )
+
+
+def firmware_key(work: PartyDir) -> ec.EllipticCurvePublicKey:
+    return load_spki(work.read(L.FIRMWARE_KEY, "firmware-signing key"), what="firmware-signing key")
+
+
+def open_job(
+    workdir: str | os.PathLike[str],
+    package_path: str | os.PathLike[str],
+    *,
+    image: str | os.PathLike[str],
+) -> StepResult:
+    """Verify the OEM's job package and encrypted image, then open the job (see module)."""
+    work = L.open_programmer(workdir)
+    work.require(L.cert_path("identity"), step="open-job", needs="install-certs")
+    package = JobPackage.from_bytes(read_file(package_path, "job package", limit=1 << 20))
+    job = verified_job(work, package.job)
+    job_id = job.job.job_id
+    jdir = L.job_dir(job_id)
+    work.require(
+        f"{jdir}/production-ca.csr",
+        step=f"open-job {job_id}",
+        needs=f"request-ca --job-id {job_id}",
+    )
+    if work.exists(f"{jdir}/job.bin"):
+        opened = verified_job(work, work.read(f"{jdir}/job.bin", "job"), now=job.job.not_before)
+        if opened.sha256 == job.sha256:
+            raise JobError(
+                f"job {job_id} is already open here (the same signed job, framed differently "
+                "or not, opens once)"
+            )
+        raise JobError(f"job id {job_id} is already open here with another job")
+    token = work.open_token(L.TOKEN)
+    pca = _production_ca(work, package.production_ca, job_id, token)
+    manifest = _manifest(work, package.manifest, job)
+    image_tmp = work.path(f"{jdir}/.image.enc.tmp")
+    try:
+        shutil.copyfile(image, image_tmp)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read image {os.fspath(image)!r}: {exc.strerror}"
+        ) from None
+    try:
+        if file_sha256(image_tmp) != manifest.ciphertext_sha256:
+            raise ImageError(f"image {os.fspath(image)!r} does not match the job's manifest")
+        if L.image_key_label(job.job.image_id) not in _secret_labels(token, job.job.image_id):
+            raise ConfigurationError(
+                f"the key of image {job.job.image_id!r} is not in this token "
+                "(receive-keys or open-keys first)"
+            )
+        if not token.has_certificate(L.production_ca_label(job_id)):
+            install_certificate(token, L.production_ca_label(job_id), pca)
+        os.replace(image_tmp, work.path(f"{jdir}/image.enc"))
+    finally:
+        image_tmp.unlink(missing_ok=True)
+    written = [
+        work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
+        work.write(f"{jdir}/manifest.bin", package.manifest),
+        f"{jdir}/image.enc",
+    ]
+    from securethread.programmer.store import SQLiteStore
+
+    store = SQLiteStore(work.path(f"{jdir}/store.sqlite"))
+    try:
+        store.open_job(job=job.sha256, job_id=job_id, quota=job.job.quota, signed=job.signed)
+    finally:
+        store.close()
+    tx = work.transcript(token.private_key(L.L_IDENTITY))
+    tx.append(
+        "production-run-opened",
+        certificates=[CertEntry.from_certificate(pca)],
+        artefacts={"job": job.sha256},
+        details={"job": job_id, "quota": job.job.quota},
+    )
+    written.append(work.write(f"{jdir}/job.bin", job.signed))  # last: marks the job open
+    return work.finish(
+        "programmer open-job",
+        written,
+        [tx],
+        {"job": job_id, "quota": job.job.quota, "job_sha256": job.sha256.hex()},
+    )
+
+
+def _secret_labels(token: object, image_id: str) -> set[str]:
+    from securethread.errors import KeyNotFoundError
+
+    label = L.image_key_label(image_id)
+    try:
+        token.secret_key(label)  # type: ignore[attr-defined]
+    except KeyNotFoundError:
+        return set()
+    return {label}
+
+
+def _root(work: PartyDir) -> x509.Certificate:
+    return from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
+
+
+def _ec(key: object) -> ec.EllipticCurvePublicKey:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CertificateError("expected an EC public key")
+    return key
+
+
+def _production_ca(work: PartyDir, der: bytes, job_id: str, token: object) -> x509.Certificate:
+    """The job's production-CA certificate: issued by the pinned root, for this job, and
+    certifying the key this token generated for the job."""
+    from securethread.pki import job_id_of
+
+    pca = load_der(der)
+    root = _root(work)
+    try:
+        _ec(root.public_key()).verify(
+            pca.signature,
+            pca.tbs_certificate_bytes,
+            ec.ECDSA(pca.signature_hash_algorithm),  # type: ignore[arg-type]
+        )
+    except Exception:
+        raise CertificateError(
+            "the job's production-CA certificate is not signed by the OEM root"
+        ) from None
+    if pca.issuer != root.subject:
+        raise CertificateError("the job's production-CA certificate names another issuer")
+    if job_id_of(pca) != job_id:
+        raise CertificateError(
+            f"the production-CA certificate is for job {job_id_of(pca)!r}, not {job_id!r}"
+        )
+    mine = token.public_key(L.production_ca_label(job_id))  # type: ignore[attr-defined]
+    if spki_der(mine) != spki_der(_ec(pca.public_key())):
+        raise CertificateError(
+            "the production-CA certificate certifies another key than this token's"
+        )
+    return pca
+
+
+def _manifest(work: PartyDir, data: bytes, job: VerifiedJob) -> Manifest:
+    manifest = verify_manifest(data, key=firmware_key(work))
+    if hashlib.sha256(data).digest() != job.job.manifest_sha256:
+        raise JobError(f"job {job.job.job_id} names another manifest than the package's")
+    if manifest.image_id != job.job.image_id:
+        raise JobError(
+            f"the manifest is for image {manifest.image_id!r}, the job for {job.job.image_id!r}"
+        )
+    return manifest
+
+
+# --- closing a job --------------------------------------------------------------------------------
+
+
+def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
+    """Export job ``job_id``'s ledger (verified before it leaves) and close the job."""
+    from securethread.formats import ledger
+    from securethread.programmer.store import SQLiteStore
+
+    work = L.open_programmer(workdir)
+    jdir = L.job_dir(job_id)
+    work.require(f"{jdir}/job.bin", step=f"close-job {job_id}", needs=f"open-job ({job_id})")
+    work.refuse_done(f"{jdir}/ledger.bin", step=f"close-job {job_id}")
+    signed = work.read(f"{jdir}/job.bin", "job")
+    job = verified_job(work, signed, now=_any_time(work, signed))
+    ledger_cert = from_pem(work.read(L.cert_path("ledger-signing"), "ledger certificate"))
+    token = work.open_token(L.TOKEN)
+    tmp = work.path(f"{jdir}/.ledger.bin.tmp")
+    store = SQLiteStore(work.path(f"{jdir}/store.sqlite"))
+    try:
+        with open(tmp, "wb") as out:
+            ledger.write_export(out, signed, store.export(job.sha256))
+            out.flush()
+            os.fsync(out.fileno())
+        with open(tmp, "rb") as src:
+            _job, items = ledger.read_export(src)
+            summary = ledger.verify_ledger(
+                items, job=job.sha256, ledger_key=_ec(ledger_cert.public_key())
+            )
+        os.replace(tmp, work.path(f"{jdir}/ledger.bin"))
+    finally:
+        store.close()
+        tmp.unlink(missing_ok=True)
+    out_rel = f"outbox/ledger-{job_id}.bin"
+    shutil.copyfile(work.path(f"{jdir}/ledger.bin"), work.path(out_rel))
+    tx = work.transcript(token.private_key(L.L_IDENTITY))
+    tx.append(
+        "production-run-closed",
+        artefacts={"ledger": file_sha256(work.path(out_rel))},
+        details={"job": job_id, "provisioned": summary.provisioned},
+    )
+    return work.finish(
+        "programmer close-job",
+        [f"{jdir}/ledger.bin", out_rel],
+        [tx],
+        {
+            "job": job_id,
+            "ledger": out_rel,
+            "records": summary.records,
+            "provisioned": summary.provisioned,
+            "programmed": summary.programmed,
+        },
+    )
+
+
+def _any_time(work: PartyDir, signed: bytes) -> int:
+    """A time inside the job's window: closing and reconciling happen after it ended."""
+    from securethread.formats import envelope
+    from securethread.formats.job import ProductionJob
+
+    body = envelope.peek_body(signed)[1]
+    return ProductionJob.from_obj(body).not_before
+
+
+__all__ = [
+    "close_job",
+    "firmware_key",
+    "open_job",
+    "request_ca",
+    "trusted_officers",
+    "verified_job",
+]
