@@ -1,16 +1,17 @@
-"""A simulated silicon vendor and a simulated device with an on-chip Secure Boot Manager.
+"""A simulated device with an on-chip Secure Boot Manager (the rules: docs/device.md).
 
-Everything here is software (``cryptography``) standing in for silicon, for tests and the demo:
-
-* :class:`SiliconVendor` -- a device-identity CA that certifies each chip's key at the "fab"
-  (subject CN = the 64-bit chip UID as 16 lowercase hex digits);
-* :class:`SimulatedDevice` -- a chip with a key pair generated on chip, OTP, a monotonic
-  anti-rollback fuse counter and flash.  Its SBM answers identification challenges, accepts
-  provisioning data once (OTP is write-once), and programs an encrypted image: manifest
-  signature against the OTP anchor *before* any decryption, device class, rollback, license,
-  chunk-by-chunk decryption to a staging buffer, digest check, and only then flash.  Any failure
-  leaves flash, OTP and the fuse counter untouched.  Success returns a boot confirmation signed
-  by the device key, which :func:`verify_boot_confirmation` checks on the programmer side.
+Software (``cryptography``) standing in for silicon, for tests and the demo.
+:class:`SimulatedDevice` is a chip as the fab (:mod:`securethread.device.vendor`) delivers it:
+a key pair generated on chip, a vendor certificate, and -- for parts an OEM ordered -- the
+SHA-256 of that OEM root's SPKI burnt into OTP with an initial anti-rollback floor.  Its SBM
+answers identification challenges; accepts provisioning data once (OTP is write-once), and only
+under the burnt root, with the firmware-signing key, device class, job and rollback floor taken
+from a device-trust statement the OEM root signed; and programs an encrypted image: manifest
+signature under that key *before* any decryption, device class, rollback, license,
+chunk-by-chunk decryption to a staging buffer, digest check, and only then flash.  The rollback
+floor (fuses) only rises.  Any refusal leaves flash, OTP and fuses untouched.  Success returns a
+boot confirmation signed by the device key, which :func:`verify_boot_confirmation` checks on the
+programmer side.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from typing import Any, BinaryIO, cast
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from securethread.device.vendor import DEFAULT_FLASH_SIZE, SiliconVendor
+from securethread.device.vendor import DEFAULT_FLASH_SIZE, SiliconVendor, _check_order
 from securethread.errors import (
     AlreadyProvisionedError,
     CertificateError,
@@ -35,42 +37,49 @@ from securethread.errors import (
     FormatError,
     ImageError,
     RollbackError,
-    SignatureError,
-    VerificationError,
 )
 from securethread.formats import cbor
-from securethread.formats.envelope import open_envelope, seal
-from securethread.formats.identity import IdentificationResponse, check_device_id, pop_payload
-from securethread.formats.image import (
-    ImageSizeError,
-    Manifest,
-    check_name,
-    decrypt_image,
-    verify_manifest,
+from securethread.formats.boot import (
+    BOOT_CONFIRMATION_KIND,
+    BootConfirmationError,
+    verify_boot_confirmation,
 )
+from securethread.formats.device_trust import (
+    MAX_DEVICE_TRUST_SIZE,
+    DeviceTrust,
+    DeviceTrustError,
+    verify_device_trust,
+)
+from securethread.formats.envelope import seal
+from securethread.formats.identity import IdentificationResponse, check_device_id, pop_payload
+from securethread.formats.image import ImageSizeError, decrypt_image, verify_manifest
 from securethread.formats.license import open_license
-from securethread.keys.ecutil import spki_der
-from securethread.keys.policy import Curve
+from securethread.keys.ecutil import fingerprint, spki_der
 from securethread.pki import untrusted
 
 __all__ = [
     "BOOT_CONFIRMATION_KIND",
     "BootConfirmationError",
     "DEFAULT_FLASH_SIZE",
+    "DeviceTrustRefusedError",
+    "FlashedImage",
     "NotProvisionedError",
+    "OemRootMismatchError",
+    "PROVISIONING_VERSION",
     "ProvisioningData",
     "ProvisioningError",
     "ProvisioningFormatError",
+    "ProvisioningRollbackError",
     "SiliconVendor",
+    "UnorderedPartError",
     "SimulatedDevice",
     "WrongDeviceClassError",
     "verify_boot_confirmation",
 ]
 
-VERSION = 1
-BOOT_CONFIRMATION_KIND = "boot-confirmation"
+VERSION = 1  # boot confirmations
+PROVISIONING_VERSION = 2  # 2: anchors from an OEM-signed device-trust statement
 MAX_PROVISIONING_SIZE = 16 << 10
-MAX_CONFIRMATION_SIZE = 2048
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
@@ -82,16 +91,28 @@ class ProvisioningError(DeviceRefusedError):
     """Provisioning data does not fit this device (foreign key or id, bad chain)."""
 
 
+class UnorderedPartError(ProvisioningError):
+    """A stock part: no OEM root was burnt at the fab, so it accepts no provisioning data."""
+
+
+class OemRootMismatchError(ProvisioningError):
+    """The provisioning data's OEM root is not the one whose hash the fab burnt."""
+
+
+class DeviceTrustRefusedError(ProvisioningError):
+    """The device-trust statement is not signed by the burnt OEM root, or is malformed."""
+
+
+class ProvisioningRollbackError(ProvisioningError, RollbackError):
+    """The provisioning data's rollback floor is below the one already fused."""
+
+
 class NotProvisionedError(DeviceRefusedError):
     """The device has no trust anchors in OTP yet; it programs nothing."""
 
 
 class WrongDeviceClassError(ImageError):
     """The image is for another device class."""
-
-
-class BootConfirmationError(VerificationError):
-    """A boot confirmation does not verify or reports something other than expected."""
 
 
 # --- provisioning data -----------------------------------------------------------------
@@ -105,21 +126,11 @@ def _is(kind: type, what: str) -> Any:
     return check
 
 
-def _p256(_i: Any, _a: Any, v: Any) -> None:
-    if not isinstance(v, ec.EllipticCurvePublicKey) or not isinstance(v.curve, ec.SECP256R1):
-        raise ProvisioningFormatError("provisioning data: firmware-signing key must be P-256")
-
-
-def _counter(_i: Any, _a: Any, v: Any) -> None:
-    if type(v) is not int or not 0 <= v < 2**32:
-        raise ProvisioningFormatError("provisioning data: security counter out of range")
-
-
-def _device_class(_i: Any, _a: Any, v: Any) -> None:
-    try:
-        check_name("device class", v)
-    except ImageError:
-        raise ProvisioningFormatError(f"provisioning data: bad device class {v!r}") from None
+def _statement(_i: Any, _a: Any, v: Any) -> None:
+    if type(v) is not bytes or not 0 < len(v) <= MAX_DEVICE_TRUST_SIZE:
+        raise ProvisioningFormatError(
+            f"provisioning data: device trust must be 1..{MAX_DEVICE_TRUST_SIZE} bytes"
+        )
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -128,7 +139,11 @@ def _der(cert: x509.Certificate) -> bytes:
 
 @attrs.frozen(kw_only=True)
 class ProvisioningData:
-    """What the programmer writes into a device's OTP (canonical CBOR, versioned)."""
+    """What the programmer writes into a device's OTP (canonical CBOR, versioned).
+
+    Unverified as constructed: the SBM checks the root against its OTP hash, the device-trust
+    statement under that root and the certificate chain before it writes any of it.
+    """
 
     device_certificate: x509.Certificate = attrs.field(
         validator=_is(x509.Certificate, "device certificate")
@@ -139,10 +154,9 @@ class ProvisioningData:
     oem_root_certificate: x509.Certificate = attrs.field(
         validator=_is(x509.Certificate, "OEM root certificate")
     )
-    firmware_signing_key: ec.EllipticCurvePublicKey = attrs.field(validator=_p256)
-    min_security_counter: int = attrs.field(validator=_counter)
-    device_class: str = attrs.field(validator=_device_class)
-    version: int = VERSION
+    #: The OEM-signed statement (:mod:`securethread.formats.device_trust`), as signed.
+    device_trust: bytes = attrs.field(validator=_statement)
+    version: int = PROVISIONING_VERSION
 
     _KEYS = frozenset(
         {
@@ -150,14 +164,12 @@ class ProvisioningData:
             "device_certificate",
             "production_ca_certificate",
             "oem_root_certificate",
-            "firmware_signing_key",
-            "min_security_counter",
-            "device_class",
+            "device_trust",
         }
     )
 
     def __attrs_post_init__(self) -> None:
-        if self.version != VERSION:
+        if self.version != PROVISIONING_VERSION:
             raise ProvisioningFormatError(f"provisioning data: unsupported version {self.version}")
 
     def to_bytes(self) -> bytes:
@@ -169,23 +181,31 @@ class ProvisioningData:
         *,
         production_ca_certificate: x509.Certificate,
         oem_root_certificate: x509.Certificate,
-        firmware_signing_key: ec.EllipticCurvePublicKey,
-        min_security_counter: int,
-        device_class: str,
+        device_trust: bytes,
     ) -> Callable[[bytes], bytes]:
         """A function from a device certificate's DER to the provisioning data bytes.
 
-        The job's anchors are validated and encoded once; per device only the certificate
-        is encoded.  The result equals ``ProvisioningData(...).to_bytes()`` byte for byte.
+        The job's anchors are checked as a chip will check them (the statement verifies under
+        the root and names the production CA's job) and encoded once; per device only the
+        certificate is encoded.  The result equals ``ProvisioningData(...).to_bytes()``.
         """
+        from securethread.pki import job_id_of
+
         proto = cls(
             device_certificate=production_ca_certificate,  # placeholder, replaced below
             production_ca_certificate=production_ca_certificate,
             oem_root_certificate=oem_root_certificate,
-            firmware_signing_key=firmware_signing_key,
-            min_security_counter=min_security_counter,
-            device_class=device_class,
+            device_trust=device_trust,
         )
+        try:
+            trust = verify_device_trust(device_trust, oem_root=oem_root_certificate)
+        except DeviceTrustError as exc:
+            raise DeviceTrustRefusedError(str(exc)) from None
+        if job_id_of(production_ca_certificate) != trust.job_id:
+            raise ProvisioningError(
+                f"device trust is for job {trust.job_id!r}, the production CA for "
+                f"{job_id_of(production_ca_certificate)!r}"
+            )
         fields = {k: cbor.pre_encode(v) for k, v in proto._fields(b"").items()}
 
         def package(device_certificate_der: bytes) -> bytes:
@@ -201,9 +221,7 @@ class ProvisioningData:
             "device_certificate": device_der,
             "production_ca_certificate": _der(self.production_ca_certificate),
             "oem_root_certificate": _der(self.oem_root_certificate),
-            "firmware_signing_key": spki_der(self.firmware_signing_key),
-            "min_security_counter": self.min_security_counter,
-            "device_class": self.device_class,
+            "device_trust": self.device_trust,
         }
 
     @classmethod
@@ -219,20 +237,9 @@ class ProvisioningData:
             for name in ("device_certificate", "production_ca_certificate", "oem_root_certificate"):
                 what = f"provisioning data: {name.replace('_', ' ')}"
                 certs[name] = untrusted.load_certificate(d[name], what=what)
-            key = untrusted.load_public_key(
-                d["firmware_signing_key"],
-                what="provisioning data: firmware-signing key",
-                curves=(Curve.P256,),
-            )
         except FormatError as exc:
             raise ProvisioningFormatError(str(exc)) from None
-        return cls(
-            **certs,
-            firmware_signing_key=key,
-            min_security_counter=d["min_security_counter"],
-            device_class=d["device_class"],
-            version=d["v"],
-        )
+        return cls(**certs, device_trust=d["device_trust"], version=d["v"])
 
 
 # --- device ----------------------------------------------------------------------------
@@ -262,7 +269,12 @@ class FlashedImage:
 
 
 class SimulatedDevice:
-    """A chip with an on-chip SBM; private key, OTP and flash are reachable only via the SBM."""
+    """A chip with an on-chip SBM; private key, OTP and flash are reachable only via the SBM.
+
+    ``oem_root_hash`` is what the fab burnt for an ordered part (SHA-256 of the OEM root's
+    SPKI DER, :func:`securethread.formats.device_trust.oem_root_hash`); ``None`` is a stock part
+    that refuses every provisioning.  ``rollback_floor`` is the fuse value it leaves the fab with.
+    """
 
     def __init__(
         self,
@@ -270,8 +282,11 @@ class SimulatedDevice:
         device_id: str,
         private_key: ec.EllipticCurvePrivateKey,
         vendor_certificate: x509.Certificate,
+        oem_root_hash: bytes | None = None,
+        rollback_floor: int = 0,
         flash_size: int = DEFAULT_FLASH_SIZE,
     ) -> None:
+        _check_order(oem_root_hash, rollback_floor)
         self.device_id = check_device_id(device_id)
         self._key = private_key
         self.public_key = private_key.public_key()
@@ -279,9 +294,11 @@ class SimulatedDevice:
         self.vendor_certificate = vendor_certificate
         self._vendor_der = _der(vendor_certificate)
         self.flash_size = flash_size
+        self._oem_root_hash = oem_root_hash  # burnt at the fab, read-only
         self._otp: bytes | None = None  # write-once
         self._otp_data: ProvisioningData | None = None
-        self._fuse_counter = 0  # monotonic anti-rollback fuses
+        self._trust: DeviceTrust | None = None  # verified from OTP under the burnt root
+        self._fuse_counter = rollback_floor  # monotonic anti-rollback fuses
         self._flash: bytes | None = None
         self._flashed: FlashedImage | None = None
 
@@ -298,14 +315,23 @@ class SimulatedDevice:
         return self._flash
 
     @property
+    def oem_root_hash(self) -> bytes | None:
+        """The OEM root hash burnt at the fab (``None``: a stock part)."""
+        return self._oem_root_hash
+
+    @property
+    def trust(self) -> DeviceTrust | None:
+        """The anchors the SBM verified at provisioning (firmware key, class, job, floor)."""
+        return self._trust
+
+    @property
     def flashed(self) -> FlashedImage | None:
         return self._flashed
 
     @property
     def rollback_counter(self) -> int:
-        """The effective minimum security counter (OTP minimum, raised by successful boots)."""
-        base = self._otp_data.min_security_counter if self._otp_data else 0
-        return max(base, self._fuse_counter)
+        """The fused rollback floor: set at the fab, raised by provisioning and by boots."""
+        return self._fuse_counter
 
     def state(self) -> tuple[bytes | None, bytes | None, int]:
         """Flash, OTP and fuse counter: the persistent state a refusal must not change."""
@@ -327,13 +353,62 @@ class SimulatedDevice:
         ).to_bytes()
 
     def provision(self, provisioning_bytes: bytes, *, at: datetime.datetime | None = None) -> None:
-        """Write trust anchors to OTP once: the device certificate must be for this chip and
-        chain root -> production CA -> device."""
-        from securethread.pki import validate_device_chain
+        """Write trust anchors to OTP once, and only what the burnt OEM root vouches for.
 
+        Order (docs/device.md): OTP unwritten and the part ordered; the OEM root's SPKI hash
+        equals the burnt one (before anything else in the data is used); the root is
+        self-signed; the device-trust statement verifies under it; its rollback floor is not
+        below the fused one; the device certificate is for this chip and chains root ->
+        production CA (of the statement's job) -> device.  Then OTP and fuses, in one step.
+        """
         if self._otp is not None:
             raise AlreadyProvisionedError(f"device {self.device_id}: OTP already written")
+        if self._oem_root_hash is None:
+            raise UnorderedPartError(
+                f"device {self.device_id}: stock part, no OEM root burnt at the fab"
+            )
         data = ProvisioningData.from_bytes(provisioning_bytes)
+        trust = self._check_anchors(data, self._oem_root_hash)
+        self._check_device_certificate(data, trust, at)
+        # Commit after every check: OTP, then the fuses up to the authenticated floor.
+        self._otp_data, self._trust = data, trust
+        self._otp = bytes(provisioning_bytes)
+        self._fuse_counter = max(self._fuse_counter, trust.min_security_counter)
+
+    def _check_anchors(self, data: ProvisioningData, burnt: bytes) -> DeviceTrust:
+        """The root against the burnt hash, then the OEM-signed statement under that root."""
+        root = data.oem_root_certificate
+        root_key = root.public_key()
+        if not isinstance(root_key, ec.EllipticCurvePublicKey) or not hmac.compare_digest(
+            fingerprint(root_key), burnt
+        ):
+            raise OemRootMismatchError(
+                f"device {self.device_id}: OEM root is not the one burnt at the fab"
+            )
+        try:
+            # Same key as burnt; the name and extensions are vouched for by its self-signature.
+            root.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            raise OemRootMismatchError(
+                f"device {self.device_id}: OEM root certificate is not self-signed by its key"
+            ) from None
+        try:
+            trust = verify_device_trust(data.device_trust, oem_root=root)
+        except DeviceTrustError as exc:
+            raise DeviceTrustRefusedError(f"device {self.device_id}: {exc}") from None
+        if trust.min_security_counter < self._fuse_counter:
+            raise ProvisioningRollbackError(
+                f"device {self.device_id}: rollback floor {trust.min_security_counter} is below "
+                f"the fused {self._fuse_counter}"
+            )
+        return trust
+
+    def _check_device_certificate(
+        self, data: ProvisioningData, trust: DeviceTrust, at: datetime.datetime | None
+    ) -> None:
+        """This chip's key and id, certified by the production CA of the statement's job."""
+        from securethread.pki import validate_device_chain
+
         cert = data.device_certificate
         cert_key = cert.public_key()
         if not isinstance(cert_key, ec.EllipticCurvePublicKey) or spki_der(cert_key) != self._spki:
@@ -347,40 +422,42 @@ class SimulatedDevice:
             )
         try:
             validate_device_chain(
-                cert, data.production_ca_certificate, data.oem_root_certificate, at=at
+                cert,
+                data.production_ca_certificate,
+                data.oem_root_certificate,
+                at=at,
+                job_id=trust.job_id,
             )
         except CertificateError as exc:
             raise ProvisioningError(
                 f"device {self.device_id}: device certificate chain: {exc}"
             ) from exc
-        # Commit: one assignment, after every check.
-        self._otp_data = data
-        self._otp = bytes(provisioning_bytes)
 
     def program(
         self,
         manifest: bytes,
-        image_stream: BinaryIO,
+        image: BinaryIO,
         license: bytes,
-        *,
         nonce: bytes,
+        *,
         at: datetime.datetime | None = None,
     ) -> bytes:
         """Verify, decrypt and flash an image; return a signed boot confirmation.
 
-        Order: manifest signature under the OTP firmware-signing key (before anything is
-        decrypted), device class, rollback, size, license (signer, device, image), then
-        chunk-by-chunk decryption to staging, digests, and only then flash and fuses.
+        Order: manifest signature under the firmware-signing key the OEM root vouched for
+        (before anything is decrypted), device class, rollback, size, license (signer under
+        the burnt root, device, image), then chunk-by-chunk decryption to staging, digests,
+        and only then flash and fuses.  (Signature matches the programmer's DevicePort.)
         """
-        otp = self._otp_data
-        if otp is None:
+        otp, trust = self._otp_data, self._trust
+        if otp is None or trust is None:
             raise NotProvisionedError(f"device {self.device_id}: not provisioned")
         if not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 64:
             raise DeviceRefusedError("programmer nonce must be 16-64 bytes")
-        m = verify_manifest(manifest, key=otp.firmware_signing_key)
-        if m.device_class != otp.device_class:
+        m = verify_manifest(manifest, key=trust.firmware_signing_key)
+        if m.device_class != trust.device_class:
             raise WrongDeviceClassError(
-                f"image is for device class {m.device_class!r}, device is {otp.device_class!r}"
+                f"image is for device class {m.device_class!r}, device is {trust.device_class!r}"
             )
         if m.security_counter < self.rollback_counter:
             raise RollbackError(
@@ -401,7 +478,7 @@ class SimulatedDevice:
             at=at,
         )
         staging = io.BytesIO()
-        decrypt_image(image_stream, staging, key=key, manifest=m, max_size=self.flash_size)
+        decrypt_image(image, staging, key=key, manifest=m, max_size=self.flash_size)
         # Commit: flash, then the monotonic fuses (a real SBM burns fuses after the copy).
         self._flash = staging.getvalue()
         self._fuse_counter = max(self._fuse_counter, m.security_counter)
@@ -421,46 +498,3 @@ class SimulatedDevice:
             },
             [cast(Any, _ChipSigner(self._key))],
         )
-
-
-def verify_boot_confirmation(
-    data: bytes,
-    *,
-    device_public_key: ec.EllipticCurvePublicKey,
-    device_id: str,
-    manifest: Manifest,
-    nonce: bytes,
-) -> None:
-    """Check a device's boot confirmation: its signature, then that it reports this device,
-    this image (id, version, counter, plaintext digest) and our nonce."""
-    try:
-        body = open_envelope(
-            data,
-            kind=BOOT_CONFIRMATION_KIND,
-            keys=device_public_key,
-            max_size=MAX_CONFIRMATION_SIZE,
-        )
-    except SignatureError as exc:
-        raise BootConfirmationError(f"boot confirmation: {exc}") from None
-    except FormatError as exc:
-        raise BootConfirmationError(f"boot confirmation malformed: {exc}") from None
-    expected = {
-        "v": VERSION,
-        "device_id": device_id,
-        "image_id": manifest.image_id,
-        "image_version": manifest.image_version,
-        "security_counter": manifest.security_counter,
-        "plaintext_sha256": manifest.plaintext_sha256,
-        "nonce": nonce,
-    }
-    if set(body) != set(expected):
-        raise BootConfirmationError("boot confirmation: unexpected or missing fields")
-    for name, value in expected.items():
-        got = body[name]
-        same = (
-            hmac.compare_digest(got, value)
-            if isinstance(value, bytes) and isinstance(got, bytes)
-            else type(got) is type(value) and got == value
-        )
-        if not same:
-            raise BootConfirmationError(f"boot confirmation: {name} differs from what we sent")

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.device.sbm import (
     BootConfirmationError,
+    DeviceTrustRefusedError,
     NotProvisionedError,
+    OemRootMismatchError,
     ProvisioningData,
     ProvisioningError,
     ProvisioningFormatError,
@@ -38,6 +40,12 @@ from securethread.errors import (
     VerificationError,
 )
 from securethread.formats import cbor
+from securethread.formats.device_trust import (
+    DeviceTrust,
+    DeviceTrustFormatError,
+    oem_root_hash,
+    sign_device_trust,
+)
 from securethread.formats.image import (
     ChunkAuthenticationError,
     ImageSizeError,
@@ -86,6 +94,22 @@ class World:
     vendor: SiliconVendor
     seq: int = 0
 
+    @property
+    def root_hash(self) -> bytes:
+        """What the fab burns into the parts this OEM orders."""
+        return oem_root_hash(self.root_cert)
+
+    def trust(self, *, signer: Any = None, **over: Any) -> bytes:
+        """The device-trust statement the OEM signs with its root key when it issues JOB."""
+        fields: dict[str, Any] = dict(
+            job_id=JOB,
+            device_class=DEVICE_CLASS,
+            firmware_signing_key=self.fw_key.public_key(),
+            min_security_counter=2,
+        )
+        fields.update(over)
+        return sign_device_trust(DeviceTrust(**fields), signer or self.oem.private_key("root"))
+
     def master(
         self,
         data: bytes,
@@ -125,15 +149,20 @@ class World:
             device_certificate=self.devcerts.issue(dev.public_key, dev.device_id, self.seq),
             production_ca_certificate=self.pca_cert,
             oem_root_certificate=self.root_cert,
-            firmware_signing_key=self.fw_key.public_key(),
-            min_security_counter=2,
-            device_class=DEVICE_CLASS,
         )
         fields.update(over)
+        if "device_trust" not in fields:
+            fields["device_trust"] = self.trust()
         return ProvisioningData(**fields)
 
+    def part(self, *, flash_size: int = 1 << 20, rollback_floor: int = 0) -> SimulatedDevice:
+        """A part this OEM ordered: its root hash burnt at the fab, OTP still blank."""
+        return self.vendor.make_chip(
+            oem_root_hash=self.root_hash, flash_size=flash_size, rollback_floor=rollback_floor
+        )
+
     def chip(self, *, provisioned: bool = True, flash_size: int = 1 << 20) -> SimulatedDevice:
-        dev = self.vendor.make_chip(flash_size=flash_size)
+        dev = self.part(flash_size=flash_size)
         if provisioned:
             dev.provision(self.provisioning(dev).to_bytes())
         return dev
@@ -222,7 +251,7 @@ def _refused(dev: SimulatedDevice, exc: type[Exception], fn: Callable[[], object
 
 
 def test_provisioning_data_round_trip(world: World) -> None:
-    dev = world.vendor.make_chip()
+    dev = world.part()
     pd = world.provisioning(dev)
     raw = pd.to_bytes()
     assert ProvisioningData.from_bytes(raw) == pd
@@ -230,7 +259,7 @@ def test_provisioning_data_round_trip(world: World) -> None:
 
 
 def test_provision_writes_otp_once(world: World) -> None:
-    dev = world.vendor.make_chip()
+    dev = world.part()
     assert dev.otp is None
     raw = world.provisioning(dev).to_bytes()
     dev.provision(raw)
@@ -241,7 +270,7 @@ def test_provision_writes_otp_once(world: World) -> None:
 
 
 def test_provision_refuses_certificate_of_another_chip(world: World) -> None:
-    dev, other = world.vendor.make_chip(), world.vendor.make_chip()
+    dev, other = world.part(), world.part()
     raw = world.provisioning(other).to_bytes()
     _refused(dev, ProvisioningError, lambda: dev.provision(raw))
     # right key, but certified under another chip's id
@@ -252,39 +281,43 @@ def test_provision_refuses_certificate_of_another_chip(world: World) -> None:
     assert "device id" in str(err)
 
 
-def test_provision_refuses_foreign_chain(world: World) -> None:
-    dev = world.vendor.make_chip()
+def test_provision_refuses_foreign_root(world: World) -> None:
+    dev = world.part()
     foreign_root = create_root_ca(SoftwareBackend("rogue"), label="root")
     raw = world.provisioning(dev, oem_root_certificate=foreign_root).to_bytes()
-    err = _refused(dev, ProvisioningError, lambda: dev.provision(raw))
-    assert "chain" in str(err)
+    err = _refused(dev, OemRootMismatchError, lambda: dev.provision(raw))
+    assert "burnt at the fab" in str(err)
 
 
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda d: {**d, "v": 2},
-        lambda d: {**d, "device_class": "no spaces allowed"},
-        lambda d: {**d, "min_security_counter": -1},
+        lambda d: {**d, "v": 1},  # the old layout's version
+        lambda d: {**d, "v": 3},
         lambda d: {**d, "device_certificate": b"not a certificate"},
-        lambda d: {**d, "firmware_signing_key": b"\x30\x00"},
-        lambda d: {k: v for k, v in d.items() if k != "device_class"},
+        lambda d: {**d, "oem_root_certificate": "text"},
+        lambda d: {**d, "device_trust": b""},
+        lambda d: {**d, "device_trust": "text"},
+        lambda d: {**d, "device_trust": bytes(4096)},
+        lambda d: {k: v for k, v in d.items() if k != "device_trust"},
         lambda d: {**d, "extra": 1},
+        # version 1's unauthenticated anchors are not accepted beside the statement
+        lambda d: {**d, "device_class": DEVICE_CLASS},
     ],
 )
 def test_provision_refuses_malformed(world: World, mutate: Callable[[dict], dict]) -> None:  # type: ignore[type-arg]
-    dev = world.vendor.make_chip()
+    dev = world.part()
     d = cbor.decode(world.provisioning(dev).to_bytes())
     raw = cbor.encode(mutate(d))
     _refused(dev, ProvisioningFormatError, lambda: dev.provision(raw))
 
 
 def test_provision_refuses_oversized_and_p384_firmware_key(world: World) -> None:
-    dev = world.vendor.make_chip()
+    dev = world.part()
     _refused(dev, ProvisioningFormatError, lambda: dev.provision(bytes(1 << 20)))
     p384 = ec.generate_private_key(ec.SECP384R1()).public_key()
-    with pytest.raises(ProvisioningFormatError, match="P-256"):
-        world.provisioning(dev, firmware_signing_key=p384)
+    with pytest.raises(DeviceTrustFormatError, match="P-256"):
+        world.trust(firmware_signing_key=p384)
 
 
 # --- programming ---------------------------------------------------------------------------
@@ -512,25 +545,28 @@ def test_silicon_vendor_reloads_from_its_saved_key() -> None:
 def test_packager_encodes_exactly_what_to_bytes_does(world: World) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    dev = world.vendor.make_chip(flash_size=1 << 20)
+    dev = world.part()
     data = world.provisioning(dev)
     package = ProvisioningData.packager(
         production_ca_certificate=data.production_ca_certificate,
         oem_root_certificate=data.oem_root_certificate,
-        firmware_signing_key=data.firmware_signing_key,
-        min_security_counter=data.min_security_counter,
-        device_class=data.device_class,
+        device_trust=data.device_trust,
     )
     der = data.device_certificate.public_bytes(serialization.Encoding.DER)
     assert package(der) == data.to_bytes()
     dev.provision(package(der))  # and the SBM takes it
     with pytest.raises(ProvisioningFormatError, match="not DER"):
         package(data.device_certificate)  # type: ignore[arg-type]
-    with pytest.raises(ProvisioningFormatError, match="device class"):
+    # The programmer learns at line set-up, not per device, that a statement is unusable.
+    with pytest.raises(DeviceTrustRefusedError, match="device trust"):
         ProvisioningData.packager(
             production_ca_certificate=data.production_ca_certificate,
             oem_root_certificate=data.oem_root_certificate,
-            firmware_signing_key=data.firmware_signing_key,
-            min_security_counter=1,
-            device_class="bad class!",
+            device_trust=world.trust(signer=world.prog.private_key("pca")),
+        )
+    with pytest.raises(ProvisioningError, match="job"):
+        ProvisioningData.packager(
+            production_ca_certificate=data.production_ca_certificate,
+            oem_root_certificate=data.oem_root_certificate,
+            device_trust=world.trust(job_id="job-2"),
         )
