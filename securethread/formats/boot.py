@@ -1,0 +1,144 @@
+"""Boot confirmations (flow 8): what a device's Secure Boot Manager signs with its own key
+after it verified, decrypted and flashed an image.
+
+The confirmation is an envelope of kind ``boot-confirmation`` signed by the device key::
+
+    {"v": 1, "device_id", "image_id", "image_version", "security_counter",
+     "plaintext_sha256", "nonce"}
+
+The programmer checks it against the nonce it sent (:func:`verify_boot_confirmation`) and
+records it in the ledger; the OEM and auditors check each recorded one again at
+reconciliation against the device certificate and the manifest the job names
+(:func:`verify_recorded_boot_confirmation`).  Pure verification: no token, no device code,
+so the OEM side never imports :mod:`securethread.device`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from securethread.errors import FormatError, SignatureError, VerificationError
+from securethread.formats.envelope import open_envelope
+from securethread.formats.image import Manifest
+
+__all__ = [
+    "BOOT_CONFIRMATION_KIND",
+    "BootConfirmation",
+    "BootConfirmationError",
+    "open_boot_confirmation",
+    "verify_boot_confirmation",
+    "verify_recorded_boot_confirmation",
+]
+
+VERSION = 1
+BOOT_CONFIRMATION_KIND = "boot-confirmation"
+MAX_CONFIRMATION_SIZE = 2048
+MIN_NONCE, MAX_NONCE = 16, 64
+_KEYS = frozenset(
+    {"v", "device_id", "image_id", "image_version", "security_counter", "plaintext_sha256", "nonce"}
+)
+
+
+class BootConfirmationError(VerificationError):
+    """A boot confirmation does not verify or reports something other than expected."""
+
+
+@attrs.frozen(kw_only=True)
+class BootConfirmation:
+    """The verified content of a boot confirmation."""
+
+    device_id: str
+    image_id: str
+    image_version: str
+    security_counter: int
+    plaintext_sha256: bytes
+    nonce: bytes
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> BootConfirmation:
+        if set(body) != _KEYS:
+            raise BootConfirmationError("boot confirmation: unexpected or missing fields")
+        ok = (
+            type(body["v"]) is int
+            and body["v"] == VERSION
+            and all(type(body[k]) is str for k in ("device_id", "image_id", "image_version"))
+            and type(body["security_counter"]) is int
+            and type(body["plaintext_sha256"]) is bytes
+            and type(body["nonce"]) is bytes
+            and MIN_NONCE <= len(body["nonce"]) <= MAX_NONCE
+        )
+        if not ok:
+            raise BootConfirmationError("boot confirmation: a field has the wrong type or size")
+        return cls(**{k: v for k, v in body.items() if k != "v"})
+
+    def check(self, *, device_id: str, manifest: Manifest) -> None:
+        """It reports this device and this image (id, version, counter, plaintext digest)."""
+        expected = {
+            "device_id": device_id,
+            "image_id": manifest.image_id,
+            "image_version": manifest.image_version,
+            "security_counter": manifest.security_counter,
+            "plaintext_sha256": manifest.plaintext_sha256,
+        }
+        for name, value in expected.items():
+            got = getattr(self, name)
+            same = (
+                hmac.compare_digest(got, value)
+                if isinstance(value, bytes)
+                else type(got) is type(value) and got == value
+            )
+            if not same:
+                raise BootConfirmationError(f"boot confirmation: {name} differs from what we sent")
+
+
+def open_boot_confirmation(
+    data: bytes, *, device_public_key: ec.EllipticCurvePublicKey
+) -> BootConfirmation:
+    """Verify the device's signature (strict envelope, S6), then parse (S2)."""
+    try:
+        body = open_envelope(
+            data,
+            kind=BOOT_CONFIRMATION_KIND,
+            keys=device_public_key,
+            max_size=MAX_CONFIRMATION_SIZE,
+        )
+    except SignatureError as exc:
+        raise BootConfirmationError(f"boot confirmation: {exc}") from None
+    except FormatError as exc:
+        raise BootConfirmationError(f"boot confirmation malformed: {exc}") from None
+    return BootConfirmation.from_body(body)
+
+
+def verify_boot_confirmation(
+    data: bytes,
+    *,
+    device_public_key: ec.EllipticCurvePublicKey,
+    device_id: str,
+    manifest: Manifest,
+    nonce: bytes,
+) -> None:
+    """Programmer side: the signature, then that it reports this device, this image (id,
+    version, counter, plaintext digest) and the nonce we sent."""
+    conf = open_boot_confirmation(data, device_public_key=device_public_key)
+    conf.check(device_id=device_id, manifest=manifest)
+    if not isinstance(nonce, bytes) or not hmac.compare_digest(conf.nonce, nonce):
+        raise BootConfirmationError("boot confirmation: nonce differs from what we sent")
+
+
+def verify_recorded_boot_confirmation(
+    data: bytes,
+    *,
+    device_public_key: ec.EllipticCurvePublicKey,
+    device_id: str,
+    manifest: Manifest,
+) -> BootConfirmation:
+    """OEM / auditor side, for a confirmation recorded in a ledger: the device's signature
+    and that it reports this device and this image.  The nonce was the programmer's
+    challenge (freshness towards the programmer); here it is checked for shape only."""
+    conf = open_boot_confirmation(data, device_public_key=device_public_key)
+    conf.check(device_id=device_id, manifest=manifest)
+    return conf
