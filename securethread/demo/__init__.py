@@ -1,0 +1,282 @@
+"""The two-site demo: ``securethread demo --devices N --workdir DIR``.
+
+It plays every party on one machine the way they are deployed on several::
+
+    DIR/oem/        the OEM's work directory (its own SoftHSM tokens and PIN file)
+    DIR/factory/    the programming centre's work directory (its own token and PIN file)
+    DIR/vendor/     the simulated silicon vendor (software CA; burns the OEM root's hash)
+    DIR/courier/    a log of every file carried between the parties
+
+Each party's step runs as its own ``securethread`` process with only that party's work
+directory (each process points SoftHSM at its own token directory and reads its own PIN
+file; the test-suite's or the caller's PIN variables are removed from the children's
+environment).  Nothing passes between the parties but the files of their outboxes, copied
+into the receiver's ``inbox/`` as a courier would, and one TCP connection on 127.0.0.1 for
+the key channel.  The demo and the CLI are the only code that knows more than one party.
+
+The demo refuses a directory it did not create.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from securethread.errors import ConfigurationError, Error
+
+DEMO_MARKER = ".securethread-demo"
+PARTS = ("oem", "factory", "vendor", "courier")
+OEM_NAME = "demo-oem"
+FACTORY_NAME = "factory-1"
+JOB_ID = "demo-job-1"
+IMAGE_ID = "fw-sensor-1"
+DEVICE_CLASS = "sensor-v1"
+FIRST_UID = 0x5EC0_0000_0000_0000
+
+
+class DemoStepError(Error):
+    """A party's step failed inside the demo; the message is that step's own error line."""
+
+
+def _child_env() -> dict[str, str]:
+    """The environment for a party's process: no SoftHSM config, no PINs from outside."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k != "SOFTHSM2_CONF" and not k.startswith(("SECURETHREAD_PIN_", "SECURETHREAD_SO_PIN_"))
+    }
+
+
+def prepare(workdir: str | os.PathLike[str]) -> Path:
+    """Create ``workdir`` for the demo; refuse a directory the demo did not create.
+
+    A directory holding the demo's marker is the demo's own: its parts are cleared and the
+    demo starts over.  Anything else that exists and is not empty is refused untouched.
+    """
+    root = Path(workdir).resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigurationError(f"{str(root)!r} is not a directory")
+    if root.exists() and any(root.iterdir()):
+        if not (root / DEMO_MARKER).is_file():
+            raise ConfigurationError(
+                f"{str(root)!r} is not empty and was not created by securethread demo; "
+                "refusing to touch it"
+            )
+        unexpected = sorted(p.name for p in root.iterdir() if p.name not in (*PARTS, DEMO_MARKER))
+        if unexpected:
+            raise ConfigurationError(
+                f"{str(root)!r} holds files the demo did not create ({', '.join(unexpected)}); "
+                "refusing to touch it"
+            )
+        for part in PARTS:
+            shutil.rmtree(root / part, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text("created by securethread demo\n")
+    (root / "courier").mkdir()
+    return root
+
+
+class _Sites:
+    """Runs each party's CLI steps in its own process; carries files between them."""
+
+    def __init__(self, root: Path, log: Callable[[str], None] | None) -> None:
+        self.root = root
+        self.log = log or (lambda _m: None)
+        self.env = _child_env()
+        self.carried: list[str] = []
+
+    def run(self, party: str, *args: str) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "securethread.cli", party, *args, "--json"]
+        self.log(f"[{party}] securethread {party} {' '.join(args)}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=self.root)
+        return self._result(party, args, proc.returncode, proc.stdout, proc.stderr)
+
+    def start(self, party: str, *args: str) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "securethread.cli", party, *args, "--json"]
+        self.log(f"[{party}] securethread {party} {' '.join(args)} &")
+        return subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            cwd=self.root,
+        )
+
+    def finish(self, party: str, args: Sequence[str], proc: subprocess.Popen[str]) -> dict[str, Any]:
+        out, err = proc.communicate(timeout=600)
+        return self._result(party, args, proc.returncode, out, err)
+
+    def _result(
+        self, party: str, args: Sequence[str], code: int, out: str, err: str
+    ) -> dict[str, Any]:
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+        if code != 0:
+            why = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
+            raise DemoStepError(f"{party} {' '.join(args[:1])} failed: {why}")
+        return result
+
+    def carry(self, src: Path, to: str) -> Path:
+        """Copy ``src`` (an outbox file) into party ``to``'s inbox, as a courier would."""
+        inbox = self.root / to / "inbox"
+        inbox.mkdir(exist_ok=True)
+        dst = inbox / src.name
+        shutil.copyfile(src, dst)
+        rel = f"{src.relative_to(self.root)} -> {dst.relative_to(self.root)}"
+        self.carried.append(rel)
+        with open(self.root / "courier" / "log.txt", "a") as f:
+            f.write(rel + "\n")
+        return dst
+
+
+def _job_spec(quota: int, targets: int) -> str:
+    last = FIRST_UID + targets - 1
+    return (
+        f'job_id = "{JOB_ID}"\nprogrammer = "{FACTORY_NAME}"\nimage = "{IMAGE_ID}"\n'
+        f"quota = {quota}\n\n[targets]\n"
+        f'ranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n\n[window]\ndays = 7\n\n'
+        '[certificate]\norganisation = "Demo OEM Ltd"\nproduct = "sensor-v1"\n'
+        'common_name = "{device_id}"\n'
+    )
+
+
+def run_demo(
+    workdir: str | os.PathLike[str],
+    *,
+    devices: int = 100,
+    workers: int = 1,
+    firmware_size: int = 256 << 10,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole chain of trust across the two sites; return the summary."""
+    if devices < 1 or workers < 1:
+        raise ConfigurationError("--devices and --workers must be at least 1")
+    from securethread.demo.line import create_vendor
+
+    root = prepare(workdir)
+    t0 = time.monotonic()
+    s = _Sites(root, log)
+    oem, fac = root / "oem", root / "factory"
+
+    # flow 1 and 2: the OEM's ceremony; the factory enrols; certificates go back.
+    init = s.run("oem", "init", "--workdir", "oem", "--name", OEM_NAME)
+    root_fp = init["root_fingerprint"]
+    s.run("programmer", "init", "--workdir", "factory", "--name", FACTORY_NAME)
+    enrol = s.run("programmer", "enrol", "--workdir", "factory")
+    request = s.carry(fac / "outbox" / "enrolment-request.bin", "oem")
+    # The fingerprint travels out of band (read over the phone): the demo passes it on.
+    s.run("oem", "certify-programmer", "--workdir", "oem", str(request), "--fingerprint", enrol["fingerprint"])
+    bundle = s.carry(oem / "outbox" / f"certificates-{FACTORY_NAME}.bin", "factory")
+    s.run("programmer", "install-certs", "--workdir", "factory", str(bundle), "--root-fingerprint", root_fp)
+
+    # The silicon vendor takes the OEM's order: chips burnt with the OEM root's hash.
+    vendor_root = s.carry(oem / "root-ca.pem", "vendor")
+    create_vendor(root / "vendor", oem_root=vendor_root)
+
+    # flow 3: mastering at the OEM.
+    (oem / "firmware.bin").write_bytes(os.urandom(firmware_size))
+    s.run(
+        "oem", "master-image", "--workdir", "oem", str(oem / "firmware.bin"), "--image-id", IMAGE_ID,
+        "--version", "1.0.0", "--security-counter", "3", "--device-class", DEVICE_CLASS,
+    )  # fmt: skip
+
+    # flows 4-5: the key channel over TCP on 127.0.0.1.
+    args = ("receive-keys", "--workdir", "factory", "--listen", "127.0.0.1:0", "--timeout", "60")
+    receiver = s.start("programmer", *args)
+    port = _listening_port(receiver)
+    sent = s.run(
+        "oem", "send-keys", "--workdir", "oem", "--to", FACTORY_NAME, "--image", IMAGE_ID,
+        "--connect", f"127.0.0.1:{port}",
+    )  # fmt: skip
+    received = s.finish("programmer", args, receiver)
+
+    # flow 6: the job.
+    s.run("programmer", "request-ca", "--workdir", "factory", "--job", JOB_ID)
+    ca_request = s.carry(fac / "outbox" / f"production-ca-request-{JOB_ID}.bin", "oem")
+    spec = oem / f"{JOB_ID}.toml"
+    spec.write_text(_job_spec(devices, devices))
+    s.run("oem", "issue-job", "--workdir", "oem", str(spec), "--ca-request", str(ca_request))
+    package = s.carry(oem / "outbox" / f"job-{JOB_ID}.bin", "factory")
+    image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
+    s.run("programmer", "open-job", "--workdir", "factory", str(package), "--image", str(image))
+
+    # flows 7-8: the line.
+    prov = s.run(
+        "programmer", "provision", "--workdir", "factory", "--job", JOB_ID, "--vendor",
+        str(root / "vendor"), "--devices", str(devices), "--workers", str(workers),
+        "--progress", "none",
+    )  # fmt: skip
+
+    # flow 9: the ledger goes back; the OEM reconciles against the job it issued.
+    s.run("programmer", "close-job", "--workdir", "factory", "--job", JOB_ID)
+    ledger = s.carry(fac / "outbox" / f"ledger-{JOB_ID}.bin", "oem")
+    rec = s.run("oem", "reconcile", "--workdir", "oem", str(ledger), "--job", JOB_ID)
+
+    # An auditor with public files only.
+    transcripts = {}
+    for party, cert in (("oem", oem / "oem-identity.pem"), ("factory", fac / "certs" / "identity.pem")):
+        v = s.run("audit", "verify-transcript", str(root / party / "transcript.bin"), "--cert", str(cert))
+        transcripts[party] = {"records": v["records"], "head": v["head"]}
+    s.run(
+        "audit", "verify-ledger", str(ledger), "--ledger-cert",
+        str(fac / "certs" / "ledger-signing.pem"), "--root", str(oem / "root-ca.pem"),
+    )  # fmt: skip
+
+    elapsed = round(time.monotonic() - t0, 2)
+    ok = prov.get("ok", False) and rec.get("ok", False)
+    summary: dict[str, Any] = {
+        "ok": bool(ok),
+        "workdir": str(root),
+        "oem": str(oem),
+        "factory": str(fac),
+        "vendor": str(root / "vendor"),
+        "job": JOB_ID,
+        "devices": devices,
+        "workers": workers,
+        "provisioned": prov.get("provisioned"),
+        "booted": prov.get("booted"),
+        "quota": rec.get("quota"),
+        "quota_used": rec.get("quota_used"),
+        "devices_per_s": prov.get("devices_per_s"),
+        "reconciled": bool(rec.get("ok")),
+        "key_channel": {"port": port, "session": sent.get("session"), "ack": received.get("ok")},
+        "transcripts": transcripts,
+        "carried": s.carried,
+        "elapsed_s": elapsed,
+    }
+    summary["lines"] = [
+        f"two-site demo in {root} ({elapsed} s)",
+        f"  OEM {OEM_NAME!r}: {oem}   programming centre {FACTORY_NAME!r}: {fac}   vendor: {root / 'vendor'}",
+        f"  files carried between the sites: {len(s.carried)} (see courier/log.txt); "
+        f"key channel: TCP 127.0.0.1:{port}",
+        f"  job {JOB_ID}: {prov.get('provisioned')} provisioned, {prov.get('booted')} booted "
+        f"({prov.get('devices_per_s')} devices/s), quota {rec.get('quota_used')} of {rec.get('quota')}",
+        f"  reconciled by the OEM: {'yes' if rec.get('ok') else 'NO'}; ledger and both transcripts "
+        "verified offline",
+        *(f"  {p} transcript head: #{t['records'] - 1} {t['head']}" for p, t in transcripts.items()),
+    ]
+    return summary
+
+
+def _listening_port(proc: subprocess.Popen[str], timeout: float = 60.0) -> int:
+    """The port a ``receive-keys --listen 127.0.0.1:0`` process reports on stderr."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if line.startswith("listening on "):
+            return int(line.rsplit(":", 1)[1])
+    proc.kill()
+    out, err = proc.communicate()
+    why = (err or out).strip().splitlines()[-1:] or ["no output"]
+    raise DemoStepError(f"programmer receive-keys did not start listening: {why[0]}")

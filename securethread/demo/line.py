@@ -1,0 +1,143 @@
+"""The simulated side of the production line: the silicon vendor's directory and its chips.
+
+A real line talks to real chips through a programming adapter; here the chips are
+:class:`securethread.device.ChipSpec` simulations made by a software fab that lives in a
+directory of its own::
+
+    <vendor>/root-ca.pem     the fab's device-identity CA certificate (the line trusts it)
+    <vendor>/vendor-key.pem  the fab's CA key (0600; a simulation's key, kept to reload it)
+    <vendor>/chip-seed       seed the simulated chip keys derive from (0600), so that the
+                             chip with a given UID is the same chip in every run (a resumed
+                             run meets the chips it already counted)
+    <vendor>/order.json      the OEM's order: the SHA-256 of the OEM root (burnt in OTP)
+
+This module knows two parties (the fab and the programmer's line), which is why it lives
+beside the demo and the CLI, not in either role package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from securethread.device import ChipSpec, SiliconVendor
+from securethread.errors import ConfigurationError, FormatError
+from securethread.formats.device_trust import oem_root_hash
+from securethread.workdir import StepResult, read_file, to_pem, write_atomic
+
+VENDOR_ROOT = "root-ca.pem"
+VENDOR_KEY = "vendor-key.pem"
+CHIP_SEED = "chip-seed"
+ORDER = "order.json"
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def create_vendor(directory: str | os.PathLike[str], *, oem_root: str | os.PathLike[str]) -> Path:
+    """Set up a simulated fab in ``directory`` that takes the OEM's order (its root)."""
+    from securethread.pki import from_pem
+
+    d = Path(directory)
+    if d.exists() and any(p.name != "inbox" for p in d.iterdir()):
+        raise ConfigurationError(f"{str(d)!r} already holds a vendor")
+    root = from_pem(read_file(oem_root, "OEM root certificate"))
+    vendor = SiliconVendor()
+    key_pem = vendor.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_atomic(d / VENDOR_KEY, key_pem, mode=0o600)
+    write_atomic(d / CHIP_SEED, secrets.token_bytes(32), mode=0o600)
+    write_atomic(d / ORDER, json.dumps({"oem_root_sha256": oem_root_hash(root).hex()}).encode())
+    write_atomic(d / VENDOR_ROOT, to_pem(vendor.root_certificate))  # last: marks it made
+    return d
+
+
+class SimulatedFab:
+    """A fab directory made by :func:`create_vendor`, reloaded."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        from securethread.pki import from_pem
+
+        d = Path(directory)
+        if not (d / VENDOR_ROOT).is_file():
+            raise ConfigurationError(f"{str(d)!r} is not a simulated vendor directory")
+        self.root_certificate = from_pem(read_file(d / VENDOR_ROOT, "vendor root"))
+        try:
+            key = serialization.load_pem_private_key(read_file(d / VENDOR_KEY, "vendor key"), None)
+        except ValueError:
+            raise FormatError(f"{str(d / VENDOR_KEY)!r} is not a PEM private key") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise FormatError(f"{str(d / VENDOR_KEY)!r} is not an EC key")
+        self.vendor = SiliconVendor.from_key(key, self.root_certificate)
+        self._seed = read_file(d / CHIP_SEED, "chip seed")
+        try:
+            order = json.loads(read_file(d / ORDER, "vendor order"))
+            self.oem_root_hash = bytes.fromhex(order["oem_root_sha256"])
+        except (ValueError, KeyError, TypeError):
+            raise FormatError(f"{str(d / ORDER)!r} is damaged") from None
+
+    def chip(self, uid: int) -> ChipSpec:
+        """The part with this UID: its key derives from the fab's seed and the UID."""
+        device_id = f"{uid:016x}"
+        digest = hmac.new(self._seed, device_id.encode(), hashlib.sha512).digest()
+        key = ec.derive_private_key(int.from_bytes(digest, "big") % (_P256_N - 1) + 1, ec.SECP256R1())
+        cert = self.vendor.certify(device_id, key.public_key())
+        return ChipSpec(
+            device_id=device_id,
+            private_key_der=key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            vendor_certificate_der=cert.public_bytes(serialization.Encoding.DER),
+            oem_root_hash=self.oem_root_hash,
+        )
+
+    def chips(self, uids: Sequence[int]) -> list[ChipSpec]:
+        return [self.chip(u) for u in uids]
+
+
+def provision_simulated(
+    workdir: str | os.PathLike[str],
+    *,
+    job_id: str,
+    vendor: str | os.PathLike[str],
+    devices: int,
+    first: int = 0,
+    workers: int = 1,
+    batch_size: int = 32,
+    progress: str | Callable[[Any], None] | None = None,
+) -> StepResult:
+    """``programmer provision``: chips ``first`` .. ``first + devices - 1`` of the job's
+    first target range, from the simulated fab in ``vendor``, through the programmer's line."""
+    from securethread.programmer import job_targets, provision
+
+    for name, value, low in (("--devices", devices, 1), ("--first", first, 0)):
+        if value < low:
+            raise ConfigurationError(f"{name} must be at least {low}")
+    fab = SimulatedFab(vendor)
+    targets = job_targets(workdir, job_id)
+    base = targets.ranges[0][0] if targets.ranges else int(min(targets.explicit), 16)
+    if base + first + devices > 1 << 64:
+        raise ConfigurationError("--first and --devices reach beyond 64-bit chip UIDs")
+    chips = fab.chips([base + first + i for i in range(devices)])
+    return provision(
+        workdir,
+        job_id=job_id,
+        chips=chips,
+        vendor_roots=[fab.root_certificate],
+        workers=workers,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+__all__ = ["SimulatedFab", "create_vendor", "provision_simulated"]
