@@ -13,8 +13,7 @@ Body (canonical CBOR, ``v`` = 1)::
     {"v": 1, "job_id": tstr, "device_class": tstr,
      "firmware_signing_key": SPKI DER (P-256), "min_security_counter": uint < 2**32}
 
-Exactly one signature, by the OEM root key: :func:`open_envelope` refuses entries by any other
-key, a repeated entry and a high-s signature (S6), so a statement has one valid encoding.
+Exactly one signature entry, the OEM root key's; a statement with any other entry is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, SignatureError, VerificationError
+from securethread.formats import cbor
 from securethread.formats.envelope import open_envelope, seal
 from securethread.formats.image import check_name
 from securethread.formats.job import check_job_id
@@ -146,6 +146,10 @@ def verify_device_trust(data: bytes, *, oem_root: x509.Certificate) -> DeviceTru
         raise DeviceTrustSignatureError(f"device trust: {exc}") from None
     except FormatError as exc:
         raise DeviceTrustFormatError(f"device trust: {exc}") from None
+    # Exactly one entry, the root's: a statement has one valid encoding (S6), whatever
+    # open_envelope tolerates for other kinds.
+    if len(cbor.decode(data, max_size=MAX_DEVICE_TRUST_SIZE)["sigs"]) != 1:
+        raise DeviceTrustSignatureError("device trust: signed by other keys besides the OEM root")
     if set(body) != _KEYS:
         raise DeviceTrustFormatError("device trust: unexpected or missing fields")
     raw_key = body["firmware_signing_key"]

@@ -22,6 +22,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from securethread.device.sbm import ProvisioningData, SiliconVendor, verify_boot_confirmation
 from securethread.errors import KeyPolicyError, RollbackError
+from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_device_trust
 from securethread.formats.identity import IdentityVerifier, new_challenge
 from securethread.formats.image import DEFAULT_CHUNK_SIZE, master_image, verify_manifest
 from securethread.formats.license import LicenseIssuer, WrongDeviceLicenseError
@@ -111,6 +112,16 @@ def plant(oem, programmer):  # type: ignore[no-untyped-def]
         devcerts=DeviceCertificateIssuer(programmer.private_key(f"{p}-pca"), pca_cert, job_id=job),
         pca_cert=pca_cert,
         vendor=SiliconVendor(),
+        # The OEM's root key (in its token) vouches for what the chips of this job trust.
+        device_trust=sign_device_trust(
+            DeviceTrust(
+                job_id=job,
+                device_class="sensor-v1",
+                firmware_signing_key=fw_key.public_key(),
+                min_security_counter=1,
+            ),
+            root_key,
+        ),
     )
     for suffix in ("root", "fw", "img"):
         oem.destroy(f"{p}-{suffix}")
@@ -135,7 +146,7 @@ def _master(plant: dict[str, Any], data: bytes, counter: int) -> tuple[bytes, by
 
 def _onboard(plant: dict[str, Any], seq: int) -> tuple[Any, Any]:
     """Programmer side, per device: identify, certify, provision."""
-    dev = plant["vendor"].make_chip()
+    dev = plant["vendor"].make_chip(oem_root_hash=oem_root_hash(plant["root_cert"]))
     verifier = IdentityVerifier([plant["vendor"].root_certificate])
     challenge = new_challenge()
     ident = verifier.verify(dev.identify(challenge), challenge=challenge)
@@ -145,9 +156,7 @@ def _onboard(plant: dict[str, Any], seq: int) -> tuple[Any, Any]:
             device_certificate=cert,
             production_ca_certificate=plant["pca_cert"],
             oem_root_certificate=plant["root_cert"],
-            firmware_signing_key=plant["fw_key"].public_key(),
-            min_security_counter=1,
-            device_class="sensor-v1",
+            device_trust=plant["device_trust"],
         ).to_bytes()
     )
     return dev, ident
