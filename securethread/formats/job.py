@@ -5,13 +5,18 @@ device class, the device identifiers it may target (inclusive ranges of 64-bit c
 and/or an explicit list), the quota, a validity window, the image, the certificate
 profile and the programmer enclave it is for (the SHA-256 fingerprint of that enclave's
 identity certificate).  It may require M-of-N officer signatures: ``threshold`` is inside
-the signed body and the programmer also enforces its own configured minimum, so neither
-side alone can lower it.
+the signed body and the verifier also applies its own floor (a required argument of
+:func:`verify_job`), so neither side alone can lower it.
+
+Identity (invariant S6): a job is identified by :func:`job_hash`, the SHA-256 of the exact
+bytes the officers sign (the envelope's signed body), never by the envelope's bytes.  Every
+framing of one signed body -- other co-signers, a fresh signature by the same officers --
+is the same job: one quota, one ledger, one serial space.  Envelopes are opened strictly
+(:mod:`securethread.formats.envelope`), so a framing an outsider could vary is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +25,7 @@ from typing import Any
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.errors import FormatError, JobError, NotTargetedError
+from securethread.errors import FormatError, JobError, NotTargetedError, SignatureError
 from securethread.formats import envelope
 from securethread.keys.ecutil import fingerprint
 from securethread.keys.protocol import PrivateKey
@@ -54,11 +59,21 @@ def _check_name(value: object, what: str) -> str:
     return value
 
 
+def _sorted_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted((r[0], r[1]) for r in ranges))
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # bool is an int in Python, not in the job's schema
+
+
 @attrs.frozen
 class Targets:
-    """Which devices a job may provision: inclusive UID ranges plus explicit identifiers."""
+    """Which devices a job may provision: inclusive UID ranges plus explicit identifiers.
 
-    ranges: tuple[tuple[int, int], ...] = ()
+    Ranges are kept sorted, so one set of targets has one encoding (S6)."""
+
+    ranges: tuple[tuple[int, int], ...] = attrs.field(default=(), converter=_sorted_ranges)
     explicit: frozenset[str] = frozenset()
 
     def __attrs_post_init__(self) -> None:
@@ -67,8 +82,8 @@ class Targets:
         if len(self.ranges) + len(self.explicit) > MAX_TARGET_ENTRIES:
             raise FormatError(f"job targets exceed {MAX_TARGET_ENTRIES} entries")
         for first, last in self.ranges:
-            if not (0 <= first <= last < 1 << 64):
-                raise FormatError(f"bad target range {first:#x}..{last:#x}")
+            if not (_is_int(first) and _is_int(last) and 0 <= first <= last < 1 << 64):
+                raise FormatError(f"bad target range {first!r}..{last!r}")
         for d in self.explicit:
             check_device_id(d)
 
@@ -98,7 +113,9 @@ class Targets:
             if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)):
                 raise FormatError("job targets: a range is not [first, last]")
             parsed.append((r[0], r[1]))
-        if explicit != sorted(set(explicit)):
+        if parsed != sorted(set(parsed)):
+            raise FormatError("job targets: ranges not sorted and unique")
+        if not all(type(d) is str for d in explicit) or explicit != sorted(set(explicit)):
             raise FormatError("job targets: explicit list not sorted and unique")
         return cls(ranges=tuple(parsed), explicit=frozenset(explicit))
 
@@ -122,13 +139,24 @@ class ProductionJob:
     version: int = JOB_VERSION
 
     def __attrs_post_init__(self) -> None:
+        # Exact types (S6): a bool is not an int here, bytearray is not bytes.
+        for name in ("version", "not_before", "not_after", "threshold", "certificate_days"):
+            if not _is_int(getattr(self, name)):
+                raise FormatError(f"job: {name} must be an integer")
+        if not isinstance(self.targets, Targets):
+            raise FormatError("job: targets must be a Targets")
         if self.version != JOB_VERSION:
             raise FormatError(f"unsupported job version {self.version}")
         if type(self.quota) is not int or not 1 <= self.quota <= MAX_QUOTA:
             raise JobError(f"job quota must be between 1 and {MAX_QUOTA}, got {self.quota!r}")
-        if self.not_after <= self.not_before:
-            raise JobError("job validity window is empty")
-        if len(self.manifest_sha256) != 32 or len(self.programmer) != 32:
+        if not 0 <= self.not_before < self.not_after < 1 << 63:
+            raise JobError("job validity window is empty or out of range")
+        if (
+            type(self.manifest_sha256) is not bytes
+            or type(self.programmer) is not bytes
+            or len(self.manifest_sha256) != 32
+            or len(self.programmer) != 32
+        ):
             raise FormatError("job: manifest hash and programmer fingerprint are 32 bytes")
         if not 1 <= self.threshold <= 16:
             raise JobError("job threshold must be between 1 and 16")
@@ -204,17 +232,49 @@ def cosign_job(signed: bytes, officer: PrivateKey) -> bytes:
 
 
 def job_hash(signed: bytes) -> bytes:
-    """SHA-256 of the signed job as issued: the job's identity in the ledger."""
-    return hashlib.sha256(signed).digest()
+    """The job's identity: SHA-256 of the bytes its officers sign (S6).
+
+    The same for every valid framing of one signed body, so re-framing a job never opens a
+    second quota.  Nothing is verified here: use :func:`verify_job` before acting on a job.
+    """
+    return envelope.content_id(signed, kind=JOB_KIND, max_size=MAX_JOB_SIZE)
 
 
 @attrs.frozen
 class VerifiedJob:
-    """A job whose signatures, programmer binding and validity were checked."""
+    """A job whose signatures, threshold, programmer binding and validity were checked.
+
+    ``sha256`` is the job identity (:func:`job_hash`); ``signed`` is the framing that was
+    verified; ``signers`` the fingerprints of the officers who signed it."""
 
     job: ProductionJob
     signed: bytes
     sha256: bytes
+    signers: tuple[bytes, ...] = ()
+
+
+def verify_job_signatures(
+    signed: bytes,
+    *,
+    officers: Mapping[bytes, ec.EllipticCurvePublicKey] | Iterable[ec.EllipticCurvePublicKey],
+    min_threshold: int,
+) -> VerifiedJob:
+    """Verify a job's officer signatures at ``max(min_threshold, job.threshold)``, at any
+    time and for any programmer (the OEM re-reading a job it issued, reconciliation)."""
+    if type(min_threshold) is not int or min_threshold < 1:
+        raise ValueError("min_threshold (the verifier's M-of-N floor) must be an int >= 1")
+    if not isinstance(officers, Mapping):
+        officers = {fingerprint(k): k for k in officers}
+    opened = envelope.open_signed(
+        signed, kind=JOB_KIND, keys=officers, threshold=min_threshold, max_size=MAX_JOB_SIZE
+    )
+    job = ProductionJob.from_obj(opened.body)
+    if len(opened.signers) < job.threshold:
+        raise SignatureError(
+            f"job {job.job_id}: {len(opened.signers)} officer signature(s), "
+            f"the job requires {job.threshold}"
+        )
+    return VerifiedJob(job=job, signed=signed, sha256=opened.content_id, signers=opened.signers)
 
 
 def verify_job(
@@ -222,30 +282,22 @@ def verify_job(
     *,
     officers: Mapping[bytes, ec.EllipticCurvePublicKey] | Iterable[ec.EllipticCurvePublicKey],
     programmer: bytes,
-    min_threshold: int = 1,
+    min_threshold: int,
     now: int | None = None,
 ) -> VerifiedJob:
     """Verify a signed job for this programmer; raise :class:`JobError` (or a
     :class:`~securethread.errors.SignatureError`/:class:`FormatError`) saying why not.
 
-    ``officers`` are the OEM job-signing keys the programmer trusts; ``programmer`` is the
-    fingerprint of this programmer's identity certificate.
+    ``officers`` are the OEM job-signing keys the programmer trusts; every signature on the
+    job must be by one of them.  ``min_threshold`` is the verifier's own M-of-N floor (no
+    default: a job signed by fewer officers is refused whatever its own ``threshold``
+    says).  ``programmer`` is the fingerprint of this programmer's identity certificate.
     """
-    if not isinstance(officers, Mapping):
-        officers = {fingerprint(k): k for k in officers}
-    body = envelope.open_envelope(
-        signed, kind=JOB_KIND, keys=officers, threshold=min_threshold, max_size=MAX_JOB_SIZE
-    )
-    job = ProductionJob.from_obj(body)
-    if job.threshold > min_threshold:
-        # The job asks for more approvals than our floor: verify again at its threshold.
-        envelope.open_envelope(
-            signed, kind=JOB_KIND, keys=officers, threshold=job.threshold, max_size=MAX_JOB_SIZE
-        )
-    if job.programmer != programmer:
-        raise JobError(f"job {job.job_id} is for another programmer enclave")
-    check_job_window(job, now)
-    return VerifiedJob(job=job, signed=signed, sha256=job_hash(signed))
+    verified = verify_job_signatures(signed, officers=officers, min_threshold=min_threshold)
+    if verified.job.programmer != programmer:
+        raise JobError(f"job {verified.job.job_id} is for another programmer enclave")
+    check_job_window(verified.job, now)
+    return verified
 
 
 def check_job_window(job: ProductionJob, now: int | None = None) -> None:

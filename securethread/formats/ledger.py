@@ -1,25 +1,37 @@
 """The production ledger (invariant S4): one record per provisioned and per programmed
-device, hash-chained, authenticated by signed checkpoints, verifiable offline.
+device, hash-chained, authenticated by signed checkpoints, closed by a signed close
+record, verifiable offline.
 
-Records form one chain per job.  Record 0's ``prev`` is the SHA-256 of the signed job, so
-a ledger cannot be moved to another job.  Each record is canonical CBOR; its hash is
-SHA-256 over those bytes and the next record commits to it.
+Records form one chain per job.  Record 0's ``prev`` is the job identity
+(:func:`securethread.formats.job.job_hash`, the hash of the signed job body), so a ledger
+cannot be moved to another job.  Each record is canonical CBOR with exact field types; its
+hash is SHA-256 over those bytes and the next record commits to it.
 
 Why checkpoints rather than a signature per record: the programmer commits records in
 batches (group commit, one database transaction) and signs one checkpoint
 ``{job, upto, head}`` with its ledger key *inside the same transaction*.  A record is only
 durable together with the checkpoint that covers it, and secrets are released only after
 that commit, so every record a device's secrets depend on is authenticated -- at the cost
-of one token signature per batch instead of one per device.  The verifier requires that
-the last record is covered by a checkpoint, so truncating the tail, deleting, reordering,
-duplicating or altering any record is detected and the first bad record is named.
+of one token signature per batch instead of one per device.
+
+Why a close record: a checkpoint says "records 0..k end in this head", which stays true
+of a ledger cut after record k.  Closing a job appends one last signed statement
+``{job, records, provisioned, programmed, head, quota, quota_used}`` after which the store
+accepts nothing more for the job.  :func:`verify_ledger` requires it as the last item and
+requires it to match what precedes it, so a ledger cut anywhere -- after any checkpoint,
+down to zero records -- and an empty ledger whose close record says otherwise are refused,
+as are deleted, reordered, duplicated or altered records (the first bad record is named).
+A verifier only hands out a record once the checkpoint covering it has verified.
+
+Export format: ``STLEDGR1``, then length-prefixed items ``j`` (the signed job), ``r``
+(record), ``c`` (checkpoint), and one ``e`` (the close record) last; see docs/formats.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 import attrs
@@ -27,14 +39,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, LedgerError, VerificationError
 from securethread.formats import cbor, envelope
+from securethread.formats.job import check_device_id
 from securethread.keys.protocol import PrivateKey
 
 LEDGER_VERSION = 1
 CHECKPOINT_KIND = "ledger-checkpoint"
+CLOSE_KIND = "ledger-close"
 EXPORT_MAGIC = b"STLEDGR1"
 MAX_RECORD_SIZE = 64 << 10
+MAX_ENVELOPE_SIZE = 4096
+#: Most records one commit (one checkpoint) may cover; a verifier holds at most this many
+#: records while it waits for the checkpoint that authenticates them.
+MAX_BATCH = 10_000
 KIND_PROVISIONED = "provisioned"
 KIND_PROGRAMMED = "programmed"
+TAG_JOB, TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE = "j", "r", "c", "e"
+_HASH = 32
 _RECORD_KEYS = {
     KIND_PROVISIONED: frozenset(
         {"v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "cert", "license_sha256"}
@@ -43,10 +63,30 @@ _RECORD_KEYS = {
         {"v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "boot"}
     ),
 }
+_CHECKPOINT_KEYS = frozenset({"job", "upto", "head", "time"})
+_CLOSE_KEYS = frozenset(
+    {"v", "job", "records", "provisioned", "programmed", "head", "quota", "quota_used", "time"}
+)
+
+
+class LedgerNotClosedError(LedgerError):
+    """A ledger ends without its close record: cut short, or exported from an open run."""
+
+
+class CloseRecordMismatchError(LedgerError):
+    """A ledger's close record does not describe the records before it (or is malformed)."""
 
 
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def _uint(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _hash(v: object) -> bool:
+    return type(v) is bytes and len(v) == _HASH
 
 
 @attrs.frozen(kw_only=True)
@@ -104,16 +144,45 @@ class LedgerRecord:
     def slot(self) -> int:
         return int(self.body["slot"])
 
+    @property
+    def time(self) -> int:
+        return int(self.body["time"])
+
+
+def _record_fields_ok(body: dict[str, Any]) -> bool:
+    common = (
+        type(body["v"]) is int
+        and body["v"] == LEDGER_VERSION
+        and _hash(body["job"])
+        and _uint(body["seq"])
+        and _hash(body["prev"])
+        and _uint(body["time"])
+        and _uint(body["slot"])
+        and type(body["device_id"]) is str
+    )
+    if not common:
+        return False
+    if body["kind"] == KIND_PROVISIONED:
+        return type(body["cert"]) is bytes and _hash(body["license_sha256"])
+    return type(body["boot"]) is bytes
+
 
 def parse_record(raw: bytes, index: int) -> LedgerRecord:
+    """Decode one record and check its shape and exact field types (not its place)."""
     try:
         body = cbor.decode(raw, what=f"ledger record {index}", max_size=MAX_RECORD_SIZE)
     except FormatError as exc:
         raise LedgerError(f"ledger record {index} is malformed: {exc}", index=index) from None
     if not isinstance(body, dict) or body.get("kind") not in _RECORD_KEYS:
         raise LedgerError(f"ledger record {index} has an unknown kind", index=index)
-    if set(body) != _RECORD_KEYS[body["kind"]] or body["v"] != LEDGER_VERSION:
+    if set(body) != _RECORD_KEYS[body["kind"]]:
         raise LedgerError(f"ledger record {index} has unexpected fields", index=index)
+    if not _record_fields_ok(body):
+        raise LedgerError(f"ledger record {index} has a field of the wrong type", index=index)
+    try:
+        check_device_id(body["device_id"])
+    except FormatError as exc:
+        raise LedgerError(f"ledger record {index}: {exc}", index=index) from None
     return LedgerRecord(index=index, raw=raw, body=body)
 
 
@@ -128,6 +197,8 @@ def chain(
         prev = sha256(raw)
         out.append((rec, seq, raw, prev))
         seq += 1
+    if len(out) > MAX_BATCH:
+        raise ValueError(f"one commit may hold at most {MAX_BATCH} ledger records")
     return out
 
 
@@ -138,13 +209,114 @@ def sign_checkpoint(key: PrivateKey, *, job: bytes, upto: int, head: bytes, time
     )
 
 
-# --- export format: magic, then length-prefixed items ("r" record | "c" checkpoint) ----------
+# --- the close record ------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class LedgerTotals:
+    """What a store knows about a job's ledger when it closes it."""
+
+    records: int
+    provisioned: int
+    programmed: int
+    head: bytes  # hash of the last record; the job identity if there is none
+    quota: int
+    quota_used: int  # slots counted against the quota (>= provisioned: a crash wastes slots)
+
+
+@attrs.frozen(kw_only=True)
+class CloseRecord:
+    """The ledger key's final statement about a job's ledger; valid once constructed."""
+
+    job: bytes
+    records: int
+    provisioned: int
+    programmed: int
+    head: bytes
+    quota: int
+    quota_used: int
+    time: int
+    version: int = LEDGER_VERSION
+
+    def __attrs_post_init__(self) -> None:
+        counts = (self.records, self.provisioned, self.programmed, self.quota_used, self.time)
+        if not (
+            type(self.version) is int
+            and self.version == LEDGER_VERSION
+            and _hash(self.job)
+            and _hash(self.head)
+            and all(_uint(c) for c in counts)
+            and type(self.quota) is int
+            and self.quota >= 1
+        ):
+            raise CloseRecordMismatchError("ledger close record: malformed")
+        if self.provisioned + self.programmed != self.records:
+            raise CloseRecordMismatchError("ledger close record: counts do not add up")
+        if not self.programmed <= self.provisioned <= self.quota_used <= self.quota:
+            raise CloseRecordMismatchError(
+                "ledger close record: programmed <= provisioned <= quota used <= quota fails"
+            )
+
+    @classmethod
+    def of(cls, totals: LedgerTotals, *, job: bytes, time: int) -> CloseRecord:
+        return cls(job=job, time=time, **attrs.asdict(totals))
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "job": self.job,
+            "records": self.records,
+            "provisioned": self.provisioned,
+            "programmed": self.programmed,
+            "head": self.head,
+            "quota": self.quota,
+            "quota_used": self.quota_used,
+            "time": self.time,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> CloseRecord:
+        if set(obj) != _CLOSE_KEYS:
+            raise CloseRecordMismatchError("ledger close record: unexpected or missing fields")
+        fields = {k: v for k, v in obj.items() if k != "v"}
+        return cls(version=obj["v"], **fields)
+
+
+def sign_close(key: PrivateKey, record: CloseRecord) -> bytes:
+    """The ledger key signs the close record (an envelope of kind ``ledger-close``)."""
+    return envelope.seal(CLOSE_KIND, record.to_obj(), [key])
+
+
+#: Signs the close record for a store's totals, inside the store's closing transaction.
+CloseSigner = Callable[[LedgerTotals], bytes]
+
+
+def close_signer(key: PrivateKey, *, job: bytes, time: int) -> CloseSigner:
+    """A :data:`CloseSigner` for ``SQLiteStore.close_job``: the ledger key signs the close
+    record of ``job`` built from the store's totals, dated ``time``."""
+
+    def sign(totals: LedgerTotals) -> bytes:
+        return sign_close(key, CloseRecord.of(totals, job=job, time=time))
+
+    return sign
+
+
+def open_close(data: bytes, *, ledger_key: ec.EllipticCurvePublicKey) -> CloseRecord:
+    """Verify a close record under the ledger key and parse it."""
+    body = envelope.open_envelope(
+        data, kind=CLOSE_KIND, keys=ledger_key, max_size=MAX_ENVELOPE_SIZE
+    )
+    return CloseRecord.from_obj(body)
+
+
+# --- export format: magic, then length-prefixed items ----------------------------------------
 
 
 def write_export(out: BinaryIO, job_signed: bytes, items: Iterable[tuple[str, bytes]]) -> int:
-    """Write a ledger export: the signed job, then records and checkpoints in order."""
+    """Write a ledger export: the signed job, then records, checkpoints and the close record
+    in order (as :meth:`SQLiteStore.export` yields them)."""
     out.write(EXPORT_MAGIC)
-    _write_item(out, b"j", job_signed)
+    _write_item(out, TAG_JOB.encode(), job_signed)
     n = 0
     for tag, payload in items:
         _write_item(out, tag.encode(), payload)
@@ -161,12 +333,12 @@ def read_export(src: BinaryIO) -> tuple[bytes, Iterator[tuple[str, bytes]]]:
     if src.read(len(EXPORT_MAGIC)) != EXPORT_MAGIC:
         raise FormatError("not a securethread ledger export")
     first = _read_item(src)
-    if first is None or first[0] != "j":
+    if first is None or first[0] != TAG_JOB:
         raise FormatError("ledger export does not start with its job")
 
     def items() -> Iterator[tuple[str, bytes]]:
         while (item := _read_item(src)) is not None:
-            if item[0] not in ("r", "c"):
+            if item[0] not in (TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE):
                 raise FormatError(f"ledger export: unknown item {item[0]!r}")
             yield item
 
@@ -198,93 +370,189 @@ class LedgerSummary:
     programmed: int
     checkpoints: int
     head: bytes
+    close: CloseRecord | None = None
+
+
+class LedgerReader:
+    """Streams a ledger export's items and hands out each record only after the signed
+    checkpoint covering it has verified (constant memory but for one batch).
+
+    :meth:`records` reads a closed ledger and raises at the end unless its close record is
+    present, last and consistent; :meth:`records_so_far` is the programmer's own check of
+    a run that may still be open (it proves nothing about completeness).  Consumers must
+    run either to completion before trusting anything.  Afterwards ``checkpoints``,
+    ``close`` and the counts describe what was read.
+    """
+
+    def __init__(self, *, job: bytes, ledger_key: ec.EllipticCurvePublicKey) -> None:
+        if not _hash(job):
+            raise ValueError("job must be a 32-byte job identity")
+        self.job = job
+        self.ledger_key = ledger_key
+        self.checkpoints = 0
+        self.provisioned = 0
+        self.programmed = 0
+        self.count = 0
+        self.head = job
+        self.close: CloseRecord | None = None
+
+    def records(self, items: Iterable[tuple[str, bytes]]) -> Iterator[LedgerRecord]:
+        """Verified records of a closed ledger; raises if it is not closed (S4)."""
+        yield from self._read(items)
+        if self.close is None:
+            where = f"after record {self.count - 1}" if self.count else "with no record"
+            raise LedgerNotClosedError(
+                f"ledger ends {where} without its signed close record "
+                "(cut short, or the job was never closed)",
+                index=self.count,
+            )
+
+    def records_so_far(self, items: Iterable[tuple[str, bytes]]) -> Iterator[LedgerRecord]:
+        """Verified records of a ledger that may still be open (no completeness claim)."""
+        yield from self._read(items)
+
+    def _read(self, items: Iterable[tuple[str, bytes]]) -> Iterator[LedgerRecord]:
+        pending: list[LedgerRecord] = []
+        prev = self.job
+        for tag, payload in items:
+            if self.close is not None:
+                raise LedgerError("ledger has items after its close record", index=self.count)
+            if tag == TAG_RECORD:
+                if len(pending) >= MAX_BATCH:
+                    raise LedgerError(
+                        f"more than {MAX_BATCH} ledger records without a checkpoint",
+                        index=self.count,
+                    )
+                rec = self._link(payload, self.count + len(pending), prev)
+                prev = rec.hash
+                pending.append(rec)
+            elif tag == TAG_CHECKPOINT:
+                self._checkpoint(payload, self.count + len(pending) - 1, prev, fresh=bool(pending))
+                for rec in pending:
+                    self.count += 1
+                    if rec.kind == KIND_PROVISIONED:
+                        self.provisioned += 1
+                    else:
+                        self.programmed += 1
+                    self.head = rec.hash
+                    yield rec
+                pending.clear()
+            elif tag == TAG_CLOSE:
+                if pending:
+                    break  # reported below as uncovered records
+                self.close = self._close(payload)
+            else:
+                raise LedgerError(f"ledger: unknown item {tag!r}", index=self.count)
+        if pending:
+            raise LedgerError(
+                f"ledger records {self.count}..{self.count + len(pending) - 1} are not covered "
+                "by a signed checkpoint",
+                index=self.count,
+            )
+
+    def _link(self, payload: bytes, expected: int, prev: bytes) -> LedgerRecord:
+        rec = parse_record(payload, expected)
+        seq = rec.body["seq"]
+        if seq != expected:
+            what = "missing" if seq > expected else "out of order"
+            raise LedgerError(
+                f"ledger record {expected} is {what} (found seq {seq!r})", index=expected
+            )
+        if rec.body["job"] != self.job:
+            raise LedgerError(f"ledger record {expected} belongs to another job", index=expected)
+        if rec.body["prev"] != prev:
+            bad = max(expected - 1, 0)
+            raise LedgerError(
+                f"ledger record {bad} does not match the hash committed by record "
+                f"{expected} (altered, deleted or reordered)",
+                index=bad,
+            )
+        return rec
+
+    def _checkpoint(self, payload: bytes, upto: int, head: bytes, *, fresh: bool) -> None:
+        where = max(upto, 0)
+        try:
+            cp = envelope.open_envelope(
+                payload, kind=CHECKPOINT_KIND, keys=self.ledger_key, max_size=MAX_ENVELOPE_SIZE
+            )
+        except VerificationError as exc:
+            raise LedgerError(
+                f"checkpoint after record {upto} does not verify: {exc}", index=where
+            ) from None
+        if set(cp) != _CHECKPOINT_KEYS or not (
+            _hash(cp["job"]) and type(cp["upto"]) is int and _hash(cp["head"]) and _uint(cp["time"])
+        ):
+            raise LedgerError(f"checkpoint after record {upto} is malformed", index=where)
+        if not fresh or cp["job"] != self.job or cp["upto"] != upto:
+            raise LedgerError(
+                f"checkpoint after record {upto} covers another range or job", index=where
+            )
+        if cp["head"] != head:
+            raise LedgerError(
+                f"ledger record {upto} does not match its signed checkpoint", index=where
+            )
+        self.checkpoints += 1
+
+    def _close(self, payload: bytes) -> CloseRecord:
+        try:
+            close = open_close(payload, ledger_key=self.ledger_key)
+        except CloseRecordMismatchError:
+            raise
+        except VerificationError as exc:
+            raise LedgerError(
+                f"ledger close record does not verify: {exc}", index=self.count
+            ) from None
+        got = (self.job, self.count, self.provisioned, self.programmed, self.head)
+        said = (close.job, close.records, close.provisioned, close.programmed, close.head)
+        if said != got:
+            raise CloseRecordMismatchError(
+                f"ledger close record says {close.records} records ({close.provisioned} "
+                f"provisioned, {close.programmed} programmed) for job {close.job.hex()[:16]}, "
+                f"the ledger has {self.count} ({self.provisioned}, {self.programmed}) for "
+                f"{self.job.hex()[:16]}, or another last record (cut or altered)",
+                index=min(close.records, self.count),
+            )
+        return close
+
+    def summary(self) -> LedgerSummary:
+        return LedgerSummary(
+            records=self.count,
+            provisioned=self.provisioned,
+            programmed=self.programmed,
+            checkpoints=self.checkpoints,
+            head=self.head,
+            close=self.close,
+        )
 
 
 def iter_verified(
     items: Iterable[tuple[str, bytes]], *, job: bytes, ledger_key: ec.EllipticCurvePublicKey
 ) -> Iterator[LedgerRecord]:
-    """Yield records of a ledger in order, verifying chain and checkpoints as it goes.
-
-    Constant memory: nothing but the running head is kept.  A record is yielded before
-    the checkpoint covering it is seen; the generator raises at the end if any record is
-    left uncovered, so consumers must run it to completion before trusting the result.
-    """
-    prev = job
-    expected = 0
-    covered = -1
-    for tag, payload in items:
-        if tag == "r":
-            rec = parse_record(payload, expected)
-            body = rec.body
-            seq = body["seq"]
-            if seq != expected:
-                what = "missing" if isinstance(seq, int) and seq > expected else "out of order"
-                raise LedgerError(
-                    f"ledger record {expected} is {what} (found seq {seq!r})", index=expected
-                )
-            if body["job"] != job:
-                raise LedgerError(
-                    f"ledger record {expected} belongs to another job", index=expected
-                )
-            if body["prev"] != prev:
-                bad = max(expected - 1, 0)
-                raise LedgerError(
-                    f"ledger record {bad} does not match the hash committed by record "
-                    f"{expected} (altered, deleted or reordered)",
-                    index=bad,
-                )
-            prev = sha256(payload)
-            expected += 1
-            yield rec
-        else:
-            try:
-                cp = envelope.open_envelope(payload, kind=CHECKPOINT_KIND, keys=ledger_key)
-            except VerificationError as exc:
-                raise LedgerError(
-                    f"checkpoint after record {expected - 1} does not verify: {exc}",
-                    index=max(expected - 1, 0),
-                ) from None
-            if cp.get("job") != job or cp.get("upto") != expected - 1:
-                raise LedgerError(
-                    f"checkpoint after record {expected - 1} covers another range or job",
-                    index=max(expected - 1, 0),
-                )
-            if cp.get("head") != prev:
-                raise LedgerError(
-                    f"ledger record {expected - 1} does not match its signed checkpoint",
-                    index=expected - 1,
-                )
-            covered = expected - 1
-    if covered != expected - 1:
-        raise LedgerError(
-            f"ledger records {covered + 1}..{expected - 1} are not covered by a signed checkpoint",
-            index=covered + 1,
-        )
+    """Yield the records of a closed ledger, each after its checkpoint verified; raise at the
+    end unless the close record is present and consistent (see :class:`LedgerReader`)."""
+    return LedgerReader(job=job, ledger_key=ledger_key).records(items)
 
 
 def verify_ledger(
     items: Iterable[tuple[str, bytes]], *, job: bytes, ledger_key: ec.EllipticCurvePublicKey
 ) -> LedgerSummary:
-    """Verify a whole ledger offline with the ledger public key; raise :class:`LedgerError`
-    naming the first bad record."""
-    n = prov = prog = 0
-    checkpoints = 0
+    """Verify a whole closed ledger offline with the ledger public key; raise
+    :class:`LedgerError` naming the first bad record, :class:`LedgerNotClosedError` if it
+    does not end in its close record, :class:`CloseRecordMismatchError` if that record
+    describes another ledger."""
+    reader = LedgerReader(job=job, ledger_key=ledger_key)
+    for _rec in reader.records(items):
+        pass
+    return reader.summary()
 
-    def counting(it: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
-        nonlocal checkpoints
-        for item in it:
-            if item[0] == "c":
-                checkpoints += 1
-            yield item
 
-    head = job
-    for rec in iter_verified(counting(items), job=job, ledger_key=ledger_key):
-        n += 1
-        if rec.kind == KIND_PROVISIONED:
-            prov += 1
-        else:
-            prog += 1
-        head = rec.hash
-    return LedgerSummary(
-        records=n, provisioned=prov, programmed=prog, checkpoints=checkpoints, head=head
-    )
+def verify_open_ledger(
+    items: Iterable[tuple[str, bytes]], *, job: bytes, ledger_key: ec.EllipticCurvePublicKey
+) -> LedgerSummary:
+    """The programmer's check of its own ledger while the run may still be open: chain,
+    checkpoints and (if present) the close record.  Says nothing about completeness: never
+    use it to accept a ledger someone returned (use :func:`verify_ledger`)."""
+    reader = LedgerReader(job=job, ledger_key=ledger_key)
+    for _rec in reader.records_so_far(items):
+        pass
+    return reader.summary()

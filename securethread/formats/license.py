@@ -47,6 +47,7 @@ from securethread.errors import (
 )
 from securethread.formats import cbor
 from securethread.formats.envelope import ENVELOPE_VERSION, open_envelope, signed_bytes
+from securethread.formats.envelope import sign as envelope_sign
 from securethread.formats.identity import check_device_id
 from securethread.formats.image import AesGcmKey, Manifest
 from securethread.keys.ecutil import fingerprint, spki_der
@@ -258,7 +259,7 @@ class LicenseIssuer:
             {**self._body, "device_id": device_id, "nonce": nonce, "wrapped_key": wrapped}
         )
         # envelope.seal with the signer fingerprint computed once (same bytes, same checks).
-        sig = self._signing_key.sign(signed_bytes(LICENSE_KIND, body))
+        sig = envelope_sign(self._signing_key, signed_bytes(LICENSE_KIND, body))  # low-s
         envelope = cbor.encode(
             {
                 "kind": LICENSE_KIND,

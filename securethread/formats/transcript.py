@@ -45,7 +45,8 @@ from securethread.errors import (
     TranscriptError,
 )
 from securethread.formats import cbor
-from securethread.formats.envelope import signed_bytes
+from securethread.formats.envelope import check_signature_encoding, signed_bytes
+from securethread.formats.envelope import sign as envelope_sign
 from securethread.keys.ecutil import fingerprint, verify_signature
 from securethread.keys.protocol import PrivateKey, SecretKey
 
@@ -468,7 +469,7 @@ class SignedRecord:
         body = record.to_bytes()
         return cls(
             record=body,
-            signature=signer.sign(signed_bytes(SIGNATURE_KIND, body)),
+            signature=envelope_sign(signer, signed_bytes(SIGNATURE_KIND, body)),  # low-s (S6)
             signer=fingerprint(signer.public_key()),
         )
 
@@ -476,6 +477,7 @@ class SignedRecord:
         """Raise SignatureError unless ``public_key`` signed this record."""
         if self.signer != fingerprint(public_key):
             raise SignatureError("signed by another key (signer fingerprint differs)")
+        check_signature_encoding(self.signature, public_key, what="record")  # S6
         verify_signature(
             public_key, self.signature, signed_bytes(SIGNATURE_KIND, self.record), what="record"
         )

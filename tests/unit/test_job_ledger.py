@@ -23,8 +23,9 @@ from securethread.formats.job import (
     sign_job,
     verify_job,
 )
+from securethread.formats.ledger import LedgerNotClosedError
 from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
-from securethread.programmer.store import SQLiteStore
+from securethread.programmer.store import JobClosedError, SQLiteStore
 
 PROGRAMMER = b"\x11" * 32
 
@@ -60,7 +61,9 @@ def officers(b: SoftwareBackend, *names: str) -> dict[bytes, object]:
 
 def test_job_round_trip_and_targets(keys: SoftwareBackend) -> None:
     signed = sign_job(make_job(), [keys.private_key("officer-1")])
-    v = verify_job(signed, officers=officers(keys, "officer-1"), programmer=PROGRAMMER)
+    v = verify_job(
+        signed, officers=officers(keys, "officer-1"), programmer=PROGRAMMER, min_threshold=1
+    )
     assert v.job.quota == 5
     assert "0000000000001abc" in v.job.targets
     assert "00000000000000aa" in v.job.targets
@@ -100,35 +103,38 @@ def test_expired_foreign_tampered_jobs(keys: SoftwareBackend) -> None:
         make_job(not_before=now - 100, not_after=now - 10), [keys.private_key("officer-1")]
     )
     with pytest.raises(JobError, match="expired"):
-        verify_job(expired, officers=trusted, programmer=PROGRAMMER)
+        verify_job(expired, officers=trusted, programmer=PROGRAMMER, min_threshold=1)
     future = sign_job(
         make_job(not_before=now + 100, not_after=now + 200), [keys.private_key("officer-1")]
     )
     with pytest.raises(JobError, match="not valid yet"):
-        verify_job(future, officers=trusted, programmer=PROGRAMMER)
+        verify_job(future, officers=trusted, programmer=PROGRAMMER, min_threshold=1)
     foreign = sign_job(make_job(programmer=b"\x33" * 32), [keys.private_key("officer-1")])
     with pytest.raises(JobError, match="another programmer"):
-        verify_job(foreign, officers=trusted, programmer=PROGRAMMER)
+        verify_job(foreign, officers=trusted, programmer=PROGRAMMER, min_threshold=1)
     good = sign_job(make_job(), [keys.private_key("officer-1")])
     outer = cbor.decode(good)
     body = cbor.decode(outer["body"])
     body["quota"] = 5000
     outer["body"] = cbor.encode(body)
     with pytest.raises(SignatureError):
-        verify_job(cbor.encode(outer), officers=trusted, programmer=PROGRAMMER)
+        verify_job(cbor.encode(outer), officers=trusted, programmer=PROGRAMMER, min_threshold=1)
     with pytest.raises(SignatureError):
-        verify_job(good, officers=officers(keys, "officer-2"), programmer=PROGRAMMER)
+        verify_job(
+            good, officers=officers(keys, "officer-2"), programmer=PROGRAMMER, min_threshold=1
+        )
     with pytest.raises(FormatError):
-        verify_job(good[:-3], officers=trusted, programmer=PROGRAMMER)
+        verify_job(good[:-3], officers=trusted, programmer=PROGRAMMER, min_threshold=1)
 
 
 def test_m_of_n(keys: SoftwareBackend) -> None:
     trusted = officers(keys, "officer-1", "officer-2", "officer-3")
     one = sign_job(make_job(threshold=2), [keys.private_key("officer-1")])
-    with pytest.raises(SignatureError, match="2 required"):
-        verify_job(one, officers=trusted, programmer=PROGRAMMER)
+    with pytest.raises(SignatureError, match="the job requires 2"):
+        verify_job(one, officers=trusted, programmer=PROGRAMMER, min_threshold=1)
     two = cosign_job(one, keys.private_key("officer-3"))
-    assert verify_job(two, officers=trusted, programmer=PROGRAMMER).job.threshold == 2
+    v = verify_job(two, officers=trusted, programmer=PROGRAMMER, min_threshold=1)
+    assert v.job.threshold == 2
     # the programmer's own floor applies even if the job asks for less
     with pytest.raises(SignatureError):
         verify_job(one, officers=trusted, programmer=PROGRAMMER, min_threshold=2)
@@ -166,10 +172,14 @@ def signer(keys: SoftwareBackend):  # type: ignore[no-untyped-def]
     return lambda upto, head: ledger.sign_checkpoint(k, job=JOB, upto=upto, head=head, time=1)
 
 
+def closer(keys: SoftwareBackend) -> ledger.CloseSigner:
+    return ledger.close_signer(keys.private_key("ledger"), job=JOB, time=2)
+
+
 def test_quota_reservation_never_exceeds(store: SQLiteStore) -> None:
-    assert store.reserve(JOB, 4) == range(0, 4)
-    assert store.reserve(JOB, 4) == range(4, 8)
-    assert store.reserve(JOB, 4) == range(8, 10)  # only what is left
+    assert store.reserve(JOB, 4) == [0, 1, 2, 3]
+    assert store.reserve(JOB, 4) == [4, 5, 6, 7]
+    assert store.reserve(JOB, 4) == [8, 9]  # only what is left
     with pytest.raises(QuotaExceededError):
         store.reserve(JOB, 1)
     assert store.counts(JOB) == (10, 10)
@@ -180,19 +190,36 @@ def test_quota_reservation_never_exceeds(store: SQLiteStore) -> None:
 
 
 def test_commit_export_verify(store: SQLiteStore, keys: SoftwareBackend) -> None:
+    assert store.reserve(JOB, 3) == [0, 1, 2]
     c1 = store.commit(JOB, [pending(0), pending(1)], signer(keys))
     c2 = store.commit(
         JOB, [pending(2), pending(1), pending(0, ledger.KIND_PROGRAMMED)], signer(keys)
     )
     assert [seq for _, seq, _ in c1.records] == [0, 1]
     assert [p.device_id for p in c2.duplicates] == [f"{1:016x}"]
+    pub = keys.public_key("ledger")
+    # while the run is open: the programmer's own check passes, a returned ledger would not
+    so_far = ledger.verify_open_ledger(store.export(JOB), job=JOB, ledger_key=pub)
+    assert (so_far.records, so_far.close) == (4, None)
+    with pytest.raises(LedgerNotClosedError):
+        ledger.verify_ledger(store.export(JOB), job=JOB, ledger_key=pub)
+    store.reserve(JOB, 1)  # a slot counted for a device that never got its record
+    close = store.close_job(JOB, closer(keys))
+    assert store.close_job(JOB, closer(keys)) == close  # idempotent
     items = list(store.export(JOB))
-    summary = ledger.verify_ledger(items, job=JOB, ledger_key=keys.public_key("ledger"))
+    assert items[-1] == (ledger.TAG_CLOSE, close)
+    summary = ledger.verify_ledger(items, job=JOB, ledger_key=pub)
     assert (summary.records, summary.provisioned, summary.programmed, summary.checkpoints) == (
         4,
         3,
         1,
         2,
+    )
+    assert summary.close is not None
+    assert (summary.close.quota, summary.close.quota_used, summary.close.head) == (
+        10,
+        4,
+        summary.head,
     )
     buf = io.BytesIO()
     ledger.write_export(buf, b"signed-job", items)
@@ -203,8 +230,10 @@ def test_commit_export_verify(store: SQLiteStore, keys: SoftwareBackend) -> None
 
 
 def _records(store: SQLiteStore, keys: SoftwareBackend) -> list[tuple[str, bytes]]:
+    store.reserve(JOB, 6)
     for i in range(0, 6, 2):
         store.commit(JOB, [pending(i), pending(i + 1)], signer(keys))
+    store.close_job(JOB, closer(keys))
     return list(store.export(JOB))
 
 
@@ -249,9 +278,9 @@ def test_tampered_ledgers_name_the_first_bad_record(
     with pytest.raises(LedgerError) as e:
         _verify(last, keys)
     assert e.value.index == 5
-    # truncated tail: final checkpoint removed
+    # final checkpoint removed (the close record follows uncovered records)
     with pytest.raises(LedgerError, match="not covered") as e:
-        _verify(items[:-1], keys)
+        _verify(items[:-2] + items[-1:], keys)
     assert e.value.index == 4
     # wrong ledger key
     other = SoftwareBackend()
@@ -262,3 +291,81 @@ def test_tampered_ledgers_name_the_first_bad_record(
     with pytest.raises(LedgerError) as e:
         _verify([("r", b"\xff\x00")] + items[1:], keys)
     assert e.value.index == 0
+
+
+def test_closed_job_takes_no_more_slots_or_records(
+    store: SQLiteStore, keys: SoftwareBackend
+) -> None:
+    store.reserve(JOB, 1)
+    store.commit(JOB, [pending(0)], signer(keys))
+    store.close_job(JOB, closer(keys))
+    before = list(store.export(JOB))
+    with pytest.raises(JobClosedError, match="closed"):
+        store.reserve(JOB, 1)
+    with pytest.raises(JobClosedError, match="closed"):
+        store.commit(JOB, [pending(1)], signer(keys))
+    assert list(store.export(JOB)) == before
+    assert store.counts(JOB) == (10, 1)
+
+
+def test_closing_a_job_the_store_does_not_know_is_refused(
+    store: SQLiteStore, keys: SoftwareBackend
+) -> None:
+    with pytest.raises(JobError, match="not open"):
+        store.close_job(b"\x00" * 32, closer(keys))
+
+
+def test_verify_job_has_no_default_threshold_floor(keys: SoftwareBackend) -> None:
+    """M-of-N for real: the verifier must state its floor (it used to default to 1)."""
+    import inspect
+
+    param = inspect.signature(verify_job).parameters["min_threshold"]
+    assert param.default is inspect.Parameter.empty
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY
+    signed = sign_job(make_job(), [keys.private_key("officer-1")])
+    with pytest.raises(TypeError, match="min_threshold"):
+        verify_job(signed, officers=officers(keys, "officer-1"), programmer=PROGRAMMER)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="floor"):
+        verify_job(
+            signed, officers=officers(keys, "officer-1"), programmer=PROGRAMMER, min_threshold=0
+        )
+
+
+def test_job_signed_by_one_officer_with_threshold_one_is_refused_under_a_floor_of_two(
+    keys: SoftwareBackend,
+) -> None:
+    trusted = officers(keys, "officer-1", "officer-2", "officer-3")
+    lone = sign_job(make_job(threshold=1, quota=1_000_000), [keys.private_key("officer-1")])
+    with pytest.raises(SignatureError, match="1 valid signature.*2 required"):
+        verify_job(lone, officers=trusted, programmer=PROGRAMMER, min_threshold=2)
+    both = cosign_job(lone, keys.private_key("officer-2"))
+    assert verify_job(both, officers=trusted, programmer=PROGRAMMER, min_threshold=2).job.quota
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold", True),
+        ("v", True),
+        ("quota", True),
+        ("not_before", 1.5),
+        ("certificate_days", "3650"),
+        ("manifest_sha256", "x" * 32),
+    ],
+)
+def test_job_fields_of_the_wrong_type_are_refused(
+    keys: SoftwareBackend, field: str, value: object
+) -> None:
+    body = make_job().to_obj()
+    body[field] = value
+    with pytest.raises((FormatError, JobError)):
+        ProductionJob.from_obj(body)
+
+
+def test_target_ranges_have_one_encoding() -> None:
+    a = Targets(ranges=((0x2000, 0x2FFF), (0x1000, 0x1FFF)))
+    b = Targets(ranges=((0x1000, 0x1FFF), (0x2000, 0x2FFF)))
+    assert a == b and a.to_obj() == b.to_obj()
+    unsorted = {"ranges": [[0x2000, 0x2FFF], [0x1000, 0x1FFF]], "explicit": []}
+    with pytest.raises(FormatError, match="ranges not sorted"):
+        Targets.from_obj(unsorted)
