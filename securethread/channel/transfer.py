@@ -651,7 +651,7 @@ def open_package(
     # The signer is named inside the body: read its certificate (unverified), validate it
     # against the pinned root, and only then verify the envelope with its key (S2).
     _kind, claimed, _signers = envelope.peek_body(data)
-    sender_der = claimed.get("sender_cert")
+    sender_der = claimed.get("sender_cert") if isinstance(claimed, dict) else None
     if not isinstance(sender_der, bytes):
         raise FormatError("sealed package: no sender certificate")
     sender_cert = untrusted.load_certificate(sender_der, what="sealed package: sender certificate")

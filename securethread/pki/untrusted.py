@@ -151,7 +151,7 @@ def _force_extensions(extensions: x509.Extensions) -> None:
 def _force_certificate(cert: x509.Certificate, what: str, curves: Collection[Curve]) -> None:
     with guard(what):
         cert.version  # noqa: B018 - InvalidVersion
-        cert.serial_number  # noqa: B018
+        serial = cert.serial_number
         cert.not_valid_before_utc  # noqa: B018
         cert.not_valid_after_utc  # noqa: B018
         _force_name(cert.subject)
@@ -163,6 +163,8 @@ def _force_certificate(cert: x509.Certificate, what: str, curves: Collection[Cur
         cert.tbs_certificate_bytes  # noqa: B018
         cert.signature  # noqa: B018
         key = cert.public_key()
+    if serial <= 0:  # cryptography only warns; RFC 5280 §4.1.2.2 requires a positive integer
+        raise MalformedCertificateError(f"{what}: serial number is not positive")
     check_key(key, what=what, curves=curves)
 
 

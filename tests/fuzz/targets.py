@@ -1,0 +1,249 @@
+"""The fuzz targets: one parser or verifier per artefact, fed with mutated valid artefacts.
+
+Each target takes bytes and runs what the receiving party runs on them, with the context a
+real receiver has (pinned roots, trusted keys, fresh protocol state).  The only acceptable
+outcomes are a return or a :class:`securethread.Error`; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from securethread.errors import Error
+from tests.fuzz.world import World
+
+Runner = Callable[[bytes], object]
+
+
+@attrs.frozen
+class Target:
+    """A parser under fuzz: its seeds, how to run it, and how to mutate for it."""
+
+    name: str
+    run: Runner
+    seeds: tuple[bytes, ...]
+    text: bool = False
+    #: Relative cost: the CI run gives cheap targets more examples for the same time.
+    cost: int = 1
+    #: Set while a known, reported failure is being fixed by the module's owner.
+    xfail: str | None = None
+
+
+@attrs.frozen
+class Outcome:
+    """What one input did: ``accepted`` or the name of the securethread.Error it raised,
+    or ``bug`` with the non-Error exception."""
+
+    kind: str
+    error: BaseException | None = None
+
+
+def run_one(target: Target, data: bytes) -> Outcome:
+    try:
+        target.run(data)
+    except Error as exc:
+        return Outcome(type(exc).__name__)
+    except Exception as exc:  # noqa: BLE001 - this is what the fuzzer is looking for
+        return Outcome("bug", exc)
+    return Outcome("accepted")
+
+
+def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target per artefact
+    from securethread.audit.inspect import describe
+    from securethread.channel.transfer import KeyReceiver, KeySender, MemoryPackageRegistry
+    from securethread.channel.transfer import open_package as _open_package
+    from securethread.device.sbm import ProvisioningData, SimulatedDevice
+    from securethread.device.sbm import verify_boot_confirmation as _verify_boot
+    from securethread.formats import cbor, envelope, ledger
+    from securethread.formats.device_trust import verify_device_trust
+    from securethread.formats.identity import IdentityVerifier
+    from securethread.formats.image import ImageHeader, decrypt_image, verify_manifest
+    from securethread.formats.job import verify_job
+    from securethread.formats.license import open_license
+    from securethread.formats.transcript import verify_transcript
+    from securethread.hsm.uri import PKCS11URI
+    from securethread.keys.ecutil import load_spki
+    from securethread.pki import (
+        EnclavePurpose,
+        certify_enclave,
+        load_csr,
+        untrusted,
+        validate_device_chain,
+        validate_enclave_certificate,
+    )
+    from tests.fuzz.world import TRANSFER_LABEL
+
+    pki, ctx, s = w.pki, w.ctx, w.seeds
+    root = pki.root
+    m = ctx["manifest"]
+    dev = ctx["device"]
+    identity = IdentityVerifier([ctx["vendor"].root_certificate])
+    channel = ctx["channel"]
+    out: dict[str, Target] = {}
+
+    def add(name: str, run: Runner, *, seeds: str | None = None, **kw: Any) -> None:
+        out[name] = Target(name, run, tuple(s[seeds or name]), **kw)
+
+    add("cbor", lambda d: cbor.decode(d, max_size=64 << 10))
+    add("envelope", lambda d: envelope.open_envelope(d, kind="job", keys=ctx["officers"]))
+    add(
+        "job",
+        lambda d: verify_job(
+            d, officers=ctx["officers"], programmer=_job_programmer(w), min_threshold=2
+        ),
+    )
+    add("manifest", lambda d: verify_manifest(d, key=ctx["fw"].public_key()))
+    add("image_header", ImageHeader.from_bytes)
+    add(
+        "encrypted_image",
+        lambda d: decrypt_image(
+            io.BytesIO(d), io.BytesIO(), key=ctx["image_key"], manifest=m, max_size=1 << 16
+        ),
+        cost=2,
+    )
+    add(
+        "license",
+        lambda d: open_license(
+            d, device_id=dev.device_id, device_key=dev._key, oem_root=root,
+            image_id=m.image_id, image_key_id=m.image_key_id,
+        ),
+        cost=4,
+    )  # fmt: skip
+    add("ledger_record", lambda d: ledger.parse_record(d, 0))
+
+    def ledger_export(d: bytes) -> None:
+        job, items = ledger.read_export(io.BytesIO(d))
+        ledger.verify_ledger(
+            items, job=ctx["job_hash"], ledger_key=pki.prog.public_key("ledger")
+        )
+
+    add("ledger_export", ledger_export, cost=4)
+    def reconciliation(d: bytes) -> None:
+        from securethread.formats import reconciliation as rec
+
+        if hasattr(rec, "reconcile_export"):
+            rec.reconcile_export(
+                io.BytesIO(d), issued_job=ctx["job_signed"], officers=ctx["officers"],
+                min_threshold=2, root_cert=root, programmer_cert=pki.prog_id,
+                ledger_cert=pki.ledger, production_ca_cert=pki.pca,
+                manifest=ctx["manifest_signed"],
+            )  # fmt: skip
+        else:
+            job, items = ledger.read_export(io.BytesIO(d))
+            rec.reconcile(
+                job, items, officers=ctx["officers"], programmer=_job_programmer(w),
+                ledger_key=pki.prog.public_key("ledger"), root_cert=root,
+                production_ca_cert=pki.pca,
+            )  # fmt: skip
+
+    add("reconciliation", reconciliation, cost=8)
+    add("identification", lambda d: identity.verify(d, challenge=ctx["challenge"]), cost=2)
+
+    def provisioning(d: bytes) -> None:
+        ProvisioningData.from_bytes(d)
+        chip = SimulatedDevice(
+            device_id=dev.device_id, private_key=dev._key,
+            vendor_certificate=dev.vendor_certificate, oem_root_hash=ctx["root_hash"],
+        )  # fmt: skip
+        chip.provision(d)
+
+    add("provisioning", provisioning, cost=4)
+    add("device_trust", lambda d: verify_device_trust(d, oem_root=root), cost=2)
+    add(
+        "boot_confirmation",
+        lambda d: _verify_boot(
+            d, device_public_key=dev.public_key, device_id=dev.device_id, manifest=m,
+            nonce=ctx["boot_nonce"],
+        ),
+    )  # fmt: skip
+    add(
+        "transcript",
+        lambda d: verify_transcript(d, public_key=pki.oem.public_key("id")),
+        cost=2,
+    )
+
+    def oem_hello(d: bytes) -> None:
+        _o, p = channel.endpoints()
+        p.receive_hello(d)
+
+    def programmer_hello(d: bytes) -> None:
+        o, _p = channel.endpoints()
+        o.start()
+        o.receive_hello(d)
+
+    def oem_finish(d: bytes) -> None:
+        o, p = channel.endpoints()
+        p.receive_hello(o.start())
+        p.receive_finish(d)
+
+    def programmer_finish(d: bytes) -> None:
+        o, p = channel.endpoints()
+        o.receive_hello(p.receive_hello(o.start()))
+        o.receive_finish(d)
+
+    def transfer(d: bytes) -> None:
+        _so, sp = channel.established()
+        KeyReceiver(sp).receive(d)
+
+    def transfer_ack(d: bytes) -> None:
+        so, _sp = channel.established()
+        sender = KeySender(so)
+        sender.send([TRANSFER_LABEL])
+        sender.verify_ack(d)
+
+    add("oem_hello", oem_hello, cost=6)
+    add("programmer_hello", programmer_hello, cost=6)
+    add("oem_finish", oem_finish, cost=8)
+    add("programmer_finish", programmer_finish, cost=10)
+    add("transfer", transfer, cost=12)
+    add("transfer_ack", transfer_ack, cost=12)
+
+    def sealed_package(d: bytes) -> None:
+        receipt = _open_package(
+            d, backend=pki.prog, ka_key=pki.prog.private_key("ka"), ka_cert=pki.ka,
+            root_cert=root, registry=MemoryPackageRegistry(),
+        )  # fmt: skip
+        for key in receipt.keys:  # keep the receiver's backend as it was for the next input
+            pki.prog.destroy(key.label)
+
+    add("sealed_package", sealed_package, cost=4)
+
+    def certificate(d: bytes) -> None:
+        cert = untrusted.load_certificate(d, what="certificate")
+        validate_enclave_certificate(cert, root, purpose=EnclavePurpose.LICENSE_SIGNING)
+
+    def device_certificate(d: bytes) -> None:
+        cert = untrusted.load_certificate(d, what="device certificate")
+        validate_device_chain(cert, pki.pca, root)
+
+    add("certificate", certificate, cost=2)
+    add("device_certificate", device_certificate, cost=2)
+
+    def csr(d: bytes) -> None:
+        req = load_csr(d)
+        certify_enclave(
+            ctx["csr_root_key"], root, req, enclave_name="prog1",
+            purpose=EnclavePurpose.LICENSE_SIGNING, role="programmer",
+        )  # fmt: skip
+
+    add("csr", csr, cost=2)
+    add("spki", lambda d: load_spki(d, what="public key"))
+
+    def uri(d: bytes) -> None:
+        str(PKCS11URI.parse(d.decode("utf-8", "surrogateescape")))
+
+    add("pkcs11_uri", uri, text=True)
+    add("inspect", describe, cost=2)
+    return out
+
+
+def _job_programmer(w: World) -> bytes:
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    return hashlib.sha256(w.pki.prog_id.public_bytes(serialization.Encoding.DER)).digest()
