@@ -96,6 +96,7 @@ def main() -> int:
         from securethread.hsm import default_module_path, open_token
         from securethread.pki import (
             DeviceCertificateIssuer,
+            DeviceProfile,
             certify_production_ca,
             create_production_ca_csr,
             create_root_ca,
@@ -114,12 +115,17 @@ def main() -> int:
             create_production_ca_csr(tok, label="pca", job_id="bench-job"),
             job_id="bench-job",
             not_before=now,
-            not_after=now + datetime.timedelta(days=30),
         )
         install_certificate(tok, "pca", pca)
         pca_pem = work / "pca.pem"
         pca_pem.write_bytes(to_pem(pca))
-        issuer = DeviceCertificateIssuer(tok.private_key("pca"), pca, job_id="bench-job")
+        issuer = DeviceCertificateIssuer(
+            tok.private_key("pca"),
+            pca,
+            job_id="bench-job",
+            job_tag=hashlib.sha256(b"bench signed job").digest(),
+            profile=DeviceProfile(organisation="securethread bench"),
+        )
         n = args.n
         keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(n)]
         ids = [f"{i:016x}" for i in range(n)]

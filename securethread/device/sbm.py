@@ -415,7 +415,8 @@ class SimulatedDevice:
             raise ProvisioningError(
                 f"device {self.device_id}: device certificate certifies another key"
             )
-        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        # the device id is the subject serialNumber (X.520); the CN follows the job's template
+        cns = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
         if len(cns) != 1 or cns[0].value != self.device_id:
             raise ProvisioningError(
                 f"device {self.device_id}: device certificate names another device id"

@@ -9,16 +9,28 @@ from ._errors import (
     CertificateExpiredError,
     CertificateNotYetValidError,
     ChainValidationError,
+    DeviceProfileError,
     IssuerError,
     IssuerKeyMismatchError,
     IssuerNotValidError,
     JobMismatchError,
     NameNotAllowedError,
+    RevocationError,
     SerialNumberError,
     UnexpectedExtensionError,
     ValidityBeyondIssuerError,
     WrongKeyTypeError,
     WrongPurposeError,
+)
+from .crl import (
+    CA_REASONS,
+    DEVICE_REASONS,
+    Revocation,
+    issue_crl,
+    load_crl,
+    refresh_crl,
+    revoke_devices,
+    revoke_production_ca,
 )
 from .encoding import cert_fingerprint, from_pem, load_csr, load_der, to_der, to_pem
 from .issue import (
@@ -30,7 +42,7 @@ from .issue import (
     create_root_ca,
     install_certificate,
 )
-from .profile import EnclavePurpose
+from .profile import NO_EXPIRY, DeviceProfile, EnclavePurpose
 from .serial import DeviceSerial, device_serial, job_tag, parse_device_serial
 from .validate import (
     DeviceChainValidator,
@@ -42,6 +54,9 @@ from .validate import (
 )
 
 __all__ = [
+    "CA_REASONS",
+    "DEVICE_REASONS",
+    "NO_EXPIRY",
     "BadRequestSignatureError",
     "CARequestError",
     "CertificateExpiredError",
@@ -49,6 +64,8 @@ __all__ = [
     "ChainValidationError",
     "DeviceCertificateIssuer",
     "DeviceChainValidator",
+    "DeviceProfile",
+    "DeviceProfileError",
     "DeviceSerial",
     "EnclavePurpose",
     "IssuerError",
@@ -56,6 +73,8 @@ __all__ = [
     "IssuerNotValidError",
     "JobMismatchError",
     "NameNotAllowedError",
+    "Revocation",
+    "RevocationError",
     "SerialNumberError",
     "UnexpectedExtensionError",
     "ValidityBeyondIssuerError",
@@ -72,11 +91,16 @@ __all__ = [
     "device_serial",
     "from_pem",
     "install_certificate",
+    "issue_crl",
     "job_id_of",
     "job_tag",
     "load_csr",
+    "load_crl",
     "load_der",
     "parse_device_serial",
+    "refresh_crl",
+    "revoke_devices",
+    "revoke_production_ca",
     "to_der",
     "to_pem",
     "validate_device_chain",

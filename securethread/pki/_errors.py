@@ -6,7 +6,7 @@ precisely; the messages say which certificate and which field.
 
 from __future__ import annotations
 
-from ..errors import CertificateError, ProfileViolationError
+from ..errors import CertificateError, FormatError, ProfileViolationError
 
 # --- issuance: the request violates the profile ----------------------------------------------
 
@@ -76,3 +76,15 @@ class JobMismatchError(CertificateError):
 
 class SerialNumberError(CertificateError):
     """A serial number is not a securethread device serial or does not match its job."""
+
+
+# --- device profile and revocation ------------------------------------------------------------
+
+
+class DeviceProfileError(FormatError):
+    """A device certificate profile (as built or as embedded in a job) is malformed."""
+
+
+class RevocationError(CertificateError):
+    """A revocation cannot be issued: wrong certificate, issuer or reason, or a previous CRL
+    that is not this issuer's."""

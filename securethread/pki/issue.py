@@ -34,18 +34,23 @@ from ._errors import (
 from ._names import _DEVICE_ID, check_job_id, check_role
 from .profile import (
     DEVICE,
+    NO_EXPIRY,
+    ORGANIZATION,
     PRODUCTION_CA,
     ROOT_CA,
     CertificateProfile,
+    DeviceProfile,
     EnclavePurpose,
-    device_subject,
     enclave_profile,
     enclave_request_subject,
     enclave_subject,
+    organisation_of,
+    production_ca_request_subject,
     production_ca_subject,
     root_subject,
 )
-from .serial import MAX_SEQUENCE, SERIAL_SIZE, job_tag, random_serial, serial_from_tag
+from .serial import MAX_SEQUENCE, SERIAL_SIZE, random_serial, serial_from_tag
+from .serial import job_tag as _job_tag
 from .validate import job_id_of
 
 MAX_VALID_DAYS = 36500
@@ -62,6 +67,12 @@ def _check_days(valid_days: object) -> int:
     if not 1 <= valid_days <= MAX_VALID_DAYS:
         raise ValidityBeyondIssuerError(f"valid_days {valid_days} outside 1..{MAX_VALID_DAYS}")
     return valid_days
+
+
+def _aware(value: datetime.datetime, what: str) -> datetime.datetime:
+    if not isinstance(value, datetime.datetime) or value.tzinfo is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime")
+    return value.astimezone(datetime.UTC).replace(microsecond=0)
 
 
 def _check_label_free(backend: KeyBackend, label: str) -> None:
@@ -188,17 +199,25 @@ def create_root_ca(
     backend: KeyBackend,
     *,
     label: str = "oem-root-ca",
+    organisation: str = ORGANIZATION,
     common_name: str = "securethread OEM Root CA",
-    valid_days: int = 3650,
+    not_after: datetime.datetime = NO_EXPIRY,
 ) -> x509.Certificate:
-    """Generate the OEM root key (P-384) in ``backend``, self-sign, store the cert beside it."""
-    subject = root_subject(common_name)
-    _check_days(valid_days)
+    """Generate the OEM root key (P-384) in ``backend``, self-sign, store the cert beside it.
+
+    ``organisation`` is the OEM (subject O; production CAs inherit it).  ``not_after``
+    defaults to 99991231235959Z: the root must stay valid as long as the devices below it
+    (RFC 5280 §4.1.2.5).
+    """
+    subject = root_subject(common_name, organisation)
+    now = _now()
+    na = _aware(not_after, "not_after")
+    if na <= now:
+        raise ValidityBeyondIssuerError(f"root notAfter {na} is not in the future")
     _check_label_free(backend, label)
     key = backend.generate_ec(label, curve=Curve.P384, policy=SIGNING)
     public = key.public_key()
     ski = x509.SubjectKeyIdentifier.from_public_key(public).digest
-    now = _now()
     cert = _sign(
         _build(
             ROOT_CA,
@@ -208,7 +227,7 @@ def create_root_ca(
             issuer_ski=ski,
             serial=random_serial(),
             not_before=now,
-            not_after=now + datetime.timedelta(days=valid_days),
+            not_after=na,
         ),
         key,
     )
@@ -349,8 +368,10 @@ def install_certificate(backend: KeyBackend, label: str, cert: x509.Certificate)
 def create_production_ca_csr(
     backend: KeyBackend, *, label: str, job_id: str
 ) -> x509.CertificateSigningRequest:
-    """Generate the job's production CA key (P-256) in the programmer token; return its CSR."""
-    subject = production_ca_subject(job_id)
+    """Generate the job's production CA key (P-256) in the programmer token; return its CSR.
+
+    The CSR names the job; the OEM adds its organisation when it certifies the key."""
+    subject = production_ca_request_subject(job_id)
     _check_label_free(backend, label)
     key = backend.generate_ec(label, curve=Curve.P256, policy=SIGNING)
     return (
@@ -360,12 +381,6 @@ def create_production_ca_csr(
     )
 
 
-def _aware(value: datetime.datetime, what: str) -> datetime.datetime:
-    if not isinstance(value, datetime.datetime) or value.tzinfo is None:
-        raise ValueError(f"{what} must be a timezone-aware datetime")
-    return value.astimezone(datetime.UTC).replace(microsecond=0)
-
-
 def certify_production_ca(
     root_key: PrivateKey,
     root_cert: x509.Certificate,
@@ -373,14 +388,18 @@ def certify_production_ca(
     *,
     job_id: str,
     not_before: datetime.datetime,
-    not_after: datetime.datetime,
+    not_after: datetime.datetime = NO_EXPIRY,
+    organisation: str | None = None,
 ) -> x509.Certificate:
-    """Certify a job's production CA: pathLen 0, job id in the subject, window = the job's.
+    """Certify a job's production CA: pathLen 0, the OEM and the job in its subject.
 
-    The window must lie inside the root's and must not be over: a production CA cannot
-    outlive or escape its job.
+    ``not_before`` is the job's start; ``not_after`` defaults to 99991231235959Z because the
+    CA must stay valid as long as the devices it certified (the job window is enforced by
+    the programmer refusing to issue outside it, not by the CA's expiry).  The validity must
+    lie inside the root's.  ``organisation`` defaults to the root's.
     """
-    subject = production_ca_subject(job_id)
+    org = organisation_of(root_cert) if organisation is None else organisation
+    subject = production_ca_subject(job_id, org)
     nb, na = _aware(not_before, "not_before"), _aware(not_after, "not_after")
     now = _now()
     issuer_ski = _check_issuer(root_key, root_cert, at=now, what="certify production CA")
@@ -393,7 +412,7 @@ def certify_production_ca(
             f"production CA window {nb} .. {na} is not inside the root's "
             f"{root_cert.not_valid_before_utc} .. {root_cert.not_valid_after_utc}"
         )
-    key = _check_csr(csr, PRODUCTION_CA, expected_subject=subject)
+    key = _check_csr(csr, PRODUCTION_CA, expected_subject=production_ca_request_subject(job_id))
     return _sign(
         _build(
             PRODUCTION_CA,
@@ -440,52 +459,81 @@ def _point(key: ec.EllipticCurvePublicKey) -> bytes:
 class DeviceCertificateIssuer:
     """Issues device certificates from a job's production CA (DESIGN flow 7).
 
-    Everything constant -- issuer, validity, extensions but SKI, algorithm -- is encoded once
-    here into a DER template of the TBSCertificate; ``issue`` splices in the four per-device
-    fields, all fixed-length (serial, device id, public point, SKI), hashes and has the token
-    sign.  The template is checked against ``x509.CertificateBuilder`` output at construction.
+    Everything constant -- issuer, validity, subject but the device id, extensions but SKI,
+    algorithm -- is encoded once here into a DER template of the TBSCertificate; ``issue``
+    splices in the per-device fields, all fixed-length (serial, the device id in
+    serialNumber and CN, public point, SKI), hashes and has the token sign.  The template is
+    checked against ``x509.CertificateBuilder`` output at construction.
+
+    ``job_tag`` is the job's identity (SHA-256 of the signed job, 8+ octets; the first 8
+    enter every serial); ``profile`` the job's :class:`DeviceProfile`.  Devices get notBefore
+    = the production CA's and notAfter = the profile's, which must not outlive the CA.
     """
 
     __slots__ = (
         "_key",
         "ca_cert",
         "job_id",
-        "_tag",
+        "job_tag",
+        "profile",
         "_serial_prefix",
         "_template",
         "_offsets",
+        "_id_offsets",
         "_nb_ts",
         "_na_ts",
     )
 
-    def __init__(self, ca_key: PrivateKey, ca_cert: x509.Certificate, *, job_id: str) -> None:
+    def __init__(
+        self,
+        ca_key: PrivateKey,
+        ca_cert: x509.Certificate,
+        *,
+        job_id: str,
+        job_tag: bytes,
+        profile: DeviceProfile,
+    ) -> None:
         check_job_id(job_id)
+        if not isinstance(profile, DeviceProfile):
+            raise TypeError(f"profile must be a DeviceProfile, not {type(profile).__name__}")
+        tag = _job_tag(job_tag)
         _check_issuer(ca_key, ca_cert, at=_now(), what="device issuer")
         PRODUCTION_CA.check_certificate(ca_cert, what="production CA certificate")
         if job_id_of(ca_cert) != job_id:
             raise JobMismatchError(
                 f"production CA certificate is for job {job_id_of(ca_cert)!r}, not {job_id!r}"
             )
+        if profile.not_after > ca_cert.not_valid_after_utc:
+            raise ValidityBeyondIssuerError(
+                f"device notAfter {profile.not_after} is after the production CA's "
+                f"({ca_cert.not_valid_after_utc})"
+            )
+        if profile.not_after <= ca_cert.not_valid_before_utc:
+            raise ValidityBeyondIssuerError(
+                f"device notAfter {profile.not_after} is not after the production CA's "
+                f"notBefore ({ca_cert.not_valid_before_utc})"
+            )
         self._key = ca_key
         self.ca_cert = ca_cert
         self.job_id = job_id
-        self._tag = job_tag(job_id)
-        self._serial_prefix = serial_from_tag(self._tag, 0).to_bytes(SERIAL_SIZE, "big")[:9]
+        self.job_tag = tag
+        self.profile = profile
+        self._serial_prefix = serial_from_tag(tag, 0).to_bytes(SERIAL_SIZE, "big")[:9]
         self._nb_ts = ca_cert.not_valid_before_utc.timestamp()
-        self._na_ts = ca_cert.not_valid_after_utc.timestamp()
+        self._na_ts = profile.not_after.timestamp()
         self._make_template()
 
     def _prototype(self, device_id: str, key: ec.EllipticCurvePublicKey, seq: int) -> bytes:
         ca = self.ca_cert
         builder = _build(
             DEVICE,
-            subject=device_subject(self.job_id, device_id),
+            subject=self.profile.subject(device_id),
             issuer=ca.subject,
             subject_key=key,
             issuer_ski=_ski(ca),
-            serial=serial_from_tag(self._tag, seq),
+            serial=serial_from_tag(self.job_tag, seq),
             not_before=ca.not_valid_before_utc,
-            not_after=ca.not_valid_after_utc,
+            not_after=self.profile.not_after,
         )
         throwaway = ec.generate_private_key(ec.SECP256R1())
         return builder.sign(throwaway, hashes.SHA256()).tbs_certificate_bytes
@@ -497,16 +545,18 @@ class DeviceCertificateIssuer:
             seq = int.from_bytes(os.urandom(8), "big")
             tbs = self._prototype(dev_id, key, seq)
             point = _point(key)
+            marker = dev_id.encode("ascii")
             fields = (
-                serial_from_tag(self._tag, seq).to_bytes(SERIAL_SIZE, "big"),
-                dev_id.encode("ascii"),
+                serial_from_tag(self.job_tag, seq).to_bytes(SERIAL_SIZE, "big"),
                 point,
                 hashlib.sha1(point).digest(),  # noqa: S324 - RFC 5280 §4.2.1.2 method (1)
             )
-            if all(tbs.count(f) == 1 for f in fields):
-                o_serial, o_id, o_point, o_ski = (tbs.index(f) for f in fields)
+            # the device id appears twice: subject serialNumber and (inside) the CN
+            if all(tbs.count(f) == 1 for f in fields) and tbs.count(marker) == 2:
+                first = tbs.index(marker)
+                self._id_offsets = (first, tbs.index(marker, first + 16))
+                self._offsets = tuple(tbs.index(f) for f in fields)
                 self._template = bytes(tbs)
-                self._offsets = (o_serial, o_id, o_point, o_ski)
                 break
         else:  # pragma: no cover - probability ~2^-100
             raise RuntimeError("could not locate device fields in the TBS template")
@@ -518,10 +568,13 @@ class DeviceCertificateIssuer:
 
     def _tbs(self, key: ec.EllipticCurvePublicKey, device_id: str, sequence: int) -> bytearray:
         point = _point(key)
-        o_serial, o_id, o_point, o_ski = self._offsets
+        o_serial, o_point, o_ski = self._offsets
+        o_id1, o_id2 = self._id_offsets
+        did = device_id.encode("ascii")
         tbs = bytearray(self._template)
         tbs[o_serial : o_serial + SERIAL_SIZE] = self._serial_prefix + sequence.to_bytes(8, "big")
-        tbs[o_id : o_id + 16] = device_id.encode("ascii")
+        tbs[o_id1 : o_id1 + 16] = did
+        tbs[o_id2 : o_id2 + 16] = did
         tbs[o_point : o_point + 65] = point
         tbs[o_ski : o_ski + 20] = hashlib.sha1(point).digest()  # noqa: S324
         return tbs
@@ -529,7 +582,7 @@ class DeviceCertificateIssuer:
     def issue(
         self, device_public_key: ec.EllipticCurvePublicKey, device_id: str, sequence: int
     ) -> x509.Certificate:
-        """Certify a device's P-256 key as ``device_id``, serial = (job, ``sequence``)."""
+        """Certify a device's P-256 key as ``device_id``, serial = (job tag, ``sequence``)."""
         if type(device_id) is not str or _DEVICE_ID.fullmatch(device_id) is None:
             raise NameNotAllowedError(
                 f"device id {device_id!r} is not 16 lowercase hex digits (a 64-bit chip UID)"
@@ -540,12 +593,12 @@ class DeviceCertificateIssuer:
         ):
             DEVICE.check_subject_key(device_public_key, what=f"device {device_id} key")
         if type(sequence) is not int or not 0 <= sequence <= MAX_SEQUENCE:
-            serial_from_tag(self._tag, sequence)  # raises SerialNumberError naming the problem
+            serial_from_tag(self.job_tag, sequence)  # raises SerialNumberError naming it
         now = time.time()
         if not self._nb_ts <= now <= self._na_ts:
             raise IssuerNotValidError(
-                f"production CA of job {self.job_id!r} is not valid now "
-                f"({self.ca_cert.not_valid_before_utc} .. {self.ca_cert.not_valid_after_utc})"
+                f"production CA of job {self.job_id!r} cannot issue now "
+                f"(devices valid {self.ca_cert.not_valid_before_utc} .. {self.profile.not_after})"
             )
         tbs = self._tbs(device_public_key, device_id, sequence)
         signature = self._key.sign_digest(hashlib.sha256(tbs).digest())

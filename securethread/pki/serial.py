@@ -1,49 +1,60 @@
-"""Device certificate serial numbers that encode the job and the device's sequence number.
+"""Device certificate serial numbers: the job's tag followed by the device's slot.
 
 Layout (17 octets, big-endian, RFC 5280 §4.1.2.2: positive, at most 20 octets)::
 
-    0x01 | job tag (8 octets) | sequence (8 octets, unsigned)
+    0x02 | job tag (8 octets) | slot (8 octets, unsigned)
 
-* ``0x01`` is the format version; it keeps the integer positive and its length fixed, so
-  the DER INTEGER is always 17 content octets (no 0x00 pad) and a device serial can never be
-  confused with the 20-octet random serials of CA and enclave certificates.
-* the job tag is ``SHA-256("securethread/pki/job-tag/v1" || 0x00 || job_id)[:8]``;
-* the sequence number is the device's position in the job's quota.
+* ``0x02`` is the format version (version 1 derived the tag from the job id alone, which
+  repeats across jobs and OEMs); it keeps the integer positive and its length fixed, so the
+  DER INTEGER is always 17 content octets (no 0x00 pad) and a device serial is never
+  confused with the 20-octet random serials of CA and enclave certificates;
+* the job tag is the first 8 octets of the job's identity, the SHA-256 of the signed job
+  (``formats.job.job_hash``), which the caller passes in.  It binds every serial to one
+  signed job and carries 64 bits that nobody can predict before the officers signed the job
+  (their ECDSA signatures hold the tokens' random nonces);
+* the slot is the device's position in the job's quota.
 
-So the OEM recovers ``(job, sequence)`` from a certificate alone and detects duplicate and
-over-quota serials during reconciliation.
+So the OEM recovers (job, slot) from a certificate alone: reconciliation finds duplicate and
+over-quota serials, and a certificate met in the field that is not in the job's ledger
+(over-production) names the job it claims.  docs/pki.md says why this and not random serials.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import attrs
 
 from ._errors import SerialNumberError
-from ._names import check_job_id
 
-SERIAL_VERSION = 0x01
+SERIAL_VERSION = 0x02
 JOB_TAG_SIZE = 8
 SEQUENCE_SIZE = 8
 SERIAL_SIZE = 1 + JOB_TAG_SIZE + SEQUENCE_SIZE
 MAX_SEQUENCE = (1 << (8 * SEQUENCE_SIZE)) - 1
-_TAG_DOMAIN = b"securethread/pki/job-tag/v1\x00"
+MAX_JOB_IDENTITY = 64
 
 
-def job_tag(job_id: str) -> bytes:
-    """The job's 8-octet tag as encoded in its device serials."""
-    check_job_id(job_id)
-    return hashlib.sha256(_TAG_DOMAIN + job_id.encode("ascii")).digest()[:JOB_TAG_SIZE]
+def job_tag(job_identity: bytes) -> bytes:
+    """The 8-octet tag of the job whose identity (SHA-256 of the signed job) is given."""
+    if not isinstance(job_identity, bytes):
+        raise TypeError(f"job identity must be bytes, not {type(job_identity).__name__}")
+    if not JOB_TAG_SIZE <= len(job_identity) <= MAX_JOB_IDENTITY:
+        raise SerialNumberError(
+            f"job identity is {len(job_identity)} octets; a job tag needs "
+            f"{JOB_TAG_SIZE}..{MAX_JOB_IDENTITY} (the SHA-256 of the signed job)"
+        )
+    return job_identity[:JOB_TAG_SIZE]
 
 
 def serial_from_tag(tag: bytes, sequence: int) -> int:
-    """Serial for a precomputed job tag (the issuer's hot path)."""
+    """Serial for a job tag (exactly 8 octets) and a slot (the issuer's hot path)."""
     if isinstance(sequence, bool) or not isinstance(sequence, int):
         raise SerialNumberError(f"sequence number must be an int, not {type(sequence).__name__}")
     if not 0 <= sequence <= MAX_SEQUENCE:
         raise SerialNumberError(f"sequence number {sequence} outside 0..2^64-1")
+    if len(tag) != JOB_TAG_SIZE:
+        raise SerialNumberError(f"job tag must be {JOB_TAG_SIZE} octets")
     return (
         (SERIAL_VERSION << (8 * (JOB_TAG_SIZE + SEQUENCE_SIZE)))
         | (int.from_bytes(tag, "big") << (8 * SEQUENCE_SIZE))
@@ -51,9 +62,9 @@ def serial_from_tag(tag: bytes, sequence: int) -> int:
     )
 
 
-def device_serial(job_id: str, sequence: int) -> int:
-    """The serial number of device ``sequence`` of job ``job_id``."""
-    return serial_from_tag(job_tag(job_id), sequence)
+def device_serial(job_identity: bytes, sequence: int) -> int:
+    """The serial number of slot ``sequence`` of the job with identity ``job_identity``."""
+    return serial_from_tag(job_tag(job_identity), sequence)
 
 
 @attrs.frozen
@@ -69,19 +80,22 @@ class DeviceSerial:
         if not 0 <= self.sequence <= MAX_SEQUENCE:
             raise SerialNumberError(f"sequence number {self.sequence} outside 0..2^64-1")
 
-    def belongs_to(self, job_id: str) -> bool:
-        return self.job_tag == job_tag(job_id)
+    def belongs_to(self, job_identity: bytes) -> bool:
+        """Whether this serial was issued under the job with identity ``job_identity``."""
+        return self.job_tag == job_tag(job_identity)
 
 
 def parse_device_serial(serial: int) -> DeviceSerial:
-    """Split a device serial into job tag and sequence; SerialNumberError if it is not one."""
+    """Split a device serial into job tag and slot; SerialNumberError if it is not one."""
     if isinstance(serial, bool) or not isinstance(serial, int) or serial <= 0:
         raise SerialNumberError(f"serial {serial!r} is not a positive integer")
     if serial.bit_length() > 8 * SERIAL_SIZE:
         raise SerialNumberError(f"serial {serial:#x} is longer than {SERIAL_SIZE} octets")
     raw = serial.to_bytes(SERIAL_SIZE, "big")
     if raw[0] != SERIAL_VERSION:
-        raise SerialNumberError(f"serial {serial:#x} is not a version-1 device serial")
+        raise SerialNumberError(
+            f"serial {serial:#x} is not a version-{SERIAL_VERSION} device serial"
+        )
     return DeviceSerial(
         job_tag=raw[1 : 1 + JOB_TAG_SIZE],
         sequence=int.from_bytes(raw[1 + JOB_TAG_SIZE :], "big"),

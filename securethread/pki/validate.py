@@ -1,10 +1,12 @@
 """Chain validation: ``cryptography.x509.verification`` plus the project's explicit checks.
 
-Order: validity at the validation time (specific expiry errors), the profile and key
-purpose of each certificate (so an enclave certificate never passes as a device or CA one),
-then the RFC 5280 §6 path validation by cryptography's verifier -- signatures, name
-chaining, basicConstraints, pathLen, keyUsage -- under an ExtensionPolicy that also pins the
-key purpose, and last the job binding (subject job id and serial job tag).
+Order: validity at the validation time (specific expiry errors), the profile and role of
+each certificate (key purposes, the production-CA policy: an enclave certificate never
+passes as a device or CA one, a device never as a CA), then the RFC 5280 §6 path
+validation by cryptography's verifier -- signatures, name chaining, basicConstraints,
+pathLen, keyUsage -- under an ExtensionPolicy that also pins the key purposes and refuses an
+EKU in a CA certificate, and last the job binding (the production CA names the job; the
+device serial is a device serial and, when the caller knows the job, carries its tag).
 """
 
 from __future__ import annotations
@@ -22,28 +24,35 @@ from ._errors import (
     CertificateNotYetValidError,
     ChainValidationError,
     JobMismatchError,
-    NameNotAllowedError,
     SerialNumberError,
     ValidityBeyondIssuerError,
     WrongPurposeError,
 )
 from ._names import check_device_id, check_enclave_name, check_job_id, check_role
-from .profile import DEVICE, PRODUCTION_CA, EnclavePurpose, enclave_profile, single_attribute
-from .serial import job_tag, parse_device_serial
+from .profile import (
+    DEVICE,
+    ENCLAVE_PROFILES,
+    PRODUCTION_CA,
+    EnclavePurpose,
+    enclave_profile,
+    single_attribute,
+)
+from .serial import job_tag as _job_tag
+from .serial import parse_device_serial
 
 _C = xv.Criticality
 
 
 def job_id_of(production_ca_cert: x509.Certificate) -> str:
-    """The job id bound into a production CA (or device) certificate's subject."""
+    """The job id bound into a production CA certificate's subject."""
     value = single_attribute(production_ca_cert.subject, oids.ATTR_JOB_ID, what="certificate")
     return check_job_id(value)
 
 
 def device_id_of(device_cert: x509.Certificate) -> str:
-    """The 16-hex-digit device id (subject CN) of a device certificate."""
+    """The 16-hex-digit device id (subject serialNumber, X.520) of a device certificate."""
     value = single_attribute(
-        device_cert.subject, x509.NameOID.COMMON_NAME, what="device certificate"
+        device_cert.subject, x509.NameOID.SERIAL_NUMBER, what="device certificate"
     )
     return check_device_id(value)
 
@@ -51,20 +60,20 @@ def device_id_of(device_cert: x509.Certificate) -> str:
 # --- cryptography verifier policies -------------------------------------------------------------
 
 
-def _require_purpose(
-    oid: x509.ObjectIdentifier,
+def _require_purposes(
+    expected: tuple[x509.ObjectIdentifier, ...],
 ) -> Callable[[xv.Policy, x509.Certificate, x509.ExtendedKeyUsage], None]:
     def check(_: xv.Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
-        if list(eku) != [oid]:
-            raise ValueError(f"key purpose is not {oid.dotted_string}")
+        if list(eku) != list(expected):
+            raise ValueError(f"key purposes are not {[o.dotted_string for o in expected]}")
 
     return check
 
 
 def _ca_purpose(_: xv.Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
-    # The root (a trust anchor) has no EKU; an intermediate must be a production CA.
-    if eku is not None and list(eku) != [oids.EKU_PRODUCTION_CA]:
-        raise ValueError("intermediate is not a production CA")
+    # CA certificates carry no EKU (an EKU there narrows the whole chain in stock verifiers).
+    if eku is not None:
+        raise ValueError("a CA certificate carries a key purpose")
 
 
 def _ee_not_ca(_: xv.Policy, cert: x509.Certificate, bc: x509.BasicConstraints) -> None:
@@ -81,18 +90,21 @@ _CA_POLICY = (
 )
 
 
-def _ee_policy(oid: x509.ObjectIdentifier) -> xv.ExtensionPolicy:
+def _ee_policy(expected: tuple[x509.ObjectIdentifier, ...]) -> xv.ExtensionPolicy:
     return (
         xv.ExtensionPolicy.permit_all()
         .require_present(x509.BasicConstraints, _C.CRITICAL, _ee_not_ca)
         .require_present(x509.KeyUsage, _C.CRITICAL, None)
         .require_present(x509.AuthorityKeyIdentifier, _C.NON_CRITICAL, None)
-        .require_present(x509.ExtendedKeyUsage, _C.NON_CRITICAL, _require_purpose(oid))
+        .require_present(x509.ExtendedKeyUsage, _C.NON_CRITICAL, _require_purposes(expected))
     )
 
 
+# One end-entity policy per project key purpose, requiring that profile's exact EKU list.
 _EE_POLICIES: dict[x509.ObjectIdentifier, xv.ExtensionPolicy] = {
-    oid: _ee_policy(oid) for oid in oids.ALL_PURPOSES if oid != oids.EKU_PRODUCTION_CA
+    p.purpose: _ee_policy(p.eku)
+    for p in (DEVICE, *ENCLAVE_PROFILES.values())
+    if p.purpose is not None
 }
 
 
@@ -163,8 +175,13 @@ def validate_device_chain(
     *,
     at: datetime.datetime | None = None,
     job_id: str | None = None,
+    job_tag: bytes | None = None,
 ) -> None:
-    """Validate root -> production CA -> device; raise a CertificateError subclass."""
+    """Validate root -> production CA -> device; raise a CertificateError subclass.
+
+    ``job_id`` / ``job_tag`` (the job's identity, SHA-256 of the signed job): also require
+    the production CA to be that job's and the device serial to carry that job's tag.
+    """
     device = _check_type(device_cert, "device certificate")
     ca = _check_type(production_ca_cert, "production CA certificate")
     root = _check_type(root_cert, "root certificate")
@@ -180,23 +197,20 @@ def validate_device_chain(
     ca_job = job_id_of(ca)
     if job_id is not None and ca_job != job_id:
         raise JobMismatchError(f"production CA is for job {ca_job!r}, not {job_id!r}")
-    _check_job_binding(device, ca, ca_job, job_tag(ca_job))
+    _check_job_binding(device, ca, ca_job, None if job_tag is None else _job_tag(job_tag))
 
 
 def _check_job_binding(
-    device: x509.Certificate, ca: x509.Certificate, ca_job: str, tag: bytes
+    device: x509.Certificate, ca: x509.Certificate, ca_job: str, tag: bytes | None
 ) -> None:
-    """The CA's job, the device subject's job and the serial's job tag agree; the device's
-    validity is nested in the CA's."""
-    try:
-        device_job = job_id_of(device)
-    except NameNotAllowedError as exc:
-        raise JobMismatchError(f"device certificate names no valid job: {exc}") from None
-    if device_job != ca_job:
-        raise JobMismatchError(f"device certificate is for job {device_job!r}, CA for {ca_job!r}")
+    """The device names a device id and has a device serial (of the job's tag, when the
+    caller knows the job); the device's validity is nested in the CA's."""
     device_id_of(device)
-    if parse_device_serial(device.serial_number).job_tag != tag:
+    single_attribute(device.subject, x509.NameOID.COMMON_NAME, what="device certificate")
+    if tag is not None and parse_device_serial(device.serial_number).job_tag != tag:
         raise SerialNumberError(f"device serial {device.serial_number:#x} is not of job {ca_job!r}")
+    if tag is None:
+        parse_device_serial(device.serial_number)
     if (
         device.not_valid_before_utc < ca.not_valid_before_utc
         or device.not_valid_after_utc > ca.not_valid_after_utc
@@ -252,6 +266,7 @@ class DeviceChainValidator:
         *,
         at: datetime.datetime | None = None,
         job_id: str | None = None,
+        job_tag: bytes | None = None,
     ) -> None:
         ca = _check_type(production_ca_cert, "production CA certificate")
         root = _check_type(root_cert, "root certificate")
@@ -271,7 +286,7 @@ class DeviceChainValidator:
         if job_id is not None and ca_job != job_id:
             raise JobMismatchError(f"production CA is for job {ca_job!r}, not {job_id!r}")
         self.production_ca, self.root, self.job_id, self.at = ca, root, ca_job, when
-        self._tag = job_tag(ca_job)
+        self._tag = None if job_tag is None else _job_tag(job_tag)
         self._verifier = (
             xv.PolicyBuilder()
             .store(xv.Store([ca]))

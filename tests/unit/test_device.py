@@ -7,7 +7,7 @@ the token path is in tests/integration/test_mastering.py.
 
 from __future__ import annotations
 
-import datetime
+import hashlib
 import io
 import os
 from collections.abc import Callable
@@ -65,6 +65,7 @@ from securethread.formats.license import (
 from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend
 from securethread.pki import (
     DeviceCertificateIssuer,
+    DeviceProfile,
     EnclavePurpose,
     certify_enclave,
     certify_production_ca,
@@ -204,7 +205,6 @@ def make_world() -> World:
         role="programmer",
         proof_key=ident.public_key(),
     )
-    now = datetime.datetime.now(datetime.UTC)
     pca_csr = create_production_ca_csr(prog, label="pca", job_id=JOB)
     pca_cert = certify_production_ca(
         root_key,
@@ -212,9 +212,14 @@ def make_world() -> World:
         pca_csr,
         job_id=JOB,
         not_before=root_cert.not_valid_before_utc,
-        not_after=now + datetime.timedelta(days=30),
     )
-    devcerts = DeviceCertificateIssuer(prog.private_key("pca"), pca_cert, job_id=JOB)
+    devcerts = DeviceCertificateIssuer(
+        prog.private_key("pca"),
+        pca_cert,
+        job_id=JOB,
+        job_tag=hashlib.sha256(JOB.encode()).digest(),  # stands in for the signed job's hash
+        profile=DeviceProfile(organisation="securethread"),
+    )
     return World(
         oem, prog, root_cert, fw_key, image_key, ka_cert, lic_cert, pca_cert, devcerts,
         SiliconVendor(),

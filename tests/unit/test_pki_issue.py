@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Callable
 
 import attrs
@@ -10,6 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from securethread.errors import CertificateError, DuplicateObjectError, FormatError
 from securethread.hsm import SoftwareBackend
@@ -20,6 +22,7 @@ from securethread.pki import (
     CertificateNotYetValidError,
     ChainValidationError,
     DeviceCertificateIssuer,
+    DeviceProfile,
     EnclavePurpose,
     IssuerError,
     IssuerKeyMismatchError,
@@ -49,10 +52,20 @@ from securethread.pki import (
     validate_device_chain,
     validate_enclave_certificate,
 )
-from securethread.pki.profile import DEVICE, device_subject, enclave_request_subject
+from securethread.pki.profile import (
+    DEVICE,
+    NO_EXPIRY,
+    enclave_request_subject,
+    production_ca_request_subject,
+)
+from securethread.pki.serial import job_tag
 
 UTC = datetime.UTC
 DEVICE_ID = "00000000000003e8"
+ORG = "Acme Devices"
+#: The job's identity (SHA-256 of the signed job); its first 8 octets tag every serial.
+JOB_1 = hashlib.sha256(b"signed job-1").digest()
+PROFILE = DeviceProfile(organisation=ORG, product="Thermostat")
 
 
 @attrs.frozen
@@ -70,19 +83,31 @@ def _window(days: int = 30) -> tuple[datetime.datetime, datetime.datetime]:
     return now, now + datetime.timedelta(days=days)
 
 
+def _issuer(
+    prog: SoftwareBackend,
+    label: str,
+    pca: x509.Certificate,
+    job_id: str,
+    profile: DeviceProfile = PROFILE,
+) -> DeviceCertificateIssuer:
+    tag = hashlib.sha256(f"signed {job_id}".encode()).digest()
+    return DeviceCertificateIssuer(
+        prog.private_key(label), pca, job_id=job_id, job_tag=tag, profile=profile
+    )
+
+
 @pytest.fixture(scope="module")
 def pki() -> Pki:
     oem, prog = SoftwareBackend("oem"), SoftwareBackend("programmer")
-    root = create_root_ca(oem)
+    root = create_root_ca(oem, organisation=ORG, common_name="Acme Root CA")
     rk = oem.private_key("oem-root-ca")
-    nb, na = _window()
+    nb, _ = _window()
     pca = certify_production_ca(
         rk,
         root,
         create_production_ca_csr(prog, label="pca-job-1", job_id="job-1"),
         job_id="job-1",
         not_before=nb,
-        not_after=na,
     )
     identity = certify_enclave(
         rk,
@@ -94,8 +119,34 @@ def pki() -> Pki:
         purpose=EnclavePurpose.IDENTITY,
         role="programmer",
     )
-    issuer = DeviceCertificateIssuer(prog.private_key("pca-job-1"), pca, job_id="job-1")
+    issuer = _issuer(prog, "pca-job-1", pca, "job-1")
     return Pki(oem, prog, root, pca, identity, issuer)
+
+
+@attrs.frozen
+class ShortChain:
+    """A root and production CA with explicit, short lifetimes (expiry tests)."""
+
+    root: x509.Certificate
+    pca: x509.Certificate
+    issuer: DeviceCertificateIssuer
+
+
+@pytest.fixture(scope="module")
+def short() -> ShortChain:
+    b = SoftwareBackend("short")
+    nb, na = _window(30)
+    root = create_root_ca(b, organisation=ORG, not_after=nb + datetime.timedelta(days=365))
+    pca = certify_production_ca(
+        b.private_key("oem-root-ca"),
+        root,
+        create_production_ca_csr(b, label="pca", job_id="job-s"),
+        job_id="job-s",
+        not_before=nb,
+        not_after=na,
+    )
+    profile = DeviceProfile(organisation=ORG, not_after=na)
+    return ShortChain(root, pca, _issuer(b, "pca", pca, "job-s", profile))
 
 
 def _root_key(pki: Pki):  # type: ignore[no-untyped-def]
@@ -118,26 +169,91 @@ def _csr(subject: x509.Name, key: ec.EllipticCurvePrivateKey, *exts: x509.Extens
 
 def test_device_chain_validates(pki: Pki) -> None:
     cert = pki.issuer.issue(_device_key(), DEVICE_ID, 42)
-    assert validate_device_chain(cert, pki.pca, pki.root, job_id="job-1") is None
+    assert validate_device_chain(cert, pki.pca, pki.root, job_id="job-1", job_tag=JOB_1) is None
     assert device_id_of(cert) == DEVICE_ID
-    assert job_id_of(cert) == job_id_of(pki.pca) == "job-1"
+    assert job_id_of(pki.pca) == "job-1"
     assert parse_device_serial(cert.serial_number).sequence == 42
-    assert cert.not_valid_after_utc == pki.pca.not_valid_after_utc
+    assert parse_device_serial(cert.serial_number).belongs_to(JOB_1)
+    # RFC 5280 §4.1.2.5 / IEEE 802.1AR: no well-defined expiration, for the whole chain
+    assert cert.not_valid_after_utc == pki.pca.not_valid_after_utc == NO_EXPIRY
+    assert pki.root.not_valid_after_utc == NO_EXPIRY
+    assert cert.not_valid_before_utc == pki.pca.not_valid_before_utc
+    assert cert.subject.rfc4514_string() == (
+        f"CN={DEVICE_ID},2.5.4.5={DEVICE_ID},OU=Thermostat,O={ORG}"
+    )
+    assert pki.pca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == ORG
+    assert pki.root.subject.rfc4514_string() == f"CN=Acme Root CA,O={ORG}"
+    # X.520 serialNumber is a PrintableString (RFC 5280 Appendix A.1)
+    sn = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0]
+    assert sn._type == x509.name._ASN1Type.PrintableString
+
+
+def test_serial_refuses_another_jobs_tag(pki: Pki) -> None:
+    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 43)
+    other = hashlib.sha256(b"another signed job").digest()
+    with pytest.raises(SerialNumberError, match="not of job"):
+        validate_device_chain(cert, pki.pca, pki.root, job_tag=other)
+    from securethread.pki import DeviceChainValidator
+
+    with pytest.raises(SerialNumberError):
+        DeviceChainValidator(pki.pca, pki.root, job_tag=other).validate(cert)
+
+
+def test_common_name_template(pki: Pki) -> None:
+    profile = DeviceProfile(organisation=ORG, common_name_template="sensor-{device_id}.v1")
+    issuer = _issuer(pki.prog, "pca-job-1", pki.pca, "job-1", profile)
+    cert = issuer.issue(_device_key(), "0123456789abcdef", 3)
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == "sensor-0123456789abcdef.v1"
+    assert device_id_of(cert) == "0123456789abcdef"  # from serialNumber, not the CN
+    assert not cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    validate_device_chain(cert, pki.pca, pki.root)
+
+
+def test_device_profile_must_fit_the_production_ca(pki: Pki, short: ShortChain) -> None:
+    b = SoftwareBackend("fit")
+    nb, na = _window(30)
+    root = create_root_ca(b, organisation=ORG)
+    pca = certify_production_ca(
+        b.private_key("oem-root-ca"),
+        root,
+        create_production_ca_csr(b, label="pca", job_id="job-f"),
+        job_id="job-f",
+        not_before=nb,
+        not_after=na,
+    )
+    with pytest.raises(ValidityBeyondIssuerError, match="after the production CA"):
+        _issuer(b, "pca", pca, "job-f")  # devices to 9999, CA to +30 days
+    with pytest.raises(ValidityBeyondIssuerError, match="notBefore"):
+        _issuer(b, "pca", pca, "job-f", DeviceProfile(organisation=ORG, not_after=nb))
+    for tag in (b"", b"short", b"x" * 65):
+        with pytest.raises(SerialNumberError):
+            DeviceCertificateIssuer(
+                b.private_key("pca"), pca, job_id="job-f", job_tag=tag, profile=PROFILE
+            )
+    with pytest.raises(TypeError):
+        DeviceCertificateIssuer(
+            b.private_key("pca"), pca, job_id="job-f", job_tag=JOB_1, profile=PROFILE.to_map()
+        )  # type: ignore[arg-type]
+    assert short.issuer.issue(_device_key(), DEVICE_ID, 1).not_valid_after_utc == (
+        short.pca.not_valid_after_utc
+    )
 
 
 def test_template_matches_certificate_builder(pki: Pki) -> None:
     """The spliced TBS is byte-identical to what x509.CertificateBuilder encodes."""
     key = _device_key()
     cert = pki.issuer.issue(key, "0123456789abcdef", 99)
+    assert cert.serial_number == int.from_bytes(b"\x02" + job_tag(JOB_1) + bytes(7) + b"\x63")
     ski = pki.pca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     b = (
         x509.CertificateBuilder()
-        .subject_name(device_subject("job-1", "0123456789abcdef"))
+        .subject_name(PROFILE.subject("0123456789abcdef"))
         .issuer_name(pki.pca.subject)
         .public_key(key)
         .serial_number(cert.serial_number)
         .not_valid_before(pki.pca.not_valid_before_utc)
-        .not_valid_after(pki.pca.not_valid_after_utc)
+        .not_valid_after(PROFILE.not_after)
     )
     for ext, critical in DEVICE.extensions(key, ski):
         b = b.add_extension(ext, critical=critical)
@@ -148,15 +264,18 @@ def test_template_matches_certificate_builder(pki: Pki) -> None:
 
 def test_profiles_have_exact_extensions(pki: Pki) -> None:
     dev = pki.issuer.issue(_device_key(), DEVICE_ID, 1)
-    for cert, ca, plen, eku in [
-        (pki.root, True, None, None),
-        (pki.pca, True, 0, oids.EKU_PRODUCTION_CA),
-        (pki.identity, False, None, oids.EKU_ENCLAVE_IDENTITY),
-        (dev, False, None, oids.EKU_DEVICE),
+    client = ExtendedKeyUsageOID.CLIENT_AUTH
+    for cert, ca, plen, eku, policy in [
+        (pki.root, True, None, None, None),
+        (pki.pca, True, 0, None, oids.POLICY_PRODUCTION_CA),  # CAs: no EKU
+        (pki.identity, False, None, [oids.EKU_ENCLAVE_IDENTITY], None),
+        (dev, False, None, [client, oids.EKU_DEVICE], None),
     ]:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
         assert bc.critical and bc.value.ca is ca and bc.value.path_length == plen
-        assert cert.extensions.get_extension_for_class(x509.KeyUsage).critical
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+        assert ku.critical
+        assert ku.value.key_cert_sign is ca and ku.value.crl_sign is ca
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         assert not ski.critical
         assert ski.value == x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
@@ -164,9 +283,15 @@ def test_profiles_have_exact_extensions(pki: Pki) -> None:
             with pytest.raises(x509.ExtensionNotFound):
                 cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
         else:
-            assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-                eku
-            ]
+            ext = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+            assert not ext.critical and list(ext.value) == eku
+        if policy is None:
+            with pytest.raises(x509.ExtensionNotFound):
+                cert.extensions.get_extension_for_class(x509.CertificatePolicies)
+        else:
+            cp = cert.extensions.get_extension_for_class(x509.CertificatePolicies)
+            assert not cp.critical
+            assert list(cp.value) == [x509.PolicyInformation(policy, None)]
     assert pki.root.public_key().curve.name == "secp384r1"
     assert pki.identity.public_key().curve.name == "secp384r1"
     assert pki.pca.public_key().curve.name == "secp256r1"
@@ -286,14 +411,10 @@ def test_p256_where_p384_required(pki: Pki) -> None:
 
 
 def test_p384_where_p256_required(pki: Pki) -> None:
-    from securethread.pki.profile import production_ca_subject
-
-    csr = _csr(production_ca_subject("job-3"), ec.generate_private_key(ec.SECP384R1()))
-    nb, na = _window()
+    csr = _csr(production_ca_request_subject("job-3"), ec.generate_private_key(ec.SECP384R1()))
+    nb, _ = _window()
     with pytest.raises(WrongKeyTypeError, match="P-256"):
-        certify_production_ca(
-            _root_key(pki), pki.root, csr, job_id="job-3", not_before=nb, not_after=na
-        )
+        certify_production_ca(_root_key(pki), pki.root, csr, job_id="job-3", not_before=nb)
 
 
 @pytest.mark.parametrize(
@@ -398,33 +519,37 @@ def test_bad_role(pki: Pki, role: object) -> None:
 
 
 def test_validity_beyond_issuer(pki: Pki) -> None:
-    rk = _root_key(pki)
-    csr = create_production_ca_csr(pki.prog, label="pca-job-6", job_id="job-6")
+    b = SoftwareBackend("beyond")
     nb, _ = _window()
+    root = create_root_ca(b, organisation=ORG, not_after=nb + datetime.timedelta(days=365))
+    rk = b.private_key("oem-root-ca")
+    csr = create_production_ca_csr(pki.prog, label="pca-job-6", job_id="job-6")
     cases = [
-        (nb, pki.root.not_valid_after_utc + datetime.timedelta(seconds=1)),  # outlives the root
-        (pki.root.not_valid_before_utc - datetime.timedelta(days=1), nb + datetime.timedelta(1)),
+        (nb, NO_EXPIRY),  # the default outlives a root that ends
+        (nb, root.not_valid_after_utc + datetime.timedelta(seconds=1)),  # outlives the root
+        (root.not_valid_before_utc - datetime.timedelta(days=1), nb + datetime.timedelta(1)),
         (nb + datetime.timedelta(days=2), nb + datetime.timedelta(days=1)),  # empty
         (nb - datetime.timedelta(days=3), nb - datetime.timedelta(days=2)),  # already over
     ]
     for start, end in cases:
         with pytest.raises(ValidityBeyondIssuerError):
-            certify_production_ca(
-                rk, pki.root, csr, job_id="job-6", not_before=start, not_after=end
-            )
+            certify_production_ca(rk, root, csr, job_id="job-6", not_before=start, not_after=end)
     csr = create_enclave_csr(
         pki.prog, label="id-long", enclave_name="prog-2", purpose=EnclavePurpose.IDENTITY
     )
     with pytest.raises(ValidityBeyondIssuerError):
         certify_enclave(
             rk,
-            pki.root,
+            root,
             csr,
             enclave_name="prog-2",
             purpose=EnclavePurpose.IDENTITY,
             role="programmer",
-            valid_days=3651,
+            valid_days=366,
         )
+    with pytest.raises(ValidityBeyondIssuerError):  # a root that has already ended
+        create_root_ca(b, label="never", not_after=nb - datetime.timedelta(seconds=1))
+    assert not b.has_key("never")
     with pytest.raises(ValueError):  # naive datetimes are a programming error
         certify_production_ca(
             rk, pki.root, csr, job_id="job-6", not_before=nb.replace(tzinfo=None), not_after=nb
@@ -476,7 +601,13 @@ def test_issuer_expired_or_not_yet_valid(pki: Pki) -> None:
         rk, pki.root, csr, job_id="job-7", not_before=start, not_after=start + datetime.timedelta(1)
     )
     with pytest.raises(IssuerNotValidError):
-        DeviceCertificateIssuer(pki.prog.private_key("pca-job-7"), pca, job_id="job-7")
+        _issuer(
+            pki.prog,
+            "pca-job-7",
+            pca,
+            "job-7",
+            DeviceProfile(organisation=ORG, not_after=start + datetime.timedelta(1)),
+        )
 
 
 def test_issuer_cert_does_not_match_key(pki: Pki) -> None:
@@ -492,14 +623,14 @@ def test_issuer_cert_does_not_match_key(pki: Pki) -> None:
             not_after=na,
         )
     with pytest.raises(IssuerKeyMismatchError):
-        DeviceCertificateIssuer(pki.prog.private_key("identity"), pki.pca, job_id="job-1")
+        _issuer(pki.prog, "identity", pki.pca, "job-1")
 
 
 def test_device_issuer_needs_production_ca_of_the_job(pki: Pki) -> None:
     with pytest.raises(JobMismatchError):
-        DeviceCertificateIssuer(pki.prog.private_key("pca-job-1"), pki.pca, job_id="job-2")
+        _issuer(pki.prog, "pca-job-1", pki.pca, "job-2")
     with pytest.raises(IssuerError):  # an enclave certificate is not a CA
-        DeviceCertificateIssuer(pki.prog.private_key("identity"), pki.identity, job_id="job-1")
+        _issuer(pki.prog, "identity", pki.identity, "job-1")
 
 
 def test_duplicate_label_refused_before_generation(pki: Pki) -> None:
@@ -512,14 +643,18 @@ def test_duplicate_label_refused_before_generation(pki: Pki) -> None:
 # --- validation -----------------------------------------------------------------------------------
 
 
-def test_expired_and_not_yet_valid_chain(pki: Pki) -> None:
-    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 3)
-    late = pki.pca.not_valid_after_utc + datetime.timedelta(seconds=1)
+def test_expired_and_not_yet_valid_chain(pki: Pki, short: ShortChain) -> None:
+    cert = short.issuer.issue(_device_key(), DEVICE_ID, 3)
+    late = short.pca.not_valid_after_utc + datetime.timedelta(seconds=1)
     with pytest.raises(CertificateExpiredError, match="production CA"):
-        validate_device_chain(cert, pki.pca, pki.root, at=late)
-    early = pki.root.not_valid_before_utc - datetime.timedelta(seconds=1)
+        validate_device_chain(cert, short.pca, short.root, at=late)
+    early = short.root.not_valid_before_utc - datetime.timedelta(seconds=1)
     with pytest.raises(CertificateNotYetValidError, match="root"):
-        validate_device_chain(cert, pki.pca, pki.root, at=early)
+        validate_device_chain(cert, short.pca, short.root, at=early)
+    # the default profile: valid for the life of the device, decades after the job
+    cert = pki.issuer.issue(_device_key(), DEVICE_ID, 3)
+    decades = datetime.datetime.now(UTC) + datetime.timedelta(days=50 * 366)
+    validate_device_chain(cert, pki.pca, pki.root, at=decades)
 
 
 def test_swapped_issuer_fails(pki: Pki) -> None:
@@ -531,7 +666,6 @@ def test_swapped_issuer_fails(pki: Pki) -> None:
         create_production_ca_csr(pki.prog, label="pca-job-9", job_id="job-9"),
         job_id="job-9",
         not_before=nb,
-        not_after=na,
     )
     cert = pki.issuer.issue(_device_key(), DEVICE_ID, 4)
     with pytest.raises(ChainValidationError):
@@ -541,7 +675,7 @@ def test_swapped_issuer_fails(pki: Pki) -> None:
 
 
 def test_foreign_root_fails(pki: Pki) -> None:
-    foreign = create_root_ca(SoftwareBackend("foreign"))
+    foreign = create_root_ca(SoftwareBackend("foreign"), organisation=ORG)
     cert = pki.issuer.issue(_device_key(), DEVICE_ID, 5)
     with pytest.raises(ChainValidationError):
         validate_device_chain(cert, pki.pca, foreign)
@@ -581,6 +715,60 @@ def test_tampered_byte_fails(pki: Pki) -> None:
 def test_wrong_kind_of_certificate(pki: Pki, call: Callable[[Pki], None]) -> None:
     with pytest.raises((WrongPurposeError, UnexpectedExtensionError)):
         call(pki)
+
+
+def _resign(
+    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, *, drop: type, add: object = None
+) -> x509.Certificate:
+    """``cert`` re-signed by ``key`` without extension ``drop`` (and with ``add``)."""
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for ext in cert.extensions:
+        if not isinstance(ext.value, drop):
+            b = b.add_extension(ext.value, critical=ext.critical)
+    if add is not None:
+        b = b.add_extension(add, critical=False)  # type: ignore[arg-type]
+    return b.sign(key, hashes.SHA384() if key.curve.key_size == 384 else hashes.SHA256())
+
+
+def test_ca_role_is_the_policy_and_no_key_purpose(pki: Pki) -> None:
+    """A CA with an EKU (the old profile), or without the production-CA policy, is refused."""
+    rk = _root_key(pki).as_cryptography()
+    with_eku = _resign(
+        pki.pca,
+        rk,
+        drop=x509.ExtendedKeyUsage,
+        add=x509.ExtendedKeyUsage([oids.EKU_PRODUCTION_CA]),
+    )
+    no_policy = _resign(pki.pca, rk, drop=x509.CertificatePolicies)
+    other_policy = _resign(
+        pki.pca,
+        rk,
+        drop=x509.CertificatePolicies,
+        add=x509.CertificatePolicies([x509.PolicyInformation(oids.EKU_DEVICE, None)]),
+    )
+    dev = pki.issuer.issue(_device_key(), DEVICE_ID, 12)
+    for bad in (with_eku, no_policy, other_policy, pki.root):
+        with pytest.raises(WrongPurposeError):
+            validate_device_chain(dev, bad, pki.root)
+    from securethread.pki import DeviceChainValidator
+
+    with pytest.raises(WrongPurposeError, match="carries key purposes"):
+        DeviceChainValidator(with_eku, pki.root)
+    # the device must carry id-kp-clientAuth and the device purpose, in that order
+    pk = pki.prog.private_key("pca-job-1").as_cryptography()
+    only_device = _resign(
+        dev, pk, drop=x509.ExtendedKeyUsage, add=x509.ExtendedKeyUsage([oids.EKU_DEVICE])
+    )
+    with pytest.raises(WrongPurposeError):
+        validate_device_chain(only_device, pki.pca, pki.root)
 
 
 def test_cryptography_verifier_enforces_purpose_on_its_own(pki: Pki) -> None:
@@ -635,7 +823,7 @@ def test_trailing_bytes_and_double_pem(pki: Pki) -> None:
 # --- DeviceChainValidator (many devices of one job) ---------------------------------------------
 
 
-def test_chain_validator_accepts_and_refuses_like_the_function(pki: Pki) -> None:
+def test_chain_validator_accepts_and_refuses_like_the_function(pki: Pki, short: ShortChain) -> None:
     from securethread.pki import DeviceChainValidator
 
     v = DeviceChainValidator(pki.pca, pki.root, job_id="job-1")
@@ -651,9 +839,10 @@ def test_chain_validator_accepts_and_refuses_like_the_function(pki: Pki) -> None
         DeviceChainValidator(pki.pca, pki.root, job_id="job-2")
     with pytest.raises(ChainValidationError):
         DeviceChainValidator(pki.pca, create_root_ca(SoftwareBackend("x")))
-    late = pki.pca.not_valid_after_utc + datetime.timedelta(seconds=1)
+    late = short_late = datetime.datetime.now(UTC) + datetime.timedelta(days=400)
     with pytest.raises(CertificateExpiredError):
-        DeviceChainValidator(pki.pca, pki.root, at=late)
+        DeviceChainValidator(short.pca, short.root, at=short_late)
+    DeviceChainValidator(pki.pca, pki.root, at=late)  # the default chain never expires
     # a device certificate from another job's CA (same root) fails
     rk = _root_key(pki)
     nb, na = _window()
@@ -663,8 +852,7 @@ def test_chain_validator_accepts_and_refuses_like_the_function(pki: Pki) -> None
         create_production_ca_csr(pki.prog, label="pca-job-10", job_id="job-10"),
         job_id="job-10",
         not_before=nb,
-        not_after=na,
     )
-    foreign = DeviceCertificateIssuer(pki.prog.private_key("pca-job-10"), other, job_id="job-10")
+    foreign = _issuer(pki.prog, "pca-job-10", other, "job-10")
     with pytest.raises(ChainValidationError):
         v.validate(foreign.issue(_device_key(), DEVICE_ID, 1))
