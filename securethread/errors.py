@@ -41,6 +41,14 @@ class PinMissingError(ConfigurationError):
     """No PIN source was configured for a token that needs a login."""
 
 
+class TokenDirectoryError(ConfigurationError):
+    """A SoftHSM configuration file or the token directory it names is missing or unusable."""
+
+
+class TokenExistsError(ConfigurationError):
+    """A token with this label already exists where a new one was to be initialised."""
+
+
 # --- token trouble ---------------------------------------------------------------------
 
 
@@ -50,6 +58,10 @@ class HSMError(Error):
 
 class PinIncorrectError(HSMError):
     """The token rejected the PIN."""
+
+
+class TokenDamagedError(HSMError):
+    """A token's files are damaged and no verified copy exists to restore them from."""
 
 
 class KeyNotFoundError(HSMError):

@@ -2,21 +2,25 @@
 
 Reads ``{"module": path, "tokens": {label: [so_pin, user_pin]}}`` on stdin.  For each label
 not yet present: C_InitToken on a free slot (PKCS#11 v2.40 §5.5; through ctypes, since
-python-pkcs11 does not expose it), then C_InitPIN as the SO.  SoftHSM only offers a new
-free slot after re-initialisation, so the module is reloaded after each token.
+python-pkcs11 does not expose it), then C_InitPIN as the SO.  An SO PIN of ``null`` is
+generated here and forgotten when this process exits: it never reaches the parent, a file
+or the environment.  SoftHSM only offers a new free slot after re-initialisation, so the
+module is reloaded after each token.  The parent holds the token directory's lock.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import secrets
 import sys
+from typing import Any
 
 import pkcs11
 from pkcs11 import TokenFlag
 
 
-def _labels(lib: pkcs11.lib) -> tuple[set[str], int | None]:
+def _labels(lib: Any) -> tuple[set[str], int | None]:
     present: set[str] = set()
     free: int | None = None
     for slot in lib.get_slots(token_present=True):
@@ -41,6 +45,8 @@ def main() -> int:
         if free is None:
             print(f"no free slot to create token {label!r}", file=sys.stderr)
             return 1
+        if so_pin is None:
+            so_pin = secrets.token_hex(16)
         so = so_pin.encode()
         padded = label.encode().ljust(32, b" ")  # CK_UTF8CHAR[32], blank padded
         rv = cdll.C_InitToken(free, so, len(so), padded)

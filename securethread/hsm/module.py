@@ -5,10 +5,15 @@ locking and crashes when two threads use it at once (SOFTHSM_NOTES).  PKCS#11 v2
 (C_Initialize) lets the application pass ``CK_C_INITIALIZE_ARGS`` with
 ``CKF_OS_LOCKING_OK``; we re-initialise the module that way right after loading it, before
 any session exists.
+
+For SoftHSM's file store, initialisation reads every token's files, so it runs under the
+token directory's inter-process lock, after damaged token files were restored from their
+verified copies (:mod:`.filestore`, docs/hsm.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -17,6 +22,7 @@ from typing import Any
 import pkcs11
 
 from ..errors import ModuleLoadError
+from .filestore import FileStore
 
 #: Where Debian and other distributions put SoftHSM2's module.
 SOFTHSM_MODULE_CANDIDATES = (
@@ -43,7 +49,7 @@ class _CInitializeArgs(ctypes.Structure):
 
 
 _lock = threading.Lock()
-_loaded: dict[str, tuple[int, Any]] = {}
+_loaded: dict[str, tuple[int, Any, FileStore | None]] = {}
 
 
 def default_module_path() -> str:
@@ -64,6 +70,8 @@ def load_module(path: str) -> Any:
 
     Idempotent per process.  A forked child re-initialises (PKCS#11 v2.40 §6.7.1: a
     child must call C_Initialize); worker processes should be spawned, not forked.
+    For SoftHSM a missing configuration or token directory is a
+    :class:`~securethread.errors.TokenDirectoryError` naming it.
     """
     path = os.path.realpath(path)
     pid = os.getpid()
@@ -73,17 +81,32 @@ def load_module(path: str) -> Any:
             return cached[1]
         if not os.path.isfile(path):
             raise ModuleLoadError(f"PKCS#11 module {path!r} does not exist")
-        try:
-            lib = pkcs11.lib(path)
-        except pkcs11.PKCS11Error as exc:
-            raise ModuleLoadError(f"cannot load PKCS#11 module {path!r}: {exc}") from exc
-        _reinitialise_with_os_locking(path)
-        _loaded[path] = (pid, lib)
+        store = FileStore.for_module(path)
+        with store.lock() if store is not None else contextlib.nullcontext():
+            if store is not None:
+                store.repair()
+            try:
+                lib = pkcs11.lib(path)
+            except pkcs11.PKCS11Error as exc:
+                reason = f"{type(exc).__name__} {exc}".strip()
+                raise ModuleLoadError(f"cannot load PKCS#11 module {path!r}: {reason}") from exc
+            _reinitialise_with_os_locking(path)
+        _loaded[path] = (pid, lib, store)
         return lib
 
 
+def module_store(path: str) -> FileStore | None:
+    """The SoftHSM file store the loaded module ``path`` reads (``None`` for other modules
+    or a module not loaded in this process)."""
+    cached = _loaded.get(os.path.realpath(path))
+    if cached is None or cached[0] != os.getpid():
+        return None
+    return cached[2]
+
+
 def reload_module(path: str) -> Any:
-    """Finalize and re-initialise ``path`` so it rescans its tokens.
+    """Finalize and re-initialise ``path`` so it rescans its tokens (and re-reads
+    ``SOFTHSM2_CONF``).
 
     Every session and object handle of the module dies; only call this when nothing is
     open (e.g. after a token was created by ``softhsm2-util`` in another process).

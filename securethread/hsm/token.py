@@ -16,9 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import pkcs11
@@ -38,15 +37,18 @@ from securethread.keys.ecutil import (
 )
 
 from ..errors import (
+    ConfigurationError,
     DecryptionError,
     DuplicateObjectError,
     HSMError,
     KeyNotFoundError,
     KeyPolicyError,
     PinIncorrectError,
+    TokenDamagedError,
     TokenNotFoundError,
 )
-from .module import default_module_path, load_module, reload_module
+from .filestore import FileStore
+from .module import default_module_path, load_module, module_store, reload_module
 from .pin import PinCallback, resolve_pin
 from .policy import (
     Curve,
@@ -100,6 +102,34 @@ def _usage(obj: Any, method: str, label: str, what: str) -> Any:
     return fn
 
 
+def _store_lock(store: FileStore | None) -> AbstractContextManager[None]:
+    return store.lock() if store is not None else nullcontext()
+
+
+def _get_token(lib: Any, label: str, store: FileStore | None, module_path: str) -> Any:
+    """The python-pkcs11 token labelled ``label``; call with the store's lock held."""
+    try:
+        return lib.get_token(token_label=label)
+    except pkcs11.NoSuchToken:
+        if store is None:
+            where = f"module {module_path!r}"
+        else:
+            where = f"token directory {str(store.tokendir)!r} (SOFTHSM2_CONF={str(store.conf)!r})"
+            damaged = store.damaged()
+            if damaged:
+                names = ", ".join(d.name for d in damaged)
+                raise TokenDamagedError(
+                    f"no token labelled {label!r} in {where}, and {len(damaged)} token(s) "
+                    f"there are damaged with no verified copy ({names}): restore them "
+                    "from a backup"
+                ) from None
+        raise TokenNotFoundError(f"no token labelled {label!r} in {where}") from None
+    except pkcs11.MultipleTokensReturned:
+        raise TokenNotFoundError(f"more than one token labelled {label!r}") from None
+    except pkcs11.PKCS11Error as exc:
+        raise HSMError(f"cannot read token {label!r}: {type(exc).__name__}") from exc
+
+
 def key_id_for(public: ec.EllipticCurvePublicKey) -> bytes:
     """CKA_ID = SHA-1 of the public point, RFC 5280 §4.2.1.2 method (1).
 
@@ -121,24 +151,26 @@ class Token:
         self.name = label
         self._pid = os.getpid()
         lib = load_module(module_path)
-        try:
-            self._p11_token = self._get_token(lib, label)
-        except pkcs11.NoSuchToken:
-            raise TokenNotFoundError(
-                f"no token labelled {label!r} in module {module_path!r}"
-            ) from None
-        except pkcs11.MultipleTokensReturned:
-            raise TokenNotFoundError(f"more than one token labelled {label!r}") from None
-        except pkcs11.PKCS11Error as exc:
-            raise HSMError(f"cannot read token {label!r}: {type(exc).__name__}") from exc
-        try:
-            self._login_session = self._login(pin)
-        except pkcs11.PinIncorrect:
-            raise PinIncorrectError(f"token {label!r} rejected the user PIN") from None
-        except pkcs11.PinLocked:
-            raise PinIncorrectError(f"token {label!r}: user PIN is locked") from None
-        except pkcs11.PKCS11Error as exc:
-            raise HSMError(f"cannot log in to token {label!r}: {type(exc).__name__}") from exc
+        store = module_store(module_path)
+        # SoftHSM reads the token file here and rewrites it on login: both under the token
+        # directory's inter-process lock, with a verified copy taken first (.filestore).
+        with _store_lock(store):
+            self._p11_token = _get_token(lib, label, store, module_path)
+        secret = pin()  # outside the lock: the callback may prompt
+        with _store_lock(store):
+            if store is not None:
+                serial = bytes(self._p11_token.serial).decode("ascii", "replace")
+                store.keep_copy(serial=serial, label=label)
+            try:
+                self._login_session = self._p11_token.open(rw=True, user_pin=secret)
+            except pkcs11.PinIncorrect:
+                raise PinIncorrectError(f"token {label!r} rejected the user PIN") from None
+            except pkcs11.PinLocked:
+                raise PinIncorrectError(f"token {label!r}: user PIN is locked") from None
+            except pkcs11.PKCS11Error as exc:
+                raise HSMError(f"cannot log in to token {label!r}: {type(exc).__name__}") from exc
+            finally:
+                del secret
         self._local = threading.local()
         self._sessions: list[Any] = []
         self._caches: list[dict[Any, Any]] = []  # every thread's handle cache
@@ -151,21 +183,6 @@ class Token:
 
     def __repr__(self) -> str:
         return f"<Token {self.name!r}>"
-
-    @staticmethod
-    def _get_token(lib: Any, label: str) -> Any:
-        # The token-info read (C_GetTokenInfo) fails with CKR_GENERAL_ERROR too while another
-        # process has SoftHSM rewrite the token file (seen with 2-4 workers starting at once).
-        return _retry_transient(lambda: lib.get_token(token_label=label), (pkcs11.GeneralError,))
-
-    def _login(self, pin: Callable[[], str]) -> Any:
-        # SoftHSM's file store rewrites the token file on login; a second process logging in
-        # at that instant gets CKR_GENERAL_ERROR, or CKR_USER_PIN_NOT_INITIALIZED from a
-        # half-read file.
-        return _retry_transient(
-            lambda: self._p11_token.open(rw=True, user_pin=pin()),
-            (pkcs11.GeneralError, pkcs11.UserPinNotInitialized),
-        )
 
     # --- sessions and lookups ------------------------------------------------------------
 
@@ -706,22 +723,6 @@ class HsmSecretKey:
 
 # --- opening tokens --------------------------------------------------------------------------
 
-_TOKEN_SCAN_RETRIES = 5
-
-
-def _retry_transient(call: Callable[[], Any], transient: tuple[type[Exception], ...]) -> Any:
-    """``call()``, retried a few times with a short back-off while it raises ``transient``
-    (SoftHSM's file store under concurrent processes); the last failure propagates."""
-    for attempt in range(_TOKEN_SCAN_RETRIES):
-        try:
-            return call()
-        except transient:
-            if attempt + 1 == _TOKEN_SCAN_RETRIES:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 _registry_lock = threading.Lock()
 _registry: dict[tuple[str, str, int], Token] = {}
 
@@ -735,8 +736,10 @@ def open_token(
     """Open (or re-use this process's open) token, by RFC 7512 URI or by label.
 
     ``open_token("pkcs11:token=oem?module-path=/usr/lib/softhsm/libsofthsm2.so")`` or
-    ``open_token("oem")``.  The PIN comes from ``pin`` (a callback given the label), the
-    URI's pin-value/pin-source, or ``SECURETHREAD_PIN_<LABEL>``; it is never stored.
+    ``open_token("oem")``.  The PIN comes from ``pin`` (a callback given the label, e.g. a
+    :class:`~securethread.hsm.pin.PinSet` a worker process received), else the URI's
+    pin-value/pin-source, else :func:`~securethread.hsm.pin.resolve_pin`'s sources; it is
+    never stored.
     """
     if isinstance(uri_or_label, PKCS11URI):
         uri: PKCS11URI | None = uri_or_label
@@ -766,18 +769,25 @@ def open_token(
                 pin_source=uri.pin_source if uri is not None else None,
             )
 
-        for attempt in range(_TOKEN_SCAN_RETRIES):
-            try:
-                token = Token(module_path=module, label=label, pin=get_pin)
-                break
-            except TokenNotFoundError:
-                # SoftHSM's file store rewrites a token's file on login; a process that
-                # scans the token directory at that instant does not see the token.  Rescan,
-                # but only while nothing of this module is open here (a rescan re-initialises
-                # the module and would kill open sessions).
-                if attempt + 1 == _TOKEN_SCAN_RETRIES or any(k[0] == module for k in _registry):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-                reload_module(module)
+        _follow_configuration(module)
+        token = Token(module_path=module, label=label, pin=get_pin)
         _registry[key] = token
         return token
+
+
+def _follow_configuration(module: str) -> None:
+    """Re-initialise ``module`` if ``SOFTHSM2_CONF`` now names another token directory than
+    the one it was loaded with; refuse while a token of it is open.  Call with
+    ``_registry_lock`` held."""
+    loaded = module_store(module)
+    if loaded is None:
+        return
+    wanted = FileStore.for_module(module)
+    if wanted is None or wanted.conf == loaded.conf:
+        return
+    if any(k[0] == module and k[2] == os.getpid() for k in _registry):
+        raise ConfigurationError(
+            f"this process has tokens of {str(loaded.conf)!r} open; open the tokens of "
+            f"{str(wanted.conf)!r} in another process"
+        )
+    reload_module(module)

@@ -1,5 +1,5 @@
-"""Threads and processes on one SoftHSM token (SOFTHSM_NOTES: OS locking, a session per thread,
-one login per process)."""
+"""Threads and processes on one SoftHSM token (OS locking, a session per thread, one login per
+process; docs/hsm.md for processes starting and logging in at once)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 import queue
 import random
 import threading
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -19,9 +21,11 @@ from securethread.hsm import (
     Curve,
     HsmPrivateKey,
     Token,
+    default_module_path,
     open_token,
     verify_signature,
 )
+from securethread.hsm.pin import PinSet
 
 THREADS = 4
 SIGNATURES_PER_THREAD = 2000
@@ -217,3 +221,58 @@ def test_destroy_invalidates_every_threads_handle_cache(oem: Token, label: str) 
         requests.put(False)
         thread.join()
         oem.destroy(label)
+
+
+LOGIN_WORKERS = 4
+LOGIN_ROUNDS = 100
+
+
+def _login_rounds(pins: PinSet, rounds: int, barrier: Any, results: Any) -> None:
+    """Runs in a spawned process: ``rounds`` times, re-initialise the module (SoftHSM reads
+    every token file again) and log in, while the other workers do the same.  The PIN
+    arrived in ``pins``, pickled through the process-start pipe, not in the environment."""
+    from securethread.errors import Error
+    from securethread.hsm.module import reload_module
+
+    counts: Counter[str] = Counter()
+    if pins("spare") in os.environ.values():
+        counts["pin-in-environment"] += 1
+    barrier.wait()
+    for _ in range(rounds):
+        try:
+            reload_module(default_module_path())
+            token = open_token("spare", pin=pins)
+            token.labels()
+            token.close()
+            counts["ok"] += 1
+        except Error as exc:
+            counts[f"{type(exc).__name__}: {exc}"] += 1
+    results.put(dict(counts))
+
+
+def test_processes_start_and_log_in_at_once(
+    token_dir: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression for the intermittent login failure of two provisioning workers
+    (UserPinNotInitialized, NoSuchToken, GeneralError): a process initialising the module
+    read token.object while another process's login had truncated it (docs/hsm.md).  The
+    token directory's lock serialises both; no retry is involved."""
+    pins = PinSet.resolve(["spare"])
+    monkeypatch.delenv("SECURETHREAD_PIN_SPARE")  # the workers get the PIN only from `pins`
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(LOGIN_WORKERS)
+    results = ctx.Queue()
+    workers = [
+        ctx.Process(target=_login_rounds, args=(pins, LOGIN_ROUNDS, barrier, results))
+        for _ in range(LOGIN_WORKERS)
+    ]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=300) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    total: Counter[str] = Counter()
+    for o in outcomes:
+        total.update(o)
+    assert dict(total) == {"ok": LOGIN_WORKERS * LOGIN_ROUNDS}
