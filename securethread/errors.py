@@ -167,3 +167,39 @@ class TranscriptError(LedgerError):
 
 class QuotaExceededError(Error):
     """The job's quota is exhausted; nothing was counted or released."""
+
+
+# --- production state (the programmer's store and its quota mark, S7) ------------------
+
+
+class StoreError(Error):
+    """The production store cannot be used (unreadable, corrupt, locked, disk full)."""
+
+
+class StoreCorruptError(StoreError):
+    """The production store file is not a securethread store or is damaged."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the production store's lock for longer than we wait."""
+
+
+class StoreGuardError(StoreError):
+    """The store does not match the quota mark its job left in the token (S7): it must be
+    restored, never started afresh."""
+
+
+class StoreMissingError(StoreGuardError):
+    """The store of an opened job is missing, empty, or has no record of the job."""
+
+
+class StoreReplacedError(StoreGuardError):
+    """The store is another store than the one the job was opened in."""
+
+
+class StoreRolledBackError(StoreGuardError):
+    """The store is older than the token's quota mark says it must be."""
+
+
+class QuotaMarkError(HSMError):
+    """The quota mark in the token is unreadable or inconsistent."""

@@ -6,13 +6,25 @@ Per batch of devices::
       -> count: reserve exactly this batch's slots, durably, in the store (S3)
       -> issue the device certificate (production CA key in the token)
       -> create the license (ECDH + KEK derivation + KWP wrap in the token)
-      -> commit the ledger records and a signed checkpoint in one transaction (S4)
+      -> commit the ledger records, a signed checkpoint and what is released, in one
+         transaction (S4)
+      -> keep the device certificates (the archive: files written atomically)
       -> release certificate and trust anchors to the device
 
-Nothing leaves for a device before its slot and its ledger record are on disk.  A crash
-anywhere wastes at most the slots of the current batch.  Programming (flow 8) is a
-separate stage: the device's SBM takes manifest, image and license, and its signed boot
-confirmation is checked and appended to the ledger.
+Nothing leaves for a device before its slot and its ledger record are on disk.  Slots the
+batch does not use go back to the store (a refused device, a duplicate, a failure); if the
+process dies, the next run reclaims them.  Programming (flow 8) is a separate stage: the
+device's SBM takes manifest, image and license, and its signed boot confirmation is checked
+and appended to the ledger.  A device counted but not programmed (killed, stopped, refused
+its image) is met again on a later run: it gets what it was released the first time -- the
+same certificate, provisioning data and license, kept in the store -- and is programmed,
+without a second count (:attr:`Provisioned.recovered`).
+
+A device the line refuses never stops the line: whatever a device (or the bytes it sends)
+makes fail -- identification, release, programming, even an exception from its port -- is
+that device's refusal with its reason, and the batch goes on.  Only token trouble
+(:class:`~securethread.errors.HSMError`), store trouble
+(:class:`~securethread.errors.StoreError`) or a configuration error stops it.
 
 Batching is what makes this fast: one database transaction and one checkpoint signature
 per batch, one slot reservation per batch, and nothing per device but the token calls
@@ -22,7 +34,6 @@ the floor needs plus the checks that must be per device.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO, NamedTuple, Protocol
@@ -34,32 +45,33 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import (
     AlreadyProvisionedError,
+    ConfigurationError,
     DeviceRefusedError,
     Error,
+    HSMError,
     QuotaExceededError,
+    StoreError,
+    VerificationError,
 )
 from securethread.formats import ledger
 from securethread.formats.job import VerifiedJob
 from securethread.keys.protocol import PrivateKey
-from securethread.programmer.store import ProductionStore
+from securethread.programmer.store import UNGUARDED, MarkKeeper, ProductionStore, Release
 
-# --- fault injection for the crash-safety tests (S3) -----------------------------------------
-# SECURETHREAD_FAULT_INJECT="<point>:<n>" SIGKILLs this process the n-th time <point> is
-# reached.  Unset in production: the check is one global lookup.
-_FAULT = os.environ.get("SECURETHREAD_FAULT_INJECT")
-_fault_counts: dict[str, int] = {}
+# --- test hooks: injected by tests, never read from the environment ------------------------------
 
 
-def _fault(point: str) -> None:
-    if _FAULT is None:
-        return
-    name, _, nth = _FAULT.partition(":")
-    if name != point:
-        return
-    _fault_counts[point] = _fault_counts.get(point, 0) + 1
-    if _fault_counts[point] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+class FaultHook(Protocol):
+    """Called with the name of each fault point the pipeline passes (crash-safety tests)."""
 
+    def __call__(self, point: str) -> None: ...
+
+
+def no_faults(point: str) -> None:
+    """The production hook: does nothing."""
+
+
+NO_FAULTS: FaultHook = no_faults
 
 FAULT_POINTS = (
     "after-identify",
@@ -70,7 +82,28 @@ FAULT_POINTS = (
     "after-commit",
     "mid-release",
     "after-release",
+    "mid-program",
+    "after-program",
 )
+
+#: Errors that stop the run: the token or the store failed, or the setup is wrong.
+FATAL: tuple[type[Error], ...] = (HSMError, StoreError, ConfigurationError)
+
+
+class ReleaseError(DeviceRefusedError):
+    """A counted device did not take what was released to it; a later run retries it."""
+
+
+class ProgrammingError(DeviceRefusedError):
+    """Programming a device failed in a way its SBM did not report as a refusal."""
+
+
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """One printable line naming an exception raised by untrusted input."""
+    text = "".join(c if c.isprintable() else "?" for c in str(exc))
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --- what the pipeline talks to ----------------------------------------------------------------
@@ -106,6 +139,23 @@ class LicenseMaker(Protocol):
     def issue(self, device_id: str, device_public_key: ec.EllipticCurvePublicKey) -> bytes: ...
 
 
+class CertificateArchive(Protocol):
+    """Keeps device certificates durably; called after the commit, before the release."""
+
+    def keep(self, certificates: Sequence[tuple[str, bytes]]) -> None:
+        """``(device_id, certificate DER)`` pairs; raise to stop the release."""
+        ...
+
+
+class NoArchive:
+    """Keeps nothing: the certificates are in the ledger only."""
+
+    def keep(self, certificates: Sequence[tuple[str, bytes]]) -> None:
+        return None
+
+
+NO_ARCHIVE = NoArchive()
+
 #: Verifies an identification response for a challenge; raises DeviceRefusedError.
 IdentityVerifier = Callable[[bytes, bytes], Identity]
 #: Builds the provisioning data released to a device, from its certificate's DER.
@@ -116,7 +166,10 @@ BootVerifier = Callable[[x509.Certificate, bytes, bytes], None]
 
 @attrs.frozen
 class Provisioned:
-    """A device that received its certificate; ``license`` is for the programming stage."""
+    """A device that received its certificate; ``license`` is for the programming stage.
+
+    ``recovered``: it was counted on an earlier run and not programmed; what it received
+    now is what was released to it then."""
 
     device_id: str
     slot: int
@@ -124,10 +177,13 @@ class Provisioned:
     certificate: x509.Certificate
     license: bytes
     elapsed_s: float
+    recovered: bool = False
 
 
 @attrs.frozen
 class Refused:
+    """A device the line refused before counting it (no slot used)."""
+
     device_id: str | None
     reason: Error
 
@@ -136,7 +192,36 @@ class Refused:
         return type(self.reason).__name__
 
 
-Outcome = Provisioned | Refused
+@attrs.frozen
+class Unreleased:
+    """A device counted and recorded whose release failed; a later run releases it."""
+
+    device_id: str
+    reason: Error
+
+    @property
+    def kind(self) -> str:
+        return type(self.reason).__name__
+
+
+@attrs.frozen
+class AlreadyDone(Refused):
+    """A device provisioned and programmed under this job before (a resumed run meets it
+    again); refused as :class:`~securethread.errors.AlreadyProvisionedError`."""
+
+
+Outcome = Provisioned | Refused | Unreleased
+
+
+@attrs.frozen
+class BatchResult:
+    """One batch through flow 7: an outcome per device, and the devices to program now.
+
+    ``stopped``: the stop request came before anything was counted; nothing was done."""
+
+    outcomes: list[Outcome]
+    to_program: list[tuple[DevicePort, Provisioned]]
+    stopped: bool = False
 
 
 class _Identified(NamedTuple):
@@ -157,11 +242,26 @@ def _batches(devices: Iterable[DevicePort], size: int) -> Iterator[list[DevicePo
         yield batch
 
 
+def _never() -> bool:
+    return False
+
+
+def _spki(key: object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return b""
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 class ProductionLine:
     """One worker's provisioning pipeline for one verified job.
 
-    Several lines (in separate processes) may run against the same job and store: the
-    store serialises reservations and commits, and refuses a second record for a device.
+    Several lines (in separate processes) may run against the same job and store within
+    one run: the store serialises reservations and commits, and refuses a second record
+    for a device.  ``run`` names the run the line's reservations belong to; ``guard``
+    keeps the token's quota mark ahead of the store (S7; ``UNGUARDED`` is for code that
+    predates it); ``faults`` and ``archive`` are hooks (tests; device-certificate files).
     """
 
     def __init__(
@@ -176,9 +276,13 @@ class ProductionLine:
         packager: Packager,
         batch_size: int = 32,
         clock: Callable[[], float] = time.time,
+        guard: MarkKeeper = UNGUARDED,
+        run: bytes = b"",
+        faults: FaultHook = NO_FAULTS,
+        archive: CertificateArchive = NO_ARCHIVE,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be positive")
+        if not 1 <= batch_size <= ledger.MAX_BATCH:  # one checkpoint covers at most MAX_BATCH
+            raise ValueError(f"batch_size must be 1..{ledger.MAX_BATCH}")
         self.job = job
         self._job_hash = job.sha256
         self._store = store
@@ -189,6 +293,10 @@ class ProductionLine:
         self._packager = packager
         self.batch_size = batch_size
         self._clock = clock
+        self._guard = guard
+        self._run = run
+        self._fault = faults
+        self._archive = archive
         store.open_job(
             job=job.sha256, job_id=job.job.job_id, quota=job.job.quota, signed=job.signed
         )
@@ -198,7 +306,18 @@ class ProductionLine:
     def provision(self, devices: Iterable[DevicePort]) -> Iterator[Outcome]:
         """Provision ``devices``; yields one outcome per device, in batches."""
         for batch in _batches(devices, self.batch_size):
-            yield from self._finish_batch(self._identify_batch(batch))
+            yield from self.provision_batch(batch).outcomes
+
+    def provision_batch(
+        self, batch: Sequence[DevicePort], *, stop: Callable[[], bool] = _never
+    ) -> BatchResult:
+        """One batch through flow 7.  ``stop`` is asked once, after identification: if it
+        says so, the batch is dropped before anything is counted."""
+        identified = self._identify_batch(batch)
+        self._fault("after-identify")
+        if stop():
+            return BatchResult([], [], stopped=True)
+        return self._finish_batch(identified)
 
     def _check_window(self) -> None:
         from securethread.formats.job import check_job_window
@@ -220,64 +339,161 @@ class ProductionLine:
                 targets.check(ident.device_id)
                 if ident.device_id in seen:
                     raise AlreadyProvisionedError(f"device {ident.device_id} appears twice")
+            except FATAL:
+                raise
             except DeviceRefusedError as exc:
                 refused.append(Refused(getattr(exc, "device_id", None), exc))
                 continue
-            except Error as exc:
-                refused.append(Refused(None, DeviceRefusedError(f"identification failed: {exc}")))
+            except Exception as exc:  # whatever a hostile device makes fail: its refusal
+                refused.append(
+                    Refused(None, DeviceRefusedError(f"identification failed: {describe(exc)}"))
+                )
                 continue
             seen.add(ident.device_id)
             accepted.append((dev, ident))
         return _Identified(t0, len(batch), accepted, refused)
 
-    def _finish_batch(self, identified: _Identified) -> Iterator[Outcome]:
-        """Count, issue, commit, release one identified batch."""
+    def _finish_batch(self, identified: _Identified) -> BatchResult:
+        """Count, issue, commit, keep, release one identified batch."""
         t0, size, accepted, refused = identified
-        _fault("after-identify")
-        known = self._store.known_devices(
-            self._job_hash, ledger.KIND_PROVISIONED, [i.device_id for _, i in accepted]
+        fresh, recover = self._sort_known(accepted, refused)
+        outcomes: list[Outcome] = list(refused)
+        slots = self._reserve(fresh, outcomes)
+        work = list(zip(fresh, slots, strict=False))
+        try:
+            committed, issued = self._issue_and_commit(work, outcomes)
+        except BaseException:
+            # Token or store trouble, or an interrupt: nothing of this batch was released.
+            self._give_back_quietly(slots)
+            raise
+        elapsed = (time.perf_counter() - t0) / max(size, 1)
+        released = [(issued[rec.device_id], rec, seq) for rec, seq, _raw in committed]
+        self._archive.keep(
+            [(rec.device_id, issued[rec.device_id][2]) for rec, _seq, _raw in committed]
+            + [(rel.device_id, rel.certificate) for _dev, _ident, rel in recover]
         )
+        to_program: list[tuple[DevicePort, Provisioned]] = []
+        for (dev, cert, _der, lic, data), rec, seq in released:
+            try:
+                dev.provision(data)  # release: only after the commit above
+            except Exception as exc:
+                outcomes.append(Unreleased(rec.device_id, _release_error(exc)))
+                continue
+            finally:
+                self._fault("mid-release")
+            prov = Provisioned(rec.device_id, rec.slot, seq, cert, lic, elapsed)
+            outcomes.append(prov)
+            to_program.append((dev, prov))
+        for dev, _ident, rel in recover:
+            prov_or_not = self._release_again(dev, rel, elapsed)
+            outcomes.append(prov_or_not)
+            if isinstance(prov_or_not, Provisioned):
+                to_program.append((dev, prov_or_not))
+        self._fault("after-release")
+        return BatchResult(outcomes, to_program)
+
+    def _sort_known(
+        self, accepted: list[tuple[DevicePort, Identity]], refused: list[Refused]
+    ) -> tuple[list[tuple[DevicePort, Identity]], list[tuple[DevicePort, Identity, Release]]]:
+        """New devices; devices counted before and not programmed (to recover); the rest
+        were provisioned and programmed already and are refused."""
+        ids = [i.device_id for _, i in accepted]
+        known = self._store.known_devices(self._job_hash, ledger.KIND_PROVISIONED, ids)
+        pending = self._store.unprogrammed(self._job_hash, sorted(known)) if known else {}
         fresh: list[tuple[DevicePort, Identity]] = []
+        recover: list[tuple[DevicePort, Identity, Release]] = []
         for dev, ident in accepted:
-            if ident.device_id in known:
+            did = ident.device_id
+            if did not in known:
+                fresh.append((dev, ident))
+                continue
+            rel = pending.get(did)
+            if rel is None:
+                refused.append(
+                    AlreadyDone(
+                        did,
+                        AlreadyProvisionedError(
+                            f"device {did} was already provisioned and programmed under this job"
+                        ),
+                    )
+                )
+            elif _spki(x509.load_der_x509_certificate(rel.certificate).public_key()) != _spki(
+                ident.public_key
+            ):
                 refused.append(
                     Refused(
-                        ident.device_id,
-                        AlreadyProvisionedError(
-                            f"device {ident.device_id} was already provisioned under this job"
+                        did,
+                        DeviceRefusedError(
+                            f"device {did} answers with another key than the one certified "
+                            "for it on an earlier run"
                         ),
                     )
                 )
             else:
-                fresh.append((dev, ident))
-        # Count exactly the devices of this batch, durably, before anything is issued (S3).
-        slots: Sequence[int] = ()
+                recover.append((dev, ident, rel))
+        return fresh, recover
+
+    def _reserve(
+        self, fresh: list[tuple[DevicePort, Identity]], outcomes: list[Outcome]
+    ) -> list[int]:
+        """Count exactly the new devices of this batch, durably, before anything is issued
+        (S3); the devices beyond the quota are refused."""
+        slots: list[int] = []
         quota_error: QuotaExceededError | None = None
         if fresh:
             try:
-                slots = self._store.reserve(self._job_hash, len(fresh))
+                slots = self._store.reserve(
+                    self._job_hash, len(fresh), run=self._run, guard=self._guard
+                )
             except QuotaExceededError as exc:
                 quota_error = exc
-            _fault("after-reserve")
-        work = [(dev, ident, slot) for (dev, ident), slot in zip(fresh, slots, strict=False)]
+            self._fault("after-reserve")
         for _dev, ident in fresh[len(slots) :]:
-            refused.append(
+            outcomes.append(
                 Refused(
                     ident.device_id,
                     quota_error
                     or QuotaExceededError(f"quota of {self.job.job.quota} devices is exhausted"),
                 )
             )
+        return slots
 
+    def _issue_and_commit(
+        self,
+        work: list[tuple[tuple[DevicePort, Identity], int]],
+        outcomes: list[Outcome],
+    ) -> tuple[
+        list[tuple[ledger.PendingRecord, int, bytes]],
+        dict[str, tuple[DevicePort, x509.Certificate, bytes, bytes, bytes]],
+    ]:
         now = int(self._clock())
         pending: list[ledger.PendingRecord] = []
-        issued: dict[str, tuple[DevicePort, x509.Certificate, bytes, bytes]] = {}
-        for dev, ident, slot in work:
-            cert = self._issuer.issue(ident.public_key, ident.device_id, slot)
-            _fault("after-certificate")
-            lic = self._licenses.issue(ident.device_id, ident.public_key)
-            _fault("after-license")
-            der = cert.public_bytes(serialization.Encoding.DER)
+        releases: dict[str, Release] = {}
+        issued: dict[str, tuple[DevicePort, x509.Certificate, bytes, bytes, bytes]] = {}
+        unused: list[int] = []
+        for (dev, ident), slot in work:
+            try:
+                cert = self._issuer.issue(ident.public_key, ident.device_id, slot)
+                self._fault("after-certificate")
+                lic = self._licenses.issue(ident.device_id, ident.public_key)
+                self._fault("after-license")
+                der = cert.public_bytes(serialization.Encoding.DER)
+                data = self._packager(der)
+            except FATAL:
+                raise
+            except Exception as exc:  # the device's key or id made issuance fail
+                unused.append(slot)
+                reason = exc if isinstance(exc, VerificationError) else None
+                outcomes.append(
+                    Refused(
+                        ident.device_id,
+                        reason
+                        or DeviceRefusedError(
+                            f"device {ident.device_id}: issuance failed: {describe(exc)}"
+                        ),
+                    )
+                )
+                continue
             pending.append(
                 ledger.PendingRecord(
                     kind=ledger.KIND_PROVISIONED,
@@ -288,12 +504,17 @@ class ProductionLine:
                     license_sha256=ledger.sha256(lic),
                 )
             )
-            issued[ident.device_id] = (dev, cert, der, lic)
-        _fault("before-commit")
-        committed = self._store.commit(self._job_hash, pending, self._sign_checkpoint)
-        _fault("after-commit")
+            releases[ident.device_id] = Release(ident.device_id, slot, der, data, lic)
+            issued[ident.device_id] = (dev, cert, der, lic, data)
+        self._fault("before-commit")
+        committed = self._store.commit(
+            self._job_hash, pending, self._sign_checkpoint, releases=releases, run=self._run
+        )
+        self._fault("after-commit")
+        if unused:
+            self._store.give_back(self._job_hash, unused, run=self._run)
         for dup in committed.duplicates:
-            refused.append(
+            outcomes.append(
                 Refused(
                     dup.device_id,
                     AlreadyProvisionedError(
@@ -301,21 +522,30 @@ class ProductionLine:
                     ),
                 )
             )
-        yield from refused
-        elapsed = (time.perf_counter() - t0) / max(size, 1)
-        for rec, seq, _raw in committed.records:
-            dev, cert, der, lic = issued[rec.device_id]
-            dev.provision(self._packager(der))  # release: only after the commit above
-            _fault("mid-release")
-            yield Provisioned(
-                device_id=rec.device_id,
-                slot=rec.slot,
-                seq=seq,
-                certificate=cert,
-                license=lic,
-                elapsed_s=elapsed,
-            )
-        _fault("after-release")
+        return committed.records, issued
+
+    def _give_back_quietly(self, slots: Sequence[int]) -> None:
+        """Best effort after a failure: slots that stay reserved are reclaimed next run."""
+        if not slots:
+            return
+        try:
+            self._store.give_back(self._job_hash, slots, run=self._run)
+        except Error:
+            pass
+
+    def _release_again(self, dev: DevicePort, rel: Release, elapsed: float) -> Outcome:
+        """A device counted on an earlier run: the same provisioning data again (a chip
+        that kept it refuses it as already provisioned, which is fine)."""
+        try:
+            dev.provision(rel.provisioning)
+        except AlreadyProvisionedError:
+            pass
+        except Exception as exc:
+            return Unreleased(rel.device_id, _release_error(exc))
+        finally:
+            self._fault("mid-release")
+        cert = x509.load_der_x509_certificate(rel.certificate)
+        return Provisioned(rel.device_id, rel.slot, -1, cert, rel.license, elapsed, True)
 
     def _sign_checkpoint(self, upto: int, head: bytes) -> bytes:
         return ledger.sign_checkpoint(
@@ -335,27 +565,43 @@ class ProductionLine:
         """Program provisioned devices; append a ledger record per verified boot.
 
         Yields ``(device_id, None)`` for a device that booted the image, or
-        ``(device_id, error)`` for one whose SBM refused it or whose confirmation failed.
+        ``(device_id, error)`` for one whose SBM refused it or whose confirmation failed
+        (it stays counted, with what it was released, for a later run).
         """
         pending: list[ledger.PendingRecord] = []
         results: list[tuple[str, Error | None]] = []
 
         def flush() -> Iterator[tuple[str, Error | None]]:
             if pending:
-                self._store.commit(self._job_hash, pending, self._sign_checkpoint)
+                self._store.commit(
+                    self._job_hash, pending, self._sign_checkpoint, run=self._run
+                )
                 pending.clear()
+                self._fault("after-program")
             yield from results
             results.clear()
 
         for dev, prov in items:
             nonce = os.urandom(16)
             try:
-                with open_image() as image:
+                image = open_image()
+            except OSError as exc:
+                raise ConfigurationError(f"cannot open the image: {exc.strerror}") from None
+            try:
+                with image:
                     boot = dev.program(manifest, image, prov.license, nonce)
                 verify_boot(prov.certificate, nonce, boot)
+            except FATAL:
+                raise
             except Error as exc:
                 results.append((prov.device_id, exc))
                 continue
+            except Exception as exc:  # a hostile device's answer: its refusal
+                results.append(
+                    (prov.device_id, ProgrammingError(f"programming failed: {describe(exc)}"))
+                )
+                continue
+            self._fault("mid-program")
             pending.append(
                 ledger.PendingRecord(
                     kind=ledger.KIND_PROGRAMMED,
@@ -369,3 +615,9 @@ class ProductionLine:
             if len(pending) >= self.batch_size:
                 yield from flush()
         yield from flush()
+
+
+def _release_error(exc: Exception) -> Error:
+    if isinstance(exc, Error) and not isinstance(exc, FATAL):
+        return exc
+    return ReleaseError(f"release failed: {describe(exc)}")

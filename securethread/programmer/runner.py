@@ -1,0 +1,923 @@
+"""Production runs: the worker loop and the process pool behind ``programmer provision``.
+
+A run takes one job's devices through flows 7 and 8, batch by batch: provision a batch
+(:class:`~securethread.programmer.line.ProductionLine`), then program the devices of that
+batch that received their secrets.  Nothing of the run is kept per device beyond its batch,
+so memory is flat however many devices pass.  The run never stops and never loses count:
+
+* **One run per job at a time.**  The leader holds an exclusive ``flock`` on
+  ``<store>.lock`` for the whole run; a second run is refused at once with
+  :class:`RunLockedError`.  Reservations of a run that died are reclaimed when the next run
+  starts (:meth:`~securethread.programmer.store.SQLiteStore.begin_run`), so no slot is
+  stranded.
+* **A store that cannot be silently forgotten** (S7): the store is checked against the
+  job's quota mark in the token before it is used
+  (:func:`~securethread.programmer.quota_mark.open_store`), and the mark moves once per
+  reservation block.
+* **Counted devices get programmed.**  Device certificates are written as
+  ``<certificates>/<device-id>.pem`` (temporary file, fsync, rename, directory fsync) after
+  the batch commit and before the release; a device counted on an earlier run and not
+  programmed is programmed now with what it was released then
+  (:attr:`RunResult.recovered`).
+* **Signals.**  SIGTERM and SIGINT stop the run after the batch in flight (a batch not yet
+  counted is dropped, one counted is released and programmed); the run then ends with
+  :class:`RunInterruptedError`, whose ``exit_code`` is 128 + the signal number (130 for
+  SIGINT, 143 for SIGTERM).  Worker processes ignore SIGINT (a terminal sends it to the
+  whole process group) and stop through the leader; SIGTERM sent to a worker stops that
+  worker the same way.  A worker dies with its leader (``PR_SET_PDEATHSIG`` on Linux, and a
+  watcher of the parent pid): no worker is left running and logged in.
+* **A device never stops the line** (see :mod:`securethread.programmer.line`); token or
+  store trouble stops the run with that error.
+
+Worker processes are started with ``spawn`` and get everything they need through their
+start pipe and one connection each -- the configuration, the token PIN (never the
+environment), and batches of device factories, pulled two at a time.  A worker that dies
+stops the run with :class:`WorkerDiedError`; running again resumes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import multiprocessing
+import os
+import signal
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+from cryptography import x509
+
+from securethread.errors import (
+    ConfigurationError,
+    DeviceRefusedError,
+    Error,
+    JobError,
+    StoreError,
+)
+from securethread.formats import ledger
+from securethread.formats.identity import IdentityVerifier
+from securethread.formats.image import Manifest, verify_manifest
+from securethread.formats.job import VerifiedJob, check_device_id
+from securethread.formats.license import LicenseIssuer
+from securethread.hsm import PinCallback, load_spki, open_token, resolve_pin
+from securethread.hsm.pin import PinSet
+from securethread.hsm.token import Token
+from securethread.hsm.uri import PKCS11URI
+from securethread.pki import DeviceCertificateIssuer, DeviceProfile
+from securethread.programmer.line import (
+    NO_FAULTS,
+    AlreadyDone,
+    BootVerifier,
+    DevicePort,
+    FaultHook,
+    Packager,
+    ProductionLine,
+    Provisioned,
+    Refused,
+    Unreleased,
+    describe,
+)
+from securethread.programmer.quota_mark import DEFAULT_BLOCK, QuotaMark, open_store
+from securethread.programmer.store import SQLiteStore
+
+# --- what the caller gives ------------------------------------------------------------------------
+
+
+class PortFactory(Protocol):
+    """One device on the line, as picklable data: ``open`` connects to it (``device_id`` is
+    what it claims to be, for reports; identification decides who it is)."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    def open(self) -> DevicePort: ...
+
+
+class SbmInterface(Protocol):
+    """What the line sends to its chips' Secure Boot Manager and checks from it (picklable:
+    built by the caller from the device format, used in every worker)."""
+
+    def packager(self) -> Packager:
+        """Provisioning data for a device, from its certificate's DER."""
+        ...
+
+    def boot_verifier(self, manifest: Manifest) -> BootVerifier:
+        """Checks a device's boot confirmation for ``manifest``; raises."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class KeyLabels:
+    """Labels of the programmer token's keys a run uses (certificates under the same labels
+    for the license-signing and key-agreement keys)."""
+
+    production_ca: str
+    image_key: str
+    license_signing: str = "license-signing"
+    ledger_signing: str = "ledger-signing"
+    key_agreement: str = "key-agreement"
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """Everything a run needs; picklable (it goes to the worker processes as it is).
+
+    ``job`` was verified by the caller (officers, this programmer, validity); ``manifest`` is
+    the job's signed manifest, verified again here under ``firmware_key`` (SPKI DER) and
+    against the job; ``image`` the encrypted image file; ``store`` the job's store file
+    (``<store>.lock`` is the run lock); ``certificates`` the directory of device certificate
+    files; ``production_ca`` and ``vendor_roots`` are DER; ``device_profile`` the job's device
+    certificate profile; ``token`` a label or RFC 7512 URI.
+    ``mark_block``: slots per quota-mark write (see :mod:`.quota_mark`).
+    """
+
+    job: VerifiedJob
+    manifest: bytes
+    firmware_key: bytes
+    image: str
+    store: str
+    certificates: str
+    production_ca: bytes
+    device_profile: DeviceProfile
+    vendor_roots: tuple[bytes, ...]
+    sbm: SbmInterface
+    labels: KeyLabels
+    token: str = "programmer"
+    workers: int = 1
+    batch_size: int = 32
+    mark_block: int = DEFAULT_BLOCK
+    busy_timeout_s: float = 60.0
+
+
+# --- what a run returns ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class DeviceNote:
+    """Why one device was refused (``stage``: open, identify, count, release, program)."""
+
+    device_id: str | None
+    stage: str
+    kind: str
+    message: str
+
+
+MAX_NOTES = 100
+
+
+@attrs.frozen(kw_only=True)
+class RunResult:
+    """What a run did.
+
+    ``provisioned``: counted now and released; ``recovered``: counted on an earlier run,
+    released again now and sent to programming (no second count); ``programmed``: booted
+    the image now (new and recovered); ``already_done``: provisioned and programmed before;
+    ``refused``: refused before counting, by reason (``QuotaExceededError`` among them);
+    ``not_programmed``: counted, but release or programming failed now, by reason (a later
+    run retries them); ``dropped``: devices of a batch a stop request dropped before counting;
+    ``unprogrammed``: devices of the job counted and not programmed, store-wide, after the
+    run (``unprogrammed_ids``: the first of them); ``reclaimed``: slots of dead runs put
+    back at the start; ``interrupted_by``: the signal that stopped the run, if one did.
+    """
+
+    job_id: str
+    devices: int
+    provisioned: int
+    recovered: int
+    programmed: int
+    already_done: int
+    refused: Mapping[str, int]
+    not_programmed: Mapping[str, int]
+    dropped: int
+    notes: tuple[DeviceNote, ...]
+    quota: int
+    quota_used: int
+    unprogrammed: int
+    unprogrammed_ids: tuple[str, ...]
+    reclaimed: int
+    workers: int
+    elapsed_s: float
+    provision_s: float
+    interrupted_by: str | None = None
+
+    @property
+    def devices_per_s(self) -> float | None:
+        counted = self.provisioned + self.recovered
+        return round(counted / self.elapsed_s, 1) if self.elapsed_s and counted else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self, recurse=True)
+        out["refused"] = dict(self.refused)
+        out["not_programmed"] = dict(self.not_programmed)
+        out["notes"] = [attrs.asdict(n) for n in self.notes]
+        out["unprogrammed_ids"] = list(self.unprogrammed_ids)
+        out["devices_per_s"] = self.devices_per_s
+        return out
+
+
+class RunLockedError(ConfigurationError):
+    """Another run of the same job (the same store) is going on."""
+
+
+class RunInterruptedError(Error):
+    """A signal stopped the run after its batch in flight; ``result`` says what was done.
+
+    ``exit_code`` is 128 + the signal number (130 SIGINT, 143 SIGTERM).  Running again
+    resumes: nothing counted is lost."""
+
+    def __init__(self, message: str, *, result: RunResult, signum: int) -> None:
+        super().__init__(message)
+        self.result = result
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class WorkerDiedError(Error):
+    """A worker process died (killed?); ``result`` says what the others did.  Running again
+    resumes: its reserved slots are reclaimed, its counted devices programmed."""
+
+    def __init__(self, message: str, *, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@attrs.frozen
+class Progress:
+    """Where a run is, after each batch."""
+
+    handled: int
+    provisioned: int
+    recovered: int
+    programmed: int
+    refused: int
+    not_programmed: int
+
+
+# --- per batch: what a line reports ---------------------------------------------------------------
+
+
+@attrs.define
+class _Tally:
+    """Counts of a run (or of one batch, sent from a worker to the leader)."""
+
+    devices: int = 0
+    provisioned: int = 0
+    recovered: int = 0
+    programmed: int = 0
+    already_done: int = 0
+    dropped: int = 0
+    refused: dict[str, int] = attrs.Factory(dict)
+    not_programmed: dict[str, int] = attrs.Factory(dict)
+    notes: list[DeviceNote] = attrs.Factory(list)
+    provision_s: float = 0.0
+
+    def note(self, into: dict[str, int], device_id: str | None, stage: str, exc: Error) -> None:
+        kind = type(exc).__name__
+        into[kind] = into.get(kind, 0) + 1
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(DeviceNote(device_id, stage, kind, describe(exc, 300)))
+
+    def add(self, other: _Tally) -> None:
+        for name in ("devices", "provisioned", "recovered", "programmed", "already_done",
+                     "dropped"):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.refused, other.refused),
+                             (self.not_programmed, other.not_programmed)):  # fmt: skip
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+        self.notes.extend(other.notes[: max(0, MAX_NOTES - len(self.notes))])
+        self.provision_s += other.provision_s
+
+    def progress(self) -> Progress:
+        return Progress(
+            self.devices - self.dropped,
+            self.provisioned,
+            self.recovered,
+            self.programmed,
+            sum(self.refused.values()) + self.already_done,
+            sum(self.not_programmed.values()),
+        )
+
+
+class CertificateFiles:
+    """The line's certificate archive: ``<directory>/<device-id>.pem``, each written to a
+    temporary file, fsynced and renamed, then the directory fsynced -- before release."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def keep(self, certificates: Sequence[tuple[str, bytes]]) -> None:
+        if not certificates:
+            return
+        d = self.directory
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            done: list[tuple[Path, Path]] = []
+            for device_id, der in certificates:
+                check_device_id(device_id)  # verified ids only: never a path
+                tmp = d / f".{device_id}.pem.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                done.append((tmp, d / f"{device_id}.pem"))
+            for tmp, final in done:
+                os.replace(tmp, final)
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write device certificates in {str(d)!r}: {exc.strerror}"
+            ) from None
+
+
+# --- one line (in a worker process, or in the leader when workers == 1) ---------------------------
+
+
+def _image_opener(path: str) -> Callable[[], Any]:
+    def open_image() -> Any:
+        return open(path, "rb")
+
+    return open_image
+
+
+class _Line:
+    """A worker's line: its token session, its store connection, the pipeline."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        token: Token,
+        store: SQLiteStore,
+        mark: QuotaMark,
+        run_id: bytes,
+        faults: FaultHook,
+    ) -> None:
+        job = config.job
+        labels = config.labels
+        fw_key = load_spki(config.firmware_key, what="firmware-signing key")
+        manifest = verify_manifest(config.manifest, key=fw_key)
+        if ledger.sha256(config.manifest) != job.job.manifest_sha256:
+            raise JobError(f"job {job.job.job_id} names another manifest")
+        pca = x509.load_der_x509_certificate(config.production_ca)
+        roots = [x509.load_der_x509_certificate(d) for d in config.vendor_roots]
+        verifier = IdentityVerifier(roots)
+        self.line = ProductionLine(
+            job=job,
+            store=store,
+            identify=lambda resp, ch: verifier.verify(resp, challenge=ch),
+            issuer=DeviceCertificateIssuer(
+                token.private_key(labels.production_ca),
+                pca,
+                job_id=job.job.job_id,
+                job_tag=job.sha256,
+                profile=config.device_profile,
+            ),
+            licenses=LicenseIssuer(
+                ka_key=token.private_key(labels.key_agreement),
+                ka_certificate=token.certificate(labels.key_agreement),
+                signing_key=token.private_key(labels.license_signing),
+                signing_certificate=token.certificate(labels.license_signing),
+                image_key=token.secret_key(labels.image_key),
+                manifest=manifest,
+            ),
+            ledger_key=token.private_key(labels.ledger_signing),
+            packager=config.sbm.packager(),
+            batch_size=config.batch_size,
+            guard=mark,
+            run=run_id,
+            faults=faults,
+            archive=CertificateFiles(config.certificates),
+        )
+        self._manifest = config.manifest
+        self._verify_boot = config.sbm.boot_verifier(manifest)
+        self._open_image = _image_opener(config.image)
+        self._store = store
+
+    def batch(self, factories: Sequence[PortFactory], stop: Callable[[], bool]) -> _Tally:
+        """Provision one batch, then program its released devices."""
+        t = _Tally(devices=len(factories))
+        t0 = time.perf_counter()
+        ports: list[DevicePort] = []
+        for f in factories:
+            try:
+                ports.append(f.open())
+            except Exception as exc:  # a device we cannot even talk to: its refusal
+                t.note(t.refused, _claimed_id(f), "open",
+                       DeviceRefusedError(f"cannot open the device: {describe(exc)}"))  # fmt: skip
+        result = self.line.provision_batch(ports, stop=stop)
+        if result.stopped:
+            t.dropped = len(factories)
+            return t
+        for o in result.outcomes:
+            if isinstance(o, Provisioned):
+                if o.recovered:
+                    t.recovered += 1
+                else:
+                    t.provisioned += 1
+            elif isinstance(o, Unreleased):
+                t.note(t.not_programmed, o.device_id, "release", o.reason)
+            elif isinstance(o, AlreadyDone):
+                t.already_done += 1
+            elif isinstance(o, Refused):
+                stage = "count" if o.kind == "QuotaExceededError" else "identify"
+                t.note(t.refused, o.device_id, stage, o.reason)
+        t.provision_s = time.perf_counter() - t0
+        for device_id, err in self.line.program(
+            result.to_program,
+            manifest=self._manifest,
+            open_image=self._open_image,
+            verify_boot=self._verify_boot,
+        ):
+            if err is None:
+                t.programmed += 1
+            else:
+                t.note(t.not_programmed, device_id, "program", err)
+        return t
+
+
+def _claimed_id(factory: object) -> str | None:
+    try:
+        value = factory.device_id  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    return value if isinstance(value, str) and len(value) <= 64 else None
+
+
+def _chunks(devices: Iterable[PortFactory], size: int) -> Iterator[list[PortFactory]]:
+    batch: list[PortFactory] = []
+    for d in devices:
+        batch.append(d)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --- signals and the run lock ---------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT in the leader (or by the leader in a worker)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _catch_signals(flag: _StopFlag) -> Iterator[None]:
+    """SIGINT and SIGTERM set ``flag`` instead of interrupting (main thread only: Python
+    runs signal handlers there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if flag.signum is None:
+            flag.signum = signum
+
+    old = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _RunLock:
+    """An exclusive ``flock`` on ``<store>.lock`` for the run (released when the process
+    dies, so a killed run never leaves it behind)."""
+
+    def __init__(self, store: str) -> None:
+        self.path = Path(store + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self, job_id: str) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot create the run lock {str(self.path)!r}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise RunLockedError(
+                f"another run of job {job_id} is going on{who}: one run per job at a time"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+# --- the leader -----------------------------------------------------------------------------------
+
+
+def _check_config(config: RunConfig) -> None:
+    for name, value in (("workers", config.workers), ("batch_size", config.batch_size),
+                        ("mark_block", config.mark_block)):  # fmt: skip
+        if type(value) is not int or value < 1:
+            raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
+    if not isinstance(config.job, VerifiedJob):
+        raise TypeError("RunConfig.job must be a VerifiedJob")
+
+
+class _AskOnce:
+    def __init__(self, ask: PinCallback) -> None:
+        self._ask = ask
+        self._pins: dict[str, str] = {}
+
+    def __call__(self, label: str) -> str:
+        if label not in self._pins:
+            self._pins[label] = self._ask(label)
+        return self._pins[label]
+
+
+def _pins_for_workers(token: str, pin: PinCallback | None) -> PinSet:
+    """The PIN the workers log in with: resolved once here, sent through their start pipe
+    (never the environment)."""
+    uri = PKCS11URI.parse(token) if token.lower().startswith("pkcs11:") else None
+    label = uri.token if uri is not None else token
+    value = resolve_pin(
+        label or "",
+        callback=pin,
+        pin_value=uri.pin_value if uri is not None else None,
+        pin_source=uri.pin_source if uri is not None else None,
+    )
+    return PinSet({label or "": value})
+
+
+def run(
+    config: RunConfig,
+    devices: Iterable[PortFactory],
+    *,
+    pin: PinCallback | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    faults: FaultHook = NO_FAULTS,
+) -> RunResult:
+    """Provision and program ``devices`` (consumed lazily, batch by batch) under
+    ``config.job``; see the module docstring.
+
+    Raises :class:`RunLockedError` (another run of the job), a
+    :class:`~securethread.errors.StoreGuardError` (the store does not match the token's
+    quota mark; nothing changed), :class:`~securethread.errors.StoreError`,
+    :class:`~securethread.errors.HSMError` (token trouble, wrong PIN),
+    :class:`~securethread.errors.ConfigurationError`, :class:`RunInterruptedError` or
+    :class:`WorkerDiedError` (both carry the partial :class:`RunResult`).  ``faults`` is
+    a test hook (crash tests); production passes nothing.
+    """
+    _check_config(config)
+    job = config.job
+    if pin is not None:
+        pin = _AskOnce(pin)  # the leader's login and the workers' PIN: one prompt
+    lock = _RunLock(config.store)
+    lock.acquire(job.job.job_id)
+    try:
+        token = open_token(config.token, pin=pin)
+        store, mark = open_store(
+            config.store,
+            token,
+            job=job.sha256,
+            job_id=job.job.job_id,
+            quota=job.job.quota,
+            signed=job.signed,
+            block=config.mark_block,
+            busy_timeout_s=config.busy_timeout_s,
+        )
+        try:
+            return _run_open(config, devices, token, store, mark, pin, progress, faults)
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
+def _run_open(
+    config: RunConfig,
+    devices: Iterable[PortFactory],
+    token: Token,
+    store: SQLiteStore,
+    mark: QuotaMark,
+    pin: PinCallback | None,
+    progress: Callable[[Progress], None] | None,
+    faults: FaultHook,
+) -> RunResult:
+    job = config.job
+    reclaimed = store.begin_run(job.sha256, guard=mark)
+    run_id = os.urandom(8)
+    stop = _StopFlag()
+    tally = _Tally()
+    died: str | None = None
+    t0 = time.perf_counter()
+
+    def report(t: _Tally) -> None:
+        tally.add(t)
+        if progress is not None:
+            progress(tally.progress())
+
+    with _catch_signals(stop):
+        if config.workers == 1:
+            line = _Line(config, token, store, mark, run_id, faults)
+            for chunk in _chunks(devices, config.batch_size):
+                if stop():
+                    break
+                report(line.batch(chunk, stop))
+        else:
+            pins = _pins_for_workers(config.token, pin)
+            died = _run_pool(config, devices, pins, run_id, faults, stop, report)
+    elapsed = time.perf_counter() - t0
+    store.sync_mark(job.sha256, guard=mark)
+    state = store.state(job.sha256)
+    n_unprog, ids = store.unprogrammed_summary(job.sha256)
+    signame = signal.Signals(stop.signum).name if stop.signum is not None else None
+    result = RunResult(
+        job_id=job.job.job_id,
+        devices=tally.devices,
+        provisioned=tally.provisioned,
+        recovered=tally.recovered,
+        programmed=tally.programmed,
+        already_done=tally.already_done,
+        refused=dict(tally.refused),
+        not_programmed=dict(tally.not_programmed),
+        dropped=tally.dropped,
+        notes=tuple(tally.notes),
+        quota=state.quota,
+        quota_used=state.used,
+        unprogrammed=n_unprog,
+        unprogrammed_ids=tuple(ids),
+        reclaimed=reclaimed,
+        workers=config.workers,
+        elapsed_s=round(elapsed, 3),
+        provision_s=round(tally.provision_s, 3),
+        interrupted_by=signame,
+    )
+    if died is not None:
+        raise WorkerDiedError(f"{died}; run again to resume", result=result)
+    if stop.signum is not None:
+        raise RunInterruptedError(
+            f"stopped by {signame} after the batch in flight: {result.provisioned} provisioned, "
+            f"{result.recovered} recovered, {result.programmed} programmed; run again to resume",
+            result=result,
+            signum=stop.signum,
+        )
+    return result
+
+
+# --- the process pool -----------------------------------------------------------------------------
+
+_PREFETCH = 2  # batches a worker holds: the one it works on and the next
+
+
+@attrs.define
+class _Worker:
+    proc: Any
+    conn: Connection
+    outstanding: int = 0
+    ready: bool = False
+    finished: bool = False
+    stop_sent: bool = False
+
+
+def _run_pool(
+    config: RunConfig,
+    devices: Iterable[PortFactory],
+    pins: PinSet,
+    run_id: bytes,
+    faults: FaultHook,
+    stop: _StopFlag,
+    report: Callable[[_Tally], None],
+) -> str | None:
+    """Feed batches to ``config.workers`` spawned workers until the devices run out, a stop
+    is requested, a worker fails or dies.  Returns why a worker died, or ``None``; raises
+    the first fatal error a worker reported."""
+    ctx = multiprocessing.get_context("spawn")
+    shared_stop = ctx.RawValue("i", 0)  # lock-free: a killed worker cannot hold a lock on it
+    feed = _chunks(devices, config.batch_size)
+    exhausted = False
+    workers: list[_Worker] = []
+    fatal: BaseException | None = None
+    died: str | None = None
+    # Workers inherit a mask blocking SIGINT/SIGTERM until they have installed their own
+    # handlers: a Ctrl-C during start-up cannot kill one half-started.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for _ in range(config.workers):
+            parent, child = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(child, config, pins, os.getpid(), shared_stop, run_id, faults),
+                name="securethread-worker",
+            )
+            proc.start()
+            child.close()
+            workers.append(_Worker(proc, parent))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def stopping() -> bool:
+        return stop() or fatal is not None or died is not None
+
+    def send_work(w: _Worker) -> None:
+        nonlocal exhausted
+        while not stopping() and not exhausted and w.outstanding < _PREFETCH:
+            chunk = next(feed, None)
+            if chunk is None:
+                exhausted = True
+                break
+            w.conn.send(("batch", chunk))
+            w.outstanding += 1
+        if (stopping() or exhausted) and w.outstanding == 0 and not w.stop_sent:
+            w.conn.send(("stop",))
+            w.stop_sent = True
+
+    try:
+        while not all(w.finished for w in workers):
+            if stopping():
+                shared_stop.value = 1
+            live = [w for w in workers if not w.finished]
+            waitables: list[Any] = [w.conn for w in live] + [w.proc.sentinel for w in live]
+            for ready in wait(waitables, timeout=0.2):
+                w = next(w for w in live if ready in (w.conn, w.proc.sentinel))
+                if w.finished:
+                    continue
+                if ready is w.proc.sentinel and not w.conn.poll():
+                    w.finished = True
+                    died = died or f"worker process {w.proc.pid} died (exit {w.proc.exitcode})"
+                    continue
+                try:
+                    msg = w.conn.recv()
+                except (EOFError, OSError):
+                    w.finished = True
+                    w.proc.join(timeout=5)
+                    died = died or f"worker process {w.proc.pid} died (exit {w.proc.exitcode})"
+                    continue
+                kind = msg[0]
+                if kind == "ready":
+                    w.ready = True
+                elif kind == "done":
+                    w.outstanding -= 1
+                    report(msg[1])
+                elif kind == "fatal":
+                    fatal = fatal or msg[1]
+                    w.outstanding = 0
+                elif kind == "bye":
+                    w.finished = True
+                    continue
+                try:
+                    send_work(w)
+                except (BrokenPipeError, OSError):
+                    pass  # the worker died: its sentinel tells us
+            for w in workers:
+                if w.ready and not w.finished:
+                    try:
+                        send_work(w)
+                    except (BrokenPipeError, OSError):
+                        pass
+    finally:
+        shared_stop.value = 1
+        for w in workers:
+            if not w.finished and not w.stop_sent:
+                try:
+                    w.conn.send(("stop",))
+                except OSError:
+                    pass
+        for w in workers:
+            w.proc.join(timeout=60)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+    if fatal is not None:
+        raise fatal
+    return died
+
+
+# --- a worker process -----------------------------------------------------------------------------
+
+
+def _die_with(leader: int) -> None:
+    """Be killed when the leader dies: PR_SET_PDEATHSIG (Linux), then a watcher thread
+    (any OS, and the case where the leader died before prctl ran)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1 (prctl(2))
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == leader:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if os.getppid() != leader:
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="securethread-leader-watch", daemon=True).start()
+
+
+def _worker_main(
+    conn: Connection,
+    config: RunConfig,
+    pins: PinSet,
+    leader: int,
+    shared_stop: Any,
+    run_id: bytes,
+    faults: FaultHook,
+) -> None:
+    _die_with(leader)
+    local = _StopFlag()
+
+    def on_term(signum: int, _frame: object) -> None:
+        local.signum = signum
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C: the leader decides
+    signal.signal(signal.SIGTERM, on_term)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def stop() -> bool:
+        return local() or bool(shared_stop.value)
+
+    store: SQLiteStore | None = None
+    try:
+        token = open_token(config.token, pin=pins)
+        store = SQLiteStore(config.store, create=False, busy_timeout_s=config.busy_timeout_s)
+        mark = QuotaMark(token, config.job.sha256, block=config.mark_block)
+        line = _Line(config, token, store, mark, run_id, faults)
+        conn.send(("ready",))
+        while True:
+            msg = conn.recv()
+            if msg[0] != "batch":
+                break
+            if stop():
+                conn.send(("done", _Tally(devices=len(msg[1]), dropped=len(msg[1]))))
+                continue
+            conn.send(("done", line.batch(msg[1], stop)))
+        conn.send(("bye",))
+    except EOFError:
+        pass  # the leader is gone
+    except Error as exc:
+        _send_fatal(conn, exc)
+    except Exception as exc:
+        _send_fatal(conn, Error(f"worker {os.getpid()}: internal error: {describe(exc)}"))
+    finally:
+        if store is not None:
+            store.close()
+        conn.close()
+
+
+def _send_fatal(conn: Connection, exc: Error) -> None:
+    try:
+        conn.send(("fatal", exc))
+    except Exception:  # an exception that does not pickle: its message does
+        try:
+            conn.send(("fatal", Error(f"{type(exc).__name__}: {exc}")))
+        except OSError:
+            pass
+    try:
+        conn.send(("bye",))
+    except OSError:
+        pass
+
+
+__all__ = [
+    "CertificateFiles",
+    "DeviceNote",
+    "KeyLabels",
+    "PortFactory",
+    "Progress",
+    "RunConfig",
+    "RunInterruptedError",
+    "RunLockedError",
+    "RunResult",
+    "SbmInterface",
+    "WorkerDiedError",
+    "run",
+]
