@@ -56,9 +56,16 @@ def _describe_ledger(data: bytes, record: int | None) -> dict[str, Any]:
     job_signed, items = ledger.read_export(io.BytesIO(data))
     records: list[dict[str, Any]] = []
     checkpoints = 0
+    close: Any = None
     for tag, payload in items:
         if tag == "c":
             checkpoints += 1
+            continue
+        if tag != "r":  # the close record: shown as it claims, unverified
+            try:
+                close = _show(envelope.peek_body(payload)[1])
+            except Error as exc:
+                raise FormatError(f"ledger close record: {exc}") from None
             continue
         body = ledger.parse_record(payload, len(records)).body
         records.append(body)
@@ -76,6 +83,7 @@ def _describe_ledger(data: bytes, record: int | None) -> dict[str, Any]:
         "job_id": job_id,
         "job_sha256": job_hash(job_signed).hex(),
         "checkpoints": checkpoints,
+        "close (unverified)": close,
         "records": [_record_view(b, full=False) for b in records],
     }
 

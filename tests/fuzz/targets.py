@@ -101,7 +101,8 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     add(
         "encrypted_image",
         lambda d: decrypt_image(
-            io.BytesIO(d), io.BytesIO(), key=ctx["image_key"], manifest=m, max_size=1 << 16
+            io.BytesIO(d), io.BytesIO(), key=ctx["device_image_key"], manifest=m,
+            max_size=1 << 16,
         ),
         cost=2,
     )

@@ -34,13 +34,14 @@ from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_d
 from securethread.formats.identity import IdentityVerifier
 from securethread.formats.image import encrypt_image, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
-from securethread.formats.license import LicenseIssuer
+from securethread.formats.license import LicenseIssuer, open_license
 from securethread.formats.transcript import CertEntry, KeyEntry, Transcript
 from securethread.keys.ecutil import curve_object, fingerprint, hash_for, point_of
 from securethread.keys.policy import IMAGE_KEY, SIGNING, Curve, KeyPolicy
 from securethread.keys.software import SoftwareBackend, SoftwarePrivateKey
 from securethread.pki import (
     DeviceCertificateIssuer,
+    DeviceProfile,
     EnclavePurpose,
     certify_enclave,
     certify_production_ca,
@@ -137,6 +138,12 @@ class Pki:
     pca: x509.Certificate
 
 
+def job_window(root: x509.Certificate) -> tuple[datetime.datetime, datetime.datetime]:
+    """The job's window; its production CA and devices are valid exactly then."""
+    nb = root.not_valid_before_utc
+    return nb, nb + datetime.timedelta(days=30)
+
+
 def make_pki() -> Pki:
     oem, prog = DeterministicBackend("oem"), DeterministicBackend("programmer")
     root = create_root_ca(oem, label="root")
@@ -156,14 +163,13 @@ def make_pki() -> Pki:
     led = _enclave(
         prog, rk, root, label="ledger", name="prog1", role="programmer", purpose=P.LEDGER_SIGNING
     )
-    now = datetime.datetime.now(datetime.UTC)
     pca = certify_production_ca(
         rk,
         root,
         create_production_ca_csr(prog, label="pca", job_id=JOB_ID),
         job_id=JOB_ID,
         not_before=root.not_valid_before_utc,
-        not_after=now + datetime.timedelta(days=30),
+        not_after=job_window(root)[1],
     )
     return Pki(oem, prog, root, oem_id, prog_id, ka, lic, led, pca)
 
@@ -266,10 +272,11 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     # Job, signed by two officers.
     officers = [oem.generate_ec(f"officer{i}", curve=Curve.P256, policy=SIGNING) for i in (1, 2)]
     t = int(now.timestamp())
+    nb, na = job_window(pki.root)
     job = ProductionJob(
         job_id=JOB_ID, device_class=DEVICE_CLASS,
         targets=Targets(ranges=((0, (1 << 64) - 1),)), quota=4,
-        not_before=t - 60, not_after=int(pki.pca.not_valid_after_utc.timestamp()),
+        not_before=int(nb.timestamp()), not_after=int(na.timestamp()),
         image_id=IMAGE_ID, manifest_sha256=hashlib.sha256(manifest).digest(),
         programmer=hashlib.sha256(_der(pki.prog_id)).digest(), threshold=2,
     )  # fmt: skip
@@ -311,7 +318,10 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     line = ProductionLine(
         job=verified, store=store,
         identify=lambda resp, ch: ident.verify(resp, challenge=ch),
-        issuer=DeviceCertificateIssuer(prog.private_key("pca"), pki.pca, job_id=JOB_ID),
+        issuer=DeviceCertificateIssuer(
+            prog.private_key("pca"), pki.pca, job_id=JOB_ID, job_tag=verified.sha256,
+            profile=DeviceProfile(organisation="securethread", not_after=na),
+        ),
         licenses=licenses, ledger_key=prog.private_key("ledger"), packager=packager,
         batch_size=2,
     )  # fmt: skip
@@ -340,6 +350,11 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     )  # fmt: skip
     assert all(err is None for _, err in done), done
     seeds["boot_confirmation"] = [boots[0][2]]
+    # The image key as the device holds it after opening its license.
+    ctx["device_image_key"] = open_license(
+        first.license, device_id=chips[0].device_id, device_key=chips[0]._key,
+        oem_root=pki.root, image_id=m.image_id, image_key_id=m.image_key_id,
+    )  # fmt: skip
     ctx.update(boot_nonce=boots[0][1], device=chips[0], device_cert=first.certificate)
     job_hash = verified.sha256
     if hasattr(store, "close_job"):  # the ledger close record (formats/ledger.py)
