@@ -53,6 +53,7 @@ from securethread.hsm import SoftwareBackend
 from securethread.keys.ecutil import CryptographyKeyAdapter, spki_der
 from securethread.pki import (
     DeviceCertificateIssuer,
+    DeviceProfile,
     certify_production_ca,
     create_production_ca_csr,
     create_root_ca,
@@ -96,14 +97,20 @@ def _pca(world: World, job_id: str) -> tuple[Any, DeviceCertificateIssuer]:
         csr,
         job_id=job_id,
         not_before=world.root_cert.not_valid_before_utc,
-        not_after=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30),
     )
-    return cert, DeviceCertificateIssuer(world.prog.private_key(label), cert, job_id=job_id)
+    issuer = DeviceCertificateIssuer(
+        world.prog.private_key(label),
+        cert,
+        job_id=job_id,
+        job_tag=hashlib.sha256(job_id.encode()).digest(),  # stands in for the signed job's hash
+        profile=DeviceProfile(organisation="securethread"),
+    )
+    return cert, issuer
 
 
 def _root_like(world: World, *, key: Any, signer: Any) -> x509.Certificate:
     """A copy of ``world``'s root certificate with ``key`` as subject key, signed by
-    ``signer``, with a new serial and validity (a re-issue when both are the root's own)."""
+    ``signer``, with a new serial and notBefore (a re-issue when both are the root's own)."""
     root = world.root_cert
     builder = (
         x509.CertificateBuilder()
@@ -111,8 +118,8 @@ def _root_like(world: World, *, key: Any, signer: Any) -> x509.Certificate:
         .issuer_name(root.subject)
         .public_key(key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(root.not_valid_before_utc)
-        .not_valid_after(root.not_valid_after_utc + datetime.timedelta(days=365))
+        .not_valid_before(root.not_valid_before_utc - datetime.timedelta(seconds=1))
+        .not_valid_after(root.not_valid_after_utc)
     )
     for ext in root.extensions:
         builder = builder.add_extension(ext.value, critical=ext.critical)
