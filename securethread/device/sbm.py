@@ -182,12 +182,14 @@ class ProvisioningData:
         production_ca_certificate: x509.Certificate,
         oem_root_certificate: x509.Certificate,
         device_trust: bytes,
+        job_sha256: bytes,
     ) -> Callable[[bytes], bytes]:
         """A function from a device certificate's DER to the provisioning data bytes.
 
-        The job's anchors are checked as a chip will check them (the statement verifies under
-        the root and names the production CA's job) and encoded once; per device only the
-        certificate is encoded.  The result equals ``ProvisioningData(...).to_bytes()``.
+        The job's anchors are checked once as a chip will check them (the statement verifies
+        under the root and names the production CA's job and ``job_sha256``, the job the line
+        opened) and encoded once; per device only the certificate is encoded.  The result
+        equals ``ProvisioningData(...).to_bytes()``.
         """
         from securethread.pki import job_id_of
 
@@ -206,6 +208,8 @@ class ProvisioningData:
                 f"device trust is for job {trust.job_id!r}, the production CA for "
                 f"{job_id_of(production_ca_certificate)!r}"
             )
+        if not hmac.compare_digest(trust.job_sha256, job_sha256):
+            raise ProvisioningError(f"device trust names another signed job {trust.job_id!r}")
         fields = {k: cbor.pre_encode(v) for k, v in proto._fields(b"").items()}
 
         def package(device_certificate_der: bytes) -> bytes:
@@ -406,7 +410,8 @@ class SimulatedDevice:
     def _check_device_certificate(
         self, data: ProvisioningData, trust: DeviceTrust, at: datetime.datetime | None
     ) -> None:
-        """This chip's key and id, certified by the production CA of the statement's job."""
+        """This chip's key and id, certified by the production CA of the statement's job, with
+        that job's tag in its serial."""
         from securethread.pki import validate_device_chain
 
         cert = data.device_certificate
@@ -428,6 +433,7 @@ class SimulatedDevice:
                 data.oem_root_certificate,
                 at=at,
                 job_id=trust.job_id,
+                job_tag=trust.job_sha256,
             )
         except CertificateError as exc:
             raise ProvisioningError(

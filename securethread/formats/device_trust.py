@@ -10,8 +10,11 @@ before it uses any of them (docs/device.md).
 
 Body (canonical CBOR, ``v`` = 1)::
 
-    {"v": 1, "job_id": tstr, "device_class": tstr,
+    {"v": 1, "job_id": tstr, "job_sha256": bstr(32), "device_class": tstr,
      "firmware_signing_key": SPKI DER (P-256), "min_security_counter": uint < 2**32}
+
+``job_sha256`` is the job's identity (``formats.job.job_hash``: SHA-256 of what its officers
+signed); device certificate serials carry its first 8 octets (docs/pki.md).
 
 Exactly one signature entry, the OEM root key's; a statement with any other entry is refused.
 """
@@ -47,7 +50,9 @@ __all__ = [
 VERSION = 1
 DEVICE_TRUST_KIND = "device-trust"
 MAX_DEVICE_TRUST_SIZE = 2048
-_KEYS = frozenset({"v", "job_id", "device_class", "firmware_signing_key", "min_security_counter"})
+_KEYS = frozenset(
+    {"v", "job_id", "job_sha256", "device_class", "firmware_signing_key", "min_security_counter"}
+)
 
 
 class DeviceTrustError(VerificationError):
@@ -93,6 +98,11 @@ def _job_id(_i: Any, _a: Any, v: Any) -> None:
         raise DeviceTrustFormatError(f"device trust: {exc}") from None
 
 
+def _sha256(_i: Any, _a: Any, v: Any) -> None:
+    if type(v) is not bytes or len(v) != 32:
+        raise DeviceTrustFormatError("device trust: job_sha256 must be 32 bytes")
+
+
 def _device_class(_i: Any, _a: Any, v: Any) -> None:
     try:
         check_name("device class", v)
@@ -105,6 +115,7 @@ class DeviceTrust:
     """The anchors the OEM root vouches for, for every chip provisioned under one job."""
 
     job_id: str = attrs.field(validator=_job_id)
+    job_sha256: bytes = attrs.field(validator=_sha256)
     device_class: str = attrs.field(validator=_device_class)
     firmware_signing_key: ec.EllipticCurvePublicKey = attrs.field(validator=_p256)
     min_security_counter: int = attrs.field(validator=_counter)
@@ -118,6 +129,7 @@ class DeviceTrust:
         return {
             "v": self.version,
             "job_id": self.job_id,
+            "job_sha256": self.job_sha256,
             "device_class": self.device_class,
             "firmware_signing_key": spki_der(self.firmware_signing_key),
             "min_security_counter": self.min_security_counter,
@@ -161,6 +173,7 @@ def verify_device_trust(data: bytes, *, oem_root: x509.Certificate) -> DeviceTru
         raise DeviceTrustFormatError(str(exc)) from None
     return DeviceTrust(
         job_id=body["job_id"],
+        job_sha256=body["job_sha256"],
         device_class=body["device_class"],
         firmware_signing_key=key,
         min_security_counter=body["min_security_counter"],

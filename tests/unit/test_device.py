@@ -104,6 +104,7 @@ class World:
         """The device-trust statement the OEM signs with its root key when it issues JOB."""
         fields: dict[str, Any] = dict(
             job_id=JOB,
+            job_sha256=hashlib.sha256(JOB.encode()).digest(),  # as the device certificates' tag
             device_class=DEVICE_CLASS,
             firmware_signing_key=self.fw_key.public_key(),
             min_security_counter=2,
@@ -556,6 +557,7 @@ def test_packager_encodes_exactly_what_to_bytes_does(world: World) -> None:
         production_ca_certificate=data.production_ca_certificate,
         oem_root_certificate=data.oem_root_certificate,
         device_trust=data.device_trust,
+        job_sha256=hashlib.sha256(JOB.encode()).digest(),
     )
     der = data.device_certificate.public_bytes(serialization.Encoding.DER)
     assert package(der) == data.to_bytes()
@@ -568,10 +570,19 @@ def test_packager_encodes_exactly_what_to_bytes_does(world: World) -> None:
             production_ca_certificate=data.production_ca_certificate,
             oem_root_certificate=data.oem_root_certificate,
             device_trust=world.trust(signer=world.prog.private_key("pca")),
+            job_sha256=hashlib.sha256(JOB.encode()).digest(),
         )
     with pytest.raises(ProvisioningError, match="job"):
         ProvisioningData.packager(
             production_ca_certificate=data.production_ca_certificate,
             oem_root_certificate=data.oem_root_certificate,
             device_trust=world.trust(job_id="job-2"),
+            job_sha256=hashlib.sha256(JOB.encode()).digest(),
+        )
+    with pytest.raises(ProvisioningError, match="another signed job"):
+        ProvisioningData.packager(
+            production_ca_certificate=data.production_ca_certificate,
+            oem_root_certificate=data.oem_root_certificate,
+            device_trust=data.device_trust,
+            job_sha256=hashlib.sha256(b"another signed job").digest(),
         )

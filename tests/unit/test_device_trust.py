@@ -87,6 +87,11 @@ def _boots(world: World, dev: SimulatedDevice, *, counter: int = 3) -> bytes:
     return conf
 
 
+def _tag(job_id: str) -> bytes:
+    """Stands in for the signed job's hash (as make_world's device certificates do)."""
+    return hashlib.sha256(job_id.encode()).digest()
+
+
 def _pca(world: World, job_id: str) -> tuple[Any, DeviceCertificateIssuer]:
     """Another production CA certified by ``world``'s root, for ``job_id``."""
     label = "pca-" + os.urandom(4).hex()
@@ -102,7 +107,7 @@ def _pca(world: World, job_id: str) -> tuple[Any, DeviceCertificateIssuer]:
         world.prog.private_key(label),
         cert,
         job_id=job_id,
-        job_tag=hashlib.sha256(job_id.encode()).digest(),  # stands in for the signed job's hash
+        job_tag=_tag(job_id),
         profile=DeviceProfile(organisation="securethread"),
     )
     return cert, issuer
@@ -167,6 +172,7 @@ def test_chip_specs_pickle_and_boot(world: World) -> None:
         production_ca_certificate=world.pca_cert,
         oem_root_certificate=world.root_cert,
         device_trust=world.trust(),
+        job_sha256=_tag(JOB),
     )
     verifier = IdentityVerifier([world.vendor.root_certificate])
     for spec in again:
@@ -269,7 +275,7 @@ def test_production_ca_of_another_job_refused(world: World) -> None:
     """Each statement is bound to one job: neither an other job's production CA under this
     job's statement, nor an other job's statement (another device class) with this job's CA."""
     pca2, certs2 = _pca(world, "job-2")
-    trust2 = world.trust(job_id="job-2", device_class="gateway-v2")
+    trust2 = world.trust(job_id="job-2", job_sha256=_tag("job-2"), device_class="gateway-v2")
     dev = world.part()
     world.seq += 1
     cert2 = certs2.issue(dev.public_key, dev.device_id, world.seq)
@@ -287,6 +293,24 @@ def test_production_ca_of_another_job_refused(world: World) -> None:
     ).to_bytes()
     dev.provision(raw)
     assert dev.trust is not None and dev.trust.device_class == "gateway-v2"
+
+
+def test_device_certificate_of_another_signed_job_with_the_same_id_refused(world: World) -> None:
+    """The statement names the exact signed job: a certificate from this job's production CA
+    whose serial carries another job's tag (a re-issued job under the same id) is refused."""
+    other = DeviceCertificateIssuer(
+        world.prog.private_key("pca"),
+        world.pca_cert,
+        job_id=JOB,
+        job_tag=_tag("another signed job"),
+        profile=DeviceProfile(organisation="securethread"),
+    )
+    dev = world.part()
+    world.seq += 1
+    cert = other.issue(dev.public_key, dev.device_id, world.seq)
+    raw = world.provisioning(dev, device_certificate=cert).to_bytes()
+    err = _refused(dev, ProvisioningError, lambda: dev.provision(raw))
+    assert "serial" in str(err)
 
 
 # --- firmware-signing key, device class, floor: authenticated or refused ---------------------
@@ -316,6 +340,7 @@ def test_statement_not_signed_by_the_burnt_root_refused(
         ("firmware_signing_key", "evil"),
         ("min_security_counter", 0),
         ("job_id", "job-2"),
+        ("job_sha256", b"\x01" * 32),
     ],
 )
 def test_statement_altered_on_the_line_refused(
@@ -357,6 +382,7 @@ def test_verified_anchors_are_what_the_root_signed(world: World) -> None:
     dev = world.chip()
     assert dev.trust == DeviceTrust(
         job_id=JOB,
+        job_sha256=_tag(JOB),
         device_class=DEVICE_CLASS,
         firmware_signing_key=world.fw_key.public_key(),
         min_security_counter=2,
@@ -415,6 +441,7 @@ def test_programming_floor_only_rises(world: World) -> None:
 def test_statement_round_trip(world: World) -> None:
     trust = DeviceTrust(
         job_id="job-9",
+        job_sha256=os.urandom(32),
         device_class="sensor-v2",
         firmware_signing_key=world.fw_key.public_key(),
         min_security_counter=2**32 - 1,
@@ -428,6 +455,8 @@ def test_statement_round_trip(world: World) -> None:
     [
         {"job_id": "no spaces"},
         {"job_id": ""},
+        {"job_sha256": b"\x00" * 31},
+        {"job_sha256": "00" * 32},
         {"device_class": "bad class!"},
         {"device_class": 7},
         {"min_security_counter": -1},
@@ -441,6 +470,7 @@ def test_statement_round_trip(world: World) -> None:
 def test_statement_bad_values_refused_at_construction(world: World, over: dict[str, Any]) -> None:
     fields: dict[str, Any] = dict(
         job_id=JOB,
+        job_sha256=_tag(JOB),
         device_class=DEVICE_CLASS,
         firmware_signing_key=world.fw_key.public_key(),
         min_security_counter=1,
