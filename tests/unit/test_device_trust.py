@@ -59,6 +59,7 @@ from securethread.pki import (
     create_root_ca,
 )
 from securethread.programmer.line import DevicePort
+from securethread.programmer.runner import PortFactory
 from tests.unit.test_device import DEVICE_CLASS, JOB, World, _refused, make_world
 
 
@@ -176,7 +177,8 @@ def test_chip_specs_pickle_and_boot(world: World) -> None:
     )
     verifier = IdentityVerifier([world.vendor.root_certificate])
     for spec in again:
-        port: DevicePort = spec.open()  # the chip is the programmer's DevicePort (mypy)
+        factory: PortFactory = spec  # the spec is the runner's PortFactory (mypy)
+        port: DevicePort = factory.open()  # and the chip its DevicePort
         dev = spec.open()
         assert dev.device_id == spec.device_id and dev.oem_root_hash == world.root_hash
         challenge = new_challenge()
