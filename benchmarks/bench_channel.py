@@ -84,7 +84,13 @@ def main() -> None:
         oem_id, prog_id = oem.private_key("oem-id"), prog.private_key("prog-id")
 
         def handshake():  # type: ignore[no-untyped-def]
-            o = OemChannel(oem, identity_key=oem_id, identity_cert=oem_cert, root_cert=root)
+            o = OemChannel(
+                oem,
+                identity_key=oem_id,
+                identity_cert=oem_cert,
+                root_cert=root,
+                expected_peer=prog_cert,
+            )
             p = ProgrammerChannel(
                 prog, identity_key=prog_id, identity_cert=prog_cert, root_cert=root
             )
@@ -113,8 +119,9 @@ def main() -> None:
                 oem.generate_aes(lb, policy=IMAGE_KEY)
             a, b = handshake()
             t0 = time.perf_counter()
-            sender = KeySender(a)
-            sender.verify_ack(KeyReceiver(b).receive(sender.send(labels)))
+            sender, receiver = KeySender(a), KeyReceiver(b)
+            record = sender.verify_ack(receiver.receive(sender.send(labels)))
+            sender.verify_committed(receiver.commit(sender.commit(record)))
             rates.append(args.keys / (time.perf_counter() - t0))
             a.close()
             b.close()
@@ -126,6 +133,7 @@ def main() -> None:
                 labels,
                 identity_key=oem_id,
                 identity_cert=oem_cert,
+                expected_programmer=prog_cert,
                 recipient_cert=ka_cert,
                 root_cert=root,
             )
@@ -134,6 +142,8 @@ def main() -> None:
                 backend=prog,
                 ka_key=prog.private_key("prog-ka"),
                 ka_cert=ka_cert,
+                identity_key=prog_id,
+                identity_cert=prog_cert,
                 root_cert=root,
                 registry=MemoryPackageRegistry(),
             )

@@ -14,8 +14,9 @@ are derived from Z inside the token with CKM_AES_ECB_ENCRYPT_DATA over
 SHA-256(label || transcript hash), so every key is bound to this handshake (SP 800-56C §4,
 "FixedInfo" carried in the transcript).  Each side signs the transcript hash with its
 identity key and proves possession of the keys with AES-CMAC (SP 800-38B) in the token
-(key confirmation, SP 800-56A §5.9).  The classes are state machines that take bytes and
-return bytes; no transport is assumed.
+(key confirmation, SP 800-56A §5.9).  The OEM names the programmer it means to reach and
+refuses any other before a key is derived.  The classes are state machines that take bytes
+and return bytes; :mod:`securethread.channel.transport` carries them over TCP.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from securethread.keys.policy import (
     EPHEMERAL_AGREEMENT,
     TEMP_CONFIRM,
     TEMP_DERIVE,
+    TEMP_UNWRAP,
     TEMP_WRAP,
     Curve,
 )
@@ -57,7 +59,8 @@ ROLE_PROGRAMMER = "programmer"
 ROLES = (ROLE_OEM, ROLE_PROGRAMMER)
 
 #: CKM_ECDH1_DERIVE with CKD_NULL into an AES-256 key, then CKM_AES_ECB_ENCRYPT_DATA.
-#: The only derivation SoftHSM 2.6 offers (SOFTHSM_NOTES.md); recorded in the transcript.
+#: The only derivation SoftHSM 2.6.1 offers (docs/channel.md, "Key derivation"); recorded in
+#: the transcript.
 DERIVATION_CKD_NULL_ECB = "ckd-null+aes-ecb-encrypt-data"
 SUPPORTED_DERIVATIONS = (DERIVATION_CKD_NULL_ECB,)
 
@@ -90,6 +93,24 @@ class ChannelStateError(ChannelError):
 
 class ReflectionError(ReplayError):
     """A peer sent back our own message, nonce, ephemeral key or certificate."""
+
+
+class WrongPeerError(ChannelError):
+    """The peer is certified, but it is not the enclave this side named (no key moved)."""
+
+
+FINGERPRINT_SIZE = 32  # SHA-256 of the DER certificate
+
+
+def peer_fingerprint(peer: bytes | x509.Certificate) -> bytes:
+    """The SHA-256 fingerprint that names a peer: given as is, or of its DER certificate."""
+    if isinstance(peer, x509.Certificate):
+        return hashlib.sha256(peer.public_bytes(serialization.Encoding.DER)).digest()
+    if isinstance(peer, bytes) and len(peer) == FINGERPRINT_SIZE:
+        return peer
+    raise ConfigurationError(
+        "a peer is named by its identity certificate or its 32-byte SHA-256 fingerprint"
+    )
 
 
 def _other(role: str) -> str:
@@ -340,6 +361,11 @@ class ChannelSession:
         return f"<ChannelSession {self.role} {self.session_id.hex()}>"
 
     @property
+    def peer_fingerprint(self) -> bytes:
+        """SHA-256 of the peer's DER identity certificate."""
+        return peer_fingerprint(self.peer_certificate)
+
+    @property
     def peer_public_key(self) -> ec.EllipticCurvePublicKey:
         key = self.peer_certificate.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey)  # checked in the handshake
@@ -501,7 +527,9 @@ class _Endpoint:
         try:
             # SP 800-108 style PRF = AES-256 keyed by Z (CKM_AES_ECB_ENCRYPT_DATA, PKCS#11
             # v2.40 §2.10.7) over SHA-256(label || transcript hash): one key per purpose.
-            policies = {"wrap": TEMP_WRAP, "confirm": TEMP_CONFIRM, "mac": TEMP_CONFIRM}
+            # Least privilege: the OEM's session KEK only wraps, the programmer's only unwraps.
+            kek = TEMP_WRAP if self.role == ROLE_OEM else TEMP_UNWRAP
+            policies = {"wrap": kek, "confirm": TEMP_CONFIRM, "mac": TEMP_CONFIRM}
             for purpose, policy in policies.items():
                 self._keys[purpose] = shared.derive_ecb(
                     derivation_input(purpose, self._th), policy=policy
@@ -558,9 +586,33 @@ class _Endpoint:
 
 
 class OemChannel(_Endpoint):
-    """The OEM (initiator) side: ``start()`` → ``receive_hello()`` → ``receive_finish()``."""
+    """The OEM (initiator) side: ``start()`` → ``receive_hello()`` → ``receive_finish()``.
+
+    The OEM names the programmer it means to reach (``expected_peer``: its identity
+    certificate or that certificate's SHA-256): another enclave is refused with
+    :class:`WrongPeerError` before any key is derived, even one certified by the same root.
+    """
 
     role = ROLE_OEM
+
+    def __init__(
+        self,
+        backend: KeyBackend,
+        *,
+        identity_key: PrivateKey,
+        identity_cert: x509.Certificate,
+        root_cert: x509.Certificate,
+        expected_peer: bytes | x509.Certificate,
+        at: datetime | None = None,
+    ) -> None:
+        self.expected_peer = peer_fingerprint(expected_peer)
+        super().__init__(
+            backend,
+            identity_key=identity_key,
+            identity_cert=identity_cert,
+            root_cert=root_cert,
+            at=at,
+        )
 
     def start(self) -> bytes:
         """Generate the ephemeral key in the token and return the OEM Hello."""
@@ -597,6 +649,13 @@ class OemChannel(_Endpoint):
                     f"offered {self._own_hello.derivation!r}"
                 )
             self._peer_cert = self._check_peer_hello(peer)
+            got = hashlib.sha256(peer.certificate).digest()
+            if not hmac.compare_digest(got, self.expected_peer):
+                raise WrongPeerError(
+                    f"peer is programmer {self._peer_cert.subject.rfc4514_string()!r} "
+                    f"(certificate SHA-256 {got.hex()[:16]}...), not the named programmer "
+                    f"(certificate SHA-256 {self.expected_peer.hex()[:16]}...)"
+                )
             self._peer_hello = peer
             self._key_schedule(self._own_hello, peer)
             self._state = _State.FINISH_SENT

@@ -3,14 +3,17 @@
 Online (over a :class:`~securethread.channel.ChannelSession`): the OEM wraps AES keys with
 AES-KWP (RFC 5649, CKM_AES_KEY_WRAP_PAD) under the session wrapping key; the message is
 AES-CMAC'd (SP 800-38B) with the session transfer-MAC key and carries the session id and a
-sequence number; the programmer authenticates it, unwraps every entry into its token
-(all-or-nothing) and returns an acknowledgement signed with its identity key that lists what
-arrived, with key check values computed inside its token.
+sequence number.  The programmer authenticates it, unwraps every entry as a *session* object
+to compute key check values, and returns an acknowledgement signed with its identity key.
+Only when the OEM has verified that acknowledgement does it send a commit (MAC'd, bound to
+the ack); the programmer then unwraps the same bytes as persistent keys (all-or-nothing) and
+confirms.  A session that ends before the commit leaves the programmer's token unchanged.
 
-Offline (air-gapped): a package sealed to the programmer's certified KEY_AGREEMENT key with
-ECDH-ES (SP 800-56A §6.2.2.2, one-pass: ephemeral OEM key, static programmer key), signed by
-the OEM identity key in a securethread envelope.  Imported package ids are recorded so a
-package imports once.
+Offline (air-gapped): a package sealed to the named programmer's certified KEY_AGREEMENT key
+with ECDH-ES (SP 800-56A §6.2.2.2, one-pass: ephemeral OEM key, static programmer key),
+signed by the OEM identity key in a securethread envelope.  Imported package ids are
+recorded so a package imports once; the programmer returns a signed receipt the OEM checks
+with :func:`verify_receipt`.
 """
 
 from __future__ import annotations
@@ -45,18 +48,23 @@ from securethread.formats import cbor, envelope
 from securethread.keys.ecutil import point_of, public_from_point
 from securethread.keys.policy import (
     EPHEMERAL_AGREEMENT,
+    PROGRAMMER_IMAGE_KEY,
+    TEMP_CONFIRM,
     TEMP_DERIVE,
+    TEMP_UNWRAP,
     TEMP_WRAP,
     Curve,
     KeyPolicy,
-    Usage,
 )
 from securethread.keys.protocol import KeyBackend, PrivateKey, SecretKey
 
 VERSION = 1
 TRANSFER_TYPE = "key-transfer"
 ACK_KIND = "key-transfer-ack"
+COMMIT_TYPE = "key-transfer-commit"
+COMMITTED_TYPE = "key-transfer-committed"
 PACKAGE_KIND = "sealed-key-package"
+RECEIPT_KIND = "sealed-key-package-receipt"
 MAX_ENTRIES = 256
 MAX_LABEL = 128
 MAX_KEY_ID = 64
@@ -66,10 +74,21 @@ ID_SIZE = 16
 MAX_TRANSFER_SIZE = 64 * 1024
 MAX_ACK_SIZE = 64 * 1024
 MAX_PACKAGE_SIZE = 80 * 1024
+MAX_COMMIT_SIZE = 256
+MAX_RECEIPT_SIZE = 64 * 1024
 _MAC_LABEL = b"securethread-transfer/v1 mac"
 _KEK_LABEL = b"securethread-package/v1 kek"
+_COMMIT_LABELS = {
+    COMMIT_TYPE: b"securethread-transfer/v1 commit",
+    COMMITTED_TYPE: b"securethread-transfer/v1 committed",
+}
 _KCV_BLOCK = bytes(16)
-_USAGES = {"encrypt": Usage.ENCRYPT}
+#: Session copies the programmer unwraps to compute key check values before anything is
+#: stored: AES-CMAC only, never stored, never extractable.
+STAGING = TEMP_CONFIRM
+#: What an entry's key does at the OEM (an image key encrypts); not what the programmer's
+#: copy may do: that is :data:`PROGRAMMER_IMAGE_KEY` whatever the entry says.
+_USAGES = frozenset({"encrypt"})
 
 
 class WrongRecipientError(ChannelError):
@@ -124,8 +143,10 @@ class WrappedEntry:
 
     @property
     def policy(self) -> KeyPolicy:
-        """Persistent, sensitive; extractable only if the OEM marked it transferable."""
-        return KeyPolicy(usage=_USAGES[self.usage], transferable=self.transferable)
+        """The programmer's policy for the key: PROGRAMMER_IMAGE_KEY, no usage at all (all
+        the programmer does with it is wrap it into licenses); persistent, sensitive, and
+        extractable -- to a wrapping key only -- if the OEM marked it transferable."""
+        return attrs.evolve(PROGRAMMER_IMAGE_KEY, transferable=self.transferable)
 
     def to_cbor(self) -> dict[str, Any]:
         return {
@@ -213,20 +234,54 @@ def _wrap_entries(
     return tuple(out)
 
 
-def _import_entries(
-    backend: KeyBackend, kek: SecretKey, entries: Sequence[WrappedEntry]
-) -> tuple[ImportedKey, ...]:
-    """Unwrap every entry into the token, or none: on any failure the imported ones go."""
+def _check_free(backend: KeyBackend, entries: Sequence[WrappedEntry]) -> None:
     for e in entries:
         if backend.has_key(e.label):
             raise DuplicateObjectError(f"{backend.name!r} already has a key {e.label!r}")
+
+
+def _destroy_quietly(keys: Sequence[SecretKey]) -> None:
+    for k in keys:
+        try:
+            k.destroy()
+        except Exception:  # noqa: BLE001,S110 - best effort cleanup of session objects
+            pass
+
+
+def _stage_entries(
+    backend: KeyBackend, kek: SecretKey, entries: Sequence[WrappedEntry]
+) -> list[SecretKey]:
+    """Unwrap every entry as a *session* object and check its key check value.
+
+    Nothing persistent is created: the copies prove that the wrapped bytes open under
+    ``kek`` (RFC 5649 §3 integrity check) to the key the OEM meant (KCV), and the caller
+    destroys them.  The persistent keys come later from the same bytes (:func:`_commit_entries`).
+    """
+    _check_free(backend, entries)
+    staged: list[SecretKey] = []
+    try:
+        for e in entries:
+            copy = kek.unwrap(e.wrapped, label="", key_id=b"", policy=STAGING)
+            staged.append(copy)
+            if not hmac.compare_digest(key_check_value(copy), e.kcv):
+                raise ConfirmationError(f"key {e.label!r}: key check value does not match")
+    except BaseException:
+        _destroy_quietly(staged)
+        raise
+    return staged
+
+
+def _commit_entries(
+    backend: KeyBackend, kek: SecretKey, entries: Sequence[WrappedEntry]
+) -> tuple[ImportedKey, ...]:
+    """Unwrap every entry into the token as a persistent key, or none: on any failure the
+    ones already stored go."""
+    _check_free(backend, entries)
     done: list[str] = []
     try:
         for e in entries:
             key = kek.unwrap(e.wrapped, label=e.label, key_id=e.key_id, policy=e.policy)
             done.append(e.label)
-            if not hmac.compare_digest(key_check_value(key), e.kcv):
-                raise ConfirmationError(f"key {e.label!r}: key check value does not match")
             key.policy_report().check(transferable=e.transferable)  # S1
     except BaseException:
         for label in done:
@@ -299,26 +354,84 @@ def _split_transfer(data: bytes) -> tuple[bytes, bytes, bytes]:
     )
 
 
+def _commit_mac_input(label: bytes, sid: bytes, transfer_id: bytes, ack_digest: bytes) -> bytes:
+    # Own labels for the OEM's commit and the programmer's reply: neither can be reflected
+    # as the other, nor as a transfer MAC ("... v1 mac").
+    return label + cbor.encode([sid, transfer_id, ack_digest])
+
+
+def _commit_message(type_: str, session: ChannelSession, transfer_id: bytes, ack: bytes) -> bytes:
+    return cbor.encode(
+        {
+            "v": VERSION,
+            "type": type_,
+            "sid": session.session_id,
+            "transfer_id": transfer_id,
+            "ack": ack,
+            "mac": session.mac_key.cmac(
+                _commit_mac_input(_COMMIT_LABELS[type_], session.session_id, transfer_id, ack)
+            ),
+        }
+    )
+
+
+def _verify_commit_message(
+    data: bytes, type_: str, session: ChannelSession, transfer_id: bytes, ack: bytes
+) -> None:
+    """Check a commit (or committed) message: session, transfer, ack digest and MAC."""
+    m = cbor.decode(data, what=type_, max_size=MAX_COMMIT_SIZE)
+    if not isinstance(m, dict) or set(m) != {"v", "type", "sid", "transfer_id", "ack", "mac"}:
+        raise FormatError(f"{type_}: malformed")
+    if m["v"] != VERSION:
+        raise FormatError(f"{type_}: unsupported version {m['v']!r}")
+    if m["type"] != type_:
+        raise FormatError(f"expected a {type_!r} message, got {m['type']!r}")
+    sid = _check_bytes(m["sid"], "sid", size=16)
+    tid = _check_bytes(m["transfer_id"], "transfer_id", size=ID_SIZE)
+    digest = _check_bytes(m["ack"], "ack digest", size=32)
+    mac = _check_bytes(m["mac"], "mac", size=16)
+    if not hmac.compare_digest(sid, session.session_id):
+        raise ReplayError(f"{type_} belongs to another session")
+    expected = session.mac_key.cmac(_commit_mac_input(_COMMIT_LABELS[type_], sid, tid, digest))
+    if not hmac.compare_digest(mac, expected):
+        raise ChannelError(f"{type_}: MAC does not verify under this session")
+    if not hmac.compare_digest(tid, transfer_id) or not hmac.compare_digest(digest, ack):
+        raise ConfirmationError(f"{type_} is for another transfer or acknowledgement")
+
+
 @attrs.frozen(kw_only=True)
 class TransferRecord:
-    """The OEM's audit record: what the programmer acknowledged, under which session."""
+    """The OEM's audit record: what the programmer acknowledged, under which session.
+
+    ``committed`` is True once the programmer confirmed it stored the keys
+    (:meth:`KeySender.verify_committed`); before that nothing is stored on its side.
+    """
 
     session_id: bytes
     transfer_id: bytes
     sequence: int
     programmer: bytes  # SHA-256 of the programmer identity certificate
     keys: tuple[ImportedKey, ...]
+    transfer_digest: bytes  # SHA-256 of the key-transfer message
     ack: bytes  # the signed acknowledgement, verifiable offline with the programmer's cert
+    committed: bool = False
 
 
 class KeySender:
-    """OEM side: wrap keys from the OEM token for the peer, then check the acknowledgement."""
+    """OEM side: wrap keys for the peer, check its acknowledgement, then commit.
+
+    ``send`` → (programmer ``receive``) → ``verify_ack`` → ``commit`` → (programmer
+    ``commit``) → ``verify_committed``.  The programmer stores nothing before the commit,
+    and the OEM sends the commit only for an acknowledgement that verified.
+    """
 
     def __init__(self, session: ChannelSession) -> None:
         if session.role != ROLE_OEM:
             raise ConfigurationError("only the OEM side of a session sends keys")
         self.session = session
         self._pending: dict[bytes, tuple[bytes, TransferMessage]] = {}
+        self._acknowledged: dict[bytes, TransferRecord] = {}
+        self._committing: dict[bytes, TransferRecord] = {}
 
     def send(
         self, labels: Sequence[str], *, transferable: bool | Mapping[str, bool] = True
@@ -380,31 +493,84 @@ class KeySender:
         if got != tuple(ImportedKey.of(e) for e in msg.entries) or body["seq"] != msg.sequence:
             raise ConfirmationError("acknowledged keys differ from the keys sent")
         del self._pending[msg.transfer_id]
-        return TransferRecord(
+        record = TransferRecord(
             session_id=s.session_id,
             transfer_id=msg.transfer_id,
             sequence=msg.sequence,
-            programmer=hashlib.sha256(
-                s.peer_certificate.public_bytes(serialization.Encoding.DER)
-            ).digest(),
+            programmer=s.peer_fingerprint,
             keys=got,
+            transfer_digest=digest,
             ack=data,
         )
+        self._acknowledged[msg.transfer_id] = record
+        return record
+
+    def commit(self, record: TransferRecord) -> bytes:
+        """The commit message for an acknowledged transfer: the programmer may now store
+        its keys.  MAC'd under the session (only this OEM can send it), bound to the ack."""
+        self.session.require_open()
+        if self._acknowledged.get(record.transfer_id) != record:
+            raise ChannelError("commit: the transfer was not acknowledged in this session")
+        del self._acknowledged[record.transfer_id]
+        self._committing[record.transfer_id] = record
+        return _commit_message(
+            COMMIT_TYPE, self.session, record.transfer_id, hashlib.sha256(record.ack).digest()
+        )
+
+    def verify_committed(self, data: bytes) -> TransferRecord:
+        """Check the programmer's confirmation that it stored the keys; the final record."""
+        m = cbor.decode(data, what=COMMITTED_TYPE, max_size=MAX_COMMIT_SIZE)
+        tid = m.get("transfer_id") if isinstance(m, dict) else None
+        record = self._committing.get(tid) if isinstance(tid, bytes) else None
+        if record is None:
+            raise ReplayError("confirmation for a transfer that awaits no commit")
+        _verify_commit_message(
+            data,
+            COMMITTED_TYPE,
+            self.session,
+            record.transfer_id,
+            hashlib.sha256(record.ack).digest(),
+        )
+        del self._committing[record.transfer_id]
+        return attrs.evolve(record, committed=True)
+
+
+@attrs.frozen
+class _Staged:
+    message: TransferMessage
+    ack_digest: bytes
+    copies: list[SecretKey]
 
 
 class KeyReceiver:
-    """Programmer side: authenticate a transfer, import it all-or-nothing, sign an ack."""
+    """Programmer side: authenticate a transfer, check it in session objects, sign an ack;
+    store the keys only when the OEM commits.
+
+    ``receive`` leaves nothing persistent in the token: each key is unwrapped as a session
+    object to compute its key check value.  ``commit`` (after the OEM verified the ack)
+    unwraps the same bytes, under the same live session key, as persistent keys,
+    all-or-nothing, and destroys the session copies.  ``abort`` (or a dropped connection
+    before the commit) leaves the token as it was.
+    """
 
     def __init__(self, session: ChannelSession) -> None:
         if session.role != ROLE_PROGRAMMER:
             raise ConfigurationError("only the programmer side of a session receives keys")
         self.session = session
         self.imported: list[ImportedKey] = []
+        self._staged: _Staged | None = None
+
+    @property
+    def staged(self) -> bool:
+        """True while a transfer is acknowledged but not committed."""
+        return self._staged is not None
 
     def receive(self, data: bytes) -> bytes:
-        """Import the keys of one transfer message; return the signed acknowledgement."""
+        """Check one transfer message in session objects; return the signed acknowledgement."""
         s = self.session
         s.require_open()
+        if self._staged is not None:
+            raise ChannelError("key transfer: the previous transfer awaits its commit")
         sid, body, mac = _split_transfer(data)
         if not hmac.compare_digest(sid, s.session_id):
             raise ReplayError("key transfer belongs to another (older) session")
@@ -423,20 +589,52 @@ class KeyReceiver:
         # The sequence number is spent once the message is authentic, whatever the outcome,
         # so a refused transfer can never be replayed into success later.
         s.next_receive_sequence += 1
-        keys = _import_entries(s.backend, s.wrap_key, msg.entries)
+        copies = _stage_entries(s.backend, s.wrap_key, msg.entries)
+        try:
+            ack = envelope.seal(
+                ACK_KIND,
+                {
+                    "v": VERSION,
+                    "sid": s.session_id,
+                    "seq": msg.sequence,
+                    "transfer_id": msg.transfer_id,
+                    "digest": hashlib.sha256(data).digest(),
+                    "keys": [ImportedKey.of(e).to_cbor() for e in msg.entries],
+                },
+                [s.identity_key],
+            )
+        except BaseException:
+            _destroy_quietly(copies)
+            raise
+        self._staged = _Staged(message=msg, ack_digest=hashlib.sha256(ack).digest(), copies=copies)
+        return ack
+
+    def commit(self, data: bytes) -> bytes:
+        """On the OEM's commit, store the acknowledged keys; return the confirmation.
+
+        Any failure (a bad commit, a label taken meanwhile) stores nothing and ends the
+        staged transfer; the session copies are destroyed either way.
+        """
+        s = self.session
+        s.require_open()
+        staged = self._staged
+        if staged is None:
+            raise ChannelError("commit: no acknowledged transfer awaits a commit")
+        self._staged = None
+        try:
+            tid = staged.message.transfer_id
+            _verify_commit_message(data, COMMIT_TYPE, s, tid, staged.ack_digest)
+            keys = _commit_entries(s.backend, s.wrap_key, staged.message.entries)
+        finally:
+            _destroy_quietly(staged.copies)
         self.imported.extend(keys)
-        return envelope.seal(
-            ACK_KIND,
-            {
-                "v": VERSION,
-                "sid": s.session_id,
-                "seq": msg.sequence,
-                "transfer_id": msg.transfer_id,
-                "digest": hashlib.sha256(data).digest(),
-                "keys": [k.to_cbor() for k in keys],
-            },
-            [s.identity_key],
-        )
+        return _commit_message(COMMITTED_TYPE, s, tid, staged.ack_digest)
+
+    def abort(self) -> None:
+        """Drop an acknowledged but uncommitted transfer: nothing was stored."""
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            _destroy_quietly(staged.copies)
 
 
 # --- offline sealed packages -----------------------------------------------------------------
@@ -493,6 +691,7 @@ class TokenPackageRegistry:
                 Attribute.TOKEN: True,
                 Attribute.PRIVATE: True,
                 Attribute.MODIFIABLE: False,
+                Attribute.COPYABLE: False,
                 Attribute.LABEL: self._label(package_id),
                 Attribute.APPLICATION: self.APPLICATION,
                 Attribute.VALUE: cbor.encode({"package_id": package_id, "at": int(time.time())}),
@@ -500,9 +699,17 @@ class TokenPackageRegistry:
         )
 
 
-def _kek_input(package_id: bytes, recipient: bytes, eph: bytes, sender: bytes) -> bytes:
-    # SP 800-56C §4.1 FixedInfo: who it is for, which package, which ephemeral key, from whom.
-    return hashlib.sha256(_KEK_LABEL + cbor.encode([package_id, recipient, eph, sender])).digest()
+def _kek_input(
+    package_id: bytes, recipient: bytes, eph: bytes, sender: bytes, programmer: bytes
+) -> bytes:
+    # SP 800-56C §4.1 FixedInfo: which package, for which key-agreement key and which
+    # programmer identity, which ephemeral key, from whom.
+    fixed = cbor.encode([package_id, recipient, eph, sender, programmer])
+    return hashlib.sha256(_KEK_LABEL + fixed).digest()
+
+
+def _fp_field(name: str) -> Any:
+    return attrs.field(validator=lambda _i, _a, v: _check_bytes(v, name, size=32))
 
 
 @attrs.frozen(kw_only=True)
@@ -512,9 +719,8 @@ class SealedPackage:
     package_id: bytes = attrs.field(
         validator=lambda _i, _a, v: _check_bytes(v, "package_id", size=ID_SIZE)
     )
-    recipient: bytes = attrs.field(
-        validator=lambda _i, _a, v: _check_bytes(v, "recipient", size=32)
-    )
+    recipient: bytes = _fp_field("recipient")  # SHA-256 of the programmer's KA certificate
+    programmer: bytes = _fp_field("programmer")  # SHA-256 of its identity certificate
     sender_certificate: bytes = attrs.field(
         validator=lambda _i, _a, v: _check_bytes(v, "sender_cert", limit=8192)
     )
@@ -535,6 +741,7 @@ class SealedPackage:
             "v": VERSION,
             "package_id": self.package_id,
             "recipient": self.recipient,
+            "programmer": self.programmer,
             "sender_cert": self.sender_certificate,
             "eph": self.ephemeral,
             "derivation": self.derivation,
@@ -548,6 +755,7 @@ class SealedPackage:
             "v",
             "package_id",
             "recipient",
+            "programmer",
             "sender_cert",
             "eph",
             "derivation",
@@ -559,6 +767,7 @@ class SealedPackage:
         return cls(
             package_id=m["package_id"],
             recipient=m["recipient"],
+            programmer=m["programmer"],
             sender_certificate=m["sender_cert"],
             ephemeral=m["eph"],
             derivation=m["derivation"],
@@ -577,23 +786,37 @@ def seal_package(
     *,
     identity_key: PrivateKey,
     identity_cert: x509.Certificate,
+    expected_programmer: x509.Certificate,
     recipient_cert: x509.Certificate,
     root_cert: x509.Certificate,
     transferable: bool | Mapping[str, bool] = True,
     at: datetime | None = None,
 ) -> bytes:
-    """Seal the keys ``labels`` to the programmer whose KEY_AGREEMENT certificate is
-    ``recipient_cert`` (validated against the OEM root), signed by the OEM identity key."""
+    """Seal the keys ``labels`` to the named programmer, signed by the OEM identity key.
+
+    ``expected_programmer`` is the programmer's IDENTITY certificate (it signs the receipt);
+    ``recipient_cert`` its KEY_AGREEMENT certificate, which must be certified by the same
+    root for the same enclave (subject).  Both fingerprints are in the package and in the
+    KEK derivation, so only that programmer can open it.
+    """
     from securethread.pki import EnclavePurpose, validate_enclave_certificate
 
     validate_enclave_certificate(
+        expected_programmer, root_cert, purpose=EnclavePurpose.IDENTITY, role=ROLE_PROGRAMMER, at=at
+    )
+    validate_enclave_certificate(
         recipient_cert, root_cert, purpose=EnclavePurpose.KEY_AGREEMENT, role=ROLE_PROGRAMMER, at=at
     )
+    if recipient_cert.subject != expected_programmer.subject:
+        raise WrongRecipientError(
+            f"key-agreement certificate of {recipient_cert.subject.rfc4514_string()!r} does not "
+            f"belong to the named programmer {expected_programmer.subject.rfc4514_string()!r}"
+        )
     recipient_pub = recipient_cert.public_key()
     if not isinstance(recipient_pub, ec.EllipticCurvePublicKey):
         raise FormatError("recipient certificate does not hold an EC key")
     package_id = backend.random(ID_SIZE)
-    recipient = _cert_fp(recipient_cert)
+    recipient, programmer = _cert_fp(recipient_cert), _cert_fp(expected_programmer)
     # SP 800-56A §6.2.2.2 (One-Pass Diffie-Hellman, C(1e, 1s)): ephemeral key in the token.
     eph = backend.generate_ec(
         "securethread-package-ephemeral", curve=Curve.P256, policy=EPHEMERAL_AGREEMENT
@@ -603,7 +826,8 @@ def seal_package(
     try:
         z = eph.derive_aes(recipient_pub, policy=TEMP_DERIVE)
         kek = z.derive_ecb(
-            _kek_input(package_id, recipient, eph_point, _cert_fp(identity_cert)), policy=TEMP_WRAP
+            _kek_input(package_id, recipient, eph_point, _cert_fp(identity_cert), programmer),
+            policy=TEMP_WRAP,
         )
         entries = _wrap_entries(backend, kek, labels, transferable)
     finally:
@@ -613,6 +837,7 @@ def seal_package(
     body = SealedPackage(
         package_id=package_id,
         recipient=recipient,
+        programmer=programmer,
         sender_certificate=identity_cert.public_bytes(serialization.Encoding.DER),
         ephemeral=eph_point,
         derivation=DERIVATION_CKD_NULL_ECB,
@@ -622,30 +847,12 @@ def seal_package(
     return envelope.seal(PACKAGE_KIND, body.to_cbor(), [identity_key])
 
 
-@attrs.frozen(kw_only=True)
-class PackageReceipt:
-    """What a sealed package put into the programmer's token."""
-
-    package_id: bytes
-    sender: bytes  # SHA-256 of the OEM identity certificate
-    keys: tuple[ImportedKey, ...]
-
-
-def open_package(
-    data: bytes,
-    *,
-    backend: KeyBackend,
-    ka_key: PrivateKey,
-    ka_cert: x509.Certificate,
-    root_cert: x509.Certificate,
-    registry: PackageRegistry,
-    at: datetime | None = None,
-) -> PackageReceipt:
-    """Verify a sealed package (signature, OEM chain, recipient, freshness) and import it."""
+def _read_package(
+    data: bytes, root_cert: x509.Certificate, at: datetime | None
+) -> tuple[SealedPackage, x509.Certificate]:
+    """Authenticate a sealed package: sender chain to the root (role oem), then signature."""
     from securethread.pki import EnclavePurpose, untrusted, validate_enclave_certificate
 
-    if ka_cert.public_key() != ka_key.public_key():
-        raise ConfigurationError("ka_cert does not certify ka_key")
     if not isinstance(data, bytes) or len(data) > MAX_PACKAGE_SIZE:
         raise FormatError(f"sealed package: not bytes or over {MAX_PACKAGE_SIZE} bytes")
     # The signer is named inside the body: read its certificate (unverified), validate it
@@ -663,20 +870,110 @@ def open_package(
     body = envelope.open_envelope(
         data, kind=PACKAGE_KIND, keys=sender_pub, max_size=MAX_PACKAGE_SIZE
     )
-    pkg = SealedPackage.from_cbor(body)
-    recipient = _cert_fp(ka_cert)
+    return SealedPackage.from_cbor(body), sender_cert
+
+
+@attrs.frozen(kw_only=True)
+class PackageReceipt:
+    """The programmer's signed statement of what a sealed package put into its token.
+
+    ``signed`` is the artefact (envelope ``sealed-key-package-receipt``, signed by the
+    programmer's identity key) the OEM checks offline with :func:`verify_receipt`.
+    """
+
+    package_id: bytes
+    package_digest: bytes  # SHA-256 of the sealed package file
+    sender: bytes  # SHA-256 of the OEM identity certificate
+    programmer: bytes  # SHA-256 of the programmer identity certificate
+    recipient: bytes  # SHA-256 of the programmer key-agreement certificate
+    opened: int  # unix time
+    keys: tuple[ImportedKey, ...]
+    signed: bytes
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "package_id": self.package_id,
+            "package": self.package_digest,
+            "sender": self.sender,
+            "programmer": self.programmer,
+            "recipient": self.recipient,
+            "opened": self.opened,
+            "keys": [k.to_cbor() for k in self.keys],
+        }
+
+    @classmethod
+    def from_body(cls, m: Mapping[str, Any], signed: bytes) -> PackageReceipt:
+        fields = {"v", "package_id", "package", "sender", "programmer", "recipient", "opened"}
+        if set(m) != fields | {"keys"} or m["v"] != VERSION:
+            raise FormatError("package receipt: malformed or unsupported version")
+        if not isinstance(m["opened"], int) or isinstance(m["opened"], bool):
+            raise FormatError("package receipt: opened must be an integer")
+        if not isinstance(m["keys"], list) or not 0 < len(m["keys"]) <= MAX_ENTRIES:
+            raise FormatError(f"package receipt: needs 1..{MAX_ENTRIES} keys")
+        return cls(
+            package_id=_check_bytes(m["package_id"], "package_id", size=ID_SIZE),
+            package_digest=_check_bytes(m["package"], "package digest", size=32),
+            sender=_check_bytes(m["sender"], "sender", size=32),
+            programmer=_check_bytes(m["programmer"], "programmer", size=32),
+            recipient=_check_bytes(m["recipient"], "recipient", size=32),
+            opened=m["opened"],
+            keys=tuple(ImportedKey.from_cbor(k) for k in m["keys"]),
+            signed=signed,
+        )
+
+
+def open_package(
+    data: bytes,
+    *,
+    backend: KeyBackend,
+    ka_key: PrivateKey,
+    ka_cert: x509.Certificate,
+    identity_key: PrivateKey,
+    identity_cert: x509.Certificate,
+    root_cert: x509.Certificate,
+    registry: PackageRegistry,
+    at: datetime | None = None,
+) -> PackageReceipt:
+    """Verify a sealed package (signature, OEM chain, recipient, freshness), import it and
+    return the receipt signed with ``identity_key``.
+
+    Refused with :class:`WrongRecipientError` if it names another programmer identity or
+    key-agreement key; nothing is stored unless every key checks out.
+    """
+    if ka_cert.public_key() != ka_key.public_key():
+        raise ConfigurationError("ka_cert does not certify ka_key")
+    if identity_cert.public_key() != identity_key.public_key():
+        raise ConfigurationError("identity_cert does not certify identity_key")
+    pkg, sender_cert = _read_package(data, root_cert, at)
+    recipient, programmer = _cert_fp(ka_cert), _cert_fp(identity_cert)
+    if not hmac.compare_digest(pkg.programmer, programmer):
+        raise WrongRecipientError("sealed package is addressed to another programmer")
     if not hmac.compare_digest(pkg.recipient, recipient):
         raise WrongRecipientError("sealed package is addressed to another enclave")
     if registry.seen(pkg.package_id):
         raise ReplayError(f"sealed package {pkg.package_id.hex()} was already imported")
+    receipt = PackageReceipt(
+        package_id=pkg.package_id,
+        package_digest=hashlib.sha256(data).digest(),
+        sender=_cert_fp(sender_cert),
+        programmer=programmer,
+        recipient=recipient,
+        opened=int(time.time()),
+        keys=tuple(ImportedKey.of(e) for e in pkg.entries),
+        signed=b"",
+    )
     z = kek = None
     try:
         z = ka_key.derive_aes(public_from_point(Curve.P256, pkg.ephemeral), policy=TEMP_DERIVE)
         kek = z.derive_ecb(
-            _kek_input(pkg.package_id, recipient, pkg.ephemeral, _cert_fp(sender_cert)),
-            policy=TEMP_WRAP,
+            _kek_input(pkg.package_id, recipient, pkg.ephemeral, receipt.sender, programmer),
+            policy=TEMP_UNWRAP,
         )
-        keys = _import_entries(backend, kek, pkg.entries)
+        # Checked in session objects first (key check values), then stored all-or-nothing.
+        _destroy_quietly(_stage_entries(backend, kek, pkg.entries))
+        signed = envelope.seal(RECEIPT_KIND, receipt.body(), [identity_key])
+        keys = _commit_entries(backend, kek, pkg.entries)
     finally:
         for k in (kek, z):
             if k is not None:
@@ -687,4 +984,39 @@ def open_package(
         for imported in keys:
             backend.destroy(imported.label)
         raise
-    return PackageReceipt(package_id=pkg.package_id, sender=_cert_fp(sender_cert), keys=keys)
+    return attrs.evolve(receipt, signed=signed)
+
+
+def verify_receipt(
+    data: bytes,
+    *,
+    package: bytes,
+    programmer_cert: x509.Certificate,
+    root_cert: x509.Certificate,
+    at: datetime | None = None,
+) -> PackageReceipt:
+    """OEM side, offline: check that the programmer named by ``programmer_cert`` (its
+    IDENTITY certificate) signed a receipt for exactly this sealed ``package`` and the keys
+    in it.  Raises; returns the verified receipt."""
+    from securethread.pki import EnclavePurpose, validate_enclave_certificate
+
+    validate_enclave_certificate(
+        programmer_cert, root_cert, purpose=EnclavePurpose.IDENTITY, role=ROLE_PROGRAMMER, at=at
+    )
+    key = programmer_cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)  # IDENTITY profile: EC P-384
+    body = envelope.open_envelope(data, kind=RECEIPT_KIND, keys=key, max_size=MAX_RECEIPT_SIZE)
+    receipt = PackageReceipt.from_body(body, data)
+    pkg, sender_cert = _read_package(package, root_cert, at)
+    if not hmac.compare_digest(receipt.package_digest, hashlib.sha256(package).digest()):
+        raise ConfirmationError("receipt is for another sealed package")
+    if receipt.package_id != pkg.package_id or receipt.sender != _cert_fp(sender_cert):
+        raise ConfirmationError("receipt names another package id or sender")
+    programmer = _cert_fp(programmer_cert)
+    if receipt.programmer != programmer or pkg.programmer != programmer:
+        raise WrongRecipientError("receipt or package names another programmer")
+    if receipt.recipient != pkg.recipient:
+        raise ConfirmationError("receipt names another key-agreement certificate")
+    if receipt.keys != tuple(ImportedKey.of(e) for e in pkg.entries):
+        raise ConfirmationError("receipted keys differ from the keys in the package")
+    return receipt

@@ -206,6 +206,7 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     def sealed_package(d: bytes) -> None:
         receipt = _open_package(
             d, backend=pki.prog, ka_key=pki.prog.private_key("ka"), ka_cert=pki.ka,
+            identity_key=pki.prog.private_key("id"), identity_cert=pki.prog_id,
             root_cert=root, registry=MemoryPackageRegistry(),
         )  # fmt: skip
         for key in receipt.keys:  # keep the receiver's backend as it was for the next input

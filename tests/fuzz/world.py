@@ -404,7 +404,7 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     oem.generate_aes("sealed-key", policy=IMAGE_KEY)
     package = seal_package(
         oem, ["sealed-key"], identity_key=oem.private_key("id"), identity_cert=pki.oem_id,
-        recipient_cert=pki.ka, root_cert=pki.root,
+        expected_programmer=pki.prog_id, recipient_cert=pki.ka, root_cert=pki.root,
     )  # fmt: skip
     seeds["sealed_package"] = [package]
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import socket
-import struct
 import uuid
 from typing import Any
 
 import attrs
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute
 
 from securethread.channel.handshake import (
@@ -20,6 +16,7 @@ from securethread.channel.handshake import (
     OemChannel,
     ProgrammerChannel,
     ReflectionError,
+    WrongPeerError,
     signed_transcript,
 )
 from securethread.errors import (
@@ -132,13 +129,17 @@ def pki(oem: Token, programmer: Token, spare: Token) -> Pki:
     )
 
 
-def oem_channel(pki: Pki, enclave: Enclave | None = None) -> OemChannel:
+def oem_channel(
+    pki: Pki, enclave: Enclave | None = None, *, expected: bytes | x509.Certificate | None = None
+) -> OemChannel:
+    """The OEM side, naming pki.programmer (or ``expected``) as the peer it means to reach."""
     e = enclave or pki.oem
     return OemChannel(
         e.token,
         identity_key=e.token.private_key(e.identity),
         identity_cert=e.cert,
         root_cert=pki.root,
+        expected_peer=pki.programmer.cert if expected is None else expected,
     )
 
 
@@ -225,6 +226,7 @@ def test_programmer_refuses_oem_certified_by_another_root(pki: Pki) -> None:
     with pytest.raises(CertificateError):
         p.receive_hello(o.start())
     assert p.state == "failed"
+    o.abort()
 
 
 def test_enclave_cert_with_wrong_purpose(pki: Pki) -> None:
@@ -247,6 +249,52 @@ def test_programmer_refuses_oem_with_role_programmer(pki: Pki) -> None:
     o = oem_channel(pki, pki.other_programmer)
     with pytest.raises(CertificateError):
         programmer_channel(pki).receive_hello(o.start())
+
+
+def test_oem_refuses_a_certified_programmer_it_did_not_name(
+    pki: Pki, oem: Token, spare: Token
+) -> None:
+    # prog-2 (spare token) is a genuine programmer under the same root: the OEM named prog-1.
+    before = _ephemeral_objects(oem), _ephemeral_objects(spare)
+    o, p = oem_channel(pki), programmer_channel(pki, pki.other_programmer)
+    m2 = p.receive_hello(o.start())
+    with pytest.raises(WrongPeerError, match="not the named programmer"):
+        o.receive_hello(m2)
+    assert o.state == "failed"
+    with pytest.raises(ChannelStateError):
+        _ = o.session
+    p.abort()
+    assert (_ephemeral_objects(oem), _ephemeral_objects(spare)) == before
+
+
+def test_oem_names_its_peer_by_fingerprint(pki: Pki) -> None:
+    from securethread.pki import cert_fingerprint
+
+    fp = cert_fingerprint(pki.programmer.cert)
+    o, p = oem_channel(pki, expected=fp), programmer_channel(pki)
+    m4 = p.receive_finish(o.receive_hello(p.receive_hello(o.start())))
+    with o.receive_finish(m4) as session:
+        assert session.peer_fingerprint == fp
+    p.session.close()
+    other = cert_fingerprint(pki.other_programmer.cert)
+    o, p = oem_channel(pki, expected=other), programmer_channel(pki)
+    with pytest.raises(WrongPeerError):
+        o.receive_hello(p.receive_hello(o.start()))
+    p.abort()
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x00" * 31, "ab" * 32, None])
+def test_oem_must_name_a_peer(pki: Pki, bad: object) -> None:
+    from securethread.errors import ConfigurationError
+
+    with pytest.raises((ConfigurationError, TypeError)):
+        OemChannel(
+            pki.oem.token,
+            identity_key=pki.oem.token.private_key(pki.oem.identity),
+            identity_cert=pki.oem.cert,
+            root_cert=pki.root,
+            expected_peer=bad,  # type: ignore[arg-type]
+        )
 
 
 # --- tampered, reflected, replayed, malformed messages ---------------------------------------
@@ -392,6 +440,7 @@ def test_identity_cert_must_match_key(pki: Pki) -> None:
             identity_key=pki.oem.token.private_key(pki.oem.identity),
             identity_cert=pki.programmer.cert,
             root_cert=pki.root,
+            expected_peer=pki.programmer.cert,
         )
 
 
@@ -403,97 +452,3 @@ def test_unsupported_derivation_is_refused(pki: Pki) -> None:
     m["derivation"] = "ckd-sha1-kdf"
     with pytest.raises(ChannelError, match="derivation"):
         programmer_channel(pki).receive_hello(cbor.encode(m))
-
-
-# --- two processes over a socket pair --------------------------------------------------------
-
-
-def send_frame(sock: socket.socket, data: bytes) -> None:
-    sock.sendall(struct.pack(">I", len(data)) + data)
-
-
-def recv_frame(sock: socket.socket, limit: int = 1 << 20) -> bytes:
-    def exact(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("peer closed")
-            buf += chunk
-        return buf
-
-    (n,) = struct.unpack(">I", exact(4))
-    if n > limit:
-        raise FormatError("frame too large")
-    return exact(n)
-
-
-def programmer_process(
-    sock: socket.socket, identity: str, cert_der: bytes, root_der: bytes
-) -> None:
-    """The programmer enclave in its own process: open its token, answer, import keys."""
-    from securethread.channel.transfer import KeyReceiver
-    from securethread.hsm import open_token
-
-    token = open_token("programmer")
-    try:
-        chan = ProgrammerChannel(
-            token,
-            identity_key=token.private_key(identity),
-            identity_cert=x509.load_der_x509_certificate(cert_der),
-            root_cert=x509.load_der_x509_certificate(root_der),
-        )
-        send_frame(sock, chan.receive_hello(recv_frame(sock)))
-        send_frame(sock, chan.receive_finish(recv_frame(sock)))
-        with chan.session as session:
-            send_frame(sock, KeyReceiver(session).receive(recv_frame(sock)))
-    except Exception as exc:  # report to the parent instead of hanging it
-        send_frame(sock, b"ERROR " + repr(exc).encode())
-        raise
-    finally:
-        sock.close()
-        token.close()
-
-
-def test_handshake_and_transfer_across_processes(
-    pki: Pki, oem: Token, programmer: Token, label: str
-) -> None:
-    from securethread.channel.transfer import KeySender
-    from securethread.hsm import IMAGE_KEY
-
-    image_key = oem.generate_aes(label, policy=IMAGE_KEY)
-    der = serialization.Encoding.DER
-    parent, child = socket.socketpair()
-    ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(
-        target=programmer_process,
-        args=(
-            child,
-            pki.programmer.identity,
-            pki.programmer.cert.public_bytes(der),
-            pki.root.public_bytes(der),
-        ),
-    )
-    proc.start()
-    child.close()
-    try:
-        o = oem_channel(pki)
-        send_frame(parent, o.start())
-        send_frame(parent, o.receive_hello(recv_frame(parent)))
-        reply = recv_frame(parent)
-        assert not reply.startswith(b"ERROR"), reply
-        with o.receive_finish(reply) as session:
-            sender = KeySender(session)
-            send_frame(parent, sender.send([label]))
-            ack = recv_frame(parent)
-            assert not ack.startswith(b"ERROR"), ack
-            record = sender.verify_ack(ack)
-    finally:
-        parent.close()
-        proc.join(30)
-    assert proc.exitcode == 0
-    assert [k.label for k in record.keys] == [label]
-    # The key arrived in the programmer token (written by the other process).
-    nonce = b"\x07" * 12
-    ct = image_key.encrypt_gcm(nonce, b"firmware block", b"aad")
-    assert programmer.secret_key(label).decrypt_gcm(nonce, ct, b"aad") == b"firmware block"

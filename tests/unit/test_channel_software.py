@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from securethread.channel.handshake import ChannelStateError, OemChannel, ProgrammerChannel
 from securethread.channel.transfer import KeyReceiver, KeySender
-from securethread.errors import ConfirmationError, ReplayError
+from securethread.errors import ConfirmationError, KeyPolicyError, ReplayError
 from securethread.hsm import IMAGE_KEY, SoftwareBackend
 from securethread.pki import EnclavePurpose, certify_enclave, create_enclave_csr, create_root_ca
+from tests.license_probe import licensed_value
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def channels(w: dict[str, object]) -> tuple[OemChannel, ProgrammerChannel]:
             identity_key=oem.private_key("id"),
             identity_cert=w["oem-cert"],  # type: ignore[arg-type]
             root_cert=w["root"],  # type: ignore[arg-type]
+            expected_peer=w["programmer-cert"],  # type: ignore[arg-type]
         ),
         ProgrammerChannel(
             prog,
@@ -61,9 +64,16 @@ def test_software_handshake_and_transfer(world: dict[str, object]) -> None:
     sender, receiver = KeySender(so), KeyReceiver(sp)
     msg = sender.send(["image-1"])
     record = sender.verify_ack(receiver.receive(msg))
-    assert record.keys[0].label == "image-1"
+    assert record.keys[0].label == "image-1" and not record.committed
+    assert not prog.has_key("image-1")  # acknowledged in session copies only
+    final = sender.verify_committed(receiver.commit(sender.commit(record)))
+    assert final.committed and final.keys == record.keys
     ct = key.encrypt_gcm(b"\0" * 12, b"data", b"")
-    assert prog.secret_key("image-1").decrypt_gcm(b"\0" * 12, ct, b"") == b"data"
+    # The programmer's copy cannot decrypt (PROGRAMMER_IMAGE_KEY); licensed, it opens ct.
+    imported = prog.secret_key("image-1")
+    with pytest.raises(KeyPolicyError, match="not allowed to decrypt"):
+        imported.decrypt_gcm(b"\0" * 12, ct, b"")
+    assert AESGCM(licensed_value(prog, imported)).decrypt(b"\0" * 12, ct, b"") == b"data"
     with pytest.raises(ReplayError):
         receiver.receive(msg)
 
