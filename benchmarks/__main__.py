@@ -185,7 +185,8 @@ def bench_image(log: Any) -> dict[str, Any]:
 
 
 def _ledger_items(n: int, key: Any, job: bytes) -> Iterator[tuple[str, bytes]]:
-    """A valid ledger of ``n`` records, a signed checkpoint every BATCH records, lazily."""
+    """A valid closed ledger of ``n`` records, a signed checkpoint every BATCH records and
+    the close record, lazily."""
     from securethread.formats import ledger
 
     prev, seq = job, 0
@@ -207,6 +208,10 @@ def _ledger_items(n: int, key: Any, job: bytes) -> Iterator[tuple[str, bytes]]:
             prev = head
         seq += k
         yield "c", ledger.sign_checkpoint(key, job=job, upto=seq - 1, head=prev, time=1)
+    totals = ledger.LedgerTotals(
+        records=n, provisioned=n, programmed=0, head=prev, quota=max(n, 1), quota_used=n
+    )
+    yield "e", ledger.sign_close(key, ledger.CloseRecord.of(totals, job=job, time=2))
 
 
 def bench_ledger(sizes: list[int], reps: int, work: Path, log: Any) -> dict[str, Any]:

@@ -1,195 +1,390 @@
 """Reconciliation (flow 9): the OEM checks a ledger the programmer returned.
 
-Checks, in one streaming pass over the ledger export:
+The OEM reconciles against *its own* records -- the signed job it issued, its root, the
+programmer's identity certificate it certified, the job's production CA certificate it
+issued, the manifest the job names -- never against what the returned export carries.
+Checks, each of which either runs or fails (none is skipped), in one streaming pass:
 
-* the signed job is the OEM's own (officer signatures) and the ledger belongs to it;
-* chain and signed checkpoints (:func:`securethread.ledger.iter_verified`);
-* count of provisioned devices <= quota; every slot < quota;
-* no device and no certificate serial appears twice; every serial encodes this job and the
-  record's slot;
-* every device certificate chains to the OEM root under this job's production CA;
-* every "programmed" record follows a "provisioned" one for the same device and slot, and
-  its boot confirmation verifies under that device's certificate key.
+* the issued job verifies under the officers at the OEM's M-of-N floor, and the export
+  carries the same job (same identity, :func:`~securethread.formats.job.job_hash`);
+* the programmer identity certificate is the one the job names (fingerprint) and
+  validates under the OEM root; the ledger-signing certificate validates under the OEM
+  root with the ledger-signing purpose and names the same programmer enclave;
+* the production CA certificate is bound to the job (its job id; its validity inside the
+  job's window) and validates under the root (at every record's time);
+* the manifest is the one the job names (its SHA-256);
+* chain, checkpoints and close record (:class:`~securethread.formats.ledger.LedgerReader`):
+  no record is acted on before the checkpoint covering it verified, and a ledger cut
+  anywhere or whose close record says otherwise is refused; the close record's quota is
+  the job's;
+* per provisioned record: time inside the job window, slot < quota, count <= quota,
+  device id inside the job's targets, no device twice, the certificate names the record's
+  device id, no chip key certified twice, serial unique and encoding this job and the
+  record's slot, certificate chains root -> this production CA -> device;
+* per programmed record: follows the provisioned record of the same device and slot,
+  once, and its boot confirmation verifies under that device's certified key and reports
+  this device and the job's image (:mod:`securethread.formats.boot`).
 
-The result is a :class:`ReconciliationReport` with a human and a machine-readable form; any
-failure raises a :class:`~securethread.errors.VerificationError` naming the first bad
-record.
+Any failure raises a :class:`ReconciliationError` (a
+:class:`~securethread.errors.LedgerError`) naming the first bad record where there is one.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import BinaryIO
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import Error, LedgerError
-from securethread.formats import ledger
-from securethread.formats.job import ProductionJob, job_hash, verify_job
+from securethread.formats import envelope, ledger
+from securethread.formats.boot import BootConfirmationError, verify_recorded_boot_confirmation
+from securethread.formats.image import MANIFEST_KIND, Manifest
+from securethread.formats.job import ProductionJob, VerifiedJob, job_hash, verify_job_signatures
+from securethread.keys.ecutil import spki_der
+from securethread.pki import (
+    DeviceChainValidator,
+    EnclavePurpose,
+    cert_fingerprint,
+    device_id_of,
+    job_id_of,
+    job_tag,
+    parse_device_serial,
+    untrusted,
+    validate_enclave_certificate,
+)
 
-#: Verifies a boot confirmation given the device certificate; raises on failure.
-BootCheck = Callable[[x509.Certificate, bytes], None]
+PROGRAMMER_ROLE = "programmer"
+
+
+class ReconciliationError(LedgerError):
+    """A returned ledger does not reconcile with the OEM's own records."""
+
+
+class WrongJobError(ReconciliationError):
+    """The export carries another job than the one the OEM issued."""
+
+
+class LedgerSignerError(ReconciliationError):
+    """The ledger-signing certificate is not the OEM-certified ledger key of the programmer
+    enclave the job names (or the programmer certificate is not the one the job names)."""
+
+
+class ProductionCAError(ReconciliationError):
+    """The production CA certificate is not the one bound to this job."""
 
 
 @attrs.frozen
 class ReconciliationReport:
     job_id: str
+    job_sha256: str
+    programmer: str
     quota: int
+    quota_used: int
     records: int
     provisioned: int
     programmed: int
     checkpoints: int
     first_time: int | None
     last_time: int | None
+    closed_at: int
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self) | {"reconciled": True}, sort_keys=True)
 
     def human(self) -> str:
         return (
-            f"job {self.job_id}: ledger of {self.records} records verified "
+            f"job {self.job_id} ({self.job_sha256[:16]}): closed ledger of {self.records} "
+            f"records from programmer {self.programmer} verified "
             f"({self.checkpoints} signed checkpoints)\n"
-            f"  provisioned {self.provisioned} of quota {self.quota}; "
-            f"programmed {self.programmed}\n"
-            "  no duplicate device or serial; every certificate chains to the OEM root\n"
-            "  through the job's production CA"
+            f"  provisioned {self.provisioned} of quota {self.quota} "
+            f"({self.quota_used} slots counted); programmed {self.programmed}, every boot "
+            "confirmation verified\n"
+            "  every device in the job's targets, once, one key each; every certificate\n"
+            "  chains to the OEM root through the job's production CA"
         )
 
 
 def reconcile(
-    job_signed: bytes,
+    issued_job: bytes,
+    export_job: bytes,
     items: Iterable[tuple[str, bytes]],
     *,
-    officers: Mapping[bytes, ec.EllipticCurvePublicKey],
-    programmer: bytes,
-    ledger_key: ec.EllipticCurvePublicKey,
+    officers: Mapping[bytes, ec.EllipticCurvePublicKey] | Iterable[ec.EllipticCurvePublicKey],
+    min_threshold: int,
     root_cert: x509.Certificate,
+    programmer_cert: x509.Certificate,
+    ledger_cert: x509.Certificate,
     production_ca_cert: x509.Certificate,
-    boot_check: BootCheck | None = None,
+    manifest: bytes,
+    at: datetime.datetime | None = None,
 ) -> ReconciliationReport:
-    """Verify a returned ledger against the job it claims; raise naming the first bad record."""
-    from securethread.pki import DeviceChainValidator, job_id_of, parse_device_serial
-    from securethread.pki import job_tag as tag_of
+    """Verify a returned ledger against the job the OEM issued; raise naming the first
+    bad record.
 
-    # The job may have expired by now: reconciliation checks it was valid when issued.
-    body_job = _verified_job_any_time(job_signed, officers=officers, programmer=programmer)
-    jh = job_hash(job_signed)
-    job_id = body_job.job_id
-    if job_id_of(production_ca_cert) != job_id:
-        raise LedgerError(f"production CA certificate is not for job {job_id}")
-    tag = tag_of(job_id)
-    devices: dict[str, int] = {}
-    programmed: set[str] = set()
-    serials: set[int] = set()
-    certs: dict[str, x509.Certificate] = {}
-    first_t: int | None = None
-    last_t: int | None = None
-    # Each certificate is validated at its record's time.  A batch's records share one time,
-    # so one validator (production CA checked against the root once) serves a whole batch.
-    validator: DeviceChainValidator | None = None
-    validator_t: int | None = None
-    n = prov = prog = 0
-    checkpoints = 0
-
-    def counted(it: Iterable[tuple[str, bytes]]) -> Iterable[tuple[str, bytes]]:
-        nonlocal checkpoints
-        for item in it:
-            checkpoints += item[0] == "c"
-            yield item
-
-    for rec in ledger.iter_verified(counted(items), job=jh, ledger_key=ledger_key):
-        i = rec.index
-        body = rec.body
-        n += 1
-        t = body["time"]
-        first_t = t if first_t is None else first_t
-        last_t = t
-        device_id = rec.device_id
-        slot = rec.slot
-        if not isinstance(slot, int) or not 0 <= slot < body_job.quota:
-            raise LedgerError(f"ledger record {i}: slot {slot!r} is outside the quota", index=i)
-        if rec.kind == ledger.KIND_PROVISIONED:
-            prov += 1
-            if prov > body_job.quota:
-                raise LedgerError(f"ledger record {i}: quota of {body_job.quota} exceeded", index=i)
-            if device_id in devices:
-                raise LedgerError(f"ledger record {i}: device {device_id} appears twice", index=i)
-            try:
-                cert = x509.load_der_x509_certificate(body["cert"])
-            except ValueError:
-                raise LedgerError(f"ledger record {i}: certificate is not DER", index=i) from None
-            serial = cert.serial_number
-            if serial in serials:
-                raise LedgerError(f"ledger record {i}: serial {serial:#x} appears twice", index=i)
-            try:
-                parsed = parse_device_serial(serial)
-                if parsed.job_tag != tag or parsed.sequence != slot:
-                    raise LedgerError(
-                        f"ledger record {i}: serial does not encode this job and slot {slot}",
-                        index=i,
-                    )
-                if validator is None or validator_t != t:
-                    validator = DeviceChainValidator(
-                        production_ca_cert,
-                        root_cert,
-                        at=datetime.datetime.fromtimestamp(t, datetime.UTC),
-                        job_id=job_id,
-                    )
-                    validator_t = t
-                validator.validate(cert)
-            except LedgerError:
-                raise
-            except Error as exc:
-                raise LedgerError(f"ledger record {i}: {exc}", index=i) from None
-            devices[device_id] = slot
-            serials.add(serial)
-            if boot_check is not None:
-                certs[device_id] = cert
-        else:
-            prog += 1
-            if devices.get(device_id) != slot:
-                raise LedgerError(
-                    f"ledger record {i}: device {device_id} programmed but not provisioned",
-                    index=i,
-                )
-            if device_id in programmed:
-                raise LedgerError(
-                    f"ledger record {i}: device {device_id} programmed twice", index=i
-                )
-            programmed.add(device_id)
-            if boot_check is not None:
-                try:
-                    boot_check(certs[device_id], body["boot"])
-                except Error as exc:
-                    raise LedgerError(
-                        f"ledger record {i}: boot confirmation fails: {exc}", index=i
-                    ) from None
+    ``issued_job`` is the signed job from the OEM's own records; ``export_job`` and
+    ``items`` are what :func:`ledger.read_export` returned.  ``officers``/``min_threshold``
+    are the OEM's officer keys and M-of-N floor; ``programmer_cert`` the identity
+    certificate the OEM issued to the programmer enclave the job names; ``ledger_cert`` the
+    ledger-signing certificate (from the OEM's records or the programmer: it is validated
+    here); ``production_ca_cert`` the job's production CA the OEM certified; ``manifest``
+    the signed manifest the job names.  Enclave certificates are validated at ``at``
+    (default: now), device certificates at each record's time.
+    """
+    verified = verify_job_signatures(issued_job, officers=officers, min_threshold=min_threshold)
+    try:
+        same = hmac.compare_digest(job_hash(export_job), verified.sha256)
+    except Error as exc:
+        raise WrongJobError(f"the ledger export's job is malformed: {exc}") from None
+    if not same:
+        raise WrongJobError(
+            f"the ledger export carries another job than job {verified.job.job_id} the OEM issued"
+        )
+    enclave, ledger_key = _ledger_signer(
+        verified.job, root_cert, programmer_cert, ledger_cert, at=at
+    )
+    _check_production_ca(verified.job, production_ca_cert)
+    image = _job_manifest(verified.job, manifest)
+    check = _RecordChecks(verified, root_cert, production_ca_cert, image)
+    reader = ledger.LedgerReader(job=verified.sha256, ledger_key=ledger_key)
+    for rec in reader.records(items):
+        check.record(rec)
+    close = reader.close
+    assert close is not None  # LedgerReader.records raises if the ledger is not closed
+    if close.quota != verified.job.quota:
+        raise ReconciliationError(
+            f"ledger close record states a quota of {close.quota}, "
+            f"the job's is {verified.job.quota}"
+        )
     return ReconciliationReport(
-        job_id=job_id,
-        quota=body_job.quota,
-        records=n,
-        provisioned=prov,
-        programmed=prog,
-        checkpoints=checkpoints,
-        first_time=first_t,
-        last_time=last_t,
+        job_id=verified.job.job_id,
+        job_sha256=verified.sha256.hex(),
+        programmer=enclave,
+        quota=verified.job.quota,
+        quota_used=close.quota_used,
+        records=reader.count,
+        provisioned=reader.provisioned,
+        programmed=reader.programmed,
+        checkpoints=reader.checkpoints,
+        first_time=check.first_time,
+        last_time=check.last_time,
+        closed_at=close.time,
     )
 
 
-def _verified_job_any_time(
-    job_signed: bytes, *, officers: Mapping[bytes, ec.EllipticCurvePublicKey], programmer: bytes
-) -> ProductionJob:
-    from securethread.formats import envelope
-    from securethread.formats.job import JOB_KIND
-
-    body = envelope.open_envelope(job_signed, kind=JOB_KIND, keys=officers)
-    job = ProductionJob.from_obj(body)
-    return verify_job(
-        job_signed,
+def reconcile_export(
+    src: BinaryIO,
+    *,
+    issued_job: bytes,
+    officers: Mapping[bytes, ec.EllipticCurvePublicKey] | Iterable[ec.EllipticCurvePublicKey],
+    min_threshold: int,
+    root_cert: x509.Certificate,
+    programmer_cert: x509.Certificate,
+    ledger_cert: x509.Certificate,
+    production_ca_cert: x509.Certificate,
+    manifest: bytes,
+    at: datetime.datetime | None = None,
+) -> ReconciliationReport:
+    """:func:`reconcile` a ledger export read (streamed) from ``src``."""
+    export_job, items = ledger.read_export(src)
+    return reconcile(
+        issued_job,
+        export_job,
+        items,
         officers=officers,
-        programmer=programmer,
-        now=job.not_before,
-    ).job
+        min_threshold=min_threshold,
+        root_cert=root_cert,
+        programmer_cert=programmer_cert,
+        ledger_cert=ledger_cert,
+        production_ca_cert=production_ca_cert,
+        manifest=manifest,
+        at=at,
+    )
+
+
+# --- what is checked before the first record ------------------------------------------------
+
+
+def _ledger_signer(
+    job: ProductionJob,
+    root: x509.Certificate,
+    programmer_cert: x509.Certificate,
+    ledger_cert: x509.Certificate,
+    *,
+    at: datetime.datetime | None,
+) -> tuple[str, ec.EllipticCurvePublicKey]:
+    """The ledger key, once its certificate is the OEM-certified ledger-signing key of the
+    programmer enclave the job names; returns the enclave's name and the key."""
+    if not hmac.compare_digest(cert_fingerprint(programmer_cert), job.programmer):
+        raise LedgerSignerError(
+            f"the programmer certificate given is not the enclave job {job.job_id} names"
+        )
+    try:
+        validate_enclave_certificate(
+            programmer_cert, root, purpose=EnclavePurpose.IDENTITY, role=PROGRAMMER_ROLE, at=at
+        )
+    except Error as exc:
+        raise LedgerSignerError(f"programmer certificate: {exc}") from None
+    try:
+        validate_enclave_certificate(
+            ledger_cert, root, purpose=EnclavePurpose.LEDGER_SIGNING, role=PROGRAMMER_ROLE, at=at
+        )
+    except Error as exc:
+        raise LedgerSignerError(f"ledger-signing certificate not trusted: {exc}") from None
+    if ledger_cert.subject != programmer_cert.subject:
+        raise LedgerSignerError(
+            f"ledger-signing certificate is for {ledger_cert.subject.rfc4514_string()}, "
+            f"the job names {programmer_cert.subject.rfc4514_string()}"
+        )
+    key = ledger_cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # pragma: no cover - profile checked
+        raise LedgerSignerError("ledger-signing certificate holds no EC key")
+    cn = ledger_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(cn[0].value), key
+
+
+def _check_production_ca(job: ProductionJob, pca: x509.Certificate) -> None:
+    """The production CA is the one certified for this job: its subject names the job's id
+    and its validity starts inside the job's window (certify_production_ca starts it with
+    the job).  Every device certificate must moreover carry this job's tag in its serial
+    (checked per record), which no production CA of another job can give it."""
+    try:
+        pca_job = job_id_of(pca)
+    except Error as exc:
+        raise ProductionCAError(f"production CA certificate names no job: {exc}") from None
+    if pca_job != job.job_id:
+        raise ProductionCAError(f"production CA is for job {pca_job!r}, not {job.job_id!r}")
+    nb = int(pca.not_valid_before_utc.timestamp())
+    if not job.not_before <= nb < job.not_after:
+        raise ProductionCAError(
+            f"production CA validity starts at {nb}, not inside job {job.job_id}'s window "
+            f"{job.not_before}..{job.not_after}: not the CA certified for this job"
+        )
+
+
+def _job_manifest(job: ProductionJob, manifest: bytes) -> Manifest:
+    """The manifest the job names (its hash is in the officer-signed job)."""
+    if not hmac.compare_digest(hashlib.sha256(manifest).digest(), job.manifest_sha256):
+        raise ReconciliationError(f"the manifest given is not the one job {job.job_id} names")
+    kind, body, _signers = envelope.peek_body(manifest)  # authenticated by the hash above
+    if kind != MANIFEST_KIND:
+        raise ReconciliationError(f"job {job.job_id} names a {kind!r}, not a manifest")
+    return Manifest.from_body(body)
+
+
+# --- per record -------------------------------------------------------------------------------
+
+
+class _RecordChecks:
+    """The per-record checks, with the little state they need (constant per device)."""
+
+    def __init__(
+        self,
+        verified: VerifiedJob,
+        root: x509.Certificate,
+        pca: x509.Certificate,
+        manifest: Manifest,
+    ) -> None:
+        self.job = verified.job
+        self.root = root
+        self.pca = pca
+        self.manifest = manifest
+        self.identity = verified.sha256
+        self.tag = job_tag(verified.sha256)
+        self.devices: dict[str, tuple[int, ec.EllipticCurvePublicKey]] = {}
+        self.programmed: set[str] = set()
+        self.serials: set[int] = set()
+        self.chip_keys: set[bytes] = set()
+        self.provisioned = 0
+        self.first_time: int | None = None
+        self.last_time: int | None = None
+        # A batch's records share one time: one validator (production CA checked against
+        # the root once) serves a whole batch.
+        self._validator: DeviceChainValidator | None = None
+        self._validator_t: int | None = None
+
+    def record(self, rec: ledger.LedgerRecord) -> None:
+        t = rec.time
+        self.first_time = t if self.first_time is None else self.first_time
+        self.last_time = t
+        if not rec.slot < self.job.quota:
+            raise _bad(rec, f"slot {rec.slot} is outside the quota")
+        if rec.kind == ledger.KIND_PROVISIONED:
+            self._provisioned(rec)
+        else:
+            self._programmed(rec)
+
+    def _provisioned(self, rec: ledger.LedgerRecord) -> None:
+        job, device_id, slot = self.job, rec.device_id, rec.slot
+        self.provisioned += 1
+        if self.provisioned > job.quota:
+            raise _bad(rec, f"quota of {job.quota} exceeded")
+        if not job.not_before <= rec.time < job.not_after:
+            raise _bad(rec, f"provisioned at {rec.time}, outside the job's window")
+        if device_id not in job.targets:
+            raise _bad(rec, f"device {device_id} is outside the job's targets")
+        if device_id in self.devices:
+            raise _bad(rec, f"device {device_id} appears twice")
+        try:
+            cert = untrusted.load_certificate(rec.body["cert"], what="device certificate")
+            if device_id_of(cert) != device_id:
+                raise _bad(rec, f"certificate is for device {device_id_of(cert)}, not {device_id}")
+            key = cert.public_key()
+            assert isinstance(key, ec.EllipticCurvePublicKey)  # untrusted: EC keys only
+            chip = hashlib.sha256(spki_der(key)).digest()
+            if chip in self.chip_keys:
+                raise _bad(rec, "chip key already certified for another device")
+            serial = cert.serial_number
+            if serial in self.serials:
+                raise _bad(rec, f"serial {serial:#x} appears twice")
+            parsed = parse_device_serial(serial)
+            if parsed.job_tag != self.tag or parsed.sequence != slot:
+                raise _bad(rec, f"serial does not encode this job and slot {slot}")
+            self._validator_at(rec.time).validate(cert)
+        except LedgerError:
+            raise
+        except Error as exc:
+            raise _bad(rec, str(exc)) from None
+        self.devices[device_id] = (slot, key)
+        self.chip_keys.add(chip)
+        self.serials.add(serial)
+
+    def _validator_at(self, t: int) -> DeviceChainValidator:
+        if self._validator is None or self._validator_t != t:
+            self._validator = DeviceChainValidator(
+                self.pca,
+                self.root,
+                at=datetime.datetime.fromtimestamp(t, datetime.UTC),
+                job_id=self.job.job_id,
+                job_tag=self.identity,
+            )
+            self._validator_t = t
+        return self._validator
+
+    def _programmed(self, rec: ledger.LedgerRecord) -> None:
+        device_id = rec.device_id
+        known = self.devices.get(device_id)
+        if known is None or known[0] != rec.slot:
+            raise _bad(rec, f"device {device_id} programmed but not provisioned")
+        if device_id in self.programmed:
+            raise _bad(rec, f"device {device_id} programmed twice")
+        try:
+            verify_recorded_boot_confirmation(
+                rec.body["boot"],
+                device_public_key=known[1],
+                device_id=device_id,
+                manifest=self.manifest,
+            )
+        except BootConfirmationError as exc:
+            raise _bad(rec, f"boot confirmation fails: {exc}") from None
+        self.programmed.add(device_id)
+
+
+def _bad(rec: ledger.LedgerRecord, why: str) -> ReconciliationError:
+    return ReconciliationError(f"ledger record {rec.index}: {why}", index=rec.index)

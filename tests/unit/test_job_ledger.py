@@ -6,6 +6,7 @@ import io
 import time
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import (
     FormatError,
@@ -55,7 +56,7 @@ def make_job(**kw: object) -> ProductionJob:
     return ProductionJob(**args)  # type: ignore[arg-type]
 
 
-def officers(b: SoftwareBackend, *names: str) -> dict[bytes, object]:
+def officers(b: SoftwareBackend, *names: str) -> dict[bytes, ec.EllipticCurvePublicKey]:
     return {fingerprint(b.public_key(n)): b.public_key(n) for n in names}
 
 

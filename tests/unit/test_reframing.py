@@ -20,10 +20,16 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from securethread.errors import Error, QuotaExceededError, VerificationError
+from securethread.errors import (
+    Error,
+    ImageError,
+    LedgerError,
+    QuotaExceededError,
+    VerificationError,
+)
 from securethread.formats import cbor, envelope, ledger
 from securethread.formats.boot import BootConfirmationError, open_boot_confirmation
-from securethread.formats.image import ImageError, verify_manifest
+from securethread.formats.image import verify_manifest
 from securethread.formats.job import (
     JOB_KIND,
     ProductionJob,
@@ -217,7 +223,7 @@ def test_high_s_twin_of_a_checkpoint_is_refused(keys: SoftwareBackend) -> None:
     )  # fmt: skip
     ((_r, _s, raw, head),) = ledger.chain([rec], job=job, start_seq=0, prev=job)
     cp = ledger.sign_checkpoint(key, job=job, upto=0, head=head, time=1)
-    with pytest.raises(ledger.LedgerError, match="high s"):
+    with pytest.raises(LedgerError, match="high s"):
         ledger.verify_open_ledger(
             [("r", raw), ("c", _twin(cp))], job=job, ledger_key=key.public_key()
         )
