@@ -395,8 +395,8 @@ class ProductionLine:
     def _sort_known(
         self, accepted: list[tuple[DevicePort, Identity]], refused: list[Refused]
     ) -> tuple[list[tuple[DevicePort, Identity]], list[tuple[DevicePort, Identity, Release]]]:
-        """New devices; devices counted before and not programmed (to recover); the rest
-        were provisioned and programmed already and are refused."""
+        """New devices; devices counted by an earlier run and not programmed (to recover);
+        the rest were provisioned already (and programmed, or in flight in this run)."""
         ids = [i.device_id for _, i in accepted]
         known = self._store.known_devices(self._job_hash, ledger.KIND_PROVISIONED, ids)
         pending = self._store.unprogrammed(self._job_hash, sorted(known)) if known else {}
@@ -414,6 +414,15 @@ class ProductionLine:
                         did,
                         AlreadyProvisionedError(
                             f"device {did} was already provisioned and programmed under this job"
+                        ),
+                    )
+                )
+            elif rel.run == self._run:
+                refused.append(
+                    Refused(
+                        did,
+                        AlreadyProvisionedError(
+                            f"device {did} was provisioned earlier in this run (met twice)"
                         ),
                     )
                 )

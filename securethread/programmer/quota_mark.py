@@ -27,8 +27,9 @@ creates generation ``gen + 1`` and then destroys all but the two newest; a write
 leaves the previous generation, still a valid lower bound.
 
 What the mark detects: a store deleted, emptied, replaced by another store, or by a copy
-taken before the last mark write; a store swapped while a run is going on is detected at
-the run's next block or at its end.  What it cannot detect: a copy taken after the last
+taken before the last mark write.  A file replaced while a run has the store open is not
+seen by that run (it goes on with the file it opened, and the mark follows that file), so
+the next run refuses the replacement.  What it cannot detect: a copy taken after the last
 mark write (within the current block of a run that was then killed: restoring it would
 count again at most the ``block`` slots reserved since); the token and the store restored
 together from one backup; a mark destroyed by someone holding the token's PIN (the store
@@ -169,7 +170,7 @@ class QuotaMark:
     def advance(self, state: StoreState, upto: int) -> int:
         """Write a new generation from ``state`` covering reservations up to ``upto``
         slots (plus one block); destroy all but the two newest.  Checks ``state`` against
-        the current mark first: a store swapped during a run stops it here."""
+        the current mark first (another store, an older one: refused)."""
         objs = self._objects()
         current = max(
             (m for _o, m in objs if m is not None), key=lambda m: m.generation, default=None

@@ -105,8 +105,9 @@ class SbmInterface(Protocol):
     """What the line sends to its chips' Secure Boot Manager and checks from it (picklable:
     built by the caller from the device format, used in every worker)."""
 
-    def packager(self) -> Packager:
-        """Provisioning data for a device, from its certificate's DER."""
+    def packager(self, job_sha256: bytes) -> Packager:
+        """Provisioning data for a device of job ``job_sha256`` (the job identity the line
+        opened), from the device certificate's DER."""
         ...
 
     def boot_verifier(self, manifest: Manifest) -> BootVerifier:
@@ -395,7 +396,7 @@ class _Line:
                 manifest=manifest,
             ),
             ledger_key=token.private_key(labels.ledger_signing),
-            packager=config.sbm.packager(),
+            packager=config.sbm.packager(job.sha256),
             batch_size=config.batch_size,
             guard=mark,
             run=run_id,

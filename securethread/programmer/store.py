@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS releases (      -- provisioned, programming not yet r
     certificate  BLOB NOT NULL,
     provisioning BLOB NOT NULL,
     license      BLOB NOT NULL,
+    run          BLOB NOT NULL,         -- the run that released it
     PRIMARY KEY (job, device_id)
 );
 CREATE TABLE IF NOT EXISTS records (
@@ -164,13 +165,14 @@ UNGUARDED = Unguarded()
 
 @attrs.frozen
 class Release:
-    """What was released to a device whose programming is not recorded yet."""
+    """What was released to a device whose programming is not recorded yet (by ``run``)."""
 
     device_id: str
     slot: int
     certificate: bytes  # DER
     provisioning: bytes
     license: bytes
+    run: bytes = b""
 
 
 @attrs.frozen
@@ -478,11 +480,14 @@ class SQLiteStore:
         marks = ",".join("?" * len(device_ids))
         with self._errors("read released devices"):
             rows = self._db.execute(
-                "SELECT device_id, slot, certificate, provisioning, license FROM releases"
+                "SELECT device_id, slot, certificate, provisioning, license, run FROM releases"
                 f" WHERE job = ? AND device_id IN ({marks})",
                 (job, *device_ids),
             ).fetchall()
-        return {r[0]: Release(r[0], r[1], bytes(r[2]), bytes(r[3]), bytes(r[4])) for r in rows}
+        return {
+            r[0]: Release(r[0], r[1], bytes(r[2]), bytes(r[3]), bytes(r[4]), bytes(r[5]))
+            for r in rows
+        }
 
     def unprogrammed_summary(self, job: bytes, *, limit: int = 100) -> tuple[int, list[str]]:
         """How many devices of the job are provisioned but not programmed; the first ids."""
@@ -558,10 +563,11 @@ class SQLiteStore:
                 )
             kept = [releases[p.device_id] for p in provisioned if p.device_id in releases]
             db.executemany(
-                "INSERT INTO releases (job, device_id, slot, certificate, provisioning, license)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO releases"
+                " (job, device_id, slot, certificate, provisioning, license, run)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (job, r.device_id, r.slot, r.certificate, r.provisioning, r.license)
+                    (job, r.device_id, r.slot, r.certificate, r.provisioning, r.license, run)
                     for r in kept
                 ],
             )

@@ -25,6 +25,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,11 +91,12 @@ class SbmForTests:
     oem_root: bytes
     device_trust: bytes
 
-    def packager(self) -> Packager:
+    def packager(self, job_sha256: bytes) -> Packager:
         return ProvisioningData.packager(
             production_ca_certificate=x509.load_der_x509_certificate(self.production_ca),
             oem_root_certificate=x509.load_der_x509_certificate(self.oem_root),
             device_trust=self.device_trust,
+            job_sha256=job_sha256,
         )
 
     def boot_verifier(self, manifest: Manifest) -> BootVerifier:
@@ -143,6 +145,7 @@ class LoggedPort:
     def program(self, manifest: bytes, image: BinaryIO, license: bytes, nonce: bytes) -> bytes:
         boot = bytes(self.dev.program(manifest, image, license, nonce))
         _note(self._log, "programmed.log", self.dev.device_id)
+        _note(self._log, "licenses.log", f"{self.dev.device_id}:{ledger.sha256(license).hex()}")
         return boot
 
 
@@ -260,12 +263,14 @@ _counts: dict[str, int] = {}
 class FaultAt:
     """At the ``nth`` passage of ``point`` in one process: ``kill`` this process (SIGKILL),
     ``term`` / ``int`` the leader (SIGTERM / SIGINT, as an operator would), ``int-group``
-    (SIGINT to the whole process group, as a terminal's Ctrl-C), or ``kill-leader``."""
+    (SIGINT to the whole process group, as a terminal's Ctrl-C), ``kill-leader``, or
+    ``pause`` until the test opens the gate."""
 
     point: str
     nth: int = 1
     action: str = "kill"
     leader: int = 0
+    gate: str = ""  # ``pause``: write <gate>.paused, wait until <gate> exists
 
     def __call__(self, point: str) -> None:
         if point != self.point:
@@ -283,6 +288,10 @@ class FaultAt:
             os.killpg(os.getpgid(0), signal.SIGINT)
         elif self.action == "kill-leader":
             os.kill(self.leader, signal.SIGKILL)
+        elif self.action == "pause":
+            Path(self.gate + ".paused").write_text(str(os.getpid()))
+            while not os.path.exists(self.gate):
+                time.sleep(0.02)
 
 
 # --- the world ------------------------------------------------------------------------------------
@@ -375,13 +384,7 @@ class World:
         )  # fmt: skip
         install_certificate(prog, self.labels.production_ca, pca)
         self.pca = pca
-        trust = sign_device_trust(
-            DeviceTrust(job_id=JOB_ID, device_class=DEVICE_CLASS,
-                        firmware_signing_key=fw.public_key(),
-                        min_security_counter=SECURITY_COUNTER),
-            root_key,
-        )  # fmt: skip
-        self.sbm = SbmForTests(_der(pca), _der(root), trust)
+        self._root_key, self._fw = root_key, fw
         self.vendor = SiliconVendor()
         self.specs = make_chips(
             self.vendor,
@@ -409,6 +412,13 @@ class World:
             signed, officers=[o.public_key() for o in self.officers],
             programmer=self.programmer_fp, min_threshold=2,
         )  # fmt: skip
+        trust = sign_device_trust(
+            DeviceTrust(job_id=JOB_ID, job_sha256=verified.sha256, device_class=DEVICE_CLASS,
+                        firmware_signing_key=self._fw.public_key(),
+                        min_security_counter=SECURITY_COUNTER),
+            self._root_key,
+        )  # fmt: skip
+        sbm = SbmForTests(_der(self.pca), _der(self.root), trust)
         jdir = self.dir / f"job-{n}"
         jdir.mkdir()
         cfg = RunConfig(
@@ -416,7 +426,7 @@ class World:
             image=str(self.image), store=str(jdir / "store.sqlite"),
             certificates=str(jdir / "devices"), production_ca=_der(self.pca),
             device_profile=DeviceProfile(organisation="securethread tests"),
-            vendor_roots=(_der(self.vendor.root_certificate),), sbm=self.sbm,
+            vendor_roots=(_der(self.vendor.root_certificate),), sbm=sbm,
             labels=self.labels, **config,
         )  # fmt: skip
         assert isinstance(self.ledger_key, ec.EllipticCurvePublicKey)
@@ -433,6 +443,8 @@ class LedgerView:
     provisioned: dict[str, int]  # device id -> provisioning records
     programmed: dict[str, int]
     slots: list[int]
+    certificates: dict[str, bytes]  # device id -> DER in its provisioning record
+    licenses: dict[str, str]  # device id -> license SHA-256 (hex) in its provisioning record
 
 
 def ledger_view(job: Job) -> LedgerView:
@@ -448,13 +460,43 @@ def ledger_view(job: Job) -> LedgerView:
     prov: dict[str, int] = {}
     prog: dict[str, int] = {}
     slots: list[int] = []
+    certs: dict[str, bytes] = {}
+    lics: dict[str, str] = {}
     reader = ledger.LedgerReader(job=job.job_hash, ledger_key=job.ledger_key)
     for rec in reader.records_so_far(items):
         into = prov if rec.kind == ledger.KIND_PROVISIONED else prog
         into[rec.device_id] = into.get(rec.device_id, 0) + 1
         if rec.kind == ledger.KIND_PROVISIONED:
             slots.append(rec.slot)
-    return LedgerView(quota, used, prov, prog, slots)
+            certs[rec.device_id] = bytes(rec.body["cert"])
+            lics[rec.device_id] = bytes(rec.body["license_sha256"]).hex()
+    return LedgerView(quota, used, prov, prog, slots, certs, lics)
+
+
+def check_settled(job: Job) -> LedgerView:
+    """After a run that ended normally: the ledger verifies; every device that received
+    secrets is in it once (S4); every provisioned device is programmed, with the license its
+    record names; every slot counted is used by a record (none stranded); each device's
+    certificate file is the certificate in its record."""
+    import ssl
+
+    view = ledger_view(job)
+    released = set(job.log("released.log"))
+    assert released <= set(view.provisioned), released - set(view.provisioned)
+    assert all(n == 1 for n in view.provisioned.values())
+    assert all(n == 1 for n in view.programmed.values())
+    assert set(view.programmed) == set(view.provisioned)
+    assert view.used == len(view.provisioned) <= view.quota
+    assert sorted(view.slots) == sorted(set(view.slots))
+    for entry in job.log("licenses.log"):
+        device_id, _, digest = entry.partition(":")
+        assert view.licenses[device_id] == digest, f"{device_id} got another license"
+    devices = Path(job.config.certificates)
+    for device_id, der in view.certificates.items():
+        pem = (devices / f"{device_id}.pem").read_text()
+        assert ssl.PEM_cert_to_DER_cert(pem) == der
+    assert not list(devices.glob(".*.tmp"))
+    return view
 
 
 def file_digest(path: Path) -> str:

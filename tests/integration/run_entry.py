@@ -2,6 +2,8 @@
 
 ``python -m tests.integration.run_entry SETUP [--fault POINT:N[:ACTION]] [--workers N]``
 
+(ACTION ``pause`` waits at the fault point until the file ``SETUP.go`` exists.)
+
 SETUP is ``Job.dump``'s pickle of (RunConfig, devices).  The hook
 (:class:`tests.integration.line_support.FaultAt`) is installed here, outside the library's
 production path, and reaches worker processes with the configuration.  Every process that
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fault:
         point, _, rest = args.fault.partition(":")
         nth, _, action = rest.partition(":")
-        inner = FaultAt(point, int(nth or 1), action or "kill", os.getpid())
+        inner = FaultAt(point, int(nth or 1), action or "kill", os.getpid(), args.setup + ".go")
     hook = NotingFault(args.setup + ".pids", inner)
     try:
         result = runner.run(config, devices, faults=hook)
