@@ -182,18 +182,27 @@ class KeyEntry:
     def from_key(
         cls, key: PrivateKey | SecretKey, *, attributes: Mapping[str, Any] | None = None
     ) -> KeyEntry:
-        """Describe a backend key; SENSITIVE/EXTRACTABLE come from the backend, not the caller.
+        """Describe a backend key with its full attribute set, read from the backend.
 
-        The backend's ``policy_report()`` is the truth the auditor needs, so a caller-given
-        attribute that contradicts it is refused rather than recorded.
+        Every storage, key and usage attribute the token reports for the key object
+        (``token``, ``private``, ``modifiable``, ``copyable``, ``destroyable``,
+        ``sensitive``, ``extractable``, ``always-sensitive``, ``never-extractable``,
+        ``local``, ``encrypt``, ``decrypt``, ``sign``, ``verify``, ``wrap``, ``unwrap``,
+        ``derive``; docs/transcript.md) is recorded: the backend's ``policy_report()`` is
+        the truth the auditor needs, so a caller-given attribute that contradicts it -- or a
+        caller-given ``usage`` list other than the usages the token reports -- is refused
+        rather than recorded.
         """
         report = key.policy_report()
-        reported: dict[str, Any] = {
-            "sensitive": report.sensitive,
-            "extractable": report.extractable,
-            "always-sensitive": report.always_sensitive,
-            "never-extractable": report.never_extractable,
-        }
+        reported: dict[str, Any] = report.attributes()
+        claimed = (attributes or {}).get("usage")
+        if claimed is not None and (
+            isinstance(claimed, str) or sorted(claimed) != sorted(report.usages)
+        ):
+            raise KeyPolicyError(
+                f"key {key.label!r}: usage {claimed!r} contradicts the backend, which "
+                f"reports {list(report.usages)!r}"
+            )
         fp: bytes | None = None
         if isinstance(key, PrivateKey):
             fp = fingerprint(key.public_key())

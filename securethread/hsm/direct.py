@@ -10,8 +10,11 @@ the module python-pkcs11 already loaded (``dlopen`` of the same path returns the
 instance), with python-pkcs11's session and object handles.
 
 Nothing here decides a key attribute: the templates are :func:`.policy.secret_template`
-of ``TEMP_DERIVE`` and ``TEMP_WRAP`` (session objects, sensitive, never extractable); the
-token enforces each key's usage attributes itself (``CKR_KEY_FUNCTION_NOT_PERMITTED``).
+of ``TEMP_DERIVE`` and ``TEMP_WRAP``, in its order (session objects, sensitive, never
+extractable, non-modifiable, non-copyable; Z may only derive, the KEK only wrap); the token
+enforces each key's usage attributes itself (``CKR_KEY_FUNCTION_NOT_PERMITTED``).  The key
+wrapped is the programmer's PROGRAMMER_IMAGE_KEY, which has no usage: C_WrapKey needs only
+its CKA_EXTRACTABLE.
 Structures follow PKCS#11 v2.40 Base Specification §3 (CK_MECHANISM, CK_ATTRIBUTE) and the
 Current Mechanisms document ("EC mechanism parameters": CK_ECDH1_DERIVE_PARAMS; "Key
 derivation by data encryption": CK_KEY_DERIVATION_STRING_DATA); CK_ULONG is ``unsigned long``

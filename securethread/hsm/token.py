@@ -51,9 +51,11 @@ from .filestore import FileStore
 from .module import default_module_path, load_module, module_store, reload_module
 from .pin import PinCallback, resolve_pin
 from .policy import (
+    REPORT_ATTRIBUTES,
     Curve,
     KeyPolicy,
     PolicyReport,
+    certificate_template,
     private_template,
     public_template,
     report_from_attributes,
@@ -61,12 +63,6 @@ from .policy import (
 )
 from .uri import PKCS11URI
 
-_POLICY_ATTRS = [
-    Attribute.SENSITIVE,
-    Attribute.EXTRACTABLE,
-    Attribute.ALWAYS_SENSITIVE,
-    Attribute.NEVER_EXTRACTABLE,
-]
 _EC_OIDS = {
     Curve.P256: encode_named_curve_parameters("secp256r1"),
     Curve.P384: encode_named_curve_parameters("secp384r1"),
@@ -131,10 +127,12 @@ def _get_token(lib: Any, label: str, store: FileStore | None, module_path: str) 
 
 
 def key_id_for(public: ec.EllipticCurvePublicKey) -> bytes:
-    """CKA_ID = SHA-1 of the public point, RFC 5280 §4.2.1.2 method (1).
+    """SHA-1 of the public point, RFC 5280 §4.2.1.2 method (1): the certificates'
+    SubjectKeyIdentifier.
 
-    The same value is the certificate's SubjectKeyIdentifier, so tools that pair keys and
-    certificates by CKA_ID (pkcs11-tool, OpenSSL engines) pair ours.
+    Not the CKA_ID of generated pairs: the point exists only after generation, and a
+    non-modifiable key cannot be given an attribute afterwards (PKCS#11 v3.0 §4.4), so
+    :meth:`Token.generate_ec` puts a random CKA_ID in the creation template instead.
     """
     return hashlib.sha1(point_of(public)).digest()  # noqa: S324 - an identifier, not a MAC
 
@@ -250,10 +248,13 @@ class Token:
     ) -> HsmPrivateKey:
         """Generate an EC key pair inside the token under ``policy`` (S1).
 
-        Persistent keys get CKA_ID = SHA-1(public point) unless ``key_id`` is given.
+        Persistent keys get a random 20-byte CKA_ID unless ``key_id`` is given; it is in the
+        creation template of both halves, which are non-modifiable (docs/keys.md).
         """
         if policy.persistent and self._exists(ObjectClass.PRIVATE_KEY, label):
             raise DuplicateObjectError(f"token {self.name!r} already has a key {label!r}")
+        if key_id is None and policy.persistent:
+            key_id = os.urandom(20)
         session = self.session
         with self._objects_lock, _p11(f"generate EC key {label!r}"):
             params = session.create_domain_parameters(
@@ -267,10 +268,6 @@ class Token:
                 private_template=private_template(policy),
             )
             public = public_from_point(curve, OctetString.load(pub[Attribute.EC_POINT]).native)
-            if key_id is None and policy.persistent:
-                key_id = key_id_for(public)
-                pub[Attribute.ID] = key_id
-                priv[Attribute.ID] = key_id
         key = HsmPrivateKey(
             self,
             label=label,
@@ -380,8 +377,7 @@ class Token:
                 {
                     Attribute.CLASS: ObjectClass.CERTIFICATE,
                     Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: False,
+                    **certificate_template(),
                     Attribute.LABEL: label,
                     Attribute.ID: key_id,
                     Attribute.SUBJECT: certificate.subject.public_bytes(),
@@ -573,8 +569,9 @@ class HsmPrivateKey:
         return CryptographyKeyAdapter(self)
 
     def policy_report(self) -> PolicyReport:
+        attributes = REPORT_ATTRIBUTES[ObjectClass.PRIVATE_KEY]
         with _p11(f"read attributes of {self.label!r}"):
-            return report_from_attributes(self._obj().get_attributes(_POLICY_ATTRS))
+            return report_from_attributes(self._obj().get_attributes(attributes))
 
     def destroy(self) -> None:
         if self._handle is None:
@@ -710,8 +707,9 @@ class HsmSecretKey:
         return token.secret_key(label)
 
     def policy_report(self) -> PolicyReport:
+        attributes = REPORT_ATTRIBUTES[ObjectClass.SECRET_KEY]
         with _p11(f"read attributes of {self.label!r}"):
-            return report_from_attributes(self._obj().get_attributes(_POLICY_ATTRS))
+            return report_from_attributes(self._obj().get_attributes(attributes))
 
     def destroy(self) -> None:
         if self._handle is None:

@@ -2,13 +2,14 @@
 in memory, with ``cryptography``.
 
 A real fake for unit tests of pure logic, and the baseline that measures the cost of the
-HSM boundary.  It enforces the same key policy (usages, extractability) so code that
-works here works on a token; it is *not* a place to keep production secrets.
+HSM boundary.  It enforces the same key policy (each usage, extractability) and reports the
+same attributes as SoftHSM does for a key of the same policy and origin (generated, derived
+or unwrapped), so code that works here works on a token; it is *not* a place to keep
+production secrets.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 
@@ -35,6 +36,42 @@ from securethread.keys.ecutil import (
 from securethread.keys.policy import TEMP_DERIVE, TEMP_WRAP, Curve, KeyPolicy, PolicyReport, Usage
 
 
+def _report(
+    policy: KeyPolicy, *, private_key: bool, local: bool, always_sensitive: bool, never: bool
+) -> PolicyReport:
+    """What SoftHSM reports for a key made under ``policy`` from the templates of
+    :mod:`securethread.hsm.policy` (PKCS#11 v3.0 §4.4, §4.9-4.10).
+
+    ``always_sensitive``/``never``: whether its value was always sensitive / never
+    extractable before this key (False for an unwrapped key; a derived key inherits its
+    base's).  CKA_ENCRYPT/VERIFY/WRAP do not exist on an EC private key: False.
+    """
+    u = policy.usage
+    return PolicyReport(
+        token=policy.persistent,
+        private=True,
+        modifiable=False,
+        copyable=False,
+        destroyable=True,
+        sensitive=True,
+        extractable=policy.transferable,
+        always_sensitive=always_sensitive,
+        never_extractable=never and not policy.transferable,
+        local=local,
+        encrypt=not private_key and bool(u & Usage.ENCIPHER),
+        decrypt=not private_key and bool(u & Usage.DECIPHER),
+        sign=bool(u & (Usage.SIGN if private_key else Usage.MAC)),
+        verify=False,
+        wrap=not private_key and bool(u & Usage.WRAP_KEY),
+        unwrap=not private_key and bool(u & Usage.UNWRAP_KEY),
+        derive=bool(u & Usage.DERIVE),
+    )
+
+
+def _lineage(base: PolicyReport) -> tuple[bool, bool]:
+    return base.always_sensitive, base.never_extractable
+
+
 def _ecdh_key_bytes(shared: bytes) -> bytes:
     # SoftHSM 2.6 with CKD_NULL truncates Z to the key length from the leading end
     # (it keeps the rightmost bytes); for P-256 Z is exactly 32 bytes.
@@ -42,7 +79,7 @@ def _ecdh_key_bytes(shared: bytes) -> bytes:
 
 
 class SoftwareSecretKey:
-    __slots__ = ("_backend", "label", "key_id", "_value", "_policy", "_aead")
+    __slots__ = ("_backend", "label", "key_id", "_value", "_policy", "_aead", "_report")
 
     def __init__(
         self,
@@ -52,13 +89,25 @@ class SoftwareSecretKey:
         key_id: bytes,
         value: bytes,
         policy: KeyPolicy,
+        origin: tuple[bool, bool] | None = None,
     ) -> None:
+        """``origin``: (always sensitive, never extractable) of where the value came from --
+        the base key of a derivation, ``(False, False)`` for an unwrapped value, ``None``
+        for a key generated here."""
+        policy.check_secret()  # same usage checks as the token
         self._backend = backend
         self.label = label
         self.key_id = key_id
         self._value = value
         self._policy = policy
         self._aead = AESGCM(value)
+        self._report = _report(
+            policy,
+            private_key=False,
+            local=origin is None,
+            always_sensitive=origin is None or origin[0],
+            never=origin is None or origin[1],
+        )
 
     def __repr__(self) -> str:
         return f"<SoftwareSecretKey {self.label or '(temporary)'}>"
@@ -68,18 +117,18 @@ class SoftwareSecretKey:
             raise KeyPolicyError(f"key {self.label!r} is not allowed to {what}")
 
     def encrypt_gcm(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        self._require(Usage.ENCRYPT, "encrypt")
+        self._require(Usage.ENCIPHER, "encrypt")
         return self._aead.encrypt(nonce, plaintext, aad)
 
     def decrypt_gcm(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-        self._require(Usage.ENCRYPT, "decrypt")
+        self._require(Usage.DECIPHER, "decrypt")
         try:
             return self._aead.decrypt(nonce, ciphertext, aad)
         except InvalidTag:
             raise DecryptionError("AES-GCM authentication failed") from None
 
     def cmac(self, data: bytes) -> bytes:
-        self._require(Usage.ENCRYPT, "compute a CMAC")
+        self._require(Usage.MAC, "compute a CMAC")
         c = cmac.CMAC(algorithms.AES(self._value))
         c.update(data)
         return c.finalize()
@@ -90,10 +139,10 @@ class SoftwareSecretKey:
             raise ValueError("CKM_AES_ECB_ENCRYPT_DATA input must be 32 bytes for AES-256")
         enc = Cipher(algorithms.AES(self._value), modes.ECB()).encryptor()
         value = enc.update(data) + enc.finalize()
-        return self._backend._add_secret(label, b"", value, policy)
+        return self._backend._add_secret(label, b"", value, policy, origin=_lineage(self._report))
 
     def wrap(self, key: object) -> bytes:
-        self._require(Usage.WRAP, "wrap")
+        self._require(Usage.WRAP_KEY, "wrap")
         if not isinstance(key, SoftwareSecretKey):
             raise KeyPolicyError("can only wrap a secret key of the same backend")
         if not key._policy.transferable:
@@ -103,20 +152,17 @@ class SoftwareSecretKey:
     def unwrap(
         self, wrapped: bytes, *, label: str, key_id: bytes, policy: KeyPolicy
     ) -> SoftwareSecretKey:
-        self._require(Usage.WRAP, "unwrap")
+        self._require(Usage.UNWRAP_KEY, "unwrap")
         try:
             value = keywrap.aes_key_unwrap_with_padding(self._value, wrapped)
         except keywrap.InvalidUnwrap:
             raise DecryptionError("wrapped key fails the RFC 5649 integrity check") from None
         if len(value) != 32:
             raise DecryptionError("unwrapped key is not an AES-256 key")
-        return self._backend._add_secret(label, key_id, value, policy)
+        return self._backend._add_secret(label, key_id, value, policy, origin=(False, False))
 
     def policy_report(self) -> PolicyReport:
-        t = self._policy.transferable
-        return PolicyReport(
-            sensitive=True, extractable=t, always_sensitive=True, never_extractable=not t
-        )
+        return self._report
 
     def destroy(self) -> None:
         self._backend._secrets.pop(self.label, None)
@@ -172,7 +218,9 @@ class SoftwarePrivateKey:
         if curve_of(peer) is not self.curve:
             raise KeyPolicyError(f"peer key is not on {self.curve.value}")
         shared = self._key.exchange(ec.ECDH(), peer)
-        return self._backend._add_secret(label, b"", _ecdh_key_bytes(shared), policy)
+        return self._backend._add_secret(
+            label, b"", _ecdh_key_bytes(shared), policy, origin=_lineage(self.policy_report())
+        )
 
     def agree_and_wrap(
         self, peer: ec.EllipticCurvePublicKey, kdf_input: bytes, key: object
@@ -192,9 +240,8 @@ class SoftwarePrivateKey:
         return CryptographyKeyAdapter(self)
 
     def policy_report(self) -> PolicyReport:
-        t = self._policy.transferable
-        return PolicyReport(
-            sensitive=True, extractable=t, always_sensitive=True, never_extractable=not t
+        return _report(
+            self._policy, private_key=True, local=True, always_sensitive=True, never=True
         )
 
     def destroy(self) -> None:
@@ -215,9 +262,17 @@ class SoftwareBackend:
         return f"<SoftwareBackend {self.name!r}>"
 
     def _add_secret(
-        self, label: str, key_id: bytes, value: bytes, policy: KeyPolicy
+        self,
+        label: str,
+        key_id: bytes,
+        value: bytes,
+        policy: KeyPolicy,
+        *,
+        origin: tuple[bool, bool] | None = None,
     ) -> SoftwareSecretKey:
-        key = SoftwareSecretKey(self, label=label, key_id=key_id, value=value, policy=policy)
+        key = SoftwareSecretKey(
+            self, label=label, key_id=key_id, value=value, policy=policy, origin=origin
+        )
         if policy.persistent:
             with self._lock:
                 if label in self._secrets:
@@ -231,9 +286,8 @@ class SoftwareBackend:
         policy.check_private()  # same usage checks as the token
         raw = ec.generate_private_key(curve_object(curve))
         if key_id is None:
-            from securethread.keys.ecutil import point_of
-
-            key_id = hashlib.sha1(point_of(raw.public_key())).digest() if policy.persistent else b""  # noqa: S324
+            # A random CKA_ID, as the token gives (it must be in the creation template).
+            key_id = os.urandom(20) if policy.persistent else b""
         key = SoftwarePrivateKey(self, label=label, key_id=key_id, key=raw, policy=policy)
         if policy.persistent:
             with self._lock:

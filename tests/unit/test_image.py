@@ -13,7 +13,7 @@ import os
 import attrs
 import pytest
 
-from securethread.errors import ConfigurationError, ImageError, SignatureError
+from securethread.errors import ConfigurationError, ImageError, KeyPolicyError, SignatureError
 from securethread.formats import cbor
 from securethread.formats.image import (
     MAGIC,
@@ -115,7 +115,9 @@ def test_round_trip(key, soft, size: int) -> None:  # type: ignore[no-untyped-de
     # with and without the manifest, with the software key and with the backend key
     assert _decrypt(soft, blob, m) == data
     assert _decrypt(soft, blob) == data
-    assert _decrypt(key, blob, m) == data
+    # The OEM's image key only encrypts (IMAGE_KEY): nothing at the OEM decrypts.
+    with pytest.raises(KeyPolicyError, match="not allowed to decrypt"):
+        _decrypt(key, blob, m)
 
 
 def test_nonce_prefix_is_fresh_per_image(key) -> None:  # type: ignore[no-untyped-def]

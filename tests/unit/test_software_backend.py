@@ -117,7 +117,7 @@ def test_derive_ecb_matches_aes_ecb(sw: SoftwareBackend) -> None:
 
 
 def test_gcm_round_trip_and_bad_tag(sw: SoftwareBackend) -> None:
-    key = sw.generate_aes("img", policy=IMAGE_KEY)
+    key = sw.generate_aes("img", policy=KeyPolicy(usage=Usage.ENCRYPT))
     nonce = os.urandom(12)
     ct = key.encrypt_gcm(nonce, b"firmware", b"hdr")
     assert key.decrypt_gcm(nonce, ct, b"hdr") == b"firmware"
@@ -131,7 +131,9 @@ def test_wrap_unwrap_round_trip_and_integrity(sw: SoftwareBackend) -> None:
     image = sw.generate_aes("img", policy=IMAGE_KEY)
     wrapped = kek.wrap(image)
     assert len(wrapped) == 40  # RFC 5649: 32-byte key + 8-byte integrity block
-    copy = kek.unwrap(wrapped, label="img-copy", key_id=b"\x01", policy=IMAGE_KEY)
+    copy = kek.unwrap(
+        wrapped, label="img-copy", key_id=b"\x01", policy=KeyPolicy(usage=Usage.DECIPHER)
+    )
     nonce = os.urandom(12)
     assert copy.decrypt_gcm(nonce, image.encrypt_gcm(nonce, b"x", b""), b"") == b"x"
     tampered = wrapped[:-1] + bytes([wrapped[-1] ^ 1])
