@@ -26,7 +26,7 @@ from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_d
 from securethread.formats.identity import IdentityVerifier, new_challenge
 from securethread.formats.image import DEFAULT_CHUNK_SIZE, master_image, verify_manifest
 from securethread.formats.license import LicenseIssuer, WrongDeviceLicenseError
-from securethread.hsm import IMAGE_KEY, SIGNING, Curve, KeyPolicy, Usage
+from securethread.hsm import IMAGE_KEY, PROGRAMMER_IMAGE_KEY, SIGNING, Curve, KeyPolicy, Usage
 from securethread.keys.policy import EPHEMERAL_AGREEMENT
 from securethread.pki import (
     DeviceCertificateIssuer,
@@ -49,7 +49,7 @@ def _transfer_image_key(oem: Any, programmer: Any, image_key: Any, label: str) -
     kp = ep.derive_aes(eo.public_key(), policy=_TEMP_KEK)
     try:
         wrapped = ko.wrap(image_key)
-        return kp.unwrap(wrapped, label=label, key_id=image_key.key_id, policy=IMAGE_KEY)
+        return kp.unwrap(wrapped, label=label, key_id=image_key.key_id, policy=PROGRAMMER_IMAGE_KEY)
     finally:
         for k in (ko, kp, eo, ep):
             k.destroy()
@@ -244,4 +244,4 @@ def test_programmer_image_key_policy(plant) -> None:  # type: ignore[no-untyped-
     assert report.sensitive
     report.check(transferable=True)
     with pytest.raises(KeyPolicyError):
-        key.wrap(key)  # an ENCRYPT-only key is not a wrapping key
+        key.wrap(key)  # the programmer's copy has no usage: it is not a wrapping key
