@@ -64,6 +64,7 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     from securethread.formats.image import ImageHeader, decrypt_image, verify_manifest
     from securethread.formats.job import verify_job
     from securethread.formats.license import open_license
+    from securethread.formats.reconciliation import reconcile_export
     from securethread.formats.transcript import verify_transcript
     from securethread.hsm.uri import PKCS11URI
     from securethread.keys.ecutil import load_spki
@@ -124,22 +125,11 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
 
     add("ledger_export", ledger_export, cost=4)
     def reconciliation(d: bytes) -> None:
-        from securethread.formats import reconciliation as rec
-
-        if hasattr(rec, "reconcile_export"):
-            rec.reconcile_export(
-                io.BytesIO(d), issued_job=ctx["job_signed"], officers=ctx["officers"],
-                min_threshold=2, root_cert=root, programmer_cert=pki.prog_id,
-                ledger_cert=pki.ledger, production_ca_cert=pki.pca,
-                manifest=ctx["manifest_signed"],
-            )  # fmt: skip
-        else:
-            job, items = ledger.read_export(io.BytesIO(d))
-            rec.reconcile(
-                job, items, officers=ctx["officers"], programmer=_job_programmer(w),
-                ledger_key=pki.prog.public_key("ledger"), root_cert=root,
-                production_ca_cert=pki.pca,
-            )  # fmt: skip
+        reconcile_export(
+            io.BytesIO(d), issued_job=ctx["job_signed"], officers=ctx["officers"],
+            min_threshold=2, root_cert=root, programmer_cert=pki.prog_id,
+            ledger_cert=pki.ledger, production_ca_cert=pki.pca, manifest=ctx["manifest_signed"],
+        )  # fmt: skip
 
     add("reconciliation", reconciliation, cost=8)
     add("identification", lambda d: identity.verify(d, challenge=ctx["challenge"]), cost=2)

@@ -285,13 +285,17 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     seeds["job"] = [job_signed]
     seeds["envelope"] = [job_signed, manifest]
     ctx.update(job_signed=job_signed, officers=officer_keys)
+    verified = verify_job(
+        job_signed, officers=officer_keys, programmer=job.programmer, min_threshold=2
+    )
 
     # Device trust, chips, the production line (identification, provisioning, licenses,
     # programming, boot confirmations, the ledger), through the library's own pipeline.
     trust = sign_device_trust(
         DeviceTrust(
-            job_id=JOB_ID, device_class=DEVICE_CLASS,
-            firmware_signing_key=fw.public_key(), min_security_counter=2,
+            job_id=JOB_ID, job_sha256=verified.sha256,
+            device_class=DEVICE_CLASS, firmware_signing_key=fw.public_key(),
+            min_security_counter=2,
         ),
         rk,
     )  # fmt: skip
@@ -302,16 +306,14 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     seeds["identification"] = [c.identify(challenge) for c in chips[:2]]
     ctx.update(vendor=vendor, challenge=challenge, chips=chips, root_hash=root_hash)
     ident = IdentityVerifier([vendor.root_certificate])
-    verified = verify_job(
-        job_signed, officers=officer_keys, programmer=job.programmer, min_threshold=2
-    )
     licenses = LicenseIssuer(
         ka_key=prog.private_key("ka"), ka_certificate=pki.ka,
         signing_key=prog.private_key("lic"), signing_certificate=pki.lic,
         image_key=image_key, manifest=m,
     )  # fmt: skip
     packager = ProvisioningData.packager(
-        production_ca_certificate=pki.pca, oem_root_certificate=pki.root, device_trust=trust
+        production_ca_certificate=pki.pca, oem_root_certificate=pki.root, device_trust=trust,
+        job_sha256=verified.sha256,
     )
     tmp = Path(tempfile.mkdtemp(prefix="securethread-fuzz-"))
     store = SQLiteStore(tmp / "production.sqlite")
@@ -357,10 +359,7 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     )  # fmt: skip
     ctx.update(boot_nonce=boots[0][1], device=chips[0], device_cert=first.certificate)
     job_hash = verified.sha256
-    if hasattr(store, "close_job"):  # the ledger close record (formats/ledger.py)
-        store.close_job(
-            job_hash, ledger.close_signer(prog.private_key("ledger"), job=job_hash, time=t)
-        )
+    store.close_job(job_hash, ledger.close_signer(prog.private_key("ledger"), job=job_hash, time=t))
     buf = io.BytesIO()
     ledger.write_export(buf, job_signed, store.export(job_hash))
     store.close()
@@ -452,12 +451,6 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     return World(pki=pki, seeds=seeds, ring=ring, ctx=ctx)
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(fn).parameters
-
-
 class _Channel:
     """Fresh deterministic endpoints, and the handshake replayed up to any state."""
 
@@ -468,10 +461,9 @@ class _Channel:
         pki = self.pki
         oem, prog = DeterministicBackend("oem-ch"), DeterministicBackend("programmer-ch")
         # The identity keys are the PKI's: the channel backends hold only ephemerals.
-        extra = {"expected_peer": pki.prog_id} if _accepts(OemChannel, "expected_peer") else {}
         o = OemChannel(
             oem, identity_key=pki.oem.private_key("id"), identity_cert=pki.oem_id,
-            root_cert=pki.root, **extra,
+            root_cert=pki.root, expected_peer=pki.prog_id,
         )  # fmt: skip
         p = ProgrammerChannel(
             prog, identity_key=pki.prog.private_key("id"), identity_cert=pki.prog_id,
