@@ -29,9 +29,10 @@ from securethread.errors import FormatError, JobError, NotTargetedError, Signatu
 from securethread.formats import envelope
 from securethread.keys.ecutil import fingerprint
 from securethread.keys.protocol import PrivateKey
+from securethread.pki.profile import DeviceProfile
 
 JOB_KIND = "job"
-JOB_VERSION = 1
+JOB_VERSION = 2
 MAX_JOB_SIZE = 1 << 20
 MAX_TARGET_ENTRIES = 10_000
 MAX_QUOTA = 1 << 40
@@ -132,15 +133,17 @@ class ProductionJob:
     not_after: int
     image_id: str = attrs.field(validator=lambda _i, _a, v: _check_name(v, "image id"))
     manifest_sha256: bytes
-    certificate_profile: str = "device-p256-v1"
-    certificate_days: int = 3650
+    #: The device certificate profile: subject fields and the devices' notAfter (docs/pki.md).
+    certificate: DeviceProfile
+    #: SHA-256 of the job's production-CA certificate (DER): binds the CA to this job.
+    production_ca: bytes
     programmer: bytes  # SHA-256 fingerprint of the programmer enclave identity certificate
     threshold: int = 1
     version: int = JOB_VERSION
 
     def __attrs_post_init__(self) -> None:
         # Exact types (S6): a bool is not an int here, bytearray is not bytes.
-        for name in ("version", "not_before", "not_after", "threshold", "certificate_days"):
+        for name in ("version", "not_before", "not_after", "threshold"):
             if not _is_int(getattr(self, name)):
                 raise FormatError(f"job: {name} must be an integer")
         if not isinstance(self.targets, Targets):
@@ -151,19 +154,17 @@ class ProductionJob:
             raise JobError(f"job quota must be between 1 and {MAX_QUOTA}, got {self.quota!r}")
         if not 0 <= self.not_before < self.not_after < 1 << 63:
             raise JobError("job validity window is empty or out of range")
-        if (
-            type(self.manifest_sha256) is not bytes
-            or type(self.programmer) is not bytes
-            or len(self.manifest_sha256) != 32
-            or len(self.programmer) != 32
+        if any(
+            type(v) is not bytes or len(v) != 32
+            for v in (self.manifest_sha256, self.programmer, self.production_ca)
         ):
-            raise FormatError("job: manifest hash and programmer fingerprint are 32 bytes")
+            raise FormatError(
+                "job: manifest hash, production-CA hash and programmer fingerprint are 32 bytes"
+            )
+        if not isinstance(self.certificate, DeviceProfile):
+            raise FormatError("job: certificate must be a DeviceProfile")
         if not 1 <= self.threshold <= 16:
             raise JobError("job threshold must be between 1 and 16")
-        if not 1 <= self.certificate_days <= 36500:
-            raise JobError("job certificate validity must be 1..36500 days")
-        if self.certificate_profile != "device-p256-v1":
-            raise JobError(f"unknown certificate profile {self.certificate_profile!r}")
 
     def to_obj(self) -> dict[str, Any]:
         return {
@@ -176,8 +177,8 @@ class ProductionJob:
             "not_after": self.not_after,
             "image_id": self.image_id,
             "manifest_sha256": self.manifest_sha256,
-            "certificate_profile": self.certificate_profile,
-            "certificate_days": self.certificate_days,
+            "certificate": self.certificate.to_map(),
+            "production_ca": self.production_ca,
             "programmer": self.programmer,
             "threshold": self.threshold,
         }
@@ -194,8 +195,8 @@ class ProductionJob:
             "not_after",
             "image_id",
             "manifest_sha256",
-            "certificate_profile",
-            "certificate_days",
+            "certificate",
+            "production_ca",
             "programmer",
             "threshold",
         }
@@ -212,8 +213,8 @@ class ProductionJob:
                 not_after=obj["not_after"],
                 image_id=obj["image_id"],
                 manifest_sha256=obj["manifest_sha256"],
-                certificate_profile=obj["certificate_profile"],
-                certificate_days=obj["certificate_days"],
+                certificate=DeviceProfile.from_map(obj["certificate"]),
+                production_ca=obj["production_ca"],
                 programmer=obj["programmer"],
                 threshold=obj["threshold"],
             )

@@ -49,6 +49,7 @@ from securethread.pki import (
     create_production_ca_csr,
     create_root_ca,
 )
+from securethread.pki.profile import DeviceProfile
 from securethread.programmer.line import ProductionLine, Provisioned
 from securethread.programmer.store import SQLiteStore
 from tests.fuzz.mutate import Keyring
@@ -279,6 +280,8 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         not_before=int(nb.timestamp()), not_after=int(na.timestamp()),
         image_id=IMAGE_ID, manifest_sha256=hashlib.sha256(manifest).digest(),
         programmer=hashlib.sha256(_der(pki.prog_id)).digest(), threshold=2,
+        certificate=DeviceProfile(organisation="Fuzz OEM"),
+        production_ca=hashlib.sha256(_der(pki.pca)).digest(),
     )  # fmt: skip
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
     officer_keys = {fingerprint(k.public_key()): k.public_key() for k in officers}

@@ -36,7 +36,7 @@ from securethread.pki import (
     create_production_ca_csr,
     create_root_ca,
 )
-from securethread.pki.profile import ORGANIZATION
+from securethread.pki.profile import ORGANIZATION, DeviceProfile
 
 JOB_ID = "reconcile-job"
 BASE = 0x1000
@@ -258,6 +258,7 @@ def make_world(label: str = "w") -> World:
         quota=QUOTA, not_before=int(window[0].timestamp()), not_after=int(window[1].timestamp()),
         image_id="img", manifest_sha256=hashlib.sha256(manifest_signed).digest(),
         programmer=cert_fingerprint(programmer_cert), threshold=2,
+        certificate=DeviceProfile(organisation="Test OEM"), production_ca=cert_fingerprint(pca),
     )  # fmt: skip
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
     issuer = device_issuer(b, "pca", pca, job_id=JOB_ID, identity=job_hash(job_signed))

@@ -26,6 +26,7 @@ from securethread.formats.job import (
 )
 from securethread.formats.ledger import LedgerNotClosedError
 from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
+from securethread.pki.profile import DeviceProfile
 from securethread.programmer.store import JobClosedError, SQLiteStore
 
 PROGRAMMER = b"\x11" * 32
@@ -51,6 +52,8 @@ def make_job(**kw: object) -> ProductionJob:
         image_id="fw-1",
         manifest_sha256=b"\x22" * 32,
         programmer=PROGRAMMER,
+        certificate=DeviceProfile(organisation="Test OEM"),
+        production_ca=b"\x33" * 32,
     )
     args.update(kw)
     return ProductionJob(**args)  # type: ignore[arg-type]

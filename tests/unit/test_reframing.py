@@ -41,6 +41,7 @@ from securethread.formats.job import (
 )
 from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
 from securethread.keys.protocol import PrivateKey
+from securethread.pki.profile import DeviceProfile
 from securethread.programmer.store import SQLiteStore
 
 PROGRAMMER = b"\x11" * 32
@@ -66,6 +67,7 @@ def _job(**kw: Any) -> ProductionJob:
         job_id="job-1", device_class="sensor-v1", targets=Targets(ranges=((0x1000, 0x1FFF),)),
         quota=5, not_before=now - 60, not_after=now + 3600, image_id="fw-1",
         manifest_sha256=b"\x22" * 32, programmer=PROGRAMMER, threshold=2,
+        certificate=DeviceProfile(organisation="Test OEM"), production_ca=b"\x33" * 32,
     )  # fmt: skip
     args.update(kw)
     return ProductionJob(**args)
