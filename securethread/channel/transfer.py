@@ -624,11 +624,13 @@ class KeyReceiver:
         try:
             tid = staged.message.transfer_id
             _verify_commit_message(data, COMMIT_TYPE, s, tid, staged.ack_digest)
+            # The reply first: once the keys are stored, nothing may fail any more.
+            reply = _commit_message(COMMITTED_TYPE, s, tid, staged.ack_digest)
             keys = _commit_entries(s.backend, s.wrap_key, staged.message.entries)
         finally:
             _destroy_quietly(staged.copies)
         self.imported.extend(keys)
-        return _commit_message(COMMITTED_TYPE, s, tid, staged.ack_digest)
+        return reply
 
     def abort(self) -> None:
         """Drop an acknowledged but uncommitted transfer: nothing was stored."""
