@@ -21,10 +21,10 @@ settings.register_profile(
     database=None,
     derandomize=True,
     suppress_health_check=list(HealthCheck),
-    max_examples=2000,
+    max_examples=1200,
 )
 settings.register_profile("dev", parent=settings.get_profile("ci"), derandomize=False,
-                          max_examples=20000)  # fmt: skip
+                          max_examples=12000)  # fmt: skip
 PROFILE = os.environ.get("SECURETHREAD_FUZZ_PROFILE", "ci")
 
 

@@ -49,7 +49,6 @@ from securethread.pki import (
     create_production_ca_csr,
     create_root_ca,
 )
-from securethread.pki.profile import DeviceProfile
 from securethread.programmer.line import ProductionLine, Provisioned
 from securethread.programmer.store import SQLiteStore
 from tests.fuzz.mutate import Keyring
