@@ -258,7 +258,7 @@ def test_connection_dropped_leaves_both_sides_unchanged(
     pki: Pki, oem: Token, programmer: Token, drop_after: int
 ) -> None:
     labels = image_keys(oem, 2)
-    before = object_census(programmer)
+    before, oem_before = object_census(programmer), object_census(oem)
     side, address = serve(pki)
     proxy = FrameProxy(address, drop_after=drop_after)
     with pytest.raises(TransportError) as oem_error:
@@ -269,6 +269,7 @@ def test_connection_dropped_leaves_both_sides_unchanged(
     assert isinstance(side.error(), ConnectionDroppedError)
     assert len(proxy.frames) == drop_after
     assert object_census(programmer) == before  # no key, no session object left behind
+    assert object_census(oem) == oem_before  # no ephemeral or session key left either
     # A fresh session on a fresh connection goes through.
     side, address = serve(pki)
     sent = send(pki, address, labels)
@@ -469,7 +470,8 @@ def test_programmer_times_out_waiting_for_the_commit(
     commit arrived and says so."""
     labels = image_keys(oem, 1)
     before = object_census(programmer)
-    side, address = serve(pki, timeout=FAST)
+    # Long enough for every step before the commit, even on a loaded machine.
+    side, address = serve(pki, timeout=2)
     proxy = FrameProxy(address, stall_after=6)
     with pytest.raises(CommitUnconfirmedError):
         send(pki, proxy.address, labels, timeout=30)
