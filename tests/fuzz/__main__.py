@@ -3,7 +3,7 @@
 A plain seeded mutation loop (no hypothesis, no shrinking) over every target; prints, per
 target, the inputs run, how many were accepted, the securethread.Error classes seen and the
 number of non-Error exceptions, which must be 0.  Inputs that raised one are written to
-``--save`` (default ``fuzz-failures/``) with the exception, so they can be replayed.
+``--save`` (default ``$TMPDIR/securethread-fuzz-failures``), so they can be replayed.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import tempfile
 import time
 import traceback
 import zlib
@@ -51,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inputs", type=int, default=10_000, help="inputs per target")
     ap.add_argument("--target", action="append", help="run only this target (repeatable)")
     ap.add_argument("--seed", type=int, default=1, help="mutation seed (reproducible runs)")
-    ap.add_argument("--save", type=Path, default=Path("fuzz-failures"))
+    ap.add_argument(
+        "--save", type=Path, default=Path(tempfile.gettempdir()) / "securethread-fuzz-failures",
+        help="where inputs that raised a non-Error exception are written",
+    )
     ap.add_argument("--list", action="store_true", help="list the targets and exit")
+    ap.add_argument("--replay", type=Path, help="run --target on this one input, show the outcome")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -65,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in targets]
     if unknown:
         ap.error(f"unknown target(s) {unknown}; --list shows them")
+    if args.replay is not None:
+        if not args.target or len(args.target) != 1:
+            ap.error("--replay needs exactly one --target")
+        outcome = run_one(targets[args.target[0]], args.replay.read_bytes())
+        if outcome.error is not None:
+            traceback.print_exception(outcome.error)
+        print(f"{args.target[0]}: {outcome.kind}")
+        return 1 if outcome.error is not None else 0
     print(f"world built in {time.monotonic() - t0:.1f}s; {args.inputs} inputs per target, "
           f"seed {args.seed}", flush=True)  # fmt: skip
     print(f"{'target':20} {'inputs':>8} {'accepted':>8} {'non-Error':>9} {'s':>7}  "
