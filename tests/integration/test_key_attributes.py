@@ -243,6 +243,10 @@ def test_every_object_matches_the_docs_table(
     assert missing_rows(report, EXPECTED[(token_label, party)]) == []
     assert len(report.objects) == len(EXPECTED[(token_label, party)])
     assert all(o.placement is not None for o in report.objects)
+    # Both halves and the certificate share the key's random CKA_ID: pkcs11-tool pairs them.
+    for label in {o.label for o in report.objects}:
+        ids = {o.key_id for o in report.objects if o.label == label}
+        assert len(ids) == 1 and len(ids.pop()) in (32, 40), label  # AES: 16, EC: 20 bytes
 
 
 def test_the_programmers_image_keys_are_wrap_only(parties: Parties, token_dir: Any) -> None:
