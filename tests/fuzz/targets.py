@@ -203,7 +203,7 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
         for key in receipt.keys:  # keep the receiver's backend as it was for the next input
             pki.prog.destroy(key.label)
 
-    add("sealed_package", sealed_package, cost=4)
+    add("sealed_package", sealed_package, cost=4, xfail=_wrapped_entry_bug())
 
     def certificate(d: bytes) -> None:
         cert = untrusted.load_certificate(d, what="certificate")
@@ -246,6 +246,23 @@ def _ledger_kind_bug() -> str | None:
         return None
     except TypeError:
         return "formats/ledger.py parse_record: TypeError on an unhashable kind ({'kind': {}})"
+    return None
+
+
+def _wrapped_entry_bug() -> str | None:
+    """A known non-Error escape in channel/transfer.py (reported to its owner): a wrapped-key
+    entry whose ``usage`` is a list or map raises TypeError (unhashable).  Reached only behind
+    the OEM's signature (the fuzz world re-signs mutated packages)."""
+    from securethread.channel.transfer import WrappedEntry
+
+    entry = {"label": "k", "key_id": b"\x01", "usage": [], "transferable": True,
+             "wrapped": bytes(40), "kcv": bytes(8)}  # fmt: skip
+    try:
+        WrappedEntry.from_cbor(entry)
+    except Error:
+        return None
+    except TypeError:
+        return "channel/transfer.py WrappedEntry: TypeError on an unhashable usage ([])"
     return None
 
 
