@@ -4,9 +4,11 @@
   the CSR of a production-CA key the programmer generated in its token for that job, in an
   envelope signed by the programmer's identity key (which the OEM certified at onboarding).
 * **Job package** (OEM -> programmer, ``job-package``): the signed job, the production-CA
-  certificate and the signed manifest.  The package itself carries no signature: each
-  part authenticates itself (officers sign the job, the OEM root the CA certificate, the
-  firmware-signing key the manifest) and the programmer verifies each before using it.
+  certificate, the signed manifest and the device-trust statement
+  (:mod:`securethread.formats.device_trust`) the chips will check.  The package itself
+  carries no signature: each part authenticates itself (officers sign the job, the OEM root
+  the CA certificate and the device-trust statement, the firmware-signing key the
+  manifest) and the programmer verifies each before using it.
   The encrypted image travels beside it as its own file; the manifest's digest binds it.
 """
 
@@ -79,11 +81,13 @@ class ProductionCARequest:
 
 @attrs.frozen
 class JobPackage:
-    """Signed job + production-CA certificate (DER) + signed manifest, unverified."""
+    """Signed job, production-CA certificate (DER), signed manifest, device-trust statement:
+    unverified until each part is checked by its user."""
 
     job: bytes
     production_ca: bytes
     manifest: bytes
+    device_trust: bytes
 
     def to_bytes(self) -> bytes:
         return cbor.encode(
@@ -93,6 +97,7 @@ class JobPackage:
                 "job": self.job,
                 "production-ca": self.production_ca,
                 "manifest": self.manifest,
+                "device-trust": self.device_trust,
             }
         )
 
@@ -102,11 +107,14 @@ class JobPackage:
         outer = cbor.decode(data, what="job package", max_size=MAX_PACKAGE)
         if not isinstance(outer, dict) or outer.get("kind") != JOB_PACKAGE_KIND:
             raise FormatError("not a job package")
-        _exact(outer, {"kind", "v", "job", "production-ca", "manifest"}, "job package")
+        _exact(
+            outer, {"kind", "v", "job", "production-ca", "manifest", "device-trust"}, "job package"
+        )
         if outer["v"] != JOB_PACKAGE_VERSION:
             raise FormatError(f"job package: unsupported version {outer['v']!r}")
         return cls(
             job=_bytes(outer["job"], "job package: job", limit=MAX_PACKAGE),
             production_ca=_bytes(outer["production-ca"], "job package: production CA", limit=8192),
             manifest=_bytes(outer["manifest"], "job package: manifest", limit=64 << 10),
+            device_trust=_bytes(outer["device-trust"], "job package: device trust", limit=4096),
         )

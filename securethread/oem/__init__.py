@@ -19,7 +19,16 @@ received from another party as a file; it verifies what it received before actin
 
 from securethread.oem.ceremony import init
 from securethread.oem.jobs import issue_job
+from securethread.oem.keys import confirm_keys, seal_keys, send_keys
 from securethread.oem.mastering import master_image
 from securethread.oem.onboarding import certify_programmer
 
-__all__ = ["certify_programmer", "init", "issue_job", "master_image"]
+__all__ = [
+    "certify_programmer",
+    "confirm_keys",
+    "init",
+    "issue_job",
+    "master_image",
+    "seal_keys",
+    "send_keys",
+]

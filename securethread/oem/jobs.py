@@ -21,7 +21,8 @@ import os
 import shutil
 
 from securethread.errors import ConfigurationError, JobError
-from securethread.formats.job import ProductionJob, cosign_job, sign_job
+from securethread.formats.device_trust import DeviceTrust, sign_device_trust
+from securethread.formats.job import ProductionJob, cosign_job, job_hash, sign_job
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry
@@ -76,9 +77,8 @@ def issue_job(
     csr = request.certificate_request()
     from securethread.formats.image import verify_manifest
 
-    manifest = verify_manifest(
-        manifest_bytes, key=_firmware_key(work.read(L.FIRMWARE_KEY, "firmware-signing key"))
-    )
+    fw_key = _firmware_key(work.read(L.FIRMWARE_KEY, "firmware-signing key"))
+    manifest = verify_manifest(manifest_bytes, key=fw_key)
     device_class = spec.device_class or manifest.device_class
     if device_class != manifest.device_class:
         raise JobError(
@@ -98,8 +98,17 @@ def issue_job(
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     not_before, not_after = spec.window(now)
     not_before = max(not_before, root.not_valid_before_utc)
+    profile = spec.device_profile(default_organisation=work.name)
+    # The production CA lives as long as the devices it certifies (docs/pki.md): the job
+    # window limits issuing, enforced by the programmer, not certificate expiry.
     pca = certify_production_ca(
-        root_key, root, csr, job_id=spec.job_id, not_before=not_before, not_after=not_after
+        root_key,
+        root,
+        csr,
+        job_id=spec.job_id,
+        not_before=not_before,
+        not_after=profile.not_after,
+        organisation=profile.organisation,
     )
     job = ProductionJob(
         job_id=spec.job_id,
@@ -112,6 +121,8 @@ def issue_job(
         manifest_sha256=hashlib.sha256(manifest_bytes).digest(),
         programmer=cert_fingerprint(programmer_cert),
         threshold=threshold,
+        certificate=profile,
+        production_ca=cert_fingerprint(pca),
     )
     signers = []
     for i in range(threshold):
@@ -120,16 +131,30 @@ def issue_job(
     signed = sign_job(job, signers[:1])
     for officer in signers[1:]:
         signed = cosign_job(signed, officer)
+    # What the chips will trust for this job, signed by the root they have burnt in
+    # (docs/device.md): the job, its device class, the firmware-signing key, the floor.
+    trust = sign_device_trust(
+        DeviceTrust(
+            job_id=spec.job_id,
+            job_sha256=job_hash(signed),
+            device_class=device_class,
+            firmware_signing_key=fw_key,
+            min_security_counter=manifest.security_counter,
+        ),
+        root_key,
+    )
 
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
         "job-issuance",
         keys=[KeyEntry.from_key(k) for k in signers],
         certificates=[CertEntry.from_certificate(pca)],
-        artefacts={"job": hashlib.sha256(signed).digest()},
+        artefacts={"job": job_hash(signed), "device-trust": hashlib.sha256(trust).digest()},
         details={"job": spec.job_id, "quota": spec.quota, "programmer": spec.programmer},
     )
-    package = JobPackage(job=signed, production_ca=to_der(pca), manifest=manifest_bytes)
+    package = JobPackage(
+        job=signed, production_ca=to_der(pca), manifest=manifest_bytes, device_trust=trust
+    )
     written = [
         work.write(f"outbox/job-{spec.job_id}.bin", package.to_bytes()),
         _copy_image(
@@ -137,6 +162,7 @@ def issue_job(
         ),
         work.write(f"{jdir}/spec.toml", read_file(spec_path, "job spec")),
         work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
+        work.write(f"{jdir}/device-trust.bin", trust),
     ]
     written.append(work.write(f"{jdir}/job.bin", signed))  # last: marks the job issued
     return work.finish(

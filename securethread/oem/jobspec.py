@@ -38,8 +38,9 @@ from typing import Any
 
 import attrs
 
-from securethread.errors import ConfigurationError, FormatError
+from securethread.errors import ConfigurationError, Error, FormatError
 from securethread.formats.job import Targets, check_device_id, check_job_id
+from securethread.pki import DeviceProfile
 from securethread.workdir import check_name, read_file
 
 MAX_TARGET_FILE = 16 << 20
@@ -64,6 +65,22 @@ class JobSpec:
     not_after: datetime.datetime | None
     days: int | None
     certificate: Mapping[str, Any]
+
+    def device_profile(self, *, default_organisation: str) -> DeviceProfile:
+        """The job's device certificate profile ([certificate]; organisation defaults to
+        the OEM's name)."""
+        c = self.certificate
+        kwargs: dict[str, Any] = {"organisation": c.get("organisation", default_organisation)}
+        if "product" in c:
+            kwargs["product"] = c["product"]
+        if "common_name" in c:
+            kwargs["common_name_template"] = c["common_name"]
+        if "not_after" in c:
+            kwargs["not_after"] = c["not_after"].replace(microsecond=0)
+        try:
+            return DeviceProfile(**kwargs)
+        except Error as exc:
+            raise JobSpecError(f"[certificate]: {exc}") from None
 
     def window(self, now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
         """The job's validity window, to the second, UTC."""

@@ -17,5 +17,15 @@ the production line    :mod:`~securethread.programmer.provision`    ``provision`
 
 from securethread.programmer.enrolment import enrol, init, install_certs
 from securethread.programmer.jobs import close_job, open_job, request_ca
+from securethread.programmer.keys import open_keys, receive_keys
 
-__all__ = ["close_job", "enrol", "init", "install_certs", "open_job", "request_ca"]
+__all__ = [
+    "close_job",
+    "enrol",
+    "init",
+    "install_certs",
+    "open_job",
+    "open_keys",
+    "receive_keys",
+    "request_ca",
+]

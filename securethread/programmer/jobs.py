@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import CertificateError, ConfigurationError, ImageError, JobError
+from securethread.formats.device_trust import verify_device_trust
 from securethread.formats.image import Manifest, verify_manifest
 from securethread.formats.job import VerifiedJob, check_job_id, verify_job
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
@@ -118,8 +119,9 @@ def open_job(
             )
         raise JobError(f"job id {job_id} is already open here with another job")
     token = work.open_token(L.TOKEN)
-    pca = _production_ca(work, package.production_ca, job_id, token)
+    pca = _production_ca(work, package.production_ca, job, token)
     manifest = _manifest(work, package.manifest, job)
+    _device_trust(work, package.device_trust, job, manifest)
     image_tmp = work.path(f"{jdir}/.image.enc.tmp")
     try:
         shutil.copyfile(image, image_tmp)
@@ -189,12 +191,17 @@ def _ec(key: object) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def _production_ca(work: PartyDir, der: bytes, job_id: str, token: object) -> x509.Certificate:
-    """The job's production-CA certificate: issued by the pinned root, for this job, and
-    certifying the key this token generated for the job."""
+def _production_ca(work: PartyDir, der: bytes, job: VerifiedJob, token: object) -> x509.Certificate:
+    """The job's production-CA certificate: the one the signed job names, issued by the
+    pinned root, for this job, and certifying the key this token generated for the job."""
     from securethread.pki import job_id_of
 
+    job_id = job.job.job_id
     pca = load_der(der)
+    if hashlib.sha256(der).digest() != job.job.production_ca:
+        raise CertificateError(
+            "the package's production-CA certificate is not the one the job names"
+        )
     root = _root(work)
     try:
         _ec(root.public_key()).verify(
@@ -218,6 +225,21 @@ def _production_ca(work: PartyDir, der: bytes, job_id: str, token: object) -> x5
             "the production-CA certificate certifies another key than this token's"
         )
     return pca
+
+
+def _device_trust(work: PartyDir, data: bytes, job: VerifiedJob, manifest: Manifest) -> None:
+    """The OEM-root-signed statement the chips check (docs/device.md) must say what the job
+    and manifest say: a chip would refuse anything else, after its slot was counted."""
+    trust = verify_device_trust(data, oem_root=_root(work))
+    if (
+        trust.job_id != job.job.job_id
+        or trust.job_sha256 != job.sha256
+        or trust.device_class != job.job.device_class
+        or trust.min_security_counter != manifest.security_counter
+        or spki_der(trust.firmware_signing_key) != spki_der(firmware_key(work))
+    ):
+        raise JobError("the device-trust statement does not match the job and its manifest")
+    work.write(f"{L.job_dir(job.job.job_id)}/device-trust.bin", data)
 
 
 def _manifest(work: PartyDir, data: bytes, job: VerifiedJob) -> Manifest:
