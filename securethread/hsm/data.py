@@ -91,6 +91,7 @@ def create_data(token: Token, *, label: str, application: str, value: bytes) -> 
                     Attribute.TOKEN: True,
                     Attribute.PRIVATE: True,
                     Attribute.MODIFIABLE: False,
+                    Attribute.COPYABLE: False,  # docs/keys.md: nothing is cloned
                     Attribute.LABEL: label,
                     Attribute.APPLICATION: application,
                     Attribute.VALUE: value,

@@ -362,7 +362,11 @@ def _reader_main() -> None:
     }
     out = []
     for obj in session.get_objects():
-        cls = obj.object_class
+        try:
+            # python-pkcs11 gives a data object no object_class: read CKA_CLASS itself.
+            cls = ObjectClass(obj[Attribute.CLASS])
+        except pkcs11.ObjectHandleInvalid:
+            continue
         if cls not in per_class:
             continue
         name, wanted = per_class[cls]

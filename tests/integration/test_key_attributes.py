@@ -31,12 +31,14 @@ from securethread.channel.transfer import (
     KeyReceiver,
     KeySender,
     MemoryPackageRegistry,
+    TokenPackageRegistry,
     open_package,
     seal_package,
 )
 from securethread.errors import KeyPolicyError
 from securethread.formats.transcript import KeyEntry
 from securethread.hsm import Token
+from securethread.hsm.data import create_data, destroy_data, find_data
 from securethread.hsm.direct import calls_for
 from securethread.hsm.policy import (
     certificate_template,
@@ -64,6 +66,7 @@ from securethread.pki import (
     create_root_ca,
     install_certificate,
 )
+from securethread.programmer.quota_mark import APPLICATION as QUOTA_APP
 from tests.integration.key_audit import (
     ATTRIBUTES,
     AuditReport,
@@ -187,7 +190,11 @@ def parties(oem: Token, programmer: Token, spare: Token) -> Iterator[Parties]:
         oem.generate_aes(lb, policy=IMAGE_KEY)
     _transfer_online(oem, programmer, parties, parties.online_image)
     _transfer_sealed(oem, programmer, parties, parties.sealed_image)
+    # A quota mark as programmer/quota_mark.py writes it (a CKO_DATA object).
+    create_data(programmer, label=P + "quota-mark-00ff", application=QUOTA_APP, value=b"m")
     yield parties
+    for obj in find_data(programmer, label=P + "quota-mark-00ff", application=QUOTA_APP):
+        destroy_data(programmer, obj)
     for token in (oem, programmer, spare):  # every key is destroyable (docs/keys.md rule 3)
         for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY, ObjectClass.CERTIFICATE):
             for lb in token.labels(cls):
@@ -230,6 +237,7 @@ EXPECTED = {
         ),
         (P + "image-fw1", "secret key"),
         (P + "image-fw2", "secret key"),
+        (P + "quota-mark-00ff", "data"),
     ],
 }
 
@@ -244,7 +252,7 @@ def test_every_object_matches_the_docs_table(
     assert len(report.objects) == len(EXPECTED[(token_label, party)])
     assert all(o.placement is not None for o in report.objects)
     # Both halves and the certificate share the key's random CKA_ID: pkcs11-tool pairs them.
-    for label in {o.label for o in report.objects}:
+    for label in {o.label for o in report.objects if o.object != "data"}:
         ids = {o.key_id for o in report.objects if o.label == label}
         assert len(ids) == 1 and len(ids.pop()) in (32, 40), label  # AES: 16, EC: 20 bytes
 
@@ -534,8 +542,8 @@ def test_templates_say_what_the_docs_say() -> None:
     assert set(NAMED_POLICIES) <= documented
     checked = 0
     for e in table.expectations:
-        if e.policy == "PACKAGE_RECORD":
-            continue  # TokenPackageRegistry's template; the audit checks its records
+        if e.object == "data":
+            continue  # the registry's and quota marks' templates; their objects are checked
         template = _template_for(e.policy, e.object)
         for a in ATTRIBUTES:
             if _NAME[a] in template:
@@ -679,3 +687,17 @@ def test_transcript_entries_record_what_the_token_reports(
         )
     with pytest.raises(KeyPolicyError, match="copyable"):
         KeyEntry.from_key(oem.secret_key(parties.online_image), attributes={"copyable": True})
+
+
+def test_package_registry_records_match_the_docs(programmer: Token) -> None:
+    """TokenPackageRegistry's records (label without this module's prefix: read in-process)."""
+    package_id = os.urandom(16)
+    TokenPackageRegistry(programmer).record(package_id)
+    label = f"securethread-package:{package_id.hex()}"
+    (obj,) = programmer.session.get_objects({Attribute.LABEL: label})
+    try:
+        expected = load_table().expectation("PACKAGE_RECORD", "data").values
+        for a in ("token", "private", "modifiable", "copyable", "destroyable"):
+            assert bool(obj[_NAME[a]]) is expected[a], a
+    finally:
+        obj.destroy()
