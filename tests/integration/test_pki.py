@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from securethread.pki import (
     CertificateExpiredError,
     ChainValidationError,
     DeviceCertificateIssuer,
+    DeviceProfile,
     EnclavePurpose,
     IssuerKeyMismatchError,
     build_verifier,
@@ -59,6 +61,10 @@ class Chain:
     ka: x509.Certificate
     issuer: DeviceCertificateIssuer
     device: x509.Certificate
+    job_identity: bytes
+    short_root: x509.Certificate  # a root, production CA and device with short lifetimes
+    short_pca: x509.Certificate
+    short_device: x509.Certificate
     dir: Path
 
 
@@ -69,16 +75,15 @@ def chain(oem: Token, programmer: Token, tmp_path_factory: pytest.TempPathFactor
     tag = uuid.uuid4().hex[:8]
     root_label, pca_label = f"root-{tag}", f"pca-{tag}"
     id_label, ka_label, job_id = f"id-{tag}", f"ka-{tag}", f"job-{tag}"
-    root = create_root_ca(oem, label=root_label)
+    root = create_root_ca(oem, label=root_label, organisation="Acme Devices")
     rk = oem.private_key(root_label)
     now = datetime.datetime.now(UTC).replace(microsecond=0)
-    window = dict(not_before=now, not_after=now + datetime.timedelta(days=30))
     pca = certify_production_ca(
         rk,
         root,
         create_production_ca_csr(programmer, label=pca_label, job_id=job_id),
         job_id=job_id,
-        **window,
+        not_before=root.not_valid_before_utc,
     )
     install_certificate(programmer, pca_label, pca)
     other_pca = certify_production_ca(
@@ -86,7 +91,7 @@ def chain(oem: Token, programmer: Token, tmp_path_factory: pytest.TempPathFactor
         root,
         create_production_ca_csr(programmer, label=f"pca2-{tag}", job_id=f"job2-{tag}"),
         job_id=f"job2-{tag}",
-        **window,
+        not_before=root.not_valid_before_utc,
     )
     identity = certify_enclave(
         rk,
@@ -115,9 +120,34 @@ def chain(oem: Token, programmer: Token, tmp_path_factory: pytest.TempPathFactor
         proof_key=identity.public_key(),
     )
     install_certificate(programmer, ka_label, ka)
-    issuer = DeviceCertificateIssuer(programmer.private_key(pca_label), pca, job_id=job_id)
+    job_identity = hashlib.sha256(f"signed job {job_id}".encode()).digest()
+    profile = DeviceProfile(organisation="Acme Devices")
+    issuer = DeviceCertificateIssuer(
+        programmer.private_key(pca_label), pca, job_id=job_id, job_tag=job_identity, profile=profile
+    )
     device_key = ec.generate_private_key(ec.SECP256R1()).public_key()
     device = issuer.issue(device_key, "00000000000003e8", 1)
+    # a chain with explicit short lifetimes: the root for a year, the CA and device 30 days
+    short_root = create_root_ca(
+        oem, label=f"sroot-{tag}", organisation="Acme Devices",
+        not_after=now + datetime.timedelta(days=365),
+    )  # fmt: skip
+    na = now + datetime.timedelta(days=30)
+    short_pca = certify_production_ca(
+        oem.private_key(f"sroot-{tag}"),
+        short_root,
+        create_production_ca_csr(programmer, label=f"spca-{tag}", job_id=f"sjob-{tag}"),
+        job_id=f"sjob-{tag}",
+        not_before=short_root.not_valid_before_utc,
+        not_after=na,
+    )
+    short_device = DeviceCertificateIssuer(
+        programmer.private_key(f"spca-{tag}"),
+        short_pca,
+        job_id=f"sjob-{tag}",
+        job_tag=job_identity,
+        profile=DeviceProfile(organisation="Acme Devices", not_after=na),
+    ).issue(device_key, "00000000000003e9", 2)
     d = tmp_path_factory.mktemp("pki")
     for name, cert in [
         ("root", root),
@@ -126,19 +156,31 @@ def chain(oem: Token, programmer: Token, tmp_path_factory: pytest.TempPathFactor
         ("identity", identity),
         ("ka", ka),
         ("device", device),
+        ("short_root", short_root),
+        ("short_pca", short_pca),
+        ("short_device", short_device),
     ]:
         (d / f"{name}.pem").write_bytes(to_pem(cert))
     return Chain(
         root_label, pca_label, id_label, ka_label, job_id,
-        root, pca, other_pca, identity, ka, issuer, device, d,
+        root, pca, other_pca, identity, ka, issuer, device, job_identity,
+        short_root, short_pca, short_device, d,
     )  # fmt: skip
 
 
 def _openssl_verify(
-    d: Path, leaf: str, *, untrusted: str | None = None, attime: int | None = None
+    d: Path,
+    leaf: str,
+    *,
+    untrusted: str | None = None,
+    attime: int | None = None,
+    root: str = "root.pem",
+    purpose: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     assert OPENSSL is not None, "openssl binary is required"
-    cmd = [OPENSSL, "verify", "-x509_strict", "-CAfile", str(d / "root.pem")]
+    cmd = [OPENSSL, "verify", "-x509_strict", "-CAfile", str(d / root)]
+    if purpose is not None:
+        cmd += ["-purpose", purpose]
     if untrusted is not None:
         cmd += ["-untrusted", str(d / untrusted)]
     if attime is not None:
@@ -148,12 +190,14 @@ def _openssl_verify(
 
 
 def test_chains_pass_openssl_strict_and_library(chain: Chain) -> None:
-    ok = _openssl_verify(chain.dir, "device.pem", untrusted="pca.pem")
+    ok = _openssl_verify(chain.dir, "device.pem", untrusted="pca.pem", purpose="sslclient")
     assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
     for leaf in ("identity.pem", "ka.pem"):
         ok = _openssl_verify(chain.dir, leaf)
         assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
-    validate_device_chain(chain.device, chain.pca, chain.root, job_id=chain.job_id)
+    validate_device_chain(
+        chain.device, chain.pca, chain.root, job_id=chain.job_id, job_tag=chain.job_identity
+    )
     validate_enclave_certificate(
         chain.identity, chain.root, purpose=EnclavePurpose.IDENTITY, role="programmer"
     )
@@ -194,25 +238,41 @@ def test_swapped_issuer_fails_both(chain: Chain) -> None:
         )
 
 
+def test_default_chain_outlives_the_job_by_decades(chain: Chain) -> None:
+    later = datetime.datetime.now(UTC) + datetime.timedelta(days=20 * 366)
+    ok = _openssl_verify(
+        chain.dir, "device.pem", untrusted="pca.pem", attime=int(later.timestamp()),
+        purpose="sslclient",
+    )  # fmt: skip
+    assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
+    validate_device_chain(chain.device, chain.pca, chain.root, at=later)
+    ok = _openssl_verify(chain.dir, "identity.pem", attime=int(later.timestamp()))
+    assert ok.returncode != 0  # enclave certificates keep their 2-year validity
+
+
 def test_expired_fails_both(chain: Chain) -> None:
-    late = chain.pca.not_valid_after_utc + datetime.timedelta(days=1)
-    res = _openssl_verify(
-        chain.dir, "device.pem", untrusted="pca.pem", attime=int(late.timestamp())
-    )
+    """A chain made with explicit, short lifetimes expires for both verifiers."""
+
+    def verify_short(at: datetime.datetime | None = None) -> subprocess.CompletedProcess[str]:
+        return _openssl_verify(
+            chain.dir, "short_device.pem", untrusted="short_pca.pem", root="short_root.pem",
+            attime=None if at is None else int(at.timestamp()),
+        )  # fmt: skip
+
+    assert verify_short().returncode == 0
+    late = chain.short_pca.not_valid_after_utc + datetime.timedelta(days=1)
+    res = verify_short(late)
     assert res.returncode != 0 and "expired" in (res.stdout + res.stderr)
     with pytest.raises(CertificateExpiredError):
-        validate_device_chain(chain.device, chain.pca, chain.root, at=late)
+        validate_device_chain(chain.short_device, chain.short_pca, chain.short_root, at=late)
     with pytest.raises(VerificationError):
-        build_verifier(chain.root, purpose=oids.EKU_DEVICE, at=late).verify(
-            chain.device, [chain.pca]
+        build_verifier(chain.short_root, purpose=oids.EKU_DEVICE, at=late).verify(
+            chain.short_device, [chain.short_pca]
         )
-    late_root = chain.root.not_valid_after_utc + datetime.timedelta(days=1)
-    res = _openssl_verify(chain.dir, "identity.pem", attime=int(late_root.timestamp()))
-    assert res.returncode != 0
-    with pytest.raises(CertificateExpiredError):
-        validate_enclave_certificate(
-            chain.identity, chain.root, purpose=EnclavePurpose.IDENTITY, at=late_root
-        )
+    late_root = chain.short_root.not_valid_after_utc + datetime.timedelta(days=1)
+    assert verify_short(late_root).returncode != 0
+    with pytest.raises(CertificateExpiredError, match="root"):
+        validate_device_chain(chain.short_device, chain.short_pca, chain.short_root, at=late_root)
 
 
 def _list_objects(token: str) -> list[dict[str, str]]:
@@ -264,7 +324,7 @@ def test_pkcs11_tool_pairs_each_ca_key_with_its_certificate(
 def test_ten_thousand_device_serials(chain: Chain) -> None:
     keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(50)]
     serials: set[int] = set()
-    tag = job_tag(chain.job_id)
+    tag = job_tag(chain.job_identity)
     certs = []
     for seq in range(10_000):
         cert = chain.issuer.issue(keys[seq % 50], f"{seq:016x}", seq)
@@ -276,7 +336,9 @@ def test_ten_thousand_device_serials(chain: Chain) -> None:
     assert len(serials) == 10_000
     assert all(0 < s < 1 << 159 for s in serials)  # positive, at most 20 octets
     for cert in certs:
-        validate_device_chain(cert, chain.pca, chain.root, job_id=chain.job_id)
+        validate_device_chain(
+            cert, chain.pca, chain.root, job_id=chain.job_id, job_tag=chain.job_identity
+        )
 
 
 def _object_count(token: Token) -> int:
@@ -288,7 +350,7 @@ def test_refusals_write_nothing_to_the_token(chain: Chain, oem: Token, programme
     with pytest.raises(DuplicateObjectError):
         create_root_ca(oem, label=chain.root_label)
     with pytest.raises(Error):
-        create_root_ca(oem, label="never-root", valid_days=0)
+        create_root_ca(oem, label="never-root", not_after=datetime.datetime(2000, 1, 1, tzinfo=UTC))
     with pytest.raises(Error):
         create_root_ca(oem, label="never-root", common_name="x" * 65)
     with pytest.raises(Error):
@@ -305,6 +367,10 @@ def test_refusals_write_nothing_to_the_token(chain: Chain, oem: Token, programme
         install_certificate(programmer, chain.pca_label, chain.other_pca)
     with pytest.raises(CertificateError):
         DeviceCertificateIssuer(
-            programmer.private_key(chain.identity_label), chain.pca, job_id=chain.job_id
+            programmer.private_key(chain.identity_label),
+            chain.pca,
+            job_id=chain.job_id,
+            job_tag=chain.job_identity,
+            profile=DeviceProfile(organisation="Acme Devices"),
         )
     assert (_object_count(oem), _object_count(programmer)) == before

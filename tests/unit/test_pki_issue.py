@@ -142,7 +142,7 @@ def short() -> ShortChain:
         root,
         create_production_ca_csr(b, label="pca", job_id="job-s"),
         job_id="job-s",
-        not_before=nb,
+        not_before=root.not_valid_before_utc,
         not_after=na,
     )
     profile = DeviceProfile(organisation=ORG, not_after=na)
@@ -212,20 +212,26 @@ def test_common_name_template(pki: Pki) -> None:
 
 def test_device_profile_must_fit_the_production_ca(pki: Pki, short: ShortChain) -> None:
     b = SoftwareBackend("fit")
-    nb, na = _window(30)
+    _, na = _window(30)
     root = create_root_ca(b, organisation=ORG)
     pca = certify_production_ca(
         b.private_key("oem-root-ca"),
         root,
         create_production_ca_csr(b, label="pca", job_id="job-f"),
         job_id="job-f",
-        not_before=nb,
+        not_before=root.not_valid_before_utc,
         not_after=na,
     )
     with pytest.raises(ValidityBeyondIssuerError, match="after the production CA"):
         _issuer(b, "pca", pca, "job-f")  # devices to 9999, CA to +30 days
     with pytest.raises(ValidityBeyondIssuerError, match="notBefore"):
-        _issuer(b, "pca", pca, "job-f", DeviceProfile(organisation=ORG, not_after=nb))
+        _issuer(
+            b,
+            "pca",
+            pca,
+            "job-f",
+            DeviceProfile(organisation=ORG, not_after=pca.not_valid_before_utc),
+        )
     for tag in (b"", b"short", b"x" * 65):
         with pytest.raises(SerialNumberError):
             DeviceCertificateIssuer(
