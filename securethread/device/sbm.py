@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import hmac
 import io
-from collections.abc import Callable
 from typing import Any, BinaryIO, cast
 
 import attrs
@@ -34,18 +33,15 @@ from securethread.errors import (
     AlreadyProvisionedError,
     CertificateError,
     DeviceRefusedError,
-    FormatError,
     ImageError,
     RollbackError,
 )
-from securethread.formats import cbor
 from securethread.formats.boot import (
     BOOT_CONFIRMATION_KIND,
     BootConfirmationError,
     verify_boot_confirmation,
 )
 from securethread.formats.device_trust import (
-    MAX_DEVICE_TRUST_SIZE,
     DeviceTrust,
     DeviceTrustError,
     verify_device_trust,
@@ -54,8 +50,14 @@ from securethread.formats.envelope import seal
 from securethread.formats.identity import IdentificationResponse, check_device_id, pop_payload
 from securethread.formats.image import ImageSizeError, decrypt_image, verify_manifest
 from securethread.formats.license import open_license
+from securethread.formats.provisioning import (
+    PROVISIONING_VERSION,
+    DeviceTrustRefusedError,
+    ProvisioningData,
+    ProvisioningError,
+    ProvisioningFormatError,
+)
 from securethread.keys.ecutil import fingerprint, spki_der
-from securethread.pki import untrusted
 
 __all__ = [
     "BOOT_CONFIRMATION_KIND",
@@ -78,17 +80,7 @@ __all__ = [
 ]
 
 VERSION = 1  # boot confirmations
-PROVISIONING_VERSION = 2  # 2: anchors from an OEM-signed device-trust statement
-MAX_PROVISIONING_SIZE = 16 << 10
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
-
-
-class ProvisioningFormatError(DeviceRefusedError, FormatError):
-    """Provisioning data is malformed, oversized or of an unknown version."""
-
-
-class ProvisioningError(DeviceRefusedError):
-    """Provisioning data does not fit this device (foreign key or id, bad chain)."""
 
 
 class UnorderedPartError(ProvisioningError):
@@ -97,10 +89,6 @@ class UnorderedPartError(ProvisioningError):
 
 class OemRootMismatchError(ProvisioningError):
     """The provisioning data's OEM root is not the one whose hash the fab burnt."""
-
-
-class DeviceTrustRefusedError(ProvisioningError):
-    """The device-trust statement is not signed by the burnt OEM root, or is malformed."""
 
 
 class ProvisioningRollbackError(ProvisioningError, RollbackError):
@@ -113,137 +101,6 @@ class NotProvisionedError(DeviceRefusedError):
 
 class WrongDeviceClassError(ImageError):
     """The image is for another device class."""
-
-
-# --- provisioning data -----------------------------------------------------------------
-
-
-def _is(kind: type, what: str) -> Any:
-    def check(_i: object, _a: object, v: object) -> None:
-        if not isinstance(v, kind):
-            raise ProvisioningFormatError(f"provisioning data: {what} has the wrong type")
-
-    return check
-
-
-def _statement(_i: Any, _a: Any, v: Any) -> None:
-    if type(v) is not bytes or not 0 < len(v) <= MAX_DEVICE_TRUST_SIZE:
-        raise ProvisioningFormatError(
-            f"provisioning data: device trust must be 1..{MAX_DEVICE_TRUST_SIZE} bytes"
-        )
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
-@attrs.frozen(kw_only=True)
-class ProvisioningData:
-    """What the programmer writes into a device's OTP (canonical CBOR, versioned).
-
-    Unverified as constructed: the SBM checks the root against its OTP hash, the device-trust
-    statement under that root and the certificate chain before it writes any of it.
-    """
-
-    device_certificate: x509.Certificate = attrs.field(
-        validator=_is(x509.Certificate, "device certificate")
-    )
-    production_ca_certificate: x509.Certificate = attrs.field(
-        validator=_is(x509.Certificate, "production CA certificate")
-    )
-    oem_root_certificate: x509.Certificate = attrs.field(
-        validator=_is(x509.Certificate, "OEM root certificate")
-    )
-    #: The OEM-signed statement (:mod:`securethread.formats.device_trust`), as signed.
-    device_trust: bytes = attrs.field(validator=_statement)
-    version: int = PROVISIONING_VERSION
-
-    _KEYS = frozenset(
-        {
-            "v",
-            "device_certificate",
-            "production_ca_certificate",
-            "oem_root_certificate",
-            "device_trust",
-        }
-    )
-
-    def __attrs_post_init__(self) -> None:
-        if self.version != PROVISIONING_VERSION:
-            raise ProvisioningFormatError(f"provisioning data: unsupported version {self.version}")
-
-    def to_bytes(self) -> bytes:
-        return cbor.encode(self._fields(_der(self.device_certificate)))
-
-    @classmethod
-    def packager(
-        cls,
-        *,
-        production_ca_certificate: x509.Certificate,
-        oem_root_certificate: x509.Certificate,
-        device_trust: bytes,
-        job_sha256: bytes,
-    ) -> Callable[[bytes], bytes]:
-        """A function from a device certificate's DER to the provisioning data bytes.
-
-        The job's anchors are checked once as a chip will check them (the statement verifies
-        under the root and names the production CA's job and ``job_sha256``, the job the line
-        opened) and encoded once; per device only the certificate is encoded.  The result
-        equals ``ProvisioningData(...).to_bytes()``.
-        """
-        from securethread.pki import job_id_of
-
-        proto = cls(
-            device_certificate=production_ca_certificate,  # placeholder, replaced below
-            production_ca_certificate=production_ca_certificate,
-            oem_root_certificate=oem_root_certificate,
-            device_trust=device_trust,
-        )
-        try:
-            trust = verify_device_trust(device_trust, oem_root=oem_root_certificate)
-        except DeviceTrustError as exc:
-            raise DeviceTrustRefusedError(str(exc)) from None
-        if job_id_of(production_ca_certificate) != trust.job_id:
-            raise ProvisioningError(
-                f"device trust is for job {trust.job_id!r}, the production CA for "
-                f"{job_id_of(production_ca_certificate)!r}"
-            )
-        if not hmac.compare_digest(trust.job_sha256, job_sha256):
-            raise ProvisioningError(f"device trust names another signed job {trust.job_id!r}")
-        fields = {k: cbor.pre_encode(v) for k, v in proto._fields(b"").items()}
-
-        def package(device_certificate_der: bytes) -> bytes:
-            if type(device_certificate_der) is not bytes:
-                raise ProvisioningFormatError("provisioning data: device certificate not DER")
-            return cbor.encode({**fields, "device_certificate": device_certificate_der})
-
-        return package
-
-    def _fields(self, device_der: bytes) -> dict[str, Any]:
-        return {
-            "v": self.version,
-            "device_certificate": device_der,
-            "production_ca_certificate": _der(self.production_ca_certificate),
-            "oem_root_certificate": _der(self.oem_root_certificate),
-            "device_trust": self.device_trust,
-        }
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ProvisioningData:
-        try:
-            d = cbor.decode(data, what="provisioning data", max_size=MAX_PROVISIONING_SIZE)
-        except FormatError as exc:
-            raise ProvisioningFormatError(str(exc)) from None
-        if not isinstance(d, dict) or set(d) != cls._KEYS:
-            raise ProvisioningFormatError("provisioning data: unexpected or missing fields")
-        certs = {}
-        try:
-            for name in ("device_certificate", "production_ca_certificate", "oem_root_certificate"):
-                what = f"provisioning data: {name.replace('_', ' ')}"
-                certs[name] = untrusted.load_certificate(d[name], what=what)
-        except FormatError as exc:
-            raise ProvisioningFormatError(str(exc)) from None
-        return cls(**certs, device_trust=d["device_trust"], version=d["v"])
 
 
 # --- device ----------------------------------------------------------------------------
@@ -296,7 +153,7 @@ class SimulatedDevice:
         self.public_key = private_key.public_key()
         self._spki = spki_der(self.public_key)
         self.vendor_certificate = vendor_certificate
-        self._vendor_der = _der(vendor_certificate)
+        self._vendor_der = vendor_certificate.public_bytes(serialization.Encoding.DER)
         self.flash_size = flash_size
         self._oem_root_hash = oem_root_hash  # burnt at the fab, read-only
         self._otp: bytes | None = None  # write-once
