@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import CertificateError
 from securethread.hsm import SoftwareBackend
+from securethread.keys.protocol import PrivateKey
 from securethread.pki import (
     NO_EXPIRY,
     DeviceCertificateIssuer,
@@ -46,10 +47,10 @@ class World:
     devices: list[x509.Certificate]
     foreign_device: x509.Certificate
 
-    def pca_key(self):  # type: ignore[no-untyped-def]
+    def pca_key(self) -> PrivateKey:
         return self.b.private_key("pca")
 
-    def root_key(self):  # type: ignore[no-untyped-def]
+    def root_key(self) -> PrivateKey:
         return self.b.private_key("oem-root-ca")
 
 
@@ -59,7 +60,9 @@ def _pca(b: SoftwareBackend, root: x509.Certificate, label: str, job: str) -> x5
     return certify_production_ca(b.private_key("oem-root-ca"), root, csr, job_id=job, not_before=nb)
 
 
-def _issuer(b: SoftwareBackend, label: str, pca: x509.Certificate, job: str):  # type: ignore[no-untyped-def]
+def _issuer(
+    b: SoftwareBackend, label: str, pca: x509.Certificate, job: str
+) -> DeviceCertificateIssuer:
     return DeviceCertificateIssuer(
         b.private_key(label),
         pca,
