@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -256,19 +257,52 @@ def programmer_open_job(a: argparse.Namespace) -> int:
     return _step(a, open_job(a.workdir, a.package, image=a.image))
 
 
+class _Progress:
+    """Provisioning progress on stderr: a bar redrawn in place, or a line a second."""
+
+    def __init__(self, mode: str) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "none"
+        self.mode = mode
+        self._shown = 0.0
+
+    def __call__(self, p: Any) -> None:
+        now = time.monotonic()
+        if self.mode == "none" or now - self._shown < (0.1 if self.mode == "bar" else 1.0):
+            return
+        self._shown = now
+        text = (
+            f"{p.handled} devices handled: {p.provisioned} provisioned, "
+            f"{p.recovered} recovered, {p.programmed} programmed"
+        )
+        if self.mode == "bar":
+            sys.stderr.write("\r" + text)
+        else:
+            sys.stderr.write(f"[provision] {text}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.mode == "bar" and self._shown:
+            sys.stderr.write("\n")
+
+
 def programmer_provision(a: argparse.Namespace) -> int:
     from securethread.demo.line import provision_simulated
 
-    r = provision_simulated(
-        a.workdir,
-        job_id=a.job,
-        vendor=a.vendor,
-        devices=a.devices,
-        first=a.first,
-        workers=a.workers,
-        batch_size=a.batch_size,
-        progress=None if a.json else a.progress,
-    )
+    bar = _Progress("none" if a.json else a.progress)
+    try:
+        r = provision_simulated(
+            a.workdir,
+            job_id=a.job,
+            vendor=a.vendor,
+            devices=a.devices,
+            first=a.first,
+            workers=a.workers,
+            batch_size=a.batch_size,
+            progress=bar,
+        )
+    finally:
+        bar.close()
     d = r.details
     return _step(
         a,
@@ -326,6 +360,7 @@ def audit_reconcile(a: argparse.Namespace) -> int:
         programmer_cert=a.programmer_cert,
         ledger_cert=a.ledger_cert,
         production_ca=a.production_ca,
+        manifest=a.manifest,
     )
     _emit(
         a,
@@ -687,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ledger-cert", required=True, help="the programmer's ledger-signing certificate"
     )
     c.add_argument("--production-ca", required=True, help="the job's production-CA certificate")
+    c.add_argument("--manifest", required=True, help="the image's signed manifest (boot checks)")
     c = command(
         audit,
         "inspect",

@@ -79,7 +79,11 @@ def verify_transcript_file(
                 "certificates": [c.subject for c in r.certificates],
             }
         )
-    lines.append(" (the anchor given is in the chain)" if a else " (no anchor given)")
+    lines.append(
+        "  anchor: the one given is in the chain"
+        if a
+        else "  anchor: none given (cut tails are only caught with one)"
+    )
     return {
         "enclave": s.enclave,
         "records": len(s.records),
@@ -106,3 +110,88 @@ def inspect_file(path: str | os.PathLike[str], *, record: int | None = None) -> 
         f"UNVERIFIED: inspect checks no signature; verify with {_VERIFY_WITH.get(kind, 'its signer key')}"
     )
     return view
+
+
+def _open_export(path: str | os.PathLike[str]) -> Any:
+    try:
+        return open(path, "rb")  # noqa: SIM115 -- the caller closes it
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read ledger {os.fspath(path)!r}: {exc.strerror}"
+        ) from None
+
+
+def verify_ledger_file(
+    path: str | os.PathLike[str],
+    *,
+    ledger_cert: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+) -> dict[str, Any]:
+    """Verify a closed ledger export: the ledger certificate under the OEM root (ledger-
+    signing purpose), then the chain, every checkpoint and the close record.
+
+    This proves the ledger is whole and signed by a ledger key the root certified; whether
+    it is the ledger *of the job the OEM issued* is what :func:`reconcile_files` checks.
+    """
+    from securethread.formats import ledger
+    from securethread.formats.job import job_hash
+    from securethread.pki import EnclavePurpose, validate_enclave_certificate
+
+    root_cert = load_certificate_file(root, "OEM root certificate")
+    cert = load_certificate_file(ledger_cert, "ledger certificate")
+    validate_enclave_certificate(cert, root_cert, purpose=EnclavePurpose.LEDGER_SIGNING)
+    with _open_export(path) as src:
+        job_bytes, items = ledger.read_export(src)
+        s = ledger.verify_ledger(
+            items, job=job_hash(job_bytes), ledger_key=ec_public_key(cert, "ledger certificate")
+        )
+    return {
+        "records": s.records,
+        "provisioned": s.provisioned,
+        "programmed": s.programmed,
+        "checkpoints": s.checkpoints,
+        "head": s.head.hex(),
+        "job_sha256": job_hash(job_bytes).hex(),
+        "closed": s.close is not None,
+    }
+
+
+def reconcile_files(
+    path: str | os.PathLike[str],
+    *,
+    job: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    officers: str | os.PathLike[str],
+    programmer_cert: str | os.PathLike[str],
+    ledger_cert: str | os.PathLike[str],
+    production_ca: str | os.PathLike[str],
+    manifest: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Reconcile a ledger export against the job as the OEM issued it, from public files:
+    the signed job, the OEM root, the officer bundle it signed, the programmer's identity
+    and ledger certificates, the job's production CA and (for boot confirmations) the
+    signed manifest; raises naming the first problem."""
+    from securethread.formats.onboarding import OfficerBundle
+    from securethread.formats.reconciliation import reconcile_export
+
+    root_cert = load_certificate_file(root, "OEM root certificate")
+    bundle = OfficerBundle.open(
+        read_file(officers, "officer bundle", limit=64 << 10), ec_public_key(root_cert, "root")
+    )
+    if manifest is None:
+        raise ConfigurationError("reconciliation needs the job's signed manifest (--manifest)")
+    with _open_export(path) as src:
+        report = reconcile_export(
+            src,
+            issued_job=read_file(job, "issued job", limit=1 << 20),
+            officers=bundle.public_keys(),
+            min_threshold=bundle.threshold,
+            root_cert=root_cert,
+            programmer_cert=load_certificate_file(programmer_cert, "programmer certificate"),
+            ledger_cert=load_certificate_file(ledger_cert, "ledger certificate"),
+            production_ca_cert=load_certificate_file(production_ca, "production-CA certificate"),
+            manifest=read_file(manifest, "manifest", limit=64 << 10),
+        )
+    import attrs
+
+    return attrs.asdict(report)

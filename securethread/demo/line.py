@@ -88,7 +88,9 @@ class SimulatedFab:
         """The part with this UID: its key derives from the fab's seed and the UID."""
         device_id = f"{uid:016x}"
         digest = hmac.new(self._seed, device_id.encode(), hashlib.sha512).digest()
-        key = ec.derive_private_key(int.from_bytes(digest, "big") % (_P256_N - 1) + 1, ec.SECP256R1())
+        key = ec.derive_private_key(
+            int.from_bytes(digest, "big") % (_P256_N - 1) + 1, ec.SECP256R1()
+        )
         cert = self.vendor.certify(device_id, key.public_key())
         return ChipSpec(
             device_id=device_id,
@@ -114,7 +116,7 @@ def provision_simulated(
     first: int = 0,
     workers: int = 1,
     batch_size: int = 32,
-    progress: str | Callable[[Any], None] | None = None,
+    progress: Callable[[Any], None] | None = None,
 ) -> StepResult:
     """``programmer provision``: chips ``first`` .. ``first + devices - 1`` of the job's
     first target range, from the simulated fab in ``vendor``, through the programmer's line."""

@@ -22,6 +22,7 @@ from securethread.oem.jobs import issue_job
 from securethread.oem.keys import confirm_keys, seal_keys, send_keys
 from securethread.oem.mastering import master_image
 from securethread.oem.onboarding import certify_programmer
+from securethread.oem.reconcile import reconcile
 
 __all__ = [
     "certify_programmer",
@@ -29,6 +30,7 @@ __all__ = [
     "init",
     "issue_job",
     "master_image",
+    "reconcile",
     "seal_keys",
     "send_keys",
 ]

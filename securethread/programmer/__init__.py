@@ -18,14 +18,17 @@ the production line    :mod:`~securethread.programmer.provision`    ``provision`
 from securethread.programmer.enrolment import enrol, init, install_certs
 from securethread.programmer.jobs import close_job, open_job, request_ca
 from securethread.programmer.keys import open_keys, receive_keys
+from securethread.programmer.provision import job_targets, provision
 
 __all__ = [
     "close_job",
     "enrol",
     "init",
     "install_certs",
+    "job_targets",
     "open_job",
     "open_keys",
+    "provision",
     "receive_keys",
     "request_ca",
 ]

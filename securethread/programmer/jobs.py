@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -23,7 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securethread.errors import CertificateError, ConfigurationError, ImageError, JobError
 from securethread.formats.device_trust import verify_device_trust
 from securethread.formats.image import Manifest, verify_manifest
-from securethread.formats.job import VerifiedJob, check_job_id, verify_job
+from securethread.formats.job import (
+    VerifiedJob,
+    check_job_id,
+    verify_job,
+    verify_job_signatures,
+)
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry
@@ -36,6 +42,8 @@ from securethread.pki import (
     load_der,
 )
 from securethread.programmer import layout as L
+from securethread.programmer.quota_mark import open_store
+from securethread.programmer.runner import _RunLock
 from securethread.workdir import PartyDir, StepResult, file_sha256, read_file, to_pem
 
 
@@ -147,13 +155,17 @@ def open_job(
         work.write(f"{jdir}/manifest.bin", package.manifest),
         f"{jdir}/image.enc",
     ]
-    from securethread.programmer.store import SQLiteStore
-
-    store = SQLiteStore(work.path(f"{jdir}/store.sqlite"))
-    try:
-        store.open_job(job=job.sha256, job_id=job_id, quota=job.job.quota, signed=job.signed)
-    finally:
-        store.close()
+    # The store and its quota mark in the token (S7): from now on a missing, emptied,
+    # replaced or older store for this job is refused, never a fresh quota.
+    store, _mark = open_store(
+        work.path(f"{jdir}/store.sqlite"),
+        token,
+        job=job.sha256,
+        job_id=job_id,
+        quota=job.job.quota,
+        signed=job.signed,
+    )
+    store.close()
     tx = work.transcript(token.private_key(L.L_IDENTITY))
     tx.append(
         "production-run-opened",
@@ -257,21 +269,42 @@ def _manifest(work: PartyDir, data: bytes, job: VerifiedJob) -> Manifest:
 
 
 def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
-    """Export job ``job_id``'s ledger (verified before it leaves) and close the job."""
+    """Close job ``job_id``: the ledger key signs the close record (totals, last record,
+    quota used) in the store's closing transaction; the export is verified as the OEM
+    will verify it before it goes to the outbox.  After this the job issues nothing."""
     from securethread.formats import ledger
-    from securethread.programmer.store import SQLiteStore
 
     work = L.open_programmer(workdir)
     jdir = L.job_dir(job_id)
     work.require(f"{jdir}/job.bin", step=f"close-job {job_id}", needs=f"open-job ({job_id})")
     work.refuse_done(f"{jdir}/ledger.bin", step=f"close-job {job_id}")
     signed = work.read(f"{jdir}/job.bin", "job")
-    job = verified_job(work, signed, now=_any_time(work, signed))
+    officers = trusted_officers(work)
+    job = verify_job_signatures(
+        signed, officers=officers.public_keys(), min_threshold=officers.threshold
+    )
     ledger_cert = from_pem(work.read(L.cert_path("ledger-signing"), "ledger certificate"))
     token = work.open_token(L.TOKEN)
+    ledger_key = token.private_key(L.L_LEDGER)
     tmp = work.path(f"{jdir}/.ledger.bin.tmp")
-    store = SQLiteStore(work.path(f"{jdir}/store.sqlite"))
+    store, _mark = open_store(
+        work.path(f"{jdir}/store.sqlite"),
+        token,
+        job=job.sha256,
+        job_id=job_id,
+        quota=job.job.quota,
+        signed=job.signed,
+    )
     try:
+        # Not while a run of the job is going on (the run lock of programmer provision).
+        lock = _RunLock(str(work.path(f"{jdir}/store.sqlite")))
+        lock.acquire(job_id)
+        try:
+            store.close_job(
+                job.sha256, ledger.close_signer(ledger_key, job=job.sha256, time=int(time.time()))
+            )
+        finally:
+            lock.release()
         with open(tmp, "wb") as out:
             ledger.write_export(out, signed, store.export(job.sha256))
             out.flush()
@@ -286,7 +319,7 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
         store.close()
         tmp.unlink(missing_ok=True)
     out_rel = f"outbox/ledger-{job_id}.bin"
-    shutil.copyfile(work.path(f"{jdir}/ledger.bin"), work.path(out_rel))
+    work.write(out_rel, work.read(f"{jdir}/ledger.bin", "ledger"))
     tx = work.transcript(token.private_key(L.L_IDENTITY))
     tx.append(
         "production-run-closed",
@@ -305,15 +338,6 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
             "programmed": summary.programmed,
         },
     )
-
-
-def _any_time(work: PartyDir, signed: bytes) -> int:
-    """A time inside the job's window: closing and reconciling happen after it ended."""
-    from securethread.formats import envelope
-    from securethread.formats.job import ProductionJob
-
-    body = envelope.peek_body(signed)[1]
-    return ProductionJob.from_obj(body).not_before
 
 
 __all__ = [

@@ -1,0 +1,92 @@
+"""Flow 9 at the OEM: ``securethread oem reconcile LEDGER --job J``.
+
+The OEM reconciles the programmer's closed ledger against the job *it* issued (its own
+``jobs/<job>/job.bin``, never the copy the ledger carries), its own root and officer bundle,
+the programmer's certificates it issued at onboarding, the job's production CA and the
+image's manifest -- every check of :func:`securethread.formats.reconciliation.reconcile`.
+The report is kept in ``jobs/<job>/reconciliation.json`` and recorded in the transcript.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+from securethread.errors import ConfigurationError
+from securethread.formats.job import verify_job_signatures
+from securethread.formats.onboarding import OfficerBundle
+from securethread.formats.reconciliation import reconcile_export
+from securethread.oem import layout as L
+from securethread.pki import from_pem
+from securethread.workdir import StepResult, file_sha256
+
+
+def reconcile(
+    workdir: str | os.PathLike[str], ledger_path: str | os.PathLike[str], *, job_id: str
+) -> StepResult:
+    """Reconcile ``ledger_path`` against job ``job_id`` as this OEM issued it."""
+    work = L.open_oem(workdir)
+    jdir = L.job_dir(job_id)
+    work.require(f"{jdir}/job.bin", step=f"reconcile {job_id}", needs=f"issue-job ({job_id})")
+    work.refuse_done(f"{jdir}/reconciliation.json", step=f"reconcile {job_id}")
+    issued = work.read(f"{jdir}/job.bin", "issued job")
+    root = from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
+    officers = OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), root.public_key())  # type: ignore[arg-type]
+    job = verify_job_signatures(
+        issued, officers=officers.public_keys(), min_threshold=officers.threshold
+    ).job
+    programmer = _programmer_of(work, job.programmer)
+    pdir = L.programmer_dir(programmer)
+    try:
+        src = open(ledger_path, "rb")  # noqa: SIM115 -- closed by the with below
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read ledger {os.fspath(ledger_path)!r}: {exc.strerror}"
+        ) from None
+    with src:
+        report = reconcile_export(
+            src,
+            issued_job=issued,
+            officers=officers.public_keys(),
+            min_threshold=officers.threshold,
+            root_cert=root,
+            programmer_cert=from_pem(work.read(f"{pdir}/identity.pem", "programmer certificate")),
+            ledger_cert=from_pem(work.read(f"{pdir}/ledger-signing.pem", "ledger certificate")),
+            production_ca_cert=from_pem(
+                work.read(f"{jdir}/production-ca.pem", "production-CA certificate")
+            ),
+            manifest=work.read(f"{L.image_dir(job.image_id)}/manifest.bin", "manifest"),
+        )
+    oem = work.open_token(L.TOKEN)
+    tx = work.transcript(oem.private_key(L.L_IDENTITY))
+    tx.append(
+        "reconciliation",
+        artefacts={"ledger": file_sha256(Path(ledger_path))},
+        details={
+            "job": job_id,
+            "provisioned": report.provisioned,
+            "programmed": report.programmed,
+            "quota_used": report.quota_used,
+        },
+    )
+    written = [work.write(f"{jdir}/reconciliation.json", (report.to_json() + "\n").encode())]
+    return work.finish(
+        "oem reconcile",
+        written,
+        [tx],
+        {"job": job_id, "reconciled": True, **attrs.asdict(report)},
+    )
+
+
+def _programmer_of(work: object, fingerprint: bytes) -> str:
+    """The certified programmer whose identity certificate has this SHA-256."""
+    from securethread.pki import cert_fingerprint
+
+    root = work.path("programmers")  # type: ignore[attr-defined]
+    for pdir in sorted(root.iterdir()) if root.is_dir() else []:
+        cert = pdir / "identity.pem"
+        if cert.is_file() and cert_fingerprint(from_pem(cert.read_bytes())) == fingerprint:
+            return str(pdir.name)
+    raise ConfigurationError("the job names a programmer this OEM has no certificate for")

@@ -1,0 +1,187 @@
+"""Flows 7-8 at the programming centre: ``securethread programmer provision --job J``.
+
+Builds the run of an opened job from the programmer's own work directory -- everything is
+verified again before the line starts: the job (officers' signatures at the bundle's
+threshold floor, this enclave, the validity window), the manifest (firmware-signing key,
+the job's hash), the encrypted image (the manifest's digest), the production-CA certificate
+(the one the job names), the device-trust statement -- and hands the devices to the runner
+(:mod:`securethread.programmer.runner`: one run per job at a time, the store checked against
+the token's quota mark, batches counted before release and programmed at once, signals).
+
+The devices come from the caller as picklable port factories: the programmer package knows
+the line's protocol, never a particular chip (the CLI and the demo bring simulated ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from securethread.errors import (
+    DeviceRefusedError,
+    Error,
+    ImageError,
+    JobError,
+    QuotaExceededError,
+)
+from securethread.formats.boot import verify_boot_confirmation
+from securethread.formats.image import Manifest, verify_manifest
+from securethread.formats.job import Targets
+from securethread.formats.provisioning import ProvisioningData
+from securethread.keys import spki_der
+from securethread.pki import device_id_of, from_pem
+from securethread.programmer import layout as L
+from securethread.programmer.jobs import firmware_key, verified_job
+from securethread.programmer.line import BootVerifier, Packager
+from securethread.programmer.runner import KeyLabels, PortFactory, Progress, RunConfig, run
+from securethread.workdir import PartyDir, StepResult, file_sha256
+
+
+@attrs.frozen
+class StandardSbm:
+    """The runner's SBM interface for chips that follow docs/device.md: provisioning data
+    v2 (:mod:`securethread.formats.provisioning`) and signed boot confirmations
+    (:mod:`securethread.formats.boot`).  Picklable: it goes to every worker."""
+
+    production_ca: bytes
+    oem_root: bytes
+    device_trust: bytes
+
+    def packager(self, job_sha256: bytes) -> Packager:
+        return ProvisioningData.packager(
+            production_ca_certificate=x509.load_der_x509_certificate(self.production_ca),
+            oem_root_certificate=x509.load_der_x509_certificate(self.oem_root),
+            device_trust=self.device_trust,
+            job_sha256=job_sha256,
+        )
+
+    def boot_verifier(self, manifest: Manifest) -> BootVerifier:
+        def verify(cert: x509.Certificate, nonce: bytes, boot: bytes) -> None:
+            key = cert.public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise DeviceRefusedError("device certificate without an EC key")
+            verify_boot_confirmation(
+                boot,
+                device_public_key=key,
+                device_id=device_id_of(cert),
+                manifest=manifest,
+                nonce=nonce,
+            )
+
+        return verify
+
+
+def job_targets(workdir: str | os.PathLike[str], job_id: str) -> Targets:
+    """The targets of opened job ``job_id`` (its signed job verified again)."""
+    work = L.open_programmer(workdir)
+    jdir = L.job_dir(job_id)
+    work.require(f"{jdir}/job.bin", step=f"provision {job_id}", needs=f"open-job ({job_id})")
+    return verified_job(work, work.read(f"{jdir}/job.bin", "job")).job.targets
+
+
+def run_config(
+    work: PartyDir, job_id: str, *, vendor_roots: Sequence[x509.Certificate], workers: int,
+    batch_size: int,
+) -> RunConfig:  # fmt: skip
+    """The run of job ``job_id``, from this work directory, every part verified again."""
+    jdir = L.job_dir(job_id)
+    work.require(f"{jdir}/job.bin", step=f"provision {job_id}", needs=f"open-job ({job_id})")
+    if work.exists(f"{jdir}/ledger.bin"):
+        raise JobError(f"job {job_id} was closed (close-job); it provisions no more devices")
+    job = verified_job(work, work.read(f"{jdir}/job.bin", "job"))
+    manifest_bytes = work.read(f"{jdir}/manifest.bin", "manifest")
+    fw = firmware_key(work)
+    manifest = verify_manifest(manifest_bytes, key=fw)
+    if hashlib.sha256(manifest_bytes).digest() != job.job.manifest_sha256:
+        raise JobError(f"job {job_id} names another manifest than {jdir}/manifest.bin")
+    image = work.path(f"{jdir}/image.enc")
+    if file_sha256(image) != manifest.ciphertext_sha256:
+        raise ImageError(f"{jdir}/image.enc does not match its manifest (altered or truncated)")
+    pca_der = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA")).public_bytes(
+        serialization.Encoding.DER
+    )
+    if hashlib.sha256(pca_der).digest() != job.job.production_ca:
+        raise JobError(f"{jdir}/production-ca.pem is not the production CA job {job_id} names")
+    root_der = from_pem(work.read(L.ROOT_CA, "OEM root certificate")).public_bytes(
+        serialization.Encoding.DER
+    )
+    devices = work.path(f"{jdir}/devices")
+    devices.mkdir(exist_ok=True)
+    return RunConfig(
+        job=job,
+        manifest=manifest_bytes,
+        firmware_key=spki_der(fw),
+        image=str(image),
+        store=str(work.path(f"{jdir}/store.sqlite")),
+        certificates=str(devices),
+        production_ca=pca_der,
+        vendor_roots=tuple(c.public_bytes(serialization.Encoding.DER) for c in vendor_roots),
+        sbm=StandardSbm(pca_der, root_der, work.read(f"{jdir}/device-trust.bin", "device trust")),
+        labels=KeyLabels(
+            production_ca=L.production_ca_label(job_id),
+            image_key=L.image_key_label(job.job.image_id),
+        ),
+        token=L.TOKEN,
+        workers=workers,
+        batch_size=batch_size,
+    )
+
+
+def provision(
+    workdir: str | os.PathLike[str],
+    *,
+    job_id: str,
+    chips: Iterable[PortFactory],
+    vendor_roots: Sequence[x509.Certificate],
+    workers: int = 1,
+    batch_size: int = 32,
+    progress: Callable[[Progress], None] | None = None,
+) -> StepResult:
+    """Provision and program ``chips`` under opened job ``job_id``; run again to resume.
+
+    ``vendor_roots`` are the silicon vendors whose chip identities the line accepts.  The
+    step's ``problem`` is set (and the CLI exits non-zero) when devices were refused or the
+    quota is used up; a signal or a dead worker ends it with the runner's error, whose
+    partial result is kept in the transcript.
+    """
+    work = L.open_programmer(workdir)
+    config = run_config(
+        work, job_id, vendor_roots=vendor_roots, workers=workers, batch_size=batch_size
+    )
+    pin = work.pin_callback()
+    work.activate()
+    result = run(config, chips, pin=pin, progress=progress)
+    details: dict[str, Any] = {
+        **result.to_json(),
+        "booted": result.programmed,
+        "job": job_id,
+    }
+    return work.finish(
+        "programmer provision", [f"{L.job_dir(job_id)}/devices"], (), details, _problem(result)
+    )
+
+
+def _problem(result: Any) -> Error | None:
+    refused: dict[str, int] = dict(result.refused)
+    over = refused.pop(QuotaExceededError.__name__, 0)
+    if over:
+        return QuotaExceededError(
+            f"{over} device(s) refused: the job's quota of {result.quota} devices is used up"
+        )
+    bad = sum(refused.values()) + sum(result.not_programmed.values())
+    if bad:
+        kinds = ", ".join(
+            f"{n} {k}" for k, n in sorted({**refused, **result.not_programmed}.items())
+        )
+        return DeviceRefusedError(f"{bad} device(s) refused or not programmed ({kinds})")
+    return None
+
+
+__all__ = ["StandardSbm", "job_targets", "provision", "run_config"]
