@@ -7,8 +7,9 @@ with public files only, and ``securethread demo`` runs the two sites side by sid
 
 Exit codes: 0 success; 2 usage, configuration or a step out of order; 3 token (HSM) error;
 4 verification failure (bad signature, tampered or malformed artefact, devices refused);
-5 quota used up; 6 interrupted (SIGINT/SIGTERM; the run stopped cleanly); 1 an OS error
-(disk full, ...); 70 an internal error (a bug: please report it).  Every failure prints
+5 quota used up; 130 / 143 interrupted by SIGINT / SIGTERM (a run stops after its batch in
+flight, cleanly: run it again to resume); 1 an OS error (disk full, ...); 70 an internal
+error (a bug: please report it).  Every failure prints
 one line on stderr naming the problem, never a traceback; with ``--json`` it also prints a
 JSON error object on stdout.
 """
@@ -36,18 +37,24 @@ from securethread.errors import (
 if TYPE_CHECKING:
     from securethread.workdir import StepResult
 
-EXIT_OK, EXIT_OS, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA, EXIT_INTERRUPTED = range(7)
+EXIT_OK, EXIT_OS, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA = range(6)
 EXIT_INTERNAL = 70
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
 class Interrupted(Error):
-    """The command was interrupted by SIGINT or SIGTERM."""
+    """The command was interrupted by SIGTERM (exit code 128 + the signal number)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def exit_code(exc: BaseException) -> int:
     """The documented exit code for an exception (module docstring)."""
-    if isinstance(exc, Interrupted) or type(exc).__name__ == "RunInterrupted":
-        return EXIT_INTERRUPTED
+    signalled = getattr(exc, "exit_code", None)  # Interrupted, RunInterruptedError
+    if isinstance(exc, Error) and isinstance(signalled, int):
+        return signalled
     if isinstance(exc, ConfigurationError):
         return EXIT_CONFIG
     if isinstance(exc, HSMError):
@@ -59,7 +66,7 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, Error):
         return EXIT_VERIFY if "Refused" in type(exc).__name__ else EXIT_OS
     if isinstance(exc, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
+        return EXIT_SIGINT
     if isinstance(exc, OSError):
         return EXIT_OS
     return EXIT_INTERNAL
@@ -748,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -770,10 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
                 )
             )
-        print(
-            f"securethread {args.role} {getattr(args, 'cmd', '') or ''}: {line}".replace("  ", " "),
-            file=sys.stderr,
-        )
+        cmd = getattr(args, "cmd", None)
+        where = f"securethread {args.role}" + (f" {cmd}" if cmd else "")
+        print(f"{where}: {line}", file=sys.stderr)
         if os.environ.get("SECURETHREAD_DEBUG") and code == EXIT_INTERNAL:
             import traceback
 

@@ -110,7 +110,9 @@ class _Sites:
             cwd=self.root,
         )
 
-    def finish(self, party: str, args: Sequence[str], proc: subprocess.Popen[str]) -> dict[str, Any]:
+    def finish(
+        self, party: str, args: Sequence[str], proc: subprocess.Popen[str]
+    ) -> dict[str, Any]:
         out, err = proc.communicate(timeout=600)
         return self._result(party, args, proc.returncode, out, err)
 
@@ -127,7 +129,7 @@ class _Sites:
     def carry(self, src: Path, to: str) -> Path:
         """Copy ``src`` (an outbox file) into party ``to``'s inbox, as a courier would."""
         inbox = self.root / to / "inbox"
-        inbox.mkdir(exist_ok=True)
+        inbox.mkdir(parents=True, exist_ok=True)
         dst = inbox / src.name
         shutil.copyfile(src, dst)
         rel = f"{src.relative_to(self.root)} -> {dst.relative_to(self.root)}"
@@ -173,9 +175,25 @@ def run_demo(
     enrol = s.run("programmer", "enrol", "--workdir", "factory")
     request = s.carry(fac / "outbox" / "enrolment-request.bin", "oem")
     # The fingerprint travels out of band (read over the phone): the demo passes it on.
-    s.run("oem", "certify-programmer", "--workdir", "oem", str(request), "--fingerprint", enrol["fingerprint"])
+    s.run(
+        "oem",
+        "certify-programmer",
+        "--workdir",
+        "oem",
+        str(request),
+        "--fingerprint",
+        enrol["fingerprint"],
+    )
     bundle = s.carry(oem / "outbox" / f"certificates-{FACTORY_NAME}.bin", "factory")
-    s.run("programmer", "install-certs", "--workdir", "factory", str(bundle), "--root-fingerprint", root_fp)
+    s.run(
+        "programmer",
+        "install-certs",
+        "--workdir",
+        "factory",
+        str(bundle),
+        "--root-fingerprint",
+        root_fp,
+    )
 
     # The silicon vendor takes the OEM's order: chips burnt with the OEM root's hash.
     vendor_root = s.carry(oem / "root-ca.pem", "vendor")
@@ -222,8 +240,13 @@ def run_demo(
 
     # An auditor with public files only.
     transcripts = {}
-    for party, cert in (("oem", oem / "oem-identity.pem"), ("factory", fac / "certs" / "identity.pem")):
-        v = s.run("audit", "verify-transcript", str(root / party / "transcript.bin"), "--cert", str(cert))
+    for party, cert in (
+        ("oem", oem / "oem-identity.pem"),
+        ("factory", fac / "certs" / "identity.pem"),
+    ):
+        v = s.run(
+            "audit", "verify-transcript", str(root / party / "transcript.bin"), "--cert", str(cert)
+        )
         transcripts[party] = {"records": v["records"], "head": v["head"]}
     s.run(
         "audit", "verify-ledger", str(ledger), "--ledger-cert",
@@ -261,7 +284,10 @@ def run_demo(
         f"({prov.get('devices_per_s')} devices/s), quota {rec.get('quota_used')} of {rec.get('quota')}",
         f"  reconciled by the OEM: {'yes' if rec.get('ok') else 'NO'}; ledger and both transcripts "
         "verified offline",
-        *(f"  {p} transcript head: #{t['records'] - 1} {t['head']}" for p, t in transcripts.items()),
+        *(
+            f"  {p} transcript head: #{t['records'] - 1} {t['head']}"
+            for p, t in transcripts.items()
+        ),
     ]
     return summary
 
