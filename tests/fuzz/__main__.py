@@ -21,6 +21,9 @@ from tests.fuzz.mutate import RandomSource, mutate
 from tests.fuzz.targets import Target, make_targets, run_one
 from tests.fuzz.world import build
 
+#: Failing inputs kept (and summarised) per target; all of them are counted.
+_KEEP = 25
+
 
 def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, save: Path,
           progress: bool) -> tuple[collections.Counter[str], list[str], float]:  # fmt: skip
@@ -32,7 +35,7 @@ def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, 
         data = mutate(src, target.seeds, corpus, ring, text=target.text)  # type: ignore[arg-type]
         outcome = run_one(target, data)
         seen[outcome.kind] += 1
-        if outcome.error is not None:
+        if outcome.error is not None and len(bugs) < _KEEP:
             exc = outcome.error
             save.mkdir(parents=True, exist_ok=True)
             path = save / f"{target.name}-{seed}-{i}.bin"
