@@ -1,0 +1,405 @@
+"""Two sites for real: the OEM and the programming centre as separate processes, each with
+only its own SoftHSM directory, PIN file and work directory, joined by files and one TCP
+connection on 127.0.0.1 (``securethread demo`` runs exactly that), then every bad input a
+courier, an operator or an attacker on the transport could bring, on both sides: one clear
+stderr line, the documented exit code, nothing changed on either side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEVICES = 6
+CLI = [sys.executable, "-m", "securethread.cli"]
+EXIT_CONFIG, EXIT_VERIFY = 2, 4
+
+
+def _env() -> dict[str, str]:
+    """A party's process sees no SoftHSM configuration and no PINs from the test session."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k != "SOFTHSM2_CONF" and not k.startswith(("SECURETHREAD_PIN_", "SECURETHREAD_SO_PIN_"))
+    }
+
+
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("two-sites") / "demo"
+    proc = cli("demo", "--devices", str(DEVICES), "--workdir", str(root), "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"root": root, "oem": root / "oem", "factory": root / "factory", "summary": summary}
+
+
+def _state(*dirs: Path) -> dict[str, str]:
+    """Every file's digest, and for token directories the object files' names only (SoftHSM
+    rewrites a token's own file at each login; an object added or removed is a new name)."""
+    out = {}
+    for d in dirs:
+        for p in sorted(d.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = str(p.relative_to(d.parent))
+            if "/hsm/" in rel:
+                if p.suffix == ".object" and p.name != "token.object":
+                    out[rel] = "object"
+                continue
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def refused(sites: dict[str, Any], code: int, *args: str, match: str) -> str:
+    """Run a command that must be refused: exit ``code``, one stderr line naming the
+    problem (``match``), no traceback, and nothing changed in either party's directory."""
+    before = _state(sites["oem"], sites["factory"])
+    proc = cli(*args)
+    # receive-keys reports where it listens (for port 0) before anything can fail
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("listening on ")]
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert match.lower() in lines[0].lower(), lines[0]
+    assert _state(sites["oem"], sites["factory"]) == before
+    return lines[0]
+
+
+def _token_labels(conf: Path) -> set[str]:
+    code = (
+        "import pkcs11, sys\n"
+        "from securethread.hsm.module import default_module_path\n"
+        "lib = pkcs11.lib(default_module_path())\n"
+        "print('\\n'.join(t.label for t in lib.get_tokens()))\n"
+    )
+    env = dict(_env(), SOFTHSM2_CONF=str(conf))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+# --- the happy path ---------------------------------------------------------------------------------
+
+
+def test_the_chain_completes_across_two_sites(sites: dict[str, Any]) -> None:
+    s = sites["summary"]
+    assert s["ok"] and s["reconciled"]
+    assert s["provisioned"] == s["booted"] == DEVICES
+    assert s["quota_used"] == s["quota"] == DEVICES
+    # Only outbox files crossed, each into the other party's inbox.
+    for line in s["carried"]:
+        src, dst = line.split(" -> ")
+        assert "/outbox/" in src or src in ("oem/root-ca.pem",)
+        assert dst.split("/")[1] == "inbox" and src.split("/")[0] != dst.split("/")[0]
+    report = json.loads((sites["oem"] / "jobs" / "demo-job-1" / "reconciliation.json").read_text())
+    assert report["reconciled"] and report["programmed"] == DEVICES
+
+
+def test_each_site_sees_only_its_own_tokens(sites: dict[str, Any]) -> None:
+    oem = _token_labels(sites["oem"] / "hsm" / "softhsm2.conf")
+    factory = _token_labels(sites["factory"] / "hsm" / "softhsm2.conf")
+    assert oem == {"oem", "officer-1", "officer-2"}
+    assert factory == {"programmer"}
+
+
+def test_pin_files_hold_only_the_party_user_pins(sites: dict[str, Any]) -> None:
+    for party, labels in (("oem", {"oem", "officer-1", "officer-2"}), ("factory", {"programmer"})):
+        pins = sites[party] / "pins"
+        assert stat.S_IMODE(pins.stat().st_mode) == 0o600
+        names = {line.split("=")[0] for line in pins.read_text().splitlines()}
+        assert names == labels  # user PINs of this party's tokens, no SO PIN
+        assert "SO" not in pins.read_text().upper().replace("SO_", "")
+
+
+def test_an_officer_token_holds_one_job_signing_key(sites: dict[str, Any]) -> None:
+    """M-of-N: each officer's key is in its own token under its own PIN."""
+    pins = dict(line.split("=") for line in (sites["oem"] / "pins").read_text().splitlines())
+    assert len({pins["officer-1"], pins["officer-2"], pins["oem"]}) == 3
+
+
+def test_opening_the_other_party_token_fails(sites: dict[str, Any]) -> None:
+    code = "from securethread.hsm import open_token\nopen_token('programmer', pin=lambda _l: 'x')\n"
+    env = dict(_env(), SOFTHSM2_CONF=str(sites["oem"] / "hsm" / "softhsm2.conf"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "TokenNotFoundError" in proc.stderr
+
+
+# --- the demo's own directory ------------------------------------------------------------------------
+
+
+def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep me")
+    proc = cli("demo", "--devices", "1", "--workdir", str(mine))
+    assert proc.returncode == EXIT_CONFIG
+    assert "not created by securethread demo" in proc.stderr
+    assert (mine / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_refuses_a_real_party_directory(sites: dict[str, Any]) -> None:
+    before = _state(sites["oem"])
+    proc = cli("demo", "--devices", "1", "--workdir", str(sites["oem"]))
+    assert proc.returncode == EXIT_CONFIG and "refusing to touch it" in proc.stderr
+    assert _state(sites["oem"]) == before
+
+
+# --- bad inputs, OEM side -----------------------------------------------------------------------------
+
+
+def _tampered(path: Path, tmp: Path, at: int = -40) -> Path:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    out = tmp / ("tampered-" + path.name)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _truncated(path: Path, tmp: Path) -> Path:
+    out = tmp / ("truncated-" + path.name)
+    out.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return out
+
+
+def test_oem_refuses_a_tampered_enrolment_request(sites: dict[str, Any], tmp_path: Path) -> None:
+    req = _tampered(sites["oem"] / "inbox" / "enrolment-request.bin", tmp_path)
+    fp = "00" * 32
+    refused(sites, EXIT_VERIFY, "oem", "certify-programmer", "--workdir", str(sites["oem"]),
+            str(req), "--fingerprint", fp, match="enrolment")  # fmt: skip
+
+
+def test_oem_refuses_an_enrolment_with_another_fingerprint(sites: dict[str, Any]) -> None:
+    req = sites["oem"] / "inbox" / "enrolment-request.bin"
+    refused(sites, EXIT_VERIFY, "oem", "certify-programmer", "--workdir", str(sites["oem"]),
+            str(req), "--fingerprint", "ab" * 32, match="not the fingerprint")  # fmt: skip
+
+
+def test_oem_refuses_a_malformed_fingerprint(sites: dict[str, Any]) -> None:
+    req = sites["oem"] / "inbox" / "enrolment-request.bin"
+    refused(sites, EXIT_CONFIG, "oem", "certify-programmer", "--workdir", str(sites["oem"]),
+            str(req), "--fingerprint", "xyz", match="64 hex digits")  # fmt: skip
+
+
+def test_oem_refuses_certifying_a_programmer_twice(sites: dict[str, Any]) -> None:
+    req = sites["oem"] / "inbox" / "enrolment-request.bin"
+    fp = sites["summary"]["fingerprint"] if "fingerprint" in sites["summary"] else None
+    if fp is None:
+        from securethread.formats.onboarding import EnrolmentRequest
+
+        fp = EnrolmentRequest.open(req.read_bytes()).fingerprint.hex()
+    refused(sites, EXIT_CONFIG, "oem", "certify-programmer", "--workdir", str(sites["oem"]),
+            str(req), "--fingerprint", fp, match="already done")  # fmt: skip
+
+
+def test_oem_refuses_a_reused_job_id(sites: dict[str, Any]) -> None:
+    spec = sites["oem"] / "demo-job-1.toml"
+    req = sites["oem"] / "inbox" / "production-ca-request-demo-job-1.bin"
+    refused(sites, EXIT_VERIFY, "oem", "issue-job", "--workdir", str(sites["oem"]), str(spec),
+            "--ca-request", str(req), match="already used")  # fmt: skip
+
+
+def test_oem_refuses_a_ca_request_of_the_wrong_kind(sites: dict[str, Any], tmp_path: Path) -> None:
+    spec = tmp_path / "job2.toml"
+    spec.write_text((sites["oem"] / "demo-job-1.toml").read_text().replace("demo-job-1", "job-2"))
+    wrong = sites["oem"] / "inbox" / "enrolment-request.bin"
+    refused(sites, EXIT_VERIFY, "oem", "issue-job", "--workdir", str(sites["oem"]), str(spec),
+            "--ca-request", str(wrong), match="production-ca-request")  # fmt: skip
+
+
+def test_oem_refuses_a_ca_request_for_another_job(sites: dict[str, Any], tmp_path: Path) -> None:
+    spec = tmp_path / "job3.toml"
+    spec.write_text((sites["oem"] / "demo-job-1.toml").read_text().replace("demo-job-1", "job-3"))
+    req = sites["oem"] / "inbox" / "production-ca-request-demo-job-1.bin"
+    refused(sites, EXIT_VERIFY, "oem", "issue-job", "--workdir", str(sites["oem"]), str(spec),
+            "--ca-request", str(req), match="for job")  # fmt: skip
+
+
+def test_oem_refuses_a_bad_job_spec(sites: dict[str, Any], tmp_path: Path) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text('job_id = "j"\nprogrammer = "factory-1"\nimage = "fw"\nquota = 1\nquotta = 2\n')
+    req = sites["oem"] / "inbox" / "production-ca-request-demo-job-1.bin"
+    refused(sites, EXIT_CONFIG, "oem", "issue-job", "--workdir", str(sites["oem"]), str(spec),
+            "--ca-request", str(req), match="unknown key")  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+def test_oem_refuses_a_damaged_ledger(sites: dict[str, Any], tmp_path: Path, damage: str) -> None:
+    ledger = sites["oem"] / "inbox" / "ledger-demo-job-1.bin"
+    bad = (_tampered if damage == "tampered" else _truncated)(ledger, tmp_path)
+    # The job was reconciled already: a fresh OEM reconcile of it is refused as done, so the
+    # damaged ledger goes through the auditor's reconcile (same checks, from files).
+    o, f = sites["oem"], sites["factory"]
+    refused(sites, EXIT_VERIFY, "audit", "reconcile", str(bad), "--job",
+            str(o / "jobs/demo-job-1/job.bin"), "--root", str(o / "root-ca.pem"),
+            "--officers", str(o / "officers.bin"), "--programmer-cert",
+            str(o / "programmers/factory-1/identity.pem"), "--ledger-cert",
+            str(f / "certs/ledger-signing.pem"), "--production-ca",
+            str(o / "jobs/demo-job-1/production-ca.pem"), "--manifest",
+            str(o / "images/fw-sensor-1/manifest.bin"), match="ledger")  # fmt: skip
+
+
+def test_oem_refuses_to_reconcile_twice(sites: dict[str, Any]) -> None:
+    ledger = sites["oem"] / "inbox" / "ledger-demo-job-1.bin"
+    refused(sites, EXIT_CONFIG, "oem", "reconcile", "--workdir", str(sites["oem"]), str(ledger),
+            "--job", "demo-job-1", match="already done")  # fmt: skip
+
+
+def test_oem_command_on_the_programmer_directory(sites: dict[str, Any]) -> None:
+    refused(sites, EXIT_CONFIG, "oem", "master-image", "--workdir", str(sites["factory"]),
+            str(sites["oem"] / "firmware.bin"), "--image-id", "x", "--version", "1",
+            "--security-counter", "1", "--device-class", "c", match="programmer's work directory")  # fmt: skip
+
+
+def test_oem_send_keys_to_an_unknown_programmer(sites: dict[str, Any]) -> None:
+    refused(sites, EXIT_CONFIG, "oem", "send-keys", "--workdir", str(sites["oem"]), "--to",
+            "factory-9", "--image", "fw-sensor-1", "--connect", "127.0.0.1:9",
+            match="certify-programmer")  # fmt: skip
+
+
+def test_oem_send_keys_to_nobody_listening(sites: dict[str, Any], tmp_path: Path) -> None:
+    """No key moves and nothing is recorded when the programmer is not there."""
+    ack = sites["oem"] / "programmers/factory-1/keys-fw-sensor-1.ack"
+    saved = tmp_path / "ack"
+    shutil.move(ack, saved)  # let send-keys run again
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed again: nobody listens there
+        refused(sites, EXIT_VERIFY, "oem", "send-keys", "--workdir", str(sites["oem"]), "--to",
+                "factory-1", "--image", "fw-sensor-1", "--connect", f"127.0.0.1:{port}",
+                "--timeout", "3", match="127.0.0.1")  # fmt: skip
+    finally:
+        shutil.move(saved, ack)
+
+
+# --- bad inputs, factory side ------------------------------------------------------------------------
+
+
+def test_programmer_refuses_a_bundle_under_another_root(sites: dict[str, Any]) -> None:
+    bundle = sites["factory"] / "inbox" / "certificates-factory-1.bin"
+    refused(sites, EXIT_CONFIG, "programmer", "install-certs", "--workdir", str(sites["factory"]),
+            str(bundle), "--root-fingerprint", "cd" * 32, match="already done")  # fmt: skip
+
+
+def test_programmer_refuses_a_tampered_job_package(sites: dict[str, Any], tmp_path: Path) -> None:
+    pkg = _tampered(sites["factory"] / "inbox" / "job-demo-job-1.bin", tmp_path, at=200)
+    image = sites["factory"] / "inbox" / "image-fw-sensor-1.enc"
+    refused(sites, EXIT_VERIFY, "programmer", "open-job", "--workdir", str(sites["factory"]),
+            str(pkg), "--image", str(image), match="")  # fmt: skip
+
+
+def test_programmer_refuses_an_artefact_of_the_wrong_kind(sites: dict[str, Any]) -> None:
+    wrong = sites["factory"] / "inbox" / "certificates-factory-1.bin"
+    image = sites["factory"] / "inbox" / "image-fw-sensor-1.enc"
+    refused(sites, EXIT_VERIFY, "programmer", "open-job", "--workdir", str(sites["factory"]),
+            str(wrong), "--image", str(image), match="job package")  # fmt: skip
+
+
+def test_programmer_refuses_opening_a_job_twice(sites: dict[str, Any]) -> None:
+    pkg = sites["factory"] / "inbox" / "job-demo-job-1.bin"
+    image = sites["factory"] / "inbox" / "image-fw-sensor-1.enc"
+    refused(sites, EXIT_VERIFY, "programmer", "open-job", "--workdir", str(sites["factory"]),
+            str(pkg), "--image", str(image), match="already open")  # fmt: skip
+
+
+def test_programmer_refuses_provisioning_a_closed_job(sites: dict[str, Any]) -> None:
+    refused(sites, EXIT_VERIFY, "programmer", "provision", "--workdir", str(sites["factory"]),
+            "--job", "demo-job-1", "--vendor", str(sites["root"] / "vendor"), "--devices", "1",
+            match="closed")  # fmt: skip
+
+
+def test_programmer_command_on_the_oem_directory(sites: dict[str, Any]) -> None:
+    refused(sites, EXIT_CONFIG, "programmer", "request-ca", "--workdir", str(sites["oem"]),
+            "--job", "j", match="oem's work directory")  # fmt: skip
+
+
+def test_programmer_receive_keys_times_out(sites: dict[str, Any]) -> None:
+    refused(sites, EXIT_VERIFY, "programmer", "receive-keys", "--workdir", str(sites["factory"]),
+            "--listen", "127.0.0.1:0", "--timeout", "1", match="no OEM connected")  # fmt: skip
+
+
+def test_programmer_refuses_a_peer_that_sends_garbage(sites: dict[str, Any]) -> None:
+    """A peer on the port that is not the OEM: one clear line, no key stored."""
+    before = _state(sites["oem"], sites["factory"])
+    proc = subprocess.Popen(
+        [*CLI, "programmer", "receive-keys", "--workdir", str(sites["factory"]), "--listen",
+         "127.0.0.1:0", "--timeout", "10"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    port = int(line.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"\xff\xff\xff\xff\x01" + b"x" * 64)  # a 4 GiB frame announced
+        time.sleep(0.5)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_VERIFY, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert _state(sites["oem"], sites["factory"]) == before
+
+
+def test_steps_out_of_order_on_a_fresh_programmer(tmp_path: Path) -> None:
+    work = tmp_path / "fac"
+    assert cli("programmer", "init", "--workdir", str(work), "--name", "f2").returncode == 0
+    before = _state(work)
+    proc = cli("programmer", "request-ca", "--workdir", str(work), "--job", "j")
+    assert proc.returncode == EXIT_CONFIG and "needs install-certs first" in proc.stderr
+    assert _state(work) == before
+    proc = cli("programmer", "init", "--workdir", str(work), "--name", "f2")
+    assert proc.returncode == EXIT_CONFIG and "init was run" in proc.stderr
+
+
+def test_json_errors_are_json(sites: dict[str, Any]) -> None:
+    proc = cli("programmer", "request-ca", "--workdir", str(sites["oem"]), "--job", "j", "--json")
+    err = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert err["ok"] is False and err["error"]["exit_code"] == EXIT_CONFIG
+    assert err["error"]["type"] == "WrongWorkdirError"
+
+
+def test_usage_errors_are_one_line(sites: dict[str, Any]) -> None:
+    proc = cli("oem", "issue-job", "--workdir", str(sites["oem"]))
+    assert proc.returncode == EXIT_CONFIG
+    assert len(proc.stderr.strip().splitlines()) == 1 and "usage error" in proc.stderr
+
+
+def test_version() -> None:
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("securethread ")
+
+
+def test_every_option_has_help() -> None:
+    from securethread.cli import build_parser
+
+    def walk(parser: Any) -> None:
+        for action in parser._actions:
+            if action.dest not in ("help", "version") and action.option_strings:
+                assert action.help, f"{parser.prog} {action.option_strings} has no help"
+            choices = getattr(action, "choices", None)
+            if isinstance(choices, dict):
+                for sub in choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+
+
+# keep threading imported for helpers that run a peer beside the CLI
+_ = threading
