@@ -1,30 +1,53 @@
-"""Provisioning throughput pieces for ``python -m benchmarks``.
+"""Provisioning throughput pieces for ``python -m benchmarks``, and the quota-mark cost.
 
-* ``setup``: a subprocess running the demo up to the job (``run_demo(setup_hook=...)``),
-  in its own work directory, pickling (LineConfig, chips, outsider) to ``setup.pickle``.
-* ``worker``: a subprocess that activates the demo's token directory, opens the programmer
-  token, builds the line and the SimulatedDevices *before* the clock, waits for ``go`` on
-  stdin (so several workers start together), then times only ``list(line.provision(ports))``
-  (programming excluded).  Optionally it then times the HSM floor on the same token/keys.
+* ``setup`` (:func:`run_setup`): a subprocess that makes a token directory ``WORK/hsm`` (its
+  PINs in the directory's PIN file), the OEM's and the programmer's keys, a mastered image,
+  a job of ``quota`` devices and its chips (:func:`make_world`), and pickles
+  ``(RunConfig, chips, outsider)`` to ``WORK/setup.pickle``.
+* ``fresh`` (:func:`fresh_store`): a subprocess that retires the job's store and quota mark
+  (benchmark only: production refuses a lost store, S7), so every repetition starts at zero.
+* ``worker`` (:func:`start_workers`): a subprocess that opens the programmer token, builds the
+  line as a run does (:func:`securethread.programmer.runner.build_line`, the job's quota mark
+  as its guard) and the simulated chips *before* the clock, waits for ``go`` on stdin (so
+  several workers start together), then times only ``list(line.provision(ports))``:
+  identification, count, certificate, license, ledger commit, release (queued; certificate
+  files and programming excluded).  Optionally it then times the HSM floor on the same keys.
+* ``markcost``: the same line with and without the quota mark, alternated in one process:
+  what the mark (one token object per reservation block) costs in throughput.
 * ``peer``: bench_certs' openssl + libp11 loop against the same production CA key.
-* :func:`software_line`: the same pipeline with every key in a SoftwareBackend (in-process).
+* :func:`software_runs`: the same pipeline with every key in a SoftwareBackend (in-process).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import io
 import json
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+JOB_ID = "bench-job"
+IMAGE_ID = "fw-bench"
+DEVICE_CLASS = "sensor-v1"
+DEVICE_BASE = 0x5EC0_0000_0000_0000
+SECURITY_COUNTER = 3
+LABELS = {
+    "production_ca": f"production-ca-{JOB_ID}",
+    "image_key": f"image-{IMAGE_ID}",
+    "license_signing": "license-signing",
+    "ledger_signing": "ledger-signing",
+    "key_agreement": "key-agreement",
+}
 
 
 def clean_env() -> dict[str, str]:
@@ -33,40 +56,219 @@ def clean_env() -> dict[str, str]:
     }
 
 
-SETUP = """
-import pickle, sys
-from securethread.demo import run_demo
-work, quota = sys.argv[1], int(sys.argv[2])
-def hook(cfg, chips, outsider):
-    with open(work + "/setup.pickle", "wb") as f:
-        pickle.dump((cfg, chips, outsider), f)
-run_demo(work, devices=quota, setup_hook=hook, firmware_size=4096)
-"""
-
-
-def run_setup(work: Path, quota: int) -> float:
-    t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", SETUP, str(work), str(quota)],
-        env=clean_env(),
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
-    return time.perf_counter() - t
-
-
-def fresh_store(work: Path) -> None:
-    for name in ("production.sqlite", "production.sqlite-wal", "production.sqlite-shm"):
-        (work / "programmer" / name).unlink(missing_ok=True)
-
-
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     if not s:
         return float("nan")
     k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
     return s[k]
+
+
+# --- the world a run needs ---------------------------------------------------------------------
+
+
+class BenchSbm:
+    """The runner's SbmInterface for the simulated chips (picklable)."""
+
+    def __init__(self, production_ca: bytes, oem_root: bytes, device_trust: bytes) -> None:
+        self.production_ca, self.oem_root, self.device_trust = (
+            production_ca,
+            oem_root,
+            device_trust,
+        )
+
+    def packager(self, job_sha256: bytes) -> Any:
+        from cryptography import x509
+
+        from securethread.device.sbm import ProvisioningData
+
+        return ProvisioningData.packager(
+            production_ca_certificate=x509.load_der_x509_certificate(self.production_ca),
+            oem_root_certificate=x509.load_der_x509_certificate(self.oem_root),
+            device_trust=self.device_trust,
+            job_sha256=job_sha256,
+        )
+
+    def boot_verifier(self, manifest: Any) -> Any:
+        from securethread.device.sbm import verify_boot_confirmation
+        from securethread.pki import device_id_of
+
+        def verify(cert: Any, nonce: bytes, boot: bytes) -> None:
+            verify_boot_confirmation(
+                boot,
+                device_public_key=cert.public_key(),
+                device_id=device_id_of(cert),
+                manifest=manifest,
+                nonce=nonce,
+            )
+
+        return verify
+
+
+def make_world(oem: Any, prog: Any, work: Path, quota: int, *, chips: int = 0) -> Any:
+    """OEM keys in ``oem``, the programmer's in ``prog`` (tokens or SoftwareBackends), a
+    mastered 4 KiB image in ``work``, a job of ``quota`` devices; returns
+    ``(RunConfig, vendor, oem_root_hash)`` (chips: :func:`chip_specs`)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from securethread.device.vendor import SiliconVendor
+    from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_device_trust
+    from securethread.formats.image import master_image
+    from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
+    from securethread.formats.ledger import sha256
+    from securethread.keys.ecutil import spki_der
+    from securethread.keys.policy import IMAGE_KEY, SIGNING, Curve
+    from securethread.pki import (
+        DeviceProfile,
+        EnclavePurpose,
+        cert_fingerprint,
+        certify_enclave,
+        certify_production_ca,
+        create_enclave_csr,
+        create_production_ca_csr,
+        create_root_ca,
+        install_certificate,
+    )
+    from securethread.programmer.runner import KeyLabels, RunConfig
+
+    def der(c: Any) -> bytes:
+        return bytes(c.public_bytes(serialization.Encoding.DER))
+
+    root = create_root_ca(oem, label="oem-root-ca")
+    root_key = oem.private_key("oem-root-ca")
+
+    def enrol(label: str, purpose: Any, vouch: Any = None) -> Any:
+        csr = create_enclave_csr(prog, label=label, enclave_name="programmer-1",
+                                 purpose=purpose, signer=vouch)  # fmt: skip
+        cert = certify_enclave(root_key, root, csr, enclave_name="programmer-1", purpose=purpose,
+                               role="programmer",
+                               proof_key=vouch.public_key() if vouch else None)  # fmt: skip
+        install_certificate(prog, label, cert)
+        return cert
+
+    identity = enrol("programmer-identity", EnclavePurpose.IDENTITY)
+    enrol(LABELS["license_signing"], EnclavePurpose.LICENSE_SIGNING)
+    enrol(LABELS["ledger_signing"], EnclavePurpose.LEDGER_SIGNING)
+    enrol(LABELS["key_agreement"], EnclavePurpose.KEY_AGREEMENT,
+          prog.private_key("programmer-identity"))  # fmt: skip
+    officers = [oem.generate_ec(f"officer-{i}", curve=Curve.P256, policy=SIGNING) for i in (1, 2)]
+    fw = oem.generate_ec("firmware-signing", curve=Curve.P256, policy=SIGNING)
+    image_key = prog.generate_aes(LABELS["image_key"], policy=IMAGE_KEY)
+    image = work / "image.enc"
+    with open(image, "wb") as dst:
+        manifest = master_image(
+            io.BytesIO(os.urandom(4096)), dst, image_key=image_key, signing_key=fw,
+            image_id=IMAGE_ID, image_version="1.0.0", security_counter=SECURITY_COUNTER,
+            device_class=DEVICE_CLASS,
+        )  # fmt: skip
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    not_before = max(now - datetime.timedelta(minutes=5), root.not_valid_before_utc)
+    pca = certify_production_ca(
+        root_key, root,
+        create_production_ca_csr(prog, label=LABELS["production_ca"], job_id=JOB_ID),
+        job_id=JOB_ID, not_before=not_before,
+    )  # fmt: skip
+    install_certificate(prog, LABELS["production_ca"], pca)
+    (work / "production-ca.pem").write_bytes(pca.public_bytes(serialization.Encoding.PEM))
+    t = int(not_before.timestamp())
+    job = ProductionJob(
+        job_id=JOB_ID, device_class=DEVICE_CLASS,
+        targets=Targets(ranges=((DEVICE_BASE, DEVICE_BASE + max(quota, chips) + 1000),)),
+        quota=quota, not_before=t, not_after=t + 30 * 86400, image_id=IMAGE_ID,
+        manifest_sha256=sha256(manifest), programmer=cert_fingerprint(identity), threshold=2,
+        certificate=DeviceProfile(organisation="securethread benchmarks"),
+        production_ca=sha256(der(pca)),
+    )  # fmt: skip
+    signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
+    verified = verify_job(signed, officers=[o.public_key() for o in officers],
+                          programmer=cert_fingerprint(identity), min_threshold=2)  # fmt: skip
+    trust = sign_device_trust(
+        DeviceTrust(job_id=JOB_ID, job_sha256=verified.sha256, device_class=DEVICE_CLASS,
+                    firmware_signing_key=fw.public_key(), min_security_counter=SECURITY_COUNTER),
+        root_key,
+    )  # fmt: skip
+    vendor = SiliconVendor()
+    (work / "programmer").mkdir(parents=True, exist_ok=True)
+    config = RunConfig(
+        job=verified, manifest=manifest, firmware_key=spki_der(fw.public_key()),
+        image=str(image), store=str(work / "programmer" / "store.sqlite"),
+        certificates=str(work / "programmer" / "devices"), production_ca=der(pca),
+        vendor_roots=(der(vendor.root_certificate),), sbm=BenchSbm(der(pca), der(root), trust),
+        labels=KeyLabels(**LABELS),
+    )  # fmt: skip
+    return config, vendor, oem_root_hash(root)
+
+
+def chip_specs(vendor: Any, root_hash: bytes, first: int, n: int) -> Iterator[Any]:
+    """``n`` simulated chips from UID ``DEVICE_BASE + first``, made one by one (lazily)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from securethread.device.vendor import ChipSpec
+
+    for i in range(first, first + n):
+        uid = f"{DEVICE_BASE + i:016x}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        yield ChipSpec(
+            device_id=uid,
+            private_key_der=key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            vendor_certificate_der=vendor.certify(uid, key.public_key()).public_bytes(
+                serialization.Encoding.DER
+            ),
+            oem_root_hash=root_hash,
+            flash_size=1 << 16,
+        )
+
+
+def activate(work: Path) -> None:
+    from softhsm_config import TokenDirectory
+
+    TokenDirectory(work / "hsm").activate()
+
+
+def setup(work: Path, quota: int) -> None:
+    from softhsm_config import ensure_tokens
+
+    ensure_tokens(work / "hsm", ("oem", "programmer"), generate_missing_pins=True).activate()
+    from securethread.hsm import open_token
+
+    config, vendor, root_hash = make_world(open_token("oem"), open_token("programmer"),
+                                           work, quota, chips=quota + 1)  # fmt: skip
+    chips = list(chip_specs(vendor, root_hash, 0, quota))
+    outsider = list(chip_specs(vendor, root_hash, quota + 2000, 1))  # outside the targets
+    (work / "setup.pickle").write_bytes(pickle.dumps((config, chips, outsider)))
+
+
+def run_setup(work: Path, quota: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.provision", "setup", str(work), str(quota)],
+        env=clean_env(), check=True, capture_output=True, cwd=ROOT,
+    )  # fmt: skip
+    return time.perf_counter() - t
+
+
+def _retire(work: Path, token: Any, config: Any) -> None:
+    """Benchmark only: forget the job's store and quota mark (production refuses that)."""
+    from securethread.programmer.quota_mark import QuotaMark
+
+    for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm"):
+        (work / "programmer" / name).unlink(missing_ok=True)
+    QuotaMark(token, config.job.sha256).destroy()
+
+
+def fresh_store(work: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.provision", "fresh", str(work)],
+        env=clean_env(), check=True, capture_output=True, cwd=ROOT,
+    )  # fmt: skip
+
+
+# --- timing the line ----------------------------------------------------------------------------
 
 
 class WirePort:
@@ -84,10 +286,13 @@ class WirePort:
         self.sent: bytes | None = None
 
     def identify(self, challenge: bytes) -> bytes:
-        return self.dev.identify(challenge)
+        return bytes(self.dev.identify(challenge))
 
     def provision(self, data: bytes) -> None:
         self.sent = data
+
+    def program(self, manifest: bytes, image: Any, license: bytes, nonce: bytes) -> bytes:
+        raise AssertionError("the benchmark does not program")
 
 
 def time_provision(line: Any, ports: list[WirePort]) -> dict[str, Any]:
@@ -114,6 +319,28 @@ def time_provision(line: Any, ports: list[WirePort]) -> dict[str, Any]:
     }
 
 
+def open_bench_line(work: Path, token: Any, batch: int, *, guarded: bool = True) -> Any:
+    """The line a run builds, on the job's store; ``guarded``: with its quota mark."""
+    import attrs
+
+    from securethread.programmer.line import NO_ARCHIVE
+    from securethread.programmer.quota_mark import open_store
+    from securethread.programmer.runner import build_line
+    from securethread.programmer.store import UNGUARDED, SQLiteStore
+
+    config, _chips, _outsider = pickle.loads((work / "setup.pickle").read_bytes())
+    config = attrs.evolve(config, batch_size=batch)
+    job = config.job
+    if guarded:
+        store, mark = open_store(config.store, token, job=job.sha256, job_id=job.job.job_id,
+                                 quota=job.job.quota, signed=job.signed)  # fmt: skip
+        store.begin_run(job.sha256, guard=mark)
+        guard: Any = mark
+    else:
+        store, guard = SQLiteStore(config.store), UNGUARDED
+    return build_line(config, token, store, guard=guard, run=os.urandom(8), archive=NO_ARCHIVE)
+
+
 def floor(token: Any, n: int, batch: int) -> dict[str, Any]:
     """The token operations the pipeline makes per device, alone, same token and keys.
 
@@ -124,14 +351,13 @@ def floor(token: Any, n: int, batch: int) -> dict[str, Any]:
     """
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from securethread.demo import L_IMAGE, L_KA, L_LEDGER, L_LICENSE, L_PCA
     from securethread.keys.policy import TEMP_DERIVE, TEMP_WRAP
 
-    pca = token.private_key(L_PCA)
-    ka = token.private_key(L_KA)
-    lic = token.private_key(L_LICENSE)
-    led = token.private_key(L_LEDGER)
-    image = token.secret_key(L_IMAGE)
+    pca = token.private_key(LABELS["production_ca"])
+    ka = token.private_key(LABELS["key_agreement"])
+    lic = token.private_key(LABELS["license_signing"])
+    led = token.private_key(LABELS["ledger_signing"])
+    image = token.secret_key(LABELS["image_key"])
     pubs = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(min(n, 64))]
     digests = [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(n)]
 
@@ -166,34 +392,80 @@ def floor(token: Any, n: int, batch: int) -> dict[str, Any]:
 
 
 def worker(work: Path, start: int, end: int, batch: int, floor_n: int) -> dict[str, Any]:
-    import attrs
-
-    from softhsm_config import TokenDirectory
-
-    TokenDirectory(work / "hsm").activate()
-    from securethread.demo import open_line
+    activate(work)
     from securethread.hsm import open_token
 
-    cfg, chips, outsider = pickle.loads((work / "setup.pickle").read_bytes())
-    cfg = attrs.evolve(cfg, batch_size=batch)
-    from securethread.errors import HSMError
-
-    for attempt in range(10):  # SoftHSM login can fail (GeneralError) when two processes race
-        try:
-            token = open_token("programmer")
-            break
-        except HSMError:
-            if attempt == 9:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    line, _manifest = open_line(cfg, token)
-    ports = [WirePort(c.build()) for c in chips[start:end]]
+    token = open_token("programmer")
+    _config, chips, _outsider = pickle.loads((work / "setup.pickle").read_bytes())
+    line = open_bench_line(work, token, batch)
+    ports = [WirePort(c.open()) for c in chips[start:end]]
     print("ready", flush=True)
     sys.stdin.readline()  # "go"
     out = time_provision(line, ports)
     if floor_n:
         out.update(floor(token, floor_n, batch))
     return out
+
+
+def start_workers(
+    work: Path, shares: list[tuple[int, int]], batch: int, floor_n: int
+) -> list[dict[str, Any]]:
+    """Start one subprocess per share, wait until all are ready, release them together."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.provision", "worker", str(work),
+             str(a), str(b), str(batch), str(floor_n)],
+            env=clean_env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for a, b in shares
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"worker failed: {line!r} {p.stderr.read() if p.stderr else ''}")
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"worker exited {p.returncode}: {err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def markcost(work: Path, n: int, reps: int, batch: int) -> dict[str, Any]:
+    """Throughput of the same line with and without its quota mark, alternated (A/B)."""
+    activate(work)
+    from securethread.hsm import open_token
+
+    token = open_token("programmer")
+    config, chips, _outsider = pickle.loads((work / "setup.pickle").read_bytes())
+    rates: dict[str, list[float]] = {"with_mark": [], "without_mark": []}
+    for _ in range(reps):
+        for guarded, key in ((True, "with_mark"), (False, "without_mark")):
+            _retire(work, token, config)
+            line = open_bench_line(work, token, batch, guarded=guarded)
+            ports = [WirePort(c.open()) for c in chips[:n]]
+            res = time_provision(line, ports)
+            assert res["provisioned"] == n, res
+            rates[key].append(n / res["provision_s"])
+            line._store.close()  # type: ignore[attr-defined]
+    with_m = statistics.median(rates["with_mark"])
+    without = statistics.median(rates["without_mark"])
+    return {
+        "devices": n,
+        "batch_size": batch,
+        "reps": reps,
+        "with_mark_devices_per_s": round(with_m, 1),
+        "without_mark_devices_per_s": round(without, 1),
+        "drop_percent": round(100 * (1 - with_m / without), 2),
+        "runs": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
+    }
 
 
 class _Timer:
@@ -238,40 +510,32 @@ def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
     """Where a device's time goes: stages timed without a profiler, then cProfile's top.
 
     Stages are nested: "token calls" is part of "certificate", "license" and "store"
-    (the checkpoint signature); the JSON gives both the stage totals and the token share.
+    (the checkpoint signature and the quota mark); the JSON gives both.
     """
     import cProfile
     import pstats
 
-    import attrs
-
-    from softhsm_config import TokenDirectory
-
-    TokenDirectory(work / "hsm").activate()
-    from securethread.demo import open_line
+    activate(work)
     from securethread.hsm import open_token
 
-    cfg, chips, _outsider = pickle.loads((work / "setup.pickle").read_bytes())
-    cfg = attrs.evolve(cfg, batch_size=batch)
     token = open_token("programmer")
-    fresh_store(work)
+    config, chips, _outsider = pickle.loads((work / "setup.pickle").read_bytes())
+    _retire(work, token, config)
     timer = _Timer()
-    line, _m = open_line(cfg, token)
-    issuer, licenses = line._issuer, line._licenses  # type: ignore[attr-defined]
+    line = open_bench_line(work, token, batch)
+    issuer, licenses = line._issuer, line._licenses
     issuer._key = _TimedKey(issuer._key, timer)
     licenses._ka_key = _TimedKey(licenses._ka_key, timer)
     licenses._signing_key = _TimedKey(licenses._signing_key, timer)
-    line._ledger_key = _TimedKey(line._ledger_key, timer)  # type: ignore[attr-defined]
-    line._identify = timer.wrap("identity verification", line._identify)  # type: ignore[attr-defined]
-    issue_cert = timer.wrap("certificate", issuer.issue)
-    issue_lic = timer.wrap("license", licenses.issue)
-    line._issuer = _TimedIssue(issue_cert)  # type: ignore[attr-defined]
-    line._licenses = _TimedIssue(issue_lic)  # type: ignore[attr-defined]
-    store = line._store  # type: ignore[attr-defined]
-    for name in ("reserve", "commit", "known_devices"):
+    line._ledger_key = _TimedKey(line._ledger_key, timer)
+    line._identify = timer.wrap("identity verification", line._identify)
+    line._issuer = _TimedIssue(timer.wrap("certificate", issuer.issue))
+    line._licenses = _TimedIssue(timer.wrap("license", licenses.issue))
+    store = line._store
+    for name in ("reserve", "commit", "known_devices", "unprogrammed", "give_back"):
         setattr(store, name, timer.wrap("store", getattr(store, name)))
-    line._packager = timer.wrap("release (packaging)", line._packager)  # type: ignore[attr-defined]
-    ports = [WirePort(c.build()) for c in chips[:n]]
+    line._packager = timer.wrap("release (packaging)", line._packager)
+    ports = [WirePort(c.open()) for c in chips[:n]]
     for p in ports:
         p.identify = timer.wrap("device answers (simulated chip)", p.identify)  # type: ignore[method-assign]
     t = time.perf_counter()
@@ -283,10 +547,11 @@ def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
     other = total - sum(timer.s.get(k, 0.0) for k in top_level)
     stages["other (pipeline glue)"] = round(other / n * 1e6, 1)
 
-    # cProfile over a second run of the same devices (fresh store, new chips).
-    fresh_store(work)
-    line2, _m = open_line(cfg, token)
-    ports2 = [WirePort(c.build()) for c in chips[:n]]
+    # cProfile over a second run of the same devices (fresh store).
+    store.close()
+    _retire(work, token, config)
+    line2 = open_bench_line(work, token, batch)
+    ports2 = [WirePort(c.open()) for c in chips[:n]]
     prof = cProfile.Profile()
     prof.enable()
     list(line2.provision(ports2))
@@ -314,180 +579,60 @@ def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
 def peer(work: Path, n: int) -> dict[str, Any]:
     import tempfile
 
-    from softhsm_config import TokenDirectory
-
-    TokenDirectory(work / "hsm").activate()
+    activate(work)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_certs
 
-    from securethread.demo import L_PCA
-    from securethread.hsm import default_module_path, env_var_for
+    from securethread.hsm import default_module_path, resolve_pin
 
     bench_certs.TOKEN = "programmer"
-    pin = os.environ[env_var_for("programmer")]
+    pin = resolve_pin("programmer")
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         dt = bench_certs._peer(
-            Path(tmp),
-            n,
-            module=os.path.realpath(default_module_path()),
-            pca_pem=work / "job" / "production-ca.pem",
-            label=L_PCA,
-            pin=pin,
-        )
+            Path(tmp), n, module=os.path.realpath(default_module_path()),
+            pca_pem=work / "production-ca.pem", label=LABELS["production_ca"], pin=pin,
+        )  # fmt: skip
     return {"peer_n": n, "peer_s": dt, "peer_devices_per_s": n / dt}
 
 
-def start_workers(
-    work: Path, shares: list[tuple[int, int]], batch: int, floor_n: int
-) -> list[dict[str, Any]]:
-    """Start one subprocess per share, wait until all are ready, release them together."""
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.provision",
-                "worker",
-                str(work),
-                str(a),
-                str(b),
-                str(batch),
-                str(floor_n),
-            ],
-            env=clean_env(),
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for a, b in shares
-    ]
-    for p in procs:
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"worker failed: {line!r} {p.stderr.read() if p.stderr else ''}")
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    results = []
-    for p in procs:
-        out, err = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"worker exited {p.returncode}: {err[-2000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
-
-
-# --- the same pipeline on a SoftwareBackend -------------------------------------------------
-
-
-def software_line(work: Path, quota: int) -> tuple[Any, Any, list[Any]]:
-    """Full in-process setup on one SoftwareBackend: returns (cfg, backend, chips)."""
-    import datetime
-
-    from cryptography.hazmat.primitives import serialization
-
-    from securethread import demo
-    from securethread.device.sbm import SiliconVendor
-    from securethread.formats.image import master_image
-    from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job
-    from securethread.formats.ledger import sha256
-    from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend, spki_der
-    from securethread.pki import (
-        EnclavePurpose,
-        cert_fingerprint,
-        certify_enclave,
-        certify_production_ca,
-        create_enclave_csr,
-        create_production_ca_csr,
-        create_root_ca,
-        install_certificate,
-    )
-
-    b = SoftwareBackend("software")
-    root = create_root_ca(b, label=demo.L_ROOT)
-    root_key = b.private_key(demo.L_ROOT)
-    p_csr = create_enclave_csr(
-        b, label=demo.L_PROG_ID, enclave_name="programmer-1", purpose=EnclavePurpose.IDENTITY
-    )
-    p_cert = certify_enclave(root_key, root, p_csr, enclave_name="programmer-1",
-                             purpose=EnclavePurpose.IDENTITY, role="programmer")  # fmt: skip
-    install_certificate(b, demo.L_PROG_ID, p_cert)
-    p_id = b.private_key(demo.L_PROG_ID)
-    for lbl, purpose in (
-        (demo.L_LICENSE, EnclavePurpose.LICENSE_SIGNING),
-        (demo.L_LEDGER, EnclavePurpose.LEDGER_SIGNING),
-        (demo.L_KA, EnclavePurpose.KEY_AGREEMENT),
-    ):
-        ka = purpose is EnclavePurpose.KEY_AGREEMENT
-        csr = create_enclave_csr(b, label=lbl, enclave_name="programmer-1", purpose=purpose,
-                                 signer=p_id if ka else None)  # fmt: skip
-        proof = p_id.public_key() if ka else None
-        cert = certify_enclave(root_key, root, csr, enclave_name="programmer-1", purpose=purpose,
-                               role="programmer", proof_key=proof)  # fmt: skip
-        install_certificate(b, lbl, cert)
-    fw = b.generate_ec(demo.L_FW, curve=Curve.P256, policy=SIGNING)
-    officers = [b.generate_ec(lbl, curve=Curve.P256, policy=SIGNING) for lbl in demo.L_OFFICERS]
-    image_key = b.generate_aes(demo.L_IMAGE, policy=IMAGE_KEY)
-    manifest_bytes = master_image(
-        io.BytesIO(os.urandom(4096)), io.BytesIO(), image_key=image_key, signing_key=fw,
-        image_id=demo.IMAGE_ID, image_version="1.0.0", security_counter=3,
-        device_class=demo.DEVICE_CLASS,
-    )  # fmt: skip
-    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    not_before = max(now - datetime.timedelta(minutes=5), root.not_valid_before_utc)
-    not_after = now + datetime.timedelta(days=7)
-    pca = certify_production_ca(
-        root_key, root, create_production_ca_csr(b, label=demo.L_PCA, job_id=demo.JOB_ID),
-        job_id=demo.JOB_ID, not_before=not_before, not_after=not_after,
-    )  # fmt: skip
-    install_certificate(b, demo.L_PCA, pca)
-    job = ProductionJob(
-        job_id=demo.JOB_ID, device_class=demo.DEVICE_CLASS,
-        targets=Targets(ranges=((demo.DEVICE_BASE, demo.DEVICE_BASE + quota - 1),)),
-        quota=quota, not_before=int(not_before.timestamp()), not_after=int(not_after.timestamp()),
-        image_id=demo.IMAGE_ID, manifest_sha256=sha256(manifest_bytes),
-        programmer=cert_fingerprint(p_cert), threshold=2,
-    )  # fmt: skip
-    job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
-    vendor = SiliconVendor()
-    chips = demo.make_chips(vendor, [demo.DEVICE_BASE + i for i in range(quota)])
-    (work / "programmer").mkdir(parents=True, exist_ok=True)
-    cfg = demo.LineConfig(
-        workdir=str(work), job_signed=job_signed,
-        officer_keys=tuple(spki_der(k.public_key()) for k in officers),
-        programmer_fp=cert_fingerprint(p_cert),
-        root_der=root.public_bytes(serialization.Encoding.DER),
-        production_ca_der=pca.public_bytes(serialization.Encoding.DER),
-        vendor_root_der=vendor.root_certificate.public_bytes(serialization.Encoding.DER),
-        manifest=manifest_bytes, firmware_signing_spki=spki_der(fw.public_key()),
-    )  # fmt: skip
-    return cfg, b, chips
+# --- the same pipeline on a SoftwareBackend -------------------------------------------------------
 
 
 def software_runs(work: Path, n: int, reps: int) -> list[dict[str, Any]]:
-    from securethread.demo import open_line
+    """The same line with every key in one SoftwareBackend (no quota mark: no token)."""
+    from securethread.keys.software import SoftwareBackend
+    from securethread.programmer.line import NO_ARCHIVE
+    from securethread.programmer.runner import build_line
+    from securethread.programmer.store import UNGUARDED, SQLiteStore
 
-    cfg, backend, chips = software_line(work, n)
+    backend = SoftwareBackend("software")
+    config, vendor, root_hash = make_world(backend, backend, work, n)
+    chips = list(chip_specs(vendor, root_hash, 0, n))
     out = []
     for _ in range(reps):
-        fresh_store(work)
-        line, _m = open_line(cfg, backend)
-        ports = [WirePort(c.build()) for c in chips[:n]]
-        out.append(time_provision(line, ports))
-        line._store.close()  # type: ignore[attr-defined]
+        for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm"):
+            (work / "programmer" / name).unlink(missing_ok=True)
+        store = SQLiteStore(config.store)
+        line = build_line(config, backend, store, guard=UNGUARDED, run=b"sw", archive=NO_ARCHIVE)
+        out.append(time_provision(line, [WirePort(c.open()) for c in chips]))
+        store.close()
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("setup")
+    s.add_argument("work")
+    s.add_argument("quota", type=int)
+    sub.add_parser("fresh").add_argument("work")
     w = sub.add_parser("worker")
     for a in ("work", "start", "end", "batch", "floor_n"):
         w.add_argument(a)
+    mc = sub.add_parser("markcost", help="A/B: the line with and without its quota mark")
+    mc.add_argument("--devices", type=int, default=2000)
+    mc.add_argument("--reps", type=int, default=5)
+    mc.add_argument("--batch", type=int, default=32)
     pe = sub.add_parser("peer")
     pe.add_argument("work")
     pe.add_argument("n", type=int)
@@ -496,9 +641,34 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("n", type=int)
     pr.add_argument("batch", type=int)
     args = ap.parse_args(argv)
-    if args.cmd == "worker":
+    res: Any = {}
+    if args.cmd == "setup":
+        setup(Path(args.work), args.quota)
+    elif args.cmd == "fresh":
+        work = Path(args.work)
+        activate(work)
+        from securethread.hsm import open_token
+
+        config, _c, _o = pickle.loads((work / "setup.pickle").read_bytes())
+        _retire(work, open_token("programmer"), config)
+    elif args.cmd == "worker":
         res = worker(Path(args.work), int(args.start), int(args.end), int(args.batch),
                      int(args.floor_n))  # fmt: skip
+    elif args.cmd == "markcost":
+        import shutil
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="bench-markcost-"))
+        try:
+            run_setup(work, args.devices)
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.provision", "_markcost", str(work),
+                 str(args.devices), str(args.reps), str(args.batch)],
+                env=clean_env(), cwd=ROOT, check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     elif args.cmd == "profile":
         res = profile(Path(args.work), args.n, args.batch)
     else:
@@ -508,4 +678,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_markcost":  # the timed process of markcost
+        w_, n_, r_, b_ = sys.argv[2:6]
+        print(json.dumps(markcost(Path(w_), int(n_), int(r_), int(b_))), flush=True)
+        raise SystemExit(0)
     raise SystemExit(main())

@@ -67,15 +67,16 @@ from securethread.formats.identity import IdentityVerifier
 from securethread.formats.image import Manifest, verify_manifest
 from securethread.formats.job import VerifiedJob, check_device_id
 from securethread.formats.license import LicenseIssuer
-from securethread.hsm import PinCallback, load_spki, open_token, resolve_pin
+from securethread.hsm import KeyBackend, PinCallback, load_spki, open_token, resolve_pin
 from securethread.hsm.pin import PinSet
 from securethread.hsm.token import Token
 from securethread.hsm.uri import PKCS11URI
-from securethread.pki import DeviceCertificateIssuer, DeviceProfile
+from securethread.pki import DeviceCertificateIssuer
 from securethread.programmer.line import (
     NO_FAULTS,
     AlreadyDone,
     BootVerifier,
+    CertificateArchive,
     DevicePort,
     FaultHook,
     Packager,
@@ -86,7 +87,7 @@ from securethread.programmer.line import (
     describe,
 )
 from securethread.programmer.quota_mark import DEFAULT_BLOCK, QuotaMark, open_store
-from securethread.programmer.store import SQLiteStore
+from securethread.programmer.store import MarkKeeper, ProductionStore, SQLiteStore
 
 # --- what the caller gives ------------------------------------------------------------------------
 
@@ -135,8 +136,8 @@ class RunConfig:
     the job's signed manifest, verified again here under ``firmware_key`` (SPKI DER) and
     against the job; ``image`` the encrypted image file; ``store`` the job's store file
     (``<store>.lock`` is the run lock); ``certificates`` the directory of device certificate
-    files; ``production_ca`` and ``vendor_roots`` are DER; ``device_profile`` the job's device
-    certificate profile; ``token`` a label or RFC 7512 URI.
+    files; ``production_ca`` (the certificate the job names by its hash) and ``vendor_roots``
+    are DER; ``token`` a label or RFC 7512 URI.
     ``mark_block``: slots per quota-mark write (see :mod:`.quota_mark`).
     """
 
@@ -147,7 +148,6 @@ class RunConfig:
     store: str
     certificates: str
     production_ca: bytes
-    device_profile: DeviceProfile
     vendor_roots: tuple[bytes, ...]
     sbm: SbmInterface
     labels: KeyLabels
@@ -308,12 +308,26 @@ class _Tally:
         )
 
 
+def _syncfs() -> Callable[[int], int] | None:
+    """syncfs(2) (Linux): one flush of the file system a descriptor is on."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
 class CertificateFiles:
-    """The line's certificate archive: ``<directory>/<device-id>.pem``, each written to a
-    temporary file, fsynced and renamed, then the directory fsynced -- before release."""
+    """The line's certificate archive: ``<directory>/<device-id>.pem``, written before the
+    release.  Per batch: every file to a temporary name, their data flushed (one syncfs(2)
+    where there is one, else fsync per file), renamed, and the directory fsynced -- a crash
+    leaves each file whole or absent, never empty or cut."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
+        self._syncfs = _syncfs()
 
     def keep(self, certificates: Sequence[tuple[str, bytes]]) -> None:
         if not certificates:
@@ -328,14 +342,17 @@ class CertificateFiles:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
                     os.write(fd, ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
-                    os.fsync(fd)
+                    if self._syncfs is None:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 done.append((tmp, d / f"{device_id}.pem"))
-            for tmp, final in done:
-                os.replace(tmp, final)
             dfd = os.open(d, os.O_RDONLY)
             try:
+                if self._syncfs is not None and self._syncfs(dfd) != 0:
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+                for tmp, final in done:
+                    os.replace(tmp, final)
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
@@ -345,14 +362,69 @@ class CertificateFiles:
             ) from None
 
 
-# --- one line (in a worker process, or in the leader when workers == 1) ---------------------------
-
-
 def _image_opener(path: str) -> Callable[[], Any]:
     def open_image() -> Any:
         return open(path, "rb")
 
     return open_image
+
+
+def verified_manifest(config: RunConfig) -> Manifest:
+    """The job's manifest, verified under the firmware-signing key and against the job."""
+    job = config.job
+    fw_key = load_spki(config.firmware_key, what="firmware-signing key")
+    manifest = verify_manifest(config.manifest, key=fw_key)
+    if ledger.sha256(config.manifest) != job.job.manifest_sha256:
+        raise JobError(f"job {job.job.job_id} names another manifest")
+    return manifest
+
+
+def build_line(
+    config: RunConfig,
+    token: KeyBackend,
+    store: ProductionStore,
+    *,
+    guard: MarkKeeper,
+    run: bytes,
+    faults: FaultHook = NO_FAULTS,
+    archive: CertificateArchive | None = None,
+) -> ProductionLine:
+    """The production line of ``config`` on ``token`` and ``store`` (what each worker runs;
+    ``archive`` defaults to the certificate files of ``config.certificates``)."""
+    job = config.job
+    labels = config.labels
+    manifest = verified_manifest(config)
+    if ledger.sha256(config.production_ca) != job.job.production_ca:
+        raise JobError(f"job {job.job.job_id} names another production-CA certificate")
+    pca = x509.load_der_x509_certificate(config.production_ca)
+    verifier = IdentityVerifier([x509.load_der_x509_certificate(d) for d in config.vendor_roots])
+    return ProductionLine(
+        job=job,
+        store=store,
+        identify=lambda resp, ch: verifier.verify(resp, challenge=ch),
+        issuer=DeviceCertificateIssuer(
+            token.private_key(labels.production_ca),
+            pca,
+            job_id=job.job.job_id,
+            job_tag=job.sha256,
+            profile=job.job.certificate,
+        ),
+        licenses=LicenseIssuer(
+            ka_key=token.private_key(labels.key_agreement),
+            ka_certificate=token.certificate(labels.key_agreement),
+            signing_key=token.private_key(labels.license_signing),
+            signing_certificate=token.certificate(labels.license_signing),
+            image_key=token.secret_key(labels.image_key),
+            manifest=manifest,
+        ),
+        ledger_key=token.private_key(labels.ledger_signing),
+        packager=config.sbm.packager(job.sha256),
+        batch_size=config.batch_size,
+        guard=guard,
+        run=run,
+        faults=faults,
+        archive=archive if archive is not None else CertificateFiles(config.certificates),
+    )
 
 
 class _Line:
@@ -367,46 +439,10 @@ class _Line:
         run_id: bytes,
         faults: FaultHook,
     ) -> None:
-        job = config.job
-        labels = config.labels
-        fw_key = load_spki(config.firmware_key, what="firmware-signing key")
-        manifest = verify_manifest(config.manifest, key=fw_key)
-        if ledger.sha256(config.manifest) != job.job.manifest_sha256:
-            raise JobError(f"job {job.job.job_id} names another manifest")
-        pca = x509.load_der_x509_certificate(config.production_ca)
-        roots = [x509.load_der_x509_certificate(d) for d in config.vendor_roots]
-        verifier = IdentityVerifier(roots)
-        self.line = ProductionLine(
-            job=job,
-            store=store,
-            identify=lambda resp, ch: verifier.verify(resp, challenge=ch),
-            issuer=DeviceCertificateIssuer(
-                token.private_key(labels.production_ca),
-                pca,
-                job_id=job.job.job_id,
-                job_tag=job.sha256,
-                profile=config.device_profile,
-            ),
-            licenses=LicenseIssuer(
-                ka_key=token.private_key(labels.key_agreement),
-                ka_certificate=token.certificate(labels.key_agreement),
-                signing_key=token.private_key(labels.license_signing),
-                signing_certificate=token.certificate(labels.license_signing),
-                image_key=token.secret_key(labels.image_key),
-                manifest=manifest,
-            ),
-            ledger_key=token.private_key(labels.ledger_signing),
-            packager=config.sbm.packager(job.sha256),
-            batch_size=config.batch_size,
-            guard=mark,
-            run=run_id,
-            faults=faults,
-            archive=CertificateFiles(config.certificates),
-        )
+        self.line = build_line(config, token, store, guard=mark, run=run_id, faults=faults)
         self._manifest = config.manifest
-        self._verify_boot = config.sbm.boot_verifier(manifest)
+        self._verify_boot = config.sbm.boot_verifier(verified_manifest(config))
         self._open_image = _image_opener(config.image)
-        self._store = store
 
     def batch(self, factories: Sequence[PortFactory], stop: Callable[[], bool]) -> _Tally:
         """Provision one batch, then program its released devices."""
@@ -786,6 +822,8 @@ def _run_pool(
                 elif kind == "done":
                     w.outstanding -= 1
                     report(msg[1])
+                    if msg[2] is not None and stop.signum is None:
+                        stop.signum = msg[2]
                 elif kind == "fatal":
                     fatal = fatal or msg[1]
                     w.outstanding = 0
@@ -878,9 +916,11 @@ def _worker_main(
             if msg[0] != "batch":
                 break
             if stop():
-                conn.send(("done", _Tally(devices=len(msg[1]), dropped=len(msg[1]))))
-                continue
-            conn.send(("done", line.batch(msg[1], stop)))
+                tally = _Tally(devices=len(msg[1]), dropped=len(msg[1]))
+            else:
+                tally = line.batch(msg[1], stop)
+            # A SIGTERM sent to this worker alone stops the whole run, through the leader.
+            conn.send(("done", tally, local.signum))
         conn.send(("bye",))
     except EOFError:
         pass  # the leader is gone
@@ -910,6 +950,8 @@ def _send_fatal(conn: Connection, exc: Error) -> None:
 
 __all__ = [
     "CertificateFiles",
+    "build_line",
+    "verified_manifest",
     "DeviceNote",
     "KeyLabels",
     "PortFactory",

@@ -283,9 +283,16 @@ class SQLiteStore:
                     if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                         db.execute("PRAGMA journal_mode=WAL")
                     if not tables:
-                        db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+                        # One transaction: a kill leaves no schema or all of it.
+                        db.executescript(
+                            "BEGIN IMMEDIATE;"
+                            + _SCHEMA
+                            + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                        )
                     break
                 except sqlite3.OperationalError as exc:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
                     if "locked" not in str(exc) or attempt == 49:
                         raise
                     time.sleep(0.02 * (attempt + 1))

@@ -262,7 +262,8 @@ _counts: dict[str, int] = {}
 @attrs.frozen
 class FaultAt:
     """At the ``nth`` passage of ``point`` in one process: ``kill`` this process (SIGKILL),
-    ``term`` / ``int`` the leader (SIGTERM / SIGINT, as an operator would), ``int-group``
+    ``term`` / ``int`` the leader (SIGTERM / SIGINT, as an operator would), ``term-self``
+    (SIGTERM to this process: a worker stopped on its own), ``int-group``
     (SIGINT to the whole process group, as a terminal's Ctrl-C), ``kill-leader``, or
     ``pause`` until the test opens the gate."""
 
@@ -284,6 +285,8 @@ class FaultAt:
             os.kill(self.leader, signal.SIGTERM)
         elif self.action == "int":
             os.kill(self.leader, signal.SIGINT)
+        elif self.action == "term-self":
+            os.kill(os.getpid(), signal.SIGTERM)
         elif self.action == "int-group":
             os.killpg(os.getpgid(0), signal.SIGINT)
         elif self.action == "kill-leader":
@@ -405,6 +408,8 @@ class World:
             targets=Targets(ranges=((DEVICE_BASE, DEVICE_BASE + targets - 1),)),
             quota=quota, not_before=t, not_after=t + 7 * 86400 + n, image_id=IMAGE_ID,
             manifest_sha256=ledger.sha256(self.manifest), programmer=self.programmer_fp,
+            certificate=DeviceProfile(organisation="Test OEM"),
+            production_ca=ledger.sha256(self.pca.public_bytes(serialization.Encoding.DER)),
             threshold=2,
         )  # fmt: skip  (not_after + n: another body, another job identity)
         signed = cosign_job(sign_job(job, [self.officers[0]]), self.officers[1])
@@ -425,7 +430,6 @@ class World:
             job=verified, manifest=self.manifest, firmware_key=self.firmware_key,
             image=str(self.image), store=str(jdir / "store.sqlite"),
             certificates=str(jdir / "devices"), production_ca=_der(self.pca),
-            device_profile=DeviceProfile(organisation="securethread tests"),
             vendor_roots=(_der(self.vendor.root_certificate),), sbm=sbm,
             labels=self.labels, **config,
         )  # fmt: skip
