@@ -201,15 +201,7 @@ def oem_reconcile(a: argparse.Namespace) -> int:
 def oem_revoke(a: argparse.Namespace) -> int:
     from securethread.oem import revoke
 
-    r = revoke(
-        a.workdir,
-        job_id=a.job,
-        devices=a.device or [],
-        production_ca=a.production_ca,
-        reason=a.reason,
-        out=a.out,
-    )
-    return _step(a, r)
+    return _step(a, revoke(a.workdir, job_id=a.job, out=a.out, reason=a.reason))
 
 
 # --- programmer ------------------------------------------------------------------------------------
@@ -326,6 +318,12 @@ def programmer_close_job(a: argparse.Namespace) -> int:
     from securethread.programmer import close_job
 
     return _step(a, close_job(a.workdir, job_id=a.job))
+
+
+def programmer_revoke(a: argparse.Namespace) -> int:
+    from securethread.programmer import revoke
+
+    return _step(a, revoke(a.workdir, job_id=a.job, devices=a.device, out=a.out, reason=a.reason))
 
 
 # --- audit -----------------------------------------------------------------------------------------
@@ -554,18 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
         oem,
         "revoke",
         oem_revoke,
-        "write a CRL revoking device certificates or a job's production CA",
+        "revoke a job's production CA (and so all its devices): the root's CRL",
         workdir=oem_dir,
     )
-    c.add_argument(
-        "--job", required=True, help="the job whose devices or production CA are revoked"
-    )
-    c.add_argument(
-        "--device", action="append", help="a device certificate (PEM) to revoke; repeatable"
-    )
-    c.add_argument(
-        "--production-ca", action="store_true", help="revoke the job's production CA itself"
-    )
+    c.add_argument("--job", required=True, help="the job whose production CA is revoked")
     c.add_argument(
         "--reason", default="unspecified", help="RFC 5280 reason (keyCompromise, superseded, ...)"
     )
@@ -681,6 +671,21 @@ def build_parser() -> argparse.ArgumentParser:
         workdir=prog_dir,
     )
     c.add_argument("--job", required=True, help="the job to close")
+    c = command(
+        prog,
+        "revoke",
+        programmer_revoke,
+        "revoke device certificates of a job: its production CA's CRL",
+        workdir=prog_dir,
+    )
+    c.add_argument("--job", required=True, help="the job that certified the devices")
+    c.add_argument(
+        "--device", action="append", required=True, help="a device certificate (PEM); repeatable"
+    )
+    c.add_argument(
+        "--reason", default="unspecified", help="RFC 5280 reason (keyCompromise, superseded, ...)"
+    )
+    c.add_argument("--out", required=True, help="where to write the CRL (PEM)")
 
     audit = roles.add_parser(
         "audit", help="offline verification with public keys only"

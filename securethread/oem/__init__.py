@@ -23,6 +23,7 @@ from securethread.oem.keys import confirm_keys, seal_keys, send_keys
 from securethread.oem.mastering import master_image
 from securethread.oem.onboarding import certify_programmer
 from securethread.oem.reconcile import reconcile
+from securethread.oem.revoke import revoke
 
 __all__ = [
     "certify_programmer",
@@ -31,6 +32,7 @@ __all__ = [
     "issue_job",
     "master_image",
     "reconcile",
+    "revoke",
     "seal_keys",
     "send_keys",
 ]

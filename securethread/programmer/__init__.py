@@ -10,6 +10,7 @@ receiving keys         :mod:`~securethread.programmer.keys`         ``receive-ke
                                                                     ``open-keys``
 jobs                   :mod:`~securethread.programmer.jobs`         ``request-ca``,
                                                                     ``open-job``, ``close-job``
+revocation             :mod:`~securethread.programmer.revoke`       ``revoke``
 the production line    :mod:`~securethread.programmer.provision`    ``provision``
                        (:mod:`.line`, :mod:`.runner`, :mod:`.store`)
 =====================  ===========================================  ==========================
@@ -19,6 +20,7 @@ from securethread.programmer.enrolment import enrol, init, install_certs
 from securethread.programmer.jobs import close_job, open_job, request_ca
 from securethread.programmer.keys import open_keys, receive_keys
 from securethread.programmer.provision import job_targets, provision
+from securethread.programmer.revoke import revoke
 
 __all__ = [
     "close_job",
@@ -31,4 +33,5 @@ __all__ = [
     "provision",
     "receive_keys",
     "request_ca",
+    "revoke",
 ]

@@ -43,6 +43,7 @@ from securethread.pki import (
 )
 from securethread.programmer import layout as L
 from securethread.programmer.quota_mark import open_store
+from securethread.programmer.revoke import first_crl
 from securethread.programmer.runner import _RunLock
 from securethread.workdir import PartyDir, StepResult, file_sha256, read_file, to_pem
 
@@ -173,6 +174,8 @@ def open_job(
         artefacts={"job": job.sha256},
         details={"job": job_id, "quota": job.job.quota},
     )
+    # The job's first, empty CRL: relying parties can check revocation from the first device.
+    written.append(first_crl(work, token, job_id))
     written.append(work.write(f"{jdir}/job.bin", job.signed))  # last: marks the job open
     return work.finish(
         "programmer open-job",

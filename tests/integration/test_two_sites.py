@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -401,10 +400,6 @@ def test_every_option_has_help() -> None:
     walk(build_parser())
 
 
-# keep threading imported for helpers that run a peer beside the CLI
-_ = threading
-
-
 # --- the README's library example runs as written ----------------------------------------------
 
 
@@ -422,3 +417,75 @@ def test_readme_python_example_runs(sites: dict[str, Any], tmp_path: Path) -> No
         )
         assert proc.returncode == 0, f"README block {i}:\n{proc.stderr}"
         assert "devices provisioned" in proc.stdout or i > 0
+
+
+# --- the demo's tokens and certificates, audited with tools nobody here wrote ---------------------
+
+
+def test_demo_tokens_pass_the_key_attribute_audit(sites: dict[str, Any]) -> None:
+    """Every key object of both parties' tokens, listed by pkcs11-tool, matches docs/keys.md."""
+    from tests.integration.key_audit import audit_token
+
+    for party, conf_dir in (("oem", sites["oem"]), ("factory", sites["factory"])):
+        pins = dict(line.split("=") for line in (conf_dir / "pins").read_text().splitlines())
+        for label, pin in pins.items():
+            audit_token(conf_dir / "hsm", label, pin).check()
+
+
+def _devices(sites: dict[str, Any]) -> list[Path]:
+    certs = sorted((sites["factory"] / "jobs" / "demo-job-1" / "devices").glob("*.pem"))
+    assert len(certs) == DEVICES
+    return certs
+
+
+def _openssl_verify(
+    sites: dict[str, Any], *extra: str, certs: list[Path]
+) -> subprocess.CompletedProcess[str]:
+    o = sites["oem"]
+    return subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-purpose", "sslclient", "-CAfile",
+         str(o / "root-ca.pem"), "-untrusted", str(o / "jobs/demo-job-1/production-ca.pem"),
+         *extra, *map(str, certs)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def test_every_demo_device_certificate_is_a_tls_client_for_life(sites: dict[str, Any]) -> None:
+    certs = _devices(sites)
+    now = _openssl_verify(sites, certs=certs)
+    assert now.returncode == 0 and now.stdout.count(": OK") == DEVICES, now.stdout + now.stderr
+    later = str(int(time.time()) + 20 * 365 * 86400)
+    years = _openssl_verify(sites, "-attime", later, certs=certs)
+    assert years.returncode == 0 and years.stdout.count(": OK") == DEVICES, years.stderr
+
+
+def test_revocation_by_the_programmer_and_by_the_oem(sites: dict[str, Any], tmp_path: Path) -> None:
+    """Runs last: it adds CRLs to both directories."""
+    first, second = _devices(sites)[:2]
+    # The job's first, empty CRL from open-job: every device passes with CRL checking on.
+    empty = sites["factory"] / "outbox" / "crl-demo-job-1.pem"
+    ok = _openssl_verify(sites, "-crl_check", "-CRLfile", str(empty), certs=[first, second])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    crl = tmp_path / "devices.crl.pem"
+    proc = cli("programmer", "revoke", "--workdir", str(sites["factory"]), "--job", "demo-job-1",
+               "--device", str(first), "--reason", "keyCompromise", "--out", str(crl))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    revoked = _openssl_verify(sites, "-crl_check", "-CRLfile", str(crl), certs=[first])
+    assert revoked.returncode != 0 and "revoked" in revoked.stdout + revoked.stderr
+    assert (
+        _openssl_verify(sites, "-crl_check", "-CRLfile", str(crl), certs=[second]).returncode == 0
+    )
+    # The OEM revokes the job's production CA: with the whole chain checked, no device passes.
+    root_crl = tmp_path / "root.crl.pem"
+    proc = cli("oem", "revoke", "--workdir", str(sites["oem"]), "--job", "demo-job-1",
+               "--reason", "cACompromise", "--out", str(root_crl))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    both = _openssl_verify(sites, "-crl_check_all", "-CRLfile", str(crl), "-CRLfile",
+                           str(root_crl), certs=[second])  # fmt: skip
+    assert both.returncode != 0 and "revoked" in both.stdout + both.stderr
+    # A bad reason is one line, nothing written.
+    before = _state(sites["oem"], sites["factory"])
+    proc = cli("oem", "revoke", "--workdir", str(sites["oem"]), "--job", "demo-job-1",
+               "--reason", "because", "--out", str(tmp_path / "x.pem"))  # fmt: skip
+    assert proc.returncode == EXIT_CONFIG and len(proc.stderr.strip().splitlines()) == 1
+    assert _state(sites["oem"], sites["factory"]) == before and not (tmp_path / "x.pem").exists()
