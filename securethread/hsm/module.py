@@ -1,7 +1,7 @@
 """Loading a PKCS#11 module once per process, with the library's own locking switched on.
 
 python-pkcs11 calls ``C_Initialize(NULL)``; given NULL, SoftHSM 2.6.1 disables its internal
-locking and crashes when two threads use it at once (SOFTHSM_NOTES).  PKCS#11 v2.40 §5.4
+locking and crashes when two threads use it at once (docs/hsm.md).  PKCS#11 v2.40 §5.4
 (C_Initialize) lets the application pass ``CK_C_INITIALIZE_ARGS`` with
 ``CKF_OS_LOCKING_OK``; we re-initialise the module that way right after loading it, before
 any session exists.

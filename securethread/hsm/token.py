@@ -1,6 +1,6 @@
 """The PKCS#11 key backend: one token, logged in once per process, one session per thread.
 
-Facts this module is built on (SOFTHSM_NOTES.md, PKCS#11 v2.40):
+Facts this module is built on (docs/hsm.md, PKCS#11 v2.40):
 
 * login state is per application and token (§5.6 C_Login): we log in once on a long-lived
   session and open every other session without a PIN;

@@ -38,7 +38,7 @@ from softhsm_config import TokenDirectory, init_party_tokens
 REPO = Path(__file__).resolve().parents[2]
 LABEL = "durable"
 LONG = os.environ.get("SECURETHREAD_LONG") == "1"
-KILLS = int(os.environ.get("SECURETHREAD_KILLS", "500" if LONG else "40"))
+KILLS = int(os.environ.get("SECURETHREAD_KILLS", "500" if LONG else "30"))
 STRACE = shutil.which("strace")
 
 # One child script, several modes.  Request on stdin: {"dir", "pin", "mode"}.
@@ -81,8 +81,10 @@ _CHILD = textwrap.dedent(
     print("verified", flush=True)
     if req["mode"] == "check":
         sys.exit(0)
-    while True:  # "loop": log in again and again until killed
+    from securethread.hsm.module import default_module_path, reload_module
+    while True:  # "loop": start up again and again until killed
         tok.close()
+        reload_module(default_module_path())  # check + C_Initialize, as a new process does
         tok = tdir.open("@LABEL@", pin=pins)
     """
 ).replace("@LABEL@", LABEL)
@@ -146,34 +148,40 @@ def party(tmp_path: Path) -> tuple[TokenDirectory, str, Any]:
 
 
 def test_kill_loop_over_startup(party: tuple[TokenDirectory, str, Any]) -> None:
-    """SIGKILL a child at random instants while it loads the module, opens the token and
-    logs in again and again; after every kill the token must still open with its PIN and
-    hold every key.  Kills that left token.object damaged on disk are counted: each must be
-    restored by the next start."""
+    """SIGKILL a child at random instants while it starts: loads the module, opens the token
+    and logs in, then does all three again and again.  After a kill that left token.object
+    damaged on disk, the next child must first open the token with its PIN and find every
+    key (which restores the file) before it is killed in turn; a last child checks at the
+    end."""
     tdir, pin, expected = party
     token_dir = _token_dir(tdir)
     rng = random.Random(int(os.environ.get("SECURETHREAD_SEED", "0")) or None)
     counts: Counter[str] = Counter()
+    must_verify = False
     for _ in range(KILLS):
         proc = _start(tdir, pin, "loop", expected)
-        time.sleep(rng.uniform(0.0, 0.6))
+        assert proc.stdout is not None
+        seen = [proc.stdout.readline().strip()]  # "start": imports done, token files next
+        if must_verify:  # the previous kill damaged the file: this start must restore it
+            while seen[-1] not in ("verified", ""):
+                seen.append(proc.stdout.readline().strip())
+            assert seen[-1] == "verified", f"token not usable after a kill: {seen}"
+            counts["restored-and-verified"] += 1
+        time.sleep(rng.uniform(0.0, 0.25))
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
+        lines = seen + out.split()
         counts["kills"] += 1
-        phase = ([line for line in out.split() if line in ("start", "open", "verified")] or
-                 ["before-start"])[-1]
-        counts[f"killed-after-{phase}"] += 1
-        assert "LOST" not in out, f"keys lost after a kill: {out} {err}"
+        phase = [line for line in lines if line in ("start", "open", "verified")] or ["nothing"]
+        counts[f"killed-after-{phase[-1]}"] += 1
+        assert not any(line.startswith("LOST") for line in lines), f"keys lost: {lines} {err}"
         assert proc.returncode == -signal.SIGKILL, (proc.returncode, err)
-        if not _intact(token_dir):
-            counts["damaged-on-disk"] += 1
-            # The next start must restore it: check right away.
-            rc, out, err = _run(tdir, pin, "check", expected)
-            assert rc == 0 and out.split()[-1] == "verified", (rc, out, err)
-            assert _intact(token_dir)
+        must_verify = not _intact(token_dir)
+        counts["damaged-on-disk"] += must_verify
     rc, out, err = _run(tdir, pin, "check", expected)
     assert rc == 0 and out.split()[-1] == "verified", (rc, out, err)
-    counts["damaged-tokens"] = 0  # reaching this line: every token opened with all its keys
+    assert _intact(token_dir)
+    counts["damaged-tokens"] = 0  # reaching this line: every start opened all the keys
     print(f"\nkill loop over start-up: {dict(sorted(counts.items()))}")
     assert counts["kills"] == KILLS
 
