@@ -4,7 +4,7 @@ All three sign with the same P-256 production CA key in the same SoftHSM token, 
 
 * library: ``DeviceCertificateIssuer.issue`` (DER template + one in-token ECDSA signature);
 * floor:   N bare ECDSA signatures with that key through python-pkcs11 (the token's rate);
-* peer:    the factory shell loop of SOFTHSM_NOTES.md -- per device ``openssl ecparam
+* peer:    the factory shell loop of docs/hsm.md -- per device ``openssl ecparam
   -genkey``, ``openssl req -new``, ``openssl x509 -req`` signing through the pkcs11 engine.
 
 Usage: python benchmarks/bench_certs.py --n 500 [--peer-n 30]

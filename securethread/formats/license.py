@@ -346,7 +346,7 @@ def open_license(
     except FormatError as exc:
         raise LicenseFormatError(str(exc)) from None
     z = device_key.exchange(ec.ECDH(), ka_pub)
-    # SoftHSM's CKD_NULL AES-256 key = the rightmost 32 bytes of Z (SOFTHSM_NOTES).
+    # SoftHSM's CKD_NULL AES-256 key = the rightmost 32 bytes of Z (docs/hsm.md).
     kek = _aes_ecb(z[-32:], kek_input(lic.device_id, lic.image_id, lic.nonce))
     try:
         key = keywrap.aes_key_unwrap_with_padding(kek, lic.wrapped_key)

@@ -4,7 +4,7 @@ A data object holds bytes (``CKA_VALUE``) under a label and an application name
 (``CKA_APPLICATION``).  The library keeps state here that must outlive the files beside
 the token, such as a job's quota mark (:mod:`securethread.programmer.quota_mark`).
 
-Facts this module is built on (SOFTHSM_NOTES.md, SoftHSM 2.6.1):
+Facts this module is built on (docs/hsm.md, SoftHSM 2.6.1):
 
 * ``CKA_VALUE`` of a data object cannot be changed after creation (SoftHSM returns
   CKR_ATTRIBUTE_READ_ONLY): a new value is a new object, the old one is destroyed after;

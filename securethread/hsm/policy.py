@@ -1,7 +1,7 @@
 """PKCS#11 attribute templates: the one place that turns a :class:`KeyPolicy` into the
 attributes of an object the token creates, derives or unwraps, and reads them back.
 
-Invariant S1 (DESIGN.md): every private or secret key is ``CKA_SENSITIVE=True``; it is
+Invariant S1 (docs/design.md): every private or secret key is ``CKA_SENSITIVE=True``; it is
 ``CKA_EXTRACTABLE=False`` unless its policy declares it *transferable* (a key that must
 travel, and then only wrapped).  Every object the library creates -- keys of every kind,
 session or token, and certificates -- is ``CKA_MODIFIABLE=False`` and ``CKA_COPYABLE=False``

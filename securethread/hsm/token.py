@@ -629,7 +629,7 @@ class HsmSecretKey:
                 )
             )
         except (pkcs11.GeneralError, pkcs11.EncryptedDataInvalid) as exc:
-            # SoftHSM 2.6.1 reports a bad GCM tag as CKR_GENERAL_ERROR (SOFTHSM_NOTES).
+            # SoftHSM 2.6.1 reports a bad GCM tag as CKR_GENERAL_ERROR (docs/hsm.md).
             raise DecryptionError("AES-GCM authentication failed") from exc
         except pkcs11.PKCS11Error as exc:
             raise HSMError(f"AES-GCM decrypt with {self.label!r}: {exc!r}") from exc

@@ -1,6 +1,6 @@
 """Key policy: what each key may do and whether it may leave its token (pure; no PKCS#11).
 
-Invariant S1 (DESIGN.md): every private or secret key is ``CKA_SENSITIVE=True``; it is
+Invariant S1 (docs/design.md): every private or secret key is ``CKA_SENSITIVE=True``; it is
 ``CKA_EXTRACTABLE=False`` unless the caller declares it *transferable* (a key that must
 travel, and then only wrapped).  Every key is also ``CKA_MODIFIABLE=False`` and
 ``CKA_COPYABLE=False`` (PKCS#11 v3.0 §4.4): nobody can widen its usages or clone it with
