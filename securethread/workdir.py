@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from securethread.hsm.token import Token
 
 MARKER = ".securethread"
+#: Written first by ``init`` and removed when it is done: a directory holding it is a
+#: killed init's, which a new ``init`` may clear.
+INIT_MARK = ".securethread-init"
 PIN_FILE = "pins"
 HSM_DIR = "hsm"
 OUTBOX = "outbox"
@@ -179,11 +183,20 @@ class PartyDir:
                     f"{str(root)!r} is already the work directory of the {other['party']} "
                     f"{other['name']!r} (init was run)"
                 )
-            if any(root.iterdir()):
+            if (root / INIT_MARK).is_file():
+                # An init of ours that was killed before it finished (the marker is written
+                # last): everything here is its own, half made; start again.
+                for child in root.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            elif any(root.iterdir()):
                 raise WrongWorkdirError(
                     f"work directory {str(root)!r} is not empty; init needs a new directory"
                 )
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(root / INIT_MARK, f"{party} {name}\n".encode())
         (root / OUTBOX).mkdir(exist_ok=True)
         return cls(root, party, name)
 
@@ -194,6 +207,7 @@ class PartyDir:
             self.root / MARKER,
             (json.dumps({"party": self.party, "name": self.name, "version": 1}) + "\n").encode(),
         )
+        (self.root / INIT_MARK).unlink(missing_ok=True)
 
     @classmethod
     def open(cls, workdir: str | os.PathLike[str], party: str) -> PartyDir:
@@ -258,23 +272,14 @@ class PartyDir:
     def init_tokens(self, labels: Sequence[str]) -> None:
         """Create this party's SoftHSM2 directory and tokens with fresh random PINs.
 
-        The user PINs go to ``<dir>/pins`` (0600); each SO PIN is used for C_InitToken and
-        then forgotten (a token that needs its SO PIN again is re-initialised, not
-        recovered).  A label that already exists is refused by the token initialiser.
+        The user PINs go to ``<dir>/pins`` (0600, written before the tokens so a kill in
+        between cannot lock the party out); each SO PIN lives only in the child process that
+        initialises the token and is kept nowhere (docs/hsm.md, "Token directories per
+        party").  A label that already exists is refused by the initialiser.
         """
-        from softhsm_config import ensure_tokens
+        from softhsm_config import init_party_tokens
 
-        pins = {label: (secrets.token_hex(16), secrets.token_hex(16)) for label in labels}
-        # The PIN file first: a crash after the tokens exist but before their PINs are
-        # written would lock the party out of its own tokens.
-        existing = self.read_pins()
-        merged = {**existing, **{label: user for label, (_so, user) in pins.items()}}
-        self.write(
-            PIN_FILE,
-            "".join(f"{k}={v}\n" for k, v in sorted(merged.items())).encode(),
-            mode=0o600,
-        )
-        ensure_tokens(self.hsm, labels, pins=pins)
+        init_party_tokens(self.hsm, labels, pin_file=self.root / PIN_FILE)
 
     def read_pins(self) -> dict[str, str]:
         path = self.root / PIN_FILE

@@ -51,7 +51,7 @@ def init(
     work.init_tokens([L.TOKEN, *officer_tokens])
     oem = work.open_token(L.TOKEN)
 
-    root = create_root_ca(oem, label=L.L_ROOT, common_name=f"{name} Root CA")
+    root = create_root_ca(oem, label=L.L_ROOT, organisation=name, common_name=f"{name} Root CA")
     root_key = oem.private_key(L.L_ROOT)
     csr = create_enclave_csr(
         oem, label=L.L_IDENTITY, enclave_name=name, purpose=EnclavePurpose.IDENTITY

@@ -122,7 +122,7 @@ def seal_keys(
         "key-transfer",
         keys=[KeyEntry.from_key(oem.secret_key(label))],
         artefacts={"sealed-package": digest},
-        details={"programmer": to, "image": image, "offline": True},
+        details={"programmer": to, "image": image, "via": "sealed-package"},
     )
     return work.finish(
         "oem seal-keys",

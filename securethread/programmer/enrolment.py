@@ -104,7 +104,14 @@ def install_certs(
     token = work.open_token(L.TOKEN)
     certs = {p: bundle.certificate(p) for p in PURPOSES}
     for purpose, cert in certs.items():  # each must certify the key of its purpose here
-        install_certificate(token, L.LABELS[purpose], cert)
+        label = L.LABELS[purpose]
+        if token.has_certificate(label):
+            # Installed by an install-certs that was killed before it finished: the same
+            # certificate is its own; another one is not ours to replace.
+            if token.certificate(label) != cert:
+                raise CertificateError(f"the token already holds another certificate {label!r}")
+            continue
+        install_certificate(token, label, cert)
     root = bundle.root_certificate()
     written = [
         work.write(L.ROOT_CA, to_pem(root)),

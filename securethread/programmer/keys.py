@@ -86,7 +86,7 @@ def open_keys(workdir: str | os.PathLike[str], package_path: str | os.PathLike[s
         "key-import",
         keys=[KeyEntry.from_key(token.secret_key(label)) for label in labels],
         artefacts={"sealed-package": hashlib.sha256(data).digest()},
-        details={"package": receipt.package_id.hex(), "offline": True},
+        details={"package": receipt.package_id.hex(), "via": "sealed-package"},
     )
     out = work.write(f"outbox/key-receipt-{receipt.package_id.hex()}.bin", receipt.signed)
     written = [out, *(work.write(f"keys/{label}.ack", receipt.signed) for label in labels)]
