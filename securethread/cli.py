@@ -204,7 +204,7 @@ def oem_revoke(a: argparse.Namespace) -> int:
     return _step(a, revoke(a.workdir, job_id=a.job, out=a.out, reason=a.reason))
 
 
-# --- programmer ------------------------------------------------------------------------------------
+# --- programmer -----------------------------------------------------------------------------------
 
 
 def programmer_init(a: argparse.Namespace) -> int:
@@ -326,7 +326,7 @@ def programmer_revoke(a: argparse.Namespace) -> int:
     return _step(a, revoke(a.workdir, job_id=a.job, devices=a.device, out=a.out, reason=a.reason))
 
 
-# --- audit -----------------------------------------------------------------------------------------
+# --- audit ----------------------------------------------------------------------------------------
 
 
 def audit_verify_ledger(a: argparse.Namespace) -> int:
@@ -387,7 +387,7 @@ def audit_inspect(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- demo ------------------------------------------------------------------------------------------
+# --- demo -----------------------------------------------------------------------------------------
 
 
 def demo(a: argparse.Namespace) -> int:
@@ -407,7 +407,7 @@ def demo(a: argparse.Namespace) -> int:
     return EXIT_OK if summary["ok"] else EXIT_VERIFY
 
 
-# --- the parser ----------------------------------------------------------------------------------------
+# --- the parser -----------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):

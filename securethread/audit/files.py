@@ -106,9 +106,8 @@ def inspect_file(path: str | os.PathLike[str], *, record: int | None = None) -> 
         raise type(exc)(f"{os.fspath(path)}: {exc}") from None
     kind = view.get("kind", "artefact")
     view["verified"] = False
-    view["note"] = (
-        f"UNVERIFIED: inspect checks no signature; verify with {_VERIFY_WITH.get(kind, 'its signer key')}"
-    )
+    how = _VERIFY_WITH.get(kind, "its signer's key")
+    view["note"] = f"UNVERIFIED: inspect checks no signature; verify with {how}"
     return view
 
 

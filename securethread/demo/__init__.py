@@ -202,7 +202,8 @@ def run_demo(
     # flow 3: mastering at the OEM.
     (oem / "firmware.bin").write_bytes(os.urandom(firmware_size))
     s.run(
-        "oem", "master-image", "--workdir", "oem", str(oem / "firmware.bin"), "--image-id", IMAGE_ID,
+        "oem", "master-image", "--workdir", "oem", str(oem / "firmware.bin"),
+        "--image-id", IMAGE_ID,
         "--version", "1.0.0", "--security-counter", "3", "--device-class", DEVICE_CLASS,
     )  # fmt: skip
 
@@ -277,11 +278,14 @@ def run_demo(
     }
     summary["lines"] = [
         f"two-site demo in {root} ({elapsed} s)",
-        f"  OEM {OEM_NAME!r}: {oem}   programming centre {FACTORY_NAME!r}: {fac}   vendor: {root / 'vendor'}",
+        f"  OEM {OEM_NAME!r}: {oem}",
+        f"  programming centre {FACTORY_NAME!r}: {fac}",
+        f"  silicon vendor (simulated): {root / 'vendor'}",
         f"  files carried between the sites: {len(s.carried)} (see courier/log.txt); "
         f"key channel: TCP 127.0.0.1:{port}",
         f"  job {JOB_ID}: {prov.get('provisioned')} provisioned, {prov.get('booted')} booted "
-        f"({prov.get('devices_per_s')} devices/s), quota {rec.get('quota_used')} of {rec.get('quota')}",
+        f"({prov.get('devices_per_s')} devices/s), "
+        f"quota {rec.get('quota_used')} of {rec.get('quota')}",
         f"  reconciled by the OEM: {'yes' if rec.get('ok') else 'NO'}; ledger and both transcripts "
         "verified offline",
         *(

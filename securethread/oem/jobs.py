@@ -82,7 +82,8 @@ def issue_job(
     device_class = spec.device_class or manifest.device_class
     if device_class != manifest.device_class:
         raise JobError(
-            f"the job's device class {device_class!r} is not the image's ({manifest.device_class!r})"
+            f"the job's device class {device_class!r} is not the image's "
+            f"({manifest.device_class!r})"
         )
 
     oem = work.open_token(L.TOKEN)

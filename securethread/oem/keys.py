@@ -155,7 +155,8 @@ def confirm_keys(
                 continue
             return _record_receipt(work, pdir.name, package, receipt, data)
     raise VerificationError(
-        "the receipt matches no package this OEM sealed, or is not signed by the programmer it names"
+        "the receipt matches no package this OEM sealed, "
+        "or is not signed by the programmer it names"
     )
 
 

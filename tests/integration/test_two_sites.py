@@ -96,7 +96,7 @@ def _token_labels(conf: Path) -> set[str]:
     return set(proc.stdout.split())
 
 
-# --- the happy path ---------------------------------------------------------------------------------
+# --- the happy path -------------------------------------------------------------------------------
 
 
 def test_the_chain_completes_across_two_sites(sites: dict[str, Any]) -> None:
@@ -142,7 +142,7 @@ def test_opening_the_other_party_token_fails(sites: dict[str, Any]) -> None:
     assert proc.returncode != 0 and "TokenNotFoundError" in proc.stderr
 
 
-# --- the demo's own directory ------------------------------------------------------------------------
+# --- the demo's own directory ---------------------------------------------------------------------
 
 
 def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ def test_demo_refuses_a_real_party_directory(sites: dict[str, Any]) -> None:
     assert _state(sites["oem"]) == before
 
 
-# --- bad inputs, OEM side -----------------------------------------------------------------------------
+# --- bad inputs, OEM side -------------------------------------------------------------------------
 
 
 def _tampered(path: Path, tmp: Path, at: int = -40) -> Path:
@@ -265,7 +265,8 @@ def test_oem_refuses_to_reconcile_twice(sites: dict[str, Any]) -> None:
 def test_oem_command_on_the_programmer_directory(sites: dict[str, Any]) -> None:
     refused(sites, EXIT_CONFIG, "oem", "master-image", "--workdir", str(sites["factory"]),
             str(sites["oem"] / "firmware.bin"), "--image-id", "x", "--version", "1",
-            "--security-counter", "1", "--device-class", "c", match="programmer's work directory")  # fmt: skip
+            "--security-counter", "1", "--device-class", "c",
+            match="programmer's work directory")  # fmt: skip
 
 
 def test_oem_send_keys_to_an_unknown_programmer(sites: dict[str, Any]) -> None:
@@ -290,7 +291,7 @@ def test_oem_send_keys_to_nobody_listening(sites: dict[str, Any], tmp_path: Path
         shutil.move(saved, ack)
 
 
-# --- bad inputs, factory side ------------------------------------------------------------------------
+# --- bad inputs, factory side ---------------------------------------------------------------------
 
 
 def test_programmer_refuses_a_bundle_under_another_root(sites: dict[str, Any]) -> None:
@@ -426,7 +427,7 @@ def test_demo_tokens_pass_the_key_attribute_audit(sites: dict[str, Any]) -> None
     """Every key object of both parties' tokens, listed by pkcs11-tool, matches docs/keys.md."""
     from tests.integration.key_audit import audit_token
 
-    for party, conf_dir in (("oem", sites["oem"]), ("factory", sites["factory"])):
+    for conf_dir in (sites["oem"], sites["factory"]):
         pins = dict(line.split("=") for line in (conf_dir / "pins").read_text().splitlines())
         for label, pin in pins.items():
             audit_token(conf_dir / "hsm", label, pin).check()

@@ -36,7 +36,7 @@ from securethread.pki import (
     create_production_ca_csr,
     create_root_ca,
 )
-from securethread.pki.profile import ORGANIZATION, DeviceProfile
+from securethread.pki.profile import ORGANIZATION
 
 JOB_ID = "reconcile-job"
 BASE = 0x1000
