@@ -11,7 +11,7 @@ this test.
 
 from __future__ import annotations
 
-import datetime
+import hashlib
 import io
 import os
 import uuid
@@ -30,6 +30,7 @@ from securethread.hsm import IMAGE_KEY, PROGRAMMER_IMAGE_KEY, SIGNING, Curve, Ke
 from securethread.keys.policy import EPHEMERAL_AGREEMENT
 from securethread.pki import (
     DeviceCertificateIssuer,
+    DeviceProfile,
     EnclavePurpose,
     certify_enclave,
     certify_production_ca,
@@ -96,7 +97,6 @@ def plant(oem, programmer):  # type: ignore[no-untyped-def]
         pca_csr,
         job_id=job,
         not_before=root_cert.not_valid_before_utc,
-        not_after=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7),
     )
     prog_image_key = _transfer_image_key(oem, programmer, image_key, f"{p}-img")
     yield dict(
@@ -109,13 +109,20 @@ def plant(oem, programmer):  # type: ignore[no-untyped-def]
         ka_cert=ka_cert,
         lic_key=programmer.private_key(f"{p}-lic"),
         lic_cert=lic_cert,
-        devcerts=DeviceCertificateIssuer(programmer.private_key(f"{p}-pca"), pca_cert, job_id=job),
+        devcerts=DeviceCertificateIssuer(
+            programmer.private_key(f"{p}-pca"),
+            pca_cert,
+            job_id=job,
+            job_tag=hashlib.sha256(job.encode()).digest(),  # stands in for the signed job's hash
+            profile=DeviceProfile(organisation="securethread"),
+        ),
         pca_cert=pca_cert,
         vendor=SiliconVendor(),
         # The OEM's root key (in its token) vouches for what the chips of this job trust.
         device_trust=sign_device_trust(
             DeviceTrust(
                 job_id=job,
+                job_sha256=hashlib.sha256(job.encode()).digest(),
                 device_class="sensor-v1",
                 firmware_signing_key=fw_key.public_key(),
                 min_security_counter=1,
