@@ -7,7 +7,8 @@ with public files only, and ``securethread demo`` runs the two sites side by sid
 
 Exit codes: 0 success; 2 usage, configuration or a step out of order; 3 token (HSM) error;
 4 verification failure (bad signature, tampered or malformed artefact, devices refused);
-5 quota used up; 130 / 143 interrupted by SIGINT / SIGTERM (a run stops after its batch in
+5 quota used up; 6 the production store cannot be used (missing, replaced, older than the
+token's quota mark, corrupt, locked: restore it); 130 / 143 interrupted by SIGINT / SIGTERM (a run stops after its batch in
 flight, cleanly: run it again to resume); 1 an OS error (disk full, ...); 70 an internal
 error (a bug: please report it).  Every failure prints
 one line on stderr naming the problem, never a traceback; with ``--json`` it also prints a
@@ -31,13 +32,14 @@ from securethread.errors import (
     Error,
     HSMError,
     QuotaExceededError,
+    StoreError,
     VerificationError,
 )
 
 if TYPE_CHECKING:
     from securethread.workdir import StepResult
 
-EXIT_OK, EXIT_OS, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA = range(6)
+EXIT_OK, EXIT_OS, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA, EXIT_STORE = range(7)
 EXIT_INTERNAL = 70
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
@@ -63,8 +65,10 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_QUOTA
     if isinstance(exc, VerificationError):
         return EXIT_VERIFY
+    if isinstance(exc, StoreError):
+        return EXIT_STORE
     if isinstance(exc, Error):
-        return EXIT_VERIFY if "Refused" in type(exc).__name__ else EXIT_OS
+        return EXIT_OS
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_SIGINT
     if isinstance(exc, OSError):
