@@ -8,11 +8,11 @@ with public files only, and ``securethread demo`` runs the two sites side by sid
 Exit codes: 0 success; 2 usage, configuration or a step out of order; 3 token (HSM) error;
 4 verification failure (bad signature, tampered or malformed artefact, devices refused);
 5 quota used up; 6 the production store cannot be used (missing, replaced, older than the
-token's quota mark, corrupt, locked: restore it); 130 / 143 interrupted by SIGINT / SIGTERM (a run stops after its batch in
-flight, cleanly: run it again to resume); 1 an OS error (disk full, ...); 70 an internal
-error (a bug: please report it).  Every failure prints
-one line on stderr naming the problem, never a traceback; with ``--json`` it also prints a
-JSON error object on stdout.
+token's quota mark, corrupt, locked: restore it); 130 / 143 interrupted by SIGINT / SIGTERM
+(a run stops after its batch in flight: run it again to resume); 1 an OS error (disk full)
+or a dead worker process; 70 an internal error (a bug: please report it).  Every failure
+prints one line on stderr naming the problem, never a traceback; with ``--json`` it also
+prints a JSON error object on stdout.
 """
 
 from __future__ import annotations
