@@ -1,0 +1,159 @@
+"""The production line through the real command, the way a factory breaks it: SIGTERM and
+SIGINT in the middle of a run, a double-click (two runs of one job), a store deleted, emptied,
+restored from an older copy or corrupted.  Every failure is one stderr line with its
+documented exit code; nothing is lost (the job still closes and reconciles with every device
+counted once and programmed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securethread.demo.line import create_vendor
+
+CLI = [sys.executable, "-m", "securethread.cli"]
+QUOTA = 600
+EXIT_CONFIG, EXIT_STORE = 2, 6
+
+
+def _env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k != "SOFTHSM2_CONF" and not k.startswith(("SECURETHREAD_PIN_", "SECURETHREAD_SO_PIN_"))
+    }
+
+
+def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True, env=_env())
+    if ok:
+        assert proc.returncode == 0, (args, proc.stderr)
+    return proc
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two sites up to an opened job of QUOTA devices (no kills, no demo)."""
+    tmp = tmp_path_factory.mktemp("cli-line")
+    oem, fac = tmp / "oem", tmp / "factory"
+    init = _json(_run("oem", "init", "--workdir", str(oem), "--name", "acme"))
+    _run("programmer", "init", "--workdir", str(fac), "--name", "f-1")
+    fp = _json(_run("programmer", "enrol", "--workdir", str(fac)))["fingerprint"]
+    _run("oem", "certify-programmer", "--workdir", str(oem),
+         str(fac / "outbox/enrolment-request.bin"), "--fingerprint", fp)  # fmt: skip
+    _run("programmer", "install-certs", "--workdir", str(fac),
+         str(oem / "outbox/certificates-f-1.bin"), "--root-fingerprint",
+         init["root_fingerprint"])  # fmt: skip
+    (tmp / "fw.bin").write_bytes(os.urandom(16 << 10))
+    _run("oem", "master-image", "--workdir", str(oem), str(tmp / "fw.bin"), "--image-id", "fw",
+         "--version", "1", "--security-counter", "1", "--device-class", "c")  # fmt: skip
+    package = tmp / "keys.sealed"
+    _run("oem", "seal-keys", "--workdir", str(oem), "--to", "f-1", "--image", "fw", "--out",
+         str(package))  # fmt: skip
+    _run("programmer", "open-keys", "--workdir", str(fac), str(package))
+    _run("oem", "confirm-keys", "--workdir", str(oem),
+         str(next((fac / "outbox").glob("key-receipt-*.bin"))))  # fmt: skip
+    _run("programmer", "request-ca", "--workdir", str(fac), "--job", "j")
+    last = 0x5EC0_0000_0000_0000 + QUOTA - 1
+    (tmp / "j.toml").write_text(
+        f'job_id = "j"\nprogrammer = "f-1"\nimage = "fw"\nquota = {QUOTA}\n[targets]\n'
+        f'ranges = [["5ec0000000000000", "{last:016x}"]]\n[window]\ndays = 1\n'
+    )
+    _run("oem", "issue-job", "--workdir", str(oem), str(tmp / "j.toml"), "--ca-request",
+         str(fac / "outbox/production-ca-request-j.bin"))  # fmt: skip
+    _run("programmer", "open-job", "--workdir", str(fac), str(oem / "outbox/job-j.bin"),
+         "--image", str(oem / "outbox/image-fw.enc"))  # fmt: skip
+    create_vendor(tmp / "vendor", oem_root=oem / "root-ca.pem")
+    return {"tmp": tmp, "oem": oem, "factory": fac, "vendor": tmp / "vendor"}
+
+
+def _provision(line: dict[str, Path], first: int, devices: int, *extra: str) -> list[str]:
+    return [*CLI, "programmer", "provision", "--workdir", str(line["factory"]), "--job", "j",
+            "--vendor", str(line["vendor"]), "--first", str(first), "--devices", str(devices),
+            *(extra if "--progress" in extra else ("--progress", "none", *extra))]  # fmt: skip
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_cleanly_and_a_rerun_resumes(
+    line: dict[str, Path], sig: int
+) -> None:
+    first = 0 if sig == signal.SIGTERM else 200
+    proc = subprocess.Popen(_provision(line, first, 200, "--progress", "lines"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+    assert proc.stderr is not None
+    progress = proc.stderr.readline()  # the first batch is through: the run is under way
+    assert progress.startswith("[provision]"), progress
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    err_lines = [x for x in err.splitlines() if not x.startswith("[provision]")]
+    assert proc.returncode == 128 + sig, err
+    assert len(err_lines) == 1 and "Traceback" not in err, err
+    assert signal.Signals(sig).name in err_lines[0], err_lines
+    # Run again: everything counted is programmed, nothing counted twice, nothing lost.
+    again = subprocess.run(_provision(line, first, 200, "--json"), capture_output=True, text=True,
+                           env=_env())  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    result = _json(again)
+    assert result["unprogrammed"] == 0
+    assert result["provisioned"] + result["recovered"] + result["already_done"] == 200
+    assert result["already_done"] > 0  # the stopped run had done some
+
+
+def test_a_second_run_of_the_job_is_refused_at_once(line: dict[str, Path]) -> None:
+    first = subprocess.Popen(_provision(line, 400, 150), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    time.sleep(1.0)
+    second = subprocess.run(_provision(line, 400, 150), capture_output=True, text=True, env=_env())
+    out, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    if second.returncode != 0:  # the first still held the job: refused at once, one line
+        assert second.returncode == EXIT_CONFIG
+        assert "one run per job at a time" in _one_line(second.stderr)
+
+
+def test_a_forgotten_store_is_refused_until_restored(line: dict[str, Path]) -> None:
+    store = line["factory"] / "jobs" / "j" / "store.sqlite"
+    saved = line["tmp"] / "store.saved"
+    shutil.copyfile(store, saved)
+    for damage in ("deleted", "emptied", "corrupted"):
+        if damage == "deleted":
+            store.unlink()
+        elif damage == "emptied":
+            store.write_bytes(b"")
+        else:
+            store.write_bytes(b"this is not an SQLite database" * 100)
+        proc = subprocess.run(_provision(line, 590, 1), capture_output=True, text=True, env=_env())
+        assert proc.returncode == EXIT_STORE, (damage, proc.stderr)
+        _one_line(proc.stderr)
+        shutil.copyfile(saved, store)
+    proc = subprocess.run(_provision(line, 590, 1), capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_job_closes_and_reconciles_after_all_that(line: dict[str, Path]) -> None:
+    _run("programmer", "close-job", "--workdir", str(line["factory"]), "--job", "j")
+    rec = _json(_run("oem", "reconcile", "--workdir", str(line["oem"]),
+                     str(line["factory"] / "outbox/ledger-j.bin"), "--job", "j"))  # fmt: skip
+    assert rec["reconciled"] and rec["provisioned"] == rec["programmed"]
+    assert rec["quota_used"] <= QUOTA
