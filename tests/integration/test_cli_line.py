@@ -7,6 +7,7 @@ counted once and programmed).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -121,15 +122,22 @@ def test_a_signal_stops_the_run_cleanly_and_a_rerun_resumes(
 
 
 def test_a_second_run_of_the_job_is_refused_at_once(line: dict[str, Path]) -> None:
-    first = subprocess.Popen(_provision(line, 400, 150), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
-    time.sleep(1.0)
-    second = subprocess.run(_provision(line, 400, 150), capture_output=True, text=True, env=_env())
-    out, err = first.communicate(timeout=180)
-    assert first.returncode == 0, err
-    if second.returncode != 0:  # the first still held the job: refused at once, one line
-        assert second.returncode == EXIT_CONFIG
-        assert "one run per job at a time" in _one_line(second.stderr)
+    """A double-click: while a run holds the job (its flock on ``<store>.lock``, taken here
+    as a run would), another ``provision`` of the job is refused at once, changing nothing."""
+    lock = line["factory"] / "jobs" / "j" / "store.sqlite.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        t0 = time.monotonic()
+        proc = subprocess.run(_provision(line, 400, 5), capture_output=True, text=True, env=_env())
+        assert proc.returncode == EXIT_CONFIG, proc.stderr
+        assert "one run per job at a time" in _one_line(proc.stderr)
+        assert time.monotonic() - t0 < 30  # refused, not queued behind the lock
+    finally:
+        os.close(fd)
+    proc = subprocess.run(_provision(line, 400, 5, "--json"), capture_output=True, text=True,
+                          env=_env())  # fmt: skip
+    assert proc.returncode == 0 and _json(proc)["provisioned"] == 5, proc.stderr
 
 
 def test_a_forgotten_store_is_refused_until_restored(line: dict[str, Path]) -> None:
