@@ -22,33 +22,37 @@ so memory is flat however many devices pass.  The run never stops and never lose
 * **Signals.**  SIGTERM and SIGINT stop the run after the batch in flight (a batch not yet
   counted is dropped, one counted is released and programmed); the run then ends with
   :class:`RunInterruptedError`, whose ``exit_code`` is 128 + the signal number (130 for
-  SIGINT, 143 for SIGTERM).  Worker processes ignore SIGINT (a terminal sends it to the
-  whole process group) and stop through the leader; SIGTERM sent to a worker stops that
-  worker the same way.  A worker dies with its leader (``PR_SET_PDEATHSIG`` on Linux, and a
+  SIGINT, 143 for SIGTERM).  Worker processes run in a session of their own, so the
+  terminal's Ctrl-C (sent to the foreground process group) never reaches them, and they
+  ignore SIGINT: they stop through the leader; a SIGTERM sent to one worker stops the whole
+  run the same way.  A worker dies with its leader (``PR_SET_PDEATHSIG`` on Linux, and a
   watcher of the parent pid): no worker is left running and logged in.
 * **A device never stops the line** (see :mod:`securethread.programmer.line`); token or
   store trouble stops the run with that error.
 
-Worker processes are started with ``spawn`` and get everything they need through their
-start pipe and one connection each -- the configuration, the token PIN (never the
-environment), and batches of device factories, pulled two at a time.  A worker that dies
-stops the run with :class:`WorkerDiedError`; running again resumes.
+A worker process is a fresh interpreter (``sys.executable``, as multiprocessing's spawn
+start method makes one) that gets everything through the one connection it inherits --
+what spawn would send (the leader's ``sys.path``, working directory and main module), the
+configuration, the token PIN (never the environment or a command line), then batches of
+device factories, two at a time.  A worker that dies stops the run with
+:class:`WorkerDiedError`; running again resumes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
-import multiprocessing
 import os
 import signal
 import ssl
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from multiprocessing.connection import Connection, wait
+from multiprocessing import spawn
+from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -138,6 +142,12 @@ class RunConfig:
     (``<store>.lock`` is the run lock); ``certificates`` the directory of device certificate
     files; ``production_ca`` (the certificate the job names by its hash) and ``vendor_roots``
     are DER; ``token`` a label or RFC 7512 URI.
+
+    ``workers``: worker processes (``0``: run the line in the calling process -- no process
+    isolation, and the memory SoftHSM keeps for every temporary key of the process grows
+    with the run); ``recycle_after``: devices a worker process handles before a fresh one
+    replaces it (SoftHSM 2.6.1 frees destroyed session objects only when the module is
+    finalised, about 0.4 KiB per device: recycling keeps a long run's memory flat);
     ``mark_block``: slots per quota-mark write (see :mod:`.quota_mark`).
     """
 
@@ -154,6 +164,7 @@ class RunConfig:
     token: str = "programmer"
     workers: int = 1
     batch_size: int = 32
+    recycle_after: int = 5000
     mark_block: int = DEFAULT_BLOCK
     busy_timeout_s: float = 60.0
 
@@ -316,7 +327,7 @@ def _syncfs() -> Callable[[int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 class CertificateFiles:
@@ -579,8 +590,10 @@ class _RunLock:
 
 
 def _check_config(config: RunConfig) -> None:
-    for name, value in (("workers", config.workers), ("batch_size", config.batch_size),
-                        ("mark_block", config.mark_block)):  # fmt: skip
+    if type(config.workers) is not int or config.workers < 0:
+        raise ConfigurationError(f"workers must be 0 or more, not {config.workers!r}")
+    for name, value in (("batch_size", config.batch_size), ("mark_block", config.mark_block),
+                        ("recycle_after", config.recycle_after)):  # fmt: skip
         if type(value) is not int or value < 1:
             raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
     if not isinstance(config.job, VerifiedJob):
@@ -681,7 +694,7 @@ def _run_open(
             progress(tally.progress())
 
     with _catch_signals(stop):
-        if config.workers == 1:
+        if config.workers == 0:
             line = _Line(config, token, store, mark, run_id, faults)
             for chunk in _chunks(devices, config.batch_size):
                 if stop():
@@ -732,15 +745,60 @@ def _run_open(
 
 _PREFETCH = 2  # batches a worker holds: the one it works on and the next
 
+#: How a worker process starts: it reads what multiprocessing's spawn start method would
+#: give it (the leader's sys.path, working directory, main module), then everything else,
+#: from the connection it inherits (fd argv[1]); argv[2] is the leader's pid.
+_BOOT = (
+    "import sys\n"
+    "from multiprocessing import spawn\n"
+    "from multiprocessing.connection import Connection\n"
+    "fd, leader = int(sys.argv[1]), int(sys.argv[2])\n"
+    "conn = Connection(fd)\n"
+    "spawn.prepare(conn.recv())\n"
+    "from securethread.programmer.runner import _worker_main\n"
+    "_worker_main(conn, leader)\n"
+)
+
 
 @attrs.define
 class _Worker:
-    proc: Any
+    proc: subprocess.Popen[bytes]
     conn: Connection
     outstanding: int = 0
+    sent: int = 0  # devices sent to it
     ready: bool = False
     finished: bool = False
     stop_sent: bool = False
+    retiring: bool = False  # recycled: a fresh worker takes its place
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        try:
+            self.conn.send(msg)
+        except OSError:
+            pass  # it died: its connection's end of file tells the leader
+
+
+def _start_worker(payload: tuple[Any, ...]) -> _Worker:
+    """A worker process in a session of its own: the terminal's Ctrl-C (sent to the
+    foreground process group) never reaches it; it stops through the leader."""
+    parent, child = Pipe(duplex=True)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, str(child.fileno()), str(os.getpid())],
+            pass_fds=(child.fileno(),),
+            start_new_session=True,
+        )
+    finally:
+        child.close()
+    w = _Worker(proc, parent)
+    prep = spawn.get_preparation_data("securethread-worker")
+    prep.pop("authkey", None)  # no multiprocessing managers here: no key to share
+    try:
+        parent.send(prep)
+    except OSError:
+        pass
+    w.send(payload)
+    return w
 
 
 def _run_pool(
@@ -752,69 +810,52 @@ def _run_pool(
     stop: _StopFlag,
     report: Callable[[_Tally], None],
 ) -> str | None:
-    """Feed batches to ``config.workers`` spawned workers until the devices run out, a stop
+    """Feed batches to ``config.workers`` worker processes until the devices run out, a stop
     is requested, a worker fails or dies.  Returns why a worker died, or ``None``; raises
     the first fatal error a worker reported."""
-    ctx = multiprocessing.get_context("spawn")
-    shared_stop = ctx.RawValue("i", 0)  # lock-free: a killed worker cannot hold a lock on it
     feed = _chunks(devices, config.batch_size)
     exhausted = False
-    workers: list[_Worker] = []
     fatal: BaseException | None = None
     died: str | None = None
-    # Workers inherit a mask blocking SIGINT/SIGTERM until they have installed their own
-    # handlers: a Ctrl-C during start-up cannot kill one half-started.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        for _ in range(config.workers):
-            parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(
-                target=_worker_main,
-                args=(child, config, pins, os.getpid(), shared_stop, run_id, faults),
-                name="securethread-worker",
-            )
-            proc.start()
-            child.close()
-            workers.append(_Worker(proc, parent))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    payload = (config, pins, run_id, faults)
+    workers = [_start_worker(payload) for _ in range(config.workers)]
 
     def stopping() -> bool:
         return stop() or fatal is not None or died is not None
 
     def send_work(w: _Worker) -> None:
         nonlocal exhausted
-        while not stopping() and not exhausted and w.outstanding < _PREFETCH:
+        if w.finished or not w.ready:
+            return
+        worn = w.sent >= config.recycle_after
+        while not stopping() and not exhausted and not worn and w.outstanding < _PREFETCH:
             chunk = next(feed, None)
             if chunk is None:
                 exhausted = True
                 break
-            w.conn.send(("batch", chunk))
+            w.send(("batch", chunk))
             w.outstanding += 1
-        if (stopping() or exhausted) and w.outstanding == 0 and not w.stop_sent:
-            w.conn.send(("stop",))
+            w.sent += len(chunk)
+            worn = w.sent >= config.recycle_after
+        if stopping() and not w.stop_sent:
+            w.send(("stop",))  # it finishes its batch in flight and drops the others
             w.stop_sent = True
+        elif (exhausted or worn) and w.outstanding == 0 and not w.stop_sent:
+            w.send(("end",))  # no more work for this process
+            w.stop_sent = True
+            w.retiring = worn and not exhausted
 
     try:
         while not all(w.finished for w in workers):
-            if stopping():
-                shared_stop.value = 1
             live = [w for w in workers if not w.finished]
-            waitables: list[Any] = [w.conn for w in live] + [w.proc.sentinel for w in live]
-            for ready in wait(waitables, timeout=0.2):
-                w = next(w for w in live if ready in (w.conn, w.proc.sentinel))
-                if w.finished:
-                    continue
-                if ready is w.proc.sentinel and not w.conn.poll():
-                    w.finished = True
-                    died = died or f"worker process {w.proc.pid} died (exit {w.proc.exitcode})"
-                    continue
+            for ready in wait([w.conn for w in live], timeout=0.2):
+                w = next(w for w in live if w.conn is ready)
                 try:
                     msg = w.conn.recv()
                 except (EOFError, OSError):
                     w.finished = True
-                    w.proc.join(timeout=5)
-                    died = died or f"worker process {w.proc.pid} died (exit {w.proc.exitcode})"
+                    code = w.proc.wait()
+                    died = died or f"worker process {w.proc.pid} died (exit {code})"
                     continue
                 kind = msg[0]
                 if kind == "ready":
@@ -823,43 +864,34 @@ def _run_pool(
                     w.outstanding -= 1
                     report(msg[1])
                     if msg[2] is not None and stop.signum is None:
-                        stop.signum = msg[2]
+                        stop.signum = msg[2]  # a worker was sent SIGTERM: the run stops
                 elif kind == "fatal":
                     fatal = fatal or msg[1]
-                    w.outstanding = 0
                 elif kind == "bye":
                     w.finished = True
-                    continue
-                try:
-                    send_work(w)
-                except (BrokenPipeError, OSError):
-                    pass  # the worker died: its sentinel tells us
-            for w in workers:
-                if w.ready and not w.finished:
-                    try:
-                        send_work(w)
-                    except (BrokenPipeError, OSError):
-                        pass
+                    w.proc.wait()
+                    if w.retiring and not stopping():
+                        workers.append(_start_worker(payload))
+            for w in list(workers):
+                send_work(w)
     finally:
-        shared_stop.value = 1
         for w in workers:
-            if not w.finished and not w.stop_sent:
-                try:
-                    w.conn.send(("stop",))
-                except OSError:
-                    pass
+            if not w.stop_sent:
+                w.send(("stop",))
+                w.stop_sent = True
         for w in workers:
-            w.proc.join(timeout=60)
-            if w.proc.is_alive():
+            try:
+                w.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
                 w.proc.kill()
-                w.proc.join()
+                w.proc.wait()
             w.conn.close()
     if fatal is not None:
         raise fatal
     return died
 
 
-# --- a worker process -----------------------------------------------------------------------------
+# --- a worker process --------------------------------------------------------------------------
 
 
 def _die_with(leader: int) -> None:
@@ -882,45 +914,63 @@ def _die_with(leader: int) -> None:
     threading.Thread(target=watch, name="securethread-leader-watch", daemon=True).start()
 
 
-def _worker_main(
-    conn: Connection,
-    config: RunConfig,
-    pins: PinSet,
-    leader: int,
-    shared_stop: Any,
-    run_id: bytes,
-    faults: FaultHook,
-) -> None:
+class _Inbox:
+    """The leader's messages to a worker, read ahead so that a stop is seen between
+    batches and after a batch's identification."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.pending: list[tuple[Any, ...]] = []
+        self.stopped = False  # stop after the batch in flight
+        self.ended = False  # no more batches will come
+        self.signum: int | None = None  # SIGTERM sent to this worker
+
+    def _take(self, msg: tuple[Any, ...]) -> None:
+        if msg[0] == "stop":
+            self.stopped = True
+        elif msg[0] == "end":
+            self.ended = True
+        else:
+            self.pending.append(msg)
+
+    def stop(self) -> bool:
+        while not self.stopped and self.conn.poll(0):
+            self._take(self.conn.recv())
+        return self.stopped or self.signum is not None
+
+    def next(self) -> tuple[Any, ...] | None:
+        while not self.pending and not self.stopped and not self.ended:
+            self._take(self.conn.recv())
+        return self.pending.pop(0) if self.pending else None
+
+
+def _worker_main(conn: Connection, leader: int) -> None:
     _die_with(leader)
-    local = _StopFlag()
+    inbox = _Inbox(conn)
 
     def on_term(signum: int, _frame: object) -> None:
-        local.signum = signum
+        inbox.signum = signum
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C: the leader decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the leader decides when to stop
     signal.signal(signal.SIGTERM, on_term)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-    def stop() -> bool:
-        return local() or bool(shared_stop.value)
-
     store: SQLiteStore | None = None
     try:
+        config, pins, run_id, faults = conn.recv()
         token = open_token(config.token, pin=pins)
         store = SQLiteStore(config.store, create=False, busy_timeout_s=config.busy_timeout_s)
         mark = QuotaMark(token, config.job.sha256, block=config.mark_block)
         line = _Line(config, token, store, mark, run_id, faults)
         conn.send(("ready",))
-        while True:
-            msg = conn.recv()
-            if msg[0] != "batch":
-                break
-            if stop():
+        while (msg := inbox.next()) is not None:
+            if inbox.stop():
                 tally = _Tally(devices=len(msg[1]), dropped=len(msg[1]))
             else:
-                tally = line.batch(msg[1], stop)
+                tally = line.batch(msg[1], inbox.stop)
             # A SIGTERM sent to this worker alone stops the whole run, through the leader.
-            conn.send(("done", tally, local.signum))
+            conn.send(("done", tally, inbox.signum))
+        while inbox.pending:  # batches received with or after the stop: not started
+            n = len(inbox.pending.pop(0)[1])
+            conn.send(("done", _Tally(devices=n, dropped=n), inbox.signum))
         conn.send(("bye",))
     except EOFError:
         pass  # the leader is gone

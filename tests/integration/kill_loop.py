@@ -2,8 +2,9 @@
 
 ``python -m tests.integration.kill_loop --kills 300 [--seed 1]`` (long mode; the CI runs a
 few rounds through ``test_production.py``).  Each round takes a fresh job, kills one to three
-runs of it -- SIGKILL to the run's whole process group at a random instant, or to one process
-at a random fault point (leader, or a worker of two) -- then resumes it in this process and
+runs of it -- SIGKILL to the run's leader and its session at a random instant, or to one
+process at a random fault point (the line in the leader, or in one of one or two worker
+processes) -- then resumes it in this process and
 counts:
 
 * ``overruns``: a store that counted more slots, or a ledger with more provisioned devices,
@@ -42,7 +43,7 @@ def one_round(world: World, rng: random.Random, counts: dict[str, int]) -> None:
     chips = job.chips(world.specs[: QUOTA + 2])
     setup = job.dump(chips)
     for _ in range(rng.randint(1, 3)):
-        workers = rng.choice([1, 2])
+        workers = rng.choice([0, 1, 2])
         if rng.random() < 0.5:
             proc = start_run(setup, workers=workers)
             time.sleep(rng.uniform(0.2, 2.5))

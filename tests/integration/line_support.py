@@ -264,7 +264,8 @@ class FaultAt:
     """At the ``nth`` passage of ``point`` in one process: ``kill`` this process (SIGKILL),
     ``term`` / ``int`` the leader (SIGTERM / SIGINT, as an operator would), ``term-self``
     (SIGTERM to this process: a worker stopped on its own), ``int-group``
-    (SIGINT to the whole process group, as a terminal's Ctrl-C), ``kill-leader``, or
+    (SIGINT to the leader's process group and to this process, as a terminal's Ctrl-C),
+    ``kill-leader``, or
     ``pause`` until the test opens the gate."""
 
     point: str
@@ -288,7 +289,10 @@ class FaultAt:
         elif self.action == "term-self":
             os.kill(os.getpid(), signal.SIGTERM)
         elif self.action == "int-group":
-            os.killpg(os.getpgid(0), signal.SIGINT)
+            # A terminal's Ctrl-C: SIGINT to the leader's process group -- and to this
+            # process too, as if a worker were in that group.
+            os.killpg(os.getpgid(self.leader), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
         elif self.action == "kill-leader":
             os.kill(self.leader, signal.SIGKILL)
         elif self.action == "pause":
@@ -398,7 +402,9 @@ class World:
         self._jobs = 0
 
     def job(self, *, quota: int, targets: int | None = None, **config: Any) -> Job:
-        """A fresh job on this world (targets: the first ``targets`` chip UIDs)."""
+        """A fresh job on this world (targets: the first ``targets`` chip UIDs).  Runs are
+        in-process (``workers=0``) unless ``workers`` says otherwise."""
+        config.setdefault("workers", 0)
         self._jobs += 1
         n = self._jobs
         targets = quota if targets is None else targets

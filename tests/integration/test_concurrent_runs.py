@@ -32,7 +32,7 @@ def _wait_for(path: Path, proc: Any) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_second_run_on_the_job_is_refused_at_once(world: World, workers: int) -> None:
     job = world.job(quota=20, targets=30, batch_size=4)
     chips = job.chips(world.specs[:30])  # 10 more than the quota: the boundary is crossed

@@ -26,7 +26,7 @@ def world(oem: Any, programmer: Any, tmp_path_factory: pytest.TempPathFactory) -
     return World(oem, programmer, tmp_path_factory.mktemp("runner"), chips=20)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_malicious_chips_in_a_batch_of_good_ones(world: World, workers: int) -> None:
     job = world.job(quota=20, targets=20, batch_size=6, workers=workers)
     good = job.chips(world.specs[:12])
@@ -90,7 +90,8 @@ def test_missing_key_is_token_trouble_before_anything(world: World) -> None:
 
 def test_bad_configuration_is_refused(world: World) -> None:
     job = world.job(quota=3)
-    for change in ({"workers": 0}, {"batch_size": 0}, {"mark_block": -1}):
+    for change in ({"workers": -1}, {"batch_size": 0}, {"mark_block": -1},
+                   {"recycle_after": 0}):  # fmt: skip
         with pytest.raises(ConfigurationError):
             runner.run(attrs.evolve(job.config, **change), job.chips(world.specs[:1]))
     assert not job.store.exists()
@@ -136,3 +137,27 @@ def test_workers_get_the_pin_through_their_start_pipe(
     assert os.getpid() not in {int(line.split()[0]) for line in seen}
     assert [p.handled for p in progress] == sorted(p.handled for p in progress)
     assert progress[-1].handled == 8 and progress[-1].programmed == 8
+
+
+class _Pids:
+    """A hook that notes which process handles each batch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, point: str) -> None:
+        if point == "after-identify":
+            with open(self.path, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+
+def test_worker_processes_are_recycled(world: World, tmp_path: Path) -> None:
+    """A fresh worker process replaces one that handled ``recycle_after`` devices (SoftHSM
+    keeps every temporary key until its module is finalised); nothing is lost in between."""
+    job = world.job(quota=12, batch_size=2, workers=1, recycle_after=4)
+    notes = tmp_path / "pids.txt"
+    r = runner.run(job.config, job.chips(world.specs[:12]), faults=_Pids(str(notes)))
+    assert (r.provisioned, r.programmed, r.quota_used) == (12, 12, 12)
+    pids = notes.read_text().split()
+    assert len(pids) == 6 and len(set(pids)) == 3  # two batches of two per process
+    check_settled(job)
