@@ -23,6 +23,8 @@ from tests.fuzz.world import build
 
 #: Failing inputs kept (and summarised) per target; all of them are counted.
 _KEEP = 25
+#: A mutation that failed (a fuzzer bug, reported apart from the parsers' outcomes).
+_MUTATOR = "mutator-error"
 
 
 def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, save: Path,
@@ -32,7 +34,12 @@ def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, 
     bugs: list[str] = []
     t0 = last = time.monotonic()
     for i in range(n):
-        data = mutate(src, target.seeds, corpus, ring, text=target.text)  # type: ignore[arg-type]
+        try:
+            data = mutate(src, target.seeds, corpus, ring, text=target.text)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - a fuzzer bug must not end a long run
+            seen[_MUTATOR] += 1
+            print(f"  {target.name}: mutator {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+            continue
         outcome = run_one(target, data)
         seen[outcome.kind] += 1
         if outcome.error is not None and len(bugs) < _KEEP:
@@ -93,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
             target, args.inputs, args.seed, corpus, world.ring, args.save, not args.quiet
         )
         errors = ", ".join(
-            f"{k} {v}" for k, v in seen.most_common() if k not in ("accepted", "bug")
+            f"{k} {v}" for k, v in seen.most_common() if k not in ("accepted", "bug", _MUTATOR)
         )
         print(f"{name:20} {args.inputs:>8} {seen['accepted']:>8} {seen['bug']:>9} "
               f"{elapsed:>7.0f}  {errors}", flush=True)  # fmt: skip
         for line in bugs[:10]:
             print(f"    NON-ERROR {line}", flush=True)
+        if seen[_MUTATOR]:
+            print(f"    ({seen[_MUTATOR]} inputs lost to mutator errors)", flush=True)
         total_bugs += seen["bug"]
     print(f"non-Error exceptions in total: {total_bugs}", flush=True)
     return 1 if total_bugs else 0

@@ -87,8 +87,8 @@ class Keyring:
         self.ledger_job = ledger_job
 
     def sign(self, fp: bytes, kind: str, body: bytes) -> bytes | None:
-        key = self.keys.get(fp)
-        if key is None:
+        key = self.keys.get(fp) if isinstance(fp, bytes) else None
+        if key is None or not isinstance(kind, str) or not isinstance(body, bytes):
             return None
         # RFC 6979 deterministic ECDSA: the same mutation gives the same bytes (hypothesis
         # replays a mutation and needs identical draws).
