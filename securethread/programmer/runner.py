@@ -649,25 +649,29 @@ def run(
     if pin is not None:
         pin = _AskOnce(pin)  # the leader's login and the workers' PIN: one prompt
     lock = _RunLock(config.store)
-    lock.acquire(job.job.job_id)
-    try:
-        token = open_token(config.token, pin=pin)
-        store, mark = open_store(
-            config.store,
-            token,
-            job=job.sha256,
-            job_id=job.job.job_id,
-            quota=job.job.quota,
-            signed=job.signed,
-            block=config.mark_block,
-            busy_timeout_s=config.busy_timeout_s,
-        )
+    stop = _StopFlag()
+    with _catch_signals(stop):  # from here on a signal ends the run with a result
+        lock.acquire(job.job.job_id)
         try:
-            return _run_open(config, devices, token, store, mark, pin, progress, faults)
+            token = open_token(config.token, pin=pin)
+            store, mark = open_store(
+                config.store,
+                token,
+                job=job.sha256,
+                job_id=job.job.job_id,
+                quota=job.job.quota,
+                signed=job.signed,
+                block=config.mark_block,
+                busy_timeout_s=config.busy_timeout_s,
+            )
+            try:
+                return _run_open(
+                    config, devices, token, store, mark, pin, progress, faults, stop
+                )
+            finally:
+                store.close()
         finally:
-            store.close()
-    finally:
-        lock.release()
+            lock.release()
 
 
 def _run_open(
@@ -679,11 +683,11 @@ def _run_open(
     pin: PinCallback | None,
     progress: Callable[[Progress], None] | None,
     faults: FaultHook,
+    stop: _StopFlag,
 ) -> RunResult:
     job = config.job
     reclaimed = store.begin_run(job.sha256, guard=mark)
     run_id = os.urandom(8)
-    stop = _StopFlag()
     tally = _Tally()
     died: str | None = None
     t0 = time.perf_counter()
@@ -693,16 +697,17 @@ def _run_open(
         if progress is not None:
             progress(tally.progress())
 
-    with _catch_signals(stop):
-        if config.workers == 0:
-            line = _Line(config, token, store, mark, run_id, faults)
-            for chunk in _chunks(devices, config.batch_size):
-                if stop():
-                    break
-                report(line.batch(chunk, stop))
-        else:
-            pins = _pins_for_workers(config.token, pin)
-            died = _run_pool(config, devices, pins, run_id, faults, stop, report)
+    if stop():
+        pass  # a signal came while the run started: nothing is done
+    elif config.workers == 0:
+        line = _Line(config, token, store, mark, run_id, faults)
+        for chunk in _chunks(devices, config.batch_size):
+            if stop():
+                break
+            report(line.batch(chunk, stop))
+    else:
+        pins = _pins_for_workers(config.token, pin)
+        died = _run_pool(config, devices, pins, run_id, faults, stop, report)
     elapsed = time.perf_counter() - t0
     store.sync_mark(job.sha256, guard=mark)
     state = store.state(job.sha256)
