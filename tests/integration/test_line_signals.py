@@ -11,7 +11,6 @@ counted slot is stranded, and a resumed run finishes the job.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -20,7 +19,14 @@ from typing import Any
 import pytest
 
 from securethread.programmer import runner
-from tests.integration.line_support import World, check_settled, ledger_view, run_sub
+from tests.integration.line_support import (
+    World,
+    check_settled,
+    finish,
+    ledger_view,
+    run_sub,
+    start_run,
+)
 
 QUOTA = 16
 
@@ -73,18 +79,36 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _workers_of(leader: int) -> list[int]:
+    """Live worker processes started by ``leader`` (their command line ends with its pid)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"_worker_main" in b" ".join(argv) and str(leader).encode() in argv[-3:]:
+            if _alive(int(entry.name)):
+                out.append(int(entry.name))
+    return out
+
+
 def test_killed_leader_takes_its_workers(world: World) -> None:
     job = world.job(quota=QUOTA, batch_size=2)
     chips = job.chips(world.specs)
     setup = job.dump(chips)
-    run = run_sub(setup, fault="after-commit:2:kill-leader", workers=2)
+    proc = start_run(setup, fault="after-commit:2:kill-leader", workers=2)
+    run = finish(proc)
     assert run.returncode == -signal.SIGKILL
     pids = [int(p) for p in Path(str(setup) + ".pids").read_text().split()]
-    assert len(pids) == 2 and all(p != os.getpid() for p in pids)  # the two workers
+    assert pids and proc.pid not in pids  # worker processes were at work
     deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while (_workers_of(proc.pid) or any(_alive(p) for p in pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(p) for p in pids), "a worker outlived its leader"
+    assert not _workers_of(proc.pid), "a worker outlived its leader"
+    assert not any(_alive(p) for p in pids)
     # Nothing counted is lost: the next run programs what the dead run released.
     before = ledger_view(job)
     assert set(job.log("released.log")) <= set(before.provisioned)
