@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 DEVICES = 6
 CLI = [sys.executable, "-m", "securethread.cli"]
@@ -458,6 +459,59 @@ def test_every_demo_device_certificate_is_a_tls_client_for_life(sites: dict[str,
     later = str(int(time.time()) + 20 * 365 * 86400)
     years = _openssl_verify(sites, "-attime", later, certs=certs)
     assert years.returncode == 0 and years.stdout.count(": OK") == DEVICES, years.stderr
+
+
+def test_a_demo_device_connects_to_mosquitto_with_its_identity(
+    sites: dict[str, Any], tmp_path: Path
+) -> None:
+    """A device provisioned by the demo's line, with its key and certificate (+ production
+    CA), publishes to mosquitto (Debian) requiring a client certificate; the broker takes the
+    device id (the certificate's CN) as the user name."""
+    from securethread.demo.line import SimulatedFab
+    from tests.integration.test_field_tls import (
+        _free_port,
+        _need,
+        _server_identity,
+        _stop,
+        _wait_for,
+    )
+
+    cert = _devices(sites)[0]
+    device_id = cert.stem
+    chip = SimulatedFab(sites["root"] / "vendor").chip(int(device_id, 16))
+    key = serialization.load_der_private_key(chip.private_key_der, None)
+    (tmp_path / "dev.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    )  # fmt: skip
+    pca = sites["oem"] / "jobs" / "demo-job-1" / "production-ca.pem"
+    (tmp_path / "chain.pem").write_bytes(cert.read_bytes() + pca.read_bytes())
+    _server_identity(tmp_path)
+    port, log = _free_port(), tmp_path / "mosquitto.log"
+    conf = [
+        "per_listener_settings false", "allow_anonymous false", f"listener {port} 127.0.0.1",
+        f"cafile {sites['oem'] / 'root-ca.pem'}", f"certfile {tmp_path / 'server.pem'}",
+        f"keyfile {tmp_path / 'server.key'}", "require_certificate true",
+        "use_identity_as_username true", "persistence false", f"log_dest file {log}",
+        "log_type all", *(["user root"] if os.geteuid() == 0 else []),
+    ]  # fmt: skip
+    (tmp_path / "m.conf").write_text("\n".join(conf) + "\n")
+    broker = subprocess.Popen([_need("mosquitto"), "-c", str(tmp_path / "m.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(log, " running", broker)
+        pub = subprocess.run(
+            [_need("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port), "--cafile",
+             str(tmp_path / "server.pem"), "--cert", str(tmp_path / "chain.pem"), "--key",
+             str(tmp_path / "dev.key"), "-V", "mqttv5", "-d", "-q", "1",
+             "-t", f"devices/{device_id}/hello", "-m", "booted"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        _stop(broker)
+    assert pub.returncode == 0, pub.stdout + pub.stderr
+    assert "received CONNACK (0)" in pub.stdout, pub.stdout
+    assert f"u'{device_id}'" in log.read_text(), log.read_text()
 
 
 def test_revocation_by_the_programmer_and_by_the_oem(sites: dict[str, Any], tmp_path: Path) -> None:
