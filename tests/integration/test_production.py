@@ -27,12 +27,15 @@ from tests.integration.line_support import World, check_settled, ledger_view, ru
 
 LONG = os.environ.get("SECURETHREAD_LONG") == "1"
 QUOTA = 24
+# Long mode: a job big enough that every point is passed 13 times in each of 2 workers.
+KILL_QUOTA, KILL_BATCH = (60, 2) if LONG else (QUOTA, 3)
 
 
 @pytest.fixture(scope="module")
 def world(oem: Any, programmer: Any, tmp_path_factory: pytest.TempPathFactory) -> World:
     # quota + 3 chips in the targets, and one more outside them
-    return World(oem, programmer, tmp_path_factory.mktemp("production"), chips=QUOTA + 4)
+    chips = max(QUOTA, KILL_QUOTA) + 4
+    return World(oem, programmer, tmp_path_factory.mktemp("production"), chips=chips)
 
 
 @pytest.mark.parametrize("workers", [2, 4])
@@ -40,7 +43,7 @@ def test_whole_flow(world: World, workers: int) -> None:
     """Job -> devices provisioned and programmed by concurrent workers -> ledger."""
     job = world.job(quota=QUOTA, targets=QUOTA + 3, batch_size=4, workers=workers)
     progress: list[runner.Progress] = []
-    r = runner.run(job.config, job.chips(world.specs), progress=progress.append)
+    r = runner.run(job.config, job.chips(world.specs[: QUOTA + 4]), progress=progress.append)
     assert (r.provisioned, r.programmed, r.quota_used) == (QUOTA, QUOTA, QUOTA)
     # every chip is accounted for: provisioned, over quota, or outside the targets
     assert r.refused == {"QuotaExceededError": 3, "NotTargetedError": 1}
@@ -71,19 +74,19 @@ KILLS = [
 
 @pytest.mark.parametrize(("point", "nth", "workers"), KILLS)
 def test_sigkill_at_every_fault_point(world: World, point: str, nth: int, workers: int) -> None:
-    job = world.job(quota=QUOTA, batch_size=3)
-    chips = job.chips(world.specs[: QUOTA + 2])
+    job = world.job(quota=KILL_QUOTA, batch_size=KILL_BATCH)
+    chips = job.chips(world.specs[: KILL_QUOTA + 2])
     killed = run_sub(job.dump(chips), fault=f"{point}:{nth}", workers=workers)
     expected = -signal.SIGKILL if workers == 0 else 4  # a worker died: the leader says so
     assert killed.returncode == expected, f"{point}:{nth} was never reached: {killed.stderr}"
     view = ledger_view(job)
-    assert view.used <= QUOTA, "S3: more slots counted than the quota"
+    assert view.used <= KILL_QUOTA, "S3: more slots counted than the quota"
     missing = set(job.log("released.log")) - set(view.provisioned)
     assert not missing, f"S4: devices received secrets but are not in the ledger: {missing}"
     # A resumed run finishes the job: nothing the kill interrupted is lost.
     r = runner.run(job.config, chips)
-    assert r.quota_used == QUOTA and r.unprogrammed == 0
-    assert len(check_settled(job).provisioned) == QUOTA
+    assert r.quota_used == KILL_QUOTA and r.unprogrammed == 0
+    assert len(check_settled(job).provisioned) == KILL_QUOTA
 
 
 def test_sigkill_at_random_times(world: World) -> None:
