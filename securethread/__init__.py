@@ -6,8 +6,9 @@ verifies offline with public keys only.  They meet only in ``formats/`` (the art
 cross between parties) and ``channel/`` (the key channel); ``keys/`` is the pure key protocol
 and software backend, ``hsm/`` the PKCS#11 backend, ``pki/`` the certificate profiles.
 
-``import securethread`` does not load python-pkcs11: ``Token`` and ``open_token`` are loaded
-on first use, so device-side and audit code runs with ``cryptography`` alone.
+``import securethread`` loads only the error classes: the key classes are loaded on first
+use (PEP 562), python-pkcs11 only with ``Token``/``open_token``, so device-side and audit code
+runs with ``cryptography`` alone and the command starts (and answers Ctrl-C) at once.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from .errors import (
     SignatureError,
     VerificationError,
 )
-from .keys import Curve, KeyBackend, SoftwareBackend
 
 if TYPE_CHECKING:
     from .hsm import Token, open_token
+    from .keys import Curve, KeyBackend, SoftwareBackend
 
 __all__ = [
     "ConfigurationError",
@@ -46,9 +47,13 @@ __version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the PKCS#11 backend loads only when asked for.
+    # PEP 562: the key backends load only when asked for (python-pkcs11 only for hsm).
     if name in ("Token", "open_token"):
         from . import hsm
 
         return getattr(hsm, name)
+    if name in ("Curve", "KeyBackend", "SoftwareBackend"):
+        from . import keys
+
+        return getattr(keys, name)
     raise AttributeError(f"module 'securethread' has no attribute {name!r}")

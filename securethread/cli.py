@@ -768,16 +768,17 @@ def _on_sigterm(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    args: argparse.Namespace | None = None
     try:
+        args = build_parser().parse_args(argv)
         return int(args.handler(args))
     except BaseException as exc:  # the last-resort handler: one line, never a traceback
         if isinstance(exc, SystemExit):
             raise
         code = exit_code(exc)
         line = _describe(exc)
-        if getattr(args, "json", False):
+        if args is not None and getattr(args, "json", False):
             print(
                 json.dumps(
                     {
@@ -786,8 +787,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
                 )
             )
-        cmd = getattr(args, "cmd", None)
-        where = f"securethread {args.role}" + (f" {cmd}" if cmd else "")
+        where = "securethread"
+        if args is not None:
+            cmd = getattr(args, "cmd", None)
+            where += f" {args.role}" + (f" {cmd}" if cmd else "")
         print(f"{where}: {line}", file=sys.stderr)
         if os.environ.get("SECURETHREAD_DEBUG") and code == EXIT_INTERNAL:
             import traceback

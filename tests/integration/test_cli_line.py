@@ -165,3 +165,34 @@ def test_the_job_closes_and_reconciles_after_all_that(line: dict[str, Path]) -> 
                      str(line["factory"] / "outbox/ledger-j.bin"), "--job", "j"))  # fmt: skip
     assert rec["reconciled"] and rec["provisioned"] == rec["programmed"]
     assert rec["quota_used"] <= QUOTA
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_a_waiting_command_is_one_line(line: dict[str, Path], sig: int) -> None:
+    """Ctrl-C (or SIGTERM) while receive-keys waits for the OEM: one line, 128 + signal."""
+    proc = subprocess.Popen(
+        [*CLI, "programmer", "receive-keys", "--workdir", str(line["factory"]), "--listen",
+         "127.0.0.1:0", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert proc.stderr.readline().startswith("listening on ")
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert signal.Signals(sig).name in _one_line(err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_starts_is_one_line(sig: int) -> None:
+    """The console script's first act: a signal before the CLI is loaded is one line too."""
+    code = (
+        "import os, signal, time\n"
+        "from securethread import _entry\n"
+        f"signal.signal({int(sig)}, _entry._stopped_early)\n"
+        f"os.kill(os.getpid(), {int(sig)})\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 128 + sig
+    assert signal.Signals(sig).name in _one_line(proc.stderr)
