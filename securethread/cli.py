@@ -776,6 +776,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:  # the last-resort handler: one line, never a traceback
         if isinstance(exc, SystemExit):
             raise
+        if isinstance(exc, BrokenPipeError):  # `securethread ... | head`: the reader left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OS
         code = exit_code(exc)
         line = _describe(exc)
         if args is not None and getattr(args, "json", False):

@@ -18,6 +18,7 @@ from securethread.errors import ConfigurationError, Error, FormatError
 from securethread.formats import cbor, envelope, ledger
 from securethread.formats import transcript as transcript_mod
 from securethread.formats.job import job_hash
+from securethread.formats.jobpackage import JOB_PACKAGE_KIND, JobPackage
 from securethread.pki import untrusted
 
 
@@ -152,6 +153,15 @@ def _describe_cbor(data: bytes) -> dict[str, Any]:
     ):
         body = ledger.parse_record(data, 0).body
         return {"kind": "ledger-record", "record": _record_view(body, full=True)}
+    if isinstance(obj, dict) and obj.get("kind") == JOB_PACKAGE_KIND:
+        package = JobPackage.from_bytes(data)
+        return {
+            "kind": JOB_PACKAGE_KIND,
+            "job": _describe_cbor(package.job),
+            "production-ca": _cert_view(package.production_ca),
+            "manifest": _describe_cbor(package.manifest),
+            "device-trust": _describe_cbor(package.device_trust),
+        }
     raise FormatError("not a securethread artefact (no known kind)")
 
 
