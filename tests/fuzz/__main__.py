@@ -32,6 +32,7 @@ def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, 
     src = RandomSource(seed ^ zlib.crc32(target.name.encode()))
     seen: collections.Counter[str] = collections.Counter()
     bugs: list[str] = []
+    sites: collections.Counter[str] = collections.Counter()
     t0 = last = time.monotonic()
     for i in range(n):
         try:
@@ -42,6 +43,10 @@ def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, 
             continue
         outcome = run_one(target, data)
         seen[outcome.kind] += 1
+        if outcome.error is not None:
+            last = traceback.extract_tb(outcome.error.__traceback__)[-1]
+            where = f"{Path(last.filename).name}:{last.lineno}"
+            sites[f"{type(outcome.error).__name__} at {where}"] += 1
         if outcome.error is not None and len(bugs) < _KEEP:
             exc = outcome.error
             save.mkdir(parents=True, exist_ok=True)
@@ -54,7 +59,8 @@ def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, 
             last = now
             rate = (i + 1) / (now - t0)
             print(f"  {target.name}: {i + 1}/{n} ({rate:.0f}/s)", file=sys.stderr, flush=True)
-    return seen, bugs, time.monotonic() - t0
+    summary = [f"{n} x {site}" for site, n in sites.most_common()]
+    return seen, summary + bugs[:5], time.monotonic() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{name:20} {args.inputs:>8} {seen['accepted']:>8} {seen['bug']:>9} "
               f"{elapsed:>7.0f}  {errors}", flush=True)  # fmt: skip
-        for line in bugs[:10]:
+        for line in bugs:  # where they were raised (all), then the first inputs
             print(f"    NON-ERROR {line}", flush=True)
         if seen[_MUTATOR]:
             print(f"    ({seen[_MUTATOR]} inputs lost to mutator errors)", flush=True)
