@@ -593,21 +593,24 @@ class SQLiteStore:
 
     def export(self, job: bytes) -> Iterator[tuple[str, bytes]]:
         """Records and checkpoints in chain order (streamed, constant memory)."""
-        cps = self._db.execute(
-            "SELECT upto, envelope FROM checkpoints WHERE job = ? ORDER BY upto", (job,)
-        )
-        recs = self._db.cursor().execute(
-            "SELECT seq, record FROM records WHERE job = ? ORDER BY seq", (job,)
-        )
-        next_cp = cps.fetchone()
-        for seq, raw in recs:
-            yield "r", raw
-            while next_cp is not None and next_cp[0] == seq:
-                yield "c", next_cp[1]
-                next_cp = cps.fetchone()
-        closed = self._db.execute("SELECT envelope FROM closes WHERE job = ?", (job,)).fetchone()
-        if closed is not None:
-            yield ledger.TAG_CLOSE, bytes(closed[0])
+        with self._errors("read the ledger"):
+            cps = self._db.execute(
+                "SELECT upto, envelope FROM checkpoints WHERE job = ? ORDER BY upto", (job,)
+            )
+            recs = self._db.cursor().execute(
+                "SELECT seq, record FROM records WHERE job = ? ORDER BY seq", (job,)
+            )
+            next_cp = cps.fetchone()
+            for seq, raw in recs:
+                yield "r", raw
+                while next_cp is not None and next_cp[0] == seq:
+                    yield "c", next_cp[1]
+                    next_cp = cps.fetchone()
+            closed = self._db.execute(
+                "SELECT envelope FROM closes WHERE job = ?", (job,)
+            ).fetchone()
+            if closed is not None:
+                yield ledger.TAG_CLOSE, bytes(closed[0])
 
     def _refuse_closed(self, job: bytes) -> None:
         if self._db.execute("SELECT 1 FROM closes WHERE job = ?", (job,)).fetchone():
@@ -617,6 +620,10 @@ class SQLiteStore:
         """Close the job's ledger: ``sign`` (see :func:`ledger.close_signer`) signs the totals
         inside the transaction that marks the job closed, so no record can slip in between.
         Idempotent: a closed job returns its existing close record."""
+        with self._errors("close the job"):
+            return self._close_job(job, sign)
+
+    def _close_job(self, job: bytes, sign: ledger.CloseSigner) -> bytes:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -649,12 +656,14 @@ class SQLiteStore:
             db.execute("INSERT INTO closes (job, envelope) VALUES (?, ?)", (job, envelope))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         return envelope
 
     def signed_job(self, job: bytes) -> bytes:
-        row = self._db.execute("SELECT signed FROM jobs WHERE job = ?", (job,)).fetchone()
+        with self._errors("read the job"):
+            row = self._db.execute("SELECT signed FROM jobs WHERE job = ?", (job,)).fetchone()
         if row is None:
             raise JobError("job is not open in this store")
         return bytes(row[0])
