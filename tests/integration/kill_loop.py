@@ -33,6 +33,7 @@ from typing import Any
 
 from securethread.programmer import runner
 from securethread.programmer.line import FAULT_POINTS
+from securethread.programmer.store import SQLiteStore
 from tests.integration.line_support import World, finish, ledger_view, start_run
 
 QUOTA = 24
@@ -57,8 +58,8 @@ def one_round(world: World, rng: random.Random, counts: dict[str, int]) -> None:
             finish(start_run(setup, workers=workers, fault=f"{point}:{rng.randint(1, 6)}"))
         counts["kills"] += 1
         released = set(job.log("released.log"))
-        if not job.store.exists():  # killed before the job was opened
-            counts["unrecorded"] += len(released)
+        if SQLiteStore.inspect(job.store, job.job_hash) is None:  # killed before the job
+            counts["unrecorded"] += len(released)  # was opened in its store
             continue
         view = ledger_view(job)
         if view.used > QUOTA or len(view.provisioned) > QUOTA:
