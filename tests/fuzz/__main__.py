@@ -44,8 +44,8 @@ def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, 
         outcome = run_one(target, data)
         seen[outcome.kind] += 1
         if outcome.error is not None:
-            last = traceback.extract_tb(outcome.error.__traceback__)[-1]
-            where = f"{Path(last.filename).name}:{last.lineno}"
+            frame = traceback.extract_tb(outcome.error.__traceback__)[-1]
+            where = f"{Path(frame.filename).name}:{frame.lineno}"
             sites[f"{type(outcome.error).__name__} at {where}"] += 1
         if outcome.error is not None and len(bugs) < _KEEP:
             exc = outcome.error
