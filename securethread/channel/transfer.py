@@ -136,7 +136,7 @@ class WrappedEntry:
     kcv: bytes = attrs.field(validator=lambda _i, _a, v: _check_bytes(v, "kcv", size=KCV_SIZE))
 
     def __attrs_post_init__(self) -> None:
-        if self.usage not in _USAGES:
+        if type(self.usage) is not str or self.usage not in _USAGES:
             raise FormatError(f"key {self.label!r}: unsupported usage {self.usage!r}")
         if not isinstance(self.transferable, bool):
             raise FormatError(f"key {self.label!r}: transferable must be a boolean")

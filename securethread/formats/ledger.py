@@ -173,7 +173,8 @@ def parse_record(raw: bytes, index: int) -> LedgerRecord:
         body = cbor.decode(raw, what=f"ledger record {index}", max_size=MAX_RECORD_SIZE)
     except FormatError as exc:
         raise LedgerError(f"ledger record {index} is malformed: {exc}", index=index) from None
-    if not isinstance(body, dict) or body.get("kind") not in _RECORD_KEYS:
+    kind = body.get("kind") if isinstance(body, dict) else None
+    if type(kind) is not str or kind not in _RECORD_KEYS:
         raise LedgerError(f"ledger record {index} has an unknown kind", index=index)
     if set(body) != _RECORD_KEYS[body["kind"]]:
         raise LedgerError(f"ledger record {index} has unexpected fields", index=index)
