@@ -26,10 +26,15 @@ from securethread.formats.job import ProductionJob, cosign_job, job_hash, sign_j
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry
-from securethread.keys import load_spki
 from securethread.oem import layout as L
 from securethread.oem.jobspec import load_job_spec
-from securethread.pki import cert_fingerprint, certify_production_ca, from_pem, to_der
+from securethread.pki import (
+    cert_fingerprint,
+    certify_production_ca,
+    from_pem,
+    to_der,
+    untrusted,
+)
 from securethread.workdir import StepResult, read_file, to_pem
 
 
@@ -77,7 +82,9 @@ def issue_job(
     csr = request.certificate_request()
     from securethread.formats.image import verify_manifest
 
-    fw_key = _firmware_key(work.read(L.FIRMWARE_KEY, "firmware-signing key"))
+    fw_key = untrusted.load_public_key_pem(
+        work.read(L.FIRMWARE_KEY, "firmware-signing key"), what="firmware-signing key"
+    )
     manifest = verify_manifest(manifest_bytes, key=fw_key)
     device_class = spec.device_class or manifest.device_class
     if device_class != manifest.device_class:
@@ -178,18 +185,6 @@ def issue_job(
             "image": f"outbox/image-{spec.image}.enc",
         },
     )
-
-
-def _firmware_key(pem: bytes):  # type: ignore[no-untyped-def]
-    from cryptography.hazmat.primitives import serialization
-
-    from securethread.keys import spki_der
-
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except ValueError:
-        raise ConfigurationError("firmware-signing.pem is not a PEM public key") from None
-    return load_spki(spki_der(key), what="firmware-signing key")  # type: ignore[arg-type]
 
 
 def _copy_image(src: os.PathLike[str], dst: os.PathLike[str], root: os.PathLike[str]) -> str:

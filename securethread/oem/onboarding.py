@@ -11,14 +11,12 @@ from __future__ import annotations
 import hmac
 import os
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from securethread.errors import CertificateError
 from securethread.formats.onboarding import PURPOSES, CertificateBundle, EnrolmentRequest
 from securethread.formats.transcript import CertEntry
-from securethread.keys import load_spki, spki_der
+from securethread.keys import spki_der
 from securethread.oem import layout as L
-from securethread.pki import EnclavePurpose, certify_enclave, from_pem, to_der
+from securethread.pki import EnclavePurpose, certify_enclave, from_pem, to_der, untrusted
 from securethread.workdir import StepResult, check_name, parse_fingerprint, read_file, to_pem
 
 _PURPOSE = {
@@ -63,9 +61,8 @@ def certify_programmer(
             role="programmer",
             proof_key=identity_key if purpose == "key-agreement" else None,
         )
-    fw_key = load_spki(
-        spki_der(_pem_public_key(work.read(L.FIRMWARE_KEY, "firmware-signing key"))),
-        what="firmware-signing key",
+    fw_key = untrusted.load_public_key_pem(
+        work.read(L.FIRMWARE_KEY, "firmware-signing key"), what="firmware-signing key"
     )
     bundle = CertificateBundle(
         programmer=name,
@@ -88,12 +85,3 @@ def certify_programmer(
     return work.finish(
         "oem certify-programmer", written, [tx], {"programmer": name, "bundle": written[0]}
     )
-
-
-def _pem_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_public_key(pem)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise CertificateError("firmware-signing key is not an EC key")
-    return key

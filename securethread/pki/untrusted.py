@@ -46,6 +46,7 @@ __all__ = [
     "load_certificate_pem",
     "load_csr",
     "load_public_key",
+    "load_public_key_pem",
 ]
 
 #: Certificates, CSRs and keys securethread exchanges are a few hundred bytes; 16 KiB is
@@ -117,9 +118,9 @@ def _raw(data: object, what: str) -> bytes:
     return raw
 
 
-def check_key(key: object, *, what: str, curves: Collection[Curve] = ALL_CURVES) -> (
-    ec.EllipticCurvePublicKey
-):
+def check_key(
+    key: object, *, what: str, curves: Collection[Curve] = ALL_CURVES
+) -> ec.EllipticCurvePublicKey:
     """``key`` must be an EC public key on one of ``curves``; UnsupportedKeyError otherwise."""
     allowed = ", ".join(c.name for c in curves)
     if not isinstance(key, ec.EllipticCurvePublicKey):
@@ -231,6 +232,20 @@ def load_csr(
     if not pem and der != raw:
         raise MalformedCertificateError(f"{what}: DER is not in canonical encoding")
     return csr
+
+
+def load_public_key_pem(
+    data: object, *, what: str = "public key", curves: Collection[Curve] = ALL_CURVES
+) -> ec.EllipticCurvePublicKey:
+    """One PEM ``PUBLIC KEY`` block (RFC 7468 §13), checked as :func:`load_public_key`."""
+    from cryptography.hazmat.primitives import serialization
+
+    with guard(what):
+        key = serialization.load_pem_public_key(data)  # type: ignore[arg-type]
+        der = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    return load_public_key(der, what=what, curves=curves)
 
 
 def load_public_key(
