@@ -56,7 +56,7 @@ from securethread.errors import (
 from securethread.formats import ledger
 from securethread.formats.job import VerifiedJob
 from securethread.keys.protocol import PrivateKey
-from securethread.programmer.store import UNGUARDED, MarkKeeper, ProductionStore, Release
+from securethread.programmer.store import MarkKeeper, ProductionStore, Release
 
 # --- test hooks: injected by tests, never read from the environment ------------------------------
 
@@ -259,9 +259,10 @@ class ProductionLine:
 
     Several lines (in separate processes) may run against the same job and store within
     one run: the store serialises reservations and commits, and refuses a second record
-    for a device.  ``run`` names the run the line's reservations belong to; ``guard``
-    keeps the token's quota mark ahead of the store (S7; ``UNGUARDED`` is for code that
-    predates it); ``faults`` and ``archive`` are hooks (tests; device-certificate files).
+    for a device.  ``run`` names the run the line's reservations belong to; ``guard`` (no
+    default) keeps the token's quota mark ahead of the store (S7; passing ``UNGUARDED`` is
+    an explicit choice for tests and benchmarks); ``faults`` and ``archive`` are hooks
+    (tests; device-certificate files).
     """
 
     def __init__(
@@ -276,7 +277,7 @@ class ProductionLine:
         packager: Packager,
         batch_size: int = 32,
         clock: Callable[[], float] = time.time,
-        guard: MarkKeeper = UNGUARDED,
+        guard: MarkKeeper,
         run: bytes = b"",
         faults: FaultHook = NO_FAULTS,
         archive: CertificateArchive = NO_ARCHIVE,

@@ -152,8 +152,9 @@ class MarkKeeper(Protocol):
 class Unguarded:
     """No witness outside the store: a deleted store is not detected (S7 does not hold).
 
-    Only for code that predates the quota mark (``securethread.ceremony``); the runner
-    always passes a :class:`~securethread.programmer.quota_mark.QuotaMark`.
+    An explicit, named choice for unit tests and benchmarks of the store alone; production
+    code (the runner, ``open_store``) always passes a
+    :class:`~securethread.programmer.quota_mark.QuotaMark`.
     """
 
     def advance(self, state: StoreState, upto: int) -> int:
@@ -191,7 +192,7 @@ class ProductionStore(Protocol):
     def begin_run(self, job: bytes, *, guard: MarkKeeper) -> int: ...
 
     def reserve(
-        self, job: bytes, n: int, *, run: bytes = b"", guard: MarkKeeper = UNGUARDED
+        self, job: bytes, n: int, *, guard: MarkKeeper, run: bytes = b""
     ) -> list[int]: ...
 
     def give_back(self, job: bytes, slots: Sequence[int], *, run: bytes = b"") -> None: ...
@@ -427,7 +428,7 @@ class SQLiteStore:
             db.execute("UPDATE jobs SET mark_limit = ? WHERE job = ?", (limit, job))
 
     def reserve(
-        self, job: bytes, n: int, *, run: bytes = b"", guard: MarkKeeper = UNGUARDED
+        self, job: bytes, n: int, *, guard: MarkKeeper, run: bytes = b""
     ) -> list[int]:
         """Durably count up to ``n`` slots against the quota for ``run`` (given-back slots
         first); raise :class:`QuotaExceededError` if none is left.  Before the reservations

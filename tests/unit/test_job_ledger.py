@@ -27,7 +27,7 @@ from securethread.formats.job import (
 from securethread.formats.ledger import LedgerNotClosedError
 from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
 from securethread.pki.profile import DeviceProfile
-from securethread.programmer.store import JobClosedError, SQLiteStore
+from securethread.programmer.store import UNGUARDED, JobClosedError, SQLiteStore
 
 PROGRAMMER = b"\x11" * 32
 
@@ -181,20 +181,20 @@ def closer(keys: SoftwareBackend) -> ledger.CloseSigner:
 
 
 def test_quota_reservation_never_exceeds(store: SQLiteStore) -> None:
-    assert store.reserve(JOB, 4) == [0, 1, 2, 3]
-    assert store.reserve(JOB, 4) == [4, 5, 6, 7]
-    assert store.reserve(JOB, 4) == [8, 9]  # only what is left
+    assert store.reserve(JOB, 4, guard=UNGUARDED) == [0, 1, 2, 3]
+    assert store.reserve(JOB, 4, guard=UNGUARDED) == [4, 5, 6, 7]
+    assert store.reserve(JOB, 4, guard=UNGUARDED) == [8, 9]  # only what is left
     with pytest.raises(QuotaExceededError):
-        store.reserve(JOB, 1)
+        store.reserve(JOB, 1, guard=UNGUARDED)
     assert store.counts(JOB) == (10, 10)
     with pytest.raises(JobError):
-        store.reserve(b"\x00" * 32, 1)
+        store.reserve(b"\x00" * 32, 1, guard=UNGUARDED)
     with pytest.raises(JobError):
         store.open_job(job=JOB, job_id="job-1", quota=11, signed=b"x")
 
 
 def test_commit_export_verify(store: SQLiteStore, keys: SoftwareBackend) -> None:
-    assert store.reserve(JOB, 3) == [0, 1, 2]
+    assert store.reserve(JOB, 3, guard=UNGUARDED) == [0, 1, 2]
     c1 = store.commit(JOB, [pending(0), pending(1)], signer(keys))
     c2 = store.commit(
         JOB, [pending(2), pending(1), pending(0, ledger.KIND_PROGRAMMED)], signer(keys)
@@ -207,7 +207,7 @@ def test_commit_export_verify(store: SQLiteStore, keys: SoftwareBackend) -> None
     assert (so_far.records, so_far.close) == (4, None)
     with pytest.raises(LedgerNotClosedError):
         ledger.verify_ledger(store.export(JOB), job=JOB, ledger_key=pub)
-    store.reserve(JOB, 1)  # a slot counted for a device that never got its record
+    store.reserve(JOB, 1, guard=UNGUARDED)  # a slot counted for a device that never got its record
     close = store.close_job(JOB, closer(keys))
     assert store.close_job(JOB, closer(keys)) == close  # idempotent
     items = list(store.export(JOB))
@@ -234,7 +234,7 @@ def test_commit_export_verify(store: SQLiteStore, keys: SoftwareBackend) -> None
 
 
 def _records(store: SQLiteStore, keys: SoftwareBackend) -> list[tuple[str, bytes]]:
-    store.reserve(JOB, 6)
+    store.reserve(JOB, 6, guard=UNGUARDED)
     for i in range(0, 6, 2):
         store.commit(JOB, [pending(i), pending(i + 1)], signer(keys))
     store.close_job(JOB, closer(keys))
@@ -300,12 +300,12 @@ def test_tampered_ledgers_name_the_first_bad_record(
 def test_closed_job_takes_no_more_slots_or_records(
     store: SQLiteStore, keys: SoftwareBackend
 ) -> None:
-    store.reserve(JOB, 1)
+    store.reserve(JOB, 1, guard=UNGUARDED)
     store.commit(JOB, [pending(0)], signer(keys))
     store.close_job(JOB, closer(keys))
     before = list(store.export(JOB))
     with pytest.raises(JobClosedError, match="closed"):
-        store.reserve(JOB, 1)
+        store.reserve(JOB, 1, guard=UNGUARDED)
     with pytest.raises(JobClosedError, match="closed"):
         store.commit(JOB, [pending(1)], signer(keys))
     assert list(store.export(JOB)) == before

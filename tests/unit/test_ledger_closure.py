@@ -15,7 +15,7 @@ from securethread.formats import ledger
 from securethread.formats.ledger import CloseRecordMismatchError, LedgerNotClosedError
 from securethread.hsm import SIGNING, Curve, SoftwareBackend
 from securethread.keys.protocol import PrivateKey
-from securethread.programmer.store import SQLiteStore
+from securethread.programmer.store import UNGUARDED, SQLiteStore
 
 JOB = b"\x44" * 32
 RECORDS = 7  # committed in batches of 2: checkpoints after records 1, 3, 5, 6
@@ -45,7 +45,7 @@ def closed(tmp_path_factory: pytest.TempPathFactory, key: PrivateKey) -> list[tu
         store.open_job(job=JOB, job_id="job-1", quota=10, signed=b"signed-job")
         for first in range(0, RECORDS, 2):
             batch = [_pending(i) for i in range(first, min(first + 2, RECORDS))]
-            slots = store.reserve(JOB, len(batch))
+            slots = store.reserve(JOB, len(batch), guard=UNGUARDED)
             assert list(slots) == [p.slot for p in batch]
             store.commit(
                 JOB,

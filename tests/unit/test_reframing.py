@@ -42,7 +42,7 @@ from securethread.formats.job import (
 from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
 from securethread.keys.protocol import PrivateKey
 from securethread.pki.profile import DeviceProfile
-from securethread.programmer.store import SQLiteStore
+from securethread.programmer.store import UNGUARDED, SQLiteStore
 
 PROGRAMMER = b"\x11" * 32
 N256 = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -159,10 +159,10 @@ def test_every_valid_framing_of_one_job_opens_one_quota(
     try:
         for v in verified:
             store.open_job(job=v.sha256, job_id=v.job.job_id, quota=v.job.quota, signed=v.signed)
-        assert list(store.reserve(verified[0].sha256, 5)) == list(range(5))
+        assert list(store.reserve(verified[0].sha256, 5, guard=UNGUARDED)) == list(range(5))
         for v in verified:
             with pytest.raises(QuotaExceededError):
-                store.reserve(v.sha256, 1)
+                store.reserve(v.sha256, 1, guard=UNGUARDED)
     finally:
         store.close()
 

@@ -59,18 +59,18 @@ def _dev(i: int) -> str:
 
 def test_unused_slots_go_back_and_are_used_first(tmp_path: Path) -> None:
     s = _store(tmp_path)
-    a = s.reserve(JOB, 4, run=b"A")
+    a = s.reserve(JOB, 4, run=b"A", guard=UNGUARDED)
     assert a == [0, 1, 2, 3]
     s.give_back(JOB, [1, 3], run=b"A")
     assert s.counts(JOB) == (10, 2)
-    assert s.reserve(JOB, 3, run=b"A") == [1, 3, 4]  # free ones first, then fresh
+    assert s.reserve(JOB, 3, run=b"A", guard=UNGUARDED) == [1, 3, 4]  # free ones first, then fresh
     s.give_back(JOB, [0], run=b"B")  # not B's: nothing changes
     assert s.counts(JOB) == (10, 5)
 
 
 def test_a_slot_is_used_by_one_record_of_the_run_that_reserved_it(tmp_path: Path) -> None:
     s = _store(tmp_path)
-    s.reserve(JOB, 2, run=b"A")
+    s.reserve(JOB, 2, run=b"A", guard=UNGUARDED)
     with pytest.raises(StoreError, match="not reserved by this run"):
         s.commit(JOB, [_prov(0, _dev(0))], _sign, run=b"B")
     with pytest.raises(StoreError, match="not reserved by this run"):
@@ -84,12 +84,12 @@ def test_a_slot_is_used_by_one_record_of_the_run_that_reserved_it(tmp_path: Path
 
 def test_next_run_reclaims_a_dead_runs_reservations(tmp_path: Path) -> None:
     s = _store(tmp_path)
-    s.reserve(JOB, 3, run=b"dead")
+    s.reserve(JOB, 3, run=b"dead", guard=UNGUARDED)
     keeper = Keeper()
     assert s.begin_run(JOB, guard=keeper) == 3
     assert s.counts(JOB) == (10, 0)
     assert keeper.calls[-1][0].reserved == 3  # the mark is brought up to date
-    assert s.reserve(JOB, 2, run=b"new") == [0, 1]
+    assert s.reserve(JOB, 2, run=b"new", guard=UNGUARDED) == [0, 1]
     with pytest.raises(StoreError):  # the dead run cannot commit what was reclaimed
         s.commit(JOB, [_prov(0, _dev(0))], _sign, run=b"dead")
 
@@ -110,10 +110,8 @@ def test_quota_is_never_exceeded_and_the_mark_moves_per_block(tmp_path: Path) ->
 
 def test_releases_are_kept_until_programmed(tmp_path: Path) -> None:
     s = _store(tmp_path)
-    s.reserve(JOB, 2, run=b"A")
-    rel = {
-        _dev(i): Release(_dev(i), i, b"cert", b"provisioning", b"license") for i in range(2)
-    }
+    s.reserve(JOB, 2, run=b"A", guard=UNGUARDED)
+    rel = {_dev(i): Release(_dev(i), i, b"cert", b"provisioning", b"license") for i in range(2)}
     s.commit(JOB, [_prov(0, _dev(0)), _prov(1, _dev(1))], _sign, releases=rel, run=b"A")
     kept = s.unprogrammed(JOB, [_dev(0), _dev(1), _dev(2)])
     assert set(kept) == {_dev(0), _dev(1)} and kept[_dev(0)].run == b"A"
@@ -129,7 +127,7 @@ def test_store_state_and_inspect(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite"
     assert SQLiteStore.inspect(path, JOB) is None
     s = _store(tmp_path)
-    s.reserve(JOB, 2, run=b"A")
+    s.reserve(JOB, 2, run=b"A", guard=UNGUARDED)
     s.commit(JOB, [_prov(0, _dev(0))], _sign, run=b"A")
     s.close()
     state = SQLiteStore.inspect(path, JOB)
