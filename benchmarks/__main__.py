@@ -2,8 +2,9 @@
 
 Groups (each a key of the JSON object printed as the last line of stdout with --json):
 
-provision      the real pipeline on SoftHSM: a setup subprocess (run_demo(setup_hook=...),
-               firmware 4 KiB), then worker subprocesses that build the line and the simulated
+provision      the real pipeline on SoftHSM: a setup subprocess (``python -m benchmarks.provision
+               setup``: tokens, keys, job and line configuration; firmware 4 KiB), then
+               worker subprocesses that build the line and the simulated
                chips before the clock and time only ``list(line.provision(ports))``: identify,
                count, certificate, license, ledger commit, release (programming excluded).  The
                chips answer identification inside the clock; the provisioning data released to
@@ -26,6 +27,10 @@ ledger_verify  verify_ledger streaming an export file of 10k and 100k records (f
                1M), a checkpoint every 32 records: records/s at the larger, tracemalloc peak at
                both (memory must not grow with the ledger).
 scaling        devices/s at 1k and 10k devices (full: 1k, 10k, 100k) on one growing store.
+
+Run on their own (longer): ``python -m benchmarks.memory --sizes 2000,20000`` (peak memory
+of whole ``provision`` runs: flat per device) and ``python -m benchmarks.provision markcost``
+(the quota mark's cost: the same line with and without it, alternated).
 """
 
 from __future__ import annotations
