@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from securethread.programmer.provision import StandardSbm
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB_ID = "bench-job"
 IMAGE_ID = "fw-bench"
@@ -65,44 +67,6 @@ def pct(values: list[float], p: float) -> float:
 
 
 # --- the world a run needs ---------------------------------------------------------------------
-
-
-class BenchSbm:
-    """The runner's SbmInterface for the simulated chips (picklable)."""
-
-    def __init__(self, production_ca: bytes, oem_root: bytes, device_trust: bytes) -> None:
-        self.production_ca, self.oem_root, self.device_trust = (
-            production_ca,
-            oem_root,
-            device_trust,
-        )
-
-    def packager(self, job_sha256: bytes) -> Any:
-        from cryptography import x509
-
-        from securethread.device.sbm import ProvisioningData
-
-        return ProvisioningData.packager(
-            production_ca_certificate=x509.load_der_x509_certificate(self.production_ca),
-            oem_root_certificate=x509.load_der_x509_certificate(self.oem_root),
-            device_trust=self.device_trust,
-            job_sha256=job_sha256,
-        )
-
-    def boot_verifier(self, manifest: Any) -> Any:
-        from securethread.device.sbm import verify_boot_confirmation
-        from securethread.pki import device_id_of
-
-        def verify(cert: Any, nonce: bytes, boot: bytes) -> None:
-            verify_boot_confirmation(
-                boot,
-                device_public_key=cert.public_key(),
-                device_id=device_id_of(cert),
-                manifest=manifest,
-                nonce=nonce,
-            )
-
-        return verify
 
 
 def make_world(oem: Any, prog: Any, work: Path, quota: int, *, chips: int = 0) -> Any:
@@ -193,7 +157,7 @@ def make_world(oem: Any, prog: Any, work: Path, quota: int, *, chips: int = 0) -
         job=verified, manifest=manifest, firmware_key=spki_der(fw.public_key()),
         image=str(image), store=str(work / "programmer" / "store.sqlite"),
         certificates=str(work / "programmer" / "devices"), production_ca=der(pca),
-        vendor_roots=(der(vendor.root_certificate),), sbm=BenchSbm(der(pca), der(root), trust),
+        vendor_roots=(der(vendor.root_certificate),), sbm=StandardSbm(der(pca), der(root), trust),
         labels=KeyLabels(**LABELS),
     )  # fmt: skip
     return config, vendor, oem_root_hash(root)

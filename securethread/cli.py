@@ -437,6 +437,19 @@ class _Parser(argparse.ArgumentParser):
 
 Handler = Callable[[argparse.Namespace], int]
 
+#: RFC 5280 §5.3.1 reason codes by name (certificateHold/removeFromCRL are refused later:
+#: a revocation here is final).
+REASONS = (
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "privilegeWithdrawn",
+    "aACompromise",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
@@ -561,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--job", required=True, help="the job whose production CA is revoked")
     c.add_argument(
-        "--reason", default="unspecified", help="RFC 5280 reason (keyCompromise, superseded, ...)"
+        "--reason", default="unspecified", choices=REASONS, help="RFC 5280 §5.3.1 reason code"
     )
     c.add_argument("--out", required=True, help="where to write the CRL (PEM)")
 
@@ -687,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", action="append", required=True, help="a device certificate (PEM); repeatable"
     )
     c.add_argument(
-        "--reason", default="unspecified", help="RFC 5280 reason (keyCompromise, superseded, ...)"
+        "--reason", default="unspecified", choices=REASONS, help="RFC 5280 §5.3.1 reason code"
     )
     c.add_argument("--out", required=True, help="where to write the CRL (PEM)")
 

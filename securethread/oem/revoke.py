@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
-from cryptography import x509
-
-from securethread.errors import ConfigurationError
 from securethread.oem import layout as L
-from securethread.pki import from_pem, revoke_production_ca
-from securethread.workdir import StepResult
+from securethread.pki import from_pem, reason_named, revoke_production_ca
+from securethread.workdir import StepResult, write_atomic
 
 ROOT_CRL = "crl/root.pem"
-
-
-def reason_flag(reason: str) -> x509.ReasonFlags:
-    """An RFC 5280 §5.3.1 reason by its name (keyCompromise, superseded, ...)."""
-    for flag in x509.ReasonFlags:
-        if flag.value.lower() == reason.lower() or flag.name.lower() == reason.lower():
-            return flag
-    names = ", ".join(f.value for f in x509.ReasonFlags)
-    raise ConfigurationError(f"unknown revocation reason {reason!r} (one of: {names})")
 
 
 def revoke(
@@ -42,7 +31,7 @@ def revoke(
 ) -> StepResult:
     """Revoke job ``job_id``'s production CA; write the root's new CRL (PEM) to ``out``."""
     work = L.open_oem(workdir)
-    flag = reason_flag(reason)
+    flag = reason_named(reason)
     jdir = L.job_dir(job_id)
     work.require(
         f"{jdir}/production-ca.pem", step=f"revoke {job_id}", needs=f"issue-job ({job_id})"
@@ -58,10 +47,7 @@ def revoke(
         previous_crl=previous,
     )
     work.write(ROOT_CRL, crl)
-    tmp = f"{os.fspath(out)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(crl)
-    os.replace(tmp, out)
+    write_atomic(Path(out), crl)
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
         "revocation",

@@ -263,6 +263,15 @@ def _check_issued_by(
     return cert
 
 
+def reason_named(name: str) -> x509.ReasonFlags:
+    """An RFC 5280 §5.3.1 reason code by its name (``keyCompromise``, ``superseded``, ...)."""
+    for flag in x509.ReasonFlags:
+        if name.lower() in (flag.value.lower(), flag.name.lower()):
+            return flag
+    names = ", ".join(f.value for f in x509.ReasonFlags)
+    raise RevocationError(f"unknown revocation reason {name!r} (one of: {names})")
+
+
 def _reason(reason: object, allowed: frozenset[x509.ReasonFlags], what: str) -> x509.ReasonFlags:
     if not isinstance(reason, x509.ReasonFlags) or reason not in allowed:
         raise RevocationError(

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-
-from cryptography import x509
+from pathlib import Path
 
 from securethread.errors import ConfigurationError
-from securethread.pki import from_pem, refresh_crl, revoke_devices
+from securethread.pki import from_pem, reason_named, refresh_crl, revoke_devices
 from securethread.programmer import layout as L
-from securethread.workdir import PartyDir, StepResult, read_file
+from securethread.workdir import PartyDir, StepResult, read_file, write_atomic
 
 
 def first_crl(work: PartyDir, token: object, job_id: str) -> str:
@@ -44,7 +43,7 @@ def revoke(
     work.require(f"{jdir}/job.bin", step=f"revoke {job_id}", needs=f"open-job ({job_id})")
     if not devices:
         raise ConfigurationError("name at least one device certificate to revoke (--device)")
-    flag = _reason(reason)
+    flag = reason_named(reason)
     certs = [from_pem(read_file(d, "device certificate", limit=64 << 10)) for d in devices]
     previous = work.read(f"{jdir}/crl.pem", "CRL") if work.exists(f"{jdir}/crl.pem") else None
     token = work.open_token(L.TOKEN)
@@ -58,10 +57,7 @@ def revoke(
     )
     work.write(f"{jdir}/crl.pem", crl)
     work.write(f"outbox/crl-{job_id}.pem", crl)
-    tmp = f"{os.fspath(out)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(crl)
-    os.replace(tmp, out)
+    write_atomic(Path(out), crl)
     tx = work.transcript(token.private_key(L.L_IDENTITY))
     tx.append(
         "revocation",
@@ -74,11 +70,3 @@ def revoke(
         [tx],
         {"job": job_id, "revoked": [f"{c.serial_number:x}" for c in certs]},
     )
-
-
-def _reason(reason: str) -> x509.ReasonFlags:
-    for flag in x509.ReasonFlags:
-        if flag.value.lower() == reason.lower() or flag.name.lower() == reason.lower():
-            return flag
-    names = ", ".join(f.value for f in x509.ReasonFlags)
-    raise ConfigurationError(f"unknown revocation reason {reason!r} (one of: {names})")

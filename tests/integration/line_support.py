@@ -37,12 +37,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from securethread.device.sbm import ProvisioningData, verify_boot_confirmation
 from securethread.device.vendor import ChipSpec, SiliconVendor, make_chips
 from securethread.formats import ledger
 from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_device_trust
 from securethread.formats.identity import IdentificationResponse
-from securethread.formats.image import Manifest, master_image
+from securethread.formats.image import master_image
 from securethread.formats.job import (
     ProductionJob,
     Targets,
@@ -62,10 +61,9 @@ from securethread.pki import (
     create_enclave_csr,
     create_production_ca_csr,
     create_root_ca,
-    device_id_of,
     install_certificate,
 )
-from securethread.programmer.line import BootVerifier, Packager
+from securethread.programmer.provision import StandardSbm
 from securethread.programmer.runner import KeyLabels, RunConfig
 
 DEVICE_BASE = 0x5EC0_0000_0000_0000
@@ -82,36 +80,8 @@ def _der(cert: x509.Certificate) -> bytes:
 # --- the chips' SBM, as the runner sees it --------------------------------------------------------
 
 
-@attrs.frozen
-class SbmForTests:
-    """The runner's :class:`~securethread.programmer.runner.SbmInterface` for the simulated
-    chips of :mod:`securethread.device` (what the CLI will build from device/)."""
-
-    production_ca: bytes
-    oem_root: bytes
-    device_trust: bytes
-
-    def packager(self, job_sha256: bytes) -> Packager:
-        return ProvisioningData.packager(
-            production_ca_certificate=x509.load_der_x509_certificate(self.production_ca),
-            oem_root_certificate=x509.load_der_x509_certificate(self.oem_root),
-            device_trust=self.device_trust,
-            job_sha256=job_sha256,
-        )
-
-    def boot_verifier(self, manifest: Manifest) -> BootVerifier:
-        def verify(cert: x509.Certificate, nonce: bytes, boot: bytes) -> None:
-            key = cert.public_key()
-            assert isinstance(key, ec.EllipticCurvePublicKey)
-            verify_boot_confirmation(
-                boot,
-                device_public_key=key,
-                device_id=device_id_of(cert),
-                manifest=manifest,
-                nonce=nonce,
-            )
-
-        return verify
+#: The chips of securethread.device follow docs/device.md: the programmer's standard SBM.
+SbmForTests = StandardSbm
 
 
 # --- chips with a durable device-side log ---------------------------------------------------------
