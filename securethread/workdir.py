@@ -281,38 +281,22 @@ class PartyDir:
 
         init_party_tokens(self.hsm, labels, pin_file=self.root / PIN_FILE)
 
-    def read_pins(self) -> dict[str, str]:
-        path = self.root / PIN_FILE
-        if not path.exists():
-            return {}
-        out = {}
-        for line in read_file(path, "PIN file").decode("utf-8", "replace").splitlines():
-            label, eq, value = line.partition("=")
-            if eq:
-                out[label.strip()] = value.strip()
-        return out
-
     def pin_callback(self) -> Callable[[str], str]:
-        """PINs for this party's tokens: ``SECURETHREAD_PIN_<LABEL>``, then
-        ``SECURETHREAD_PIN_<LABEL>_FILE``, then ``<dir>/pins``, then a terminal prompt.
-        Nothing is ever written to the environment."""
-        from securethread.hsm.pin import env_var_for, read_pin_source
+        """PINs for this party's tokens, in the order of :func:`securethread.hsm.pin.resolve_pin`
+        (``SECURETHREAD_PIN_<LABEL>``, then ``SECURETHREAD_PIN_<LABEL>_FILE``, then this
+        directory's ``pins``), else a prompt on a terminal.  Nothing is ever written to the
+        environment."""
+        from securethread.hsm.pin import resolve_pin
+
+        pin_file = self.root / PIN_FILE
 
         def pin_for(label: str) -> str:
-            var = env_var_for(label)
-            if var in os.environ:
-                return os.environ[var]
-            if var + "_FILE" in os.environ:
-                return read_pin_source(os.environ[var + "_FILE"])
-            pins = self.read_pins()
-            if label in pins:
-                return pins[label]
-            if sys.stdin.isatty():
-                return getpass.getpass(f"PIN for token {label!r}: ")
-            raise PinMissingError(
-                f"no PIN for token {label!r}: not in {str(self.root / PIN_FILE)!r}; "
-                f"set {var} or {var}_FILE"
-            )
+            try:
+                return resolve_pin(label, pin_file=pin_file if pin_file.exists() else None)
+            except PinMissingError:
+                if not sys.stdin.isatty():
+                    raise
+            return getpass.getpass(f"PIN for token {label!r}: ")
 
         return pin_for
 

@@ -44,7 +44,7 @@ from securethread.pki import (
 from securethread.programmer import layout as L
 from securethread.programmer.quota_mark import open_store
 from securethread.programmer.revoke import first_crl
-from securethread.programmer.runner import _RunLock
+from securethread.programmer.runner import RunLock
 from securethread.workdir import PartyDir, StepResult, file_sha256, read_file, to_pem
 
 
@@ -300,7 +300,7 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
     )
     try:
         # Not while a run of the job is going on (the run lock of programmer provision).
-        lock = _RunLock(str(work.path(f"{jdir}/store.sqlite")))
+        lock = RunLock(str(work.path(f"{jdir}/store.sqlite")))
         lock.acquire(job_id)
         try:
             store.close_job(

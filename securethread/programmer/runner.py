@@ -552,7 +552,7 @@ def _catch_signals(flag: _StopFlag) -> Iterator[None]:
             signal.signal(s, h)
 
 
-class _RunLock:
+class RunLock:
     """An exclusive ``flock`` on ``<store>.lock`` for the run (released when the process
     dies, so a killed run never leaves it behind)."""
 
@@ -648,7 +648,7 @@ def run(
     job = config.job
     if pin is not None:
         pin = _AskOnce(pin)  # the leader's login and the workers' PIN: one prompt
-    lock = _RunLock(config.store)
+    lock = RunLock(config.store)
     stop = _StopFlag()
     with _catch_signals(stop):  # from here on a signal ends the run with a result
         lock.acquire(job.job.job_id)
@@ -1013,6 +1013,7 @@ __all__ = [
     "Progress",
     "RunConfig",
     "RunInterruptedError",
+    "RunLock",
     "RunLockedError",
     "RunResult",
     "SbmInterface",
