@@ -35,7 +35,7 @@ from securethread.pki import (
     to_der,
     untrusted,
 )
-from securethread.workdir import StepResult, read_file, to_pem
+from securethread.workdir import PartyDir, StepResult, read_file, to_pem
 
 
 def issue_job(
@@ -48,7 +48,13 @@ def issue_job(
     work = L.open_oem(workdir)
     spec = load_job_spec(spec_path)
     jdir = L.job_dir(spec.job_id)
-    if work.exists(jdir):
+    if work.exists(f"{jdir}/job.bin"):
+        same_spec = work.read(f"{jdir}/spec.toml", "job spec") == read_file(spec_path, "job spec")
+        if same_spec and not work.exists(f"outbox/job-{spec.job_id}.bin"):
+            # Issued, then killed before the package reached the outbox: finish that, from
+            # what was recorded (the same job, nothing signed again).
+            written = _write_package(work, spec.job_id, spec.image)
+            return work.finish("oem issue-job", written, (), {"job": spec.job_id})
         raise JobError(f"job id {spec.job_id!r} was already used by this OEM ({jdir} exists)")
     pdir = L.programmer_dir(spec.programmer)
     work.require(
@@ -160,19 +166,13 @@ def issue_job(
         artefacts={"job": job_hash(signed), "device-trust": hashlib.sha256(trust).digest()},
         details={"job": spec.job_id, "quota": spec.quota, "programmer": spec.programmer},
     )
-    package = JobPackage(
-        job=signed, production_ca=to_der(pca), manifest=manifest_bytes, device_trust=trust
-    )
     written = [
-        work.write(f"outbox/job-{spec.job_id}.bin", package.to_bytes()),
-        _copy_image(
-            work.path(f"{idir}/image.enc"), work.path(f"outbox/image-{spec.image}.enc"), work.root
-        ),
         work.write(f"{jdir}/spec.toml", read_file(spec_path, "job spec")),
         work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
         work.write(f"{jdir}/device-trust.bin", trust),
+        work.write(f"{jdir}/job.bin", signed),  # the job is issued: recorded before it leaves
     ]
-    written.append(work.write(f"{jdir}/job.bin", signed))  # last: marks the job issued
+    written += _write_package(work, spec.job_id, spec.image)
     return work.finish(
         "oem issue-job",
         written,
@@ -185,6 +185,21 @@ def issue_job(
             "image": f"outbox/image-{spec.image}.enc",
         },
     )
+
+
+def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
+    """The job package and the encrypted image, into the outbox, from the job as recorded."""
+    jdir, idir = L.job_dir(job_id), L.image_dir(image_id)
+    package = JobPackage(
+        job=work.read(f"{jdir}/job.bin", "job"),
+        production_ca=to_der(from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))),
+        manifest=work.read(f"{idir}/manifest.bin", "manifest"),
+        device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
+    )
+    image = _copy_image(
+        work.path(f"{idir}/image.enc"), work.path(f"outbox/image-{image_id}.enc"), work.root
+    )
+    return [image, work.write(f"outbox/job-{job_id}.bin", package.to_bytes())]
 
 
 def _copy_image(src: os.PathLike[str], dst: os.PathLike[str], root: os.PathLike[str]) -> str:

@@ -217,6 +217,20 @@ def test_oem_refuses_a_reused_job_id(sites: dict[str, Any]) -> None:
             "--ca-request", str(req), match="already used")  # fmt: skip
 
 
+def test_issue_job_killed_before_the_outbox_is_finished_on_rerun(sites: dict[str, Any]) -> None:
+    """A job recorded (jobs/<id>/job.bin) whose package never reached the outbox: running
+    the same spec again writes the package from the record, signing nothing again."""
+    package = sites["oem"] / "outbox" / "job-demo-job-1.bin"
+    original = package.read_bytes()
+    package.unlink()
+    spec = sites["oem"] / "demo-job-1.toml"
+    req = sites["oem"] / "inbox" / "production-ca-request-demo-job-1.bin"
+    proc = cli("oem", "issue-job", "--workdir", str(sites["oem"]), str(spec), "--ca-request",
+               str(req))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert package.read_bytes() == original
+
+
 def test_oem_refuses_a_ca_request_of_the_wrong_kind(sites: dict[str, Any], tmp_path: Path) -> None:
     spec = tmp_path / "job2.toml"
     spec.write_text((sites["oem"] / "demo-job-1.toml").read_text().replace("demo-job-1", "job-2"))
