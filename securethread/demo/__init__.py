@@ -45,7 +45,7 @@ class DemoStepError(Error):
     """A party's step failed inside the demo; the message is that step's own error line."""
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment for a party's process: no SoftHSM config, no PINs from outside."""
     return {
         k: v
@@ -89,7 +89,7 @@ class _Sites:
     def __init__(self, root: Path, log: Callable[[str], None] | None) -> None:
         self.root = root
         self.log = log or (lambda _m: None)
-        self.env = _child_env()
+        self.env = child_env()
         self.carried: list[str] = []
 
     def run(self, party: str, *args: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ Bodies are canonical CBOR maps with exactly the documented keys (docs/formats.md
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.errors import FormatError
+from securethread.errors import CertificateError, FormatError
 from securethread.formats import envelope
 from securethread.keys.ecutil import fingerprint, load_spki
 from securethread.keys.protocol import PrivateKey
@@ -210,11 +211,7 @@ class CertificateBundle:
         root_key = root.public_key()
         if not isinstance(root_key, ec.EllipticCurvePublicKey):
             raise FormatError("certificate bundle: the root has no EC key")
-        import hmac
-
         if not hmac.compare_digest(fingerprint(root_key), root_fingerprint):
-            from securethread.errors import CertificateError
-
             raise CertificateError(
                 "certificate bundle: its root is not the OEM root you pinned "
                 f"(fingerprint {fingerprint(root_key).hex()})"

@@ -141,7 +141,7 @@ def open_job(
     try:
         if file_sha256(image_tmp) != manifest.ciphertext_sha256:
             raise ImageError(f"image {os.fspath(image)!r} does not match the job's manifest")
-        if L.image_key_label(job.job.image_id) not in _secret_labels(token, job.job.image_id):
+        if not _has_secret_key(token, L.image_key_label(job.job.image_id)):
             raise ConfigurationError(
                 f"the key of image {job.job.image_id!r} is not in this token "
                 "(receive-keys or open-keys first)"
@@ -185,15 +185,14 @@ def open_job(
     )
 
 
-def _secret_labels(token: object, image_id: str) -> set[str]:
+def _has_secret_key(token: object, label: str) -> bool:
     from securethread.errors import KeyNotFoundError
 
-    label = L.image_key_label(image_id)
     try:
         token.secret_key(label)  # type: ignore[attr-defined]
     except KeyNotFoundError:
-        return set()
-    return {label}
+        return False
+    return True
 
 
 def _root(work: PartyDir) -> x509.Certificate:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from securethread.demo import child_env
 from securethread.demo.line import create_vendor
 
 CLI = [sys.executable, "-m", "securethread.cli"]
@@ -26,12 +27,7 @@ QUOTA = 600
 EXIT_CONFIG, EXIT_STORE = 2, 6
 
 
-def _env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k != "SOFTHSM2_CONF" and not k.startswith(("SECURETHREAD_PIN_", "SECURETHREAD_SO_PIN_"))
-    }
+_env = child_env  # a party's process: no SoftHSM config, no PINs of the test session
 
 
 def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

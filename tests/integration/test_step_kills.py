@@ -21,18 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from securethread.demo import child_env
 from securethread.demo.line import create_vendor
 
 LONG = os.environ.get("SECURETHREAD_LONG") == "1"
 CLI = [sys.executable, "-m", "securethread.cli"]
 
 
-def _env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k != "SOFTHSM2_CONF" and not k.startswith(("SECURETHREAD_PIN_", "SECURETHREAD_SO_PIN_"))
-    }
+_env = child_env  # a party's process: no SoftHSM config, no PINs of the test session
 
 
 def _run(*args: str) -> dict[str, object]:

@@ -22,18 +22,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from securethread.demo import child_env
+
 DEVICES = 6
 CLI = [sys.executable, "-m", "securethread.cli"]
 EXIT_CONFIG, EXIT_VERIFY = 2, 4
 
 
-def _env() -> dict[str, str]:
-    """A party's process sees no SoftHSM configuration and no PINs from the test session."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k != "SOFTHSM2_CONF" and not k.startswith(("SECURETHREAD_PIN_", "SECURETHREAD_SO_PIN_"))
-    }
+_env = child_env  # a party's process: no SoftHSM config, no PINs of the test session
 
 
 def cli(
