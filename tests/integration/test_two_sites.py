@@ -338,6 +338,56 @@ def test_programmer_refuses_provisioning_a_closed_job(sites: dict[str, Any]) -> 
             match="closed")  # fmt: skip
 
 
+def test_artefacts_for_another_programmer_are_refused(sites: dict[str, Any]) -> None:
+    """A second programming centre, certified by the same OEM: the first one's certificate
+    bundle and job package are refused there, naming why, with nothing changed."""
+    root = sites["root"] / "second"
+    fac2 = root / "factory-2"
+    assert cli("programmer", "init", "--workdir", str(fac2), "--name", "factory-2").returncode == 0
+    enrol = cli("programmer", "enrol", "--workdir", str(fac2), "--json")
+    fp = json.loads(enrol.stdout.strip().splitlines()[-1])["fingerprint"]
+    ok = cli("oem", "certify-programmer", "--workdir", str(sites["oem"]),
+             str(fac2 / "outbox/enrolment-request.bin"), "--fingerprint", fp)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    root_fp = sites["summary"].get("root_fingerprint") or _root_fingerprint(sites["oem"])
+    both = (sites["oem"], fac2)
+    # factory-1's bundle at factory-2
+    before = _state(*both)
+    proc = cli("programmer", "install-certs", "--workdir", str(fac2),
+               str(sites["factory"] / "inbox/certificates-factory-1.bin"), "--root-fingerprint",
+               root_fp)  # fmt: skip
+    assert proc.returncode == EXIT_VERIFY and "for programmer 'factory-1'" in _line(proc)
+    assert _state(*both) == before
+    # with its own bundle, then factory-1's job package
+    assert cli("programmer", "install-certs", "--workdir", str(fac2),
+               str(sites["oem"] / "outbox/certificates-factory-2.bin"), "--root-fingerprint",
+               root_fp).returncode == 0  # fmt: skip
+    assert cli("programmer", "request-ca", "--workdir", str(fac2), "--job",
+               "demo-job-1").returncode == 0  # fmt: skip
+    before = _state(*both)
+    proc = cli("programmer", "open-job", "--workdir", str(fac2),
+               str(sites["factory"] / "inbox/job-demo-job-1.bin"), "--image",
+               str(sites["factory"] / "inbox/image-fw-sensor-1.enc"))  # fmt: skip
+    assert proc.returncode == EXIT_VERIFY and "another programmer" in _line(proc)
+    assert _state(*both) == before
+
+
+def _line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def _root_fingerprint(oem: Path) -> str:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((oem / "root-ca.pem").read_bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
 def test_programmer_command_on_the_oem_directory(sites: dict[str, Any]) -> None:
     refused(sites, EXIT_CONFIG, "programmer", "request-ca", "--workdir", str(sites["oem"]),
             "--job", "j", match="oem's work directory")  # fmt: skip
