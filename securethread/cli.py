@@ -391,6 +391,21 @@ def audit_inspect(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- the simulated silicon vendor ---------------------------------------------------------------
+
+
+def vendor_init(a: argparse.Namespace) -> int:
+    from securethread.demo.line import create_vendor
+
+    d = create_vendor(a.workdir, oem_root=a.oem_root)
+    _emit(
+        a,
+        f"vendor init: a simulated fab in {d}, taking the order of the OEM root {a.oem_root}",
+        {"ok": True, "step": "vendor init", "workdir": str(d)},
+    )
+    return EXIT_OK
+
+
 # --- demo -----------------------------------------------------------------------------------------
 
 
@@ -458,7 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"securethread {__version__}")
     roles = p.add_subparsers(
-        dest="role", required=True, metavar="{oem,programmer,audit,demo}", parser_class=_Parser
+        dest="role",
+        required=True,
+        metavar="{oem,programmer,audit,vendor,demo}",
+        parser_class=_Parser,
     )
 
     def command(group: Any, name: str, handler: Handler, help: str, *, workdir: str | None) -> Any:
@@ -761,6 +779,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("file", help="the artefact")
     c.add_argument("--record", type=int, help="one record of a ledger export, in full")
+
+    vendor = roles.add_parser(
+        "vendor", help="the simulated silicon vendor (chips for the demo and the tests)"
+    ).add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    c = command(
+        vendor,
+        "init",
+        vendor_init,
+        "set up a simulated fab that takes the OEM's order (burns its root's hash into chips)",
+        workdir="a new directory for the simulated fab",
+    )
+    c.add_argument("--oem-root", required=True, help="the OEM root certificate (PEM) of the order")
 
     c = command(
         roles,

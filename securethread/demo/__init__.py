@@ -161,8 +161,6 @@ def run_demo(
     """Run the whole chain of trust across the two sites; return the summary."""
     if devices < 1 or workers < 1:
         raise ConfigurationError("--devices and --workers must be at least 1")
-    from securethread.demo.line import create_vendor
-
     root = prepare(workdir)
     t0 = time.monotonic()
     s = _Sites(root, log)
@@ -197,7 +195,7 @@ def run_demo(
 
     # The silicon vendor takes the OEM's order: chips burnt with the OEM root's hash.
     vendor_root = s.carry(oem / "root-ca.pem", "vendor")
-    create_vendor(root / "vendor", oem_root=vendor_root)
+    s.run("vendor", "init", "--workdir", "vendor", "--oem-root", str(vendor_root))
 
     # flow 3: mastering at the OEM.
     (oem / "firmware.bin").write_bytes(os.urandom(firmware_size))

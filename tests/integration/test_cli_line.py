@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from securethread.demo import child_env
-from securethread.demo.line import create_vendor
 
 CLI = [sys.executable, "-m", "securethread.cli"]
 QUOTA = 600
@@ -73,7 +72,10 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
          str(fac / "outbox/production-ca-request-j.bin"))  # fmt: skip
     _run("programmer", "open-job", "--workdir", str(fac), str(oem / "outbox/job-j.bin"),
          "--image", str(oem / "outbox/image-fw.enc"))  # fmt: skip
-    create_vendor(tmp / "vendor", oem_root=oem / "root-ca.pem")
+    _run("vendor", "init", "--workdir", str(tmp / "vendor"), "--oem-root", str(oem / "root-ca.pem"))
+    again = _run("vendor", "init", "--workdir", str(tmp / "vendor"), "--oem-root",
+                 str(oem / "root-ca.pem"), ok=False)  # fmt: skip
+    assert again.returncode == EXIT_CONFIG and "already holds a vendor" in again.stderr
     return {"tmp": tmp, "oem": oem, "factory": fac, "vendor": tmp / "vendor"}
 
 
