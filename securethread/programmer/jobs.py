@@ -1,6 +1,6 @@
 """Flow 6 at the programming centre: ``request-ca``, ``open-job``, ``close-job``.
 
-``request-ca --job-id J`` generates job J's production-CA key in the token and sends its
+``request-ca --job J`` generates job J's production-CA key in the token and sends its
 CSR, signed by the enclave's identity key.  ``open-job PACKAGE --image FILE`` verifies
 everything the OEM sent before using any of it -- the officers' signatures on the job
 (threshold floor from the root-signed officer bundle), that the job is for this enclave,
@@ -117,7 +117,7 @@ def open_job(
     work.require(
         f"{jdir}/production-ca.csr",
         step=f"open-job {job_id}",
-        needs=f"request-ca --job-id {job_id}",
+        needs=f"request-ca --job {job_id}",
     )
     if work.exists(f"{jdir}/job.bin"):
         opened = verified_job(work, work.read(f"{jdir}/job.bin", "job"), now=job.job.not_before)
@@ -154,6 +154,7 @@ def open_job(
     written = [
         work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
         work.write(f"{jdir}/manifest.bin", package.manifest),
+        work.write(f"{jdir}/device-trust.bin", package.device_trust),
         f"{jdir}/image.enc",
     ]
     # The store and its quota mark in the token (S7): from now on a missing, emptied,
@@ -253,7 +254,6 @@ def _device_trust(work: PartyDir, data: bytes, job: VerifiedJob, manifest: Manif
         or spki_der(trust.firmware_signing_key) != spki_der(firmware_key(work))
     ):
         raise JobError("the device-trust statement does not match the job and its manifest")
-    work.write(f"{L.job_dir(job.job.job_id)}/device-trust.bin", data)
 
 
 def _manifest(work: PartyDir, data: bytes, job: VerifiedJob) -> Manifest:

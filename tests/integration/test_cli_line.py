@@ -70,6 +70,18 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     _run("oem", "issue-job", "--workdir", str(oem), str(tmp / "j.toml"), "--ca-request",
          str(fac / "outbox/production-ca-request-j.bin"))  # fmt: skip
+    # Bad input first: a tampered image is refused and the factory's directory is unchanged.
+    bad = bytearray((oem / "outbox/image-fw.enc").read_bytes())
+    bad[-40] ^= 1
+    (tmp / "bad.enc").write_bytes(bytes(bad))
+    before = sorted((p.relative_to(fac), p.stat().st_size) for p in fac.rglob("*")
+                    if p.is_file() and "/hsm/" not in str(p))  # fmt: skip
+    proc = _run("programmer", "open-job", "--workdir", str(fac), str(oem / "outbox/job-j.bin"),
+                "--image", str(tmp / "bad.enc"), ok=False)  # fmt: skip
+    assert proc.returncode == 4 and "does not match the job's manifest" in _one_line(proc.stderr)
+    after = sorted((p.relative_to(fac), p.stat().st_size) for p in fac.rglob("*")
+                   if p.is_file() and "/hsm/" not in str(p))  # fmt: skip
+    assert after == before
     _run("programmer", "open-job", "--workdir", str(fac), str(oem / "outbox/job-j.bin"),
          "--image", str(oem / "outbox/image-fw.enc"))  # fmt: skip
     _run("vendor", "init", "--workdir", str(tmp / "vendor"), "--oem-root", str(oem / "root-ca.pem"))
