@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import CertificateError
 from securethread.formats.onboarding import PURPOSES, CertificateBundle, EnrolmentRequest
 from securethread.formats.transcript import CertEntry, KeyEntry
-from securethread.keys import fingerprint
+from securethread.keys import fingerprint, spki_der
 from securethread.pki import EnclavePurpose, create_enclave_csr, install_certificate
 from securethread.programmer import layout as L
 from securethread.workdir import (
@@ -103,7 +104,16 @@ def install_certs(
         )
     token = work.open_token(L.TOKEN)
     certs = {p: bundle.certificate(p) for p in PURPOSES}
-    for purpose, cert in certs.items():  # each must certify the key of its purpose here
+    for purpose, cert in certs.items():  # all checked before any is installed (S5)
+        certified = cert.public_key()  # an EC key: the bundle's loader checked it
+        mine = token.public_key(L.LABELS[purpose])
+        if not isinstance(certified, ec.EllipticCurvePublicKey) or spki_der(mine) != spki_der(
+            certified
+        ):
+            raise CertificateError(
+                f"the bundle's {purpose} certificate does not certify this enclave's {purpose} key"
+            )
+    for purpose, cert in certs.items():
         label = L.LABELS[purpose]
         if token.has_certificate(label):
             # Installed by an install-certs that was killed before it finished: the same
