@@ -40,6 +40,7 @@ from typing import BinaryIO
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import Error, LedgerError
@@ -250,10 +251,16 @@ def _ledger_signer(
 
 
 def _check_production_ca(job: ProductionJob, pca: x509.Certificate) -> None:
-    """The production CA is the one certified for this job: its subject names the job's id
-    and its validity starts inside the job's window (certify_production_ca starts it with
-    the job).  Every device certificate must moreover carry this job's tag in its serial
-    (checked per record), which no production CA of another job can give it."""
+    """The production CA is the one certified for this job: the officer-signed job names it
+    (the SHA-256 of its certificate), its subject names the job's id and its validity starts
+    inside the job's window (certify_production_ca starts it with the job).  Every device
+    certificate must moreover carry this job's tag in its serial (checked per record), which
+    no production CA of another job can give it."""
+    der = pca.public_bytes(serialization.Encoding.DER)
+    if not hmac.compare_digest(hashlib.sha256(der).digest(), job.production_ca):
+        raise ProductionCAError(
+            f"the production CA given is not the one job {job.job_id} names (its hash differs)"
+        )
     try:
         pca_job = job_id_of(pca)
     except Error as exc:

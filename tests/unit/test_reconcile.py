@@ -144,7 +144,7 @@ def test_production_ca_of_another_job_is_refused(world: World) -> None:
         world.backend, "pca-other", pca, job_id="other-job", identity=world.job_id
     )
     recs = [world.provisioned(0, issuer=issuer)]
-    with pytest.raises(ProductionCAError, match="not 'reconcile-job'"):
+    with pytest.raises(ProductionCAError, match="not the one job reconcile-job names"):
         world.check(world.items(recs), production_ca_cert=pca)
 
 
@@ -161,7 +161,7 @@ def test_production_ca_certified_for_another_issue_of_the_job_id_is_refused(
         window=later,
     )  # fmt: skip
     recs = [world.provisioned(0)]
-    with pytest.raises(ProductionCAError, match="not inside job"):
+    with pytest.raises(ProductionCAError, match="not the one job reconcile-job names"):
         world.check(world.items(recs), production_ca_cert=pca)
 
 
