@@ -165,26 +165,9 @@ def make_world(oem: Any, prog: Any, work: Path, quota: int, *, chips: int = 0) -
 
 def chip_specs(vendor: Any, root_hash: bytes, first: int, n: int) -> Iterator[Any]:
     """``n`` simulated chips from UID ``DEVICE_BASE + first``, made one by one (lazily)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from securethread.device.vendor import ChipSpec
-
     for i in range(first, first + n):
-        uid = f"{DEVICE_BASE + i:016x}"
-        key = ec.generate_private_key(ec.SECP256R1())
-        yield ChipSpec(
-            device_id=uid,
-            private_key_der=key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            vendor_certificate_der=vendor.certify(uid, key.public_key()).public_bytes(
-                serialization.Encoding.DER
-            ),
-            oem_root_hash=root_hash,
-            flash_size=1 << 16,
+        yield vendor.make_spec(
+            f"{DEVICE_BASE + i:016x}", oem_root_hash=root_hash, flash_size=1 << 16
         )
 
 

@@ -91,17 +91,7 @@ class SimulatedFab:
         key = ec.derive_private_key(
             int.from_bytes(digest, "big") % (_P256_N - 1) + 1, ec.SECP256R1()
         )
-        cert = self.vendor.certify(device_id, key.public_key())
-        return ChipSpec(
-            device_id=device_id,
-            private_key_der=key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            vendor_certificate_der=cert.public_bytes(serialization.Encoding.DER),
-            oem_root_hash=self.oem_root_hash,
-        )
+        return self.vendor.make_spec(device_id, key=key, oem_root_hash=self.oem_root_hash)
 
     def chips(self, uids: Sequence[int]) -> list[ChipSpec]:
         return [self.chip(u) for u in uids]

@@ -141,17 +141,21 @@ class SiliconVendor:
         oem_root_hash: bytes | None,
         rollback_floor: int = 0,
         flash_size: int = DEFAULT_FLASH_SIZE,
+        key: ec.EllipticCurvePrivateKey | None = None,
     ) -> ChipSpec:
         """A new part: UID (``device_id``, or a fresh random one), key pair generated "on chip",
         vendor certificate; for an ordered part, ``oem_root_hash`` (32 bytes) and
         ``rollback_floor`` burnt into OTP.  ``oem_root_hash=None`` is a stock part: it
         identifies itself but accepts no provisioning data.  A UID is never issued twice.
+        ``key`` is the chip's key pair where a simulation must be reproducible (default: a
+        fresh one, as a chip generates it).
         """
         _check_order(oem_root_hash, rollback_floor)
         uid = self._fresh_uid() if device_id is None else check_device_id(device_id)
         if uid in self._issued:
             raise ValueError(f"this fab already issued chip UID {uid}")
-        key = ec.generate_private_key(ec.SECP256R1())
+        if key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
         cert = self.certify(uid, key.public_key())
         self._issued.add(uid)
         return ChipSpec(
