@@ -108,12 +108,25 @@ class StepResult:
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically: a crash leaves the old file or none."""
+    _replace_atomic(path, mode, lambda f: f.write(data))
+
+
+def copy_atomic(src: str | os.PathLike[str], dst: Path, *, mode: int = 0o644) -> None:
+    """Copy the file ``src`` to ``dst`` atomically, streaming (images and ledgers may be
+    larger than memory should hold)."""
+    with open(src, "rb") as source:
+        _replace_atomic(dst, mode, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+
+
+def _replace_atomic(path: Path, mode: int, fill: Callable[[Any], object]) -> None:
+    """A temporary file beside ``path``, filled and fsynced, renamed over it, and the
+    directory fsynced: a kill at any instant leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import shutil
 
 from securethread.errors import ConfigurationError, JobError
 from securethread.formats.device_trust import DeviceTrust, sign_device_trust
@@ -35,7 +34,7 @@ from securethread.pki import (
     to_der,
     untrusted,
 )
-from securethread.workdir import PartyDir, StepResult, read_file, to_pem
+from securethread.workdir import PartyDir, StepResult, copy_atomic, read_file, to_pem
 
 
 def issue_job(
@@ -196,17 +195,9 @@ def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
         manifest=work.read(f"{idir}/manifest.bin", "manifest"),
         device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
     )
-    image = _copy_image(
-        work.path(f"{idir}/image.enc"), work.path(f"outbox/image-{image_id}.enc"), work.root
-    )
+    image = f"outbox/image-{image_id}.enc"
+    copy_atomic(work.path(f"{idir}/image.enc"), work.path(image))
     return [image, work.write(f"outbox/job-{job_id}.bin", package.to_bytes())]
-
-
-def _copy_image(src: os.PathLike[str], dst: os.PathLike[str], root: os.PathLike[str]) -> str:
-    tmp = f"{os.fspath(dst)}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return os.path.relpath(dst, root)
 
 
 __all__ = ["issue_job"]

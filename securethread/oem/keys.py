@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 from cryptography import x509
 
@@ -22,7 +23,7 @@ from securethread.errors import ConfigurationError, KeyNotFoundError, Verificati
 from securethread.formats.transcript import KeyEntry
 from securethread.oem import layout as L
 from securethread.pki import from_pem
-from securethread.workdir import PartyDir, StepResult, read_file
+from securethread.workdir import PartyDir, StepResult, read_file, write_atomic
 
 
 def _programmer_cert(work: PartyDir, name: str, purpose: str) -> x509.Certificate:
@@ -113,10 +114,7 @@ def seal_keys(
     digest = hashlib.sha256(package).digest()
     # The OEM keeps the package (by digest) to check the receipt against it later.
     kept = work.write(f"{pdir}/sealed/{digest.hex()}.bin", package)
-    tmp = f"{os.fspath(out)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(package)
-    os.replace(tmp, out)
+    write_atomic(Path(out), package)
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
         "key-transfer",

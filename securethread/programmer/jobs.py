@@ -33,6 +33,7 @@ from securethread.formats.job import (
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry
+from securethread.hsm.token import Token
 from securethread.keys import load_spki, spki_der
 from securethread.pki import (
     cert_fingerprint,
@@ -45,7 +46,15 @@ from securethread.programmer import layout as L
 from securethread.programmer.quota_mark import open_store
 from securethread.programmer.revoke import first_crl
 from securethread.programmer.runner import RunLock
-from securethread.workdir import PartyDir, StepResult, file_sha256, read_file, to_pem
+from securethread.programmer.store import SQLiteStore
+from securethread.workdir import (
+    PartyDir,
+    StepResult,
+    copy_atomic,
+    file_sha256,
+    read_file,
+    to_pem,
+)
 
 
 def request_ca(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
@@ -159,15 +168,7 @@ def open_job(
     ]
     # The store and its quota mark in the token (S7): from now on a missing, emptied,
     # replaced or older store for this job is refused, never a fresh quota.
-    store, _mark = open_store(
-        work.path(f"{jdir}/store.sqlite"),
-        token,
-        job=job.sha256,
-        job_id=job_id,
-        quota=job.job.quota,
-        signed=job.signed,
-    )
-    store.close()
+    _open_job_store(work, token, job).close()
     tx = work.transcript(token.private_key(L.L_IDENTITY))
     tx.append(
         "production-run-opened",
@@ -184,6 +185,19 @@ def open_job(
         [tx],
         {"job": job_id, "quota": job.job.quota, "job_sha256": job.sha256.hex()},
     )
+
+
+def _open_job_store(work: PartyDir, token: Token, job: VerifiedJob) -> SQLiteStore:
+    """The job's store, checked against (or, at first, marked in) the token's quota mark."""
+    store, _mark = open_store(
+        work.path(f"{L.job_dir(job.job.job_id)}/store.sqlite"),
+        token,
+        job=job.sha256,
+        job_id=job.job.job_id,
+        quota=job.job.quota,
+        signed=job.signed,
+    )
+    return store
 
 
 def _has_secret_key(token: object, label: str) -> bool:
@@ -289,14 +303,7 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
     token = work.open_token(L.TOKEN)
     ledger_key = token.private_key(L.L_LEDGER)
     tmp = work.path(f"{jdir}/.ledger.bin.tmp")
-    store, _mark = open_store(
-        work.path(f"{jdir}/store.sqlite"),
-        token,
-        job=job.sha256,
-        job_id=job_id,
-        quota=job.job.quota,
-        signed=job.signed,
-    )
+    store = _open_job_store(work, token, job)
     try:
         # Not while a run of the job is going on (the run lock of programmer provision).
         lock = RunLock(str(work.path(f"{jdir}/store.sqlite")))
@@ -321,7 +328,7 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
         store.close()
         tmp.unlink(missing_ok=True)
     out_rel = f"outbox/ledger-{job_id}.bin"
-    work.write(out_rel, work.read(f"{jdir}/ledger.bin", "ledger"))
+    copy_atomic(work.path(f"{jdir}/ledger.bin"), work.path(out_rel))
     tx = work.transcript(token.private_key(L.L_IDENTITY))
     tx.append(
         "production-run-closed",
