@@ -31,7 +31,8 @@ from typing import Any
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from ..errors import HSMError, KeyPolicyError
-from .policy import TEMP_DERIVE, TEMP_WRAP, KeyPolicy, secret_template
+from ..keys.policy import TEMP_DERIVE, TEMP_WRAP, KeyPolicy
+from .policy import secret_template
 
 _ULONG = ctypes.c_ulong
 _BBOOL = ctypes.c_ubyte

@@ -24,21 +24,7 @@ from typing import Any
 
 from pkcs11 import Attribute, ObjectClass
 
-from ..keys.policy import (
-    EPHEMERAL_AGREEMENT,
-    IMAGE_KEY,
-    KEY_AGREEMENT,
-    PROGRAMMER_IMAGE_KEY,
-    SIGNING,
-    TEMP_CONFIRM,
-    TEMP_DERIVE,
-    TEMP_UNWRAP,
-    TEMP_WRAP,
-    Curve,
-    KeyPolicy,
-    PolicyReport,
-    Usage,
-)
+from ..keys.policy import KeyPolicy, PolicyReport, Usage
 
 #: Storage attributes of every object the library creates (PKCS#11 v3.0 §4.4), but for
 #: CKA_MODIFIABLE=False, which :func:`_frozen` appends last.
@@ -174,21 +160,8 @@ def report_from_attributes(attrs_: Mapping[Attribute, Any]) -> PolicyReport:
 
 
 __all__ = [
-    "EPHEMERAL_AGREEMENT",
-    "IMAGE_KEY",
-    "KEY_AGREEMENT",
-    "PROGRAMMER_IMAGE_KEY",
     "REPORT_ATTRIBUTES",
-    "SIGNING",
     "STORAGE_TEMPLATE",
-    "TEMP_CONFIRM",
-    "TEMP_DERIVE",
-    "TEMP_UNWRAP",
-    "TEMP_WRAP",
-    "Curve",
-    "KeyPolicy",
-    "PolicyReport",
-    "Usage",
     "certificate_template",
     "private_template",
     "public_template",

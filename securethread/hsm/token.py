@@ -47,14 +47,12 @@ from ..errors import (
     TokenDamagedError,
     TokenNotFoundError,
 )
+from ..keys.policy import Curve, KeyPolicy, PolicyReport
 from .filestore import FileStore
 from .module import default_module_path, load_module, module_store, reload_module
 from .pin import PinCallback, resolve_pin
 from .policy import (
     REPORT_ATTRIBUTES,
-    Curve,
-    KeyPolicy,
-    PolicyReport,
     certificate_template,
     private_template,
     public_template,
