@@ -1,6 +1,6 @@
 """The PKI: OEM root, enclave certificates, per-job production CAs and device certificates.
 
-See docs/pki.md for the OID arc, the profiles and the serial encoding.
+See docs/pki.md for the object identifiers, the profiles and the serial encoding.
 """
 
 from ._errors import (
@@ -15,6 +15,7 @@ from ._errors import (
     IssuerNotValidError,
     JobMismatchError,
     NameNotAllowedError,
+    ProfileMismatchError,
     RevocationError,
     SerialNumberError,
     UnexpectedExtensionError,
@@ -74,6 +75,7 @@ __all__ = [
     "IssuerNotValidError",
     "JobMismatchError",
     "NameNotAllowedError",
+    "ProfileMismatchError",
     "Revocation",
     "RevocationError",
     "SerialNumberError",

@@ -35,6 +35,11 @@ class NameNotAllowedError(ProfileViolationError):
     """A subject name, device id, job id, role or enclave name is not allowed."""
 
 
+class ProfileMismatchError(ProfileViolationError):
+    """A certificate has the form of its kind but not what its job's device profile issues
+    (subject, key purposes, subjectAltName, revocation sources, notAfter, CA policy)."""
+
+
 # --- the issuer ------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,6 +22,7 @@ from securethread.keys.protocol import KeyBackend, PrivateKey
 
 from ..errors import DuplicateObjectError
 from ..keys.policy import KEY_AGREEMENT, SIGNING, Curve
+from . import oids
 from ._errors import (
     BadRequestSignatureError,
     IssuerError,
@@ -177,6 +179,8 @@ def _build(
     serial: int,
     not_before: datetime.datetime,
     not_after: datetime.datetime,
+    oem_arc: str | None = None,
+    tail: Sequence[tuple[x509.ExtensionType, bool]] = (),
 ) -> x509.CertificateBuilder:
     b = (
         x509.CertificateBuilder()
@@ -187,7 +191,7 @@ def _build(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
     )
-    for ext, critical in profile.extensions(subject_key, issuer_ski):
+    for ext, critical in profile.extensions(subject_key, issuer_ski, oem_arc=oem_arc, tail=tail):
         b = b.add_extension(ext, critical=critical)
     return b
 
@@ -390,14 +394,19 @@ def certify_production_ca(
     not_before: datetime.datetime,
     not_after: datetime.datetime = NO_EXPIRY,
     organisation: str | None = None,
+    oem_arc: str | None = None,
 ) -> x509.Certificate:
     """Certify a job's production CA: pathLen 0, the OEM and the job in its subject.
 
     ``not_before`` is the job's start; ``not_after`` defaults to 99991231235959Z because the
     CA must stay valid as long as the devices it certified (the job window is enforced by
     the programmer refusing to issue outside it, not by the CA's expiry).  The validity must
-    lie inside the root's.  ``organisation`` defaults to the root's.
+    lie inside the root's.  ``organisation`` defaults to the root's.  ``oem_arc`` (the job
+    profile's): the CA carries the OEM's production-CA policy ``<oem_arc>.2``; without it,
+    no certificatePolicies.
     """
+    if oem_arc is not None:
+        oids.check_oem_arc(oem_arc)
     org = organisation_of(root_cert) if organisation is None else organisation
     subject = production_ca_subject(job_id, org)
     nb, na = _aware(not_before, "not_before"), _aware(not_after, "not_after")
@@ -423,6 +432,7 @@ def certify_production_ca(
             serial=random_serial(),
             not_before=nb,
             not_after=na,
+            oem_arc=oem_arc,
         ),
         root_key,
     )
@@ -462,8 +472,9 @@ class DeviceCertificateIssuer:
     Everything constant -- issuer, validity, subject but the device id, extensions but SKI,
     algorithm -- is encoded once here into a DER template of the TBSCertificate; ``issue``
     splices in the per-device fields, all fixed-length (serial, the device id in
-    serialNumber and CN, public point, SKI), hashes and has the token sign.  The template is
-    checked against ``x509.CertificateBuilder`` output at construction.
+    serialNumber, CN and the subjectAltName URI, public point, SKI), hashes and has the
+    token sign.  The template is checked against ``x509.CertificateBuilder`` output at
+    construction.
 
     ``job_tag`` is the job's identity (SHA-256 of the signed job, 8+ octets; the first 8
     enter every serial); ``profile`` the job's :class:`DeviceProfile`.  Devices get notBefore
@@ -503,6 +514,7 @@ class DeviceCertificateIssuer:
             raise JobMismatchError(
                 f"production CA certificate is for job {job_id_of(ca_cert)!r}, not {job_id!r}"
             )
+        profile.check_production_ca(ca_cert, what="production CA certificate")
         if profile.not_after > ca_cert.not_valid_after_utc:
             raise ValidityBeyondIssuerError(
                 f"device notAfter {profile.not_after} is after the production CA's "
@@ -534,11 +546,14 @@ class DeviceCertificateIssuer:
             serial=serial_from_tag(self.job_tag, seq),
             not_before=ca.not_valid_before_utc,
             not_after=self.profile.not_after,
+            oem_arc=self.profile.oem_arc,
+            tail=self.profile.device_extensions(device_id),
         )
         throwaway = ec.generate_private_key(ec.SECP256R1())
         return builder.sign(throwaway, hashes.SHA256()).tbs_certificate_bytes
 
     def _make_template(self) -> None:
+        id_count = 2 if self.profile.device_uri_template is None else 3
         for _ in range(8):  # a random marker colliding with constant bytes: retry
             dev_id = os.urandom(8).hex()
             key = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -551,10 +566,13 @@ class DeviceCertificateIssuer:
                 point,
                 hashlib.sha1(point).digest(),  # noqa: S324 - RFC 5280 §4.2.1.2 method (1)
             )
-            # the device id appears twice: subject serialNumber and (inside) the CN
-            if all(tbs.count(f) == 1 for f in fields) and tbs.count(marker) == 2:
-                first = tbs.index(marker)
-                self._id_offsets = (first, tbs.index(marker, first + 16))
+            # the device id appears in the subject serialNumber, (inside) the CN and (inside)
+            # the subjectAltName URI when the profile has one
+            if all(tbs.count(f) == 1 for f in fields) and tbs.count(marker) == id_count:
+                at = [tbs.index(marker)]
+                while len(at) < id_count:
+                    at.append(tbs.index(marker, at[-1] + 16))
+                self._id_offsets = tuple(at)
                 self._offsets = tuple(tbs.index(f) for f in fields)
                 self._template = bytes(tbs)
                 break
@@ -569,12 +587,11 @@ class DeviceCertificateIssuer:
     def _tbs(self, key: ec.EllipticCurvePublicKey, device_id: str, sequence: int) -> bytearray:
         point = _point(key)
         o_serial, o_point, o_ski = self._offsets
-        o_id1, o_id2 = self._id_offsets
         did = device_id.encode("ascii")
         tbs = bytearray(self._template)
         tbs[o_serial : o_serial + SERIAL_SIZE] = self._serial_prefix + sequence.to_bytes(8, "big")
-        tbs[o_id1 : o_id1 + 16] = did
-        tbs[o_id2 : o_id2 + 16] = did
+        for o_id in self._id_offsets:
+            tbs[o_id : o_id + 16] = did
         tbs[o_point : o_point + 65] = point
         tbs[o_ski : o_ski + 20] = hashlib.sha1(point).digest()  # noqa: S324
         return tbs

@@ -7,19 +7,23 @@ existing certificate against itself during validation.  Rules applied to every k
 * basicConstraints present and critical (RFC 5280 §4.2.1.9: MUST be critical in CA
   certificates; we mark it critical with cA=FALSE in end-entity ones too);
 * keyUsage present and critical (§4.2.1.3), the minimum each kind needs; CAs also sign CRLs;
-* subjectKeyIdentifier, non-critical, method (1) = SHA-1 of the subjectPublicKey (§4.2.1.2),
-  which equals the CKA_ID of the key in its token;
+* subjectKeyIdentifier, non-critical, method (1) = SHA-1 of the subjectPublicKey (§4.2.1.2);
 * authorityKeyIdentifier, non-critical, keyIdentifier = the issuer's SKI (§4.2.1.1);
 * extendedKeyUsage, non-critical, only in end-entity certificates (§4.2.1.12): a device
-  carries id-kp-clientAuth and the project's device purpose, an enclave certificate exactly
-  one purpose from the project arc.  CA certificates carry none: OpenSSL and other stock
-  verifiers intersect an EKU in a CA certificate with every certificate below it;
-* certificatePolicies, non-critical, only in production CAs: the project policy that marks
-  the role (§4.2.1.4);
+  carries id-kp-clientAuth (and, when the job's profile names the OEM's arc, the OEM's device
+  purpose after it), an enclave certificate exactly one purpose from the project arc.  CA
+  certificates carry none: OpenSSL and other stock verifiers intersect an EKU in a CA
+  certificate with every certificate below it;
+* certificatePolicies, non-critical, only in production CAs and only under the OEM's arc
+  (§4.2.1.4);
+* a device's subjectAltName (§4.2.1.6), cRLDistributionPoints (§4.2.1.13) and
+  authorityInfoAccess OCSP (§4.2.2.1), non-critical, when the job's profile gives them;
 * no other extension (the verifier below refuses unknown ones).
 
-:class:`DeviceProfile` is the per-job part of the device profile (subject and lifetime) that
-the OEM puts in the signed job.  docs/pki.md gives the reason for every field.
+No name, key purpose or policy carries an OID of the project's own (UUID) arc: Go and GnuTLS
+cannot parse one (:mod:`.oids`).  :class:`DeviceProfile` is the per-job part of the device
+profile (subject, names, revocation sources, lifetime) that the OEM puts in the signed job.
+docs/pki.md gives the reason for every field.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ import datetime
 import enum
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import (
+    AuthorityInformationAccessOID,
+    ExtendedKeyUsageOID,
+    ExtensionOID,
+    NameOID,
+)
 
 from ..keys.policy import Curve
 from . import oids
@@ -41,6 +50,7 @@ from ._errors import (
     CARequestError,
     DeviceProfileError,
     NameNotAllowedError,
+    ProfileMismatchError,
     UnexpectedExtensionError,
     WrongKeyTypeError,
     WrongPurposeError,
@@ -94,9 +104,11 @@ _CURVE_NAMES = {Curve.P256: "P-256", Curve.P384: "P-384"}
 class CertificateProfile:
     """One kind of certificate: key curve, CA-ness, key usage, key purposes and policy.
 
-    ``purpose`` is the project key purpose naming an end-entity kind (None for CAs);
-    ``eku`` the complete extendedKeyUsage list (empty: no extension); ``policy`` the one
-    certificatePolicies entry (None: no extension).
+    ``purpose`` is the key purpose naming an end-entity kind (None for CAs); ``eku`` the
+    extendedKeyUsage list every certificate of the kind starts with (empty: no extension);
+    ``oem_purpose`` / ``oem_policy``: one more key purpose / the one certificatePolicies entry
+    under the OEM's arc, when the job's profile names one; ``optional`` the further
+    extensions a job's profile may add.
     """
 
     name: str
@@ -106,10 +118,12 @@ class CertificateProfile:
     key_usage: x509.KeyUsage
     purpose: x509.ObjectIdentifier | None
     eku: tuple[x509.ObjectIdentifier, ...] = ()
-    policy: x509.ObjectIdentifier | None = None
+    oem_purpose: bool = False
+    oem_policy: bool = False
+    optional: frozenset[x509.ObjectIdentifier] = frozenset()
 
     @property
-    def expected_extensions(self) -> frozenset[x509.ObjectIdentifier]:
+    def required_extensions(self) -> frozenset[x509.ObjectIdentifier]:
         exts = {
             ExtensionOID.BASIC_CONSTRAINTS,
             ExtensionOID.KEY_USAGE,
@@ -118,9 +132,18 @@ class CertificateProfile:
         }
         if self.eku:
             exts.add(ExtensionOID.EXTENDED_KEY_USAGE)
-        if self.policy is not None:
-            exts.add(ExtensionOID.CERTIFICATE_POLICIES)
         return frozenset(exts)
+
+    @property
+    def allowed_extensions(self) -> frozenset[x509.ObjectIdentifier]:
+        policies = {ExtensionOID.CERTIFICATE_POLICIES} if self.oem_policy else set()
+        return self.required_extensions | self.optional | policies
+
+    def purposes(self, oem_arc: str | None) -> tuple[x509.ObjectIdentifier, ...]:
+        """The extendedKeyUsage list this kind carries under ``oem_arc`` (or no arc)."""
+        if self.oem_purpose and oem_arc is not None:
+            return (*self.eku, oids.device_purpose(oem_arc))
+        return self.eku
 
     def check_subject_key(self, key: object, *, what: str) -> ec.EllipticCurvePublicKey:
         """The key must be EC on this profile's curve (NIST SP 800-57 strength pairing)."""
@@ -136,9 +159,15 @@ class CertificateProfile:
         return key
 
     def extensions(
-        self, subject_key: ec.EllipticCurvePublicKey, issuer_ski: bytes
+        self,
+        subject_key: ec.EllipticCurvePublicKey,
+        issuer_ski: bytes,
+        *,
+        oem_arc: str | None = None,
+        tail: Sequence[tuple[x509.ExtensionType, bool]] = (),
     ) -> list[tuple[x509.ExtensionType, bool]]:
-        """The complete extension list, with criticality, in a fixed order."""
+        """The complete extension list, with criticality, in a fixed order; ``tail`` (a
+        device's names and revocation sources) goes last."""
         out: list[tuple[x509.ExtensionType, bool]] = [
             (x509.BasicConstraints(ca=self.ca, path_length=self.path_length), True),
             (self.key_usage, True),
@@ -152,12 +181,16 @@ class CertificateProfile:
                 False,
             ),
         ]
-        if self.eku:
-            out.append((x509.ExtendedKeyUsage(list(self.eku)), False))
-        if self.policy is not None:
-            out.append(
-                (x509.CertificatePolicies([x509.PolicyInformation(self.policy, None)]), False)
-            )
+        eku = self.purposes(oem_arc)
+        if eku:
+            out.append((x509.ExtendedKeyUsage(list(eku)), False))
+        if self.oem_policy and oem_arc is not None:
+            policy = oids.production_ca_policy(oem_arc)
+            out.append((x509.CertificatePolicies([x509.PolicyInformation(policy, None)]), False))
+        for ext, critical in tail:
+            if ext.oid not in self.optional:
+                raise UnexpectedExtensionError(f"the {self.name} profile has no {ext.oid}")
+            out.append((ext, critical))
         return out
 
     def check_request(self, csr: x509.CertificateSigningRequest) -> None:
@@ -171,22 +204,24 @@ class CertificateProfile:
             )
 
     def check_certificate(self, cert: x509.Certificate, *, what: str) -> None:
-        """Check an issued certificate against the profile (role first, for clear errors)."""
+        """Check an issued certificate against the profile (role first, for clear errors).
+
+        The form every job's profile shares; :meth:`DeviceProfile.check_device` and
+        :meth:`DeviceProfile.check_production_ca` check the values one job's profile gives.
+        """
         exts = cert.extensions
         self._check_role(exts, what=what)
         seen = {e.oid for e in exts}
-        if seen != self.expected_extensions or len(seen) != len(exts):
-            extra = sorted(o.dotted_string for o in seen - self.expected_extensions)
-            missing = sorted(o.dotted_string for o in self.expected_extensions - seen)
+        if (
+            not self.required_extensions <= seen <= self.allowed_extensions
+            or len(seen) != len(exts)
+        ):
+            extra = sorted(o.dotted_string for o in seen - self.allowed_extensions)
+            missing = sorted(o.dotted_string for o in self.required_extensions - seen)
             raise UnexpectedExtensionError(
                 f"{what}: extensions outside the {self.name} profile "
                 f"(unexpected {extra}, missing {missing})"
             )
-        bc = exts.get_extension_for_class(x509.BasicConstraints)
-        if not bc.critical or bc.value.ca != self.ca or bc.value.path_length != self.path_length:
-            if bc.value.ca and not self.ca:
-                raise WrongPurposeError(f"{what}: is a CA certificate, {self.name} is not")
-            raise UnexpectedExtensionError(f"{what}: basicConstraints not as {self.name} requires")
         ku = exts.get_extension_for_class(x509.KeyUsage)
         if not ku.critical or ku.value != self.key_usage:
             raise UnexpectedExtensionError(f"{what}: keyUsage not as {self.name} requires")
@@ -194,14 +229,31 @@ class CertificateProfile:
         key = self.check_subject_key(cert.public_key(), what=what)
         if ski.critical or ski.value != x509.SubjectKeyIdentifier.from_public_key(key):
             raise UnexpectedExtensionError(f"{what}: subjectKeyIdentifier is not method (1)")
-        if exts.get_extension_for_class(x509.AuthorityKeyIdentifier).critical:
-            raise UnexpectedExtensionError(f"{what}: authorityKeyIdentifier must not be critical")
-        for oid in (ExtensionOID.EXTENDED_KEY_USAGE, ExtensionOID.CERTIFICATE_POLICIES):
-            if oid in seen and exts.get_extension_for_oid(oid).critical:
-                raise UnexpectedExtensionError(f"{what}: {oid.dotted_string} must not be critical")
+        for ext in exts:
+            if ext.oid != ExtensionOID.BASIC_CONSTRAINTS and ext.oid != ExtensionOID.KEY_USAGE:
+                if ext.critical:
+                    raise UnexpectedExtensionError(
+                        f"{what}: {ext.oid.dotted_string} must not be critical"
+                    )
+        _check_field_extensions(exts, what=what)
 
     def _check_role(self, exts: x509.Extensions, *, what: str) -> None:
-        """Key purposes (EKU) and role policy say what kind of certificate this is."""
+        """CA-ness, key purposes (EKU) and policy say what kind of certificate this is."""
+        try:
+            bc = exts.get_extension_for_class(x509.BasicConstraints)
+        except x509.ExtensionNotFound:
+            raise UnexpectedExtensionError(f"{what}: has no basicConstraints") from None
+        if bc.value.ca != self.ca or bc.value.path_length != self.path_length:
+            if bc.value.ca and not self.ca:
+                raise WrongPurposeError(f"{what}: is a CA certificate, {self.name} is not")
+            if not bc.value.ca and self.ca:
+                raise WrongPurposeError(f"{what}: is not a CA certificate, {self.name} is")
+            raise WrongPurposeError(
+                f"{what}: pathLen {bc.value.path_length} is not that of a {self.name} "
+                f"({self.path_length})"
+            )
+        if not bc.critical:
+            raise UnexpectedExtensionError(f"{what}: basicConstraints must be critical")
         try:
             eku: list[x509.ObjectIdentifier] | None = list(
                 exts.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -210,27 +262,92 @@ class CertificateProfile:
             eku = None
         if self.eku and eku is None:
             raise WrongPurposeError(f"{what}: has no key purpose, needs {self.name}")
-        if self.eku and eku != list(self.eku):
-            raise WrongPurposeError(
-                f"{what}: key purposes {[o.dotted_string for o in eku or ()]} are not those of "
-                f"a {self.name} certificate"
-            )
-        if not self.eku and eku is not None:
+        if self.eku:
+            assert eku is not None
+            self.check_purposes(eku, what=what)
+        elif eku is not None:
             raise WrongPurposeError(
                 f"{what}: carries key purposes {[o.dotted_string for o in eku]}; "
                 f"a {self.name} certificate carries none"
             )
-        if self.policy is not None:
-            try:
-                policies = exts.get_extension_for_class(x509.CertificatePolicies).value
-            except x509.ExtensionNotFound:
-                raise WrongPurposeError(
-                    f"{what}: is not a {self.name} (no policy {self.policy.dotted_string})"
-                ) from None
-            if list(policies) != [x509.PolicyInformation(self.policy, None)]:
-                raise WrongPurposeError(
-                    f"{what}: policies {[p.policy_identifier.dotted_string for p in policies]} "
-                    f"are not the {self.name} policy {self.policy.dotted_string}"
+        try:
+            policies = list(exts.get_extension_for_class(x509.CertificatePolicies).value)
+        except x509.ExtensionNotFound:
+            return
+        if not self.oem_policy:
+            raise WrongPurposeError(f"{what}: a {self.name} certificate carries no policy")
+        if (
+            len(policies) != 1
+            or policies[0].policy_qualifiers is not None
+            or _oem_arc_of(policies[0].policy_identifier, oids.production_ca_policy) is None
+        ):
+            raise WrongPurposeError(
+                f"{what}: policies {[p.policy_identifier.dotted_string for p in policies]} "
+                f"are not one {self.name} policy under an OEM arc (<oem_arc>.2, no qualifiers)"
+            )
+
+    def check_purposes(self, eku: Sequence[x509.ObjectIdentifier], *, what: str) -> None:
+        """The EKU list is this kind's: ``eku``, then (devices) at most the OEM's purpose."""
+        n = len(self.eku)
+        extra = list(eku[n:])
+        if list(eku[:n]) != list(self.eku) or (
+            extra
+            and not (
+                self.oem_purpose
+                and len(extra) == 1
+                and _oem_arc_of(extra[0], oids.device_purpose) is not None
+            )
+        ):
+            raise WrongPurposeError(
+                f"{what}: key purposes {[o.dotted_string for o in eku]} are not those of "
+                f"a {self.name} certificate"
+            )
+
+
+def _oem_arc_of(
+    oid: x509.ObjectIdentifier, allocate: Callable[[str], x509.ObjectIdentifier]
+) -> str | None:
+    """The OEM arc ``oid`` was allocated under by ``allocate`` (``<arc>.n``), or None."""
+    arc, _, _ = oid.dotted_string.rpartition(".")
+    try:
+        return arc if allocate(arc) == oid else None
+    except DeviceProfileError:
+        return None
+
+
+def _check_field_extensions(exts: x509.Extensions, *, what: str) -> None:
+    """The shape of a device's subjectAltName, cRLDistributionPoints and authorityInfoAccess
+    (each optional): one URI each, as :class:`DeviceProfile` writes them."""
+    for ext in exts:
+        v = ext.value
+        if isinstance(v, x509.SubjectAlternativeName):
+            # RFC 5280 §4.2.1.6: the subject is not empty, so the SAN is non-critical
+            if len(v) != 1 or not isinstance(next(iter(v)), x509.UniformResourceIdentifier):
+                raise UnexpectedExtensionError(f"{what}: subjectAltName is not one URI")
+        elif isinstance(v, x509.CRLDistributionPoints):
+            # §4.2.1.13: one distribution point, a fullName URI; no reasons, no cRLIssuer
+            dps = list(v)
+            if (
+                len(dps) != 1
+                or dps[0].full_name is None
+                or len(dps[0].full_name) != 1
+                or not isinstance(dps[0].full_name[0], x509.UniformResourceIdentifier)
+                or dps[0].reasons is not None
+                or dps[0].crl_issuer is not None
+            ):
+                raise UnexpectedExtensionError(
+                    f"{what}: cRLDistributionPoints is not one distribution point with one URI"
+                )
+        elif isinstance(v, x509.AuthorityInformationAccess):
+            # §4.2.2.1: one id-ad-ocsp access description, a URI (RFC 6960 §3.1)
+            ads = list(v)
+            if (
+                len(ads) != 1
+                or ads[0].access_method != AuthorityInformationAccessOID.OCSP
+                or not isinstance(ads[0].access_location, x509.UniformResourceIdentifier)
+            ):
+                raise UnexpectedExtensionError(
+                    f"{what}: authorityInfoAccess is not one OCSP responder URI"
                 )
 
 
@@ -249,7 +366,7 @@ PRODUCTION_CA = CertificateProfile(
     path_length=0,  # RFC 5280 §4.2.1.9: may certify end entities only
     key_usage=_key_usage(ca=True),
     purpose=None,
-    policy=oids.POLICY_PRODUCTION_CA,
+    oem_policy=True,
 )
 DEVICE = CertificateProfile(
     name="device",
@@ -259,10 +376,18 @@ DEVICE = CertificateProfile(
     # the device key signs (proof of possession, boot confirmation, the TLS 1.2/1.3
     # CertificateVerify) and agrees (licenses)
     key_usage=_key_usage(digital_signature=True, key_agreement=True),
-    purpose=oids.EKU_DEVICE,
     # RFC 5280 §4.2.1.12 id-kp-clientAuth: TLS client authentication (mutual TLS to the
-    # OEM's cloud or broker); then the project purpose that marks a securethread device.
-    eku=(ExtendedKeyUsageOID.CLIENT_AUTH, oids.EKU_DEVICE),
+    # OEM's cloud or broker); then, with an OEM arc, the OEM's purpose marking its devices.
+    purpose=ExtendedKeyUsageOID.CLIENT_AUTH,
+    eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+    oem_purpose=True,
+    optional=frozenset(
+        {
+            ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+            ExtensionOID.CRL_DISTRIBUTION_POINTS,
+            ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+        }
+    ),
 )
 ENCLAVE_PROFILES: dict[EnclavePurpose, CertificateProfile] = {
     EnclavePurpose.IDENTITY: CertificateProfile(
@@ -348,12 +473,13 @@ def enclave_request_subject(enclave_name: str) -> x509.Name:
 
 
 def enclave_subject(enclave_name: str, role: str) -> x509.Name:
+    """O=securethread, OU=<role> ("oem" | "programmer"), CN=<enclave name>."""
     check_enclave_name(enclave_name)
     check_role(role)
     return x509.Name(
         [
             _attr(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-            _attr(oids.ATTR_ENCLAVE_ROLE, role),
+            _attr(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
             _attr(NameOID.COMMON_NAME, enclave_name),
         ]
     )
@@ -363,21 +489,48 @@ def production_ca_request_subject(job_id: str) -> x509.Name:
     """The name the programmer puts in its production-CA CSR; the OEM adds its organisation."""
     check_job_id(job_id)
     return x509.Name(
-        [_attr(oids.ATTR_JOB_ID, job_id), _attr(NameOID.COMMON_NAME, PRODUCTION_CA_CN)]
+        [
+            _attr(NameOID.ORGANIZATIONAL_UNIT_NAME, job_id),
+            _attr(NameOID.COMMON_NAME, PRODUCTION_CA_CN),
+        ]
     )
 
 
 def production_ca_subject(job_id: str, organization: str) -> x509.Name:
-    """O = the OEM, jobId = the job (one production CA per job), CN = what it is."""
+    """O = the OEM, OU = the job (one production CA per job), CN = what it is.
+
+    The job id is an organizationalUnitName (X.520 §6.4.2, UTF8String): a standard attribute
+    every stack parses; :func:`job_id_of` reads it only from a name of exactly this form.
+    """
     check_job_id(job_id)
     check_organisation(organization)
     return x509.Name(
         [
             _attr(NameOID.ORGANIZATION_NAME, organization),
-            _attr(oids.ATTR_JOB_ID, job_id),
+            _attr(NameOID.ORGANIZATIONAL_UNIT_NAME, job_id),
             _attr(NameOID.COMMON_NAME, PRODUCTION_CA_CN),
         ]
     )
+
+
+def production_ca_job(name: x509.Name, *, what: str) -> str:
+    """The job of a production CA subject: exactly O, OU = the job id, CN = "securethread
+    production CA", one value each (so no other name -- a device's OU = product, an
+    enclave's OU = role -- is ever read as a job)."""
+    rdns = list(name.rdns)
+    oids_ = [tuple(a.oid for a in rdn) for rdn in rdns]
+    expected = [
+        (NameOID.ORGANIZATION_NAME,),
+        (NameOID.ORGANIZATIONAL_UNIT_NAME,),
+        (NameOID.COMMON_NAME,),
+    ]
+    if oids_ != expected or next(iter(rdns[2])).value != PRODUCTION_CA_CN:
+        raise NameNotAllowedError(
+            f"{what}: subject {name.rfc4514_string()!r} is not a production CA name "
+            f"(O=<OEM>, OU=<job id>, CN={PRODUCTION_CA_CN})"
+        )
+    value = next(iter(rdns[1])).value
+    return check_job_id(value)
 
 
 def organisation_of(cert: x509.Certificate) -> str:
@@ -394,6 +547,44 @@ _TEMPLATE = re.compile(r"[A-Za-z0-9._-]*\{device_id\}[A-Za-z0-9._-]*")
 _MAX_TEMPLATE = UB_NAME - 16 + len(DEVICE_ID_FIELD)  # the applied CN fits ub-common-name
 _NO_EXPIRY_TS = int(NO_EXPIRY.timestamp())
 _MAP_KEYS = frozenset({"organisation", "common_name_template", "not_after"})
+_OPTIONAL_KEYS = frozenset({"product", "uri_template", "crl_url", "ocsp_url", "oem_arc"})
+#: An absolute URI (RFC 3986 §4.3) in the characters RFC 3986 §2 allows unescaped, plus
+#: %-escapes: an IA5String (RFC 5280 §4.2.1.6) that needs no quoting anywhere.
+_URI = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*):"
+    r"(?P<rest>(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"
+)
+_URN = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,30}[A-Za-z0-9]:.+")  # RFC 8141 §2: NID ":" NSS
+_HTTP_AUTHORITY = re.compile(r"//([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/.*)?")
+_MAX_URI = 255
+
+
+def _check_uri(value: object, *, what: str, http_only: bool) -> str:
+    """An absolute URI as RFC 5280 §4.2.1.6 wants it (scheme and scheme-specific part; an
+    authority is a host name or IP address).  ``http_only``: a revocation source, fetched
+    over plain HTTP (RFC 5280 §4.2.1.13, RFC 6960 Appendix A.1): over HTTPS, checking
+    the server's certificate would need revocation information first."""
+    if type(value) is not str or not 1 <= len(value) <= _MAX_URI:
+        raise DeviceProfileError(
+            f"device profile: {what} must be a URI of 1..{_MAX_URI} characters"
+        )
+    m = _URI.fullmatch(value)
+    if m is None:
+        raise DeviceProfileError(
+            f"device profile: {what} {value!r} is not an absolute URI (RFC 3986) in unescaped "
+            "ASCII"
+        )
+    scheme, rest = m["scheme"], m["rest"]
+    if http_only and scheme != "http":
+        raise DeviceProfileError(
+            f"device profile: {what} {value!r} must be an http:// URL (RFC 5280 §4.2.1.13, "
+            "RFC 6960 Appendix A: HTTPS would need revocation information to fetch it)"
+        )
+    if scheme in ("http", "https") and _HTTP_AUTHORITY.fullmatch(rest) is None:
+        raise DeviceProfileError(f"device profile: {what} {value!r} has no host name")
+    if scheme == "urn" and _URN.fullmatch(rest) is None:
+        raise DeviceProfileError(f"device profile: {what} {value!r} is not a URN (RFC 8141)")
+    return value
 
 
 def _profile_error(exc: NameNotAllowedError) -> DeviceProfileError:
@@ -407,14 +598,24 @@ class DeviceProfile:
     ``organisation`` (subject O), ``product`` (subject OU, optional), the common-name
     template (exactly one ``{device_id}``; the default makes CN = the device id, which
     brokers such as mosquitto take as the user name) and the devices' notAfter (default
-    99991231235959Z).  Valid once constructed; :meth:`to_map`/:meth:`from_map` are the
-    strict form embedded in the job (exact keys and types).
+    99991231235959Z).  The names and sources a relying party uses, each optional:
+    ``uri_template`` (the subjectAltName URI naming the device, exactly one ``{device_id}``;
+    default with an ``oem_arc``: RFC 9039's ``urn:dev:os:<PEN>-{device_id}``; none without),
+    ``crl_url`` (cRLDistributionPoints: where the job's production CA publishes its CRL),
+    ``ocsp_url`` (authorityInfoAccess: the OEM's OCSP responder) and ``oem_arc`` (the OEM's
+    Private Enterprise Number arc: its device purpose and production-CA policy,
+    :mod:`.oids`).  Valid once constructed; :meth:`to_map`/:meth:`from_map` are the strict
+    form embedded in the job (exact keys and types).
     """
 
     organisation: str
     product: str | None = None
     common_name_template: str = DEVICE_ID_FIELD
     not_after: datetime.datetime = NO_EXPIRY
+    uri_template: str | None = None
+    crl_url: str | None = None
+    ocsp_url: str | None = None
+    oem_arc: str | None = None
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -445,10 +646,43 @@ class DeviceProfile:
             raise DeviceProfileError(
                 f"device profile: not_after {na} is outside 1970 .. 9999-12-31T23:59:59Z"
             )
+        if self.oem_arc is not None:
+            oids.check_oem_arc(self.oem_arc)
+        u = self.uri_template
+        if u is not None:
+            if type(u) is not str or u.count(DEVICE_ID_FIELD) != 1:
+                raise DeviceProfileError(
+                    f"device profile: URI template {u!r} must hold {DEVICE_ID_FIELD} once"
+                )
+            _check_uri(u.replace(DEVICE_ID_FIELD, "0" * 16), what="URI template", http_only=False)
+        if self.crl_url is not None:
+            _check_uri(self.crl_url, what="crl_url", http_only=True)
+        if self.ocsp_url is not None:
+            _check_uri(self.ocsp_url, what="ocsp_url", http_only=True)
+
+    @property
+    def device_uri_template(self) -> str | None:
+        """The subjectAltName URI template in force: ``uri_template``, else (with an OEM arc)
+        RFC 9039 §3.4's organisation serial ``urn:dev:os:<PEN>-{device_id}``, else None."""
+        if self.uri_template is not None:
+            return self.uri_template
+        if self.oem_arc is not None:
+            return f"urn:dev:os:{oids.enterprise_number(self.oem_arc)}-{DEVICE_ID_FIELD}"
+        return None
+
+    @property
+    def production_ca_policy(self) -> x509.ObjectIdentifier | None:
+        """The policy the job's production CA carries (``<oem_arc>.2``), None without an arc."""
+        return None if self.oem_arc is None else oids.production_ca_policy(self.oem_arc)
 
     def common_name(self, device_id: str) -> str:
         check_device_id(device_id)
         return self.common_name_template.replace(DEVICE_ID_FIELD, device_id)
+
+    def device_uri(self, device_id: str) -> str | None:
+        """The URI naming ``device_id`` in its subjectAltName (None: no subjectAltName)."""
+        t = self.device_uri_template
+        return None if t is None else t.replace(DEVICE_ID_FIELD, check_device_id(device_id))
 
     def subject(self, device_id: str) -> x509.Name:
         """O, [OU], serialNumber (X.520 §6.2.9, PrintableString) = device id, CN."""
@@ -459,15 +693,86 @@ class DeviceProfile:
         attrs_.append(_attr(NameOID.COMMON_NAME, self.common_name(device_id)))
         return x509.Name(attrs_)
 
+    def device_extensions(self, device_id: str) -> list[tuple[x509.ExtensionType, bool]]:
+        """subjectAltName, cRLDistributionPoints, authorityInfoAccess (those the profile
+        gives, in that order), all non-critical."""
+        out: list[tuple[x509.ExtensionType, bool]] = []
+        uri = self.device_uri(device_id)
+        if uri is not None:
+            # RFC 5280 §4.2.1.6: non-critical, the subject name is not empty
+            san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
+            out.append((san, False))
+        if self.crl_url is not None:
+            # §4.2.1.13: a fullName URI, no reasons (all), no cRLIssuer (a direct CRL)
+            dp = x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(self.crl_url)],
+                relative_name=None,
+                reasons=None,
+                crl_issuer=None,
+            )
+            out.append((x509.CRLDistributionPoints([dp]), False))
+        if self.ocsp_url is not None:
+            # §4.2.2.1, RFC 6960 §3.1: id-ad-ocsp with the responder's URI
+            ocsp = x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(self.ocsp_url)
+            )
+            out.append((x509.AuthorityInformationAccess([ocsp]), False))
+        return out
+
+    def check_device(self, cert: x509.Certificate, device_id: str, *, what: str) -> None:
+        """``cert`` says exactly what this profile issues for ``device_id``: subject, key
+        purposes, names, revocation sources and notAfter (after the form checks of
+        :data:`DEVICE`)."""
+        if cert.subject != self.subject(device_id):
+            raise ProfileMismatchError(
+                f"{what}: subject {cert.subject.rfc4514_string()!r} is not the job's "
+                f"{self.subject(device_id).rfc4514_string()!r}"
+            )
+        eku = x509.ExtendedKeyUsage(list(DEVICE.purposes(self.oem_arc)))
+        expected = [(eku, False), *self.device_extensions(device_id)]
+        actual = [
+            (e.value, e.critical)
+            for e in cert.extensions
+            if e.oid == ExtensionOID.EXTENDED_KEY_USAGE or e.oid in DEVICE.optional
+        ]
+        if actual != expected:
+            raise ProfileMismatchError(
+                f"{what}: key purposes, subjectAltName or revocation sources are not the job's "
+                f"(expected {[str(v) for v, _ in expected]})"
+            )
+        if cert.not_valid_after_utc != self.not_after:
+            raise ProfileMismatchError(
+                f"{what}: notAfter {cert.not_valid_after_utc} is not the job's {self.not_after}"
+            )
+
+    def check_production_ca(self, cert: x509.Certificate, *, what: str) -> None:
+        """The production CA carries this profile's policy (``<oem_arc>.2``) or, without an
+        arc, none."""
+        try:
+            policies = [
+                p.policy_identifier
+                for p in cert.extensions.get_extension_for_class(x509.CertificatePolicies).value
+            ]
+        except x509.ExtensionNotFound:
+            policies = []
+        want = [] if self.production_ca_policy is None else [self.production_ca_policy]
+        if policies != want:
+            raise ProfileMismatchError(
+                f"{what}: policies {[p.dotted_string for p in policies]} are not the job's "
+                f"{[p.dotted_string for p in want]}"
+            )
+
     def to_map(self) -> dict[str, str | int]:
-        """The canonical map (``product`` only when set; ``not_after`` in Unix seconds)."""
+        """The canonical map (optional keys only when set; ``not_after`` in Unix seconds)."""
         out: dict[str, str | int] = {
             "organisation": self.organisation,
             "common_name_template": self.common_name_template,
             "not_after": int(self.not_after.timestamp()),
         }
-        if self.product is not None:
-            out["product"] = self.product
+        for key in sorted(_OPTIONAL_KEYS):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
         return out
 
     @classmethod
@@ -476,10 +781,10 @@ class DeviceProfile:
         if not isinstance(m, Mapping) or not all(type(k) is str for k in m):
             raise DeviceProfileError("device profile: not a map with string keys")
         keys = set(m)
-        if keys != _MAP_KEYS and keys != _MAP_KEYS | {"product"}:
+        if not _MAP_KEYS <= keys <= _MAP_KEYS | _OPTIONAL_KEYS:
             raise DeviceProfileError(
-                f"device profile: keys {sorted(keys ^ (_MAP_KEYS | {'product'}))} "
-                "missing or unexpected"
+                f"device profile: keys {sorted(_MAP_KEYS - keys)} missing, "
+                f"{sorted(keys - _MAP_KEYS - _OPTIONAL_KEYS)} unexpected"
             )
         for k in keys - {"not_after"}:
             if type(m[k]) is not str:
@@ -491,9 +796,9 @@ class DeviceProfile:
             )
         return cls(
             organisation=m["organisation"],
-            product=m.get("product"),
             common_name_template=m["common_name_template"],
             not_after=datetime.datetime.fromtimestamp(na, datetime.UTC),
+            **{k: m[k] for k in keys & _OPTIONAL_KEYS},
         )
 
 

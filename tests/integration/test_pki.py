@@ -34,7 +34,6 @@ from securethread.pki import (
     install_certificate,
     job_tag,
     load_der,
-    oids,
     parse_device_serial,
     to_der,
     to_pem,
@@ -43,6 +42,7 @@ from securethread.pki import (
 )
 
 UTC = datetime.UTC
+DEVICE_PURPOSE = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH  # a device's key purpose
 OPENSSL = shutil.which("openssl")
 PKCS11_TOOL = shutil.which("pkcs11-tool")
 
@@ -205,7 +205,7 @@ def test_chains_pass_openssl_strict_and_library(chain: Chain) -> None:
         chain.ka, chain.root, purpose=EnclavePurpose.KEY_AGREEMENT, role="programmer"
     )
     now = datetime.datetime.now(UTC)
-    v = build_verifier(chain.root, purpose=oids.EKU_DEVICE, at=now).verify(
+    v = build_verifier(chain.root, purpose=DEVICE_PURPOSE, at=now).verify(
         chain.device, [chain.pca]
     )
     assert v.chain == [chain.device, chain.pca, chain.root]
@@ -222,7 +222,7 @@ def test_tampered_byte_fails_both(chain: Chain) -> None:
     with pytest.raises(ChainValidationError):
         validate_device_chain(tampered, chain.pca, chain.root)
     with pytest.raises(VerificationError):
-        build_verifier(chain.root, purpose=oids.EKU_DEVICE, at=datetime.datetime.now(UTC)).verify(
+        build_verifier(chain.root, purpose=DEVICE_PURPOSE, at=datetime.datetime.now(UTC)).verify(
             tampered, [chain.pca]
         )
 
@@ -233,7 +233,7 @@ def test_swapped_issuer_fails_both(chain: Chain) -> None:
     with pytest.raises(ChainValidationError):
         validate_device_chain(chain.device, chain.other_pca, chain.root)
     with pytest.raises(VerificationError):
-        build_verifier(chain.root, purpose=oids.EKU_DEVICE, at=datetime.datetime.now(UTC)).verify(
+        build_verifier(chain.root, purpose=DEVICE_PURPOSE, at=datetime.datetime.now(UTC)).verify(
             chain.device, [chain.other_pca]
         )
 
@@ -266,7 +266,7 @@ def test_expired_fails_both(chain: Chain) -> None:
     with pytest.raises(CertificateExpiredError):
         validate_device_chain(chain.short_device, chain.short_pca, chain.short_root, at=late)
     with pytest.raises(VerificationError):
-        build_verifier(chain.short_root, purpose=oids.EKU_DEVICE, at=late).verify(
+        build_verifier(chain.short_root, purpose=DEVICE_PURPOSE, at=late).verify(
             chain.short_device, [chain.short_pca]
         )
     late_root = chain.short_root.not_valid_after_utc + datetime.timedelta(days=1)

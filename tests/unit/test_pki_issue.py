@@ -9,7 +9,7 @@ from collections.abc import Callable
 import attrs
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -29,6 +29,7 @@ from securethread.pki import (
     IssuerNotValidError,
     JobMismatchError,
     NameNotAllowedError,
+    ProfileMismatchError,
     SerialNumberError,
     UnexpectedExtensionError,
     ValidityBeyondIssuerError,
@@ -66,6 +67,16 @@ ORG = "Acme Devices"
 #: The job's identity (SHA-256 of the signed job); its first 8 octets tag every serial.
 JOB_1 = hashlib.sha256(b"signed job-1").digest()
 PROFILE = DeviceProfile(organisation=ORG, product="Thermostat")
+ARC = "1.3.6.1.4.1.32473.7"  # RFC 5612: the Private Enterprise Number for documentation
+#: A job profile with every optional field: the OEM's arc, a URI, both revocation sources.
+FULL = DeviceProfile(
+    organisation=ORG,
+    product="Thermostat",
+    uri_template="https://devices.example.com/thermostat/{device_id}",
+    crl_url="http://pki.example.com/crl/job-2.crl",
+    ocsp_url="http://ocsp.example.com/",
+    oem_arc=ARC,
+)
 
 
 @attrs.frozen
@@ -76,6 +87,8 @@ class Pki:
     pca: x509.Certificate
     identity: x509.Certificate
     issuer: DeviceCertificateIssuer
+    arc_pca: x509.Certificate  # job-2, certified under the OEM arc
+    arc_issuer: DeviceCertificateIssuer  # job-2's, with the FULL profile
 
 
 def _window(days: int = 30) -> tuple[datetime.datetime, datetime.datetime]:
@@ -120,7 +133,16 @@ def pki() -> Pki:
         role="programmer",
     )
     issuer = _issuer(prog, "pca-job-1", pca, "job-1")
-    return Pki(oem, prog, root, pca, identity, issuer)
+    arc_pca = certify_production_ca(
+        rk,
+        root,
+        create_production_ca_csr(prog, label="pca-job-2", job_id="job-2"),
+        job_id="job-2",
+        not_before=nb,
+        oem_arc=ARC,
+    )
+    arc_issuer = _issuer(prog, "pca-job-2", arc_pca, "job-2", FULL)
+    return Pki(oem, prog, root, pca, identity, issuer, arc_pca, arc_issuer)
 
 
 @attrs.frozen
@@ -246,36 +268,50 @@ def test_device_profile_must_fit_the_production_ca(pki: Pki, short: ShortChain) 
     )
 
 
-def test_template_matches_certificate_builder(pki: Pki) -> None:
-    """The spliced TBS is byte-identical to what x509.CertificateBuilder encodes."""
+@pytest.mark.parametrize("full", [False, True], ids=["default-profile", "full-profile"])
+def test_template_matches_certificate_builder(pki: Pki, full: bool) -> None:
+    """The spliced TBS is byte-identical to what x509.CertificateBuilder encodes (with the
+    device id in serialNumber, CN and -- full profile -- the subjectAltName URI)."""
     key = _device_key()
-    cert = pki.issuer.issue(key, "0123456789abcdef", 99)
-    assert cert.serial_number == int.from_bytes(b"\x02" + job_tag(JOB_1) + bytes(7) + b"\x63")
-    ski = pki.pca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    issuer, pca, profile = (
+        (pki.arc_issuer, pki.arc_pca, FULL) if full else (pki.issuer, pki.pca, PROFILE)
+    )
+    cert = issuer.issue(key, "0123456789abcdef", 99)
+    tag = job_tag(hashlib.sha256(f"signed job-{2 if full else 1}".encode()).digest())
+    assert cert.serial_number == int.from_bytes(b"\x02" + tag + bytes(7) + b"\x63")
+    ski = pca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     b = (
         x509.CertificateBuilder()
-        .subject_name(PROFILE.subject("0123456789abcdef"))
-        .issuer_name(pki.pca.subject)
+        .subject_name(profile.subject("0123456789abcdef"))
+        .issuer_name(pca.subject)
         .public_key(key)
         .serial_number(cert.serial_number)
-        .not_valid_before(pki.pca.not_valid_before_utc)
-        .not_valid_after(PROFILE.not_after)
+        .not_valid_before(pca.not_valid_before_utc)
+        .not_valid_after(profile.not_after)
     )
-    for ext, critical in DEVICE.extensions(key, ski):
+    tail = profile.device_extensions("0123456789abcdef")
+    for ext, critical in DEVICE.extensions(key, ski, oem_arc=profile.oem_arc, tail=tail):
         b = b.add_extension(ext, critical=critical)
     expected = b.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
     assert cert.tbs_certificate_bytes == expected.tbs_certificate_bytes
     assert cert.signature_algorithm_oid == expected.signature_algorithm_oid
+    # a second device: every occurrence of the id was spliced
+    other = issuer.issue(key, "fedcba9876543210", 100)
+    assert b"0123456789abcdef" not in other.tbs_certificate_bytes
+    assert other.tbs_certificate_bytes.count(b"fedcba9876543210") == (3 if full else 2)
 
 
 def test_profiles_have_exact_extensions(pki: Pki) -> None:
     dev = pki.issuer.issue(_device_key(), DEVICE_ID, 1)
+    arc_dev = pki.arc_issuer.issue(_device_key(), DEVICE_ID, 1)
     client = ExtendedKeyUsageOID.CLIENT_AUTH
     for cert, ca, plen, eku, policy in [
         (pki.root, True, None, None, None),
-        (pki.pca, True, 0, None, oids.POLICY_PRODUCTION_CA),  # CAs: no EKU
+        (pki.pca, True, 0, None, None),  # CAs: no EKU; no policy without an OEM arc
+        (pki.arc_pca, True, 0, None, x509.ObjectIdentifier(f"{ARC}.2")),
         (pki.identity, False, None, [oids.EKU_ENCLAVE_IDENTITY], None),
-        (dev, False, None, [client, oids.EKU_DEVICE], None),
+        (dev, False, None, [client], None),
+        (arc_dev, False, None, [client, x509.ObjectIdentifier(f"{ARC}.1")], None),
     ]:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
         assert bc.critical and bc.value.ca is ca and bc.value.path_length == plen
@@ -305,6 +341,109 @@ def test_profiles_have_exact_extensions(pki: Pki) -> None:
     aki = dev.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ski = pki.pca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
+    # the default profile names no URI and no revocation source
+    for cls in (x509.SubjectAlternativeName, x509.CRLDistributionPoints,
+                x509.AuthorityInformationAccess):  # fmt: skip
+        with pytest.raises(x509.ExtensionNotFound):
+            dev.extensions.get_extension_for_class(cls)
+
+
+def test_full_profile_names_and_revocation_sources(pki: Pki) -> None:
+    """RFC 5280 §4.2.1.6 subjectAltName URI, §4.2.1.13 cRLDistributionPoints (a fullName
+    URI, no reasons, no cRLIssuer) and §4.2.2.1 authorityInfoAccess id-ad-ocsp, all
+    non-critical, exactly as the job's profile gives them."""
+    dev = pki.arc_issuer.issue(_device_key(), DEVICE_ID, 2)
+    san = dev.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert not san.critical
+    assert list(san.value) == [
+        x509.UniformResourceIdentifier(f"https://devices.example.com/thermostat/{DEVICE_ID}")
+    ]
+    cdp = dev.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    assert not cdp.critical
+    (dp,) = cdp.value
+    assert dp.full_name == [x509.UniformResourceIdentifier("http://pki.example.com/crl/job-2.crl")]
+    assert dp.reasons is None and dp.crl_issuer is None and dp.relative_name is None
+    aia = dev.extensions.get_extension_for_class(x509.AuthorityInformationAccess)
+    assert not aia.critical
+    assert list(aia.value) == [
+        x509.AccessDescription(
+            x509.oid.AuthorityInformationAccessOID.OCSP,
+            x509.UniformResourceIdentifier("http://ocsp.example.com/"),
+        )
+    ]
+    validate_device_chain(dev, pki.arc_pca, pki.root, job_id="job-2", profile=FULL)
+    # the pyca verifier's stock client policy (RFC 5280 + its defaults) accepts the device:
+    # it needs the subjectAltName (the default profile has none, and is refused)
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    verifier = PolicyBuilder().store(Store([pki.root])).build_client_verifier()
+    assert verifier.verify(dev, [pki.arc_pca]).subjects == list(san.value)
+    with pytest.raises(VerificationError, match="subjectAltName"):
+        verifier.verify(pki.issuer.issue(_device_key(), DEVICE_ID, 2), [pki.pca])
+
+
+def _oids_in(der: bytes) -> list[str]:
+    """Every OBJECT IDENTIFIER (X.690 §8.19) anywhere in a DER structure, dotted."""
+    found: list[str] = []
+
+    def walk(data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            tag, length = data[i], data[i + 1]
+            i += 2
+            if length & 0x80:
+                n = length & 0x7F
+                length = int.from_bytes(data[i : i + n], "big")
+                i += n
+            body = data[i : i + length]
+            i += length
+            if tag == 0x06:
+                arcs, value = [], 0
+                for byte in body:
+                    value = (value << 7) | (byte & 0x7F)
+                    if not byte & 0x80:
+                        arcs.append(value)
+                        value = 0
+                first = min(arcs[0] // 40, 2)
+                found.append(".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]])))
+            elif tag & 0x20 or tag in (0x03, 0x04) and body[:1] in (b"\x00", b"\x30"):
+                # constructed; a BIT/OCTET STRING that wraps DER (extension values, SPKI)
+                try:
+                    walk(body[1:] if tag == 0x03 else body)
+                except IndexError:
+                    pass  # not DER inside: plain bytes
+
+    walk(der)
+    return found
+
+
+def test_no_project_oid_reaches_the_field(pki: Pki) -> None:
+    """Root, production CAs, devices and their CRLs carry no OID of the project's UUID arc
+    and none wider than 31 bits per arc (Go's and GnuTLS's limit; issue 19)."""
+    from securethread.pki import refresh_crl
+
+    certs = [
+        pki.root,
+        pki.pca,
+        pki.arc_pca,
+        pki.issuer.issue(_device_key(), DEVICE_ID, 3),
+        pki.arc_issuer.issue(_device_key(), DEVICE_ID, 3),
+    ]
+    crls = [
+        refresh_crl(pki.prog.private_key("pca-job-2"), pki.arc_pca),
+        refresh_crl(_root_key(pki), pki.root),
+    ]
+    ders = [to_der(c) for c in certs] + [
+        x509.load_pem_x509_crl(c).public_bytes(serialization.Encoding.DER) for c in crls
+    ]
+    found = [oid for der in ders for oid in _oids_in(der)]
+    # the walker reaches inside extension values: key purposes, the OEM's purpose and policy
+    assert {"1.3.6.1.5.5.7.3.2", f"{ARC}.1", f"{ARC}.2", "2.5.29.20"} <= set(found)
+    for oid in found:
+        assert not oid.startswith("2.25."), oid
+        assert all(int(a) < 1 << 31 for a in oid.split(".")), oid
+    # the walker does see the enclave certificates' project arc (internal only)
+    assert any(o.startswith(f"{oids.ARC}.") for o in _oids_in(to_der(pki.identity)))
 
 
 @pytest.mark.parametrize(
@@ -744,37 +883,142 @@ def _resign(
     return b.sign(key, hashes.SHA384() if key.curve.key_size == 384 else hashes.SHA256())
 
 
-def test_ca_role_is_the_policy_and_no_key_purpose(pki: Pki) -> None:
-    """A CA with an EKU (the old profile), or without the production-CA policy, is refused."""
+def test_ca_role_is_ca_path_len_zero_and_no_key_purpose(pki: Pki) -> None:
+    """A production CA is cA with pathLen 0, no EKU and at most the OEM's policy: one with an
+    EKU, the root, or one with the retired project policy or a policy outside an OEM arc is
+    refused; the job's profile pins the policy (present with an arc, absent without)."""
     rk = _root_key(pki).as_cryptography()
+    retired = x509.ObjectIdentifier(f"{oids.ARC}.1.2")  # the old production-CA key purpose
     with_eku = _resign(
-        pki.pca,
-        rk,
-        drop=x509.ExtendedKeyUsage,
-        add=x509.ExtendedKeyUsage([oids.EKU_PRODUCTION_CA]),
+        pki.pca, rk, drop=x509.ExtendedKeyUsage, add=x509.ExtendedKeyUsage([retired])
     )
-    no_policy = _resign(pki.pca, rk, drop=x509.CertificatePolicies)
-    other_policy = _resign(
-        pki.pca,
-        rk,
-        drop=x509.CertificatePolicies,
-        add=x509.CertificatePolicies([x509.PolicyInformation(oids.EKU_DEVICE, None)]),
-    )
+
+    def with_policy(oid: str) -> x509.Certificate:
+        policy = x509.PolicyInformation(x509.ObjectIdentifier(oid), None)
+        return _resign(
+            pki.pca, rk, drop=x509.CertificatePolicies, add=x509.CertificatePolicies([policy])
+        )
+
+    old_policy = with_policy(f"{oids.ARC}.3.1")  # the wave-2 profile
+    not_an_oem_arc = with_policy("2.5.29.32.0")  # anyPolicy
+    purpose_not_policy = with_policy(f"{ARC}.1")
     dev = pki.issuer.issue(_device_key(), DEVICE_ID, 12)
-    for bad in (with_eku, no_policy, other_policy, pki.root):
+    for bad in (with_eku, old_policy, not_an_oem_arc, purpose_not_policy, pki.root):
         with pytest.raises(WrongPurposeError):
             validate_device_chain(dev, bad, pki.root)
     from securethread.pki import DeviceChainValidator
 
     with pytest.raises(WrongPurposeError, match="carries key purposes"):
         DeviceChainValidator(with_eku, pki.root)
-    # the device must carry id-kp-clientAuth and the device purpose, in that order
+    with pytest.raises(WrongPurposeError, match="pathLen None"):
+        DeviceChainValidator(pki.root, pki.root)
+    # the job's profile pins the policy both ways
+    with pytest.raises(ProfileMismatchError, match="policies"):
+        DeviceChainValidator(pki.pca, pki.root, profile=FULL)
+    with pytest.raises(ProfileMismatchError, match="policies"):
+        DeviceChainValidator(pki.arc_pca, pki.root, profile=PROFILE)
+    with pytest.raises(ProfileMismatchError):
+        _issuer(pki.prog, "pca-job-1", pki.pca, "job-1", FULL)  # a CA without the arc's policy
+
+
+@pytest.mark.parametrize(
+    "eku",
+    [
+        [f"{ARC}.1"],  # the OEM purpose alone
+        ["1.3.6.1.5.5.7.3.2", f"{oids.ARC}.1.1"],  # the retired project device purpose
+        ["1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.1"],  # + serverAuth
+        ["1.3.6.1.5.5.7.3.2", f"{ARC}.2"],  # the OEM policy number as a purpose
+        ["1.3.6.1.5.5.7.3.2", f"{ARC}.1", f"{ARC}.1"],
+        [f"{ARC}.1", "1.3.6.1.5.5.7.3.2"],  # order
+    ],
+)
+def test_device_key_purposes(pki: Pki, eku: list[str]) -> None:
+    """A device carries id-kp-clientAuth, then at most the OEM's purpose (<arc>.1)."""
     pk = pki.prog.private_key("pca-job-1").as_cryptography()
-    only_device = _resign(
-        dev, pk, drop=x509.ExtendedKeyUsage, add=x509.ExtendedKeyUsage([oids.EKU_DEVICE])
+    dev = pki.issuer.issue(_device_key(), DEVICE_ID, 13)
+    bad = _resign(
+        dev,
+        pk,
+        drop=x509.ExtendedKeyUsage,
+        add=x509.ExtendedKeyUsage([x509.ObjectIdentifier(o) for o in eku]),
     )
     with pytest.raises(WrongPurposeError):
-        validate_device_chain(only_device, pki.pca, pki.root)
+        validate_device_chain(bad, pki.pca, pki.root)
+
+
+def _with_extension(pki: Pki, dev: x509.Certificate, ext: x509.ExtensionType) -> x509.Certificate:
+    pk = pki.prog.private_key("pca-job-2").as_cryptography()
+    return _resign(dev, pk, drop=type(ext), add=ext)
+
+
+def test_device_names_and_sources_have_one_uri_each(pki: Pki) -> None:
+    dev = pki.arc_issuer.issue(_device_key(), DEVICE_ID, 14)
+    uri = x509.UniformResourceIdentifier
+    bad = [
+        x509.SubjectAlternativeName([uri("urn:dev:os:32473-0000000000000001")]),  # another id
+        x509.SubjectAlternativeName([uri(f"urn:a:{DEVICE_ID}"), uri(f"urn:b:{DEVICE_ID}")]),
+        x509.SubjectAlternativeName([x509.DNSName(f"{DEVICE_ID}.example.com")]),
+        x509.CRLDistributionPoints(
+            [
+                x509.DistributionPoint([uri("http://a.example/c.crl")], None, None, None),
+                x509.DistributionPoint([uri("http://b.example/c.crl")], None, None, None),
+            ]
+        ),
+        x509.CRLDistributionPoints(
+            [
+                x509.DistributionPoint(
+                    [uri("http://a.example/c.crl")],
+                    None,
+                    frozenset({x509.ReasonFlags.key_compromise}),
+                    None,
+                )
+            ]
+        ),
+        x509.AuthorityInformationAccess(
+            [
+                x509.AccessDescription(
+                    x509.oid.AuthorityInformationAccessOID.CA_ISSUERS, uri("http://a.example/")
+                )
+            ]
+        ),
+    ]
+    for ext in bad:
+        with pytest.raises(CertificateError):
+            validate_device_chain(_with_extension(pki, dev, ext), pki.arc_pca, pki.root)
+    # well-formed but not what the job's profile says: refused only against the profile
+    other = x509.AuthorityInformationAccess(
+        [
+            x509.AccessDescription(
+                x509.oid.AuthorityInformationAccessOID.OCSP, uri("http://rogue.example/")
+            )
+        ]
+    )
+    rogue = _with_extension(pki, dev, other)
+    validate_device_chain(rogue, pki.arc_pca, pki.root)
+    with pytest.raises(ProfileMismatchError, match="not the job's"):
+        validate_device_chain(rogue, pki.arc_pca, pki.root, profile=FULL)
+    from securethread.pki import DeviceChainValidator
+
+    validator = DeviceChainValidator(pki.arc_pca, pki.root, job_id="job-2", profile=FULL)
+    validator.validate(dev)
+    with pytest.raises(ProfileMismatchError):
+        validator.validate(rogue)
+    # the job's subject and notAfter too
+    renamed = DeviceProfile(**{**attrs.asdict(FULL), "product": "Kettle"})
+    with pytest.raises(ProfileMismatchError, match="subject"):
+        validate_device_chain(dev, pki.arc_pca, pki.root, profile=renamed)
+
+
+def test_job_id_is_read_only_from_a_production_ca_name(pki: Pki) -> None:
+    """The job is the production CA's organizationalUnitName; a device (OU = product) or an
+    enclave (OU = role) never yields a job id."""
+    assert job_id_of(pki.pca) == "job-1" and job_id_of(pki.arc_pca) == "job-2"
+    assert pki.pca.subject.rfc4514_string() == (
+        f"CN=securethread production CA,OU=job-1,O={ORG}"
+    )
+    for cert in (pki.issuer.issue(_device_key(), DEVICE_ID, 15), pki.identity, pki.root):
+        with pytest.raises(NameNotAllowedError, match="not a production CA name"):
+            job_id_of(cert)
 
 
 def test_cryptography_verifier_enforces_purpose_on_its_own(pki: Pki) -> None:
@@ -785,9 +1029,12 @@ def test_cryptography_verifier_enforces_purpose_on_its_own(pki: Pki) -> None:
 
     now = datetime.datetime.now(UTC)
     dev = pki.issuer.issue(_device_key(), DEVICE_ID, 8)
-    build_verifier(pki.root, purpose=oids.EKU_DEVICE, at=now).verify(dev, [pki.pca])
+    client = ExtendedKeyUsageOID.CLIENT_AUTH
+    build_verifier(pki.root, purpose=client, at=now).verify(dev, [pki.pca])
+    arc_dev = pki.arc_issuer.issue(_device_key(), DEVICE_ID, 8)
+    build_verifier(pki.root, purpose=client, at=now).verify(arc_dev, [pki.arc_pca])
     with pytest.raises(VerificationError):
-        build_verifier(pki.root, purpose=oids.EKU_DEVICE, at=now).verify(pki.identity, [])
+        build_verifier(pki.root, purpose=client, at=now).verify(pki.identity, [])
     with pytest.raises(VerificationError):
         build_verifier(pki.root, purpose=oids.EKU_ENCLAVE_IDENTITY, at=now).verify(dev, [pki.pca])
 

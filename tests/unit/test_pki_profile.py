@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import attrs
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -96,6 +97,31 @@ _GOOD: dict[str, Any] = {
         ({"not_after": -1}, "not_after"),
         ({"not_after": True}, "not_after"),
         ({"not_after": 1.5e9}, "not_after"),
+        ({"uri_template": "urn:dev:os:32473-device"}, "URI template"),  # no {device_id}
+        ({"uri_template": "urn:x:{device_id}{device_id}"}, "URI template"),
+        ({"uri_template": "{device_id}"}, "absolute URI"),  # no scheme
+        ({"uri_template": "devices/{device_id}"}, "absolute URI"),
+        ({"uri_template": "https://devices.example/{device_id} x"}, "absolute URI"),
+        ({"uri_template": "https://devices.example/é/{device_id}"}, "absolute URI"),
+        ({"uri_template": "https:///{device_id}"}, "host"),
+        ({"uri_template": "urn:{device_id}"}, "URN"),
+        ({"uri_template": "urn:x:" + "a" * 250 + "{device_id}"}, "URI"),
+        ({"uri_template": 7}, "uri_template must be a string"),
+        ({"crl_url": "https://pki.example/job.crl"}, "http://"),
+        ({"crl_url": "ldap://pki.example/cn=job"}, "http://"),
+        ({"crl_url": "http://"}, "host"),
+        ({"crl_url": "http://pki.example/{device_id}.crl"}, "absolute URI"),
+        ({"crl_url": ""}, "crl_url"),
+        ({"ocsp_url": "https://ocsp.example/"}, "http://"),
+        ({"ocsp_url": "http://ocsp example/"}, "absolute URI"),
+        ({"oem_arc": "2.25.207020730509700419229912614853397683814"}, "1.3.6.1.4.1"),
+        ({"oem_arc": "1.3.6.1.5.5.7.3"}, "1.3.6.1.4.1"),  # a standard arc: .1 = serverAuth
+        ({"oem_arc": "1.3.6.1.4.1"}, "1.3.6.1.4.1"),  # no enterprise number
+        ({"oem_arc": "1.3.6.1.4.1.2147483648"}, "2147483647"),  # 32 bits: Go cannot parse it
+        ({"oem_arc": "1.3.6.1.4.1." + ".".join(["1"] * 11)}, "at most 16 arcs"),
+        ({"oem_arc": "1.3.6.1.4.1.01"}, "dotted-decimal"),
+        ({"oem_arc": "1.3.6.1.4.1.32473."}, "dotted-decimal"),
+        ({"oem_arc": 32473}, "oem_arc must be a string"),
     ],
 )
 def test_from_map_refuses(change: dict[str, Any], why: str) -> None:
@@ -144,3 +170,28 @@ def test_subject_needs_a_device_id(device_id: Any) -> None:
 
     with pytest.raises(NameNotAllowedError):
         DeviceProfile(organisation="Acme").subject(device_id)
+
+
+def test_names_and_revocation_sources_in_the_map() -> None:
+    """The optional fields round-trip; the OEM arc alone gives RFC 9039's organisation-serial
+    URN (urn:dev:os:<PEN>-<serial>), an explicit template wins."""
+    p = DeviceProfile(
+        organisation="Acme",
+        crl_url="http://pki.acme.example:8080/crl/job-7.crl",
+        ocsp_url="http://[2001:db8::1]/ocsp",
+        oem_arc="1.3.6.1.4.1.32473.7",
+    )
+    assert p.to_map() == _GOOD | {
+        "crl_url": "http://pki.acme.example:8080/crl/job-7.crl",
+        "ocsp_url": "http://[2001:db8::1]/ocsp",
+        "oem_arc": "1.3.6.1.4.1.32473.7",
+    }
+    assert DeviceProfile.from_map(p.to_map()) == p
+    assert p.device_uri(DEVICE_ID) == f"urn:dev:os:32473-{DEVICE_ID}"
+    assert p.production_ca_policy == x509.ObjectIdentifier("1.3.6.1.4.1.32473.7.2")
+    named = attrs.evolve(p, uri_template="https://devices.acme.example/{device_id}?v=1")
+    assert named.device_uri(DEVICE_ID) == f"https://devices.acme.example/{DEVICE_ID}?v=1"
+    assert DeviceProfile.from_map(named.to_map()) == named
+    plain = DeviceProfile(organisation="Acme")
+    assert plain.device_uri(DEVICE_ID) is None and plain.production_ca_policy is None
+    assert plain.device_extensions(DEVICE_ID) == []
