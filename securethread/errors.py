@@ -49,6 +49,14 @@ class TokenExistsError(ConfigurationError):
     """A token with this label already exists where a new one was to be initialised."""
 
 
+class InsecurePinFileError(ConfigurationError):
+    """A PIN file can be read or written by users other than its owner."""
+
+
+class WorkdirEscapeError(ConfigurationError):
+    """A work directory's token configuration points outside the directory."""
+
+
 # --- token trouble ---------------------------------------------------------------------
 
 
@@ -70,6 +78,11 @@ class KeyNotFoundError(HSMError):
 
 class DuplicateObjectError(HSMError):
     """An object with this label already exists where a new one was to be created."""
+
+
+class TokenRecordError(HSMError):
+    """A record the library keeps in a token (a CA's revocation state) is unreadable, or
+    changed under a step that was updating it."""
 
 
 class KeyPolicyError(Error):

@@ -318,11 +318,16 @@ class PartyDir:
 
         The PKCS#11 module reads ``SOFTHSM2_CONF`` once per process, so one process works
         with one party's tokens; refusing a second party here avoids opening the wrong
-        token by label.
+        token by label.  The configuration is made to name this directory's own tokens
+        first, so a copied or moved directory never uses the original's
+        (:meth:`softhsm_config.TokenDirectory.localise`).
         """
+        from softhsm_config import TokenDirectory
+
         conf = self.hsm / "softhsm2.conf"
         if not conf.is_file():
             raise WrongWorkdirError(f"no SoftHSM configuration at {str(conf)!r}")
+        TokenDirectory(self.hsm).localise()
         global _active_conf
         if _active_conf is not None and _active_conf != conf:
             raise ConfigurationError(

@@ -38,8 +38,9 @@ from securethread.errors import (
     PinMissingError,
     TokenDirectoryError,
     TokenExistsError,
+    WorkdirEscapeError,
 )
-from securethread.hsm.filestore import FileStore, TokenFile, replace_file
+from securethread.hsm.filestore import FileStore, TokenFile, _parse_conf, replace_file
 from securethread.hsm.pin import (
     PINS_FILE_ENV,
     PinCallback,
@@ -95,11 +96,43 @@ class TokenDirectory:
         if not self.tokendir.is_dir():
             raise TokenDirectoryError(f"token directory {str(self.tokendir)!r} does not exist")
 
+    def localise(self) -> None:
+        """Make the configuration name this directory's own ``tokens/``.
+
+        ``directories.tokendir`` is an absolute path, so a directory copied (``cp -a``) or
+        moved would go on using the original's tokens while its files go to the copy.  A
+        configuration naming any other token directory is written again from the template
+        for this one; a ``tokens/`` that resolves outside the directory (a symbolic link) is
+        refused (:class:`~securethread.errors.WorkdirEscapeError`), never used.
+        """
+        self.check()
+        root = self.root.resolve()
+        own = self.tokendir.resolve()
+        if not own.is_relative_to(root):
+            raise WorkdirEscapeError(
+                f"token directory {str(self.tokendir)!r} resolves to {str(own)!r}, outside "
+                f"{str(root)!r}: a work directory uses only its own tokens"
+            )
+        if self._names(own):
+            return
+        with self.store.lock():  # one writer, if several processes open the copy at once
+            if not self._names(own):
+                replace_file(self.conf, _conf_text(own).encode())
+
+    def _names(self, tokendir: Path) -> bool:
+        """Whether the configuration is a file naming ``tokendir`` (SoftHSM 2.6: the only
+        path it reads from its configuration is ``directories.tokendir``)."""
+        if self.conf.is_symlink():
+            return False
+        named = _parse_conf(self.conf.read_text()).get("directories.tokendir")
+        return named is not None and Path(named) == tokendir
+
     def activate(self) -> None:
         """Point SoftHSM2 at this directory (``SOFTHSM2_CONF``, read when the module loads)
         and name the party's PIN file for :func:`~securethread.hsm.pin.resolve_pin`
-        (``SECURETHREAD_PINS_FILE``: a path; no PIN is put in the environment)."""
-        self.check()
+        (``SECURETHREAD_PINS_FILE``: a path; no PIN is put in the environment).  The
+        configuration is made to name this directory's tokens first (:meth:`localise`)."""
+        self.localise()
         os.environ["SOFTHSM2_CONF"] = str(self.conf)
         if self.pins_file.is_file():
             os.environ[PINS_FILE_ENV] = str(self.pins_file)
@@ -164,9 +197,13 @@ def _check_pin(label: str, pin: object) -> str:
     return pin
 
 
+def _conf_text(tokendir: Path) -> str:
+    return template_text().replace("@TOKENDIR@", str(tokendir))
+
+
 def _write_conf(tdir: TokenDirectory) -> None:
     tdir.tokendir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    conf = template_text().replace("@TOKENDIR@", str(tdir.tokendir))
+    conf = _conf_text(tdir.tokendir)
     if not tdir.conf.exists() or tdir.conf.read_text() != conf:
         tdir.conf.write_text(conf)
 

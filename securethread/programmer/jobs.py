@@ -43,8 +43,9 @@ from securethread.pki import (
     load_der,
 )
 from securethread.programmer import layout as L
+from securethread.programmer.crl_mark import RevocationAnchor
 from securethread.programmer.quota_mark import open_store
-from securethread.programmer.revoke import first_crl
+from securethread.programmer.revoke import first_crl, mark_opened
 from securethread.programmer.runner import RunLock
 from securethread.programmer.store import SQLiteStore
 from securethread.workdir import (
@@ -66,6 +67,8 @@ def request_ca(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
     work.refuse_done(f"{jdir}/production-ca.csr", step=f"request-ca {job_id}")
     token = work.open_token(L.TOKEN)
     label = L.production_ca_label(job_id)
+    # A job this token opened keeps its production-CA key, whatever files were deleted.
+    RevocationAnchor(token, job_id).refuse_new_key()
     # A key left by a request-ca killed before it wrote its CSR is this step's own (its label
     # names this job and no CSR for it exists): remove it and make a fresh one.
     token.destroy(label)
@@ -137,6 +140,8 @@ def open_job(
             )
         raise JobError(f"job id {job_id} is already open here with another job")
     token = work.open_token(L.TOKEN)
+    # The token remembers every job it opened, whatever files were deleted (crl_mark).
+    RevocationAnchor(token, job_id).check_opening(job.sha256)
     pca = _production_ca(work, package.production_ca, job, token)
     manifest = _manifest(work, package.manifest, job)
     _device_trust(work, package.device_trust, job, manifest)
@@ -177,8 +182,9 @@ def open_job(
         details={"job": job_id, "quota": job.job.quota},
     )
     # The job's first, empty CRL: relying parties can check revocation from the first device.
-    written.append(first_crl(work, token, job_id))
+    written.extend(first_crl(work, token, job))
     written.append(work.write(f"{jdir}/job.bin", job.signed))  # last: marks the job open
+    mark_opened(work, token, job_id)  # ... and the token: it never opens again here
     return work.finish(
         "programmer open-job",
         written,
