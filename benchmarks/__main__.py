@@ -205,6 +205,7 @@ def _ledger_items(n: int, key: Any, job: bytes) -> Iterator[tuple[str, bytes]]:
                 time=1_700_000_000 + i,
                 cert=b"cert%d" % i,
                 license_sha256=b"\x01" * 32,
+                vendor_ca=b"\x02" * 32,
             )  # fmt: skip
             for i in range(seq, seq + k)
         ]

@@ -77,6 +77,7 @@ def make_world(oem: Any, prog: Any, work: Path, quota: int, *, chips: int = 0) -
 
     from securethread.device.vendor import SiliconVendor
     from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_device_trust
+    from securethread.formats.identity import vendor_ca_id
     from securethread.formats.image import master_image
     from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
     from securethread.formats.ledger import sha256
@@ -135,13 +136,14 @@ def make_world(oem: Any, prog: Any, work: Path, quota: int, *, chips: int = 0) -
     install_certificate(prog, LABELS["production_ca"], pca)
     (work / "production-ca.pem").write_bytes(pca.public_bytes(serialization.Encoding.PEM))
     t = int(not_before.timestamp())
+    vendor = SiliconVendor()
     job = ProductionJob(
         job_id=JOB_ID, device_class=DEVICE_CLASS,
         targets=Targets(ranges=((DEVICE_BASE, DEVICE_BASE + max(quota, chips) + 1000),)),
         quota=quota, not_before=t, not_after=t + 30 * 86400, image_id=IMAGE_ID,
         manifest_sha256=sha256(manifest), programmer=cert_fingerprint(identity), threshold=2,
         certificate=DeviceProfile(organisation="securethread benchmarks"),
-        production_ca=sha256(der(pca)),
+        production_ca=sha256(der(pca)), vendors=(vendor_ca_id(vendor.root_certificate),),
     )  # fmt: skip
     signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
     verified = verify_job(signed, officers=[o.public_key() for o in officers],
@@ -151,7 +153,6 @@ def make_world(oem: Any, prog: Any, work: Path, quota: int, *, chips: int = 0) -
                     firmware_signing_key=fw.public_key(), min_security_counter=SECURITY_COUNTER),
         root_key,
     )  # fmt: skip
-    vendor = SiliconVendor()
     (work / "programmer").mkdir(parents=True, exist_ok=True)
     config = RunConfig(
         job=verified, manifest=manifest, firmware_key=spki_der(fw.public_key()),

@@ -297,7 +297,7 @@ def programmer_provision(a: argparse.Namespace) -> int:
         r = provision_simulated(
             a.workdir,
             job_id=a.job,
-            vendor=a.vendor,
+            chips_from=a.chips_from,
             devices=a.devices,
             first=a.first,
             workers=a.workers,
@@ -679,10 +679,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--job", required=True, help="the job to produce")
     c.add_argument(
+        "--chips-from",
         "--vendor",
+        dest="chips_from",
         required=True,
         metavar="DIR",
-        help="the simulated silicon vendor's directory (chips come from it)",
+        help="the simulated fab's directory the chips on the line come from (it decides no "
+        "trust: the line accepts only chips of the vendor CAs the job names)",
     )
     c.add_argument("--devices", type=int, required=True, help="chips in the batch")
     c.add_argument(

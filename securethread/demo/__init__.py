@@ -139,11 +139,11 @@ class _Sites:
         return dst
 
 
-def _job_spec(quota: int, targets: int) -> str:
+def _job_spec(quota: int, targets: int, *, vendor: str) -> str:
     last = FIRST_UID + targets - 1
     return (
         f'job_id = "{JOB_ID}"\nprogrammer = "{FACTORY_NAME}"\nimage = "{IMAGE_ID}"\n'
-        f"quota = {quota}\n\n[targets]\n"
+        f'quota = {quota}\nvendors = ["{vendor}"]\n\n[targets]\n'
         f'ranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n\n[window]\ndays = 7\n\n'
         '[certificate]\norganisation = "Demo OEM Ltd"\nproduct = "sensor-v1"\n'
         'common_name = "{device_id}"\n'
@@ -196,6 +196,9 @@ def run_demo(
     # The silicon vendor takes the OEM's order: chips burnt with the OEM root's hash.
     vendor_root = s.carry(oem / "root-ca.pem", "vendor")
     s.run("vendor", "init", "--workdir", "vendor", "--oem-root", str(vendor_root))
+    # The vendor's device-identity CA goes to the OEM, who names it in the job: the line
+    # accepts chips of the fabs the OEM signed for, never one the operator brings.
+    vendor_ca = s.carry(root / "vendor" / "root-ca.pem", "oem")
 
     # flow 3: mastering at the OEM.
     (oem / "firmware.bin").write_bytes(os.urandom(firmware_size))
@@ -219,7 +222,7 @@ def run_demo(
     s.run("programmer", "request-ca", "--workdir", "factory", "--job", JOB_ID)
     ca_request = s.carry(fac / "outbox" / f"production-ca-request-{JOB_ID}.bin", "oem")
     spec = oem / f"{JOB_ID}.toml"
-    spec.write_text(_job_spec(devices, devices))
+    spec.write_text(_job_spec(devices, devices, vendor=str(vendor_ca)))
     s.run("oem", "issue-job", "--workdir", "oem", str(spec), "--ca-request", str(ca_request))
     package = s.carry(oem / "outbox" / f"job-{JOB_ID}.bin", "factory")
     image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
@@ -227,7 +230,7 @@ def run_demo(
 
     # flows 7-8: the line.
     prov = s.run(
-        "programmer", "provision", "--workdir", "factory", "--job", JOB_ID, "--vendor",
+        "programmer", "provision", "--workdir", "factory", "--job", JOB_ID, "--chips-from",
         str(root / "vendor"), "--devices", str(devices), "--workers", str(workers),
         "--progress", "none",
     )  # fmt: skip

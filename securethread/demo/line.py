@@ -4,7 +4,8 @@ A real line talks to real chips through a programming adapter; here the chips ar
 :class:`securethread.device.ChipSpec` simulations made by a software fab that lives in a
 directory of its own::
 
-    <vendor>/root-ca.pem     the fab's device-identity CA certificate (the line trusts it)
+    <vendor>/root-ca.pem     the fab's device-identity CA certificate (the OEM names it in
+                             a job spec's ``vendors``; the line trusts it only through a job)
     <vendor>/vendor-key.pem  the fab's CA key (0600; a simulation's key, kept to reload it)
     <vendor>/chip-seed       seed the simulated chip keys derive from (0600), so that the
                              chip with a given UID is the same chip in every run (a resumed
@@ -101,7 +102,7 @@ def provision_simulated(
     workdir: str | os.PathLike[str],
     *,
     job_id: str,
-    vendor: str | os.PathLike[str],
+    chips_from: str | os.PathLike[str],
     devices: int,
     first: int = 0,
     workers: int = 1,
@@ -109,13 +110,15 @@ def provision_simulated(
     progress: Callable[[Any], None] | None = None,
 ) -> StepResult:
     """``programmer provision``: chips ``first`` .. ``first + devices - 1`` of the job's
-    first target range, from the simulated fab in ``vendor``, through the programmer's line."""
+    first target range, from the simulated fab in ``chips_from``, through the programmer's
+    line.  The fab only supplies the chips: the line accepts them only if the job names the
+    fab's CA (a fab the OEM did not name has its chips refused at identification)."""
     from securethread.programmer import job_targets, provision
 
     for name, value, low in (("--devices", devices, 1), ("--first", first, 0)):
         if value < low:
             raise ConfigurationError(f"{name} must be at least {low}")
-    fab = SimulatedFab(vendor)
+    fab = SimulatedFab(chips_from)
     targets = job_targets(workdir, job_id)
     base = targets.ranges[0][0] if targets.ranges else int(min(targets.explicit), 16)
     if base + first + devices > 1 << 64:
@@ -125,7 +128,6 @@ def provision_simulated(
         workdir,
         job_id=job_id,
         chips=chips,
-        vendor_roots=[fab.root_certificate],
         workers=workers,
         batch_size=batch_size,
         progress=progress,

@@ -14,7 +14,12 @@ under a pinned vendor root): issuer name = a trusted root's subject, the vendor'
 ECDSA verify), validity period, key usage digitalSignature and not a CA, the subject CN binds
 the device id, the certified key is the answering key, then proof of possession over the
 programmer's challenge (the second ECDSA verify).  Each failure is its own
-:class:`DeviceRefusedError` subclass.
+:class:`DeviceRefusedError` subclass.  What it proved includes *which* vendor CA certified
+the chip (:attr:`DeviceIdentity.vendor_ca`), which the ledger records.
+
+Which vendor roots are trusted is the OEM's decision, not the line's: a job names its vendor
+CAs by :func:`vendor_ca_id` (SHA-256 of the CA's SubjectPublicKeyInfo) inside what the
+officers sign, and :func:`check_vendor_cas` admits exactly those certificates.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import datetime
 import hmac
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -33,9 +38,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
-from securethread.errors import DeviceRefusedError, FormatError
+from securethread.errors import DeviceRefusedError, FormatError, JobError
 from securethread.formats import cbor
-from securethread.keys.ecutil import spki_der
+from securethread.keys.ecutil import fingerprint, spki_der
 from securethread.keys.policy import Curve
 from securethread.pki import untrusted
 
@@ -50,10 +55,13 @@ __all__ = [
     "KeyMismatchError",
     "ProofOfPossessionError",
     "UnknownVendorError",
+    "VendorCAError",
     "VendorCertificateError",
     "check_device_id",
+    "check_vendor_cas",
     "new_challenge",
     "pop_payload",
+    "vendor_ca_id",
     "verify_identification",
 ]
 
@@ -78,7 +86,12 @@ class ChallengeMismatchError(DeviceRefusedError):
 
 
 class UnknownVendorError(DeviceRefusedError):
-    """The vendor certificate's issuer is not a trusted silicon-vendor root."""
+    """The vendor certificate is not issued by a vendor CA the job names."""
+
+
+class VendorCAError(JobError):
+    """Vendor CA certificates are not exactly the ones the job names (one is missing,
+    another CA's, named twice, or not a CA certificate)."""
 
 
 class VendorCertificateError(DeviceRefusedError):
@@ -179,25 +192,89 @@ class IdentificationResponse:
         )
 
 
+def vendor_ca_id(cert: x509.Certificate) -> bytes:
+    """A vendor CA's identity in jobs and ledgers: SHA-256 of its DER SubjectPublicKeyInfo.
+
+    The key, not the certificate: the key is what verifies a chip's certificate, and a
+    vendor that re-issues its root certificate (new validity, same key) stays the same CA."""
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise VendorCAError("a vendor CA certificate must hold an EC key")
+    return fingerprint(key)
+
+
+def check_vendor_cas(
+    certificates: Sequence[bytes], *, named: Collection[bytes], what: str
+) -> tuple[x509.Certificate, ...]:
+    """Parse vendor CA certificates (DER, hardened loader) and return them once they are
+    exactly the CAs ``named`` (a job's ``vendors``): each named CA once, nothing else.
+
+    The certificates travel and are stored beside the job; only the job's hashes, which
+    the officers signed, decide that they are trusted."""
+    found: dict[bytes, x509.Certificate] = {}
+    for i, der in enumerate(certificates):
+        try:
+            cert = untrusted.load_certificate(der, what=f"{what} {i}")
+        except FormatError as exc:
+            raise VendorCAError(str(exc)) from None
+        ca_id = vendor_ca_id(cert)
+        who = f"{what} {i} ({cert.subject.rfc4514_string()}, key {ca_id.hex()[:16]})"
+        if ca_id not in named:
+            raise VendorCAError(f"{who} is not a vendor CA the job names")
+        if ca_id in found:
+            raise VendorCAError(f"{who} is given twice")
+        _check_ca_profile(cert, who)
+        found[ca_id] = cert
+    missing = sorted(set(named) - set(found))
+    if missing:
+        raise VendorCAError(
+            f"{what}: no certificate for the job's vendor CA {missing[0].hex()[:16]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    return tuple(found[n] for n in sorted(named))
+
+
+def _check_ca_profile(cert: x509.Certificate, who: str) -> None:
+    """A vendor CA certifies chips: basicConstraints cA and keyCertSign (RFC 5280 §4.2.1.9,
+    §4.2.1.3), so a chip's own certificate cannot be named in its place by mistake."""
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise VendorCAError(f"{who} lacks {exc.oid.dotted_string}: not a CA certificate") from None
+    if not bc.ca or not ku.key_cert_sign:
+        raise VendorCAError(f"{who} is not a CA certificate (cA and keyCertSign)")
+
+
 @attrs.frozen
 class DeviceIdentity:
-    """A device that proved its identity: what the programmer acts on next."""
+    """A device that proved its identity: what the programmer acts on next.
+
+    ``vendor_ca`` is :func:`vendor_ca_id` of the vendor CA whose signature on
+    ``vendor_certificate`` verified."""
 
     device_id: str
     public_key: ec.EllipticCurvePublicKey
     vendor_certificate: x509.Certificate
+    vendor_ca: bytes
 
 
 class IdentityVerifier:
-    """Verifies identification responses under a fixed set of vendor roots (built once)."""
+    """Verifies identification responses under a fixed set of vendor roots (built once).
+
+    The roots are the ones the job names (:func:`check_vendor_cas`); two roots may share a
+    subject name (a re-keyed fab): each is tried, the one whose signature verifies is the
+    chip's vendor CA."""
 
     def __init__(self, vendor_roots: Iterable[x509.Certificate]) -> None:
-        self._roots: dict[bytes, ec.EllipticCurvePublicKey] = {}
+        self._roots: dict[bytes, list[tuple[ec.EllipticCurvePublicKey, bytes]]] = {}
         for root in vendor_roots:
             key = root.public_key()
             if not isinstance(key, ec.EllipticCurvePublicKey):
                 raise ValueError("vendor roots must have EC keys")
-            self._roots[root.subject.public_bytes()] = key
+            self._roots.setdefault(root.subject.public_bytes(), []).append(
+                (key, fingerprint(key))
+            )
         if not self._roots:
             raise ValueError("at least one vendor root is needed")
 
@@ -219,12 +296,13 @@ class IdentityVerifier:
             )
         except FormatError as exc:
             raise IdentificationFormatError(str(exc)) from None
-        root_key = self._roots.get(cert.issuer.public_bytes())
-        if root_key is None:
+        candidates = self._roots.get(cert.issuer.public_bytes())
+        if candidates is None:
             raise UnknownVendorError(
-                f"device {r.device_id}: vendor certificate issued by unknown {cert.issuer}"
+                f"device {r.device_id}: vendor certificate issued by "
+                f"{cert.issuer.rfc4514_string()!r}, not a vendor CA this job names"
             )
-        self._check_vendor_cert(cert, root_key, r.device_id, at)
+        vendor_ca = self._check_vendor_cert(cert, candidates, r.device_id, at)
         # The answering key must be the certified key byte for byte; the certificate's
         # parsed key is then the one to verify with (no second parse of the same SPKI).
         key = cert.public_key()
@@ -242,7 +320,7 @@ class IdentityVerifier:
             raise ProofOfPossessionError(
                 f"device {r.device_id}: proof of possession does not verify"
             ) from None
-        return DeviceIdentity(r.device_id, key, cert)
+        return DeviceIdentity(r.device_id, key, cert, vendor_ca)
 
     @staticmethod
     def _check_answering_key(r: IdentificationResponse) -> None:
@@ -256,20 +334,28 @@ class IdentityVerifier:
     @staticmethod
     def _check_vendor_cert(
         cert: x509.Certificate,
-        root_key: ec.EllipticCurvePublicKey,
+        candidates: Sequence[tuple[ec.EllipticCurvePublicKey, bytes]],
         device_id: str,
         at: datetime.datetime | None,
-    ) -> None:
+    ) -> bytes:
+        """Check the chip's vendor certificate; return the id of the CA that signed it."""
         who = f"device {device_id}"
         algorithm = _SIG_HASHES.get(cert.signature_algorithm_oid)
         if algorithm is None:
             raise VendorCertificateError(f"{who}: vendor certificate uses an unexpected algorithm")
-        try:
-            root_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
-        except InvalidSignature:
+        vendor_ca = None
+        for root_key, ca_id in candidates:
+            try:
+                root_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+            except InvalidSignature:
+                continue
+            vendor_ca = ca_id
+            break
+        if vendor_ca is None:
             raise VendorCertificateError(
-                f"{who}: vendor certificate signature does not verify"
-            ) from None
+                f"{who}: vendor certificate signature does not verify under the vendor CA "
+                f"{cert.issuer.rfc4514_string()!r} this job names (another fab of that name?)"
+            )
         now = at or datetime.datetime.now(datetime.UTC)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise VendorCertificateError(f"{who}: vendor certificate is outside its validity")
@@ -285,6 +371,7 @@ class IdentityVerifier:
         cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(cns) != 1 or cns[0].value != device_id:
             raise DeviceIdMismatchError(f"{who}: vendor certificate is for another device id")
+        return vendor_ca
 
 
 def verify_identification(

@@ -4,7 +4,9 @@ A job is a signed envelope of kind ``"job"`` over a canonical CBOR body.  It nam
 device class, the device identifiers it may target (inclusive ranges of 64-bit chip UIDs
 and/or an explicit list), the quota, a validity window, the image, the certificate
 profile and the programmer enclave it is for (the SHA-256 fingerprint of that enclave's
-identity certificate).  It may require M-of-N officer signatures: ``threshold`` is inside
+identity certificate), and the silicon vendors whose chips it accepts (``vendors``: the
+SHA-256 of each vendor CA's SubjectPublicKeyInfo, so the operator never chooses which fab
+the line trusts).  It may require M-of-N officer signatures: ``threshold`` is inside
 the signed body and the verifier also applies its own floor (a required argument of
 :func:`verify_job`), so neither side alone can lower it.
 
@@ -32,10 +34,11 @@ from securethread.keys.protocol import PrivateKey
 from securethread.pki.profile import DeviceProfile
 
 JOB_KIND = "job"
-JOB_VERSION = 2
+JOB_VERSION = 3  # 3: the vendor CAs the job accepts (``vendors``)
 MAX_JOB_SIZE = 1 << 20
 MAX_TARGET_ENTRIES = 10_000
 MAX_QUOTA = 1 << 40
+MAX_VENDORS = 64
 _JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DEVICE_ID = re.compile(r"[0-9a-f]{16}")
 _NAME = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
@@ -58,6 +61,10 @@ def _check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise FormatError(f"{what} {value!r} is not a valid name")
     return value
+
+
+def _sorted_hashes(values: Iterable[bytes]) -> tuple[bytes, ...]:
+    return tuple(sorted(values))
 
 
 def _sorted_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -138,6 +145,9 @@ class ProductionJob:
     #: SHA-256 of the job's production-CA certificate (DER): binds the CA to this job.
     production_ca: bytes
     programmer: bytes  # SHA-256 fingerprint of the programmer enclave identity certificate
+    #: The silicon-vendor CAs whose chips the job accepts: SHA-256 of each CA's DER
+    #: SubjectPublicKeyInfo (:func:`securethread.keys.ecutil.fingerprint`), sorted (S6).
+    vendors: tuple[bytes, ...] = attrs.field(converter=_sorted_hashes)
     threshold: int = 1
     version: int = JOB_VERSION
 
@@ -163,6 +173,7 @@ class ProductionJob:
             )
         if not isinstance(self.certificate, DeviceProfile):
             raise FormatError("job: certificate must be a DeviceProfile")
+        _check_vendors(self.vendors)
         if not 1 <= self.threshold <= 16:
             raise JobError("job threshold must be between 1 and 16")
 
@@ -180,6 +191,7 @@ class ProductionJob:
             "certificate": self.certificate.to_map(),
             "production_ca": self.production_ca,
             "programmer": self.programmer,
+            "vendors": list(self.vendors),
             "threshold": self.threshold,
         }
 
@@ -198,6 +210,7 @@ class ProductionJob:
             "certificate",
             "production_ca",
             "programmer",
+            "vendors",
             "threshold",
         }
         if set(obj) != expected:
@@ -216,10 +229,30 @@ class ProductionJob:
                 certificate=DeviceProfile.from_map(obj["certificate"]),
                 production_ca=obj["production_ca"],
                 programmer=obj["programmer"],
+                vendors=_vendors_from_obj(obj["vendors"]),
                 threshold=obj["threshold"],
             )
         except TypeError as exc:
             raise FormatError(f"job: field of the wrong type ({exc})") from None
+
+
+def _check_vendors(vendors: tuple[bytes, ...]) -> None:
+    """At least one vendor CA, at most :data:`MAX_VENDORS`, each a distinct 32-byte hash."""
+    if not 1 <= len(vendors) <= MAX_VENDORS:
+        raise FormatError(f"job: names {len(vendors)} vendor CAs, must name 1..{MAX_VENDORS}")
+    if any(type(v) is not bytes or len(v) != 32 for v in vendors):
+        raise FormatError("job: a vendor CA is named by the 32-byte SHA-256 of its key")
+    if len(set(vendors)) != len(vendors):
+        raise FormatError("job: a vendor CA is named twice")
+
+
+def _vendors_from_obj(obj: Any) -> tuple[bytes, ...]:
+    """The signed list as it is: sorted and unique already (one encoding per job, S6)."""
+    if not isinstance(obj, list) or not all(type(v) is bytes for v in obj):
+        raise FormatError("job: vendors must be a list of byte strings")
+    if obj != sorted(set(obj)):
+        raise FormatError("job: vendors not sorted and unique")
+    return tuple(obj)
 
 
 def sign_job(job: ProductionJob, officers: Sequence[PrivateKey]) -> bytes:

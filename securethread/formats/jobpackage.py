@@ -4,11 +4,12 @@
   the CSR of a production-CA key the programmer generated in its token for that job, in an
   envelope signed by the programmer's identity key (which the OEM certified at onboarding).
 * **Job package** (OEM -> programmer, ``job-package``): the signed job, the production-CA
-  certificate, the signed manifest and the device-trust statement
-  (:mod:`securethread.formats.device_trust`) the chips will check.  The package itself
-  carries no signature: each part authenticates itself (officers sign the job, the OEM root
-  the CA certificate and the device-trust statement, the firmware-signing key the
-  manifest) and the programmer verifies each before using it.
+  certificate, the signed manifest, the device-trust statement
+  (:mod:`securethread.formats.device_trust`) the chips will check, and the certificates of
+  the silicon-vendor CAs the job names.  The package itself carries no signature: each part
+  authenticates itself (officers sign the job, which names the vendor CAs by the hash of
+  their keys; the OEM root the CA certificate and the device-trust statement, the
+  firmware-signing key the manifest) and the programmer verifies each before using it.
   The encrypted image travels beside it as its own file; the manifest's digest binds it.
 """
 
@@ -23,12 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError
 from securethread.formats import cbor, envelope
+from securethread.formats.job import MAX_VENDORS
 from securethread.keys.protocol import PrivateKey
 
 CA_REQUEST_KIND = "production-ca-request"
 JOB_PACKAGE_KIND = "job-package"
-JOB_PACKAGE_VERSION = 1
+JOB_PACKAGE_VERSION = 2  # 2: the vendor CA certificates
 MAX_PACKAGE = 1 << 20
+MAX_VENDOR_CERT = 4096
 
 
 def _exact(body: Mapping[str, Any], keys: set[str], what: str) -> None:
@@ -81,13 +84,15 @@ class ProductionCARequest:
 
 @attrs.frozen
 class JobPackage:
-    """Signed job, production-CA certificate (DER), signed manifest, device-trust statement:
-    unverified until each part is checked by its user."""
+    """Signed job, production-CA certificate (DER), signed manifest, device-trust statement,
+    vendor CA certificates (DER, in the order of the job's ``vendors``): unverified until
+    each part is checked by its user."""
 
     job: bytes
     production_ca: bytes
     manifest: bytes
     device_trust: bytes
+    vendors: tuple[bytes, ...]
 
     def to_bytes(self) -> bytes:
         return cbor.encode(
@@ -98,6 +103,7 @@ class JobPackage:
                 "production-ca": self.production_ca,
                 "manifest": self.manifest,
                 "device-trust": self.device_trust,
+                "vendors": list(self.vendors),
             }
         )
 
@@ -108,13 +114,22 @@ class JobPackage:
         if not isinstance(outer, dict) or outer.get("kind") != JOB_PACKAGE_KIND:
             raise FormatError("not a job package")
         _exact(
-            outer, {"kind", "v", "job", "production-ca", "manifest", "device-trust"}, "job package"
+            outer,
+            {"kind", "v", "job", "production-ca", "manifest", "device-trust", "vendors"},
+            "job package",
         )
-        if outer["v"] != JOB_PACKAGE_VERSION:
+        if type(outer["v"]) is not int or outer["v"] != JOB_PACKAGE_VERSION:
             raise FormatError(f"job package: unsupported version {outer['v']!r}")
+        vendors = outer["vendors"]
+        if not isinstance(vendors, list) or not 1 <= len(vendors) <= MAX_VENDORS:
+            raise FormatError(f"job package: vendors must list 1..{MAX_VENDORS} certificates")
         return cls(
             job=_bytes(outer["job"], "job package: job", limit=MAX_PACKAGE),
             production_ca=_bytes(outer["production-ca"], "job package: production CA", limit=8192),
             manifest=_bytes(outer["manifest"], "job package: manifest", limit=64 << 10),
             device_trust=_bytes(outer["device-trust"], "job package: device trust", limit=4096),
+            vendors=tuple(
+                _bytes(v, "job package: vendor CA certificate", limit=MAX_VENDOR_CERT)
+                for v in vendors
+            ),
         )

@@ -43,6 +43,9 @@ from securethread.formats.job import check_device_id
 from securethread.keys.protocol import PrivateKey
 
 LEDGER_VERSION = 1
+#: Version of a ledger record (2: a provisioned record names the chip's vendor CA,
+#: ``vendor_ca``); the close record keeps :data:`LEDGER_VERSION`.
+RECORD_VERSION = 2
 CHECKPOINT_KIND = "ledger-checkpoint"
 CLOSE_KIND = "ledger-close"
 EXPORT_MAGIC = b"STLEDGR1"
@@ -57,8 +60,11 @@ TAG_JOB, TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE = "j", "r", "c", "e"
 _HASH = 32
 _RECORD_KEYS = {
     KIND_PROVISIONED: frozenset(
-        {"v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "cert", "license_sha256"}
-    ),
+        {
+            "v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "cert",
+            "license_sha256", "vendor_ca",
+        }
+    ),  # fmt: skip
     KIND_PROGRAMMED: frozenset(
         {"v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "boot"}
     ),
@@ -91,7 +97,11 @@ def _hash(v: object) -> bool:
 
 @attrs.frozen(kw_only=True)
 class PendingRecord:
-    """A record before it has a place in the chain (``seq``/``prev`` come at commit)."""
+    """A record before it has a place in the chain (``seq``/``prev`` come at commit).
+
+    ``vendor_ca`` (provisioned): the SHA-256 of the SubjectPublicKeyInfo of the silicon-vendor
+    CA that certified the chip (:func:`securethread.formats.identity.vendor_ca_id`), one of
+    the job's ``vendors``; reconciliation checks it against the job."""
 
     kind: str
     slot: int
@@ -99,11 +109,12 @@ class PendingRecord:
     time: int
     cert: bytes = b""  # DER device certificate (provisioned)
     license_sha256: bytes = b""  # (provisioned)
+    vendor_ca: bytes = b""  # (provisioned)
     boot: bytes = b""  # the device's signed boot confirmation (programmed)
 
     def encode(self, *, job: bytes, seq: int, prev: bytes) -> bytes:
         body: dict[str, Any] = {
-            "v": LEDGER_VERSION,
+            "v": RECORD_VERSION,
             "kind": self.kind,
             "job": job,
             "seq": seq,
@@ -115,6 +126,7 @@ class PendingRecord:
         if self.kind == KIND_PROVISIONED:
             body["cert"] = self.cert
             body["license_sha256"] = self.license_sha256
+            body["vendor_ca"] = self.vendor_ca
         else:
             body["boot"] = self.boot
         return cbor.encode(body)
@@ -148,11 +160,16 @@ class LedgerRecord:
     def time(self) -> int:
         return int(self.body["time"])
 
+    @property
+    def vendor_ca(self) -> bytes:
+        """The chip's vendor CA (provisioned records; empty for programmed ones)."""
+        return bytes(self.body.get("vendor_ca", b""))
+
 
 def _record_fields_ok(body: dict[str, Any]) -> bool:
     common = (
         type(body["v"]) is int
-        and body["v"] == LEDGER_VERSION
+        and body["v"] == RECORD_VERSION
         and _hash(body["job"])
         and _uint(body["seq"])
         and _hash(body["prev"])
@@ -163,7 +180,11 @@ def _record_fields_ok(body: dict[str, Any]) -> bool:
     if not common:
         return False
     if body["kind"] == KIND_PROVISIONED:
-        return type(body["cert"]) is bytes and _hash(body["license_sha256"])
+        return (
+            type(body["cert"]) is bytes
+            and _hash(body["license_sha256"])
+            and _hash(body["vendor_ca"])
+        )
     return type(body["boot"]) is bytes
 
 

@@ -18,9 +18,11 @@ Checks, each of which either runs or fails (none is skipped), in one streaming p
   anywhere or whose close record says otherwise is refused; the close record's quota is
   the job's;
 * per provisioned record: time inside the job window, slot < quota, count <= quota,
-  device id inside the job's targets, no device twice, the certificate names the record's
-  device id, no chip key certified twice, serial unique and encoding this job and the
-  record's slot, certificate chains root -> this production CA -> device;
+  device id inside the job's targets, no device twice, the chip's vendor CA
+  (``vendor_ca``, what the appliance proved at identification) one the job names, the
+  certificate names the record's device id, no chip key certified twice, serial unique
+  and encoding this job and the record's slot, certificate chains root -> this production
+  CA -> device;
 * per programmed record: follows the provisioned record of the same device and slot,
   once, and its boot confirmation verifies under that device's certified key and reports
   this device and the job's image (:mod:`securethread.formats.boot`).
@@ -107,8 +109,9 @@ class ReconciliationReport:
             f"  provisioned {self.provisioned} of quota {self.quota} "
             f"({self.quota_used} slots counted); programmed {self.programmed}, every boot "
             "confirmation verified\n"
-            "  every device in the job's targets, once, one key each; every certificate\n"
-            "  chains to the OEM root through the job's production CA"
+            "  every device in the job's targets, once, one key each, from a vendor CA the\n"
+            "  job names; every certificate chains to the OEM root through the job's\n"
+            "  production CA"
         )
 
 
@@ -304,6 +307,7 @@ class _RecordChecks:
         self.manifest = manifest
         self.identity = verified.sha256
         self.tag = job_tag(verified.sha256)
+        self.vendors = frozenset(verified.job.vendors)
         self.devices: dict[str, tuple[int, ec.EllipticCurvePublicKey]] = {}
         self.programmed: set[str] = set()
         self.serials: set[int] = set()
@@ -338,6 +342,12 @@ class _RecordChecks:
             raise _bad(rec, f"device {device_id} is outside the job's targets")
         if device_id in self.devices:
             raise _bad(rec, f"device {device_id} appears twice")
+        if rec.vendor_ca not in self.vendors:
+            raise _bad(
+                rec,
+                f"device {device_id} was certified by vendor CA {rec.vendor_ca.hex()[:16]}, "
+                f"which job {job.job_id} does not name",
+            )
         try:
             cert = untrusted.load_certificate(rec.body["cert"], what="device certificate")
             if device_id_of(cert) != device_id:

@@ -9,8 +9,8 @@ request, the OEM
    production CA for this job under the root;
 3. has the officers sign the job, each with the key in their own token (M-of-N);
 4. keeps the signed job (reconciliation later checks the returned ledger against *this*
-   job, never the copy the ledger carries) and writes the job package and the encrypted
-   image to the outbox.
+   job, never the copy the ledger carries) and writes the job package (with the vendor CA
+   certificates the job names by their keys' hashes) and the encrypted image to the outbox.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import datetime
 import hashlib
 import os
 
+from cryptography import x509
+
 from securethread.errors import ConfigurationError, JobError
 from securethread.formats.device_trust import DeviceTrust, sign_device_trust
+from securethread.formats.identity import vendor_ca_id
 from securethread.formats.job import ProductionJob, cosign_job, job_hash, sign_job
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
@@ -136,6 +139,7 @@ def issue_job(
         threshold=threshold,
         certificate=profile,
         production_ca=cert_fingerprint(pca),
+        vendors=tuple(vendor_ca_id(c) for c in spec.vendors),
     )
     signers = []
     for i in range(threshold):
@@ -169,6 +173,7 @@ def issue_job(
         work.write(f"{jdir}/spec.toml", read_file(spec_path, "job spec")),
         work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
         work.write(f"{jdir}/device-trust.bin", trust),
+        *(work.write(_vendor_file(jdir, c), to_pem(c)) for c in spec.vendors),
         work.write(f"{jdir}/job.bin", signed),  # the job is issued: recorded before it leaves
     ]
     written += _write_package(work, spec.job_id, spec.image)
@@ -186,6 +191,11 @@ def issue_job(
     )
 
 
+def _vendor_file(jdir: str, cert: x509.Certificate) -> str:
+    """The job's record of a vendor CA it names (the package ships these to the programmer)."""
+    return f"{jdir}/vendors/{vendor_ca_id(cert).hex()}.pem"
+
+
 def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
     """The job package and the encrypted image, into the outbox, from the job as recorded."""
     jdir, idir = L.job_dir(job_id), L.image_dir(image_id)
@@ -194,6 +204,10 @@ def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
         production_ca=to_der(from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))),
         manifest=work.read(f"{idir}/manifest.bin", "manifest"),
         device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
+        vendors=tuple(
+            to_der(from_pem(p.read_bytes()))
+            for p in sorted(work.path(f"{jdir}/vendors").glob("*.pem"))
+        ),
     )
     image = f"outbox/image-{image_id}.enc"
     copy_atomic(work.path(f"{idir}/image.enc"), work.path(image))

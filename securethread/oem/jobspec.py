@@ -8,6 +8,8 @@
     device_class = "sensor-v1"         # optional: defaults to the image's device class
     quota = 1000
     threshold = 2                      # optional: officers who sign (default: the floor)
+    vendors = ["vendor-root.pem"]      # the silicon-vendor CAs whose chips the job accepts:
+                                       # PEM certificates, relative to the spec (1..64)
 
     [targets]                          # one or more of:
     ranges = [["5ec0000000000000", "5ec00000000003e7"]]   # inclusive, 16 hex digits
@@ -37,14 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from securethread.errors import ConfigurationError, Error, FormatError
-from securethread.formats.job import Targets, check_device_id, check_job_id
-from securethread.pki import DeviceProfile
+from securethread.formats.identity import check_vendor_cas, vendor_ca_id
+from securethread.formats.job import MAX_VENDORS, Targets, check_device_id, check_job_id
+from securethread.pki import DeviceProfile, untrusted
 from securethread.workdir import check_name, read_file
 
 MAX_TARGET_FILE = 16 << 20
-_TOP = {"job_id", "programmer", "image", "device_class", "quota", "threshold"}
+_TOP = {"job_id", "programmer", "image", "device_class", "quota", "threshold", "vendors"}
+MAX_VENDOR_FILE = 64 << 10
 _TABLES = {"targets", "window", "certificate"}
 
 
@@ -65,6 +71,8 @@ class JobSpec:
     not_after: datetime.datetime | None
     days: int | None
     certificate: Mapping[str, Any]
+    #: The vendor CA certificates ``vendors`` names, in the spec's order.
+    vendors: tuple[x509.Certificate, ...]
 
     def device_profile(self, *, default_organisation: str) -> DeviceProfile:
         """The job's device certificate profile ([certificate]; organisation defaults to
@@ -114,7 +122,7 @@ def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
     unknown = set(doc) - _TOP - _TABLES
     if unknown:
         raise JobSpecError(f"unknown key(s) {sorted(unknown)}")
-    for key in ("job_id", "programmer", "image", "quota"):
+    for key in ("job_id", "programmer", "image", "quota", "vendors"):
         if key not in doc:
             raise JobSpecError(f"{key} is required")
     for table in _TABLES - {"certificate"}:
@@ -164,6 +172,7 @@ def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
         not_after=_time(window["not_after"], "window.not_after") if "not_after" in window else None,
         days=days,
         certificate=certificate,
+        vendors=_vendors(doc["vendors"], base),
     )
 
 
@@ -195,6 +204,34 @@ def _uid(value: object, what: str) -> int:
     if not isinstance(value, str):
         raise JobSpecError(f"{what}: device ids are strings of 16 hex digits")
     return int(check_device_id(value.lower()), 16)
+
+
+def _vendors(names: object, base: Path) -> tuple[x509.Certificate, ...]:
+    """``vendors``: the vendor CA certificate files (PEM, through the hardened loader),
+    each a CA certificate, no CA twice."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise JobSpecError("vendors must be a list of certificate file names")
+    if not 1 <= len(names) <= MAX_VENDORS:
+        raise JobSpecError(f"vendors must name 1..{MAX_VENDORS} vendor CA certificates")
+    certs = []
+    for name in names:
+        path = base / name  # an absolute name stays absolute (pathlib)
+        certs.append(
+            untrusted.load_certificate_pem(
+                read_file(path, "vendor CA certificate", limit=MAX_VENDOR_FILE),
+                what=f"vendor CA certificate {str(path)!r}",
+            )
+        )
+    try:
+        # Each a CA certificate, each CA once (a second file with the same key is the same CA).
+        check_vendor_cas(
+            [c.public_bytes(serialization.Encoding.DER) for c in certs],
+            named={vendor_ca_id(c) for c in certs},
+            what="vendors: certificate",
+        )
+    except Error as exc:
+        raise JobSpecError(str(exc)) from None
+    return tuple(certs)
 
 
 def _targets(table: Mapping[str, Any], base: Path) -> Targets:

@@ -5,8 +5,9 @@ CSR, signed by the enclave's identity key.  ``open-job PACKAGE --image FILE`` ve
 everything the OEM sent before using any of it -- the officers' signatures on the job
 (threshold floor from the root-signed officer bundle), that the job is for this enclave,
 the production-CA certificate under the pinned root and against this token's key, the
-manifest under the firmware-signing key and against the job, the encrypted image against
-the manifest -- then installs the CA certificate and opens the job's quota store.
+manifest under the firmware-signing key and against the job, the vendor CA certificates
+against the hashes the job names, the encrypted image against the manifest -- then
+installs the CA certificate and opens the job's quota store.
 ``close-job --job J`` appends the signed close record and exports the ledger.
 """
 
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import CertificateError, ConfigurationError, ImageError, JobError
 from securethread.formats.device_trust import verify_device_trust
+from securethread.formats.identity import check_vendor_cas, vendor_ca_id
 from securethread.formats.image import Manifest, verify_manifest
 from securethread.formats.job import (
     VerifiedJob,
@@ -145,6 +147,7 @@ def open_job(
     pca = _production_ca(work, package.production_ca, job, token)
     manifest = _manifest(work, package.manifest, job)
     _device_trust(work, package.device_trust, job, manifest)
+    vendor_files = _vendor_cas(package, job)
     image_tmp = work.path(f"{jdir}/.image.enc.tmp")
     try:
         shutil.copyfile(image, image_tmp)
@@ -170,6 +173,7 @@ def open_job(
         work.write(f"{jdir}/manifest.bin", package.manifest),
         work.write(f"{jdir}/device-trust.bin", package.device_trust),
         f"{jdir}/image.enc",
+        *(work.write(rel, pem) for rel, pem in vendor_files),
     ]
     # The store and its quota mark in the token (S7): from now on a missing, emptied,
     # replaced or older store for this job is refused, never a fresh quota.
@@ -274,6 +278,14 @@ def _device_trust(work: PartyDir, data: bytes, job: VerifiedJob, manifest: Manif
         or spki_der(trust.firmware_signing_key) != spki_der(firmware_key(work))
     ):
         raise JobError("the device-trust statement does not match the job and its manifest")
+
+
+def _vendor_cas(package: JobPackage, job: VerifiedJob) -> list[tuple[str, bytes]]:
+    """The package's vendor CA certificates, once they are exactly the CAs the signed job
+    names (by the hash of their keys); returns the files to keep (checked again at every
+    run: the line trusts the fabs the OEM named, never the operator's choice)."""
+    cas = check_vendor_cas(package.vendors, named=job.job.vendors, what="the package's vendor CA")
+    return [(L.vendor_ca_path(job.job.job_id, vendor_ca_id(c)), to_pem(c)) for c in cas]
 
 
 def _manifest(work: PartyDir, data: bytes, job: VerifiedJob) -> Manifest:

@@ -8,7 +8,8 @@
                         key-agreement certificates
     <dir>/keys/         <image>.ack: the image key of <image> is in the token (receipt)
     <dir>/jobs/<job>/   production-ca.csr, job.bin, production-ca.pem, manifest.bin,
-                        image.enc, store.sqlite (quota + ledger), devices/, ledger.bin
+                        image.enc, store.sqlite (quota + ledger), devices/, ledger.bin,
+                        vendors/<id>.pem (the vendor CAs the job names, by id)
     <dir>/outbox/       enrolment-request.bin, production-ca-request-<job>.bin,
                         key-receipt-<package>.bin, ledger-<job>.bin
 
@@ -58,6 +59,12 @@ def production_ca_label(job_id: str) -> str:
 
 def job_dir(job_id: str) -> str:
     return f"jobs/{check_name('job id', job_id)}"
+
+
+def vendor_ca_path(job_id: str, ca_id: bytes) -> str:
+    """Where open-job keeps the certificate of a vendor CA the job names; ``ca_id`` is the
+    SHA-256 of the CA's SubjectPublicKeyInfo (formats.identity.vendor_ca_id)."""
+    return f"{job_dir(job_id)}/vendors/{ca_id.hex()}.pem"
 
 
 def open_programmer(workdir: str | os.PathLike[str]) -> PartyDir:

@@ -2,7 +2,8 @@
 
 Per batch of devices::
 
-    identify (challenge, proof of possession, vendor chain, job targets, not seen before)
+    identify (challenge, proof of possession, vendor chain under a vendor CA the job names,
+              job targets, not seen before)
       -> count: reserve exactly this batch's slots, durably, in the store (S3)
       -> issue the device certificate (production CA key in the token)
       -> create the license (ECDH + KEK derivation + KWP wrap in the token)
@@ -54,6 +55,7 @@ from securethread.errors import (
     VerificationError,
 )
 from securethread.formats import ledger
+from securethread.formats.identity import UnknownVendorError
 from securethread.formats.job import VerifiedJob
 from securethread.keys.protocol import PrivateKey
 from securethread.programmer.store import MarkKeeper, ProductionStore, Release
@@ -120,13 +122,17 @@ class DevicePort(Protocol):
 
 
 class Identity(Protocol):
-    """What identification established (read-only: frozen results satisfy it)."""
+    """What identification established (read-only: frozen results satisfy it):
+    ``vendor_ca`` is the SHA-256 of the key of the vendor CA that certified the chip."""
 
     @property
     def device_id(self) -> str: ...
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey: ...
+
+    @property
+    def vendor_ca(self) -> bytes: ...
 
 
 class CertificateIssuer(Protocol):
@@ -298,6 +304,7 @@ class ProductionLine:
         self._run = run
         self._fault = faults
         self._archive = archive
+        self._vendors = frozenset(job.job.vendors)
         store.open_job(
             job=job.sha256, job_id=job.job.job_id, quota=job.job.quota, signed=job.signed
         )
@@ -326,7 +333,8 @@ class ProductionLine:
         check_job_window(self.job.job, int(self._clock()))
 
     def _identify_batch(self, batch: Sequence[DevicePort]) -> _Identified:
-        """Challenge, proof of possession, vendor chain, targets: no state is changed."""
+        """Challenge, proof of possession, vendor chain, the job's vendor CAs, targets: no
+        state is changed."""
         t0 = time.perf_counter()
         self._check_window()
         targets = self.job.job.targets
@@ -337,6 +345,7 @@ class ProductionLine:
             challenge = os.urandom(32)
             try:
                 ident = self._identify(dev.identify(challenge), challenge)
+                self._check_vendor(ident)
                 targets.check(ident.device_id)
                 if ident.device_id in seen:
                     raise AlreadyProvisionedError(f"device {ident.device_id} appears twice")
@@ -353,6 +362,15 @@ class ProductionLine:
             seen.add(ident.device_id)
             accepted.append((dev, ident))
         return _Identified(t0, len(batch), accepted, refused)
+
+    def _check_vendor(self, ident: Identity) -> None:
+        """The chip's vendor CA is one the officer-signed job names, whatever identifier
+        the line was given (the ledger records it; reconciliation checks it again)."""
+        if ident.vendor_ca not in self._vendors:
+            raise UnknownVendorError(
+                f"device {ident.device_id}: certified by vendor CA {ident.vendor_ca.hex()[:16]}, "
+                f"which job {self.job.job.job_id} does not name"
+            )
 
     def _finish_batch(self, identified: _Identified) -> BatchResult:
         """Count, issue, commit, keep, release one identified batch."""
@@ -512,6 +530,7 @@ class ProductionLine:
                     time=now,
                     cert=der,
                     license_sha256=ledger.sha256(lic),
+                    vendor_ca=ident.vendor_ca,
                 )
             )
             releases[ident.device_id] = Release(ident.device_id, slot, der, data, lic)

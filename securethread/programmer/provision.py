@@ -4,7 +4,9 @@ Builds the run of an opened job from the programmer's own work directory -- ever
 verified again before the line starts: the job (officers' signatures at the bundle's
 threshold floor, this enclave, the validity window), the manifest (firmware-signing key,
 the job's hash), the encrypted image (the manifest's digest), the production-CA certificate
-(the one the job names), the device-trust statement -- and hands the devices to the runner
+(the one the job names), the vendor CA certificates open-job kept (exactly the CAs the job
+names: which fabs the line trusts is the OEM's decision, never the caller's), the
+device-trust statement -- and hands the devices to the runner
 (:mod:`securethread.programmer.runner`: one run per job at a time, the store checked against
 the token's quota mark, batches counted before release and programmed at once, signals).
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -32,11 +34,12 @@ from securethread.errors import (
     QuotaExceededError,
 )
 from securethread.formats.boot import verify_boot_confirmation
+from securethread.formats.identity import check_vendor_cas
 from securethread.formats.image import Manifest, verify_manifest
-from securethread.formats.job import Targets
+from securethread.formats.job import Targets, VerifiedJob
 from securethread.formats.provisioning import ProvisioningData
 from securethread.keys import spki_der
-from securethread.pki import device_id_of, from_pem
+from securethread.pki import device_id_of, from_pem, untrusted
 from securethread.programmer import layout as L
 from securethread.programmer.jobs import firmware_key, verified_job
 from securethread.programmer.line import BootVerifier, Packager
@@ -86,10 +89,21 @@ def job_targets(workdir: str | os.PathLike[str], job_id: str) -> Targets:
     return verified_job(work, work.read(f"{jdir}/job.bin", "job")).job.targets
 
 
+def job_vendor_cas(work: PartyDir, job: VerifiedJob) -> tuple[bytes, ...]:
+    """The vendor CA certificates (DER) of opened job ``job``, each checked again against
+    the hash the job names: the files are the operator's to edit, the job is not."""
+    ders = []
+    for ca_id in job.job.vendors:
+        rel = L.vendor_ca_path(job.job.job_id, ca_id)
+        cert = untrusted.load_certificate_pem(work.read(rel, "vendor CA certificate"), what=rel)
+        ders.append(cert.public_bytes(serialization.Encoding.DER))
+    check_vendor_cas(ders, named=job.job.vendors, what=f"{L.job_dir(job.job.job_id)}/vendors/")
+    return tuple(ders)
+
+
 def run_config(
-    work: PartyDir, job_id: str, *, vendor_roots: Sequence[x509.Certificate], workers: int,
-    batch_size: int,
-) -> RunConfig:  # fmt: skip
+    work: PartyDir, job_id: str, *, workers: int, batch_size: int
+) -> RunConfig:
     """The run of job ``job_id``, from this work directory, every part verified again."""
     jdir = L.job_dir(job_id)
     work.require(f"{jdir}/job.bin", step=f"provision {job_id}", needs=f"open-job ({job_id})")
@@ -122,7 +136,7 @@ def run_config(
         store=str(work.path(f"{jdir}/store.sqlite")),
         certificates=str(devices),
         production_ca=pca_der,
-        vendor_roots=tuple(c.public_bytes(serialization.Encoding.DER) for c in vendor_roots),
+        vendor_roots=job_vendor_cas(work, job),
         sbm=StandardSbm(pca_der, root_der, work.read(f"{jdir}/device-trust.bin", "device trust")),
         labels=KeyLabels(
             production_ca=L.production_ca_label(job_id),
@@ -139,22 +153,20 @@ def provision(
     *,
     job_id: str,
     chips: Iterable[PortFactory],
-    vendor_roots: Sequence[x509.Certificate],
     workers: int = 1,
     batch_size: int = 32,
     progress: Callable[[Progress], None] | None = None,
 ) -> StepResult:
     """Provision and program ``chips`` under opened job ``job_id``; run again to resume.
 
-    ``vendor_roots`` are the silicon vendors whose chip identities the line accepts.  The
+    The line accepts chips certified by the vendor CAs the job names, and no other: the
+    caller chooses which chips are on the line, never which fabs are trusted.  The
     step's ``problem`` is set (and the CLI exits non-zero) when devices were refused or the
     quota is used up; a signal or a dead worker ends it with the runner's error, whose
     partial result is kept in the transcript.
     """
     work = L.open_programmer(workdir)
-    config = run_config(
-        work, job_id, vendor_roots=vendor_roots, workers=workers, batch_size=batch_size
-    )
+    config = run_config(work, job_id, workers=workers, batch_size=batch_size)
     pin = work.pin_callback()
     work.activate()
     result = run(config, chips, pin=pin, progress=progress)
@@ -180,8 +192,20 @@ def _problem(result: Any) -> Error | None:
         kinds = ", ".join(
             f"{n} {k}" for k, n in sorted({**refused, **result.not_programmed}.items())
         )
-        return DeviceRefusedError(f"{bad} device(s) refused or not programmed ({kinds})")
+        first = next(
+            (n.message for n in result.notes if n.kind != QuotaExceededError.__name__), None
+        )
+        return DeviceRefusedError(
+            f"{bad} device(s) refused or not programmed ({kinds})"
+            + (f"; first: {first}" if first else "")
+        )
     return None
 
 
-__all__ = ["StandardSbm", "job_targets", "provision", "run_config"]
+__all__ = [
+    "StandardSbm",
+    "job_targets",
+    "job_vendor_cas",
+    "provision",
+    "run_config",
+]

@@ -67,7 +67,7 @@ from securethread.errors import (
     StoreError,
 )
 from securethread.formats import ledger
-from securethread.formats.identity import IdentityVerifier
+from securethread.formats.identity import IdentityVerifier, check_vendor_cas
 from securethread.formats.image import Manifest, verify_manifest
 from securethread.formats.job import VerifiedJob, check_device_id
 from securethread.formats.license import LicenseIssuer
@@ -141,7 +141,8 @@ class RunConfig:
     against the job; ``image`` the encrypted image file; ``store`` the job's store file
     (``<store>.lock`` is the run lock); ``certificates`` the directory of device certificate
     files; ``production_ca`` (the certificate the job names by its hash) and ``vendor_roots``
-    are DER; ``token`` a label or RFC 7512 URI.
+    (the vendor CA certificates the job names by their keys' hashes, each once: anything
+    else is refused when the line is built) are DER; ``token`` a label or RFC 7512 URI.
 
     ``workers``: worker processes (``0``: run the line in the calling process -- no process
     isolation, and the memory SoftHSM keeps for every temporary key of the process grows
@@ -408,7 +409,10 @@ def build_line(
     if ledger.sha256(config.production_ca) != job.job.production_ca:
         raise JobError(f"job {job.job.job_id} names another production-CA certificate")
     pca = x509.load_der_x509_certificate(config.production_ca)
-    verifier = IdentityVerifier([x509.load_der_x509_certificate(d) for d in config.vendor_roots])
+    # The vendor roots must be exactly the CAs the officer-signed job names: a root the
+    # caller adds is refused here, whoever built the configuration.
+    roots = check_vendor_cas(config.vendor_roots, named=job.job.vendors, what="run vendor CA")
+    verifier = IdentityVerifier(roots)
     return ProductionLine(
         job=job,
         store=store,
@@ -598,6 +602,7 @@ def _check_config(config: RunConfig) -> None:
             raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
     if not isinstance(config.job, VerifiedJob):
         raise TypeError("RunConfig.job must be a VerifiedJob")
+    check_vendor_cas(config.vendor_roots, named=config.job.job.vendors, what="run vendor CA")
 
 
 class _AskOnce:

@@ -31,7 +31,7 @@ from securethread.device.vendor import SiliconVendor
 from securethread.errors import DuplicateObjectError
 from securethread.formats import envelope, ledger
 from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_device_trust
-from securethread.formats.identity import IdentityVerifier
+from securethread.formats.identity import IdentityVerifier, vendor_ca_id
 from securethread.formats.image import encrypt_image, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
 from securethread.formats.license import LicenseIssuer, open_license
@@ -273,6 +273,7 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     officers = [oem.generate_ec(f"officer{i}", curve=Curve.P256, policy=SIGNING) for i in (1, 2)]
     t = int(now.timestamp())
     nb, na = job_window(pki.root)
+    vendor = SiliconVendor()
     job = ProductionJob(
         job_id=JOB_ID, device_class=DEVICE_CLASS,
         targets=Targets(ranges=((0, (1 << 64) - 1),)), quota=4,
@@ -281,6 +282,7 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         programmer=hashlib.sha256(_der(pki.prog_id)).digest(), threshold=2,
         certificate=DeviceProfile(organisation="Fuzz OEM"),
         production_ca=hashlib.sha256(_der(pki.pca)).digest(),
+        vendors=(vendor_ca_id(vendor.root_certificate),),
     )  # fmt: skip
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
     officer_keys = {fingerprint(k.public_key()): k.public_key() for k in officers}
@@ -301,7 +303,6 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         ),
         rk,
     )  # fmt: skip
-    vendor = SiliconVendor()
     root_hash = oem_root_hash(pki.root)
     chips = [vendor.make_chip(oem_root_hash=root_hash, flash_size=1 << 16) for _ in range(3)]
     challenge = bytes(range(32))

@@ -40,7 +40,7 @@ from cryptography.x509.oid import NameOID
 from securethread.device.vendor import ChipSpec, SiliconVendor, make_chips
 from securethread.formats import ledger
 from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_device_trust
-from securethread.formats.identity import IdentificationResponse
+from securethread.formats.identity import IdentificationResponse, vendor_ca_id
 from securethread.formats.image import master_image
 from securethread.formats.job import (
     ProductionJob,
@@ -386,7 +386,7 @@ class World:
             manifest_sha256=ledger.sha256(self.manifest), programmer=self.programmer_fp,
             certificate=DeviceProfile(organisation="Test OEM"),
             production_ca=ledger.sha256(self.pca.public_bytes(serialization.Encoding.DER)),
-            threshold=2,
+            vendors=(vendor_ca_id(self.vendor.root_certificate),), threshold=2,
         )  # fmt: skip  (not_after + n: another body, another job identity)
         signed = cosign_job(sign_job(job, [self.officers[0]]), self.officers[1])
         verified: VerifiedJob = verify_job(

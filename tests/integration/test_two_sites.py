@@ -101,10 +101,11 @@ def test_the_chain_completes_across_two_sites(sites: dict[str, Any]) -> None:
     assert s["ok"] and s["reconciled"]
     assert s["provisioned"] == s["booted"] == DEVICES
     assert s["quota_used"] == s["quota"] == DEVICES
-    # Only outbox files crossed, each into the other party's inbox.
+    # Only outbox files and the two public CA certificates (the OEM root to the fab, the
+    # fab's CA to the OEM, who names it in the job) crossed, each into the other's inbox.
     for line in s["carried"]:
         src, dst = line.split(" -> ")
-        assert "/outbox/" in src or src in ("oem/root-ca.pem",)
+        assert "/outbox/" in src or src in ("oem/root-ca.pem", "vendor/root-ca.pem")
         assert dst.split("/")[1] == "inbox" and src.split("/")[0] != dst.split("/")[0]
     report = json.loads((sites["oem"] / "jobs" / "demo-job-1" / "reconciliation.json").read_text())
     assert report["reconciled"] and report["programmed"] == DEVICES

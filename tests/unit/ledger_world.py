@@ -44,6 +44,11 @@ LAST_TARGET = BASE + 100
 QUOTA = 6
 ENCLAVE = "prog1"
 CHECKPOINT_EVERY = 4
+#: The vendor CAs the world's job names (SHA-256 of a CA key; the ledger records which one
+#: certified each chip); OTHER_VENDOR_CA is a fab the job does not name.
+VENDOR_CA = b"\x0a" * 32
+SECOND_VENDOR_CA = b"\x0b" * 32
+OTHER_VENDOR_CA = b"\x0c" * 32
 
 
 @attrs.define
@@ -93,6 +98,7 @@ class World:
         issuer: DeviceCertificateIssuer | None = None,
         device_id: str | None = None,
         key: ec.EllipticCurvePublicKey | None = None,
+        vendor_ca: bytes = VENDOR_CA,
     ) -> ledger.PendingRecord:
         device_id = device_id or self.device_id(slot)
         public = key or self.device_key(device_id).public_key()
@@ -104,6 +110,7 @@ class World:
             time=self.now if t is None else t,
             cert=cert.public_bytes(serialization.Encoding.DER),
             license_sha256=b"\x01" * 32,
+            vendor_ca=vendor_ca,
         )
 
     def boot(self, signer: str, **changes: Any) -> bytes:
@@ -259,6 +266,7 @@ def make_world(label: str = "w") -> World:
         image_id="img", manifest_sha256=hashlib.sha256(manifest_signed).digest(),
         programmer=cert_fingerprint(programmer_cert), threshold=2,
         certificate=DeviceProfile(organisation="Test OEM"), production_ca=cert_fingerprint(pca),
+        vendors=(VENDOR_CA, SECOND_VENDOR_CA),
     )  # fmt: skip
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
     issuer = device_issuer(b, "pca", pca, job_id=JOB_ID, identity=job_hash(job_signed))

@@ -30,6 +30,7 @@ from securethread.pki.profile import DeviceProfile
 from securethread.programmer.store import UNGUARDED, JobClosedError, SQLiteStore
 
 PROGRAMMER = b"\x11" * 32
+VENDOR_CA = b"\x0a" * 32
 
 
 @pytest.fixture
@@ -54,6 +55,7 @@ def make_job(**kw: object) -> ProductionJob:
         programmer=PROGRAMMER,
         certificate=DeviceProfile(organisation="Test OEM"),
         production_ca=b"\x33" * 32,
+        vendors=(VENDOR_CA,),
     )
     args.update(kw)
     return ProductionJob(**args)  # type: ignore[arg-type]
@@ -159,6 +161,7 @@ def pending(i: int, kind: str = ledger.KIND_PROVISIONED) -> ledger.PendingRecord
         time=1_700_000_000 + i,
         cert=b"cert%d" % i if kind == ledger.KIND_PROVISIONED else b"",
         license_sha256=b"\x01" * 32 if kind == ledger.KIND_PROVISIONED else b"",
+        vendor_ca=VENDOR_CA if kind == ledger.KIND_PROVISIONED else b"",
         boot=b"boot" if kind == ledger.KIND_PROGRAMMED else b"",
     )
 

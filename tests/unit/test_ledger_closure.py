@@ -29,6 +29,7 @@ def _pending(i: int) -> ledger.PendingRecord:
         time=1_700_000_000,
         cert=b"cert%d" % i,
         license_sha256=b"\x01" * 32,
+        vendor_ca=b"\x0a" * 32,
     )
 
 

@@ -68,6 +68,7 @@ def _job(**kw: Any) -> ProductionJob:
         quota=5, not_before=now - 60, not_after=now + 3600, image_id="fw-1",
         manifest_sha256=b"\x22" * 32, programmer=PROGRAMMER, threshold=2,
         certificate=DeviceProfile(organisation="Test OEM"), production_ca=b"\x33" * 32,
+        vendors=(b"\x0a" * 32,),
     )  # fmt: skip
     args.update(kw)
     return ProductionJob(**args)
@@ -221,7 +222,7 @@ def test_high_s_twin_of_a_checkpoint_is_refused(keys: SoftwareBackend) -> None:
     job = b"\x44" * 32
     rec = ledger.PendingRecord(
         kind=ledger.KIND_PROVISIONED, slot=0, device_id="0000000000001000", time=1,
-        cert=b"c", license_sha256=b"\x01" * 32,
+        cert=b"c", license_sha256=b"\x01" * 32, vendor_ca=b"\x0a" * 32,
     )  # fmt: skip
     ((_r, _s, raw, head),) = ledger.chain([rec], job=job, start_seq=0, prev=job)
     cp = ledger.sign_checkpoint(key, job=job, upto=0, head=head, time=1)

@@ -49,7 +49,7 @@ def _store(tmp_path: Path, quota: int = 10) -> SQLiteStore:
 def _prov(slot: int, device: str) -> ledger.PendingRecord:
     return ledger.PendingRecord(
         kind=ledger.KIND_PROVISIONED, slot=slot, device_id=device, time=1,
-        cert=b"cert-" + device.encode(), license_sha256=b"\x00" * 32,
+        cert=b"cert-" + device.encode(), license_sha256=b"\x00" * 32, vendor_ca=b"\x0a" * 32,
     )  # fmt: skip
 
 
