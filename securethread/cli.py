@@ -134,11 +134,29 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def oem_init(a: argparse.Namespace) -> int:
     from securethread.oem import init
+    from securethread.oem.ceremony import prompt_officer_pin
 
-    r = init(a.workdir, name=a.name, officers=a.officers, threshold=a.threshold)
-    return _step(
-        a, r, [f"  OEM root fingerprint (give it to programmers): {r.details['root_fingerprint']}"]
+    files: dict[int, str] = {}
+    for item in a.officer_pin_file or ():
+        n, eq, path = item.partition("=")
+        if not eq or not n.strip().isdigit() or not path:
+            raise ConfigurationError(
+                f"--officer-pin-file takes N=PATH (officer N's file), got {item!r}"
+            )
+        if int(n) in files:
+            raise ConfigurationError(f"--officer-pin-file names officer {int(n)} twice")
+        files[int(n)] = path
+    r = init(
+        a.workdir,
+        name=a.name,
+        officers=a.officers,
+        threshold=a.threshold,
+        officer_pin_files=files,
+        officer_pin=prompt_officer_pin if sys.stdin.isatty() else None,
     )
+    lines = [f"  OEM root fingerprint (give it to programmers): {r.details['root_fingerprint']}"]
+    lines += [f"  {label}'s PIN: {src}" for label, src in r.details["officer_pins"].items()]
+    return _step(a, r, lines)
 
 
 def oem_certify_programmer(a: argparse.Namespace) -> int:
@@ -182,9 +200,48 @@ def oem_confirm_keys(a: argparse.Namespace) -> int:
 
 
 def oem_issue_job(a: argparse.Namespace) -> int:
-    from securethread.oem import issue_job
+    from securethread.oem import issue_job, prepare_job
 
-    return _step(a, issue_job(a.workdir, a.spec, ca_request=a.ca_request))
+    if a.spec is None:
+        if a.ca_request is not None:
+            raise ConfigurationError("--ca-request goes with SPEC (preparing a job), not --job")
+        return _step(a, issue_job(a.workdir, a.job))
+    if a.ca_request is None:
+        raise ConfigurationError(
+            "issue-job SPEC needs --ca-request FILE (the programmer's production-CA request)"
+        )
+    r = prepare_job(a.workdir, a.spec, ca_request=a.ca_request)
+    if "summary" not in r.details:  # an issued job's outbox finished
+        return _step(a, r)
+    job = r.details["job"]
+    lines = [
+        *r.details["summary"],
+        f"  approvals so far: {', '.join(map(str, r.details['approvals'])) or 'none'}; each "
+        f"of {r.details['threshold']} officers runs, with their own PIN:",
+        f"    securethread oem approve-job --workdir {a.workdir} --job {job} --officer N "
+        f"--job-hash {r.details['job_sha256']}",
+        f"  then: securethread oem issue-job --workdir {a.workdir} --job {job}",
+    ]
+    return _step(a, r, lines)
+
+
+def oem_approve_job(a: argparse.Namespace) -> int:
+    from securethread.oem import approve_job
+    from securethread.workdir import parse_fingerprint
+
+    expect = parse_fingerprint(a.job_hash) if a.job_hash is not None else None
+    r = approve_job(
+        a.workdir, job_id=a.job, officer=a.officer, pin_file=a.pin_file, expect_sha256=expect
+    )
+    d = r.details
+    lines = [
+        *d["summary"],
+        f"  approved by officer {d['officer']}; approvals: "
+        f"{', '.join(map(str, d['approvals']))} of the {d['threshold']} needed",
+    ]
+    if d["ready"]:
+        lines.append(f"  the OEM issues it: securethread oem issue-job --workdir DIR --job {a.job}")
+    return _step(a, r, lines)
 
 
 def oem_reconcile(a: argparse.Namespace) -> int:
@@ -505,6 +562,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--threshold", type=int, default=2, help="officers who must sign every job (default 2)"
     )
+    c.add_argument(
+        "--officer-pin-file",
+        action="append",
+        metavar="N=PATH",
+        help="officer N's own PIN file, outside DIR: its first line is the PIN (not readable by "
+        "others); if PATH does not exist it is created (0600) holding a new PIN. Once per "
+        "officer; an officer without one types a PIN on the terminal",
+    )
     c = command(
         oem,
         "certify-programmer",
@@ -567,12 +632,34 @@ def build_parser() -> argparse.ArgumentParser:
         oem,
         "issue-job",
         oem_issue_job,
-        "flow 6: certify the job's production CA and have the officers sign the job",
+        "flow 6: with SPEC, certify the job's production CA and write the draft the officers "
+        "approve; with --job, issue the job once its officers approved it",
         workdir=oem_dir,
     )
-    c.add_argument("spec", help="the job spec (TOML, docs/cli.md)")
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("spec", nargs="?", help="the job spec (TOML, docs/cli.md): prepare it")
+    which.add_argument("--job", help="the prepared job to issue from its officers' approvals")
     c.add_argument(
-        "--ca-request", required=True, help="the programmer's production-CA request for this job"
+        "--ca-request", help="with SPEC: the programmer's production-CA request for this job"
+    )
+    c = command(
+        oem,
+        "approve-job",
+        oem_approve_job,
+        "flow 6: one officer approves a prepared job with their own token and PIN",
+        workdir=oem_dir,
+    )
+    c.add_argument("--job", required=True, help="the job id issue-job SPEC prepared")
+    c.add_argument("--officer", type=int, required=True, help="your officer number N")
+    c.add_argument(
+        "--pin-file",
+        help="your PIN file (first line; not readable by others); else "
+        "SECURETHREAD_PIN_OFFICER_<N>[_FILE] or a prompt on a terminal, never the OEM's pins",
+    )
+    c.add_argument(
+        "--job-hash",
+        metavar="HEX",
+        help="the job hash issue-job printed, as given to you: any other draft is refused",
     )
     c = command(
         oem,

@@ -282,17 +282,23 @@ class PartyDir:
 
     # tokens and PINs
 
-    def init_tokens(self, labels: Sequence[str]) -> None:
+    def init_tokens(
+        self, labels: Sequence[str], *, private_pins: Mapping[str, str] | None = None
+    ) -> None:
         """Create this party's SoftHSM2 directory and tokens with fresh random PINs.
 
         The user PINs go to ``<dir>/pins`` (0600, written before the tokens so a kill in
         between cannot lock the party out); each SO PIN lives only in the child process that
         initialises the token and is kept nowhere (docs/hsm.md, "Token directories per
-        party").  A label that already exists is refused by the initialiser.
+        party").  ``private_pins`` (label -> PIN) are PINs their holders keep, an OEM
+        officer's: they initialise those tokens and are written nowhere here.  A label that
+        already exists is refused by the initialiser.
         """
         from softhsm_config import init_party_tokens
 
-        init_party_tokens(self.hsm, labels, pin_file=self.root / PIN_FILE)
+        init_party_tokens(
+            self.hsm, labels, pin_file=self.root / PIN_FILE, private_pins=private_pins
+        )
 
     def pin_callback(self) -> Callable[[str], str]:
         """PINs for this party's tokens, in the order of :func:`securethread.hsm.pin.resolve_pin`

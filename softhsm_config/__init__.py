@@ -221,6 +221,7 @@ def init_party_tokens(
     *,
     pin_file: str | os.PathLike[str] | None = None,
     user_pins: Mapping[str, str] | None = None,
+    private_pins: Mapping[str, str] | None = None,
     module_path: str | None = None,
 ) -> TokenDirectory:
     """Create one party's token directory with the tokens ``labels``.
@@ -229,8 +230,10 @@ def init_party_tokens(
     (``pin_file``, default ``directory/pins.env``; ``label=PIN`` lines, mode 0600, merged
     with the lines it already has).  User PINs are ``user_pins[label]`` or random (32 hex
     digits); each SO PIN is random, lives only in the initialising child process and is
-    written nowhere.  Refuses (:class:`TokenExistsError`, nothing written) if a token of
-    ``labels`` already exists.  The PIN file is written before the tokens, so a kill in
+    written nowhere.  ``private_pins`` are the user PINs of tokens whose holders keep them
+    themselves (an OEM officer's): used for C_InitPIN, never written to the PIN file.
+    Refuses (:class:`TokenExistsError`, nothing written) if a token of ``labels`` already
+    exists.  The PIN file is written before the tokens, so a kill in
     between leaves PINs for tokens that a second call creates with the same PINs.
     """
     labels = [_check_label(label) for label in labels]
@@ -239,10 +242,14 @@ def init_party_tokens(
     if len(set(labels)) != len(labels):
         raise ConfigurationError(f"token labels {labels!r} repeat a label")
     given = dict(user_pins or {})
-    unknown = sorted(set(given) - set(labels))
+    private = dict(private_pins or {})
+    unknown = sorted((set(given) | set(private)) - set(labels))
     if unknown:
         raise ConfigurationError(f"user PINs given for tokens not initialised here: {unknown!r}")
-    for label, pin in given.items():
+    both = sorted(set(given) & set(private))
+    if both:
+        raise ConfigurationError(f"user PINs given as both kept and private: {both!r}")
+    for label, pin in {**given, **private}.items():
         _check_pin(label, pin)
     root = Path(directory).resolve()
     pins_path = Path(pin_file).resolve() if pin_file is not None else None
@@ -257,11 +264,12 @@ def init_party_tokens(
     stored = read_pin_file(tdir.pins_file) if tdir.pins_file.exists() else {}
     module = _module(module_path)
     pins = {
-        label: given.get(label) or stored.get(label) or secrets.token_hex(16) for label in labels
+        label: private.get(label) or given.get(label) or stored.get(label) or secrets.token_hex(16)
+        for label in labels
     }
     # Only now that every input is checked is anything written (bad input changes nothing).
     tdir.pins_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    merged = {**stored, **pins}
+    merged = {k: v for k, v in {**stored, **pins}.items() if k not in private}
     replace_file(tdir.pins_file, "".join(f"{k}={v}\n" for k, v in sorted(merged.items())).encode())
     _write_conf(tdir)
     store = tdir.store

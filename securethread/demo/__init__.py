@@ -3,6 +3,7 @@
 It plays every party on one machine the way they are deployed on several::
 
     DIR/oem/        the OEM's work directory (its own SoftHSM tokens and PIN file)
+    DIR/officer-N/  officer N's PIN file, ``pin`` (0600): each officer's own, never the OEM's
     DIR/factory/    the programming centre's work directory (its own token and PIN file)
     DIR/vendor/     the simulated silicon vendor (software CA; burns the OEM root's hash)
     DIR/courier/    a log of every file carried between the parties
@@ -12,7 +13,9 @@ directory (each process points SoftHSM at its own token directory and reads its 
 file; the test-suite's or the caller's PIN variables are removed from the children's
 environment).  Nothing passes between the parties but the files of their outboxes, copied
 into the receiver's ``inbox/`` as a courier would, and one TCP connection on 127.0.0.1 for
-the key channel.  The demo and the CLI are the only code that knows more than one party.
+the key channel.  Each officer approves the job in a process of their own that is given
+only that officer's PIN file.  The demo and the CLI are the only code that knows more than
+one party.
 
 The demo refuses a directory it did not create.
 """
@@ -32,7 +35,8 @@ from typing import Any
 from securethread.errors import ConfigurationError, Error
 
 DEMO_MARKER = ".securethread-demo"
-PARTS = ("oem", "factory", "vendor", "courier")
+OFFICERS = 2  # oem init's default: two officers, both sign every job
+PARTS = ("oem", "factory", "vendor", "courier", *(f"officer-{n}" for n in range(1, OFFICERS + 1)))
 OEM_NAME = "demo-oem"
 FACTORY_NAME = "factory-1"
 JOB_ID = "demo-job-1"
@@ -52,6 +56,11 @@ def child_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if k != "SOFTHSM2_CONF" and not k.startswith(("SECURETHREAD_PIN_", "SECURETHREAD_SO_PIN_"))
     }
+
+
+def officer_pin_file(root: Path, officer: int) -> Path:
+    """Where the demo keeps officer ``officer``'s PIN: outside the OEM's work directory."""
+    return root / f"officer-{officer}" / "pin"
 
 
 def prepare(workdir: str | os.PathLike[str]) -> Path:
@@ -166,8 +175,15 @@ def run_demo(
     s = _Sites(root, log)
     oem, fac = root / "oem", root / "factory"
 
-    # flow 1 and 2: the OEM's ceremony; the factory enrols; certificates go back.
-    init = s.run("oem", "init", "--workdir", "oem", "--name", OEM_NAME)
+    # flow 1 and 2: the OEM's ceremony (each officer's new PIN goes to that officer's own
+    # file only); the factory enrols; certificates go back.
+    officers = [
+        f"{n}={officer_pin_file(root, n)}" for n in range(1, OFFICERS + 1)
+    ]
+    init = s.run(
+        "oem", "init", "--workdir", "oem", "--name", OEM_NAME,
+        *(arg for o in officers for arg in ("--officer-pin-file", o)),
+    )  # fmt: skip
     root_fp = init["root_fingerprint"]
     s.run("programmer", "init", "--workdir", "factory", "--name", FACTORY_NAME)
     enrol = s.run("programmer", "enrol", "--workdir", "factory")
@@ -223,7 +239,16 @@ def run_demo(
     ca_request = s.carry(fac / "outbox" / f"production-ca-request-{JOB_ID}.bin", "oem")
     spec = oem / f"{JOB_ID}.toml"
     spec.write_text(_job_spec(devices, devices, vendor=str(vendor_ca)))
-    s.run("oem", "issue-job", "--workdir", "oem", str(spec), "--ca-request", str(ca_request))
+    draft = s.run(
+        "oem", "issue-job", "--workdir", "oem", str(spec), "--ca-request", str(ca_request)
+    )  # fmt: skip
+    # M-of-N: each officer approves in a process of their own, with their own PIN file only.
+    for n in range(1, OFFICERS + 1):
+        s.run(
+            "oem", "approve-job", "--workdir", "oem", "--job", JOB_ID, "--officer", str(n),
+            "--pin-file", str(officer_pin_file(root, n)), "--job-hash", draft["job_sha256"],
+        )  # fmt: skip
+    s.run("oem", "issue-job", "--workdir", "oem", "--job", JOB_ID)
     package = s.carry(oem / "outbox" / f"job-{JOB_ID}.bin", "factory")
     image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
     s.run("programmer", "open-job", "--workdir", "factory", str(package), "--image", str(image))

@@ -144,6 +144,24 @@ def add_signature(envelope: bytes, kind: str, signer: PrivateKey) -> bytes:
     return cbor.encode(outer)
 
 
+def merge(kind: str, envelopes: Iterable[bytes], *, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+    """One envelope carrying the signatures of ``envelopes``, which must sign one body: M-of-N
+    approvals made in separate processes (each signer seals the body alone) joined in the
+    canonical order (S6).  Nothing is verified here: open the result with :func:`open_signed`."""
+    outers = [_parse_outer(data, kind, max_size) for data in envelopes]
+    if not outers:
+        raise ValueError("merge needs at least one envelope")
+    body = outers[0]["body"]
+    if any(o["body"] != body for o in outers[1:]):
+        raise FormatError(f"{kind}: the envelopes to merge sign different bodies")
+    sigs = sorted((s for o in outers for s in o["sigs"]), key=lambda s: bytes(s["signer"]))
+    if any(a["signer"] == b["signer"] for a, b in zip(sigs, sigs[1:], strict=False)):
+        raise FormatError(f"{kind}: the envelopes to merge share a signer")
+    if len(sigs) > MAX_SIGNATURES:
+        raise FormatError(f"{kind}: more than {MAX_SIGNATURES} signatures")
+    return cbor.encode({"kind": kind, "v": ENVELOPE_VERSION, "body": body, "sigs": sigs})
+
+
 def _parse_outer(data: bytes, kind: str, max_size: int) -> dict[str, Any]:
     """The outer map, checked for shape, exact types and canonical entry order."""
     outer = cbor.decode(data, what=kind, max_size=max_size)

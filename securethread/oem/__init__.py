@@ -8,7 +8,8 @@ onboarding             :mod:`~securethread.oem.onboarding`      ``oem certify-pr
 mastering              :mod:`~securethread.oem.mastering`       ``oem master-image``
 sending keys           :mod:`~securethread.oem.keys`            ``oem send-keys``,
                                                                 ``seal-keys``, ``confirm-keys``
-jobs                   :mod:`~securethread.oem.jobs`            ``oem issue-job``
+jobs                   :mod:`~securethread.oem.jobs`            ``oem issue-job``,
+                                                                ``approve-job`` (an officer)
 reconciliation         :mod:`~securethread.oem.reconcile`       ``oem reconcile``
 revocation             :mod:`~securethread.oem.revoke`          ``oem revoke``
 =====================  =======================================  ==========================
@@ -18,7 +19,7 @@ received from another party as a file; it verifies what it received before actin
 """
 
 from securethread.oem.ceremony import init
-from securethread.oem.jobs import issue_job
+from securethread.oem.jobs import approve_job, issue_job, prepare_job
 from securethread.oem.keys import confirm_keys, seal_keys, send_keys
 from securethread.oem.mastering import master_image
 from securethread.oem.onboarding import certify_programmer
@@ -26,11 +27,13 @@ from securethread.oem.reconcile import reconcile
 from securethread.oem.revoke import revoke
 
 __all__ = [
+    "approve_job",
     "certify_programmer",
     "confirm_keys",
     "init",
     "issue_job",
     "master_image",
+    "prepare_job",
     "reconcile",
     "revoke",
     "seal_keys",

@@ -1,33 +1,64 @@
-"""Flow 6 at the OEM: ``securethread oem issue-job SPEC --ca-request FILE``.
+"""Flow 6 at the OEM: a production job is prepared by the OEM, approved by M officers -- each
+in their own process, with their own token and PIN -- and then issued (docs/cli.md).
 
-From a job spec (:mod:`securethread.oem.jobspec`) and the programmer's production-CA
-request, the OEM
+1. ``oem issue-job SPEC --ca-request FILE`` (:func:`prepare_job`, with the OEM token) checks
+   that what the job names exists here (the programmer is certified and has received the
+   image key, the image is mastered, the job id was never used), verifies the request under
+   the programmer's certified identity key, certifies the production CA for this job under
+   the root, signs the device-trust statement (it names the job's hash, the SHA-256 of what
+   the officers will sign) and writes the unsigned job body, ``jobs/<id>/draft.bin``, last.
+2. ``oem approve-job --job ID --officer N`` (:func:`approve_job`, officer N's token only)
+   checks that the draft is the one the OEM prepared (the root-signed device-trust statement
+   names its hash) and that every earlier approval is of this same draft, logs in to officer
+   N's token with officer N's PIN -- never the OEM's ``pins`` -- and writes the draft sealed
+   with officer N's key alone, ``jobs/<id>/approvals/officer-N.bin``.  Once per officer.
+3. ``oem issue-job --job ID`` (:func:`issue_job`, the OEM token, no officer PIN) joins the
+   approvals of at least the job's threshold of officers into the signed job (canonical
+   order, S6), verifies it under the root-signed officer bundle, keeps it (``job.bin``:
+   reconciliation checks the returned ledger against *this* job, never the copy the ledger
+   carries) and writes the job package (with the vendor CA certificates the job names by
+   their keys' hashes) and the encrypted image to the outbox.
 
-1. checks what the job names exists here: the programmer is certified and has received the
-   image key, the image is mastered, the job id was never used;
-2. verifies the request under the programmer's certified identity key and certifies the
-   production CA for this job under the root;
-3. has the officers sign the job, each with the key in their own token (M-of-N);
-4. keeps the signed job (reconciliation later checks the returned ledger against *this*
-   job, never the copy the ledger carries) and writes the job package (with the vendor CA
-   certificates the job names by their keys' hashes) and the encrypted image to the outbox.
+No process holds two officers' PINs and the OEM's PIN file holds none, so M-of-N needs M
+people.  :func:`securethread.formats.job.sign_job` with several keys stays the library's
+one-process path (unit tests).
 """
 
 from __future__ import annotations
 
 import datetime
+import getpass
 import hashlib
 import os
+import sys
+from collections.abc import Callable
 
+import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.errors import ConfigurationError, JobError
-from securethread.formats.device_trust import DeviceTrust, sign_device_trust
+from securethread.errors import ConfigurationError, JobError, PinMissingError, VerificationError
+from securethread.formats import cbor, envelope
+from securethread.formats.device_trust import (
+    DeviceTrust,
+    sign_device_trust,
+    verify_device_trust,
+)
 from securethread.formats.identity import vendor_ca_id
-from securethread.formats.job import ProductionJob, cosign_job, job_hash, sign_job
+from securethread.formats.job import (
+    JOB_KIND,
+    MAX_JOB_SIZE,
+    ProductionJob,
+    job_hash,
+    sign_job,
+    verify_job_signatures,
+)
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry
+from securethread.hsm.pin import env_var_for, resolve_pin
+from securethread.keys import fingerprint, load_spki
+from securethread.keys.protocol import PrivateKey
 from securethread.oem import layout as L
 from securethread.oem.jobspec import load_job_spec
 from securethread.pki import (
@@ -37,27 +68,57 @@ from securethread.pki import (
     to_der,
     untrusted,
 )
-from securethread.workdir import PartyDir, StepResult, copy_atomic, read_file, to_pem
+from securethread.workdir import (
+    PartyDir,
+    StepOrderError,
+    StepResult,
+    copy_atomic,
+    read_file,
+    to_pem,
+)
+
+PinCallback = Callable[[str], str]
 
 
-def issue_job(
+# --- 1. prepare ---------------------------------------------------------------------------------
+
+
+def prepare_job(
     workdir: str | os.PathLike[str],
     spec_path: str | os.PathLike[str],
     *,
     ca_request: str | os.PathLike[str],
 ) -> StepResult:
-    """Issue the job described by ``spec_path`` (see the module docstring)."""
+    """Prepare the job described by ``spec_path`` for the officers (see the module docstring).
+
+    Run again with the same spec it changes nothing and shows the draft awaiting approval;
+    for a job issued but killed before its package reached the outbox, it writes the package
+    from the record (nothing is signed again).  A job id is reused for nothing else.
+    """
     work = L.open_oem(workdir)
     spec = load_job_spec(spec_path)
+    spec_bytes = read_file(spec_path, "job spec")
     jdir = L.job_dir(spec.job_id)
     if work.exists(f"{jdir}/job.bin"):
-        same_spec = work.read(f"{jdir}/spec.toml", "job spec") == read_file(spec_path, "job spec")
+        same_spec = work.read(f"{jdir}/spec.toml", "job spec") == spec_bytes
         if same_spec and not work.exists(f"outbox/job-{spec.job_id}.bin"):
             # Issued, then killed before the package reached the outbox: finish that, from
             # what was recorded (the same job, nothing signed again).
             written = _write_package(work, spec.job_id, spec.image)
             return work.finish("oem issue-job", written, (), {"job": spec.job_id})
         raise JobError(f"job id {spec.job_id!r} was already used by this OEM ({jdir} exists)")
+    if work.exists(L.job_draft(spec.job_id)):
+        if work.read(f"{jdir}/spec.toml", "job spec") != spec_bytes:
+            raise JobError(
+                f"job id {spec.job_id!r} was already used by this OEM (a draft of another "
+                f"spec awaits approval in {jdir})"
+            )
+        # Prepared already (a second run, or one killed after the draft was written): the
+        # draft the officers may be approving stays as it is.
+        draft = read_draft(work, spec.job_id)
+        return work.finish(
+            "oem issue-job", (), (), _draft_details(draft, sorted(approvals(work, draft)))
+        )
     pdir = L.programmer_dir(spec.programmer)
     work.require(
         f"{pdir}/identity.pem", step="issue-job", needs=f"certify-programmer ({spec.programmer})"
@@ -125,6 +186,7 @@ def issue_job(
         not_before=not_before,
         not_after=profile.not_after,
         organisation=profile.organisation,
+        oem_arc=profile.oem_arc,
     )
     job = ProductionJob(
         job_id=spec.job_id,
@@ -141,19 +203,16 @@ def issue_job(
         production_ca=cert_fingerprint(pca),
         vendors=tuple(vendor_ca_id(c) for c in spec.vendors),
     )
-    signers = []
-    for i in range(threshold):
-        token = work.open_token(L.officer_token(i + 1))
-        signers.append(token.private_key(L.L_OFFICER))
-    signed = sign_job(job, signers[:1])
-    for officer in signers[1:]:
-        signed = cosign_job(signed, officer)
+    body = cbor.encode(job.to_obj())
+    sha256 = draft_hash(body)
     # What the chips will trust for this job, signed by the root they have burnt in
-    # (docs/device.md): the job, its device class, the firmware-signing key, the floor.
+    # (docs/device.md): the job (by the hash its officers will sign), its device class, the
+    # firmware-signing key, the floor.  It also binds the draft to this step: an officer
+    # approves only the draft it names.
     trust = sign_device_trust(
         DeviceTrust(
             job_id=spec.job_id,
-            job_sha256=job_hash(signed),
+            job_sha256=sha256,
             device_class=device_class,
             firmware_signing_key=fw_key,
             min_security_counter=manifest.security_counter,
@@ -163,30 +222,332 @@ def issue_job(
 
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
-        "job-issuance",
-        keys=[KeyEntry.from_key(k) for k in signers],
+        "job-draft",
         certificates=[CertEntry.from_certificate(pca)],
-        artefacts={"job": job_hash(signed), "device-trust": hashlib.sha256(trust).digest()},
-        details={"job": spec.job_id, "quota": spec.quota, "programmer": spec.programmer},
+        artefacts={"job": sha256, "device-trust": hashlib.sha256(trust).digest()},
+        details={
+            "job": spec.job_id,
+            "quota": spec.quota,
+            "programmer": spec.programmer,
+            "threshold": threshold,
+        },
     )
+    _clear_approvals(work, spec.job_id)  # of an earlier draft that never became the job
     written = [
-        work.write(f"{jdir}/spec.toml", read_file(spec_path, "job spec")),
+        work.write(f"{jdir}/spec.toml", spec_bytes),
         work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
         work.write(f"{jdir}/device-trust.bin", trust),
         *(work.write(_vendor_file(jdir, c), to_pem(c)) for c in spec.vendors),
-        work.write(f"{jdir}/job.bin", signed),  # the job is issued: recorded before it leaves
+        work.write(L.job_draft(spec.job_id), body),  # last: a draft is a complete one
     ]
-    written += _write_package(work, spec.job_id, spec.image)
+    draft = Draft(
+        job=job, body=body, sha256=sha256, officers=officers, programmer=spec.programmer
+    )
+    return work.finish("oem issue-job", written, [tx], _draft_details(draft))
+
+
+def draft_hash(body: bytes) -> bytes:
+    """The hash of a job draft: what its officers sign, and so the issued job's identity
+    (:func:`securethread.formats.job.job_hash` of every framing of the signed job)."""
+    return hashlib.sha256(envelope.signed_bytes(JOB_KIND, body)).digest()
+
+
+def _clear_approvals(work: PartyDir, job_id: str) -> None:
+    adir = work.path(L.job_approvals(job_id))
+    for stale in sorted(adir.iterdir()) if adir.is_dir() else []:
+        stale.unlink()
+
+
+# --- the draft as the officers see it -----------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Draft:
+    """A job draft checked against what the OEM prepared: the body, its hash, the officers."""
+
+    job: ProductionJob
+    body: bytes
+    sha256: bytes
+    officers: OfficerBundle
+    programmer: str  # the programmer's name here, or its fingerprint when none matches
+
+    def officer_key(self, officer: int) -> ec.EllipticCurvePublicKey:
+        """Officer ``officer``'s job-signing key (1-based), from the root-signed bundle."""
+        return load_spki(self.officers.keys[officer - 1], what=f"officer {officer}'s key")
+
+    def summary(self) -> list[str]:
+        """What an officer approves, in a few lines."""
+        j = self.job
+        ranges = [f"{a:016x}..{b:016x}" for a, b in j.targets.ranges]
+        count = sum(b - a + 1 for a, b in j.targets.ranges) + len(j.targets.explicit)
+        listed = [f"{len(j.targets.explicit)} listed"] if j.targets.explicit else []
+        targets = ", ".join(ranges + listed)
+        return [
+            f"job {j.job_id} for programmer {self.programmer} "
+            f"(identity {j.programmer.hex()[:16]}…)",
+            f"  device class {j.device_class}, quota {j.quota}, approved by {j.threshold} of "
+            f"{len(self.officers.keys)} officers",
+            f"  targets: {targets} ({count} device ids)",
+            f"  window: {_utc(j.not_before)} .. {_utc(j.not_after)}",
+            f"  image {j.image_id} (manifest {j.manifest_sha256.hex()[:16]}…), production CA "
+            f"{j.production_ca.hex()[:16]}…, {len(j.vendors)} silicon vendor CA(s)",
+            f"  job hash (what the officers sign): {self.sha256.hex()}",
+        ]
+
+
+def _utc(ts: int) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_draft(work: PartyDir, job_id: str) -> Draft:
+    """Read ``jobs/<id>/draft.bin`` and check it is the draft the OEM prepared: a canonical
+    job body for ``job_id`` whose hash the root-signed device-trust statement names, with the
+    production CA recorded beside it.  Files are read only; no token is opened."""
+    jdir = L.job_dir(job_id)
+    root = from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
+    officers = OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), root.public_key())  # type: ignore[arg-type]
+    body = work.read(L.job_draft(job_id), "job draft")
+    obj = cbor.decode(body, what="job draft", max_size=MAX_JOB_SIZE)
+    if not isinstance(obj, dict):
+        raise JobError(f"the draft of job {job_id!r} is not a job body")
+    job = ProductionJob.from_obj(obj)
+    if cbor.encode(job.to_obj()) != body or job.job_id != job_id:
+        raise JobError(f"the draft of job {job_id!r} is not a canonical body of that job")
+    sha256 = draft_hash(body)
+    trust = verify_device_trust(
+        work.read(f"{jdir}/device-trust.bin", "device trust"), oem_root=root
+    )
+    if trust.job_id != job_id or trust.job_sha256 != sha256:
+        raise JobError(
+            f"the draft of job {job_id!r} is not the one the OEM prepared: its root-signed "
+            f"device-trust statement names job hash {trust.job_sha256.hex()[:16]}…, the draft "
+            f"hashes to {sha256.hex()[:16]}… (prepare it again with issue-job SPEC)"
+        )
+    pca = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))
+    if cert_fingerprint(pca) != job.production_ca:
+        raise JobError(f"the draft of job {job_id!r} names another production CA")
+    if not officers.threshold <= job.threshold <= len(officers.keys):
+        raise JobError(
+            f"the draft of job {job_id!r} asks for {job.threshold} officers, outside "
+            f"{officers.threshold}..{len(officers.keys)}"
+        )
+    return Draft(
+        job=job,
+        body=body,
+        sha256=sha256,
+        officers=officers,
+        programmer=_programmer_name(work, job.programmer),
+    )
+
+
+def _programmer_name(work: PartyDir, fp: bytes) -> str:
+    programmers = work.path("programmers")
+    for pdir in sorted(programmers.iterdir()) if programmers.is_dir() else []:
+        cert = pdir / "identity.pem"
+        if cert.is_file() and cert_fingerprint(from_pem(read_file(cert, "certificate"))) == fp:
+            return pdir.name
+    return fp.hex()
+
+
+def _draft_details(draft: Draft, approvals: list[int] | None = None) -> dict[str, object]:
+    j = draft.job
+    return {
+        "job": j.job_id,
+        "job_sha256": draft.sha256.hex(),
+        "quota": j.quota,
+        "threshold": j.threshold,
+        "officers": len(draft.officers.keys),
+        "approvals": approvals or [],
+        "draft": L.job_draft(j.job_id),
+        "summary": draft.summary(),
+    }
+
+
+# --- approvals ----------------------------------------------------------------------------------
+
+
+def check_approval(
+    data: bytes, *, draft_sha256: bytes, officer: int, key: ec.EllipticCurvePublicKey
+) -> None:
+    """Refuse unless ``data`` is the job draft ``draft_sha256`` sealed by officer ``officer``'s
+    key (``key``) and nothing else: one signature, that officer's, over that draft."""
+    try:
+        opened = envelope.open_signed(data, kind=JOB_KIND, keys=key, max_size=MAX_JOB_SIZE)
+    except VerificationError as exc:
+        raise JobError(f"officer {officer}'s approval is not officer {officer}'s: {exc}") from None
+    if opened.content_id != draft_sha256:
+        raise JobError(
+            f"officer {officer}'s approval is of another draft (job hash "
+            f"{opened.content_id.hex()[:16]}…, the draft's {draft_sha256.hex()[:16]}…): the "
+            f"draft changed after officer {officer} approved it"
+        )
+
+
+def approvals(work: PartyDir, draft: Draft) -> dict[int, bytes]:
+    """Every officer's approval of ``draft`` found in its approvals directory, each checked
+    (:func:`check_approval`); an approval of anything else is refused, not skipped."""
+    out = {}
+    for n in range(1, len(draft.officers.keys) + 1):
+        rel = L.job_approval(draft.job.job_id, n)
+        if work.exists(rel):
+            data = work.read(rel, f"officer {n}'s approval")
+            check_approval(
+                data, draft_sha256=draft.sha256, officer=n, key=draft.officer_key(n)
+            )
+            out[n] = data
+    return out
+
+
+def approve_job(
+    workdir: str | os.PathLike[str],
+    *,
+    job_id: str,
+    officer: int,
+    pin_file: str | os.PathLike[str] | None = None,
+    pin: PinCallback | None = None,
+    expect_sha256: bytes | None = None,
+) -> StepResult:
+    """Officer ``officer`` approves the prepared job ``job_id`` (see the module docstring).
+
+    The officer's PIN comes from ``pin`` (a callback), else ``pin_file`` (its first line),
+    else ``SECURETHREAD_PIN_OFFICER_<N>`` / ``…_FILE``, else a prompt on a terminal that
+    first shows the job -- never from the OEM's ``pins``.  ``expect_sha256``: the job hash
+    the officer was told; any other draft is refused.
+    """
+    work = L.open_oem(workdir)
+    step = f"approve-job {job_id}"
+    work.require(L.job_draft(job_id), step=step, needs=f"issue-job SPEC ({job_id})")
+    if work.exists(f"{L.job_dir(job_id)}/job.bin"):
+        raise StepOrderError(f"job {job_id!r} was issued already: there is nothing to approve")
+    draft = read_draft(work, job_id)
+    if type(officer) is not int or not 1 <= officer <= len(draft.officers.keys):
+        raise ConfigurationError(
+            f"--officer must be 1..{len(draft.officers.keys)} (this OEM's officers), "
+            f"got {officer!r}"
+        )
+    if work.exists(L.job_approval(job_id, officer)):
+        raise StepOrderError(
+            f"officer {officer} approved job {job_id!r} already "
+            f"({L.job_approval(job_id, officer)} exists): one signature per officer"
+        )
+    if expect_sha256 is not None and expect_sha256 != draft.sha256:
+        raise JobError(
+            f"the draft of job {job_id!r} hashes to {draft.sha256.hex()}, not the job hash "
+            "you were given: it is not the job you were asked to approve"
+        )
+    earlier = approvals(work, draft)  # every earlier approval is of this very draft
+    label = L.officer_token(officer)
+    token = work.open_token(label, pin or officer_pin(officer, pin_file=pin_file, draft=draft))
+    key: PrivateKey = token.private_key(L.L_OFFICER)
+    if fingerprint(key.public_key()) != fingerprint(draft.officer_key(officer)):
+        raise JobError(
+            f"token {label!r} holds a job-signing key that is not officer {officer}'s in the "
+            "root-signed officer bundle"
+        )
+    approval = sign_job(draft.job, [key])
+    check_approval(approval, draft_sha256=draft.sha256, officer=officer, key=key.public_key())
+    written = [work.write(L.job_approval(job_id, officer), approval)]
+    done = sorted([*earlier, officer])
+    details = _draft_details(draft, done)
+    details["officer"] = officer
+    details["ready"] = len(done) >= draft.job.threshold
+    return work.finish("oem approve-job", written, (), details)
+
+
+def officer_pin(
+    officer: int, *, pin_file: str | os.PathLike[str] | None = None, draft: Draft | None = None
+) -> PinCallback:
+    """Officer ``officer``'s PIN, for their token only: ``pin_file``'s first line, else
+    ``SECURETHREAD_PIN_OFFICER_<N>`` (or ``…_FILE``), else a prompt on a terminal that first
+    shows ``draft``.  The OEM's ``pins`` file is never read."""
+    label = L.officer_token(officer)
+
+    def pin_for(asked: str) -> str:
+        if asked != label:
+            raise PinMissingError(f"this step logs in to token {label!r} only, not {asked!r}")
+        if pin_file is not None:
+            return resolve_pin(label, pin_source=os.fspath(pin_file))
+        var = env_var_for(label)
+        if var in os.environ or var + "_FILE" in os.environ:
+            return resolve_pin(label)
+        if not sys.stdin.isatty():
+            raise PinMissingError(
+                f"no PIN for officer {officer}: give --pin-file FILE (officer {officer}'s own "
+                f"PIN file), set {var} or {var}_FILE, or run on a terminal"
+            )
+        shown = "\n".join(draft.summary()) + "\n" if draft is not None else ""
+        return getpass.getpass(f"{shown}PIN of officer {officer} (token {label!r}) to approve: ")
+
+    return pin_for
+
+
+# --- 3. issue -----------------------------------------------------------------------------------
+
+
+def issue_job(workdir: str | os.PathLike[str], job_id: str) -> StepResult:
+    """Issue the prepared job ``job_id`` once its threshold of officers approved it (see the
+    module docstring); run again after a kill, it finishes the outbox from the record."""
+    work = L.open_oem(workdir)
+    jdir = L.job_dir(job_id)
+    step = f"issue-job --job {job_id}"
+    work.require(L.job_draft(job_id), step=step, needs=f"issue-job SPEC ({job_id})")
+    if work.exists(f"{jdir}/job.bin"):
+        if not work.exists(f"outbox/job-{job_id}.bin"):
+            recorded = read_draft(work, job_id).job
+            written = _write_package(work, job_id, recorded.image_id)
+            return work.finish("oem issue-job", written, (), {"job": job_id})
+        raise StepOrderError(f"job {job_id!r} was issued already ({jdir}/job.bin exists)")
+    draft = read_draft(work, job_id)
+    found = approvals(work, draft)
+    if len(found) < draft.job.threshold:
+        have = ", ".join(f"officer {n}" for n in found) or "none"
+        raise StepOrderError(
+            f"job {job_id!r} needs the approval of {draft.job.threshold} officers, has "
+            f"{len(found)} ({have}): each officer runs 'securethread oem approve-job "
+            f"--workdir DIR --job {job_id} --officer N' with their own PIN"
+        )
+    signed = envelope.merge(JOB_KIND, found.values(), max_size=MAX_JOB_SIZE)
+    verified = verify_job_signatures(
+        signed, officers=draft.officers.public_keys(), min_threshold=draft.officers.threshold
+    )
+    if verified.sha256 != draft.sha256 or job_hash(signed) != draft.sha256:
+        raise JobError(f"the approvals of job {job_id!r} do not sign its draft")
+
+    oem = work.open_token(L.TOKEN)
+    trust = work.read(f"{jdir}/device-trust.bin", "device trust")
+    pca = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))
+    tx = work.transcript(oem.private_key(L.L_IDENTITY))
+    tx.append(
+        "job-issuance",
+        keys=[
+            KeyEntry.from_public_key(
+                draft.officer_key(n), label=f"{L.officer_token(n)}/{L.L_OFFICER}"
+            )
+            for n in found
+        ],
+        certificates=[CertEntry.from_certificate(pca)],
+        artefacts={"job": draft.sha256, "device-trust": hashlib.sha256(trust).digest()},
+        details={
+            "job": job_id,
+            "quota": draft.job.quota,
+            "programmer": draft.programmer,
+            "approvals": ",".join(L.officer_token(n) for n in found),
+        },
+    )
+    written = [work.write(f"{jdir}/job.bin", signed)]  # issued: recorded before it leaves
+    written += _write_package(work, job_id, draft.job.image_id)
     return work.finish(
         "oem issue-job",
         written,
         [tx],
         {
-            "job": spec.job_id,
-            "quota": spec.quota,
-            "threshold": threshold,
-            "package": f"outbox/job-{spec.job_id}.bin",
-            "image": f"outbox/image-{spec.image}.enc",
+            "job": job_id,
+            "job_sha256": draft.sha256.hex(),
+            "quota": draft.job.quota,
+            "threshold": draft.job.threshold,
+            "approvals": sorted(found),
+            "package": f"outbox/job-{job_id}.bin",
+            "image": f"outbox/image-{draft.job.image_id}.enc",
         },
     )
 
@@ -214,4 +575,4 @@ def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
     return [image, work.write(f"outbox/job-{job_id}.bin", package.to_bytes())]
 
 
-__all__ = ["issue_job"]
+__all__ = ["Draft", "approve_job", "issue_job", "prepare_job", "read_draft"]

@@ -5,12 +5,16 @@
     <dir>/root-ca.pem, oem-identity.pem, firmware-signing.pem (public key), officers.bin
     <dir>/programmers/<name>/   the enclave's certificates, keys-<image>.ack / .receipt
     <dir>/images/<image>/       image.enc, manifest.bin (firmware stays with the OEM)
-    <dir>/jobs/<job>/           spec.toml, job.bin, production-ca.pem, reconciliation.json
+    <dir>/jobs/<job>/           spec.toml, production-ca.pem, device-trust.bin, draft.bin
+                                (the unsigned job body), approvals/officer-<n>.bin (one
+                                officer's signature each), job.bin (the issued job),
+                                reconciliation.json
     <dir>/outbox/               certificates-<programmer>.bin, job-<job>.bin, image-<image>.enc,
                                 keys-<image>-<programmer>.sealed, crl-*.pem
 
 Tokens: ``oem`` (root CA, OEM identity, firmware signing, image keys) and one token per
 officer (``officer-1`` ...), each with its own PIN, holding that officer's job-signing key.
+The ``pins`` file holds the ``oem`` token's PIN only: each officer keeps their own PIN.
 """
 
 from __future__ import annotations
@@ -50,6 +54,20 @@ def image_dir(image_id: str) -> str:
 
 def job_dir(job_id: str) -> str:
     return f"jobs/{check_name('job id', job_id)}"
+
+
+def job_draft(job_id: str) -> str:
+    """The unsigned job body the officers approve (``issue-job SPEC`` writes it last)."""
+    return f"{job_dir(job_id)}/draft.bin"
+
+
+def job_approvals(job_id: str) -> str:
+    return f"{job_dir(job_id)}/approvals"
+
+
+def job_approval(job_id: str, officer: int) -> str:
+    """Officer ``officer``'s approval: the draft sealed with that officer's key alone."""
+    return f"{job_approvals(job_id)}/{officer_token(officer)}.bin"
 
 
 def open_oem(workdir: str | os.PathLike[str]) -> PartyDir:

@@ -118,19 +118,41 @@ def test_each_site_sees_only_its_own_tokens(sites: dict[str, Any]) -> None:
     assert factory == {"programmer"}
 
 
+def _officer_pins(sites: dict[str, Any]) -> dict[str, str]:
+    """Each demo officer's PIN, from that officer's own file (DIR/officer-N/pin)."""
+    return {
+        f"officer-{n}": (sites["root"] / f"officer-{n}" / "pin").read_text().strip()
+        for n in (1, 2)
+    }
+
+
 def test_pin_files_hold_only_the_party_user_pins(sites: dict[str, Any]) -> None:
-    for party, labels in (("oem", {"oem", "officer-1", "officer-2"}), ("factory", {"programmer"})):
+    """Each party's pins file holds its own user PINs, no SO PIN -- and the OEM's holds no
+    officer's: officers are people, each with their own PIN file (0600) outside the OEM's
+    work directory, whose PIN appears in no file of it."""
+    for party, labels in (("oem", {"oem"}), ("factory", {"programmer"})):
         pins = sites[party] / "pins"
         assert stat.S_IMODE(pins.stat().st_mode) == 0o600
         names = {line.split("=")[0] for line in pins.read_text().splitlines()}
         assert names == labels  # user PINs of this party's tokens, no SO PIN
         assert "SO" not in pins.read_text().upper().replace("SO_", "")
+    officers = _officer_pins(sites)
+    for n in (1, 2):
+        assert stat.S_IMODE((sites["root"] / f"officer-{n}" / "pin").stat().st_mode) == 0o600
+    for path in (p for p in sites["oem"].rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        assert not any(pin.encode() in data for pin in officers.values()), path
 
 
 def test_an_officer_token_holds_one_job_signing_key(sites: dict[str, Any]) -> None:
-    """M-of-N: each officer's key is in its own token under its own PIN."""
-    pins = dict(line.split("=") for line in (sites["oem"] / "pins").read_text().splitlines())
+    """M-of-N: each officer's key is in its own token under its own PIN, and the demo's job
+    carries one signature by each officer, each given by a process of its own."""
+    pins = {**_officer_pins(sites), **dict(
+        line.split("=") for line in (sites["oem"] / "pins").read_text().splitlines()
+    )}  # fmt: skip
     assert len({pins["officer-1"], pins["officer-2"], pins["oem"]}) == 3
+    approvals = sites["oem"] / "jobs" / "demo-job-1" / "approvals"
+    assert sorted(p.name for p in approvals.iterdir()) == ["officer-1.bin", "officer-2.bin"]
 
 
 def test_opening_the_other_party_token_fails(sites: dict[str, Any]) -> None:
@@ -491,6 +513,8 @@ def test_demo_tokens_pass_the_key_attribute_audit(sites: dict[str, Any]) -> None
 
     for conf_dir in (sites["oem"], sites["factory"]):
         pins = dict(line.split("=") for line in (conf_dir / "pins").read_text().splitlines())
+        if conf_dir == sites["oem"]:
+            pins.update(_officer_pins(sites))  # the officers' tokens, with their own PINs
         for label, pin in pins.items():
             audit_token(conf_dir / "hsm", label, pin).check()
 
