@@ -63,9 +63,11 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _run("oem", "confirm-keys", "--workdir", str(oem),
          str(next((fac / "outbox").glob("key-receipt-*.bin"))))  # fmt: skip
     _run("programmer", "request-ca", "--workdir", str(fac), "--job", "j")
+    _run("vendor", "init", "--workdir", str(tmp / "vendor"), "--oem-root", str(oem / "root-ca.pem"))
     last = 0x5EC0_0000_0000_0000 + QUOTA - 1
     (tmp / "j.toml").write_text(
-        f'job_id = "j"\nprogrammer = "f-1"\nimage = "fw"\nquota = {QUOTA}\n[targets]\n'
+        f'job_id = "j"\nprogrammer = "f-1"\nimage = "fw"\nquota = {QUOTA}\n'
+        f'vendors = ["{tmp / "vendor" / "root-ca.pem"}"]\n[targets]\n'
         f'ranges = [["5ec0000000000000", "{last:016x}"]]\n[window]\ndays = 1\n'
     )
     _run("oem", "issue-job", "--workdir", str(oem), str(tmp / "j.toml"), "--ca-request",
@@ -84,7 +86,6 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert after == before
     _run("programmer", "open-job", "--workdir", str(fac), str(oem / "outbox/job-j.bin"),
          "--image", str(oem / "outbox/image-fw.enc"))  # fmt: skip
-    _run("vendor", "init", "--workdir", str(tmp / "vendor"), "--oem-root", str(oem / "root-ca.pem"))
     again = _run("vendor", "init", "--workdir", str(tmp / "vendor"), "--oem-root",
                  str(oem / "root-ca.pem"), ok=False)  # fmt: skip
     assert again.returncode == EXIT_CONFIG and "already holds a vendor" in again.stderr

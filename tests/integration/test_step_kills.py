@@ -93,9 +93,11 @@ def test_token_creating_steps_can_be_redone_after_a_kill(tmp_path: Path, seed: i
     assert len(receipts) == 1
     _run("oem", "confirm-keys", "--workdir", str(oem), str(receipts[0]))
     _killed_then_redone(rng, kills, "programmer", "request-ca", "--workdir", str(fac), "--job", "j")
+    create_vendor(tmp_path / "vendor", oem_root=oem / "root-ca.pem")  # the fab the job names
     spec = tmp_path / "j.toml"
     spec.write_text(
-        'job_id = "j"\nprogrammer = "f-1"\nimage = "fw"\nquota = 3\n[targets]\n'
+        'job_id = "j"\nprogrammer = "f-1"\nimage = "fw"\nquota = 3\n'
+        f'vendors = ["{tmp_path / "vendor" / "root-ca.pem"}"]\n[targets]\n'
         'ranges = [["5ec0000000000000", "5ec0000000000002"]]\n[window]\ndays = 1\n'
     )
     _killed_then_redone(
@@ -108,7 +110,6 @@ def test_token_creating_steps_can_be_redone_after_a_kill(tmp_path: Path, seed: i
     )  # fmt: skip
 
     # The chain completes on what the killed-and-redone steps left.
-    create_vendor(tmp_path / "vendor", oem_root=oem / "root-ca.pem")
     prov = _run("programmer", "provision", "--workdir", str(fac), "--job", "j", "--vendor",
                 str(tmp_path / "vendor"), "--devices", "3", "--progress", "none")  # fmt: skip
     assert prov["provisioned"] == prov["booted"] == 3
