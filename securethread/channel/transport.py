@@ -5,7 +5,10 @@ the payload only.  Each frame type has its own size limit (the message limits of
 :mod:`~securethread.channel.handshake` and :mod:`~securethread.channel.transfer`), checked on
 the header, before a byte of the payload is read.  Every read has a deadline: the whole frame
 (header and payload) must arrive within ``timeout`` seconds, so a peer that trickles bytes is
-cut off like one that sends nothing.  Connect and accept are timed too.
+cut off like one that sends nothing.  Connect and accept are timed too.  Every wait is a
+:func:`~securethread.channel.wait.wait_ready` on a non-blocking socket, which a signal ends
+at once whenever it arrives (the SIGINT a blocking ``accept`` left unanswered for its whole
+timeout: see :mod:`securethread.channel.wait`).
 
 One connection carries one session, in this order::
 
@@ -29,12 +32,15 @@ ERROR frame (short text, unauthenticated, informative only) before it closes.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
+import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import attrs
 from cryptography import x509
@@ -56,6 +62,7 @@ from securethread.channel.transfer import (
     KeySender,
     TransferRecord,
 )
+from securethread.channel.wait import wait_ready
 from securethread.errors import (
     ChannelError,
     ConfigurationError,
@@ -164,6 +171,7 @@ class FramedConnection:
         self.sock = sock
         self.timeout = _positive(timeout, "timeout")
         self.peer = peer
+        sock.setblocking(False)  # every wait is wait_ready's, which a signal ends
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -184,18 +192,31 @@ class FramedConnection:
     def send(self, kind: FrameType, payload: bytes) -> None:
         if len(payload) > FRAME_LIMITS[kind]:
             raise ValueError(f"{kind.name} payload of {len(payload)} bytes is over its limit")
-        self.sock.settimeout(self.timeout)
         try:
-            self.sock.sendall(HEADER.pack(len(payload), kind) + payload)
-        except TimeoutError:
-            raise PeerTimeoutError(
-                f"{self.peer} did not take the {kind.name} frame within {self.timeout:g} s"
-            ) from None
+            done = self._send_all(
+                HEADER.pack(len(payload), kind) + payload, time.monotonic() + self.timeout
+            )
         except OSError as exc:
             raise ConnectionDroppedError(
                 f"connection to {self.peer} lost while sending {kind.name}: "
                 f"{exc.strerror or type(exc).__name__}"
             ) from None
+        if not done:
+            raise PeerTimeoutError(
+                f"{self.peer} did not take the {kind.name} frame within {self.timeout:g} s"
+            )
+
+    def _send_all(self, data: bytes, deadline: float) -> bool:
+        """Send all of ``data`` before ``deadline``; False if the peer did not take it."""
+        view = memoryview(data)
+        while view:
+            if not wait_ready(self.sock, write=True, deadline=deadline):
+                return False
+            try:
+                view = view[self.sock.send(view) :]
+            except (BlockingIOError, InterruptedError):
+                continue  # not writable after all: wait again
+        return True
 
     def receive(self, expected: FrameType) -> bytes:
         """The payload of the next frame, which must be of type ``expected``.
@@ -228,14 +249,12 @@ class FramedConnection:
     def _read_exact(self, n: int, deadline: float, expected: FrameType) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not wait_ready(self.sock, deadline=deadline):
                 raise self._timeout(expected)
-            self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(min(n - len(buf), 1 << 16))
-            except TimeoutError:
-                raise self._timeout(expected) from None
+            except (BlockingIOError, InterruptedError):
+                continue  # not readable after all: wait again
             except OSError as exc:
                 raise ConnectionDroppedError(
                     f"connection to {self.peer} lost while waiting for {expected.name}: "
@@ -266,9 +285,9 @@ class FramedConnection:
         else:
             text = "internal error"
         payload = text.encode("utf-8", errors="replace")[:MAX_ERROR_SIZE]
+        deadline = time.monotonic() + min(self.timeout, _ERROR_SEND_TIMEOUT)
         try:
-            self.sock.settimeout(min(self.timeout, _ERROR_SEND_TIMEOUT))
-            self.sock.sendall(HEADER.pack(len(payload), FrameType.ERROR) + payload)
+            self._send_all(HEADER.pack(len(payload), FrameType.ERROR) + payload, deadline)
         except OSError:
             pass
 
@@ -430,6 +449,51 @@ def _listen(host: str, port: int) -> socket.socket:
         ) from None
 
 
+def _accept_one(listener: socket.socket, timeout: float | None) -> tuple[socket.socket, Any] | None:
+    """The first connection to ``listener`` within ``timeout`` seconds (None: for ever);
+    None if nobody connected in time."""
+    listener.setblocking(False)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if not wait_ready(listener, deadline=deadline):
+            return None
+        try:
+            conn, remote = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            continue  # gone before we took it (accept(2): ECONNABORTED): wait again
+        return conn, remote
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to ``host:port`` within ``timeout`` seconds (each address
+    :func:`socket.getaddrinfo` gives, in turn, as :func:`socket.create_connection` does)."""
+    deadline = time.monotonic() + timeout
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise PeerUnreachableError(
+            f"cannot connect to {host}:{port}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    why = "no address"
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            if code in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):  # connect(2): pending
+                if not wait_ready(sock, write=True, deadline=deadline):
+                    raise PeerTimeoutError(f"no answer from {host}:{port} within {timeout:g} s")
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except BaseException:
+            sock.close()
+            raise
+        if code == 0:
+            return sock
+        sock.close()
+        why = os.strerror(code)
+    raise PeerUnreachableError(f"cannot connect to {host}:{port}: {why}")
+
+
 def serve_key_session(
     host: str,
     port: int,
@@ -460,13 +524,12 @@ def serve_key_session(
         bound = listener.getsockname()
         if ready is not None:
             ready((str(bound[0]), int(bound[1])))
-        listener.settimeout(accept_timeout)
-        try:
-            conn, remote = listener.accept()
-        except TimeoutError:
+        accepted = _accept_one(listener, accept_timeout)
+        if accepted is None:
             raise PeerTimeoutError(
                 f"no OEM connected to {host}:{bound[1]} within {accept_timeout:g} s"
-            ) from None
+            )
+        conn, remote = accepted
     finally:
         listener.close()
     peer = (str(remote[0]), int(remote[1]))
@@ -508,14 +571,7 @@ def send_key_session(
         raise ConfigurationError(f"send 1..{MAX_ENTRIES} distinct key labels, not {labels!r}")
     for label in labels:
         backend.secret_key(label)  # KeyNotFoundError before anyone is contacted
-    try:
-        conn = socket.create_connection((host, port), timeout=timeout)
-    except TimeoutError:
-        raise PeerTimeoutError(f"no answer from {host}:{port} within {timeout:g} s") from None
-    except OSError as exc:
-        raise PeerUnreachableError(
-            f"cannot connect to {host}:{port}: {exc.strerror or type(exc).__name__}"
-        ) from None
+    conn = _connect(host, port, timeout)
     remote = conn.getpeername()
     peer = (str(remote[0]), int(remote[1]))
     with FramedConnection(conn, timeout=timeout, peer=f"programmer at {host}:{port}") as link:
