@@ -242,7 +242,7 @@ def _decode(data: bytes, *, what: str, max_size: int, type_: str) -> dict[str, A
     m = cbor.decode(data, what=what, max_size=max_size)
     if not isinstance(m, dict):
         raise FormatError(f"{what}: not a map")
-    if m.get("v") != VERSION:
+    if not cbor.is_version(m.get("v"), VERSION):
         raise FormatError(f"{what}: unsupported version {m.get('v')!r}")
     if m.get("type") != type_:
         raise ChannelStateError(f"expected a {type_!r} message, got {m.get('type')!r}")

@@ -343,7 +343,7 @@ def _split_transfer(data: bytes) -> tuple[bytes, bytes, bytes]:
     outer = cbor.decode(data, what="key transfer", max_size=MAX_TRANSFER_SIZE)
     if not isinstance(outer, dict) or set(outer) != {"v", "type", "sid", "body", "mac"}:
         raise FormatError("key transfer: malformed")
-    if outer["v"] != VERSION:
+    if not cbor.is_version(outer["v"], VERSION):
         raise FormatError(f"key transfer: unsupported version {outer['v']!r}")
     if outer["type"] != TRANSFER_TYPE:
         raise FormatError(f"expected a key transfer, got {outer['type']!r}")
@@ -382,7 +382,7 @@ def _verify_commit_message(
     m = cbor.decode(data, what=type_, max_size=MAX_COMMIT_SIZE)
     if not isinstance(m, dict) or set(m) != {"v", "type", "sid", "transfer_id", "ack", "mac"}:
         raise FormatError(f"{type_}: malformed")
-    if m["v"] != VERSION:
+    if not cbor.is_version(m["v"], VERSION):
         raise FormatError(f"{type_}: unsupported version {m['v']!r}")
     if m["type"] != type_:
         raise FormatError(f"expected a {type_!r} message, got {m['type']!r}")
@@ -472,7 +472,7 @@ class KeySender:
         )
         if (
             set(body) != {"v", "sid", "seq", "transfer_id", "digest", "keys"}
-            or body["v"] != VERSION
+            or not cbor.is_version(body["v"], VERSION)
         ):
             raise FormatError("acknowledgement: malformed")
         if not isinstance(body["sid"], bytes) or not hmac.compare_digest(body["sid"], s.session_id):
@@ -764,7 +764,7 @@ class SealedPackage:
             "created",
             "entries",
         }
-        if set(m) != keys or m["v"] != VERSION:
+        if set(m) != keys or not cbor.is_version(m["v"], VERSION):
             raise FormatError("package: malformed or unsupported version")
         return cls(
             package_id=m["package_id"],
@@ -907,7 +907,7 @@ class PackageReceipt:
     @classmethod
     def from_body(cls, m: Mapping[str, Any], signed: bytes) -> PackageReceipt:
         fields = {"v", "package_id", "package", "sender", "programmer", "recipient", "opened"}
-        if set(m) != fields | {"keys"} or m["v"] != VERSION:
+        if set(m) != fields | {"keys"} or not cbor.is_version(m["v"], VERSION):
             raise FormatError("package receipt: malformed or unsupported version")
         if not isinstance(m["opened"], int) or isinstance(m["opened"], bool):
             raise FormatError("package receipt: opened must be an integer")

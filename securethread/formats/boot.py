@@ -22,6 +22,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, SignatureError, VerificationError
+from securethread.formats import cbor
 from securethread.formats.envelope import open_envelope
 from securethread.formats.image import Manifest
 
@@ -63,8 +64,7 @@ class BootConfirmation:
         if set(body) != _KEYS:
             raise BootConfirmationError("boot confirmation: unexpected or missing fields")
         ok = (
-            type(body["v"]) is int
-            and body["v"] == VERSION
+            cbor.is_version(body["v"], VERSION)
             and all(type(body[k]) is str for k in ("device_id", "image_id", "image_version"))
             and type(body["security_counter"]) is int
             and type(body["plaintext_sha256"]) is bytes

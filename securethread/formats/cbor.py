@@ -165,6 +165,15 @@ def decode(data: bytes, *, what: str = "data", max_size: int | None = None) -> A
     return value
 
 
+def is_version(value: object, expected: int) -> bool:
+    """``value`` is the integer ``expected``: the one check of every format's version field.
+
+    Exact type: CBOR ``true`` (simple value 21, RFC 8949 §3.3) decodes to Python ``True``,
+    which compares equal to ``1``; a version given as ``true`` is refused, not read as 1.
+    """
+    return type(value) is int and value == expected
+
+
 def _read_arg(data: bytes, pos: int, info: int) -> tuple[int, int]:
     if info < 24:
         return info, pos

@@ -122,7 +122,7 @@ class DeviceTrust:
     version: int = VERSION
 
     def __attrs_post_init__(self) -> None:
-        if self.version != VERSION:
+        if not cbor.is_version(self.version, VERSION):
             raise DeviceTrustFormatError(f"device trust: unsupported version {self.version!r}")
 
     def body(self) -> dict[str, Any]:

@@ -150,7 +150,7 @@ class IdentificationResponse:
     _KEYS = frozenset({"v", "challenge", "device_id", "public_key", "vendor_certificate", "sig"})
 
     def __attrs_post_init__(self) -> None:
-        if self.version != VERSION:
+        if not cbor.is_version(self.version, VERSION):
             raise IdentificationFormatError(f"identification: unsupported version {self.version}")
         check_device_id(self.device_id)
         d = self._as_dict()

@@ -203,7 +203,7 @@ def _octets(what: str, lo: int, hi: int | None = None) -> Any:
 def _fields(data: Any, keys: frozenset[str], what: str) -> Mapping[str, Any]:
     if not isinstance(data, dict) or set(data) != keys:
         raise ImageFormatError(f"{what}: unexpected or missing fields")
-    if data["v"] != FORMAT_VERSION:
+    if not cbor.is_version(data["v"], FORMAT_VERSION):
         raise ImageFormatError(f"{what}: unsupported format version {data['v']!r}")
     return data
 

@@ -149,7 +149,7 @@ class License:
     )
 
     def __attrs_post_init__(self) -> None:
-        if self.version != VERSION:
+        if not cbor.is_version(self.version, VERSION):
             raise LicenseFormatError(f"license: unsupported version {self.version!r}")
 
     def to_body(self) -> dict[str, Any]:
@@ -305,7 +305,7 @@ def open_license(
         or not isinstance(outer["envelope"], bytes)
     ):
         raise LicenseFormatError("license: not a license container")
-    if outer["v"] != VERSION:
+    if not cbor.is_version(outer["v"], VERSION):
         raise LicenseFormatError(f"license: unsupported version {outer['v']!r}")
     try:
         cert = untrusted.load_certificate(

@@ -90,7 +90,7 @@ class ProvisioningData:
     )
 
     def __attrs_post_init__(self) -> None:
-        if self.version != PROVISIONING_VERSION:
+        if not cbor.is_version(self.version, PROVISIONING_VERSION):
             raise ProvisioningFormatError(f"provisioning data: unsupported version {self.version}")
 
     def to_bytes(self) -> bytes:

@@ -363,7 +363,7 @@ class CeremonyRecord:
 
     @version.validator
     def _version(self, _: object, value: int) -> None:
-        if value != RECORD_VERSION:
+        if not cbor.is_version(value, RECORD_VERSION):
             raise FormatError(f"ceremony record: unsupported version {value!r}")
 
     def to_bytes(self) -> bytes:
