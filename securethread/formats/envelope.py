@@ -222,6 +222,8 @@ def peek_body(data: bytes) -> tuple[str, dict[str, Any], list[bytes]]:
     kind = peek_kind(data)
     outer = _parse_outer(data, kind, 64 << 20)
     body = cbor.decode(outer["body"], what=f"{kind} body")
+    if not isinstance(body, dict):  # as open_signed: every body is a map
+        raise FormatError(f"{kind}: body is not a map")
     return kind, body, [s["signer"] for s in outer["sigs"]]
 
 

@@ -127,6 +127,18 @@ def _check_int(what: str, value: object, *, bits: int = 63) -> int:
     return value
 
 
+#: The last second RFC 3339 can write (its year has four digits, §5.6): 9999-12-31T23:59:59Z.
+MAX_TIME = 253_402_300_799
+
+
+def _check_time(value: object) -> int:
+    """A record time that :attr:`CeremonyRecord.timestamp` can show (RFC 3339, §5.6)."""
+    t = _check_int("time", value)
+    if t > MAX_TIME:
+        raise FormatError(f"time {t} is after 9999-12-31T23:59:59Z (RFC 3339 §5.6)")
+    return t
+
+
 def _pairs(value: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
     """A mapping as a sorted tuple of pairs: immutable, hashable, one order."""
     items = value.items() if isinstance(value, Mapping) else value
@@ -339,7 +351,7 @@ class CeremonyRecord:
 
     seq: int = attrs.field(validator=lambda _, __, v: _check_int("sequence number", v))
     prev: bytes = attrs.field(validator=lambda _, __, v: _check_digest("previous hash", v))
-    time: int = attrs.field(validator=lambda _, __, v: _check_int("time", v))
+    time: int = attrs.field(validator=lambda _, __, v: _check_time(v))
     enclave: str = attrs.field()
     operation: str = attrs.field()
     keys: tuple[KeyEntry, ...] = attrs.field(default=(), converter=_key_entries)
