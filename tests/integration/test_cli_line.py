@@ -45,7 +45,10 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two sites up to an opened job of QUOTA devices (no kills, no demo)."""
     tmp = tmp_path_factory.mktemp("cli-line")
     oem, fac = tmp / "oem", tmp / "factory"
-    init = _json(_run("oem", "init", "--workdir", str(oem), "--name", "acme"))
+    pins = [tmp / f"officer-{n}" / "pin" for n in (1, 2)]  # each officer's own PIN file
+    init = _json(_run("oem", "init", "--workdir", str(oem), "--name", "acme",
+                      "--officer-pin-file", f"1={pins[0]}", "--officer-pin-file",
+                      f"2={pins[1]}"))  # fmt: skip
     _run("programmer", "init", "--workdir", str(fac), "--name", "f-1")
     fp = _json(_run("programmer", "enrol", "--workdir", str(fac)))["fingerprint"]
     _run("oem", "certify-programmer", "--workdir", str(oem),
@@ -72,6 +75,10 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     _run("oem", "issue-job", "--workdir", str(oem), str(tmp / "j.toml"), "--ca-request",
          str(fac / "outbox/production-ca-request-j.bin"))  # fmt: skip
+    for n in (1, 2):  # M-of-N: each officer approves with their own PIN
+        _run("oem", "approve-job", "--workdir", str(oem), "--job", "j", "--officer", str(n),
+             "--pin-file", str(pins[n - 1]))  # fmt: skip
+    _run("oem", "issue-job", "--workdir", str(oem), "--job", "j")
     # Bad input first: a tampered image is refused and the factory's directory is unchanged.
     bad = bytearray((oem / "outbox/image-fw.enc").read_bytes())
     bad[-40] ^= 1

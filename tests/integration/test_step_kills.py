@@ -2,9 +2,10 @@
 
 The two-site chain is run step by step through the real command; each step that creates
 token objects or files (both inits, enrol, certify-programmer, install-certs, master-image,
-request-ca, issue-job, open-job) is first SIGKILLed at a random instant, then run again: the
-second run must succeed (reusing or cleaning up what the killed run provably left), and the
-chain must then complete -- provision, close, reconcile -- with every check of the ledger.
+request-ca, issue-job, each officer's approve-job, open-job) is first SIGKILLed at a random
+instant, then run again: the second run must succeed (reusing or cleaning up what the
+killed run provably left), and the chain must then complete -- provision, close, reconcile
+-- with every check of the ledger.
 ``SECURETHREAD_LONG=1`` repeats the chain with more kills per step.
 """
 
@@ -65,7 +66,13 @@ def test_token_creating_steps_can_be_redone_after_a_kill(tmp_path: Path, seed: i
     kills = 3 if LONG else 1
     oem, fac = tmp_path / "oem", tmp_path / "factory"
 
-    init = _killed_then_redone(rng, kills, "oem", "init", "--workdir", str(oem), "--name", "acme")
+    # Each officer's PIN goes to that officer's own file (created by the first run, read by
+    # a redone one).
+    officers = [f"{n}={tmp_path / f'officer-{n}' / 'pin'}" for n in (1, 2)]
+    init = _killed_then_redone(
+        rng, kills, "oem", "init", "--workdir", str(oem), "--name", "acme",
+        *(arg for o in officers for arg in ("--officer-pin-file", o)),
+    )  # fmt: skip
     _killed_then_redone(rng, kills, "programmer", "init", "--workdir", str(fac), "--name", "f-1")
     enrol = _killed_then_redone(rng, kills, "programmer", "enrol", "--workdir", str(fac))
     _killed_then_redone(
@@ -104,6 +111,12 @@ def test_token_creating_steps_can_be_redone_after_a_kill(tmp_path: Path, seed: i
         rng, kills, "oem", "issue-job", "--workdir", str(oem), str(spec), "--ca-request",
         str(fac / "outbox" / "production-ca-request-j.bin"),
     )  # fmt: skip
+    for n in (1, 2):  # each officer approves in a process of their own
+        _killed_then_redone(
+            rng, kills, "oem", "approve-job", "--workdir", str(oem), "--job", "j", "--officer",
+            str(n), "--pin-file", str(tmp_path / f"officer-{n}" / "pin"),
+        )  # fmt: skip
+    _killed_then_redone(rng, kills, "oem", "issue-job", "--workdir", str(oem), "--job", "j")
     _killed_then_redone(
         rng, kills, "programmer", "open-job", "--workdir", str(fac),
         str(oem / "outbox" / "job-j.bin"), "--image", str(oem / "outbox" / "image-fw.enc"),
