@@ -85,27 +85,31 @@ class ProductionCARequest:
 @attrs.frozen
 class JobPackage:
     """Signed job, production-CA certificate (DER), signed manifest, device-trust statement,
-    vendor CA certificates (DER, in the order of the job's ``vendors``): unverified until
-    each part is checked by its user."""
+    vendor CA certificates (DER, in the order of the job's ``vendors``) and, from an OEM
+    that runs an OCSP responder, its root-signed responder request
+    (:mod:`securethread.formats.responder`; absent: the package has no such field):
+    unverified until each part is checked by its user."""
 
     job: bytes
     production_ca: bytes
     manifest: bytes
     device_trust: bytes
     vendors: tuple[bytes, ...]
+    ocsp_responder: bytes | None = None
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(
-            {
-                "kind": JOB_PACKAGE_KIND,
-                "v": JOB_PACKAGE_VERSION,
-                "job": self.job,
-                "production-ca": self.production_ca,
-                "manifest": self.manifest,
-                "device-trust": self.device_trust,
-                "vendors": list(self.vendors),
-            }
-        )
+        outer = {
+            "kind": JOB_PACKAGE_KIND,
+            "v": JOB_PACKAGE_VERSION,
+            "job": self.job,
+            "production-ca": self.production_ca,
+            "manifest": self.manifest,
+            "device-trust": self.device_trust,
+            "vendors": list(self.vendors),
+        }
+        if self.ocsp_responder is not None:
+            outer["ocsp-responder"] = self.ocsp_responder
+        return cbor.encode(outer)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> JobPackage:
@@ -113,11 +117,8 @@ class JobPackage:
         outer = cbor.decode(data, what="job package", max_size=MAX_PACKAGE)
         if not isinstance(outer, dict) or outer.get("kind") != JOB_PACKAGE_KIND:
             raise FormatError("not a job package")
-        _exact(
-            outer,
-            {"kind", "v", "job", "production-ca", "manifest", "device-trust", "vendors"},
-            "job package",
-        )
+        fields = {"kind", "v", "job", "production-ca", "manifest", "device-trust", "vendors"}
+        _exact(outer, fields | ({"ocsp-responder"} & set(outer)), "job package")
         if type(outer["v"]) is not int or outer["v"] != JOB_PACKAGE_VERSION:
             raise FormatError(f"job package: unsupported version {outer['v']!r}")
         vendors = outer["vendors"]
@@ -131,5 +132,10 @@ class JobPackage:
             vendors=tuple(
                 _bytes(v, "job package: vendor CA certificate", limit=MAX_VENDOR_CERT)
                 for v in vendors
+            ),
+            ocsp_responder=(
+                _bytes(outer["ocsp-responder"], "job package: OCSP responder request", limit=4096)
+                if "ocsp-responder" in outer
+                else None
             ),
         )

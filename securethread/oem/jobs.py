@@ -61,6 +61,8 @@ from securethread.keys import fingerprint, load_spki
 from securethread.keys.protocol import PrivateKey
 from securethread.oem import layout as L
 from securethread.oem.jobspec import load_job_spec
+from securethread.oem.ocsp import make_responder_request
+from securethread.oem.ocsp import request_file as ocsp_request_file
 from securethread.pki import (
     cert_fingerprint,
     certify_production_ca,
@@ -219,6 +221,8 @@ def prepare_job(
         ),
         root_key,
     )
+    # The job's OCSP responder key, for the production CA to certify at open-job (oem/ocsp.py).
+    responder = make_responder_request(oem, root_key, job_id=spec.job_id, job_sha256=sha256)
 
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
@@ -238,6 +242,7 @@ def prepare_job(
         work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
         work.write(f"{jdir}/device-trust.bin", trust),
         *(work.write(_vendor_file(jdir, c), to_pem(c)) for c in spec.vendors),
+        work.write(ocsp_request_file(spec.job_id), responder),
         work.write(L.job_draft(spec.job_id), body),  # last: a draft is a complete one
     ]
     draft = Draft(
@@ -568,6 +573,11 @@ def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
         vendors=tuple(
             to_der(from_pem(p.read_bytes()))
             for p in sorted(work.path(f"{jdir}/vendors").glob("*.pem"))
+        ),
+        ocsp_responder=(
+            work.read(ocsp_request_file(job_id), "OCSP responder request")
+            if work.exists(ocsp_request_file(job_id))
+            else None
         ),
     )
     image = f"outbox/image-{image_id}.enc"

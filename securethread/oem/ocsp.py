@@ -125,8 +125,8 @@ def install_responder(
     """``oem install-responder CERT --job J``: install the responder certificate job J's
     production CA issued for the OEM's ``ocsp-J`` key; the first time, also have the root
     certify the root's responder key ``ocsp-root``."""
-    from securethread.audit.files import load_certificate_file
     from securethread.formats.transcript import CertEntry
+    from securethread.oem.registry import load_certificate_file
     from securethread.pki import from_pem
     from securethread.pki.responder import check_responder_certificate
 

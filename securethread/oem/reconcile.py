@@ -9,8 +9,8 @@ The report is kept in ``jobs/<job>/reconciliation.json`` and recorded in the tra
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
 
 import attrs
 
@@ -19,8 +19,9 @@ from securethread.formats.job import verify_job_signatures
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.reconciliation import reconcile_export
 from securethread.oem import layout as L
+from securethread.oem.registry import HashingReader
 from securethread.pki import from_pem
-from securethread.workdir import StepResult, file_sha256
+from securethread.workdir import StepResult
 
 
 def reconcile(
@@ -45,9 +46,11 @@ def reconcile(
         raise ConfigurationError(
             f"cannot read ledger {os.fspath(ledger_path)!r}: {exc.strerror}"
         ) from None
+    # The hash of the very bytes verified: registry ingest admits only this ledger.
+    hashed = HashingReader(src)
     with src:
         report = reconcile_export(
-            src,
+            hashed,  # type: ignore[arg-type]  # read() is all reconcile_export uses
             issued_job=issued,
             officers=officers.public_keys(),
             min_threshold=officers.threshold,
@@ -61,9 +64,10 @@ def reconcile(
         )
     oem = work.open_token(L.TOKEN)
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
+    ledger_sha256 = hashed.digest()
     tx.append(
         "reconciliation",
-        artefacts={"ledger": file_sha256(Path(ledger_path))},
+        artefacts={"ledger": ledger_sha256},
         details={
             "job": job_id,
             "provisioned": report.provisioned,
@@ -71,12 +75,15 @@ def reconcile(
             "quota_used": report.quota_used,
         },
     )
-    written = [work.write(f"{jdir}/reconciliation.json", (report.to_json() + "\n").encode())]
+    record = json.loads(report.to_json()) | {"ledger_sha256": ledger_sha256.hex()}
+    text = json.dumps(record, sort_keys=True) + "\n"
+    written = [work.write(f"{jdir}/reconciliation.json", text.encode())]
     return work.finish(
         "oem reconcile",
         written,
         [tx],
-        {"job": job_id, "reconciled": True, **attrs.asdict(report)},
+        {"job": job_id, "reconciled": True, **attrs.asdict(report),
+         "ledger_sha256": ledger_sha256.hex()},  # fmt: skip
     )
 
 

@@ -376,7 +376,7 @@ def _reason(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-class _HashingReader:
+class HashingReader:
     """A binary reader that hashes everything read through it (SHA-256)."""
 
     def __init__(self, src: BinaryIO) -> None:
@@ -560,7 +560,7 @@ class Registry:
         reconcile verified in full.  The close record is still verified (one signature) and
         must count what was read, which also catches a file that is not a ledger export.
         """
-        hashed = _HashingReader(src)
+        hashed = HashingReader(src)
         export_job, items = ledger.read_export(hashed)  # type: ignore[arg-type]
         if not hmac.compare_digest(job_hash(export_job), job.job_sha256):
             raise LedgerMismatchError(f"the ledger is not job {job.job_id}'s")
@@ -881,6 +881,15 @@ def _entry_reason(entry: x509.RevokedCertificate) -> str:
 # --- at the OEM: the work directory's files ------------------------------------------------------
 
 
+def load_certificate_file(path: str | os.PathLike[str], what: str) -> x509.Certificate:
+    """One certificate from a file, PEM or DER, through the hardened loader."""
+    from securethread.pki import from_pem, load_der
+    from securethread.workdir import read_file
+
+    data = read_file(path, what, limit=64 << 10)
+    return from_pem(data) if data.lstrip().startswith(b"-----BEGIN") else load_der(data)
+
+
 def database_of(work: Any, database: str | None) -> str:
     """The registry's database: ``database`` (a path or a ``postgresql://`` URL) or the
     SQLite file in the OEM's work directory."""
@@ -988,7 +997,6 @@ def check_certificate(
     database: str | None = None,
 ) -> CheckResult:
     """``oem registry check CERT``: where a device certificate (PEM or DER) stands."""
-    from securethread.audit.files import load_certificate_file
     from securethread.oem import layout as L
 
     work = L.open_oem(workdir)
