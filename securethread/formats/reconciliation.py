@@ -44,13 +44,14 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from securethread.errors import Error, LedgerError
 from securethread.formats import envelope, ledger
 from securethread.formats.boot import BootConfirmationError, verify_recorded_boot_confirmation
 from securethread.formats.image import MANIFEST_KIND, Manifest
 from securethread.formats.job import ProductionJob, VerifiedJob, job_hash, verify_job_signatures
-from securethread.keys.ecutil import spki_der
+from securethread.formats.seen import SeenDevices
 from securethread.pki import (
     DeviceChainValidator,
     EnclavePurpose,
@@ -155,10 +156,10 @@ def reconcile(
     )
     _check_production_ca(verified.job, production_ca_cert)
     image = _job_manifest(verified.job, manifest)
-    check = _RecordChecks(verified, root_cert, production_ca_cert, image)
     reader = ledger.LedgerReader(job=verified.sha256, ledger_key=ledger_key)
-    for rec in reader.records(items):
-        check.record(rec)
+    with _RecordChecks(verified, root_cert, production_ca_cert, image) as check:
+        for rec in reader.records(items):
+            check.record(rec)
     close = reader.close
     assert close is not None  # LedgerReader.records raises if the ledger is not closed
     if close.quota != verified.job.quota:
@@ -292,7 +293,9 @@ def _job_manifest(job: ProductionJob, manifest: bytes) -> Manifest:
 
 
 class _RecordChecks:
-    """The per-record checks, with the little state they need (constant per device)."""
+    """The per-record checks, with the little state they need: what must be remembered per
+    device is on disk (:class:`~securethread.formats.seen.SeenDevices`), so memory stays the
+    same whatever the job's size."""
 
     def __init__(
         self,
@@ -308,17 +311,23 @@ class _RecordChecks:
         self.identity = verified.sha256
         self.tag = job_tag(verified.sha256)
         self.vendors = frozenset(verified.job.vendors)
-        self.devices: dict[str, tuple[int, ec.EllipticCurvePublicKey]] = {}
-        self.programmed: set[str] = set()
-        self.serials: set[int] = set()
-        self.chip_keys: set[bytes] = set()
+        self.seen = SeenDevices()
         self.provisioned = 0
         self.first_time: int | None = None
         self.last_time: int | None = None
-        # A batch's records share one time: one validator (production CA checked against
-        # the root once) serves a whole batch.
+        # One validator (production CA checked against the root once) serves every record
+        # whose time gives the same answer as its own (see _validate); another time gets its
+        # own validator, as before.
+        self._shared: DeviceChainValidator | None = None
+        self._shared_t = 0
         self._validator: DeviceChainValidator | None = None
         self._validator_t: int | None = None
+
+    def __enter__(self) -> _RecordChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seen.close()
 
     def record(self, rec: ledger.LedgerRecord) -> None:
         t = rec.time
@@ -340,7 +349,7 @@ class _RecordChecks:
             raise _bad(rec, f"provisioned at {rec.time}, outside the job's window")
         if device_id not in job.targets:
             raise _bad(rec, f"device {device_id} is outside the job's targets")
-        if device_id in self.devices:
+        if self.seen.has_device(device_id):
             raise _bad(rec, f"device {device_id} appears twice")
         if rec.vendor_ca not in self.vendors:
             raise _bad(
@@ -354,23 +363,41 @@ class _RecordChecks:
                 raise _bad(rec, f"certificate is for device {device_id_of(cert)}, not {device_id}")
             key = cert.public_key()
             assert isinstance(key, ec.EllipticCurvePublicKey)  # untrusted: EC keys only
-            chip = hashlib.sha256(spki_der(key)).digest()
-            if chip in self.chip_keys:
+            point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+            if self.seen.has_point(point):
                 raise _bad(rec, "chip key already certified for another device")
             serial = cert.serial_number
-            if serial in self.serials:
-                raise _bad(rec, f"serial {serial:#x} appears twice")
             parsed = parse_device_serial(serial)
+            # Every serial seen encodes this job and its record's slot (checked below), so a
+            # serial seen before is this job's tag with a slot seen before.
+            if parsed.job_tag == self.tag and self.seen.has_slot(parsed.sequence):
+                raise _bad(rec, f"serial {serial:#x} appears twice")
             if parsed.job_tag != self.tag or parsed.sequence != slot:
                 raise _bad(rec, f"serial does not encode this job and slot {slot}")
-            self._validator_at(rec.time).validate(cert)
+            self._validate(cert, rec.time)
         except LedgerError:
             raise
         except Error as exc:
             raise _bad(rec, str(exc)) from None
-        self.devices[device_id] = (slot, key)
-        self.chip_keys.add(chip)
-        self.serials.add(serial)
+        self.seen.add(device_id, slot, point)
+
+    def _validate(self, cert: x509.Certificate, t: int) -> None:
+        """Validate ``cert`` at time ``t``.  Validation at two times differs only through
+        the validity periods of the chain (RFC 5280 §6.1.3 (a)(2)): when ``t`` and the shared
+        validator's time both lie inside the root's, the production CA's and this
+        certificate's periods, the shared validator gives the answer validation at ``t``
+        would; otherwise a validator at ``t`` does."""
+        if self._shared is None:
+            self._shared, self._shared_t = self._validator_at(t), t
+        t0 = self._shared_t
+        if t != t0:
+            for c in (self.root, self.pca, cert):
+                nb = c.not_valid_before_utc.timestamp()
+                na = c.not_valid_after_utc.timestamp()
+                if not (nb <= t <= na and nb <= t0 <= na):
+                    self._validator_at(t).validate(cert)
+                    return
+        self._shared.validate(cert)
 
     def _validator_at(self, t: int) -> DeviceChainValidator:
         if self._validator is None or self._validator_t != t:
@@ -386,21 +413,23 @@ class _RecordChecks:
 
     def _programmed(self, rec: ledger.LedgerRecord) -> None:
         device_id = rec.device_id
-        known = self.devices.get(device_id)
+        known = self.seen.provisioned(device_id)
         if known is None or known[0] != rec.slot:
             raise _bad(rec, f"device {device_id} programmed but not provisioned")
-        if device_id in self.programmed:
+        if known[2]:
             raise _bad(rec, f"device {device_id} programmed twice")
         try:
             verify_recorded_boot_confirmation(
                 rec.body["boot"],
-                device_public_key=known[1],
+                device_public_key=ec.EllipticCurvePublicKey.from_encoded_point(
+                    ec.SECP256R1(), known[1]
+                ),
                 device_id=device_id,
                 manifest=self.manifest,
             )
         except BootConfirmationError as exc:
             raise _bad(rec, f"boot confirmation fails: {exc}") from None
-        self.programmed.add(device_id)
+        self.seen.mark_programmed(device_id)
 
 
 def _bad(rec: ledger.LedgerRecord, why: str) -> ReconciliationError:
