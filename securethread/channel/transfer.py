@@ -56,7 +56,7 @@ from securethread.keys.policy import (
     Curve,
     KeyPolicy,
 )
-from securethread.keys.protocol import KeyBackend, PrivateKey, SecretKey
+from securethread.keys.protocol import WRAPPED_AES256_SIZE, KeyBackend, PrivateKey, SecretKey
 
 VERSION = 1
 TRANSFER_TYPE = "key-transfer"
@@ -68,7 +68,6 @@ RECEIPT_KIND = "sealed-key-package-receipt"
 MAX_ENTRIES = 256
 MAX_LABEL = 128
 MAX_KEY_ID = 64
-WRAPPED_AES256_SIZE = 40  # RFC 5649 §4.1: 8-byte AIV block + 32 key bytes
 KCV_SIZE = 8
 ID_SIZE = 16
 MAX_TRANSFER_SIZE = 64 * 1024

@@ -48,6 +48,7 @@ from ..errors import (
     TokenNotFoundError,
 )
 from ..keys.policy import Curve, KeyPolicy, PolicyReport
+from ..keys.protocol import WRAPPED_AES256_SIZE
 from .filestore import FileStore
 from .module import default_module_path, load_module, module_store, reload_module
 from .pin import PinCallback, resolve_pin
@@ -679,6 +680,16 @@ class HsmSecretKey:
         self, wrapped: bytes, *, label: str, key_id: bytes, policy: KeyPolicy
     ) -> HsmSecretKey:
         token = self._token
+        # Refused before C_UnwrapKey creates anything, as the software backend refuses it:
+        # RFC 5649 §4.1 wraps 25..32 bytes in 40, and SoftHSM 2.6.1 keeps the padding of a
+        # shorter payload (it stores len(wrapped) - 8 bytes, measured): so 40 bytes is an
+        # AES-256 key in the token, anything else an AES-128/192 key or some other secret.
+        # A token that strips the padding and reports CKA_VALUE_LEN is checked after it.
+        if len(wrapped) != WRAPPED_AES256_SIZE:
+            raise DecryptionError(
+                f"unwrapped key is not an AES-256 key ({len(wrapped)} wrapped bytes, "
+                f"RFC 5649 wraps one in {WRAPPED_AES256_SIZE})"
+            )
         if policy.persistent and token._exists(ObjectClass.SECRET_KEY, label):
             raise DuplicateObjectError(f"token {token.name!r} already has a key {label!r}")
         unwrap_key = _usage(self._obj(), "unwrap_key", self.label, "unwrap")
@@ -700,6 +711,12 @@ class HsmSecretKey:
             raise KeyPolicyError(f"key {self.label!r} is not an unwrapping key") from exc
         except pkcs11.PKCS11Error as exc:
             raise HSMError(f"unwrap with {self.label!r}: {type(exc).__name__}") from exc
+        with _p11(f"read the length of unwrapped key {label!r}"):
+            length = obj[Attribute.VALUE_LEN]  # 0 on SoftHSM 2.6.1: it does not set it
+        if length not in (0, 32):  # PKCS#11 v2.40 §2.8.2: CKA_VALUE_LEN in bytes
+            with token._objects_lock:
+                obj.destroy()
+            raise DecryptionError(f"unwrapped key is not an AES-256 key ({length} bytes)")
         if not policy.persistent:
             return HsmSecretKey(token, label=label, key_id=key_id, handle=obj)
         return token.secret_key(label)

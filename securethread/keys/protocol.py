@@ -15,6 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.keys.policy import Curve, KeyPolicy, PolicyReport
 
+#: An AES-256 key wrapped with AES-KWP: the 8-byte AIV block and 32 key bytes (RFC 5649 §4.1).
+WRAPPED_AES256_SIZE = 40
+
 
 @runtime_checkable
 class SecretKey(Protocol):
@@ -44,7 +47,8 @@ class SecretKey(Protocol):
         ...
 
     def unwrap(self, wrapped: bytes, *, label: str, key_id: bytes, policy: KeyPolicy) -> SecretKey:
-        """Unwrap an AES key (RFC 5649) into the backend under ``policy``."""
+        """Unwrap an AES-256 key (RFC 5649) into the backend under ``policy``; anything else
+        (another length, a failed integrity check) is a ``DecryptionError``."""
         ...
 
     def policy_report(self) -> PolicyReport: ...
