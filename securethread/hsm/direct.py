@@ -32,6 +32,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from ..errors import HSMError, KeyPolicyError
 from ..keys.policy import TEMP_DERIVE, TEMP_WRAP, KeyPolicy
+from .module import shares_function_table
 from .policy import secret_template
 
 _ULONG = ctypes.c_ulong
@@ -203,14 +204,21 @@ class Calls:
 
 
 _calls_lock = threading.Lock()
-_calls: dict[str, Calls] = {}
+_calls: dict[str, Calls | None] = {}
 
 
-def calls_for(module_path: str) -> Calls:
-    """The (process-wide, cached) direct calls for an already loaded module."""
+def calls_for(module_path: str) -> Calls | None:
+    """The (process-wide, cached) direct calls for an already loaded module; None when its
+    exported functions do not act on python-pkcs11's sessions (a module that gives each
+    caller a state of its own, such as p11-kit-proxy or p11-kit-client, or exports only
+    C_GetFunctionList): the caller then goes through python-pkcs11."""
     module_path = os.path.realpath(module_path)
     with _calls_lock:
-        c = _calls.get(module_path)
-        if c is None:
-            c = _calls[module_path] = Calls(module_path)
-        return c
+        if module_path not in _calls:
+            try:
+                _calls[module_path] = (
+                    Calls(module_path) if shares_function_table(module_path) else None
+                )
+            except HSMError:
+                _calls[module_path] = None
+        return _calls[module_path]

@@ -4,7 +4,10 @@ python-pkcs11 calls ``C_Initialize(NULL)``; given NULL, SoftHSM 2.6.1 disables i
 locking and crashes when two threads use it at once (docs/hsm.md).  PKCS#11 v2.40 §5.4
 (C_Initialize) lets the application pass ``CK_C_INITIALIZE_ARGS`` with
 ``CKF_OS_LOCKING_OK``; we re-initialise the module that way right after loading it, before
-any session exists.
+any session exists.  The re-initialisation goes through the module's function list
+(``C_GetFunctionList``, PKCS#11 v2.40 §5.2 / v3.0 §5.4), the one entry point every module
+must export: proxy and remote modules such as p11-kit-proxy and p11-kit-client export
+nothing else.
 
 For SoftHSM's file store, initialisation reads every token's files, so it runs under the
 token directory's inter-process lock, after damaged token files were restored from their
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
 import threading
 from typing import Any
 
@@ -36,8 +40,13 @@ SOFTHSM_MODULE_CANDIDATES = (
 CKF_OS_LOCKING_OK = 0x00000002  # PKCS#11 v2.40 §3.6, CK_C_INITIALIZE_ARGS flags
 
 
+# PKCS#11 v2.40 §2.1: Cryptoki structures are packed to 1 byte on Windows, natural elsewhere.
+_PACK = 1 if sys.platform == "win32" else 0
+
+
 class _CInitializeArgs(ctypes.Structure):
     # PKCS#11 v2.40 §3.6: CK_C_INITIALIZE_ARGS
+    _pack_ = _PACK
     _fields_ = [
         ("CreateMutex", ctypes.c_void_p),
         ("DestroyMutex", ctypes.c_void_p),
@@ -48,8 +57,35 @@ class _CInitializeArgs(ctypes.Structure):
     ]
 
 
+class _CVersion(ctypes.Structure):
+    # PKCS#11 v2.40 §3.1: CK_VERSION
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)]
+
+
+_CK_RV = ctypes.c_ulong
+_C_INITIALIZE = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_void_p)  # CK_C_Initialize(pInitArgs)
+_C_FINALIZE = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_void_p)  # CK_C_Finalize(pReserved)
+
+
+class _CFunctionListHead(ctypes.Structure):
+    """The start of CK_FUNCTION_LIST (PKCS#11 v2.40 §5.2; v3.0 §5.4 keeps the same order and
+    CK_FUNCTION_LIST_3_0 extends it): the version, then C_Initialize and C_Finalize.  Only
+    these are read, so the rest of the table need not be declared."""
+
+    _pack_ = _PACK
+    _fields_ = [
+        ("version", _CVersion),
+        ("C_Initialize", _C_INITIALIZE),
+        ("C_Finalize", _C_FINALIZE),
+    ]
+
+
+_CKR_CRYPTOKI_NOT_INITIALIZED = 0x190  # PKCS#11 v2.40 §3.6 (C_Finalize before C_Initialize)
+_CKR_CANT_LOCK = 0x0A
+
 _lock = threading.Lock()
-_loaded: dict[str, tuple[int, Any, FileStore | None]] = {}
+#: path -> (pid, python-pkcs11 lib, SoftHSM file store or None, one shared function table)
+_loaded: dict[str, tuple[int, Any, FileStore | None, bool]] = {}
 
 
 def default_module_path() -> str:
@@ -90,8 +126,8 @@ def load_module(path: str) -> Any:
             except pkcs11.PKCS11Error as exc:
                 reason = f"{type(exc).__name__} {exc}".strip()
                 raise ModuleLoadError(f"cannot load PKCS#11 module {path!r}: {reason}") from exc
-            _reinitialise_with_os_locking(path)
-        _loaded[path] = (pid, lib, store)
+            shared = _reinitialise_with_os_locking(path)
+        _loaded[path] = (pid, lib, store, shared)
         return lib
 
 
@@ -102,6 +138,15 @@ def module_store(path: str) -> FileStore | None:
     if cached is None or cached[0] != os.getpid():
         return None
     return cached[2]
+
+
+def shares_function_table(path: str) -> bool:
+    """True when the loaded module ``path`` gives every caller one function table, so that
+    C functions looked up in it act on python-pkcs11's sessions and objects
+    (:mod:`.direct`); False for a module that gives each caller a state of its own
+    (p11-kit-proxy, p11-kit-client) or one not loaded in this process."""
+    cached = _loaded.get(os.path.realpath(path))
+    return cached is not None and cached[0] == os.getpid() and cached[3]
 
 
 def reload_module(path: str) -> Any:
@@ -117,17 +162,51 @@ def reload_module(path: str) -> Any:
     return load_module(path)
 
 
-def _reinitialise_with_os_locking(path: str) -> None:
+def _function_list(path: str) -> ctypes._Pointer[_CFunctionListHead]:
+    """The module's CK_FUNCTION_LIST, from ``C_GetFunctionList`` (PKCS#11 v2.40 §5.2)."""
     try:
-        cdll = ctypes.CDLL(path)  # dlopen of the same path returns the same module instance
-        finalize = cdll.C_Finalize
-        initialize = cdll.C_Initialize
+        get_function_list = ctypes.CDLL(path).C_GetFunctionList
     except (OSError, AttributeError) as exc:
-        raise ModuleLoadError(f"{path!r} does not export C_Initialize/C_Finalize") from exc
-    finalize.argtypes = [ctypes.c_void_p]
-    initialize.argtypes = [ctypes.c_void_p]
-    finalize(None)  # CKR_CRYPTOKI_NOT_INITIALIZED is fine here
+        raise ModuleLoadError(
+            f"{path!r} is not a PKCS#11 module: it does not export C_GetFunctionList"
+        ) from exc
+    get_function_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_CFunctionListHead))]
+    get_function_list.restype = _CK_RV
+    table = ctypes.POINTER(_CFunctionListHead)()
+    rv = get_function_list(ctypes.byref(table))
+    if rv != 0 or not table:
+        raise ModuleLoadError(f"C_GetFunctionList on {path!r} returned 0x{rv:x}")
+    if not table.contents.C_Initialize or not table.contents.C_Finalize:
+        raise ModuleLoadError(f"the function list of {path!r} has no C_Initialize/C_Finalize")
+    return table
+
+
+def _reinitialise_with_os_locking(path: str) -> bool:
+    """C_Finalize(NULL), then C_Initialize with CKF_OS_LOCKING_OK, through the function list;
+    returns whether the module has one function table for every caller.
+
+    dlopen of the path python-pkcs11 loaded returns the same module instance; a module with
+    one static table (SoftHSM and most others) returns python-pkcs11's table again.  A module
+    that hands every caller a state of its own (p11-kit-proxy and p11-kit-client do: two
+    calls, two tables) is left alone: python-pkcs11's state is not reachable from here, and
+    p11-kit initialises the modules behind it with CKF_OS_LOCKING_OK itself (docs/hsm.md).
+    """
+    first, second = _function_list(path), _function_list(path)
+    if ctypes.addressof(first.contents) != ctypes.addressof(second.contents):
+        return False
+    functions = first.contents
+    rv = functions.C_Finalize(None)
+    if rv == _CKR_CRYPTOKI_NOT_INITIALIZED:
+        return False  # not the state python-pkcs11 initialised: nothing of ours to touch
+    if rv != 0:
+        raise ModuleLoadError(f"C_Finalize on {path!r} returned 0x{rv:x}")
     args = _CInitializeArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
-    rv = initialize(ctypes.byref(args))
+    rv = functions.C_Initialize(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
+    if rv == _CKR_CANT_LOCK:
+        # PKCS#11 v2.40 §5.4: the module cannot be used from several threads at once
+        raise ModuleLoadError(
+            f"{path!r} refuses OS locking (CKR_CANT_LOCK): it cannot be shared between threads"
+        )
     if rv != 0:
         raise ModuleLoadError(f"C_Initialize(CKF_OS_LOCKING_OK) on {path!r} returned 0x{rv:x}")
+    return True

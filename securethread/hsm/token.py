@@ -556,13 +556,32 @@ class HsmPrivateKey:
 
         if not isinstance(key, HsmSecretKey) or key._token is not self._token:
             raise KeyPolicyError("can only wrap a secret key of the same token")
-        point = self._peer_point(peer)
         token = self._token
+        calls = calls_for(token.module_path)
+        if calls is None:  # a proxy or remote module (p11-kit): the same steps, via python-pkcs11
+            return self._agree_and_wrap_stepwise(peer, kdf_input, key)
+        point = self._peer_point(peer)
         base, target = self._obj().handle, key._obj().handle
         with token._objects_lock:
-            return calls_for(token.module_path).agree_and_wrap(
-                token.session.handle, base, point, kdf_input, target
-            )
+            return calls.agree_and_wrap(token.session.handle, base, point, kdf_input, target)
+
+    def _agree_and_wrap_stepwise(
+        self, peer: ec.EllipticCurvePublicKey, kdf_input: bytes, key: HsmSecretKey
+    ) -> bytes:
+        """derive_aes (TEMP_DERIVE) -> derive_ecb (TEMP_WRAP) -> wrap, temporaries destroyed."""
+        from ..keys.policy import TEMP_DERIVE, TEMP_WRAP
+
+        if len(kdf_input) != 32:
+            raise ValueError("CKM_AES_ECB_ENCRYPT_DATA input must be 32 bytes for AES-256")
+        z = self.derive_aes(peer, policy=TEMP_DERIVE)
+        try:
+            kek = z.derive_ecb(kdf_input, policy=TEMP_WRAP)
+            try:
+                return kek.wrap(key)
+            finally:
+                kek.destroy()
+        finally:
+            z.destroy()
 
     def as_cryptography(self) -> ec.EllipticCurvePrivateKey:
         return CryptographyKeyAdapter(self)
