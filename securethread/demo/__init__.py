@@ -156,6 +156,12 @@ def _job_spec(quota: int, targets: int, *, vendor: str) -> str:
         f'ranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n\n[window]\ndays = 7\n\n'
         '[certificate]\norganisation = "Demo OEM Ltd"\nproduct = "sensor-v1"\n'
         'common_name = "{device_id}"\n'
+        # RFC 5612's enterprise number for documentation (a real OEM gives its own arc) and
+        # RFC 2606 names: what a relying party reads from a device (docs/pki.md)
+        'oem_arc = "1.3.6.1.4.1.32473.1"\n'
+        'uri = "https://devices.demo-oem.example/sensor-v1/{device_id}"\n'
+        f'crl_url = "http://pki.demo-oem.example/crl/{JOB_ID}.crl"\n'
+        'ocsp_url = "http://ocsp.demo-oem.example/"\n'
     )
 
 

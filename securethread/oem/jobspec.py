@@ -25,6 +25,11 @@
     product = "sensor-v1"              # optional
     common_name = "{device_id}"        # optional
     not_after = 9999-12-31T23:59:59Z   # optional: IDevID-style "no expiry" by default
+    uri = "https://devices.acme.example/{device_id}"   # optional: subjectAltName URI
+    crl_url = "http://pki.acme.example/sensor-2026-11-a.crl"  # optional: CRL distribution point
+    ocsp_url = "http://ocsp.acme.example/"             # optional: OCSP responder (AIA)
+    oem_arc = "1.3.6.1.4.1.NNNNN"      # optional: the OEM's enterprise arc (its device key
+                                       # purpose <arc>.1 and production-CA policy <arc>.2)
 
 Parsing is strict: unknown keys are errors (a typo must not silently become a default).
 """
@@ -85,6 +90,11 @@ class JobSpec:
             kwargs["common_name_template"] = c["common_name"]
         if "not_after" in c:
             kwargs["not_after"] = c["not_after"].replace(microsecond=0)
+        if "uri" in c:
+            kwargs["uri_template"] = c["uri"]
+        for key in ("crl_url", "ocsp_url", "oem_arc"):
+            if key in c:
+                kwargs[key] = c[key]
         try:
             return DeviceProfile(**kwargs)
         except Error as exc:
@@ -149,7 +159,16 @@ def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
         _table(
             doc,
             "certificate",
-            {"organisation", "product", "common_name", "not_after"},
+            {
+                "organisation",
+                "product",
+                "common_name",
+                "not_after",
+                "uri",
+                "crl_url",
+                "ocsp_url",
+                "oem_arc",
+            },
             required=False,
         )
     )
