@@ -60,9 +60,10 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     from securethread.device.sbm import verify_boot_confirmation as _verify_boot
     from securethread.formats import cbor, envelope, ledger
     from securethread.formats.device_trust import verify_device_trust
-    from securethread.formats.identity import IdentityVerifier
+    from securethread.formats.identity import IdentityVerifier, check_vendor_cas
     from securethread.formats.image import ImageHeader, decrypt_image, verify_manifest
     from securethread.formats.job import verify_job
+    from securethread.formats.jobpackage import JobPackage
     from securethread.formats.license import open_license
     from securethread.formats.reconciliation import reconcile_export
     from securethread.formats.transcript import verify_transcript
@@ -134,6 +135,12 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
 
     add("reconciliation", reconciliation, cost=8, xfail=ledger_bug)
     add("identification", lambda d: identity.verify(d, challenge=ctx["challenge"]), cost=2)
+
+    def job_package(d: bytes) -> None:
+        package = JobPackage.from_bytes(d)
+        check_vendor_cas(package.vendors, named=ctx["vendors"], what="vendor CA")
+
+    add("job_package", job_package)
 
     def provisioning(d: bytes) -> None:
         ProvisioningData.from_bytes(d)

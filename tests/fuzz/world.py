@@ -34,6 +34,7 @@ from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_d
 from securethread.formats.identity import IdentityVerifier, vendor_ca_id
 from securethread.formats.image import encrypt_image, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
+from securethread.formats.jobpackage import JobPackage
 from securethread.formats.license import LicenseIssuer, open_license
 from securethread.formats.transcript import CertEntry, KeyEntry, Transcript
 from securethread.keys.ecutil import curve_object, fingerprint, hash_for, point_of
@@ -372,7 +373,13 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     records = [p for tag, p in ledger.read_export(io.BytesIO(export))[1] if tag == "r"]
     seeds["ledger_record"] = records[:1] + records[-1:]
     seeds["device_trust"] = [trust]
-    ctx.update(job_hash=job_hash, trust=trust, line_dir=tmp)
+    seeds["job_package"] = [
+        JobPackage(
+            job=job_signed, production_ca=_der(pki.pca), manifest=manifest, device_trust=trust,
+            vendors=(_der(vendor.root_certificate),),
+        ).to_bytes()
+    ]  # fmt: skip
+    ctx.update(job_hash=job_hash, trust=trust, line_dir=tmp, vendors=job.vendors)
 
     # A ceremony transcript (root, keys, certificates, artefacts).
     tpath = tmp / "oem.transcript"
