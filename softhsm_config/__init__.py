@@ -45,8 +45,11 @@ from securethread.hsm.pin import (
     PINS_FILE_ENV,
     PinCallback,
     PinSet,
+    child_environment,
     env_var_for,
+    harden_process,
     read_pin_file,
+    read_private_text,
     resolve_pin,
 )
 
@@ -165,9 +168,10 @@ def template_text() -> str:
 
 
 def read_pins_file(path: Path) -> dict[str, str]:
-    """The ``SECURETHREAD_*=value`` lines of a demo ``pins.env`` (SO PINs included)."""
+    """The ``SECURETHREAD_*=value`` lines of a demo ``pins.env`` (SO PINs included); like
+    every PIN file, refused if group or others may read or write it."""
     out = {}
-    for line in path.read_text().splitlines():
+    for line in read_private_text(path, "PIN file").splitlines():
         name, eq, value = line.partition("=")
         if eq and name.startswith("SECURETHREAD_"):
             out[name.strip()] = value.strip()
@@ -236,6 +240,7 @@ def init_party_tokens(
     exists.  The PIN file is written before the tokens, so a kill in
     between leaves PINs for tokens that a second call creates with the same PINs.
     """
+    harden_process()  # this process will hold user PINs
     labels = [_check_label(label) for label in labels]
     if not labels:
         raise ConfigurationError("no token labels to initialise")
@@ -299,6 +304,7 @@ def ensure_tokens(
     :class:`TokenDirectory`; call its :meth:`~TokenDirectory.activate` before opening
     tokens in this process.
     """
+    harden_process()  # this process will hold PINs
     tdir = TokenDirectory(Path(directory).resolve())
     labels = [_check_label(label) for label in labels]
     existing = {t.label for t in tdir.store.tokens() if t.user_pin_set}
@@ -360,7 +366,8 @@ def _run_init_worker(
     """Initialise the missing tokens of ``wanted`` (label -> (SO PIN or None to generate
     one in the child, user PIN)) in a child process; call with the store's lock held."""
     request = {"module": module, "tokens": {label: list(p) for label, p in wanted.items()}}
-    env = dict(os.environ, SOFTHSM2_CONF=str(tdir.conf))
+    # The PINs go through the pipe; the child's environment holds none of the caller's.
+    env = dict(child_environment(), SOFTHSM2_CONF=str(tdir.conf))
     proc = subprocess.run(
         [sys.executable, "-m", "softhsm_config._init_worker"],
         input=json.dumps(request),

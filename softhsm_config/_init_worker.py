@@ -19,6 +19,8 @@ from typing import Any
 import pkcs11
 from pkcs11 import TokenFlag
 
+from securethread.hsm.pin import harden_process
+
 
 def _labels(lib: Any) -> tuple[set[str], int | None]:
     present: set[str] = set()
@@ -33,6 +35,7 @@ def _labels(lib: Any) -> tuple[set[str], int | None]:
 
 
 def main() -> int:
+    harden_process()  # SO and user PINs arrive on stdin
     request = json.load(sys.stdin)
     module = request["module"]
     cdll = ctypes.CDLL(module)

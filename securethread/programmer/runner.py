@@ -72,7 +72,7 @@ from securethread.formats.image import Manifest, verify_manifest
 from securethread.formats.job import VerifiedJob, check_device_id
 from securethread.formats.license import LicenseIssuer
 from securethread.hsm import KeyBackend, PinCallback, load_spki, open_token, resolve_pin
-from securethread.hsm.pin import PinSet
+from securethread.hsm.pin import PinSet, child_environment
 from securethread.hsm.token import Token
 from securethread.hsm.uri import PKCS11URI
 from securethread.pki import DeviceCertificateIssuer
@@ -765,6 +765,9 @@ _BOOT = (
     "fd, leader = int(sys.argv[1]), int(sys.argv[2])\n"
     "conn = Connection(fd)\n"
     "spawn.prepare(conn.recv())\n"
+    # no core file, not dumpable, before the message carrying the PINs is read
+    "from securethread.hsm.pin import harden_process\n"
+    "harden_process()\n"
     "from securethread.programmer.runner import _worker_main\n"
     "_worker_main(conn, leader)\n"
 )
@@ -790,13 +793,16 @@ class _Worker:
 
 def _start_worker(payload: tuple[Any, ...]) -> _Worker:
     """A worker process in a session of its own: the terminal's Ctrl-C (sent to the
-    foreground process group) never reaches it; it stops through the leader."""
+    foreground process group) never reaches it; it stops through the leader.  Its
+    environment holds no PIN variable, whatever the leader's does: its PINs come through
+    the pipe (hsm.pin.child_environment)."""
     parent, child = Pipe(duplex=True)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, str(child.fileno()), str(os.getpid())],
             pass_fds=(child.fileno(),),
             start_new_session=True,
+            env=child_environment(),
         )
     finally:
         child.close()

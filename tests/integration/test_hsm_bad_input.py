@@ -139,6 +139,7 @@ def test_resolve_pin_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         resolve_pin("no-such")
     pin_file = tmp_path / "pin"
     pin_file.write_text("1234\nignored\n")
+    pin_file.chmod(0o600)  # a PIN file others may read is refused (test_hsm_pins.py)
     assert resolve_pin("no-such", pin_source=str(pin_file)) == "1234"
     assert resolve_pin("no-such", pin_source=f"file:{pin_file}") == "1234"
     monkeypatch.setenv("SECURETHREAD_PIN_NO_SUCH_FILE", str(pin_file))

@@ -20,11 +20,12 @@ from securethread.errors import (
     PinMissingError,
     TokenDirectoryError,
     TokenExistsError,
+    WorkdirEscapeError,
 )
 from securethread.hsm import env_var_for
 from securethread.hsm.filestore import COPY_NAME, TOKEN_OBJECT, FileStore
 from securethread.hsm.pin import PINS_FILE_ENV, read_pin_file, resolve_pin
-from softhsm_config import ensure_tokens, init_party_tokens, read_pins_file
+from softhsm_config import TokenDirectory, ensure_tokens, init_party_tokens, read_pins_file
 
 SOFTHSM2_UTIL = shutil.which("softhsm2-util")
 pytestmark = pytest.mark.skipif(SOFTHSM2_UTIL is None, reason="softhsm2-util not installed")
@@ -299,6 +300,7 @@ def test_init_party_tokens_recovers_from_a_kill(tmp_path: Path) -> None:
     a, b = _unique(), _unique()
     pin_file = tmp_path / "pins"
     pin_file.write_text(f"{a}=kept-from-before-1234\n")
+    pin_file.chmod(0o600)
     tdir = init_party_tokens(tmp_path / "hsm", [a], pin_file=pin_file)
     assert read_pin_file(pin_file) == {a: "kept-from-before-1234"}
     assert _login(tdir.root, a, pin="kept-from-before-1234").startswith("login ok")
@@ -362,6 +364,7 @@ def test_activate_names_the_pin_file_and_puts_no_pin_in_the_environment(
     # Issue 15: the file named by SECURETHREAD_PIN_<LABEL>_FILE wins over the party's file.
     override = tmp_path / "override"
     override.write_text("from-the-pin-file-variable\n")
+    override.chmod(0o600)
     monkeypatch.setenv(env_var_for(label) + "_FILE", str(override))
     assert resolve_pin(label) == "from-the-pin-file-variable"
     # A directory without a PIN file un-names the previous one.
@@ -425,3 +428,32 @@ def test_open_token_names_a_missing_token_directory(tmp_path: Path) -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == expected
+
+
+def test_a_moved_directory_names_its_own_tokens(tmp_path: Path) -> None:
+    """directories.tokendir is absolute: after a move (or cp -a) the configuration is made
+    to name the directory's own tokens at the next open, never the old place."""
+    tdir = init_party_tokens(tmp_path / "a" / "hsm", [_unique()])
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = TokenDirectory(tmp_path / "b" / "hsm")
+    assert str(tmp_path / "a") in moved.conf.read_text()  # still the old place
+    moved.localise()
+    text = moved.conf.read_text()
+    assert f"directories.tokendir = {moved.tokendir.resolve()}\n" in text
+    assert str(tmp_path / "a") not in text
+    assert stat.S_IMODE(moved.conf.stat().st_mode) & 0o022 == 0
+    before = moved.conf.stat().st_mtime_ns
+    moved.localise()  # already its own: not written again
+    assert moved.conf.stat().st_mtime_ns == before
+    assert tdir.tokendir != moved.tokendir
+
+
+def test_a_token_directory_resolving_outside_is_refused(tmp_path: Path) -> None:
+    other = init_party_tokens(tmp_path / "other" / "hsm", [_unique()])
+    mine = init_party_tokens(tmp_path / "mine" / "hsm", [_unique()])
+    shutil.rmtree(mine.tokendir)
+    mine.tokendir.symlink_to(other.tokendir)
+    conf = mine.conf.read_bytes()
+    with pytest.raises(WorkdirEscapeError, match="outside"):
+        mine.localise()
+    assert mine.conf.read_bytes() == conf
