@@ -28,12 +28,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from securethread.errors import FormatError
 from securethread.keys.protocol import PrivateKey
 
 from ._errors import RevocationError
 from .issue import _aware, _check_issuer, _hash, _now
 from .profile import DEVICE, NO_EXPIRY, PRODUCTION_CA, CertificateProfile
-from .untrusted import PARSE_ERRORS
+from .untrusted import PARSE_ERRORS, pem_der
 
 __all__ = [
     "CA_REASONS",
@@ -168,15 +169,15 @@ def load_crl(data: bytes, issuer_cert: x509.Certificate) -> x509.CertificateRevo
     raw = bytes(data)
     if not raw or len(raw) > MAX_CRL_SIZE:
         raise RevocationError(f"CRL: {len(raw)} octets, outside 1..{MAX_CRL_SIZE}")
+    if raw.lstrip().startswith(b"-----BEGIN"):  # one "X509 CRL" block alone (RFC 7468 §6)
+        try:
+            raw = pem_der(raw, ("X509 CRL",), what="CRL")
+        except FormatError as exc:
+            raise RevocationError(str(exc)) from None
     try:
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            if raw.count(b"-----BEGIN ") != 1:
-                raise RevocationError("CRL: expected exactly one PEM block")
-            crl = x509.load_pem_x509_crl(raw)
-        else:
-            crl = x509.load_der_x509_crl(raw)
-            if crl.public_bytes(serialization.Encoding.DER) != raw:
-                raise RevocationError("CRL: not in canonical DER")
+        crl = x509.load_der_x509_crl(raw)
+        if crl.public_bytes(serialization.Encoding.DER) != raw:
+            raise RevocationError("CRL: not in canonical DER")
         issuer = crl.issuer
         number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value

@@ -16,12 +16,18 @@ surprises; anything else raises :class:`MalformedCertificateError` or
 so callers that catch either keep working.
 
 The encodings are strict: one DER certificate, CSR or SubjectPublicKeyInfo with no trailing
-bytes that re-encodes to the same octets (X.690 §10 DER; invariant S6), or exactly one PEM
-block (RFC 7468) where PEM is allowed.
+bytes that re-encodes to the same octets (X.690 §10 DER; invariant S6), or, where PEM is
+allowed, exactly one PEM block of the expected label (RFC 7468) with nothing but whitespace
+around it -- no second block, no explanatory text, no trailing data -- whose content is then
+held to the same DER rules.  Certificate serial numbers are positive and at most 20 octets
+(RFC 5280 §4.1.2.2).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -47,6 +53,7 @@ __all__ = [
     "load_csr",
     "load_public_key",
     "load_public_key_pem",
+    "pem_der",
 ]
 
 #: Certificates, CSRs and keys securethread exchanges are a few hundred bytes; 16 KiB is
@@ -73,6 +80,14 @@ PARSE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 _REASON_LIMIT = 160
+#: RFC 5280 §4.1.2.2: conforming certificates use serial numbers of at most 20 octets.
+MAX_SERIAL_OCTETS = 20
+#: One PEM block (RFC 7468 §3) and nothing but whitespace around it.
+_PEM = re.compile(
+    rb"\A\s*-----BEGIN (?P<label>[\x21-\x2c\x2e-\x7e](?:[- ]?[\x21-\x2c\x2e-\x7e])*)-----"
+    rb"(?P<body>[A-Za-z0-9+/=\s]*)"
+    rb"-----END (?P=label)-----\s*\Z"
+)
 _T = TypeVar("_T")
 
 
@@ -116,6 +131,32 @@ def _raw(data: object, what: str) -> bytes:
     if len(raw) > MAX_SIZE:
         raise MalformedCertificateError(f"{what}: {len(raw)} bytes, over the {MAX_SIZE}-byte limit")
     return raw
+
+
+def pem_der(raw: bytes, labels: Collection[str], *, what: str) -> bytes:
+    """The DER inside exactly one PEM block labelled one of ``labels`` (RFC 7468 §2-§3),
+    with nothing around it but whitespace: a second block, text before it or data after it
+    is refused, as is base64 that does not decode exactly."""
+    if raw.count(b"-----BEGIN") != 1 or raw.count(b"-----END") != 1:
+        raise MalformedCertificateError(f"{what}: expected exactly one PEM block")
+    m = _PEM.match(raw)
+    if m is None:
+        raise MalformedCertificateError(
+            f"{what}: not one PEM block alone (text before it, data after it, or a bad line)"
+        )
+    label = m.group("label").decode("ascii")
+    if label not in labels:
+        raise MalformedCertificateError(
+            f"{what}: a PEM block of {label!r}, not {' or '.join(map(repr, labels))}"
+        )
+    body = b"".join(m.group("body").split())
+    try:
+        der = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedCertificateError(f"{what}: PEM content is not base64") from None
+    if not der or base64.b64encode(der) != body:
+        raise MalformedCertificateError(f"{what}: PEM content is not canonical base64")
+    return der
 
 
 def check_key(
@@ -166,6 +207,12 @@ def _force_certificate(cert: x509.Certificate, what: str, curves: Collection[Cur
         key = cert.public_key()
     if serial <= 0:  # cryptography only warns; RFC 5280 §4.1.2.2 requires a positive integer
         raise MalformedCertificateError(f"{what}: serial number is not positive")
+    octets = serial.bit_length() // 8 + 1  # DER INTEGER content: a leading 0 bit for sign
+    if octets > MAX_SERIAL_OCTETS:  # RFC 5280 §4.1.2.2: MUST NOT be longer than 20 octets
+        raise MalformedCertificateError(
+            f"{what}: serial number of {octets} octets, over the {MAX_SERIAL_OCTETS} "
+            "RFC 5280 allows"
+        )
     check_key(key, what=what, curves=curves)
 
 
@@ -189,13 +236,10 @@ def load_certificate(
 def load_certificate_pem(
     data: object, *, what: str = "PEM certificate", curves: Collection[Curve] = ALL_CURVES
 ) -> x509.Certificate:
-    """Parse exactly one PEM certificate (RFC 7468 §5) from an untrusted source."""
-    raw = _raw(data, what)
-    if raw.count(b"-----BEGIN ") != 1:
-        raise MalformedCertificateError(f"{what}: expected exactly one PEM block")
-    cert = _guarded(what, lambda: x509.load_pem_x509_certificate(raw))
-    _force_certificate(cert, what, curves)
-    return cert
+    """Parse exactly one PEM certificate (RFC 7468 §5) from an untrusted source: its DER
+    as :func:`load_certificate` (canonical, nothing trailing)."""
+    der = pem_der(_raw(data, what), ("CERTIFICATE",), what=what)
+    return load_certificate(der, what=what, curves=curves)
 
 
 def load_csr(
@@ -208,14 +252,10 @@ def load_csr(
     which key, see pki.issue).
     """
     raw = _raw(data, what)
-    pem = raw.lstrip().startswith(b"-----BEGIN")
-    if pem and raw.count(b"-----BEGIN ") != 1:
-        raise MalformedCertificateError(f"{what}: expected exactly one PEM block")
+    if raw.lstrip().startswith(b"-----BEGIN"):  # RFC 7468 §7 names both labels
+        raw = pem_der(raw, ("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"), what=what)
     with guard(what):
-        if pem:
-            csr = x509.load_pem_x509_csr(raw)
-        else:
-            csr = x509.load_der_x509_csr(raw)
+        csr = x509.load_der_x509_csr(raw)
         _force_name(csr.subject)
         _force_extensions(csr.extensions)
         for attribute in csr.attributes:
@@ -229,7 +269,7 @@ def load_csr(
         check_key(key, what=what, curves=curves)
         csr.is_signature_valid  # noqa: B018 - UnsupportedAlgorithm / InternalError
         der = csr.public_bytes(serialization.Encoding.DER)
-    if not pem and der != raw:
+    if der != raw:
         raise MalformedCertificateError(f"{what}: DER is not in canonical encoding")
     return csr
 
@@ -237,14 +277,9 @@ def load_csr(
 def load_public_key_pem(
     data: object, *, what: str = "public key", curves: Collection[Curve] = ALL_CURVES
 ) -> ec.EllipticCurvePublicKey:
-    """One PEM ``PUBLIC KEY`` block (RFC 7468 §13), checked as :func:`load_public_key`."""
-    from cryptography.hazmat.primitives import serialization
-
-    with guard(what):
-        key = serialization.load_pem_public_key(data)  # type: ignore[arg-type]
-        der = key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    """One PEM ``PUBLIC KEY`` block (RFC 7468 §13) alone; its DER checked as
+    :func:`load_public_key` (canonical SubjectPublicKeyInfo, nothing trailing)."""
+    der = pem_der(_raw(data, what), ("PUBLIC KEY",), what=what)
     return load_public_key(der, what=what, curves=curves)
 
 

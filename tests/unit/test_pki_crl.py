@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from typing import Any
 
 import attrs
 import pytest
@@ -241,3 +242,22 @@ def test_issue_crl_refusals(w: World) -> None:
     )
     with pytest.raises(RevocationError, match="cRLSign"):
         issue_crl(key, no_crl_sign, [], crl_number=1)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda pem: pem + pem,
+        lambda pem: pem + b"junk",
+        lambda pem: pem + b"\n-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        lambda pem: b"CRL follows\n" + pem,
+        lambda pem: pem.replace(b"X509 CRL", b"CERTIFICATE"),
+    ],
+    ids=["two blocks", "junk after it", "a certificate after it", "text before it", "label"],
+)
+def test_a_crl_pem_is_one_block_alone(w: World, spoil: Any) -> None:
+    """RFC 7468 §6: one "X509 CRL" block, nothing but whitespace around it."""
+    pem = revoke_devices(w.pca_key(), w.pca, w.devices[:1], reason=R.unspecified)
+    assert load_crl(b"\n" + pem + b"\n", w.pca).issuer == w.pca.subject
+    with pytest.raises(RevocationError, match="^CRL: "):
+        load_crl(spoil(pem), w.pca)

@@ -21,7 +21,7 @@ from securethread.errors import CertificateError, FormatError, URIError
 from securethread.formats import cbor
 from securethread.hsm.uri import PKCS11URI
 from securethread.keys.policy import Curve
-from securethread.pki import load_csr, load_der
+from securethread.pki import from_pem, load_csr, load_der
 from securethread.pki.untrusted import (
     MalformedCertificateError,
     UnsupportedKeyError,
@@ -29,6 +29,8 @@ from securethread.pki.untrusted import (
     load_certificate,
     load_certificate_pem,
     load_public_key,
+    load_public_key_pem,
+    pem_der,
 )
 from securethread.pki.untrusted import load_csr as untrusted_csr
 
@@ -338,3 +340,91 @@ def test_pkcs11_uri_hostile_text(uri: str, message: str) -> None:
     with pytest.raises(URIError, match=message):
         PKCS11URI.parse(uri)
     assert PKCS11URI.parse("pkcs11:slot-id=18446744073709551615").slot_id == 2**64 - 1
+
+
+# --- serial numbers: at most 20 octets (RFC 5280 §4.1.2.2) -------------------------------------
+
+
+def _signed_with_serial(serial: int) -> bytes:
+    """GOOD with another serial, signed again: a certificate valid in every other respect."""
+    cert = copy.deepcopy(ax.Certificate.load(GOOD))
+    cert["tbs_certificate"]["serial_number"] = serial
+    tbs = cert["tbs_certificate"].dump(force=True)
+    cert["signature_value"] = _SIGNER.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return bytes(cert.dump(force=True))
+
+
+@pytest.mark.parametrize(
+    ("serial", "octets"), [(1 << 159, 21), ((1 << 160) - 1, 21), (1 << 200, 26)]
+)
+def test_a_serial_over_20_octets_is_refused(serial: int, octets: int) -> None:
+    der = _signed_with_serial(serial)
+    raw = x509.load_der_x509_certificate(der)  # cryptography parses it, signature and all
+    assert raw.serial_number == serial
+    _SIGNER.public_key().verify(raw.signature, raw.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(MalformedCertificateError, match=f"serial number of {octets} octets"):
+        load_certificate(der, what="vendor certificate")
+    with pytest.raises(MalformedCertificateError, match=f"serial number of {octets} octets"):
+        load_certificate_pem(raw.public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_serial_of_exactly_20_octets_loads() -> None:
+    serial = (1 << 159) - 1  # 159 bits: 20 octets with the sign bit
+    assert load_certificate(_signed_with_serial(serial)).serial_number == serial
+
+
+# --- PEM: one block of the expected label, nothing around it but whitespace (RFC 7468) ----------
+
+
+def _pem_cases(pem: bytes, other: bytes) -> dict[str, bytes]:
+    """``pem`` spoiled in each way a PEM loader must refuse; ``other`` is a second block."""
+    body = pem.split(b"\n", 1)[1].rsplit(b"-----END", 1)[0]
+    return {
+        "two blocks": pem + pem,
+        "a block of another kind after it": pem + other,
+        "junk after it": pem + b"junk",
+        "junk on the next line": pem + b"\nsomething else\n",
+        "text before it": b"Certificate:\n    Data: ...\n" + pem,
+        "a NUL after it": pem + b"\x00",
+        "a bad base64 character": pem.replace(body[:4], b"!" + body[1:4], 1),
+        "base64 cut short": pem.replace(body, body[:-6] + b"\n", 1),
+    }
+
+
+def _pem_loaders() -> dict[str, tuple[bytes, bytes, Any]]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert_pem = load_der(GOOD).public_bytes(serialization.Encoding.PEM)
+    key_pem = key.public_key().public_bytes(serialization.Encoding.PEM, SPKI)
+    csr_pem = _csr(key).public_bytes(serialization.Encoding.PEM)
+    return {
+        "certificate": (cert_pem, key_pem, load_certificate_pem),
+        "from_pem": (cert_pem, key_pem, from_pem),
+        "public key": (key_pem, cert_pem, load_public_key_pem),
+        "CSR": (csr_pem, cert_pem, load_csr),
+    }
+
+
+PEM_LOADERS = _pem_loaders()
+SPOILED = sorted(_pem_cases(b"-----BEGIN X-----\nAAAA\n-----END X-----\n", b""))
+
+
+@pytest.mark.parametrize("spoiled", SPOILED)
+@pytest.mark.parametrize("loader", sorted(PEM_LOADERS))
+def test_pem_loaders_refuse_extra_blocks_and_trailing_data(loader: str, spoiled: str) -> None:
+    pem, other, load = PEM_LOADERS[loader]
+    load(b"\n " + pem + b"\n\n")  # the block alone, whitespace around it: accepted
+    with pytest.raises(MalformedCertificateError):
+        load(_pem_cases(pem, other)[spoiled])
+
+
+@pytest.mark.parametrize("loader", sorted(PEM_LOADERS))
+def test_pem_loaders_refuse_a_block_of_another_label(loader: str) -> None:
+    pem, other, load = PEM_LOADERS[loader]
+    with pytest.raises(MalformedCertificateError, match="a PEM block of"):
+        load(other)
+
+
+def test_pem_der_returns_the_der_of_the_one_block() -> None:
+    pem = load_der(GOOD).public_bytes(serialization.Encoding.PEM)
+    assert pem_der(pem, ("CERTIFICATE",), what="c") == GOOD
+    assert pem_der(pem.replace(b"\n", b"\r\n"), ("CERTIFICATE",), what="c") == GOOD
