@@ -161,6 +161,7 @@ def _describe_cbor(data: bytes) -> dict[str, Any]:
             "production-ca": _cert_view(package.production_ca),
             "manifest": _describe_cbor(package.manifest),
             "device-trust": _describe_cbor(package.device_trust),
+            "vendors": [_cert_view(v) for v in package.vendors],
         }
     raise FormatError("not a securethread artefact (no known kind)")
 

@@ -129,6 +129,19 @@ def test_the_job_package_carries_the_vendor_certificates(fab: SiliconVendor) -> 
     assert JobPackage.from_bytes(package.to_bytes()) == package
 
 
+def test_audit_inspect_shows_the_packages_vendor_certificates(fab: SiliconVendor) -> None:
+    from securethread.audit.inspect import describe
+
+    officer = SoftwareBackend("o").generate_ec("o", curve=Curve.P256, policy=SIGNING)
+    part = sign_job(_job(), [officer])  # inspect shows each part as it is, unverified
+    package = JobPackage(
+        job=part, production_ca=b"p", manifest=part, device_trust=part,
+        vendors=(_der(fab.root_certificate),),
+    )  # fmt: skip
+    (view,) = describe(package.to_bytes())["vendors"]
+    assert "Genuine Fab" in view["subject"] and view["sha256"]
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
