@@ -7,11 +7,15 @@ so memory is flat however many devices pass.  The run never stops and never lose
 
 * **One run per job at a time.**  The leader holds an exclusive ``flock`` on
   ``<store>.lock`` for the whole run; a second run is refused at once with
-  :class:`RunLockedError`.  Reservations of a run that died are reclaimed when the next run
-  starts (:meth:`~securethread.programmer.store.SQLiteStore.begin_run`), so no slot is
-  stranded.
-* **A store that cannot be silently forgotten** (S7): the store is checked against the
-  job's quota mark in the token before it is used
+  :class:`RunLockedError`.
+* **A slot is handed out once, ever.**  A run that ends (normally, by a signal's drain, or
+  with a worker dead or an error reported) leaves a clean quota mark: the next run reuses
+  the slots the run gave back and reclaims those of dead workers.  After a run that was
+  killed, or on a store copied back, the next run *burns* them instead (and jumps above
+  every slot the mark covers): at most one block of slots is lost, none is counted twice
+  (:meth:`~securethread.programmer.store.SQLiteStore.begin_run`, :mod:`.quota_mark`).
+* **A store that cannot be silently forgotten** (S7): the store is checked for damage
+  (``PRAGMA quick_check``) and against the job's quota mark in the token before it is used
   (:func:`~securethread.programmer.quota_mark.open_store`), and the mark moves once per
   reservation block.
 * **Counted devices get programmed.**  Device certificates are written as
@@ -50,7 +54,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from multiprocessing import spawn
 from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
@@ -90,7 +94,7 @@ from securethread.programmer.line import (
     Unreleased,
     describe,
 )
-from securethread.programmer.quota_mark import DEFAULT_BLOCK, QuotaMark, open_store
+from securethread.programmer.quota_mark import QuotaMark, block_for, open_store
 from securethread.programmer.store import MarkKeeper, ProductionStore, SQLiteStore
 
 # --- what the caller gives ------------------------------------------------------------------------
@@ -149,7 +153,8 @@ class RunConfig:
     with the run); ``recycle_after``: devices a worker process handles before a fresh one
     replaces it (SoftHSM 2.6.1 frees destroyed session objects only when the module is
     finalised, about 0.4 KiB per device: recycling keeps a long run's memory flat);
-    ``mark_block``: slots per quota-mark write (see :mod:`.quota_mark`).
+    ``mark_block``: slots per quota-mark write, and the most a kill burns (default
+    :func:`~securethread.programmer.quota_mark.block_for` the quota).
     """
 
     job: VerifiedJob
@@ -166,7 +171,7 @@ class RunConfig:
     workers: int = 1
     batch_size: int = 32
     recycle_after: int = 5000
-    mark_block: int = DEFAULT_BLOCK
+    mark_block: int | None = None
     busy_timeout_s: float = 60.0
 
 
@@ -198,7 +203,10 @@ class RunResult:
     run retries them); ``dropped``: devices of a batch a stop request dropped before counting;
     ``unprogrammed``: devices of the job counted and not programmed, store-wide, after the
     run (``unprogrammed_ids``: the first of them); ``reclaimed``: slots of dead runs put
-    back at the start; ``interrupted_by``: the signal that stopped the run, if one did.
+    back at the start; ``burned``: slots burned at the start (the previous run was killed
+    or the store is a restored copy: they count against the quota, never used);
+    ``quota_used`` counts burned slots; ``interrupted_by``: the signal that stopped the
+    run, if one did.
     """
 
     job_id: str
@@ -216,6 +224,7 @@ class RunResult:
     unprogrammed: int
     unprogrammed_ids: tuple[str, ...]
     reclaimed: int
+    burned: int
     workers: int
     elapsed_s: float
     provision_s: float
@@ -593,15 +602,20 @@ class RunLock:
 # --- the leader -----------------------------------------------------------------------------------
 
 
+def _block(config: RunConfig) -> int:
+    """Slots per quota-mark write: the configured block, else derived from the quota."""
+    return block_for(config.job.job.quota) if config.mark_block is None else config.mark_block
+
+
 def _check_config(config: RunConfig) -> None:
+    if not isinstance(config.job, VerifiedJob):
+        raise TypeError("RunConfig.job must be a VerifiedJob")
     if type(config.workers) is not int or config.workers < 0:
         raise ConfigurationError(f"workers must be 0 or more, not {config.workers!r}")
-    for name, value in (("batch_size", config.batch_size), ("mark_block", config.mark_block),
+    for name, value in (("batch_size", config.batch_size), ("mark_block", _block(config)),
                         ("recycle_after", config.recycle_after)):  # fmt: skip
         if type(value) is not int or value < 1:
             raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
-    if not isinstance(config.job, VerifiedJob):
-        raise TypeError("RunConfig.job must be a VerifiedJob")
     check_vendor_cas(config.vendor_roots, named=config.job.job.vendors, what="run vendor CA")
 
 
@@ -666,7 +680,7 @@ def run(
                 job_id=job.job.job_id,
                 quota=job.job.quota,
                 signed=job.signed,
-                block=config.mark_block,
+                block=_block(config),
                 busy_timeout_s=config.busy_timeout_s,
             )
             try:
@@ -691,7 +705,7 @@ def _run_open(
     stop: _StopFlag,
 ) -> RunResult:
     job = config.job
-    reclaimed = store.begin_run(job.sha256, guard=mark)
+    start = store.begin_run(job.sha256, guard=mark)
     run_id = os.urandom(8)
     tally = _Tally()
     died: str | None = None
@@ -702,19 +716,26 @@ def _run_open(
         if progress is not None:
             progress(tally.progress())
 
-    if stop():
-        pass  # a signal came while the run started: nothing is done
-    elif config.workers == 0:
-        line = _Line(config, token, store, mark, run_id, faults)
-        for chunk in _chunks(devices, config.batch_size):
-            if stop():
-                break
-            report(line.batch(chunk, stop))
-    else:
-        pins = _pins_for_workers(config.token, pin)
-        died = _run_pool(config, devices, pins, run_id, faults, stop, report)
+    try:
+        if stop():
+            pass  # a signal came while the run started: nothing is done
+        elif config.workers == 0:
+            line = _Line(config, token, store, mark, run_id, faults)
+            for chunk in _chunks(devices, config.batch_size):
+                if stop():
+                    break
+                report(line.batch(chunk, stop))
+        else:
+            pins = _pins_for_workers(config.token, pin)
+            died = _run_pool(config, devices, pins, run_id, faults, stop, report)
+    except Error:
+        # No process of the run hands out slots any more (the pool waited for its
+        # workers): the end is clean, the slots reserved and never released are reused.
+        with suppress(Error):
+            store.end_run(job.sha256, guard=mark)
+        raise
     elapsed = time.perf_counter() - t0
-    store.sync_mark(job.sha256, guard=mark)
+    store.end_run(job.sha256, guard=mark)
     state = store.state(job.sha256)
     n_unprog, ids = store.unprogrammed_summary(job.sha256)
     signame = signal.Signals(stop.signum).name if stop.signum is not None else None
@@ -733,7 +754,8 @@ def _run_open(
         quota_used=state.used,
         unprogrammed=n_unprog,
         unprogrammed_ids=tuple(ids),
-        reclaimed=reclaimed,
+        reclaimed=start.reclaimed,
+        burned=start.burned,
         workers=config.workers,
         elapsed_s=round(elapsed, 3),
         provision_s=round(tally.provision_s, 3),
@@ -974,7 +996,7 @@ def _worker_main(conn: Connection, leader: int) -> None:
         config, pins, run_id, faults = conn.recv()
         token = open_token(config.token, pin=pins)
         store = SQLiteStore(config.store, create=False, busy_timeout_s=config.busy_timeout_s)
-        mark = QuotaMark(token, config.job.sha256, block=config.mark_block)
+        mark = QuotaMark(token, config.job.sha256, block=_block(config))
         line = _Line(config, token, store, mark, run_id, faults)
         conn.send(("ready",))
         while (msg := inbox.next()) is not None:

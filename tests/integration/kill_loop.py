@@ -11,11 +11,14 @@ counts:
   than the quota (S3);
 * ``unrecorded``: devices that received their secrets but are not in the ledger (S4);
 * ``stranded``: after the resumed run, devices counted and not programmed, or slots counted
-  and not used by a ledger record;
+  and neither used by a ledger record nor burned;
+* ``overburned``: rounds whose store burned more slots than its kills may cost (per kill,
+  the batches in flight and the rest of one block: runs after a killed leader burn those);
 * ``failed``: resumed runs that did not finish the job (every device provisioned and
-  programmed, the whole quota used).
+  programmed, the whole quota used or burned).
 
-Prints one JSON object; exits 1 if any count but ``kills`` and ``rounds`` is not zero.
+Prints one JSON object; exits 1 if any count but ``kills``, ``rounds`` and ``burned`` is not
+zero.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 from securethread.programmer import runner
 from securethread.programmer.line import FAULT_POINTS
+from securethread.programmer.quota_mark import block_for
 from securethread.programmer.store import SQLiteStore
 from tests.integration.line_support import World, finish, ledger_view, start_run
 
@@ -40,11 +44,14 @@ QUOTA = 24
 
 
 def one_round(world: World, rng: random.Random, counts: dict[str, int]) -> None:
-    job = world.job(quota=QUOTA, batch_size=rng.choice([2, 3, 4, 8]))
+    batch = rng.choice([2, 3, 4, 8])
+    job = world.job(quota=QUOTA, batch_size=batch)
     chips = job.chips(world.specs[: QUOTA + 2])
     setup = job.dump(chips)
+    may_burn = 0
     for _ in range(rng.randint(1, 3)):
         workers = rng.choice([0, 1, 2])
+        may_burn += batch * max(1, workers) + block_for(QUOTA)
         if rng.random() < 0.5:
             proc = start_run(setup, workers=workers)
             time.sleep(rng.uniform(0.2, 2.5))
@@ -69,15 +76,20 @@ def one_round(world: World, rng: random.Random, counts: dict[str, int]) -> None:
     view = ledger_view(job)
     counts["unrecorded"] += len(set(job.log("released.log")) - set(view.provisioned))
     counts["stranded"] += len(set(view.provisioned) - set(view.programmed))
-    counts["stranded"] += view.used - len(view.provisioned)
-    if len(view.provisioned) != QUOTA or r.unprogrammed or view.used != QUOTA:
+    counts["stranded"] += view.used - len(view.provisioned) - view.burned
+    counts["overburned"] += view.burned > may_burn
+    counts["burned"] += view.burned
+    if len(view.provisioned) + view.burned != QUOTA or r.unprogrammed or view.used != QUOTA:
         counts["failed"] += 1
     counts["rounds"] += 1
 
 
 def kill_loop(world: World, kills: int, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
-    counts = dict.fromkeys(("rounds", "kills", "overruns", "unrecorded", "stranded", "failed"), 0)
+    counts = dict.fromkeys(
+        ("rounds", "kills", "burned", "overruns", "unrecorded", "stranded", "overburned", "failed"),
+        0,
+    )
     while counts["kills"] < kills:
         one_round(world, rng, counts)
     return counts
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[str, Any] = kill_loop(world, args.kills, args.seed)
     counts["seconds"] = round(time.perf_counter() - t0)
     print(json.dumps(counts))
-    bad = counts["overruns"] + counts["unrecorded"] + counts["stranded"] + counts["failed"]
+    bad = sum(counts[k] for k in ("overruns", "unrecorded", "stranded", "overburned", "failed"))
     return 1 if bad else 0
 
 

@@ -425,6 +425,7 @@ class LedgerView:
     slots: list[int]
     certificates: dict[str, bytes]  # device id -> DER in its provisioning record
     licenses: dict[str, str]  # device id -> license SHA-256 (hex) in its provisioning record
+    burned: int = 0  # slots counted and never to be used (a run after a kill, a restore)
 
 
 def ledger_view(job: Job) -> LedgerView:
@@ -433,7 +434,8 @@ def ledger_view(job: Job) -> LedgerView:
 
     store = SQLiteStore(job.store, create=False)
     try:
-        quota, used = store.counts(job.job_hash)
+        state = store.state(job.job_hash)
+        quota, used = state.quota, state.used
         items = [i for i in store.export(job.job_hash) if i[0] in ("r", "c")]
     finally:
         store.close()
@@ -450,14 +452,15 @@ def ledger_view(job: Job) -> LedgerView:
             slots.append(rec.slot)
             certs[rec.device_id] = bytes(rec.body["cert"])
             lics[rec.device_id] = bytes(rec.body["license_sha256"]).hex()
-    return LedgerView(quota, used, prov, prog, slots, certs, lics)
+    return LedgerView(quota, used, prov, prog, slots, certs, lics, state.burned)
 
 
 def check_settled(job: Job) -> LedgerView:
     """After a run that ended normally: the ledger verifies; every device that received
     secrets is in it once (S4); every provisioned device is programmed, with the license its
-    record names; every slot counted is used by a record (none stranded); each device's
-    certificate file is the certificate in its record."""
+    record names; every slot counted is used by a record or burned (none stranded: a run
+    after a kill burns what it cannot prove unreleased); each device's certificate file is
+    the certificate in its record."""
     import ssl
 
     view = ledger_view(job)
@@ -466,7 +469,7 @@ def check_settled(job: Job) -> LedgerView:
     assert all(n == 1 for n in view.provisioned.values())
     assert all(n == 1 for n in view.programmed.values())
     assert set(view.programmed) == set(view.provisioned)
-    assert view.used == len(view.provisioned) <= view.quota
+    assert view.used == len(view.provisioned) + view.burned <= view.quota
     assert sorted(view.slots) == sorted(set(view.slots))
     for entry in job.log("licenses.log"):
         device_id, _, digest = entry.partition(":")

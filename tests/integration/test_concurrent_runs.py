@@ -3,8 +3,11 @@
 A double-click starts a second run while the first is in flight: the second is refused at
 once (in this process and as a second command), the first finishes, and at the quota
 boundary no slot is lost -- every slot counted is used by a ledger record.  Slots reserved
-by a run that was killed are reclaimed by the next one; slots of a batch refused at commit
-(the same device met twice by two workers) go back to the pool.
+by a worker that was killed are reclaimed when its leader ends the run (a clean end); those
+of a run whose leader was killed are burned by the next run -- they might have been handed
+out by a copy of the store -- and that run starts above the killed run's block: counted,
+never used twice.  Slots of a batch refused at commit (the same device met twice by two
+workers) go back to the pool.
 """
 
 from __future__ import annotations
@@ -60,23 +63,45 @@ def test_second_run_on_the_job_is_refused_at_once(world: World, workers: int) ->
     assert sorted(view.slots) == list(range(20))  # no slot lost at the boundary
 
 
-def test_slots_reserved_by_a_killed_run_are_reclaimed(world: World) -> None:
-    job = world.job(quota=12, targets=30, batch_size=4)
-    chips = job.chips(world.specs[:16])
-    setup = job.dump(chips)
-    killed = run_sub(setup, fault="after-reserve:2")
-    assert killed.returncode == -signal.SIGKILL
+def _state(job: Any) -> Any:
     store = SQLiteStore(job.store, create=False)
     try:
-        state = store.state(job.job_hash)
+        return store.state(job.job_hash)
     finally:
         store.close()
-    assert (state.committed, state.used) == (4, 8)  # 4 slots reserved and never used
+
+
+def test_slots_reserved_by_a_killed_worker_are_reclaimed(world: World) -> None:
+    """The worker dies, its leader ends the run cleanly: nothing is wasted."""
+    job = world.job(quota=12, targets=30, batch_size=4, mark_block=4)
+    chips = job.chips(world.specs[:16])
+    killed = run_sub(job.dump(chips), fault="after-reserve:2", workers=1)
+    assert killed.returncode == 4, killed.stderr  # the worker died, the leader said so
+    state = _state(job)
+    assert (state.committed, state.used, state.free) == (4, 4, 4)  # 4 back in the pool
     r = runner.run(job.config, chips)
-    assert r.reclaimed == 4
+    assert (r.reclaimed, r.burned) == (0, 0)
     assert (r.provisioned, r.quota_used) == (8, 12)  # the whole quota, nothing wasted
     view = check_settled(job)
     assert sorted(view.slots) == list(range(12))
+
+
+def test_slots_reserved_by_a_killed_run_are_burned_never_reused(world: World) -> None:
+    """The leader dies: the next run cannot tell a kill from a store copied back, so it
+    burns the dead reservations and the rest of the block, and counts on above them."""
+    job = world.job(quota=20, targets=30, batch_size=4, mark_block=4)
+    chips = job.chips(world.specs[:16])
+    killed = run_sub(job.dump(chips), fault="after-reserve:2")
+    assert killed.returncode == -signal.SIGKILL
+    state = _state(job)
+    assert (state.committed, state.used) == (4, 8)  # 4 slots reserved and never used
+    r = runner.run(job.config, chips)
+    # slots 4-7 reserved by the dead run, 8-11 the rest of its block (mark limit 4 + 4 + 4)
+    assert (r.reclaimed, r.burned) == (0, 8)
+    assert (r.provisioned, r.quota_used) == (8, 20)  # counted, never used twice
+    assert r.refused == {"QuotaExceededError": 4}
+    view = check_settled(job)
+    assert sorted(view.slots) == [0, 1, 2, 3, *range(12, 20)] and view.burned == 8
 
 
 def test_duplicates_between_workers_give_their_slots_back(world: World) -> None:

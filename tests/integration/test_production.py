@@ -5,7 +5,9 @@ is made once per module on the session tokens; each test takes a fresh job of it
 crash tests SIGKILL a run (a subprocess, ``tests.integration.run_entry``) at every fault
 point of the pipeline and check after every kill that the quota was never exceeded and every
 device that received secrets is in the ledger, then resume in this process and check that
-the job is finished with nothing wasted: every slot used, every device programmed.
+the job is finished: every slot used by a record or burned (a killed leader's reservations
+and the rest of its block: at most a batch and a block; a killed worker's are reclaimed by
+its leader), every device programmed.
 
 ``SECURETHREAD_LONG=1`` kills at more instants (every point several times, one and two
 workers) and runs the random kill loop longer (see ``tests.integration.kill_loop``).
@@ -22,6 +24,7 @@ from cryptography import x509
 
 from securethread.programmer import runner
 from securethread.programmer.line import FAULT_POINTS
+from securethread.programmer.quota_mark import block_for
 from tests.integration.kill_loop import kill_loop
 from tests.integration.line_support import World, check_settled, ledger_view, run_sub
 
@@ -83,14 +86,18 @@ def test_sigkill_at_every_fault_point(world: World, point: str, nth: int, worker
     assert view.used <= KILL_QUOTA, "S3: more slots counted than the quota"
     missing = set(job.log("released.log")) - set(view.provisioned)
     assert not missing, f"S4: devices received secrets but are not in the ledger: {missing}"
-    # A resumed run finishes the job: nothing the kill interrupted is lost.
+    # A resumed run finishes the job: nothing the kill interrupted is lost or counted twice;
+    # a killed leader's reservations and the rest of its block are burned, not reused.
     r = runner.run(job.config, chips)
     assert r.quota_used == KILL_QUOTA and r.unprogrammed == 0
-    assert len(check_settled(job).provisioned) == KILL_QUOTA
+    view = check_settled(job)
+    assert len(view.provisioned) + r.burned == KILL_QUOTA
+    assert r.burned <= (KILL_BATCH + block_for(KILL_QUOTA) if workers == 0 else 0)
 
 
 def test_sigkill_at_random_times(world: World) -> None:
     counts = kill_loop(world, kills=40 if LONG else 3, seed=7)
     assert counts["kills"] >= 3
     assert counts["overruns"] == counts["unrecorded"] == counts["stranded"] == 0, counts
+    assert counts["overburned"] == 0, counts
     assert counts["failed"] == 0, counts

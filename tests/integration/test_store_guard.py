@@ -2,22 +2,29 @@
 
 Each scenario starts a job (10 devices provisioned and programmed), then breaks its store
 the way a factory would -- deleted, emptied, replaced by a fresh store, by an older copy, by
-another store of the same job, corrupted, truncated, locked -- and checks that the next run
-is refused with one clear line naming what to restore, that nothing changed (store bytes,
-the token's quota mark), and that with the right store back the run goes on counting from
-where it was: never a fresh quota.
+another store of the same job, corrupted, one page overwritten, truncated, locked -- and
+checks that the next run is refused with one clear line naming what to restore, that nothing
+changed (store bytes, the token's quota mark), and that with the right store back the run
+goes on counting from where it was: never a fresh quota.  And S3 across copies: a store
+copied back after runs SIGKILLed inside their reservation block, cycle after cycle, never
+issues a slot (a serial) twice.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sqlite3
+import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+from cryptography import x509
 
 from securethread.errors import (
     Error,
@@ -29,12 +36,13 @@ from securethread.errors import (
     StoreReplacedError,
     StoreRolledBackError,
 )
-from securethread.formats import cbor
+from securethread.formats import cbor, ledger
 from securethread.hsm.data import create_data, destroy_data, find_data
+from securethread.pki.serial import parse_device_serial
 from securethread.programmer import runner
 from securethread.programmer.quota_mark import APPLICATION, Mark, QuotaMark
 from securethread.programmer.store import SQLiteStore
-from tests.integration.line_support import Job, World, file_digest, ledger_view
+from tests.integration.line_support import Job, World, file_digest, ledger_view, run_sub
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +203,49 @@ def test_corrupt_store_gives_one_clear_error(
             store.close()
 
 
+def _root_page(path: Path, name: str) -> int:
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        sql = "SELECT rootpage FROM sqlite_master WHERE name = ?"
+        return int(db.execute(sql, (name,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+PAGES = [("header", b"\x00"), ("records", b"garbage"), ("records_device", b"\x00"),
+         ("records_slot", b"garbage"), ("last", b"\x00")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("page", "fill"), PAGES, ids=[p for p, _ in PAGES])
+def test_one_damaged_page_is_refused_before_anything_is_counted(
+    world: World, programmer: Any, tmp_path: Path, page: str, fill: bytes
+) -> None:
+    """One 4 KiB page overwritten (the header page, a table's, an index's, the last one):
+    the run is refused with StoreCorruptError before a slot is counted or a device served."""
+    job = world.job(quota=40, targets=40, batch_size=4)
+    runner.run(job.config, job.chips(world.specs[:30]))
+    backup = tmp_path / "backup.sqlite"
+    shutil.copyfile(job.store, backup)
+    size = 4096
+    pages = job.store.stat().st_size // size
+    number = {"header": 1, "last": pages}.get(page) or _root_page(job.store, page)
+    data = bytearray(job.store.read_bytes())
+    junk = (fill * size)[:size] if fill != b"garbage" else os.urandom(size)
+    data[(number - 1) * size : number * size] = junk
+    job.store.write_bytes(bytes(data))
+    mark, released = _mark(programmer, job), job.log("released.log")
+    with pytest.raises(StoreCorruptError) as info:
+        runner.run(job.config, job.chips(world.specs[30:35]))
+    text = _one_line(info.value)
+    assert str(job.store) in text and "damaged" in text and "restore it from backup" in text
+    assert job.store.read_bytes() == bytes(data) and _mark(programmer, job) == mark
+    assert job.log("released.log") == released  # no device was served
+    _delete(job, backup)
+    shutil.copyfile(backup, job.store)
+    r = runner.run(job.config, job.chips(world.specs[30:35]))
+    assert (r.provisioned, r.quota_used, r.burned) == (5, 35, 0)
+
+
 def test_store_locked_by_another_process_is_one_clear_error(world: World) -> None:
     job = _started(world, busy_timeout_s=0.3)
     holder = sqlite3.connect(job.store, isolation_level=None)
@@ -226,14 +277,81 @@ def test_store_opened_before_the_mark_is_adopted(world: World, programmer: Any) 
         runner.run(job.config, job.chips(world.specs[2:4]))
 
 
-def test_mark_moves_per_block_not_per_device(world: World, programmer: Any) -> None:
+def _issued(job: Job, into: dict[bytes, str]) -> None:
+    """Every certificate the line has issued so far: its files and its store's ledger (a
+    device provisioned again after a restore gets a second one; files are overwritten)."""
+    for f in Path(job.config.certificates).glob("*.pem"):
+        into[ssl.PEM_cert_to_DER_cert(f.read_text())] = f.stem
+    for device_id, der in ledger_view(job).certificates.items():
+        into[der] = device_id
+
+
+def test_store_restored_after_kills_never_reissues_a_slot(
+    world: World, programmer: Any, tmp_path: Path
+) -> None:
+    """The attack of issue 22: one copy of the store, put back after each of six runs that
+    were SIGKILLed inside their reservation block.  Each run provisions again the devices
+    the copy does not know; every certificate gets a slot no other one had: distinct
+    certificates <= quota, no serial twice.  A clean end then makes the copy refusable."""
+    quota, block = 50, 8
+    job = world.job(quota=quota, targets=40, batch_size=4, mark_block=block)
+    runner.run(job.config, [])  # the job opened in its store, marked clean
+    copy = tmp_path / "copy.sqlite"
+    shutil.copyfile(job.store, copy)  # closed by the run: no -wal to take along
+    chips = job.chips(world.specs[:12])
+    setup = job.dump(chips)
+    issued: dict[bytes, str] = {}
+    for cycle in range(6):
+        # batch 1 (4 devices) released, batch 2 reserved: killed before it passes the block
+        killed = run_sub(setup, fault="after-reserve:2")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        view = ledger_view(job)
+        assert len(view.provisioned) == 4 and view.used == block * (cycle + 1)
+        assert sorted(view.slots) == list(range(block * cycle, block * cycle + 4))
+        _issued(job, issued)
+        _delete(job, copy)
+        shutil.copyfile(copy, job.store)  # the operator puts the copy back
+    r = runner.run(job.config, job.chips(world.specs[:40]))
+    assert (r.burned, r.provisioned, r.quota_used) == (48, 2, quota)  # 6 blocks lost, not more
+    assert r.refused == {"QuotaExceededError": 38}
+    _issued(job, issued)
+    serials = [x509.load_der_x509_certificate(der).serial_number for der in issued]
+    slots = [parse_device_serial(s).sequence for s in serials]
+    assert len(issued) == 6 * 4 + 2 <= quota  # distinct certificates
+    assert len(set(serials)) == len(serials) and len(set(slots)) == len(slots)
+    assert all(s < quota for s in slots)
+    assert len(set(issued.values())) == 4  # the same 4 chips, each certified 7 times
+
+    # The close record counts the burned slots: quota used 50, 2 devices in this ledger.
+    store = SQLiteStore(job.store, create=False)
+    try:
+        key = programmer.private_key(world.labels.ledger_signing)
+        sign = ledger.close_signer(key, job=job.job_hash, time=int(time.time()))
+        store.close_job(job.job_hash, sign)
+        summary = ledger.verify_ledger(
+            store.export(job.job_hash), job=job.job_hash, ledger_key=job.ledger_key
+        )
+    finally:
+        store.close()
+    assert summary.close is not None
+    assert (summary.provisioned, summary.close.quota_used, summary.close.quota) == (2, 50, 50)
+
+    # The run ended cleanly: the mark records its counts, so the copy is now refused.
+    _delete(job, copy)
+    shutil.copyfile(copy, job.store)
+    with pytest.raises(StoreRolledBackError) as info:
+        runner.run(job.config, chips)
+    assert "older than the token's quota mark" in _one_line(info.value)
+
+
+def test_mark_is_written_per_block_not_per_device(world: World, programmer: Any) -> None:
     job = world.job(quota=40, targets=40, batch_size=4, mark_block=8)
     r = runner.run(job.config, job.chips(world.specs[:40]))
     assert r.provisioned == 40
     mark = _mark(programmer, job)
-    assert mark is not None
-    # open + one per 8 slots + end of run: far fewer writes than devices
-    assert mark.generation <= 1 + 40 // 8 + 1
+    assert mark is not None and mark.clean and mark.limit == 40
+    # open + run start + one per 8 slots + end of run: far fewer writes than devices
+    assert mark.generation <= 1 + 1 + 40 // 8 + 1
     assert (mark.committed, mark.reserved) == (40, 40)
     objs = find_data(programmer, label=QuotaMark(programmer, job.job_hash).label,
                      application=APPLICATION)  # fmt: skip
@@ -256,10 +374,14 @@ def test_unreadable_mark_stops_the_run(world: World, programmer: Any) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"v": 2},
+        {"v": 1},
+        {"v": True},
         {"gen": -1},
         {"committed": True},
         {"store": "not bytes"},
+        {"clean": 1},
+        {"head": "not bytes"},
+        {"nonce": 7},
         {"extra": 1},
     ],
 )
