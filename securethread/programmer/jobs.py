@@ -17,6 +17,8 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -47,6 +49,7 @@ from securethread.pki import (
 from securethread.programmer import layout as L
 from securethread.programmer.crl_mark import RevocationAnchor
 from securethread.programmer.quota_mark import open_store
+from securethread.programmer.responder import certify_oem_responder
 from securethread.programmer.revoke import first_crl, mark_opened
 from securethread.programmer.runner import RunLock
 from securethread.programmer.store import SQLiteStore
@@ -148,6 +151,7 @@ def open_job(
     manifest = _manifest(work, package.manifest, job)
     _device_trust(work, package.device_trust, job, manifest)
     vendor_files = _vendor_cas(package, job)
+    responder_files = certify_oem_responder(work, token, package, job, pca)  # OCSP, RFC 6960
     image_tmp = work.path(f"{jdir}/.image.enc.tmp")
     try:
         shutil.copyfile(image, image_tmp)
@@ -174,6 +178,7 @@ def open_job(
         work.write(f"{jdir}/device-trust.bin", package.device_trust),
         f"{jdir}/image.enc",
         *(work.write(rel, pem) for rel, pem in vendor_files),
+        *(work.write(rel, pem) for rel, pem in responder_files),
     ]
     # The store and its quota mark in the token (S7): from now on a missing, emptied,
     # replaced or older store for this job is refused, never a fresh quota.
@@ -304,58 +309,76 @@ def _manifest(work: PartyDir, data: bytes, job: VerifiedJob) -> Manifest:
 
 def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
     """Close job ``job_id``: the ledger key signs the close record (totals, last record,
-    quota used) in the store's closing transaction; the export is verified as the OEM
-    will verify it before it goes to the outbox.  After this the job issues nothing."""
+    quota used -- burned slots included) in the store's closing transaction, and the job is
+    marked closed only once its ledger is in ``jobs/<job>/ledger.bin``, verified as the OEM
+    will verify it.  After this the job issues nothing.
+
+    A failure at any point leaves the job open (run close-job again) or closed with its
+    ledger written.  A closed job whose ``ledger.bin`` or outbox copy is missing gets them
+    written again from its store, byte for byte the same (the close record signed at the
+    close is kept in the store): that is how a lost ledger is regenerated."""
     from securethread.formats import ledger
 
     work = L.open_programmer(workdir)
     jdir = L.job_dir(job_id)
+    ledger_rel, out_rel = f"{jdir}/ledger.bin", f"outbox/ledger-{job_id}.bin"
     work.require(f"{jdir}/job.bin", step=f"close-job {job_id}", needs=f"open-job ({job_id})")
-    work.refuse_done(f"{jdir}/ledger.bin", step=f"close-job {job_id}")
+    if work.exists(ledger_rel) and work.exists(out_rel):
+        work.refuse_done(ledger_rel, step=f"close-job {job_id}")
     signed = work.read(f"{jdir}/job.bin", "job")
     officers = trusted_officers(work)
     job = verify_job_signatures(
         signed, officers=officers.public_keys(), min_threshold=officers.threshold
     )
-    ledger_cert = from_pem(work.read(L.cert_path("ledger-signing"), "ledger certificate"))
+    ledger_key = _ec(
+        from_pem(work.read(L.cert_path("ledger-signing"), "ledger certificate")).public_key()
+    )
     token = work.open_token(L.TOKEN)
-    ledger_key = token.private_key(L.L_LEDGER)
-    tmp = work.path(f"{jdir}/.ledger.bin.tmp")
+    summaries: list[ledger.LedgerSummary] = []
+
+    def keep(items: Iterator[tuple[str, bytes]]) -> None:
+        """Inside the closing transaction: the ledger written, verified, in place."""
+        path = work.path(ledger_rel)
+        tmp = path.with_name(".ledger.bin.tmp")
+        try:
+            with open(tmp, "wb") as out:
+                ledger.write_export(out, signed, items)
+                out.flush()
+                os.fsync(out.fileno())
+            with open(tmp, "rb") as src:
+                _job, read = ledger.read_export(src)
+                summaries.append(ledger.verify_ledger(read, job=job.sha256, ledger_key=ledger_key))
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # The store is checked (quick_check, quota mark) before the close counts on it.
     store = _open_job_store(work, token, job)
     try:
         # Not while a run of the job is going on (the run lock of programmer provision).
         lock = RunLock(str(work.path(f"{jdir}/store.sqlite")))
         lock.acquire(job_id)
         try:
-            store.close_job(
-                job.sha256, ledger.close_signer(ledger_key, job=job.sha256, time=int(time.time()))
+            sign = ledger.close_signer(
+                token.private_key(L.L_LEDGER), job=job.sha256, time=int(time.time())
             )
+            store.close_job(job.sha256, sign, keep=keep)
         finally:
             lock.release()
-        with open(tmp, "wb") as out:
-            ledger.write_export(out, signed, store.export(job.sha256))
-            out.flush()
-            os.fsync(out.fileno())
-        with open(tmp, "rb") as src:
-            _job, items = ledger.read_export(src)
-            summary = ledger.verify_ledger(
-                items, job=job.sha256, ledger_key=_ec(ledger_cert.public_key())
-            )
-        os.replace(tmp, work.path(f"{jdir}/ledger.bin"))
     finally:
         store.close()
-        tmp.unlink(missing_ok=True)
-    out_rel = f"outbox/ledger-{job_id}.bin"
-    copy_atomic(work.path(f"{jdir}/ledger.bin"), work.path(out_rel))
+    summary = summaries[-1]
     tx = work.transcript(token.private_key(L.L_IDENTITY))
     tx.append(
         "production-run-closed",
-        artefacts={"ledger": file_sha256(work.path(out_rel))},
+        artefacts={"ledger": file_sha256(work.path(ledger_rel))},
         details={"job": job_id, "provisioned": summary.provisioned},
     )
+    copy_atomic(work.path(ledger_rel), work.path(out_rel))  # last: marks the step done
     return work.finish(
         "programmer close-job",
-        [f"{jdir}/ledger.bin", out_rel],
+        [ledger_rel, out_rel],
         [tx],
         {
             "job": job_id,
@@ -363,8 +386,17 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
             "records": summary.records,
             "provisioned": summary.provisioned,
             "programmed": summary.programmed,
+            "quota_used": summary.close.quota_used if summary.close is not None else None,
         },
     )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -177,12 +178,76 @@ def test_a_forgotten_store_is_refused_until_restored(line: dict[str, Path]) -> N
     assert proc.returncode == 0, proc.stderr
 
 
+def _closes(store: Path) -> int:
+    db = sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM closes").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_damaged_store_page_stops_provision_and_close_job(line: dict[str, Path]) -> None:
+    """One 4 KiB page of the store overwritten: provision and close-job exit 6 before
+    anything is counted or closed (issue 22: it counted 100 devices into it, then closed
+    the job without a ledger)."""
+    job = line["factory"] / "jobs" / "j"
+    store, saved = job / "store.sqlite", line["tmp"] / "store.before-damage"
+    assert not Path(f"{store}-wal").exists()  # the last run closed it
+    shutil.copyfile(store, saved)
+    db = sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)
+    page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'records'").fetchone()[0]
+    db.close()
+    data = bytearray(store.read_bytes())
+    data[(page - 1) * 4096 : page * 4096] = bytes(4096)
+    store.write_bytes(bytes(data))
+    for cmd in (_provision(line, 500, 50),
+                [*CLI, "programmer", "close-job", "--workdir", str(line["factory"]), "--job", "j"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())  # fmt: skip
+        assert proc.returncode == EXIT_STORE, proc.stderr
+        assert "StoreCorruptError" in _one_line(proc.stderr) and "damaged" in proc.stderr
+    assert store.read_bytes() == bytes(data)  # nothing counted, nothing closed
+    assert not (job / "ledger.bin").exists() and not list(job.glob("devices/*.tmp"))
+    shutil.copyfile(saved, store)
+
+
+def test_close_job_closes_nothing_when_its_ledger_cannot_be_written(
+    line: dict[str, Path],
+) -> None:
+    """The ledger's rename fails (``ledger.bin`` is a directory): the job stays open."""
+    job = line["factory"] / "jobs" / "j"
+    (job / "ledger.bin").mkdir()
+    try:
+        proc = _run("programmer", "close-job", "--workdir", str(line["factory"]), "--job", "j",
+                    ok=False)  # fmt: skip
+        assert proc.returncode == 1, proc.stderr  # an OS error, one line
+        assert "Is a directory" in _one_line(proc.stderr)
+        assert _closes(job / "store.sqlite") == 0
+        assert not (line["factory"] / "outbox/ledger-j.bin").exists()
+    finally:
+        (job / "ledger.bin").rmdir()
+
+
 def test_the_job_closes_and_reconciles_after_all_that(line: dict[str, Path]) -> None:
     _run("programmer", "close-job", "--workdir", str(line["factory"]), "--job", "j")
     rec = _json(_run("oem", "reconcile", "--workdir", str(line["oem"]),
                      str(line["factory"] / "outbox/ledger-j.bin"), "--job", "j"))  # fmt: skip
     assert rec["reconciled"] and rec["provisioned"] == rec["programmed"]
     assert rec["quota_used"] <= QUOTA
+
+
+def test_a_lost_ledger_is_written_again_byte_for_byte(line: dict[str, Path]) -> None:
+    """docs/cli.md: close-job again, on a closed job whose ledger files are gone."""
+    fac = line["factory"]
+    kept, sent = fac / "jobs/j/ledger.bin", fac / "outbox/ledger-j.bin"
+    before = kept.read_bytes()
+    assert sent.read_bytes() == before and _closes(fac / "jobs/j/store.sqlite") == 1
+    again = _run("programmer", "close-job", "--workdir", str(fac), "--job", "j", ok=False)
+    assert again.returncode == EXIT_CONFIG and "already done" in _one_line(again.stderr)
+    kept.unlink()
+    sent.unlink()
+    _run("programmer", "close-job", "--workdir", str(fac), "--job", "j")
+    # the ledger the OEM reconciled, to the byte: the close record signed at the close
+    assert kept.read_bytes() == before == sent.read_bytes()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
