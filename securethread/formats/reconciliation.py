@@ -407,6 +407,7 @@ class _RecordChecks:
                 at=datetime.datetime.fromtimestamp(t, datetime.UTC),
                 job_id=self.job.job_id,
                 job_tag=self.identity,
+                profile=self.job.certificate,  # each device exactly as the job's profile says
             )
             self._validator_t = t
         return self._validator

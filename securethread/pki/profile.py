@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -600,7 +602,7 @@ class DeviceProfile:
     brokers such as mosquitto take as the user name) and the devices' notAfter (default
     99991231235959Z).  The names and sources a relying party uses, each optional:
     ``uri_template`` (the subjectAltName URI naming the device, exactly one ``{device_id}``;
-    default with an ``oem_arc``: RFC 9039's ``urn:dev:os:<PEN>-{device_id}``; none without),
+    without it no subjectAltName, which verifiers that require one refuse),
     ``crl_url`` (cRLDistributionPoints: where the job's production CA publishes its CRL),
     ``ocsp_url`` (authorityInfoAccess: the OEM's OCSP responder) and ``oem_arc`` (the OEM's
     Private Enterprise Number arc: its device purpose and production-CA policy,
@@ -661,16 +663,6 @@ class DeviceProfile:
             _check_uri(self.ocsp_url, what="ocsp_url", http_only=True)
 
     @property
-    def device_uri_template(self) -> str | None:
-        """The subjectAltName URI template in force: ``uri_template``, else (with an OEM arc)
-        RFC 9039 §3.4's organisation serial ``urn:dev:os:<PEN>-{device_id}``, else None."""
-        if self.uri_template is not None:
-            return self.uri_template
-        if self.oem_arc is not None:
-            return f"urn:dev:os:{oids.enterprise_number(self.oem_arc)}-{DEVICE_ID_FIELD}"
-        return None
-
-    @property
     def production_ca_policy(self) -> x509.ObjectIdentifier | None:
         """The policy the job's production CA carries (``<oem_arc>.2``), None without an arc."""
         return None if self.oem_arc is None else oids.production_ca_policy(self.oem_arc)
@@ -681,7 +673,7 @@ class DeviceProfile:
 
     def device_uri(self, device_id: str) -> str | None:
         """The URI naming ``device_id`` in its subjectAltName (None: no subjectAltName)."""
-        t = self.device_uri_template
+        t = self.uri_template
         return None if t is None else t.replace(DEVICE_ID_FIELD, check_device_id(device_id))
 
     def subject(self, device_id: str) -> x509.Name:
@@ -699,9 +691,7 @@ class DeviceProfile:
         out: list[tuple[x509.ExtensionType, bool]] = []
         uri = self.device_uri(device_id)
         if uri is not None:
-            # RFC 5280 §4.2.1.6: non-critical, the subject name is not empty
-            san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
-            out.append((san, False))
+            out.append(_san(uri))
         if self.crl_url is not None:
             # §4.2.1.13: a fullName URI, no reasons (all), no cRLIssuer (a direct CRL)
             dp = x509.DistributionPoint(
@@ -722,23 +712,25 @@ class DeviceProfile:
     def check_device(self, cert: x509.Certificate, device_id: str, *, what: str) -> None:
         """``cert`` says exactly what this profile issues for ``device_id``: subject, key
         purposes, names, revocation sources and notAfter (after the form checks of
-        :data:`DEVICE`)."""
-        if cert.subject != self.subject(device_id):
+        :data:`DEVICE`).  Reconciliation's hot path: the constant parts are built once per
+        profile (~10 us per device instead of ~70 us building them each time)."""
+        expected = _expected_for(self)
+        if cert.subject.public_bytes() != device_id.encode("ascii").join(expected.subject_der):
             raise ProfileMismatchError(
                 f"{what}: subject {cert.subject.rfc4514_string()!r} is not the job's "
                 f"{self.subject(device_id).rfc4514_string()!r}"
             )
-        eku = x509.ExtendedKeyUsage(list(DEVICE.purposes(self.oem_arc)))
-        expected = [(eku, False), *self.device_extensions(device_id)]
         actual = [
             (e.value, e.critical)
             for e in cert.extensions
             if e.oid == ExtensionOID.EXTENDED_KEY_USAGE or e.oid in DEVICE.optional
         ]
-        if actual != expected:
+        uri = self.device_uri(device_id)
+        names = [] if uri is None else [_san(uri)]
+        if actual != [expected.eku, *names, *expected.sources]:
             raise ProfileMismatchError(
                 f"{what}: key purposes, subjectAltName or revocation sources are not the job's "
-                f"(expected {[str(v) for v, _ in expected]})"
+                f"(expected {[str(v) for v, _ in self.device_extensions(device_id)]})"
             )
         if cert.not_valid_after_utc != self.not_after:
             raise ProfileMismatchError(
@@ -800,6 +792,39 @@ class DeviceProfile:
             not_after=datetime.datetime.fromtimestamp(na, datetime.UTC),
             **{k: m[k] for k in keys & _OPTIONAL_KEYS},
         )
+
+
+def _san(uri: str) -> tuple[x509.ExtensionType, bool]:
+    # RFC 5280 §4.2.1.6: non-critical, the subject name is not empty
+    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False
+
+
+@attrs.frozen
+class _Expected:
+    """What a profile's device certificates carry, but the device id: the subject's DER split
+    at the id, the EKU and the revocation sources."""
+
+    subject_der: tuple[bytes, ...]
+    eku: tuple[x509.ExtensionType, bool]
+    sources: tuple[tuple[x509.ExtensionType, bool], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_for(profile: DeviceProfile) -> _Expected:
+    for _ in range(8):  # a random id colliding with the organisation or product: retry
+        probe = os.urandom(8).hex()
+        der = profile.subject(probe).public_bytes()
+        if der.count(probe.encode("ascii")) == 2:  # serialNumber and inside the CN
+            break
+    else:  # pragma: no cover - probability ~2^-100
+        raise RuntimeError("could not locate the device id in the subject")
+    sources = tuple(
+        (ext, critical)
+        for ext, critical in profile.device_extensions(probe)
+        if not isinstance(ext, x509.SubjectAlternativeName)
+    )
+    eku = x509.ExtendedKeyUsage(list(DEVICE.purposes(profile.oem_arc)))
+    return _Expected(tuple(der.split(probe.encode("ascii"))), (eku, False), sources)
 
 
 def single_attribute(name: x509.Name, oid: x509.ObjectIdentifier, *, what: str) -> str:

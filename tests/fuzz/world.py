@@ -274,6 +274,8 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     officers = [oem.generate_ec(f"officer{i}", curve=Curve.P256, policy=SIGNING) for i in (1, 2)]
     t = int(now.timestamp())
     nb, na = job_window(pki.root)
+    # the job's device profile, which the line issues under and reconciliation checks
+    profile = DeviceProfile(organisation="securethread", not_after=na)
     vendor = SiliconVendor()
     job = ProductionJob(
         job_id=JOB_ID, device_class=DEVICE_CLASS,
@@ -281,7 +283,7 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         not_before=int(nb.timestamp()), not_after=int(na.timestamp()),
         image_id=IMAGE_ID, manifest_sha256=hashlib.sha256(manifest).digest(),
         programmer=hashlib.sha256(_der(pki.prog_id)).digest(), threshold=2,
-        certificate=DeviceProfile(organisation="Fuzz OEM"),
+        certificate=profile,
         production_ca=hashlib.sha256(_der(pki.pca)).digest(),
         vendors=(vendor_ca_id(vendor.root_certificate),),
     )  # fmt: skip
@@ -326,7 +328,7 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         identify=lambda resp, ch: ident.verify(resp, challenge=ch),
         issuer=DeviceCertificateIssuer(
             prog.private_key("pca"), pki.pca, job_id=JOB_ID, job_tag=verified.sha256,
-            profile=DeviceProfile(organisation="securethread", not_after=na),
+            profile=profile,
         ),
         licenses=licenses, ledger_key=prog.private_key("ledger"), packager=packager,
         batch_size=2, guard=UNGUARDED,  # the fuzz world's store has no token mark

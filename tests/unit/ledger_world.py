@@ -222,11 +222,16 @@ def production_ca(
     )
 
 
+def device_profile(pca: x509.Certificate) -> DeviceProfile:
+    """The job's device profile: reconciliation checks every device against it."""
+    return DeviceProfile(organisation=ORGANIZATION, not_after=pca.not_valid_after_utc)
+
+
 def device_issuer(
     b: SoftwareBackend, label: str, pca: x509.Certificate, *, job_id: str, identity: bytes
 ) -> DeviceCertificateIssuer:
     """The production CA's issuer; device serials carry the job identity's tag."""
-    profile = DeviceProfile(organisation=ORGANIZATION, not_after=pca.not_valid_after_utc)
+    profile = device_profile(pca)
     return DeviceCertificateIssuer(
         b.private_key(label), pca, job_id=job_id, job_tag=identity, profile=profile
     )
@@ -265,7 +270,7 @@ def make_world(label: str = "w") -> World:
         quota=QUOTA, not_before=int(window[0].timestamp()), not_after=int(window[1].timestamp()),
         image_id="img", manifest_sha256=hashlib.sha256(manifest_signed).digest(),
         programmer=cert_fingerprint(programmer_cert), threshold=2,
-        certificate=DeviceProfile(organisation="Test OEM"), production_ca=cert_fingerprint(pca),
+        certificate=device_profile(pca), production_ca=cert_fingerprint(pca),
         vendors=(VENDOR_CA, SECOND_VENDOR_CA),
     )  # fmt: skip
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
