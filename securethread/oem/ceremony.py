@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from securethread.errors import ConfigurationError
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry
-from securethread.hsm.pin import read_pin_source
+from securethread.hsm.pin import harden_process, read_pin_source
 from securethread.keys import SIGNING, Curve, fingerprint, spki_der
 from securethread.oem import layout as L
 from securethread.pki import (
@@ -154,6 +154,7 @@ def _officer_pins(
     ask: Callable[[int], str] | None,
 ) -> _OfficerPins:
     """Each officer's PIN and where it comes from, checked before anything is written."""
+    harden_process()  # no core file of this process, which is about to hold officers' PINs
     paths: dict[int, Path] = {}
     for n, given in files.items():
         if type(n) is not int or not 1 <= n <= officers:

@@ -56,7 +56,7 @@ from securethread.formats.job import (
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry
-from securethread.hsm.pin import env_var_for, resolve_pin
+from securethread.hsm.pin import env_var_for, env_var_names, harden_process, resolve_pin
 from securethread.keys import fingerprint, load_spki
 from securethread.keys.protocol import PrivateKey
 from securethread.oem import layout as L
@@ -472,14 +472,16 @@ def officer_pin(
             raise PinMissingError(f"this step logs in to token {label!r} only, not {asked!r}")
         if pin_file is not None:
             return resolve_pin(label, pin_source=os.fspath(pin_file))
+        names = env_var_names(label)
+        if any(n in os.environ or n + "_FILE" in os.environ for n in names):
+            return resolve_pin(label)  # the officer's variable: never a party's PIN file
         var = env_var_for(label)
-        if var in os.environ or var + "_FILE" in os.environ:
-            return resolve_pin(label)
         if not sys.stdin.isatty():
             raise PinMissingError(
                 f"no PIN for officer {officer}: give --pin-file FILE (officer {officer}'s own "
                 f"PIN file), set {var} or {var}_FILE, or run on a terminal"
             )
+        harden_process()  # before the PIN is typed into this process
         shown = "\n".join(draft.summary()) + "\n" if draft is not None else ""
         return getpass.getpass(f"{shown}PIN of officer {officer} (token {label!r}) to approve: ")
 

@@ -350,3 +350,78 @@ def test_preparing_a_job_again_changes_nothing(world: dict[str, Any]) -> None:
     other.write_text(spec.read_text().replace("quota = 3", "quota = 2"))
     refused(world, EXIT_VERIFY, "oem", "issue-job", "--workdir", str(world["oem"]), str(other),
             "--ca-request", str(req), match="already used")  # fmt: skip
+
+
+# --- an officer at the terminal -------------------------------------------------------------------
+
+
+def _on_a_terminal(args: list[str], answers: list[str]) -> tuple[int, str]:
+    """Run the command with a pseudo-terminal as its controlling terminal, typing each answer
+    when a prompt ending in ': ' appears; its exit code and everything it showed."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its terminal (stdin, stdout, stderr, /dev/tty)
+        os.execve(sys.executable, [sys.executable, "-m", "securethread.cli", *args], child_env())
+    shown, pending, answered = b"", list(answers), 0
+    while True:
+        ready, _, _ = select.select([fd], [], [], 120)
+        assert ready, shown.decode(errors="replace")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+        # A new prompt (getpass turns echo off before it writes one): answer it once.
+        if pending and shown[answered:].rstrip().endswith(b":"):
+            os.write(fd, pending.pop(0).encode() + b"\n")
+            answered = len(shown)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+
+
+def test_officers_type_their_pins_on_a_terminal(tmp_path: Path) -> None:
+    """Without PIN files, init on a terminal asks each officer for their PIN, twice, echoing
+    nothing; the PINs log in to the officers' tokens and appear in no file.  Two entries that
+    differ: refused, nothing made."""
+    oem = tmp_path / "oem"
+    code, shown = _on_a_terminal(
+        ["oem", "init", "--workdir", str(oem), "--name", "acme"],
+        ["typed-by-one", "typed-by-one", "typed-by-two", "typed-by-TWO"],
+    )
+    assert code == EXIT_CONFIG and "officer 2's two PIN entries differ" in shown, shown
+    assert not oem.exists()
+    pins = ["typed-by-one", "typed-by-two"]
+    code, shown = _on_a_terminal(
+        ["oem", "init", "--workdir", str(oem), "--name", "acme"], [p for p in pins for _ in "12"]
+    )
+    assert code == 0, shown
+    assert "choose the PIN of your token officer-1" in shown and "typed by the officer" in shown
+    assert not any(p in shown for p in pins)  # nothing echoed
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert not any(p.encode() in path.read_bytes() for p in pins), path
+    login = (
+        "import sys\nfrom securethread.workdir import PartyDir\n"
+        "w = PartyDir.open(sys.argv[1], 'oem')\n"
+        "for n, pin in ((1, sys.argv[2]), (2, sys.argv[3])):\n"
+        "    w.open_token(f'officer-{n}', lambda _l, pin=pin: pin).private_key('job-signing')\n"
+        "print('logged in')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", login, str(oem), *pins], capture_output=True,
+                          text=True, env=child_env(), timeout=120)  # fmt: skip
+    assert proc.stdout.strip() == "logged in", proc.stderr
+
+
+def test_an_officer_sees_the_job_before_typing_their_pin(world: dict[str, Any]) -> None:
+    """approve-job on a terminal with no PIN source shows the job, then asks for the PIN."""
+    draft = prepare(world, "typed")
+    code, shown = _on_a_terminal(approve(world, "typed", 2), [_officer_pins(world)[2]])
+    assert code == 0, shown
+    prompt = shown.index("PIN of officer 2 (token 'officer-2') to approve:")
+    assert 0 <= shown.index(f"job hash (what the officers sign): {draft['job_sha256']}") < prompt
+    assert _officer_pins(world)[2] not in shown
+    assert (world["oem"] / "jobs/typed/approvals/officer-2.bin").is_file()
