@@ -254,7 +254,7 @@ def run_demo(
             "oem", "approve-job", "--workdir", "oem", "--job", JOB_ID, "--officer", str(n),
             "--pin-file", str(officer_pin_file(root, n)), "--job-hash", draft["job_sha256"],
         )  # fmt: skip
-    s.run("oem", "issue-job", "--workdir", "oem", "--job", JOB_ID)
+    issued = s.run("oem", "issue-job", "--workdir", "oem", "--job", JOB_ID)
     package = s.carry(oem / "outbox" / f"job-{JOB_ID}.bin", "factory")
     image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
     s.run("programmer", "open-job", "--workdir", "factory", str(package), "--image", str(image))
@@ -304,6 +304,7 @@ def run_demo(
         "devices_per_s": prov.get("devices_per_s"),
         "reconciled": bool(rec.get("ok")),
         "key_channel": {"port": port, "session": sent.get("session"), "ack": received.get("ok")},
+        "approvals": issued.get("approvals"),
         "transcripts": transcripts,
         "carried": s.carried,
         "elapsed_s": elapsed,
@@ -317,7 +318,8 @@ def run_demo(
         f"key channel: TCP 127.0.0.1:{port}",
         f"  job {JOB_ID}: {prov.get('provisioned')} provisioned, {prov.get('booted')} booted "
         f"({prov.get('devices_per_s')} devices/s), "
-        f"quota {rec.get('quota_used')} of {rec.get('quota')}",
+        f"quota {rec.get('quota_used')} of {rec.get('quota')}; approved by officers "
+        f"{', '.join(map(str, issued.get('approvals') or []))}, each in a process of their own",
         f"  reconciled by the OEM: {'yes' if rec.get('ok') else 'NO'}; ledger and both transcripts "
         "verified offline",
         *(

@@ -101,6 +101,7 @@ def test_the_chain_completes_across_two_sites(sites: dict[str, Any]) -> None:
     assert s["ok"] and s["reconciled"]
     assert s["provisioned"] == s["booted"] == DEVICES
     assert s["quota_used"] == s["quota"] == DEVICES
+    assert s["approvals"] == [1, 2]  # both officers, each in a process of their own
     # Only outbox files and the two public CA certificates (the OEM root to the fab, the
     # fab's CA to the OEM, who names it in the job) crossed, each into the other's inbox.
     for line in s["carried"]:
