@@ -3,14 +3,15 @@
 # OpenSSL PKCS#11 engine (benchmark peer), mosquitto and its clients (the broker the device
 # certificates are tested against), strace (token tests that kill at an exact system call),
 # postgresql (the OEM registry's tests start a throwaway cluster with initdb/pg_ctl), nginx (the
-# relying party that refuses off-ledger devices through the OEM's OCSP responder), and a virtual
-# environment with the package.
+# relying party that refuses off-ledger devices through the OEM's OCSP responder), gcc and
+# libc6-dev (tests/integration/test_signals.py compiles a small LD_PRELOAD shim that puts a
+# signal at the instant before a blocking wait), and a virtual environment with the package.
 # Idempotent: skips apt when the packages are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(softhsm2 opensc libengine-pkcs11-openssl openssl mosquitto mosquitto-clients strace
-      postgresql nginx)
+      postgresql nginx gcc libc6-dev)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -4,7 +4,11 @@ Python turns SIGINT into KeyboardInterrupt, which prints a traceback if it arriv
 modules are still being imported -- before :func:`securethread.cli.main` can catch it.  This
 entry point (importing nothing but the standard library and the light package root) first
 makes an early SIGINT or SIGTERM print one line and exit 130 / 143, then hands over to the
-CLI, which handles both itself from then on.
+CLI, which installs its own handlers as its first act, inside its last-resort ``try``.
+
+The early handlers stay in place until then: putting the previous ones back first (SIG_DFL
+for SIGTERM, KeyboardInterrupt for SIGINT) left an instant in which SIGTERM killed the
+process without a word and SIGINT printed a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+
+EARLY_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _stopped_early(signum: int, _frame: object) -> None:
@@ -22,12 +28,11 @@ def _stopped_early(signum: int, _frame: object) -> None:
 
 
 def main() -> int:
-    previous = {s: signal.signal(s, _stopped_early) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in EARLY_SIGNALS:
+        signal.signal(s, _stopped_early)
     from securethread import cli
 
-    for s, handler in previous.items():
-        signal.signal(s, handler)
-    return cli.main()
+    return cli.main()  # replaces _stopped_early itself, with no instant between the two
 
 
 if __name__ == "__main__":

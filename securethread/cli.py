@@ -44,8 +44,11 @@ EXIT_INTERNAL = 70
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
-class Interrupted(Error):
-    """The command was interrupted by SIGTERM (exit code 128 + the signal number)."""
+class Interrupted(BaseException):
+    """The command was interrupted by SIGTERM (exit code 128 + the signal number).
+
+    Not an :class:`Exception`, like SIGINT's KeyboardInterrupt: a best-effort ``except
+    Exception`` on the way (a cleanup that may fail) cannot swallow the signal."""
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
@@ -54,7 +57,9 @@ class Interrupted(Error):
 
 def exit_code(exc: BaseException) -> int:
     """The documented exit code for an exception (module docstring)."""
-    signalled = getattr(exc, "exit_code", None)  # Interrupted, RunInterruptedError
+    if isinstance(exc, Interrupted):
+        return exc.exit_code
+    signalled = getattr(exc, "exit_code", None)  # RunInterruptedError
     if isinstance(exc, Error) and isinstance(signalled, int):
         return signalled
     if isinstance(exc, ConfigurationError):
@@ -83,6 +88,8 @@ def _one_line(text: str) -> str:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "Interrupted: stopped by SIGINT"
+    if isinstance(exc, Interrupted):
+        return f"Interrupted: {exc}"
     if isinstance(exc, OSError) and not isinstance(exc, Error):
         where = f" {exc.filename!r}" if exc.filename else ""
         return f"OSError: {exc.strerror or exc}{where}"
@@ -900,10 +907,19 @@ def _on_sigterm(signum: int, _frame: object) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
 
 
+#: The CLI's own answer to each signal it documents (exit 130 / 143, one line).
+_HANDLERS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _on_sigterm))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous: dict[int, Any] = {}
     args: argparse.Namespace | None = None
     try:
+        # Installed inside the last-resort try (a signal at any instant is one line), over
+        # whatever was inherited: a shell starts a background job with SIGINT ignored, and
+        # the exit codes above hold all the same.
+        for signum, handler in _HANDLERS:
+            previous[signum] = signal.signal(signum, handler)
         args = build_parser().parse_args(argv)
         return int(args.handler(args))
     except BaseException as exc:  # the last-resort handler: one line, never a traceback
@@ -934,7 +950,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         return code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, before in previous.items():
+            signal.signal(number, before)
 
 
 if __name__ == "__main__":

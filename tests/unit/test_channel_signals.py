@@ -210,3 +210,21 @@ def test_with_someone_elses_wakeup_pipe_a_signal_ends_the_wait_within_a_slice() 
         signal.set_wakeup_fd(-1)
         for s in (a, b, theirs_r, theirs_w):
             s.close()
+
+
+def test_sigterm_is_not_an_exception_a_best_effort_cleanup_could_swallow() -> None:
+    """The CLI's SIGTERM exception, like KeyboardInterrupt, is not an Exception: the
+    channel's ``except Exception`` around cleanups lets it through."""
+    from securethread.channel.transfer import _destroy_quietly
+    from securethread.cli import Interrupted, exit_code
+
+    class Key:
+        label = "k"
+
+        def destroy(self) -> None:
+            raise Interrupted("stopped by SIGTERM", signal.SIGTERM)
+
+    assert not issubclass(Interrupted, Exception)
+    with pytest.raises(Interrupted):
+        _destroy_quietly([Key()])  # type: ignore[list-item]
+    assert exit_code(Interrupted("stopped by SIGTERM", signal.SIGTERM)) == 143
