@@ -424,12 +424,14 @@ class AuditReport:
 
 
 def _by_key(objs: Iterable[ListedObject], what: str, findings: list[str]) -> dict[Any, Any]:
-    """Objects by (class, label, CKA_ID).  Two data objects may share one: the quota mark
-    keeps its two newest generations under one label (securethread.programmer.quota_mark);
-    they are audited against the same row.  Two keys or certificates may not."""
+    """Objects by (class, label, CKA_ID).  Two data objects may share one: the quota mark and
+    a CA's revocation state keep two generations under one label
+    (securethread.programmer.quota_mark, securethread.hsm.records); they are audited against
+    the same row.  Two keys or certificates may not."""
     out: dict[Any, ListedObject] = {}
+    generations = ("quota-mark-", "revocation-")
     for o in objs:
-        if o.key in out and not (o.object == "data" and o.label.startswith("quota-mark-")):
+        if o.key in out and not (o.object == "data" and o.label.startswith(generations)):
             findings.append(f"{what}: two objects {o.key} (cannot tell them apart)")
         out[o.key] = o
     return out
