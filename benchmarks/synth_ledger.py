@@ -265,15 +265,44 @@ def device_records(
     return out
 
 
+#: The world a forked synthesis worker inherits (set before the pool forks).
+_FORKED: tuple[SynthWorld, bool] | None = None
+
+
+def _batch(bounds: tuple[int, int]) -> list[ledger.PendingRecord]:
+    assert _FORKED is not None
+    w, programmed = _FORKED
+    out: list[ledger.PendingRecord] = []
+    for slot in range(*bounds):
+        out += device_records(w, slot, programmed=programmed)
+    return out
+
+
+def _batches(
+    w: SynthWorld, devices: int, batch: int, programmed: bool, workers: int
+) -> Iterator[list[ledger.PendingRecord]]:
+    """Each batch's records, made here or by ``workers`` forked processes (in order)."""
+    bounds = [(s, min(s + batch, devices)) for s in range(0, devices, batch)]
+    global _FORKED
+    _FORKED = (w, programmed)
+    try:
+        if workers <= 1:
+            yield from map(_batch, bounds)
+            return
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            yield from pool.imap(_batch, bounds, chunksize=16)
+    finally:
+        _FORKED = None
+
+
 def _items(
-    w: SynthWorld, devices: int, batch: int, programmed: bool
+    w: SynthWorld, devices: int, batch: int, programmed: bool, workers: int = 1
 ) -> Iterator[tuple[str, bytes]]:
     job = w.job_sha256
     head, seq, provisioned, records = job, 0, 0, 0
-    for start in range(0, devices, batch):
-        pending: list[ledger.PendingRecord] = []
-        for slot in range(start, min(start + batch, devices)):
-            pending += device_records(w, slot, programmed=programmed)
+    for pending in _batches(w, devices, batch, programmed, workers):
         chained = ledger.chain(pending, job=job, start_seq=seq, prev=head)
         for _rec, _seq, raw, h in chained:
             yield ledger.TAG_RECORD, raw
@@ -298,12 +327,20 @@ def _items(
 
 
 def write_ledger(
-    w: SynthWorld, out: BinaryIO, devices: int, *, batch: int = 32, programmed: bool = True
+    w: SynthWorld,
+    out: BinaryIO,
+    devices: int,
+    *,
+    batch: int = 32,
+    programmed: bool = True,
+    workers: int = 1,
 ) -> int:
-    """Write the closed ledger export of ``devices`` devices to ``out``; returns its items."""
+    """Write the closed ledger export of ``devices`` devices to ``out`` (records made by
+    ``workers`` processes); returns the number of items."""
     if devices > w.job.quota:
         raise ValueError(f"{devices} devices exceed the job's quota of {w.job.quota}")
-    return ledger.write_export(out, w.job_signed, _items(w, devices, batch, programmed))
+    items = _items(w, devices, batch, programmed, workers)
+    return ledger.write_export(out, w.job_signed, items)
 
 
 def main() -> None:
@@ -311,11 +348,12 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="the ledger export to write")
     ap.add_argument("--devices", type=int, required=True)
     ap.add_argument("--batch", type=int, default=32, help="devices per checkpoint (default 32)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     a = ap.parse_args()
     t0 = time.perf_counter()
     w = make_world(a.devices)
     with open(a.out, "wb") as f:
-        write_ledger(w, f, a.devices, batch=a.batch)
+        write_ledger(w, f, a.devices, batch=a.batch, workers=a.workers)
     files = w.write_public_files(a.out.parent / (a.out.name + ".public"))
     s = time.perf_counter() - t0
     print(json.dumps({"ledger": str(a.out), "devices": a.devices, "seconds": round(s, 1), **files}))

@@ -49,8 +49,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.errors import ConfigurationError, Error, LedgerError, StoreError
-from securethread.formats import cbor, ledger
+from securethread.errors import ConfigurationError, Error, FormatError, LedgerError, StoreError
+from securethread.formats import ledger
 from securethread.formats.job import job_hash
 from securethread.workdir import StepOrderError, StepResult
 
@@ -392,6 +392,60 @@ class HashingReader:
         return self._hash.digest()
 
 
+_PROVISIONED = ledger.KIND_PROVISIONED.encode()
+
+
+def _provisioned_fields(raw: bytes) -> dict[bytes, Any] | None:
+    """The top-level fields of a provisioned ledger record, by key (bytes), or None for any
+    other kind, read straight off its canonical CBOR (RFC 8949 §4.2.1): a map of short text
+    keys to unsigned integers and byte or text strings (text values stay bytes here).
+
+    Ingest reads only ledgers whose bytes reconcile verified, which its own decoder checked
+    strictly; this walk refuses anything that is not such a map (a
+    :class:`~securethread.errors.FormatError`) and costs a fraction of a full decode.
+    """
+    try:
+        ib = raw[0]
+        if ib >> 5 != 5 or ib & 0x1F >= 24:
+            raise FormatError("ledger record: not a small map")
+        pos = 1
+        out: dict[bytes, Any] = {}
+        for _ in range(ib & 0x1F):
+            kb = raw[pos]
+            if kb >> 5 != 3 or kb & 0x1F >= 24:
+                raise FormatError("ledger record: not a short text key")
+            key = raw[pos + 1 : pos + 1 + (kb & 0x1F)]
+            pos += 1 + (kb & 0x1F)
+            vb = raw[pos]
+            info = vb & 0x1F
+            if info < 24:
+                arg, pos = info, pos + 1
+            elif info == 24:
+                arg, pos = raw[pos + 1], pos + 2
+            elif info == 25:
+                arg, pos = (raw[pos + 1] << 8) | raw[pos + 2], pos + 3
+            elif info in (26, 27):
+                size = 4 if info == 26 else 8
+                arg, pos = int.from_bytes(raw[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
+            else:
+                raise FormatError("ledger record: indefinite length")
+            major = vb >> 5
+            if major == 0:
+                out[key] = arg
+            elif major == 2 or major == 3:
+                out[key] = raw[pos : pos + arg]
+                pos += arg
+            else:
+                raise FormatError("ledger record: unexpected value type")
+            if key == b"kind" and out[key] != _PROVISIONED:
+                return None
+    except IndexError:
+        raise FormatError("ledger record: truncated") from None
+    if pos != len(raw) or out.get(b"kind") != _PROVISIONED:
+        raise FormatError("ledger record: malformed")
+    return out
+
+
 def serial_text(serial: int) -> str:
     """How the registry stores a serial: lowercase hex, no leading zeros."""
     return format(serial, "x")
@@ -570,22 +624,22 @@ class Registry:
         for tag, payload in items:
             if tag == ledger.TAG_RECORD:
                 records += 1
-                body = cbor.decode(payload, what="ledger record", max_size=ledger.MAX_RECORD_SIZE)
-                if body.get("kind") != ledger.KIND_PROVISIONED:
+                body = _provisioned_fields(payload)
+                if body is None:
                     continue
                 provisioned += 1
-                der = body["cert"]
-                vendor = body.get("vendor_ca")
+                der = body[b"cert"]
+                vendor = body.get(b"vendor_ca")
                 rows.append(
                     (
                         ca_id,
                         serial_text(x509.load_der_x509_certificate(der).serial_number),
                         hashlib.sha256(der).digest(),
                         ledger_sha256,
-                        body["device_id"],
-                        body["slot"],
-                        vendor if isinstance(vendor, bytes) and vendor else None,
-                        body["time"],
+                        body[b"device_id"].decode("ascii"),
+                        body[b"slot"],
+                        vendor if vendor else None,
+                        body[b"time"],
                     )
                 )
                 if len(rows) >= BATCH:
