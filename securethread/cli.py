@@ -689,6 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reason", default="unspecified", choices=REASONS, help="RFC 5280 §5.3.1 reason code"
     )
     c.add_argument("--out", required=True, help="where to write the CRL (PEM)")
+    # The field: oem registry, oem install-responder, oem ocsp (securethread/cli_field.py).
+    from securethread.cli_field import add_commands as add_field_commands
+
+    add_field_commands(oem, command, workdir=oem_dir, reasons=REASONS, parser_class=_Parser)
 
     prog_dir = "the programming centre's work directory (made by 'programmer init')"
     prog = roles.add_parser(
