@@ -400,10 +400,13 @@ def programmer_revoke(a: argparse.Namespace) -> int:
 def audit_verify_ledger(a: argparse.Namespace) -> int:
     from securethread.audit import verify_ledger_file
 
-    s = verify_ledger_file(a.ledger, ledger_cert=a.ledger_cert, root=a.root)
+    s = verify_ledger_file(
+        a.ledger, ledger_cert=a.ledger_cert, root=a.root, programmer_cert=a.programmer_cert
+    )
     _emit(
         a,
-        f"ledger verified: {s['records']} records ({s['provisioned']} provisioned, "
+        f"ledger of programmer {s['programmer']} (job {s['job_id']}) verified: "
+        f"{s['records']} records ({s['provisioned']} provisioned, "
         f"{s['programmed']} programmed), closed, {s['checkpoints']} checkpoints",
         {"ok": True, "verified": True, **s},
     )
@@ -830,10 +833,16 @@ def build_parser() -> argparse.ArgumentParser:
         audit,
         "verify-ledger",
         audit_verify_ledger,
-        "verify a ledger export: chain, checkpoints, close record",
+        "verify a ledger export of the programmer you expect: chain, checkpoints, close record",
         workdir=None,
     )
     c.add_argument("ledger", help="the ledger export")
+    c.add_argument(
+        "--programmer-cert",
+        required=True,
+        help="the identity certificate of the programmer whose ledger this must be "
+        "(a ledger signed by any other programmer is refused)",
+    )
     c.add_argument(
         "--ledger-cert", required=True, help="the programmer's ledger-signing certificate"
     )

@@ -7,7 +7,7 @@ Each function reads the files it is given, verifies, and returns a plain summary
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -15,6 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securethread.errors import CertificateError, ConfigurationError, VerificationError
 from securethread.formats.transcript import verify_transcript
 from securethread.workdir import read_file
+
+if TYPE_CHECKING:
+    from securethread.formats.job import ProductionJob
 
 _VERIFY_WITH = {
     "ledger": "audit verify-ledger or audit reconcile",
@@ -125,25 +128,36 @@ def verify_ledger_file(
     *,
     ledger_cert: str | os.PathLike[str],
     root: str | os.PathLike[str],
+    programmer_cert: str | os.PathLike[str],
 ) -> dict[str, Any]:
-    """Verify a closed ledger export: the ledger certificate under the OEM root (ledger-
-    signing purpose), then the chain, every checkpoint and the close record.
+    """Verify a closed ledger export *of the programmer the auditor expects*:
+    ``programmer_cert`` is its identity certificate (as the OEM certified it).
 
-    This proves the ledger is whole and signed by a ledger key the root certified; whether
-    it is the ledger *of the job the OEM issued* is what :func:`reconcile_files` checks.
+    The ledger certificate must validate under the OEM root for ledger signing and belong to
+    that programmer (:func:`~securethread.formats.reconciliation.ledger_signer`, the check
+    reconciliation makes), the job the export carries must name that programmer, then the
+    chain, every checkpoint and the close record verify.  A ledger re-signed by another
+    programmer the same OEM certified is refused.  Whether it is the ledger *of the job the
+    OEM issued* (officers, quota, devices) is what :func:`reconcile_files` checks.
     """
     from securethread.formats import ledger
     from securethread.formats.job import job_hash
-    from securethread.pki import EnclavePurpose, validate_enclave_certificate
+    from securethread.formats.reconciliation import LedgerSignerError, ledger_signer
+    from securethread.pki import cert_fingerprint
 
     root_cert = load_certificate_file(root, "OEM root certificate")
+    expected = load_certificate_file(programmer_cert, "programmer certificate")
     cert = load_certificate_file(ledger_cert, "ledger certificate")
-    validate_enclave_certificate(cert, root_cert, purpose=EnclavePurpose.LEDGER_SIGNING)
+    enclave, key = ledger_signer(root_cert, expected, cert)
     with _open_export(path) as src:
         job_bytes, items = ledger.read_export(src)
-        s = ledger.verify_ledger(
-            items, job=job_hash(job_bytes), ledger_key=ec_public_key(cert, "ledger certificate")
-        )
+        job = _export_job(job_bytes)
+        if job.programmer != cert_fingerprint(expected):
+            raise LedgerSignerError(
+                f"the ledger is of job {job.job_id}, which names another programmer "
+                f"({job.programmer.hex()[:16]}) than the one expected ({enclave})"
+            )
+        s = ledger.verify_ledger(items, job=job_hash(job_bytes), ledger_key=key)
     return {
         "records": s.records,
         "provisioned": s.provisioned,
@@ -151,8 +165,25 @@ def verify_ledger_file(
         "checkpoints": s.checkpoints,
         "head": s.head.hex(),
         "job_sha256": job_hash(job_bytes).hex(),
+        "job_id": job.job_id,
+        "programmer": enclave,
+        "programmer_sha256": cert_fingerprint(expected).hex(),
         "closed": s.close is not None,
     }
+
+
+def _export_job(job_bytes: bytes) -> ProductionJob:
+    """The job a ledger export carries, as it claims (its officers' signatures are checked by
+    reconciliation, not here): what the ledger key's checkpoints commit to."""
+    from securethread.errors import FormatError
+    from securethread.formats import envelope
+    from securethread.formats.job import JOB_KIND
+    from securethread.formats.job import ProductionJob as Job
+
+    kind, body, _signers = envelope.peek_body(job_bytes)
+    if kind != JOB_KIND:
+        raise FormatError(f"the ledger export carries a {kind!r}, not a job")
+    return Job.from_obj(body)
 
 
 def reconcile_files(

@@ -281,8 +281,10 @@ def run_demo(
             "audit", "verify-transcript", str(root / party / "transcript.bin"), "--cert", str(cert)
         )
         transcripts[party] = {"records": v["records"], "head": v["head"]}
+    # ... the ledger of the programmer the OEM certified (its identity from the OEM's records)
     s.run(
-        "audit", "verify-ledger", str(ledger), "--ledger-cert",
+        "audit", "verify-ledger", str(ledger), "--programmer-cert",
+        str(oem / "programmers" / FACTORY_NAME / "identity.pem"), "--ledger-cert",
         str(fac / "certs" / "ledger-signing.pem"), "--root", str(oem / "root-ca.pem"),
     )  # fmt: skip
 

@@ -230,6 +230,22 @@ def _ledger_signer(
         raise LedgerSignerError(
             f"the programmer certificate given is not the enclave job {job.job_id} names"
         )
+    return ledger_signer(root, programmer_cert, ledger_cert, at=at, expected="the job names")
+
+
+def ledger_signer(
+    root: x509.Certificate,
+    programmer_cert: x509.Certificate,
+    ledger_cert: x509.Certificate,
+    *,
+    at: datetime.datetime | None = None,
+    expected: str = "the programmer expected is",
+) -> tuple[str, ec.EllipticCurvePublicKey]:
+    """The ledger key, once ``ledger_cert`` is the OEM-certified ledger-signing key *of the
+    programmer enclave* ``programmer_cert`` certifies: both validate under ``root`` (identity
+    and ledger-signing purposes, programmer role) and name the same enclave.  A ledger key the
+    same root certified for another programmer is refused.  Returns the enclave's name and
+    the key (reconciliation and ``audit verify-ledger`` both require it)."""
     try:
         validate_enclave_certificate(
             programmer_cert, root, purpose=EnclavePurpose.IDENTITY, role=PROGRAMMER_ROLE, at=at
@@ -245,7 +261,7 @@ def _ledger_signer(
     if ledger_cert.subject != programmer_cert.subject:
         raise LedgerSignerError(
             f"ledger-signing certificate is for {ledger_cert.subject.rfc4514_string()}, "
-            f"the job names {programmer_cert.subject.rfc4514_string()}"
+            f"{expected} {programmer_cert.subject.rfc4514_string()}"
         )
     key = ledger_cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey):  # pragma: no cover - profile checked

@@ -396,6 +396,87 @@ def test_artefacts_for_another_programmer_are_refused(sites: dict[str, Any]) -> 
     assert _state(*both) == before
 
 
+# The ledger re-signed by another programmer the same OEM certified (in its own process:
+# that programmer's token and PIN file), then checked under the re-signer's own key.
+_RESIGN = """
+import sys
+from securethread.formats import envelope, ledger
+from securethread.formats.job import job_hash
+from securethread.workdir import PartyDir
+
+src, dst, factory = sys.argv[1:4]
+key = PartyDir.open(factory, "programmer").open_token("programmer").private_key("ledger-signing")
+with open(src, "rb") as f:
+    job, items = ledger.read_export(f)
+    out = []
+    for tag, payload in items:
+        if tag in (ledger.TAG_CHECKPOINT, ledger.TAG_CLOSE):
+            kind, body, _signers = envelope.peek_body(payload)
+            payload = envelope.seal(kind, body, [key])
+        out.append((tag, payload))
+with open(dst, "wb") as f:
+    ledger.write_export(f, job, out)
+with open(dst, "rb") as f:
+    job, items = ledger.read_export(f)
+    ledger.verify_ledger(items, job=job_hash(job), ledger_key=key.public_key())
+"""
+
+
+def test_audit_verify_ledger_refuses_a_ledger_re_signed_by_another_programmer(
+    sites: dict[str, Any], tmp_path: Path
+) -> None:
+    """A third programming centre, certified by the same OEM, re-signs factory-1's ledger with
+    its own ledger key: the chain and signatures are whole under that key, and the ledger
+    certificate is the OEM root's, for ledger signing -- but it is not factory-1's.  The
+    auditor names the programmer it expects, and verify-ledger refuses (exit 4, one line)."""
+    oem, fac = sites["oem"], sites["factory"]
+    fac3 = sites["root"] / "third" / "factory-3"
+    assert cli("programmer", "init", "--workdir", str(fac3), "--name", "factory-3").returncode == 0
+    enrol = cli("programmer", "enrol", "--workdir", str(fac3), "--json")
+    fp = json.loads(enrol.stdout.strip().splitlines()[-1])["fingerprint"]
+    assert cli("oem", "certify-programmer", "--workdir", str(oem),
+               str(fac3 / "outbox/enrolment-request.bin"), "--fingerprint",
+               fp).returncode == 0  # fmt: skip
+    root_fp = sites["summary"].get("root_fingerprint") or _root_fingerprint(oem)
+    assert cli("programmer", "install-certs", "--workdir", str(fac3),
+               str(oem / "outbox/certificates-factory-3.bin"), "--root-fingerprint",
+               root_fp).returncode == 0  # fmt: skip
+    ledger = oem / "inbox" / "ledger-demo-job-1.bin"
+    resigned = tmp_path / "ledger-resigned.bin"
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESIGN, str(ledger), str(resigned), str(fac3)],
+        capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # whole and signed, under factory-3's ledger key
+    root, expected = str(oem / "root-ca.pem"), str(oem / "programmers/factory-1/identity.pem")
+    # factory-3's ledger certificate offered with it: not the expected programmer's
+    refused(sites, EXIT_VERIFY, "audit", "verify-ledger", str(resigned), "--programmer-cert",
+            expected, "--ledger-cert", str(fac3 / "certs/ledger-signing.pem"), "--root", root,
+            match="the programmer expected is")  # fmt: skip
+    # factory-1's ledger certificate offered with it: the signatures are not its own
+    refused(sites, EXIT_VERIFY, "audit", "verify-ledger", str(resigned), "--programmer-cert",
+            expected, "--ledger-cert", str(fac / "certs/ledger-signing.pem"), "--root", root,
+            match="does not verify")  # fmt: skip
+    # expecting factory-3 instead: the job it carries names factory-1
+    refused(sites, EXIT_VERIFY, "audit", "verify-ledger", str(resigned), "--programmer-cert",
+            str(oem / "programmers/factory-3/identity.pem"), "--ledger-cert",
+            str(fac3 / "certs/ledger-signing.pem"), "--root", root,
+            match="names another programmer")  # fmt: skip
+    # and factory-1's own ledger, with the expectation, verifies
+    ok = cli("audit", "verify-ledger", str(ledger), "--programmer-cert", expected, "--ledger-cert",
+             str(fac / "certs/ledger-signing.pem"), "--root", root, "--json")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert summary["programmer"] == "factory-1" and summary["job_id"] == "demo-job-1"
+
+
+def test_audit_verify_ledger_needs_the_expected_programmer(sites: dict[str, Any]) -> None:
+    ledger = sites["oem"] / "inbox" / "ledger-demo-job-1.bin"
+    refused(sites, EXIT_CONFIG, "audit", "verify-ledger", str(ledger), "--ledger-cert",
+            str(sites["factory"] / "certs/ledger-signing.pem"), "--root",
+            str(sites["oem"] / "root-ca.pem"), match="--programmer-cert")  # fmt: skip
+
+
 def _line(proc: subprocess.CompletedProcess[str]) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
