@@ -5,13 +5,18 @@
 # postgresql (the OEM registry's tests start a throwaway cluster with initdb/pg_ctl), nginx (the
 # relying party that refuses off-ledger devices through the OEM's OCSP responder), gcc and
 # libc6-dev (tests/integration/test_signals.py compiles a small LD_PRELOAD shim that puts a
-# signal at the instant before a blocking wait), and a virtual environment with the package.
+# signal at the instant before a blocking wait), golang-go and gnutls-bin (relying parties
+# nobody here wrote: a Go crypto/x509 + crypto/tls program and gnutls-serv/gnutls-cli/certtool
+# check every certificate and CRL of a demo run, tests/integration/test_field_interop.py),
+# p11-kit and p11-kit-modules (p11-kit server, p11-kit-client.so and p11-kit-proxy.so: the
+# library through a proxy and a remote PKCS#11 module, tests/integration/test_p11kit.py), and
+# a virtual environment with the package.
 # Idempotent: skips apt when the packages are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(softhsm2 opensc libengine-pkcs11-openssl openssl mosquitto mosquitto-clients strace
-      postgresql nginx gcc libc6-dev)
+      postgresql nginx gcc libc6-dev golang-go gnutls-bin p11-kit p11-kit-modules)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

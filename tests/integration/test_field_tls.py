@@ -8,7 +8,9 @@ to ``openssl s_server`` (TLS 1.2 and 1.3), to a python ``ssl`` server and to mos
 (``require_certificate``, ``use_identity_as_username``, an ACL on ``%u``), and revocation:
 the production CA's CRL (signed in the programmer token) makes every one of them refuse
 the revoked device and still accept the others; the root's CRL (signed in the OEM token)
-revokes a whole production CA.
+revokes a whole production CA.  The devices carry the issue-19 profile (a subjectAltName URI,
+a CRL distribution point and an OCSP URL, no private OID); test_field_interop.py takes a
+demo world through Go, GnuTLS, pkilint and pyca's stock verifier.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Field:
     device_ids: list[str]
     revoked: int  # index of the device the production CA's CRL revokes
     orphan_id: str  # a device of a second job whose production CA the root revoked
+    job_id: str
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -136,7 +139,15 @@ def _job(
         pca,
         job_id=job_id,
         job_tag=job_identity,
-        profile=DeviceProfile(organisation=ORG, product="Thermostat"),
+        # the job's profile without an OEM arc: a URI and both revocation sources, no private
+        # OID anywhere (the demo world of test_field_interop has the arc)
+        profile=DeviceProfile(
+            organisation=ORG,
+            product="Thermostat",
+            uri_template="https://devices.acme-field.example/thermostat/{device_id}",
+            crl_url=f"http://pki.acme-field.example/crl/{job_id}.crl",
+            ocsp_url="http://ocsp.acme-field.example/",
+        ),
     )
     (d / f"{prefix}pca.pem").write_bytes(to_pem(pca))
     certs = []
@@ -184,7 +195,7 @@ def field(oem: Token, programmer: Token, tmp_path_factory: pytest.TempPathFactor
     (d / "pca.crl").write_bytes(pca_crl)
     (d / "all.crl").write_bytes(pca_crl + other_crl + root_crl)
     _server_identity(d)
-    return Field(d, root, pca, ids, revoked, orphan)
+    return Field(d, root, pca, ids, revoked, orphan, f"field-{tag}")
 
 
 # --- openssl verify -------------------------------------------------------------------------------
@@ -391,6 +402,11 @@ def test_python_ssl_server_cert_required(field: Field) -> None:
             "serialNumber": device_id,
             "commonName": device_id,
         }
+        uri = f"https://devices.acme-field.example/thermostat/{device_id}"
+        assert peer["subjectAltName"] == (("URI", uri),)
+        assert peer["crlDistributionPoints"] == ("http://pki.acme-field.example/crl/"
+                                                 f"{field.job_id}.crl",)  # fmt: skip
+        assert peer["OCSP"] == ("http://ocsp.acme-field.example/",)
 
 
 def test_python_ssl_server_with_the_crl(field: Field) -> None:

@@ -8,6 +8,8 @@ profile the officers signed tells it apart.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 
@@ -33,7 +35,7 @@ def world() -> World:
     ],
 )
 def test_a_certificate_minted_under_another_profile_is_named(
-    world: World, change: dict[str, str]
+    world: World, change: dict[str, Any]
 ) -> None:
     profile = attrs.evolve(device_profile(world.pca), **change)
     if "oem_arc" in change:  # the issuer itself refuses a CA without that arc's policy
