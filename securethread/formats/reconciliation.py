@@ -63,6 +63,7 @@ from securethread.pki import (
     untrusted,
     validate_enclave_certificate,
 )
+from securethread.pki.fastcheck import DeviceTemplate, Matched
 
 PROGRAMMER_ROLE = "programmer"
 
@@ -336,6 +337,14 @@ class _RecordChecks:
         # own validator, as before.
         self._shared: DeviceChainValidator | None = None
         self._shared_t = 0
+        # The first device certificate that passed full validation, as a template that
+        # later ones of the job are compared with (pki.fastcheck), and its record's time.
+        self._template: DeviceTemplate | None = None
+        self._template_t = 0
+        self._windows = tuple(
+            (c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp())
+            for c in (root, pca)
+        )
         self._validator: DeviceChainValidator | None = None
         self._validator_t: int | None = None
 
@@ -373,29 +382,58 @@ class _RecordChecks:
                 f"device {device_id} was certified by vendor CA {rec.vendor_ca.hex()[:16]}, "
                 f"which job {job.job_id} does not name",
             )
+        fast = self._matched(rec)
         try:
-            cert = untrusted.load_certificate(rec.body["cert"], what="device certificate")
-            if device_id_of(cert) != device_id:
-                raise _bad(rec, f"certificate is for device {device_id_of(cert)}, not {device_id}")
-            key = cert.public_key()
-            assert isinstance(key, ec.EllipticCurvePublicKey)  # untrusted: EC keys only
-            point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-            if self.seen.has_point(point):
-                raise _bad(rec, "chip key already certified for another device")
-            serial = cert.serial_number
-            parsed = parse_device_serial(serial)
-            # Every serial seen encodes this job and its record's slot (checked below), so a
-            # serial seen before is this job's tag with a slot seen before.
-            if parsed.job_tag == self.tag and self.seen.has_slot(parsed.sequence):
-                raise _bad(rec, f"serial {serial:#x} appears twice")
-            if parsed.job_tag != self.tag or parsed.sequence != slot:
-                raise _bad(rec, f"serial does not encode this job and slot {slot}")
-            self._validate(cert, rec.time)
+            if fast is not None:  # the same checks, on the fields the template located
+                point = fast.point
+                self._unique(rec, point, fast.serial)
+            else:
+                cert = untrusted.load_certificate(rec.body["cert"], what="device certificate")
+                if device_id_of(cert) != device_id:
+                    raise _bad(
+                        rec, f"certificate is for device {device_id_of(cert)}, not {device_id}"
+                    )
+                key = cert.public_key()
+                assert isinstance(key, ec.EllipticCurvePublicKey)  # untrusted: EC keys only
+                point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+                self._unique(rec, point, cert.serial_number)
+                self._validate(cert, rec.time)
+                if self._template is None:
+                    self._template = DeviceTemplate.learn(cert, self.pca, device_id=device_id)
+                    self._template_t = rec.time
         except LedgerError:
             raise
         except Error as exc:
             raise _bad(rec, str(exc)) from None
         self.seen.add(device_id, slot, point)
+
+    def _unique(self, rec: ledger.LedgerRecord, point: bytes, serial: int) -> None:
+        """No chip key twice; the serial unique and encoding this job and the record's slot."""
+        if self.seen.has_point(point):
+            raise _bad(rec, "chip key already certified for another device")
+        parsed = parse_device_serial(serial)
+        # Every serial seen encodes this job and its record's slot (checked below), so a
+        # serial seen before is this job's tag with a slot seen before.
+        if parsed.job_tag == self.tag and self.seen.has_slot(parsed.sequence):
+            raise _bad(rec, f"serial {serial:#x} appears twice")
+        if parsed.job_tag != self.tag or parsed.sequence != rec.slot:
+            raise _bad(rec, f"serial does not encode this job and slot {rec.slot}")
+
+    def _matched(self, rec: ledger.LedgerRecord) -> Matched | None:
+        """The record's certificate through the template of the first certificate that
+        passed full validation (:mod:`securethread.pki.fastcheck`), when it matches, names
+        the record's device and the record's time gives the answer the template's time gave
+        (both inside the root's, the production CA's and the template's validity periods);
+        None sends it through full validation."""
+        tpl = self._template
+        if tpl is None:
+            return None
+        t, t0 = rec.time, self._template_t
+        for nb, na in self._windows + ((tpl.not_before, tpl.not_after),):
+            if not (nb <= t <= na and nb <= t0 <= na):
+                return None
+        m = tpl.match(rec.body["cert"])
+        return m if m is not None and m.device_id == rec.device_id else None
 
     def _validate(self, cert: x509.Certificate, t: int) -> None:
         """Validate ``cert`` at time ``t``.  Validation at two times differs only through
