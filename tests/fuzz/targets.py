@@ -65,6 +65,7 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     from securethread.formats.job import verify_job
     from securethread.formats.jobpackage import JobPackage
     from securethread.formats.license import open_license
+    from securethread.formats.onboarding import CertificateBundle, EnrolmentRequest
     from securethread.formats.reconciliation import reconcile_export
     from securethread.formats.transcript import verify_transcript
     from securethread.hsm.uri import PKCS11URI
@@ -72,6 +73,7 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     from securethread.pki import (
         EnclavePurpose,
         certify_enclave,
+        from_pem,
         load_csr,
         untrusted,
         validate_device_chain,
@@ -238,6 +240,14 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
 
     add("pkcs11_uri", uri, text=True)
     add("inspect", describe, cost=2, xfail=ledger_bug)
+    add("enrolment_request", lambda d: EnrolmentRequest.open(d).fingerprint, cost=2)
+    add(
+        "certificate_bundle",
+        lambda d: CertificateBundle.open(d, root_fingerprint=ctx["root_fingerprint"]),
+        cost=4,
+    )
+    add("pem_certificate", from_pem)
+    add("pem_public_key", lambda d: untrusted.load_public_key_pem(d, what="public key"))
     return out
 
 

@@ -36,8 +36,9 @@ from securethread.formats.image import encrypt_image, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
 from securethread.formats.jobpackage import JobPackage
 from securethread.formats.license import LicenseIssuer, open_license
+from securethread.formats.onboarding import CertificateBundle, EnrolmentRequest, OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry, Transcript
-from securethread.keys.ecutil import curve_object, fingerprint, hash_for, point_of
+from securethread.keys.ecutil import curve_object, fingerprint, hash_for, point_of, spki_der
 from securethread.keys.policy import IMAGE_KEY, SIGNING, Curve, KeyPolicy
 from securethread.keys.software import SoftwareBackend, SoftwarePrivateKey
 from securethread.pki import (
@@ -191,6 +192,10 @@ class World:
 
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _der_csr(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(serialization.Encoding.DER)
 
 
 def _odd_certificates(pki: Pki) -> list[bytes]:
@@ -446,12 +451,45 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         b"pkcs11:token=programmer%20one;slot-id=3;serial=abc?module-path=/usr/lib/x.so",
         b"pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;object=x;type=cert",
     ]
+    # Onboarding: the enclave's enrolment request, the OEM's certificate bundle (with the
+    # officer bundle), and PEM as the parties write certificates and keys to files.
+    enrol_csrs = {"identity": _der_csr(create_enclave_csr(
+        spare, label="e-id", enclave_name="prog2", purpose=EnclavePurpose.IDENTITY))}
+    for purpose, p_enum in (("license-signing", EnclavePurpose.LICENSE_SIGNING),
+                            ("ledger-signing", EnclavePurpose.LEDGER_SIGNING),
+                            ("key-agreement", EnclavePurpose.KEY_AGREEMENT)):
+        enrol_csrs[purpose] = _der_csr(create_enclave_csr(
+            spare, label=f"e-{purpose}", enclave_name="prog2", purpose=p_enum,
+            signer=spare.private_key("e-id") if purpose == "key-agreement" else None))
+    seeds["enrolment_request"] = [
+        EnrolmentRequest("prog2", enrol_csrs).seal(spare.private_key("e-id"))
+    ]
+    officer_bundle = OfficerBundle(
+        tuple(spki_der(k.public_key()) for k in officers), threshold=2
+    ).seal(rk)
+    seeds["certificate_bundle"] = [CertificateBundle(
+        programmer="prog1", root=_der(pki.root), oem_identity=_der(pki.oem_id),
+        enclave={"identity": _der(pki.prog_id), "license-signing": _der(pki.lic),
+                 "ledger-signing": _der(pki.ledger), "key-agreement": _der(pki.ka)},
+        officers=officer_bundle, firmware_signing=spki_der(fw.public_key()),
+    ).seal(rk)]
+    ctx["root_fingerprint"] = fingerprint(pki.root.public_key())  # type: ignore[arg-type]
+    seeds["pem_certificate"] = [
+        c.public_bytes(serialization.Encoding.PEM) for c in (pki.root, pki.lic, pki.pca)
+    ]
+    seeds["pem_public_key"] = [
+        k.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        for k in (fw, rk)
+    ]  # fmt: skip
     seeds["cbor"] = [job_signed, seeds["identification"][0], m3]
     seeds["inspect"] = [job_signed, manifest, seeds["license"][0], export, records[0],
                         seeds["transcript"][0], ack, trust]  # fmt: skip
 
     signers = [rk, fw, *officers, prog.private_key("lic"), prog.private_key("ledger"),
-               oem.private_key("id"), prog.private_key("id")]  # fmt: skip
+               oem.private_key("id"), prog.private_key("id"),
+               spare.private_key("e-id")]  # fmt: skip
     ring = Keyring(
         {fingerprint(k.public_key()): k._key for k in signers},  # the software keys' raw keys
         signed_bytes=envelope.signed_bytes,
