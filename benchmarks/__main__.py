@@ -27,6 +27,10 @@ ledger_verify  verify_ledger streaming an export file of 10k and 100k records (f
                1M), a checkpoint every 32 records: records/s at the larger, tracemalloc peak at
                both (memory must not grow with the ledger).
 scaling        devices/s at 1k and 10k devices (full: 1k, 10k, 100k) on one growing store.
+registry       benchmarks/bench_registry.py: reconcile and registry ingest (SQLite and a
+               PostgreSQL server it starts) of synthesised 10k and 100k-device ledgers (full:
+               100k and 1M), devices or records/s and each phase's peak RSS, and OCSP
+               responses/s of the HTTP responder signing in SoftHSM.
 
 Run on their own (longer): ``python -m benchmarks.memory --sizes 2000,20000`` (peak memory
 of whole ``provision`` runs: flat per device) and ``python -m benchmarks.provision markcost``
@@ -276,6 +280,8 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
     }
     if "scaling" in r:
         t["scaling_flat_15%"] = r["scaling"]["max_over_min"] <= 1.15
+    if "registry" in r:
+        t.update({f"registry_{k}": v for k, v in r["registry"]["targets_met"].items()})
     return t
 
 
@@ -311,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
         sizes = [10_000, 100_000] if quick else [100_000, 1_000_000]
         r["ledger_verify"] = bench_ledger(sizes, reps, Path(tmp), log)
+    from . import bench_registry
+
+    r["registry"] = bench_registry.run(
+        [10_000, 100_000] if quick else [100_000, 1_000_000], pg_url=None, pg=True,
+        ocsp_n=2000, log=log,
+    )  # fmt: skip
     r["targets_met"] = targets(r)
     r["mode"] = "quick" if quick else "full"
     r["cpus"] = os.cpu_count()
@@ -352,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     if "scaling" in r:
         for p in r["scaling"]["points"]:
             print(f"  scaling {p['devices']:>7} devices: {p['devices_per_s']} devices/s")
+    for p in r["registry"]["points"]:
+        print(f"  registry {p['devices']:>9} devices: reconcile "
+              f"{p['reconcile']['devices_per_s']} devices/s, ingest SQLite "
+              f"{p['ingest_sqlite']['records_per_s']} records/s"
+              + (f", PostgreSQL {p['ingest_postgresql']['records_per_s']} records/s"
+                 if "ingest_postgresql" in p else ""))  # fmt: skip
+    if r["registry"]["ocsp"]:
+        print(f"  OCSP responder: {r['registry']['ocsp']['responses_per_s']} responses/s")
     for k, v in r["targets_met"].items():
         print(f"  target {k:24s} {'met' if v else 'NOT met'}")
     return 0

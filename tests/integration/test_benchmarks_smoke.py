@@ -63,3 +63,17 @@ def test_ledger_benchmark_streams_and_reports_peaks(tmp_path: Path) -> None:
     assert [p["records"] for p in r["peak_memory"]] == [100, 300]
     assert r["records_per_s"]["runs"] == 2
     assert not list(tmp_path.iterdir())  # export files removed
+
+
+def test_registry_benchmark_runs_each_phase_and_reports_peaks() -> None:
+    from benchmarks import bench_registry
+
+    r = bench_registry.run([60, 120], pg_url=None, pg=False, ocsp_n=20, log=lambda _m: None)
+    assert [p["devices"] for p in r["points"]] == [60, 120]
+    for p in r["points"]:
+        assert p["reconcile"]["devices_per_s"] > 0 and p["reconcile"]["maxrss_mib"] > 0
+        assert p["ingest_sqlite"]["records_per_s"] > 0 and "ingest_postgresql" not in p
+    assert r["ocsp"]["responses"] == 20 and r["ocsp"]["responses_per_s"] > 0
+    assert set(r["targets_met"]) == {
+        "ingest_sqlite>=50000_records_per_s", "reconcile>=10000_devices_per_s", "rss_flat_10%",
+    }  # fmt: skip
