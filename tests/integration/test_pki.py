@@ -18,6 +18,7 @@ from cryptography.x509.verification import VerificationError
 
 from securethread.errors import CertificateError, DuplicateObjectError, Error
 from securethread.hsm import Token, default_module_path
+from securethread.hsm.token import key_id_for
 from securethread.pki import (
     CertificateExpiredError,
     ChainValidationError,
@@ -315,6 +316,10 @@ def test_pkcs11_tool_pairs_each_ca_key_with_its_certificate(
         backend = oem if token == "oem" else programmer
         assert ids == {backend.private_key(label).key_id.hex()}, (label, ids)
         assert backend.certificate(label) == cert
+        # ...which is not the certificate's subjectKeyIdentifier: that is SHA-1 of the public
+        # point (RFC 5280 §4.2.1.2 method 1), computable from the certificate alone
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        assert ski == key_id_for(cert.public_key()) and ski.hex() not in ids
     # the token hands back the very certificate we issued, and the key never left
     assert oem.certificate(chain.root_label) == chain.root
     report = programmer.private_key(chain.pca_label).policy_report()
