@@ -267,8 +267,45 @@ def time_provision(line: Any, ports: list[WirePort]) -> dict[str, Any]:
     }
 
 
-def open_bench_line(work: Path, token: Any, batch: int, *, guarded: bool = True) -> Any:
-    """The line a run builds, on the job's store; ``guarded``: with its quota mark."""
+class TimedKeeper:
+    """The quota mark with a clock around each of its calls (begin, advance, finish: each
+    one token write), to measure its share of a run's time in the run itself."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds: dict[str, float] = {"begin": 0.0, "advance": 0.0, "finish": 0.0}
+        self.writes = 0
+
+    def _timed(self, name: str, *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return getattr(self.inner, name)(*args)
+        finally:
+            self.seconds[name] += time.perf_counter() - t
+            self.writes += 1
+
+    def begin(self, state: Any) -> Any:
+        return self._timed("begin", state)
+
+    def advance(self, state: Any, fresh: int) -> Any:
+        return self._timed("advance", state, fresh)
+
+    def finish(self, state: Any) -> Any:
+        return self._timed("finish", state)
+
+
+def open_bench_line(
+    work: Path,
+    token: Any,
+    batch: int,
+    *,
+    guarded: bool = True,
+    block: int | None = None,
+    timed: list[TimedKeeper] | None = None,
+) -> Any:
+    """The line a run builds, on the job's store; ``guarded``: with its quota mark (one
+    write per ``block`` slots; default: what a run of the job uses, ``block_for(quota)``),
+    appended to ``timed`` with a clock around it if given."""
     import attrs
 
     from securethread.programmer.line import NO_ARCHIVE
@@ -281,9 +318,12 @@ def open_bench_line(work: Path, token: Any, batch: int, *, guarded: bool = True)
     job = config.job
     if guarded:
         store, mark = open_store(config.store, token, job=job.sha256, job_id=job.job.job_id,
-                                 quota=job.job.quota, signed=job.signed)  # fmt: skip
-        store.begin_run(job.sha256, guard=mark)
+                                 quota=job.job.quota, signed=job.signed, block=block)  # fmt: skip
         guard: Any = mark
+        if timed is not None:
+            guard = TimedKeeper(mark)
+            timed.append(guard)
+        store.begin_run(job.sha256, guard=guard)
     else:
         store, guard = SQLiteStore(config.store), UNGUARDED
     return build_line(config, token, store, guard=guard, run=os.urandom(8), archive=NO_ARCHIVE)
@@ -386,32 +426,47 @@ def start_workers(
     return results
 
 
-def markcost(work: Path, n: int, reps: int, batch: int) -> dict[str, Any]:
-    """Throughput of the same line with and without its quota mark, alternated (A/B)."""
+def markcost(work: Path, n: int, reps: int, batch: int, block: int = 0) -> dict[str, Any]:
+    """Throughput of the same line with and without its quota mark, alternated (A/B);
+    ``block``: slots per mark write (0: ``block_for`` the quota, as a run uses)."""
     activate(work)
     from securethread.hsm import open_token
+    from securethread.programmer.quota_mark import block_for
 
     token = open_token("programmer")
+    block = block or block_for(n)
     config, chips, _outsider = pickle.loads((work / "setup.pickle").read_bytes())
     rates: dict[str, list[float]] = {"with_mark": [], "without_mark": []}
+    shares: list[float] = []
+    writes = 0
     for _ in range(reps):
         for guarded, key in ((True, "with_mark"), (False, "without_mark")):
             _retire(work, token, config)
-            line = open_bench_line(work, token, batch, guarded=guarded)
+            timed: list[TimedKeeper] = []
+            line = open_bench_line(work, token, batch, guarded=guarded, block=block, timed=timed)
             ports = [WirePort(c.open()) for c in chips[:n]]
             res = time_provision(line, ports)
             assert res["provisioned"] == n, res
             rates[key].append(n / res["provision_s"])
-            line._store.close()  # type: ignore[attr-defined]
+            if guarded:  # begin and end (the clean mark) are part of the run's cost
+                mark = timed[0]
+                line._store.end_run(config.job.sha256, guard=mark)
+                total = res["provision_s"] + mark.seconds["begin"] + mark.seconds["finish"]
+                shares.append(100 * sum(mark.seconds.values()) / total)
+                writes = mark.writes
+            line._store.close()
     with_m = statistics.median(rates["with_mark"])
     without = statistics.median(rates["without_mark"])
     return {
         "devices": n,
         "batch_size": batch,
+        "block": block,
         "reps": reps,
         "with_mark_devices_per_s": round(with_m, 1),
         "without_mark_devices_per_s": round(without, 1),
         "drop_percent": round(100 * (1 - with_m / without), 2),
+        "mark_writes": writes,
+        "mark_share_percent": round(statistics.median(shares), 2),
         "runs": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
     }
 
@@ -581,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     mc.add_argument("--devices", type=int, default=2000)
     mc.add_argument("--reps", type=int, default=5)
     mc.add_argument("--batch", type=int, default=32)
+    mc.add_argument("--block", type=int, default=0, help="slots per mark write (0: the run's)")
     pe = sub.add_parser("peer")
     pe.add_argument("work")
     pe.add_argument("n", type=int)
@@ -611,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             run_setup(work, args.devices)
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.provision", "_markcost", str(work),
-                 str(args.devices), str(args.reps), str(args.batch)],
+                 str(args.devices), str(args.reps), str(args.batch), str(args.block)],
                 env=clean_env(), cwd=ROOT, check=True, capture_output=True, text=True,
             )  # fmt: skip
             res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -627,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_markcost":  # the timed process of markcost
-        w_, n_, r_, b_ = sys.argv[2:6]
-        print(json.dumps(markcost(Path(w_), int(n_), int(r_), int(b_))), flush=True)
+        w_, n_, r_, b_, k_ = sys.argv[2:7]
+        print(json.dumps(markcost(Path(w_), int(n_), int(r_), int(b_), int(k_))), flush=True)
         raise SystemExit(0)
     raise SystemExit(main())

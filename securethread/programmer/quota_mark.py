@@ -31,18 +31,20 @@ runs' reservations (:meth:`QuotaMark.begin`).  Any other start -- the last run w
 or the store is a copy the mark cannot vouch for -- burns them: the store's high-water mark
 jumps to the mark's limit, its free slots and reservations are dropped, all counted as used
 (RunResult.burned, the close record's ``quota_used``).  A killed run or a restored copy
-loses at most one block of slots; it never re-counts one.  PKCS#11 has no compare-and-swap,
-so two runs on two copies at once are told apart after the fact: a writer re-reads the mark
-after creating its generation and, if it meets another object of its generation or a newer
-one, destroys its own and tries again above the other (a store whose mark another writer
-moved jumps above that writer's slots, :meth:`QuotaMark.advance`).
+loses its batches in flight and at most one block of slots besides; it never re-counts one.
+PKCS#11 has no compare-and-swap, so two runs on two copies at once are told apart after the
+fact: a writer re-reads the mark after creating its generation and, if it meets another
+object of its generation or a newer one, destroys its own and tries again above the other
+(a store whose mark another writer moved jumps above that writer's slots,
+:meth:`QuotaMark.advance`).
 
 When the mark is written.  A token object costs a file write (about 3.8 ms in SoftHSM 2.6.1),
 so never per device: when a run starts, when the store's fresh reservations pass the mark's
 ``limit`` (then the new limit is ``block`` slots further: one write per ``block`` devices),
 and when a run ends.  ``block`` is derived from the quota (:func:`block_for`: a sixteenth
-of it, at most 256): a kill burns at most that many slots, and a job of 4,096 devices or
-more pays about 1.5 % of its throughput for the mark (docs/performance.md).  Data objects
+of it, at most 256): a kill burns the batches in flight and at most one block besides, and
+a job of 4,096 devices or more spends about 2 % of its run in the mark
+(docs/performance.md).  Data objects
 cannot be changed, so each write creates generation ``gen + 1`` and then destroys all but
 the two newest; a write cut short leaves the previous generation, still a valid bound.
 
@@ -102,8 +104,8 @@ def mark_label(job: bytes) -> str:
 
 def block_for(quota: int) -> int:
     """Slots per mark write for a job of ``quota`` devices: a sixteenth of the quota, at
-    least 1, at most 256.  A kill burns at most one block; a block of 256 keeps the
-    mark's cost near 1.5 % of the line's throughput (docs/performance.md)."""
+    least 1, at most 256.  A kill burns the batches in flight and at most one block besides;
+    a block of 256 keeps the mark near 2 % of a run (3.5 % at 125; docs/performance.md)."""
     return max(1, min(MAX_BLOCK, quota // 16))
 
 

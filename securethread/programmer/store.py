@@ -426,6 +426,11 @@ class SQLiteStore:
                     f"{str(p)!r} is an SQLite database but not a production store"
                 )
             _quick_check(db, p)
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                raise StoreCorruptError(
+                    f"production store {str(p)!r} has another schema version than "
+                    f"{SCHEMA_VERSION} (written by another securethread version)"
+                )
             state = _read_state(db, job)
             if state is None:
                 return None

@@ -437,3 +437,14 @@ def test_a_close_whose_ledger_cannot_be_kept_closes_nothing(tmp_path: Path) -> N
     # closed once: a second close signs nothing new and hands out the same ledger again
     again = s.close_job(JOB, lambda t: b"other", keep=lambda items: kept.append(list(items)))
     assert again == envelope and kept[1] == kept[0]
+
+
+def test_a_store_of_another_schema_version_is_refused_by_name(tmp_path: Path) -> None:
+    path = _filled(tmp_path, devices=3)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    for read in (lambda: SQLiteStore.inspect(path, JOB), lambda: SQLiteStore(path)):
+        with pytest.raises(StoreCorruptError, match="another schema version than 3"):
+            read()
