@@ -258,6 +258,9 @@ def run_demo(
     package = s.carry(oem / "outbox" / f"job-{JOB_ID}.bin", "factory")
     image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
     s.run("programmer", "open-job", "--workdir", "factory", str(package), "--image", str(image))
+    # The production CA certified the OEM's OCSP responder key at open-job (docs/pki.md).
+    responder = s.carry(fac / "outbox" / f"ocsp-responder-{JOB_ID}.pem", "oem")
+    s.run("oem", "install-responder", "--workdir", "oem", str(responder), "--job", JOB_ID)
 
     # flows 7-8: the line.
     prov = s.run(
@@ -270,6 +273,8 @@ def run_demo(
     s.run("programmer", "close-job", "--workdir", "factory", "--job", JOB_ID)
     ledger = s.carry(fac / "outbox" / f"ledger-{JOB_ID}.bin", "oem")
     rec = s.run("oem", "reconcile", "--workdir", "oem", str(ledger), "--job", JOB_ID)
+    # The field: every reconciled device into the OEM's registry (oem ocsp answers from it).
+    registry = s.run("oem", "registry", "ingest", "--workdir", "oem", str(ledger), "--job", JOB_ID)
 
     # An auditor with public files only.
     transcripts = {}
@@ -305,6 +310,7 @@ def run_demo(
         "quota_used": rec.get("quota_used"),
         "devices_per_s": prov.get("devices_per_s"),
         "reconciled": bool(rec.get("ok")),
+        "registry": {"devices": registry.get("devices"), "ingested": registry.get("ingested")},
         "key_channel": {"port": port, "session": sent.get("session"), "ack": received.get("ok")},
         "approvals": issued.get("approvals"),
         "transcripts": transcripts,
@@ -324,6 +330,8 @@ def run_demo(
         f"{', '.join(map(str, issued.get('approvals') or []))}, each in a process of their own",
         f"  reconciled by the OEM: {'yes' if rec.get('ok') else 'NO'}; ledger and both transcripts "
         "verified offline",
+        f"  OEM registry: {registry.get('devices')} devices of job {JOB_ID}; OCSP responder "
+        f"certificate installed ('securethread oem ocsp --workdir {oem} --listen HOST:PORT')",
         *(
             f"  {p} transcript head: #{t['records'] - 1} {t['head']}"
             for p, t in transcripts.items()

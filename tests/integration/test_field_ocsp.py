@@ -2,9 +2,9 @@
 ledger in the OEM's registry, the OEM's OCSP responder (``oem ocsp``, signing in the OEM
 token), and nginx as the relying party.
 
-After ``securethread demo`` the OEM installs the responder certificate the production CA
-issued at open-job (``oem install-responder``) and ingests the reconciled ledger (``oem
-registry ingest``, once: the second run changes nothing).  One device is revoked in the
+``securethread demo`` has the OEM install the responder certificate the production CA issued
+at open-job (``oem install-responder``) and ingest the reconciled ledger (``oem registry
+ingest``, once: a second run changes nothing).  One device is revoked in the
 registry; one certificate is minted off the ledger with the production-CA key in the
 programmer's token and its PIN (``mint_child``), as the threat model's PIN holder could.
 
@@ -138,14 +138,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("field-ocsp") / "demo"
     proc = cli("demo", "--devices", str(DEVICES), "--workdir", str(root), "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the demo installed the responder certificate open-job returned and ingested the ledger
+    assert summary["registry"] == {"devices": DEVICES, "ingested": True}
     w = World(root)
-    responder = w.factory / "outbox" / f"ocsp-responder-{JOB_ID}.pem"
-    assert responder.is_file(), "open-job certified the OEM's responder key"
-    ok("oem", "install-responder", str(responder), "--job", JOB_ID, "--workdir", str(w.oem))
-    first = ok("oem", "registry", "ingest", str(w.ledger), "--job", JOB_ID, "--workdir", str(w.oem))
-    assert first["ingested"] and first["devices"] == DEVICES and first["duplicate_serials"] == 0
+    assert (w.oem / "jobs" / JOB_ID / "ocsp-responder.pem").is_file()
     again = ok("oem", "registry", "ingest", str(w.ledger), "--job", JOB_ID, "--workdir", str(w.oem))
-    assert not again["ingested"] and again["devices"] == DEVICES
+    assert not again["ingested"] and again["devices"] == DEVICES  # once
     device_id = f"{FIRST_UID + 1:016x}"
     ok("oem", "registry", "revoke", "--job", JOB_ID, "--device-id", device_id,
        "--reason", "keyCompromise", "--workdir", str(w.oem))  # fmt: skip
