@@ -553,7 +553,7 @@ class DeviceCertificateIssuer:
         return builder.sign(throwaway, hashes.SHA256()).tbs_certificate_bytes
 
     def _make_template(self) -> None:
-        id_count = 2 if self.profile.device_uri_template is None else 3
+        id_count = 2 if self.profile.uri_template is None else 3
         for _ in range(8):  # a random marker colliding with constant bytes: retry
             dev_id = os.urandom(8).hex()
             key = ec.generate_private_key(ec.SECP256R1()).public_key()

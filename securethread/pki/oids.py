@@ -100,11 +100,6 @@ def check_oem_arc(value: object) -> str:
     return value
 
 
-def enterprise_number(arc: str) -> int:
-    """The Private Enterprise Number of an OEM arc (``1.3.6.1.4.1.<PEN>...``)."""
-    return int(check_oem_arc(arc).split(".")[6])
-
-
 def device_purpose(arc: str) -> ObjectIdentifier:
     """``<oem_arc>.1``: the OEM's key purpose marking its devices (after id-kp-clientAuth)."""
     return ObjectIdentifier(f"{check_oem_arc(arc)}.{_DEVICE_PURPOSE_ARC}")
