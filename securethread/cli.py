@@ -378,6 +378,12 @@ def programmer_provision(a: argparse.Namespace) -> int:
             f"  {d['provisioned']} provisioned, {d['booted']} booted, "
             f"{d.get('recovered', 0)} recovered from an earlier run, "
             f"quota {d['quota_used']} of {d['quota']}"
+            + (
+                f" ({d['burned']} slots burned: the last run was killed or the store copied "
+                "back)"
+                if d.get("burned")
+                else ""
+            )
         ],
     )
 
