@@ -173,8 +173,8 @@ def test_subject_needs_a_device_id(device_id: Any) -> None:
 
 
 def test_names_and_revocation_sources_in_the_map() -> None:
-    """The optional fields round-trip; the OEM arc alone gives RFC 9039's organisation-serial
-    URN (urn:dev:os:<PEN>-<serial>), an explicit template wins."""
+    """The optional fields round-trip; the device URI comes only from the template (an OEM
+    arc gives key purpose and policy, not a name)."""
     p = DeviceProfile(
         organisation="Acme",
         crl_url="http://pki.acme.example:8080/crl/job-7.crl",
@@ -187,10 +187,14 @@ def test_names_and_revocation_sources_in_the_map() -> None:
         "oem_arc": "1.3.6.1.4.1.32473.7",
     }
     assert DeviceProfile.from_map(p.to_map()) == p
-    assert p.device_uri(DEVICE_ID) == f"urn:dev:os:32473-{DEVICE_ID}"
+    assert p.device_uri(DEVICE_ID) is None and p.device_extensions(DEVICE_ID)[0][0].oid == (
+        x509.oid.ExtensionOID.CRL_DISTRIBUTION_POINTS
+    )
     assert p.production_ca_policy == x509.ObjectIdentifier("1.3.6.1.4.1.32473.7.2")
     named = attrs.evolve(p, uri_template="https://devices.acme.example/{device_id}?v=1")
     assert named.device_uri(DEVICE_ID) == f"https://devices.acme.example/{DEVICE_ID}?v=1"
+    urn = attrs.evolve(p, uri_template="urn:dev:os:32473-{device_id}")  # RFC 9039 §3.4
+    assert urn.device_uri(DEVICE_ID) == f"urn:dev:os:32473-{DEVICE_ID}"
     assert DeviceProfile.from_map(named.to_map()) == named
     plain = DeviceProfile(organisation="Acme")
     assert plain.device_uri(DEVICE_ID) is None and plain.production_ca_policy is None
