@@ -14,8 +14,9 @@ Per batch of devices::
 
 Nothing leaves for a device before its slot and its ledger record are on disk.  Slots the
 batch does not use go back to the store (a refused device, a duplicate, a failure); if the
-process dies, the next run reclaims them.  Programming (flow 8) is a separate stage: the
-device's SBM takes manifest, image and license, and its signed boot confirmation is checked
+process dies, the run's end reclaims them (or, the leader killed, the next run burns them:
+see the store).  Programming (flow 8) is a separate stage: the device's SBM takes
+manifest, image and license, and its signed boot confirmation is checked
 and appended to the ledger.  A device counted but not programmed (killed, stopped, refused
 its image) is met again on a later run: it gets what it was released the first time -- the
 same certificate, provisioning data and license, kept in the store -- and is programmed,
@@ -554,7 +555,8 @@ class ProductionLine:
         return committed.records, issued
 
     def _give_back_quietly(self, slots: Sequence[int]) -> None:
-        """Best effort after a failure: slots that stay reserved are reclaimed next run."""
+        """Best effort after a failure: slots that stay reserved are reclaimed at the run's
+        end (burned by the next run if the run was killed)."""
         if not slots:
             return
         try:
