@@ -48,9 +48,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from securethread.errors import Error, LedgerError
 from securethread.formats import envelope, ledger
-from securethread.formats.boot import BootConfirmationError, verify_recorded_boot_confirmation
 from securethread.formats.image import MANIFEST_KIND, Manifest
 from securethread.formats.job import ProductionJob, VerifiedJob, job_hash, verify_job_signatures
+from securethread.formats.reconcile_pool import JobContext, Verifications
 from securethread.formats.seen import SeenDevices
 from securethread.pki import (
     DeviceChainValidator,
@@ -130,6 +130,7 @@ def reconcile(
     production_ca_cert: x509.Certificate,
     manifest: bytes,
     at: datetime.datetime | None = None,
+    workers: int | None = None,
 ) -> ReconciliationReport:
     """Verify a returned ledger against the job the OEM issued; raise naming the first
     bad record.
@@ -141,7 +142,9 @@ def reconcile(
     ledger-signing certificate (from the OEM's records or the programmer: it is validated
     here); ``production_ca_cert`` the job's production CA the OEM certified; ``manifest``
     the signed manifest the job names.  Enclave certificates are validated at ``at``
-    (default: now), device certificates at each record's time.
+    (default: now), device certificates at each record's time.  ``workers``: processes for
+    the signature verifications of a large ledger (default: one per CPU;
+    :mod:`securethread.formats.reconcile_pool`), the same answer as one process.
     """
     verified = verify_job_signatures(issued_job, officers=officers, min_threshold=min_threshold)
     try:
@@ -158,9 +161,14 @@ def reconcile(
     _check_production_ca(verified.job, production_ca_cert)
     image = _job_manifest(verified.job, manifest)
     reader = ledger.LedgerReader(job=verified.sha256, ledger_key=ledger_key)
-    with _RecordChecks(verified, root_cert, production_ca_cert, image) as check:
-        for rec in reader.records(items):
-            check.record(rec)
+    with _RecordChecks(verified, root_cert, production_ca_cert, image, workers) as check:
+        try:
+            for rec in reader.records(items):
+                check.record(rec)
+        except Error as exc:
+            check.verifications.before(exc)  # a failure of an earlier record comes first
+            raise
+        check.verifications.finish()
     close = reader.close
     assert close is not None  # LedgerReader.records raises if the ledger is not closed
     if close.quota != verified.job.quota:
@@ -196,6 +204,7 @@ def reconcile_export(
     production_ca_cert: x509.Certificate,
     manifest: bytes,
     at: datetime.datetime | None = None,
+    workers: int | None = None,
 ) -> ReconciliationReport:
     """:func:`reconcile` a ledger export read (streamed) from ``src``."""
     export_job, items = ledger.read_export(src)
@@ -211,6 +220,7 @@ def reconcile_export(
         production_ca_cert=production_ca_cert,
         manifest=manifest,
         at=at,
+        workers=workers,
     )
 
 
@@ -320,6 +330,7 @@ class _RecordChecks:
         root: x509.Certificate,
         pca: x509.Certificate,
         manifest: Manifest,
+        workers: int | None = None,
     ) -> None:
         self.job = verified.job
         self.root = root
@@ -329,6 +340,19 @@ class _RecordChecks:
         self.tag = job_tag(verified.sha256)
         self.vendors = frozenset(verified.job.vendors)
         self.seen = SeenDevices()
+        # The signature verifications, in worker processes for a large ledger
+        # (reconcile_pool: results and failures in record order, as in one process).
+        self.verifications = Verifications(
+            JobContext(
+                root_der=root.public_bytes(serialization.Encoding.DER),
+                pca_der=pca.public_bytes(serialization.Encoding.DER),
+                job_id=verified.job.job_id,
+                identity=verified.sha256,
+                profile=verified.job.certificate,
+                manifest=manifest,
+            ),
+            workers=workers,
+        )
         self.provisioned = 0
         self.first_time: int | None = None
         self.last_time: int | None = None
@@ -352,6 +376,7 @@ class _RecordChecks:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.verifications.close()
         self.seen.close()
 
     def record(self, rec: ledger.LedgerRecord) -> None:
@@ -387,6 +412,12 @@ class _RecordChecks:
             if fast is not None:  # the same checks, on the fields the template located
                 point = fast.point
                 self._unique(rec, point, fast.serial)
+                tpl = self._template
+                assert tpl is not None
+                self.verifications.add(
+                    ("cert", rec.index, rec.time, rec.body["cert"], fast.tbs, fast.signature,
+                     tpl.hash.name, point)
+                )  # fmt: skip
             else:
                 cert = untrusted.load_certificate(rec.body["cert"], what="device certificate")
                 if device_id_of(cert) != device_id:
@@ -432,7 +463,7 @@ class _RecordChecks:
         for nb, na in self._windows + ((tpl.not_before, tpl.not_after),):
             if not (nb <= t <= na and nb <= t0 <= na):
                 return None
-        m = tpl.match(rec.body["cert"])
+        m = tpl.unsigned(rec.body["cert"])  # the signature: verified in self.verifications
         return m if m is not None and m.device_id == rec.device_id else None
 
     def _validate(self, cert: x509.Certificate, t: int) -> None:
@@ -473,17 +504,9 @@ class _RecordChecks:
             raise _bad(rec, f"device {device_id} programmed but not provisioned")
         if known[2]:
             raise _bad(rec, f"device {device_id} programmed twice")
-        try:
-            verify_recorded_boot_confirmation(
-                rec.body["boot"],
-                device_public_key=ec.EllipticCurvePublicKey.from_encoded_point(
-                    ec.SECP256R1(), known[1]
-                ),
-                device_id=device_id,
-                manifest=self.manifest,
-            )
-        except BootConfirmationError as exc:
-            raise _bad(rec, f"boot confirmation fails: {exc}") from None
+        # The device's signature under its certified key (verify_recorded_boot_confirmation),
+        # reporting this device and the job's image
+        self.verifications.add(("boot", rec.index, rec.body["boot"], known[1], device_id))
         self.seen.mark_programmed(device_id)
 
 

@@ -150,6 +150,20 @@ class DeviceTemplate:
     def match(self, der: bytes) -> Matched | None:
         """The fields of ``der`` if it is this template's certificate with well-formed fields
         of its own and a signature that verifies under the issuer; else None."""
+        m = self.unsigned(der)
+        if m is None:
+            return None
+        try:
+            ec.EllipticCurvePublicKey.from_encoded_point(self.curve, m.point)
+            self.issuer_key.verify(m.signature, m.tbs, ec.ECDSA(self.hash))
+        except (ValueError, InvalidSignature):
+            return None
+        return m
+
+    def unsigned(self, der: bytes) -> Matched | None:
+        """What :meth:`match` checks but the point's validity and the signature (for a
+        caller that checks both elsewhere: the point on :attr:`curve`, the signature under
+        :attr:`issuer_key` with :attr:`hash`)."""
         try:
             tbs, alg, sig = _split(der)
         except (ValueError, IndexError):
@@ -173,11 +187,6 @@ class DeviceTemplate:
             or not _minimal_positive(serial)
             or hashlib.sha1(point).digest() != values["ski"]  # noqa: S324 - §4.2.1.2 (1)
         ):
-            return None
-        try:
-            ec.EllipticCurvePublicKey.from_encoded_point(self.curve, point)
-            self.issuer_key.verify(sig, tbs, ec.ECDSA(self.hash))
-        except (ValueError, InvalidSignature):
             return None
         return Matched(
             device_id=values["id"].decode("ascii"),

@@ -1,0 +1,159 @@
+"""Reconciliation with its signature checks in worker processes gives the answer of one
+process: the same report, or the same first bad record with the same message, whichever of
+the main process, the ledger reader or a worker finds it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import pytest
+
+from benchmarks.synth_ledger import SynthWorld, device_records, make_world
+from securethread.errors import LedgerError
+from securethread.formats import ledger, reconcile_pool
+from securethread.formats.reconciliation import reconcile
+
+DEVICES = 24
+
+
+@pytest.fixture(scope="module")
+def world() -> SynthWorld:
+    return make_world(64, label="pool")
+
+
+def _items(w: SynthWorld, records: Sequence[ledger.PendingRecord]) -> list[tuple[str, bytes]]:
+    job, out = w.job_sha256, []
+    chained = ledger.chain(records, job=job, start_seq=0, prev=job)
+    head = job
+    for seq, (_r, _s, raw, h) in enumerate(chained):
+        out.append(("r", raw))
+        head = h
+        if seq % 5 == 4 or seq == len(records) - 1:
+            out.append(("c", ledger.sign_checkpoint(w.ledger_key, job=job, upto=seq, head=head,
+                                                    time=1)))  # fmt: skip
+    prov = sum(r.kind == ledger.KIND_PROVISIONED for r in records)
+    totals = ledger.LedgerTotals(records=len(records), provisioned=prov,
+                                 programmed=len(records) - prov, head=head, quota=w.job.quota,
+                                 quota_used=prov)  # fmt: skip
+    out.append(("e", ledger.sign_close(w.ledger_key, ledger.CloseRecord.of(totals, job=job,
+                                                                           time=2))))  # fmt: skip
+    return out
+
+
+def _both(
+    w: SynthWorld, items: list[tuple[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, Any]:
+    """(one process, a pool of two from the first device): a report or (index, message)."""
+    args = w.reconcile_args()
+    issued = args.pop("issued_job")
+
+    def run(workers: int) -> Any:
+        try:
+            return reconcile(issued, w.job_signed, iter(items), workers=workers, **args)
+        except LedgerError as exc:
+            return (exc.index, str(exc))
+
+    one = run(1)
+    monkeypatch.setattr(reconcile_pool, "THRESHOLD", 0)
+    monkeypatch.setattr(reconcile_pool, "CHUNK", 3)
+    return one, run(2)
+
+
+def _records(w: SynthWorld, change: Callable[[int, ledger.PendingRecord], Any] | None = None
+             ) -> list[ledger.PendingRecord]:  # fmt: skip
+    out: list[ledger.PendingRecord] = []
+    for slot in range(DEVICES):
+        for rec in device_records(w, slot):
+            new = change(slot, rec) if change else rec
+            out.extend(new if isinstance(new, list) else [new])
+    return out
+
+
+def test_an_honest_ledger_gives_the_same_report(
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, pool = _both(world, _items(world, _records(world)), monkeypatch)
+    assert one == pool and one.provisioned == one.programmed == DEVICES
+
+
+def _bad_boot(slots: set[int]) -> Callable[[int, ledger.PendingRecord], Any]:
+    def change(slot: int, rec: ledger.PendingRecord) -> Any:
+        if slot in slots and rec.kind == ledger.KIND_PROGRAMMED:
+            boot = bytearray(rec.boot)
+            boot[-5] ^= 0x01  # inside the signature
+            return attrs.evolve(rec, boot=bytes(boot))
+        return rec
+
+    return change
+
+
+def _bad_signature(slots: set[int]) -> Callable[[int, ledger.PendingRecord], Any]:
+    def change(slot: int, rec: ledger.PendingRecord) -> Any:
+        if slot in slots and rec.kind == ledger.KIND_PROVISIONED:
+            cert = bytearray(rec.cert)
+            cert[-3] ^= 0x01  # the production CA's signature, not the TBS
+            return attrs.evolve(rec, cert=bytes(cert))
+        return rec
+
+    return change
+
+
+def _outside_targets(slot_: int) -> Callable[[int, ledger.PendingRecord], Any]:
+    def change(slot: int, rec: ledger.PendingRecord) -> Any:
+        if slot == slot_:
+            return attrs.evolve(rec, device_id="00000000000000ff")
+        return rec
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, first",
+    [
+        (_bad_boot({9}), 19),  # a worker's failure
+        (_bad_signature({6}), 12),  # a worker's failure, named by full validation
+        (_bad_boot({3, 15}), 7),  # two: the earlier
+        (_outside_targets(4), 8),  # the main process's failure
+    ],
+)
+def test_the_first_bad_record_is_the_same(
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch, change: Any, first: int
+) -> None:
+    one, pool = _both(world, _items(world, _records(world, change)), monkeypatch)
+    assert one == pool and one[0] == first, (one, pool)
+
+
+def test_a_worker_failure_before_a_main_process_failure_wins(
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad_boot, outside = _bad_boot({2}), _outside_targets(10)
+
+    def both(slot: int, rec: ledger.PendingRecord) -> Any:
+        return outside(slot, bad_boot(slot, rec))
+
+    one, pool = _both(world, _items(world, _records(world, both)), monkeypatch)
+    assert one == pool and one[0] == 5 and "boot confirmation" in one[1]
+
+
+def test_a_main_process_failure_before_a_worker_failure_wins(
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad_boot, outside = _bad_boot({12}), _outside_targets(1)
+
+    def both(slot: int, rec: ledger.PendingRecord) -> Any:
+        return outside(slot, bad_boot(slot, rec))
+
+    one, pool = _both(world, _items(world, _records(world, both)), monkeypatch)
+    assert one == pool and one[0] == 2 and "targets" in one[1]
+
+
+def test_a_reader_failure_after_a_worker_failure_reports_the_worker_failure(
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = _items(world, _records(world, _bad_boot({1})))
+    cut = [i for i, (tag, _p) in enumerate(items) if tag == "c"][4]
+    items[cut] = ("c", items[cut][1][:-1] + bytes([items[cut][1][-1] ^ 1]))  # a bad checkpoint
+    one, pool = _both(world, items, monkeypatch)
+    assert one == pool and one[0] == 3 and "boot confirmation" in one[1]
