@@ -42,7 +42,15 @@ from securethread.pki.serial import parse_device_serial
 from securethread.programmer import runner
 from securethread.programmer.quota_mark import APPLICATION, Mark, QuotaMark
 from securethread.programmer.store import SQLiteStore
-from tests.integration.line_support import Job, World, file_digest, ledger_view, run_sub
+from tests.integration.line_support import (
+    Job,
+    World,
+    file_digest,
+    finish,
+    ledger_view,
+    run_sub,
+    start_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +350,49 @@ def test_store_restored_after_kills_never_reissues_a_slot(
     with pytest.raises(StoreRolledBackError) as info:
         runner.run(job.config, chips)
     assert "older than the token's quota mark" in _one_line(info.value)
+
+
+def test_two_copies_of_a_store_run_at_once_never_share_a_serial(
+    world: World, programmer: Any, tmp_path: Path
+) -> None:
+    """A run paused in flight; its store (with its -wal) copied to another path, where a
+    second run -- another run lock -- provisions the same chips to the end; then the first
+    goes on.  The copy's run starts above the first's block; the first, when it meets the
+    copy's mark, is refused: no slot, so no serial, issued by both."""
+    job = world.job(quota=40, targets=40, batch_size=4, mark_block=8)
+    chips = job.chips(world.specs[:16])
+    setup = job.dump(chips)
+    first = start_run(setup, fault="after-commit:1:pause")
+    try:
+        gate = Path(f"{setup}.go.paused")
+        while not gate.exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.02)
+        twin = tmp_path / "twin"
+        twin.mkdir()
+        for suffix in ("", "-wal"):
+            if Path(f"{job.store}{suffix}").exists():
+                shutil.copyfile(f"{job.store}{suffix}", twin / f"store.sqlite{suffix}")
+        other = attrs.evolve(job.config, store=str(twin / "store.sqlite"),
+                             certificates=str(twin / "devices"))  # fmt: skip
+        r = runner.run(other, chips)  # the copy, elsewhere, to the end of the chips
+        # 4 devices counted in the copy already (programmed now); slots 4-7, the rest of the
+        # first run's block, burned: the copy's fresh slots start at 8
+        assert (r.recovered, r.provisioned, r.burned) == (4, 12, 4)
+    finally:
+        Path(f"{setup}.go").touch()
+    # The first run goes on in its block (slots 4-7, burned by the copy), then meets the
+    # copy's mark, which counts more than its store: refused, one line (exit 6 of run_entry).
+    done = finish(first)
+    assert done.returncode == 6 and "older than the token's quota mark" in done.stderr
+    issued: dict[int, bytes] = {}  # slot -> certificate, over both stores
+    for config in (job.config, other):
+        view = ledger_view(attrs.evolve(job, config=config))
+        for device_id, der in view.certificates.items():
+            slot = parse_device_serial(x509.load_der_x509_certificate(der).serial_number).sequence
+            assert issued.setdefault(slot, der) == der, f"slot {slot} issued twice ({device_id})"
+    # 4 records both stores hold (the copy's), 4 + 12 issued apart: 20 serials, none twice
+    assert len(issued) == 20 <= 40
 
 
 def test_mark_is_written_per_block_not_per_device(world: World, programmer: Any) -> None:
