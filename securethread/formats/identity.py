@@ -69,7 +69,9 @@ VERSION = 1
 CHALLENGE_SIZE = 32
 MAX_RESPONSE_SIZE = 4096
 _DOMAIN = "securethread-device-identification"
-_DEVICE_ID_RE = re.compile(r"[0-9a-f]{16}")
+#: A device id: 16 lowercase hex digits, a 64-bit chip UID.
+DEVICE_ID_RE = re.compile(r"[0-9a-f]{16}")
+_DEVICE_ID_RE = DEVICE_ID_RE
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _SIG_HASHES: dict[x509.ObjectIdentifier, hashes.HashAlgorithm] = {
     SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256(),

@@ -45,10 +45,10 @@ from securethread.errors import (
     LicenseError,
     SignatureError,
 )
-from securethread.formats import cbor
+from securethread.formats import cbor, fields
 from securethread.formats.envelope import ENVELOPE_VERSION, open_envelope, signed_bytes
 from securethread.formats.envelope import sign as envelope_sign
-from securethread.formats.identity import check_device_id
+from securethread.formats.identity import DEVICE_ID_RE, check_device_id
 from securethread.formats.image import AesGcmKey, Manifest
 from securethread.keys.ecutil import fingerprint, spki_der
 from securethread.keys.policy import Curve
@@ -112,70 +112,25 @@ def kek_input(device_id: str, image_id: str, nonce: bytes) -> bytes:
     ).digest()
 
 
-def _check_bytes(what: str, lo: int, hi: int) -> Any:
-    def check(_i: object, _a: object, v: object) -> None:
-        if not isinstance(v, bytes) or not lo <= len(v) <= hi:
-            raise LicenseFormatError(f"license: {what} must be {lo}..{hi} bytes")
-
-    return check
-
-
-def _check_device(_i: Any, _a: Any, v: Any) -> None:
-    try:
-        check_device_id(v)
-    except FormatError as exc:
-        raise LicenseFormatError(f"license: {exc}") from None
-
-
-def _check_image_id(_i: Any, _a: Any, v: Any) -> None:
-    if not isinstance(v, str) or not 1 <= len(v) <= 64 or not v.isascii():
-        raise LicenseFormatError("license: image id must be 1-64 ASCII characters")
-
-
+@fields.body("license", error=LicenseFormatError)
 @attrs.frozen(kw_only=True)
 class License:
     """The signed body of a license (validated on construction)."""
 
-    device_id: str = attrs.field(validator=_check_device)
-    image_id: str = attrs.field(validator=_check_image_id)
-    image_key_id: bytes = attrs.field(validator=_check_bytes("image key id", 1, 64))
-    nonce: bytes = attrs.field(validator=_check_bytes("nonce", NONCE_SIZE, NONCE_SIZE))
-    ka_public_key: bytes = attrs.field(validator=_check_bytes("KA public key", 32, 200))
-    wrapped_key: bytes = attrs.field(validator=_check_bytes("wrapped key", 40, 40))
-    version: int = VERSION
-
-    _KEYS = frozenset(
-        {"v", "device_id", "image_id", "image_key_id", "nonce", "ka_public_key", "wrapped_key"}
-    )
-
-    def __attrs_post_init__(self) -> None:
-        if not cbor.is_version(self.version, VERSION):
-            raise LicenseFormatError(f"license: unsupported version {self.version!r}")
+    device_id: str = fields.text("device_id", min_len=16, max_len=16, pattern=DEVICE_ID_RE)
+    image_id: str = fields.text("image_id", max_len=64, pattern=r"[\x00-\x7f]+")  # ASCII
+    image_key_id: bytes = fields.byte_string("image_key_id", min_len=1, max_len=64)
+    nonce: bytes = fields.byte_string("nonce", size=NONCE_SIZE)
+    ka_public_key: bytes = fields.byte_string("ka_public_key", min_len=32, max_len=200)
+    wrapped_key: bytes = fields.byte_string("wrapped_key", size=40)  # RFC 5649 of 32 bytes
+    version: int = fields.version(VERSION)
 
     def to_body(self) -> dict[str, Any]:
-        return {
-            "v": self.version,
-            "device_id": self.device_id,
-            "image_id": self.image_id,
-            "image_key_id": self.image_key_id,
-            "nonce": self.nonce,
-            "ka_public_key": self.ka_public_key,
-            "wrapped_key": self.wrapped_key,
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_body(cls, body: Any) -> License:
-        if not isinstance(body, dict) or set(body) != cls._KEYS:
-            raise LicenseFormatError("license: unexpected or missing fields")
-        return cls(
-            device_id=body["device_id"],
-            image_id=body["image_id"],
-            image_key_id=body["image_key_id"],
-            nonce=body["nonce"],
-            ka_public_key=body["ka_public_key"],
-            wrapped_key=body["wrapped_key"],
-            version=body["v"],
-        )
+        return fields.decode(cls, body)
 
 
 def _cert_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:

@@ -1,0 +1,398 @@
+"""One field layer for every CBOR body: each field declared once, encode and strict decode
+derived from the declaration.
+
+A body is an ``@attrs.frozen`` class whose fields come from the factories below (each names
+the field's CBOR map key and its rule) and which is decorated with :func:`body`::
+
+    @fields.body("license", error=LicenseFormatError)
+    @attrs.frozen(kw_only=True)
+    class License:
+        device_id: str = fields.text("device_id", pattern=DEVICE_ID)
+        nonce: bytes = fields.byte_string("nonce", size=16)
+        version: int = fields.version(1)
+
+Three things follow from that one declaration:
+
+* construction validates every field (attrs validators), so a body is valid once built;
+* :func:`encode` gives the map the canonical CBOR encoder writes (RFC 8949 §4.2.1 sorts the
+  keys, so declaration order does not matter and the wire bytes stay what they were);
+* :func:`decode` takes a decoded CBOR map and accepts exactly the declared key set, exact
+  types (a CBOR ``true`` is never the integer 1, RFC 8949 §3.3; a ``bytearray`` is never
+  ``bytes``), the declared limits, and raises the body's error class naming the body and
+  the field: ``license: field 'nonce' must be 16 bytes``.
+
+Cross-field rules (``not_before < not_after``, counts that must add up) stay in the class's
+``__attrs_post_init__``, which runs after every field has passed its own rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+
+from securethread.errors import Error, FormatError
+
+__all__ = [
+    "Absent",
+    "Order",
+    "Rule",
+    "body",
+    "boolean",
+    "byte_string",
+    "decode",
+    "encode",
+    "integer",
+    "list_of",
+    "nested",
+    "text",
+    "version",
+]
+
+_META = "securethread.cbor-field"
+_U64 = (1 << 64) - 1
+T = TypeVar("T")
+
+
+class Absent(enum.Enum):
+    """What an optional field's absence (the Python value ``None``) looks like on the wire."""
+
+    OMIT = "omit"  # the key is left out of the map
+    NULL = "null"  # the key is present with CBOR null (simple value 22, RFC 8949 §3.3)
+
+
+class Order(enum.Enum):
+    """The ordering rule of a list field."""
+
+    ANY = "any"  # any order, repeats allowed
+    UNIQUE = "unique"  # no item twice
+    SORTED = "sorted"  # strictly ascending: one encoding per set of items
+
+
+# --- rules: what one value must be -----------------------------------------------------------
+
+
+class Rule:
+    """Checks one value (:meth:`problem`) and converts it to and from its CBOR form."""
+
+    def problem(self, value: Any) -> str | None:
+        """``None`` if ``value`` is acceptable, else what it must be ("must be ...")."""
+        raise NotImplementedError
+
+    def to_cbor(self, value: Any) -> Any:
+        return value
+
+    def from_cbor(self, raw: Any) -> Any:
+        return raw
+
+
+@attrs.frozen
+class _Int(Rule):
+    lo: int
+    hi: int
+
+    def problem(self, value: Any) -> str | None:
+        # type() is: bool is a subclass of int, and CBOR true must not pass as 1.
+        if type(value) is not int or not self.lo <= value <= self.hi:
+            return f"must be an integer in {self.lo}..{self.hi}"
+        return None
+
+
+@attrs.frozen
+class _Const(Rule):
+    value: int
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not int or value != self.value:
+            return f"must be {self.value} (unsupported version {value!r})"
+        return None
+
+
+@attrs.frozen
+class _Bytes(Rule):
+    lo: int
+    hi: int
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not bytes or not self.lo <= len(value) <= self.hi:
+            size = f"{self.lo}" if self.lo == self.hi else f"{self.lo}..{self.hi}"
+            return f"must be {size} bytes"
+        return None
+
+
+@attrs.frozen
+class _Text(Rule):
+    lo: int
+    hi: int
+    pattern: re.Pattern[str] | None
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not str or not self.lo <= len(value) <= self.hi:
+            return f"must be text of {self.lo}..{self.hi} characters"
+        if self.pattern is not None and self.pattern.fullmatch(value) is None:
+            return f"must match {self.pattern.pattern}"
+        return None
+
+
+@attrs.frozen
+class _Bool(Rule):
+    def problem(self, value: Any) -> str | None:
+        return None if type(value) is bool else "must be true or false"
+
+
+@attrs.frozen
+class _Nested(Rule):
+    cls: type
+
+    def problem(self, value: Any) -> str | None:
+        return None if type(value) is self.cls else f"must be a {_spec(self.cls).name}"
+
+    def to_cbor(self, value: Any) -> Any:
+        return encode(value)
+
+    def from_cbor(self, raw: Any) -> Any:
+        return decode(self.cls, raw)
+
+
+@attrs.frozen
+class _List(Rule):
+    item: Rule
+    lo: int
+    hi: int
+    order: Order
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not tuple or not self.lo <= len(value) <= self.hi:
+            return f"must list {self.lo}..{self.hi} items"
+        for i, v in enumerate(value):
+            p = self.item.problem(v)
+            if p is not None:
+                return f"item {i} {p}"
+        if self.order is Order.SORTED:
+            if any(a >= b for a, b in zip(value, value[1:], strict=False)):
+                return "must be strictly ascending (sorted, no repeats)"
+        elif self.order is Order.UNIQUE and len(set(value)) != len(value):
+            return "must not repeat an item"
+        return None
+
+    def to_cbor(self, value: Any) -> Any:
+        return [self.item.to_cbor(v) for v in value]
+
+    def from_cbor(self, raw: Any) -> Any:
+        if type(raw) is not list:
+            raise _Problem(f"must be an array of {self.lo}..{self.hi} items")
+        return tuple(self.item.from_cbor(v) for v in raw)
+
+
+class _Problem(Exception):
+    """Internal: a value failed a rule during decode, before construction."""
+
+
+# --- declaring fields ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Field:
+    key: str
+    rule: Rule
+    absent: Absent | None  # None: required
+
+
+def _check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    f: _Field = attribute.metadata[_META]
+    if value is None and f.absent is not None:
+        return
+    p = f.rule.problem(value)
+    if p is not None:
+        spec = _spec(type(inst))
+        raise spec.error(f"{spec.name}: field {f.key!r} {p}")
+
+
+def _field(key: str, rule: Rule, absent: Absent | None, **kw: Any) -> Any:
+    if absent is not None:
+        kw["default"] = None
+    return attrs.field(metadata={_META: _Field(key, rule, absent)}, validator=_check, **kw)
+
+
+def integer(key: str, *, lo: int = 0, hi: int = _U64, absent: Absent | None = None) -> Any:
+    """An exact integer in ``lo..hi`` (default: an unsigned 64-bit one)."""
+    return _field(key, _Int(lo, hi), absent)
+
+
+def version(value: int, *, key: str = "v") -> Any:
+    """The format's version field: exactly the integer ``value`` (the default)."""
+    return _field(key, _Const(value), None, default=value)
+
+
+def byte_string(
+    key: str,
+    *,
+    size: int | None = None,
+    min_len: int = 0,
+    max_len: int | None = None,
+    absent: Absent | None = None,
+) -> Any:
+    """Exact ``bytes`` of ``size`` bytes, or of ``min_len..max_len`` bytes."""
+    if (size is None) == (max_len is None):
+        raise TypeError("byte_string needs exactly one of size= and max_len=")
+    lo, hi = (size, size) if size is not None else (min_len, max_len)
+    assert hi is not None
+    return _field(key, _Bytes(lo, hi), absent)
+
+
+def text(
+    key: str,
+    *,
+    max_len: int,
+    min_len: int = 1,
+    pattern: str | re.Pattern[str] | None = None,
+    absent: Absent | None = None,
+) -> Any:
+    """An exact ``str`` of ``min_len..max_len`` characters, matching ``pattern`` in full."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+    return _field(key, _Text(min_len, max_len, rx), absent)
+
+
+def boolean(key: str, *, absent: Absent | None = None) -> Any:
+    """Exactly ``True`` or ``False`` (CBOR simple values 20/21)."""
+    return _field(key, _Bool(), absent)
+
+
+def nested(key: str, cls: type, *, absent: Absent | None = None) -> Any:
+    """Another body (a class decorated with :func:`body`), as a CBOR map."""
+    return _field(key, _Nested(cls), absent)
+
+
+def list_of(
+    key: str,
+    item: Rule,
+    *,
+    max_len: int,
+    min_len: int = 0,
+    order: Order = Order.ANY,
+    absent: Absent | None = None,
+) -> Any:
+    """A tuple of ``min_len..max_len`` items, each passing ``item``, in ``order``
+    (a CBOR array). ``item``: one of the ``*_rule`` helpers below."""
+    if order is Order.SORTED and isinstance(item, _Nested | _List):
+        raise TypeError("only lists of scalars can be required to be sorted")
+    return _field(key, _List(item, min_len, max_len, order), absent)
+
+
+def int_rule(*, lo: int = 0, hi: int = _U64) -> Rule:
+    return _Int(lo, hi)
+
+
+def bytes_rule(*, size: int | None = None, min_len: int = 0, max_len: int | None = None) -> Rule:
+    lo, hi = (size, size) if size is not None else (min_len, max_len)
+    if hi is None:
+        raise TypeError("bytes_rule needs size= or max_len=")
+    return _Bytes(lo, hi)
+
+
+def text_rule(*, max_len: int, min_len: int = 1, pattern: str | None = None) -> Rule:
+    return _Text(min_len, max_len, None if pattern is None else re.compile(pattern))
+
+
+def body_rule(cls: type) -> Rule:
+    return _Nested(cls)
+
+
+# --- the body: encode and strict decode ------------------------------------------------------
+
+
+@attrs.frozen
+class _Spec:
+    name: str
+    error: Callable[[str], Error]
+    fields: tuple[tuple[str, _Field], ...]  # (attribute name, field)
+    required: frozenset[str]
+    allowed: frozenset[str]
+    flat: bool  # every field is a required scalar: encode is a plain dict build
+
+
+def body(name: str, *, error: Callable[[str], Error] = FormatError) -> Callable[[type[T]], type[T]]:
+    """Class decorator: ``cls`` (an attrs class of field-layer fields) is the body called
+    ``name`` in error messages; decode errors are raised as ``error(message)``."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        items = []
+        for a in attrs.fields(cls):  # type: ignore[arg-type]
+            f = a.metadata.get(_META)
+            if f is None:
+                raise TypeError(f"{cls.__name__}.{a.name} is not a field-layer field")
+            items.append((a.name, f))
+        keys = [f.key for _, f in items]
+        if len(set(keys)) != len(keys):
+            raise TypeError(f"{cls.__name__} declares a CBOR key twice")
+        cls.__securethread_body__ = _Spec(  # type: ignore[attr-defined]
+            name=name,
+            error=error,
+            fields=tuple(items),
+            required=frozenset(f.key for _, f in items if f.absent is None),
+            allowed=frozenset(keys),
+            flat=all(f.absent is None and type(f.rule).to_cbor is Rule.to_cbor for _, f in items),
+        )
+        return cls
+
+    return wrap
+
+
+def _spec(cls: type) -> _Spec:
+    spec: _Spec | None = getattr(cls, "__securethread_body__", None)
+    if spec is None:
+        raise TypeError(f"{cls.__name__} is not declared with fields.body")
+    return spec
+
+
+def encode(obj: Any) -> dict[str, Any]:
+    """The CBOR map of a body (give it to ``cbor.encode``)."""
+    spec = _spec(type(obj))
+    if spec.flat:
+        return {f.key: getattr(obj, a) for a, f in spec.fields}
+    out: dict[str, Any] = {}
+    for a, f in spec.fields:
+        v = getattr(obj, a)
+        if v is None and f.absent is not None:
+            if f.absent is Absent.NULL:
+                out[f.key] = None
+            continue
+        out[f.key] = f.rule.to_cbor(v)
+    return out
+
+
+def decode(cls: type[T], raw: Any) -> T:
+    """The body ``cls`` from a decoded CBOR map: exactly the declared keys (optional ones
+    may be absent as their :class:`Absent` rule says), every field passing its rule."""
+    spec = _spec(cls)
+    if type(raw) is not dict:
+        raise spec.error(f"{spec.name}: must be a CBOR map")
+    keys = raw.keys()
+    if not spec.required <= keys or not keys <= spec.allowed:
+        missing = sorted(spec.required - keys)
+        unknown = sorted(keys - spec.allowed)
+        what = f"missing field {missing[0]!r}" if missing else f"unknown field {unknown[0]!r}"
+        raise spec.error(f"{spec.name}: {what}")
+    kw: dict[str, Any] = {}
+    for a, f in spec.fields:
+        if f.key not in raw:  # only optional keys may be missing (checked above)
+            if f.absent is Absent.NULL:
+                raise spec.error(f"{spec.name}: missing field {f.key!r} (null when absent)")
+            kw[a] = None
+            continue
+        v = raw[f.key]
+        if v is None and f.absent is not None:
+            if f.absent is Absent.OMIT:  # one encoding of absence: the key left out
+                raise spec.error(f"{spec.name}: field {f.key!r} is left out when absent, not null")
+            kw[a] = None
+            continue
+        try:
+            kw[a] = f.rule.from_cbor(v)
+        except _Problem as exc:
+            raise spec.error(f"{spec.name}: field {f.key!r} {exc}") from None
+        except Error as exc:  # a nested body's error, named under this field
+            raise spec.error(f"{spec.name}: field {f.key!r}: {exc}") from None
+    return cls(**kw)

@@ -1,0 +1,226 @@
+"""The field layer (securethread/formats/fields.py): every rule, every error naming its field,
+and encode(decode(x)) == x on the artefacts of the fuzz world for every converted format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pytest
+
+from securethread.errors import Error, FormatError, VerificationError
+from securethread.formats import cbor, envelope, fields
+from securethread.formats.fields import Absent, Order
+from securethread.formats.license import License
+from tests.fuzz.world import World, build
+
+
+class PartError(VerificationError):
+    """A test body's own error class."""
+
+
+@fields.body("part", error=PartError)
+@attrs.frozen(kw_only=True)
+class Part:
+    label: str = fields.text("label", max_len=8, pattern=r"[a-z]+")
+    size: int = fields.integer("size", lo=1, hi=100)
+
+
+@fields.body("thing")
+@attrs.frozen(kw_only=True)
+class Thing:
+    count: int = fields.integer("count")
+    delta: int = fields.integer("delta", lo=-5, hi=5)
+    digest: bytes = fields.byte_string("digest", size=4)
+    blob: bytes = fields.byte_string("blob", min_len=1, max_len=6)
+    name: str = fields.text("name", max_len=5)
+    flag: bool = fields.boolean("flag")
+    part: Part = fields.nested("part", Part)
+    ids: tuple[int, ...] = fields.list_of(
+        "ids", fields.int_rule(hi=9), max_len=3, order=Order.SORTED
+    )
+    tags: tuple[str, ...] = fields.list_of(
+        "tags", fields.text_rule(max_len=4), min_len=1, max_len=3, order=Order.UNIQUE
+    )
+    parts: tuple[Part, ...] = fields.list_of("parts", fields.body_rule(Part), max_len=2)
+    note: str | None = fields.text("note-x", max_len=9, absent=Absent.OMIT)
+    extra: bytes | None = fields.byte_string("extra", max_len=2, absent=Absent.NULL)
+    version: int = fields.version(3)
+
+    def __attrs_post_init__(self) -> None:  # a cross-field rule stays here
+        if self.count < len(self.ids):
+            raise FormatError("thing: count is below the number of ids")
+
+
+def good() -> dict[str, Any]:
+    return {
+        "v": 3,
+        "count": 7,
+        "delta": -5,
+        "digest": b"\x00\x01\x02\x03",
+        "blob": b"x",
+        "name": "héllo",
+        "flag": False,
+        "part": {"label": "ab", "size": 100},
+        "ids": [0, 2, 9],
+        "tags": ["b", "a"],
+        "parts": [],
+        "extra": None,
+    }
+
+
+def test_good_body_round_trips_to_the_same_bytes() -> None:
+    raw = cbor.encode(good())
+    thing = fields.decode(Thing, cbor.decode(raw))
+    assert thing.part == Part(label="ab", size=100) and thing.ids == (0, 2, 9)
+    assert thing.note is None and thing.extra is None and thing.version == 3
+    assert cbor.encode(fields.encode(thing)) == raw
+    with_optional = {**good(), "note-x": "hi", "extra": b"zz"}
+    thing = fields.decode(Thing, with_optional)
+    assert (thing.note, thing.extra) == ("hi", b"zz")
+    assert fields.encode(thing) == with_optional
+
+
+def test_construction_validates_like_decode() -> None:
+    with pytest.raises(FormatError, match=r"^thing: field 'count' must be an integer"):
+        attrs.evolve(fields.decode(Thing, good()), count=True)
+    with pytest.raises(PartError, match=r"^part: field 'size' must be an integer in 1\.\.100"):
+        Part(label="a", size=0)
+
+
+BAD: list[tuple[str, Any, str]] = [
+    # (field, bad value, what the message says)
+    ("count", True, "'count' must be an integer in 0..18446744073709551615"),
+    ("count", -1, "'count' must be an integer in 0.."),
+    ("count", 1 << 64, "'count' must be an integer in 0.."),
+    ("count", 1.0, "'count' must be an integer"),
+    ("delta", 6, "'delta' must be an integer in -5..5"),
+    ("delta", False, "'delta' must be an integer in -5..5"),
+    ("digest", b"abc", "'digest' must be 4 bytes"),
+    ("digest", bytearray(b"abcd"), "'digest' must be 4 bytes"),
+    ("digest", "abcd", "'digest' must be 4 bytes"),
+    ("blob", b"", "'blob' must be 1..6 bytes"),
+    ("blob", b"1234567", "'blob' must be 1..6 bytes"),
+    ("name", "", "'name' must be text of 1..5 characters"),
+    ("name", "toolong", "'name' must be text of 1..5 characters"),
+    ("name", b"abc", "'name' must be text"),
+    ("flag", 0, "'flag' must be true or false"),
+    ("flag", None, "'flag' must be true or false"),
+    ("part", [], "'part': part: must be a CBOR map"),
+    ("part", {"label": "AB", "size": 1}, r"'part': part: field 'label' must match \[a-z\]\+"),
+    ("part", {"label": "ab"}, "'part': part: missing field 'size'"),
+    ("ids", (1, 2), "'ids' must be an array"),
+    ("ids", [1, 1], "'ids' must be strictly ascending"),
+    ("ids", [2, 1], "'ids' must be strictly ascending"),
+    ("ids", [0, 1, 2, 3], "'ids' must list 0..3 items"),
+    ("ids", [10], "'ids' item 0 must be an integer in 0..9"),
+    ("ids", [1, True], "'ids' item 1 must be an integer"),
+    ("tags", [], "'tags' must list 1..3 items"),
+    ("tags", ["a", "a"], "'tags' must not repeat an item"),
+    ("tags", ["abcde"], "'tags' item 0 must be text of 1..4"),
+    ("parts", [{"label": "a", "size": 1, "x": 1}], "'parts': part: unknown field 'x'"),
+    ("note-x", None, "'note-x' is left out when absent, not null"),
+    ("note-x", "", "'note-x' must be text of 1..9"),
+    ("extra", b"123", "'extra' must be 0..2 bytes"),
+    ("v", 2, r"'v' must be 3 \(unsupported version 2\)"),
+    ("v", True, r"'v' must be 3 \(unsupported version True\)"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD, ids=[f"{k}={v!r}" for k, v, _ in BAD])
+def test_each_bad_field_is_refused_naming_it(key: str, value: Any, message: str) -> None:
+    with pytest.raises(FormatError, match=f"^thing: field {message}"):
+        fields.decode(Thing, {**good(), key: value})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({k: v for k, v in good().items() if k != "flag"}, "thing: missing field 'flag'"),
+        ({k: v for k, v in good().items() if k != "extra"}, "missing field 'extra'"),
+        ({**good(), "Flag": True}, "thing: unknown field 'Flag'"),
+        ({**good(), "note": "hi"}, "thing: unknown field 'note'"),
+        ([good()], "thing: must be a CBOR map"),
+        (None, "thing: must be a CBOR map"),
+    ],
+)
+def test_key_set_is_exact(raw: Any, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        fields.decode(Thing, raw)
+
+
+def test_nested_error_is_raised_as_the_outer_format() -> None:
+    """The part's own error class names the part; the thing raises its own class around it."""
+    with pytest.raises(FormatError) as info:
+        fields.decode(Thing, {**good(), "part": {"label": "ab", "size": 0}})
+    assert not isinstance(info.value, PartError)
+    assert str(info.value) == "thing: field 'part': part: field 'size' must be an integer in 1..100"
+    with pytest.raises(PartError, match="^part: unknown field 'z'"):
+        fields.decode(Part, {"label": "a", "size": 1, "z": 0})
+
+
+def test_cross_field_rule_runs_after_field_rules() -> None:
+    with pytest.raises(FormatError, match="count is below"):
+        fields.decode(Thing, {**good(), "count": 2})
+
+
+def test_declaration_mistakes_are_programming_errors() -> None:
+    with pytest.raises(TypeError, match="not a field-layer field"):
+
+        @fields.body("plain")
+        @attrs.frozen
+        class Plain:
+            x: int
+
+    with pytest.raises(TypeError, match="key twice"):
+
+        @fields.body("twice")
+        @attrs.frozen
+        class Twice:
+            a: int = fields.integer("k")
+            b: int = fields.integer("k")
+
+    with pytest.raises(TypeError, match="only lists of scalars"):
+        fields.list_of("x", fields.body_rule(Part), max_len=1, order=Order.SORTED)
+    with pytest.raises(TypeError, match="exactly one of"):
+        fields.byte_string("x")
+    with pytest.raises(TypeError, match="not declared"):
+        fields.encode(object())
+
+
+def test_errors_are_rooted_at_securethread_error() -> None:
+    with pytest.raises(Error):
+        fields.decode(Part, {"label": 1, "size": 1})
+
+
+# --- every converted format: encode(decode(x)) == x on the fuzz world's artefacts -----------
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return build()
+
+
+def _signed_body(data: bytes) -> Any:
+    return envelope.peek_body(data)[1]
+
+
+def _license_body(data: bytes) -> Any:
+    return _signed_body(cbor.decode(data)["envelope"])
+
+
+#: format -> (fuzz-world seed, the decoded body of one artefact, the body class)
+ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], Any], type]] = {
+    "license": ("license", _license_body, License),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
+def test_encode_decode_is_byte_identical_on_real_artefacts(world: World, name: str) -> None:
+    seed, body_of, cls = ROUND_TRIPS[name]
+    assert world.seeds[seed], seed
+    for data in world.seeds[seed]:
+        raw = body_of(data)
+        obj: Any = fields.decode(cls, raw)
+        assert cbor.encode(fields.encode(obj)) == cbor.encode(raw)
