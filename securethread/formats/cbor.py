@@ -1,53 +1,59 @@
 """Deterministic CBOR (RFC 8949 §4.2.1), the one canonical encoding of every wire format.
 
-Only the subset securethread needs: unsigned/negative integers, byte strings, text
-strings, arrays, maps with text keys, booleans and null.  Encoding is deterministic
-(shortest-form heads, definite lengths, map keys sorted by their encoded bytes), and the
-decoder *rejects* anything that is not in that form, so a signature always covers exactly
-one byte string and two encoders can never disagree about an artefact.
+The codec is cbor2's C extension; this module keeps the strict subset securethread accepts
+and enforces what cbor2 does not:
+
+* types: unsigned/negative integers in 64 bits, byte strings, text strings, arrays, maps
+  with text keys (integer keys only where a caller allows them: COSE header maps,
+  RFC 9052 §3), booleans and null.  Floats, other simple values, bignums and tags are
+  refused (tags 18 and 98, COSE_Sign1 and COSE_Sign, only at the top where asked for);
+* definite lengths only, no duplicate map keys, nesting at most :data:`MAX_DEPTH`
+  (cbor2's own options);
+* map keys in the bytewise order of their encodings (§4.2.1), checked on the decoded map;
+* shortest heads for every integer and length, and no trailing bytes: the decoded value
+  is encoded again and must give back exactly the input (one comparison catches every
+  non-shortest form at once).
+
+So a signature always covers exactly one byte string and two encoders can never disagree
+about an artefact.  Every refusal is a :class:`FormatError` naming the artefact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import cbor2
 
 from securethread.errors import FormatError
 
 #: Upper bound for nesting, to keep hostile inputs from exhausting the stack.
 MAX_DEPTH = 16
 
-_MT_UINT, _MT_NINT, _MT_BYTES, _MT_TEXT, _MT_ARRAY, _MT_MAP, _MT_SIMPLE = 0, 1, 2, 3, 4, 5, 7
-_FALSE, _TRUE, _NULL = 0xF4, 0xF5, 0xF6
+#: COSE message tags (RFC 9052 §2): the only tags a caller may allow, at the top only.
+TAG_COSE_SIGN1 = 18
+TAG_COSE_SIGN = 98
+_COSE_TAGS = frozenset({TAG_COSE_SIGN1, TAG_COSE_SIGN})
+
+_UINT_LIMIT = 1 << 64  # RFC 8949 §3.1: major types 0 and 1 carry a 64-bit argument
+#: Integer map keys are one-byte ones (-24..23, all COSE header labels used are): then
+#: cbor2's canonical (length-first) order is the §4.2.1 bytewise order of the encodings.
+_INT_KEYS = range(-24, 24)
+_TAG_MSG = "tags (major type 6) are not allowed"
+_SIMPLE_MSG = "unsupported simple value or float"
 
 
-def _head(major: int, n: int) -> bytes:
-    # RFC 8949 §4.2.1: the argument uses the shortest possible encoding.
-    if n < 24:
-        return _SMALL_HEADS[major][n]
-    mt = major << 5
-    if n < 0x100:
-        return bytes((mt | 24, n))
-    if n < 0x10000:
-        return bytes((mt | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((mt | 26,)) + n.to_bytes(4, "big")
-    if n < 0x10000000000000000:
-        return bytes((mt | 27,)) + n.to_bytes(8, "big")
-    raise ValueError("integer too large for CBOR head")
-
-
-#: One-byte heads (argument < 24) per major type, built once.
-_SMALL_HEADS = [[bytes(((major << 5) | n,)) for n in range(24)] for major in range(8)]
-
-
-class Encoded(bytes):
+class Encoded:
     """One item already in deterministic CBOR, spliced verbatim by :func:`encode`.
 
     Only :func:`pre_encode` makes these, so the bytes are always this encoder's output: a
     hot path encodes its per-job constants once (a certificate, a key) and reuses them.
     """
 
-    __slots__ = ()
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
 
 
 def pre_encode(value: Any) -> Encoded:
@@ -55,113 +61,215 @@ def pre_encode(value: Any) -> Encoded:
     return Encoded(encode(value))
 
 
-def encode(value: Any) -> bytes:
-    """Encode ``value`` deterministically. Raises ``TypeError`` for unsupported types."""
-    out = bytearray()
-    _encode(value, out)
-    return bytes(out)
+def _splice(encoder: cbor2.CBOREncoder, value: Any) -> None:
+    if type(value) is Encoded:
+        encoder.write(value.raw)
+        return
+    raise TypeError(f"cannot CBOR-encode {type(value).__name__}")
+
+
+def _norm(value: Any, int_keys: bool) -> Any:
+    """``value`` with only the supported types (exact ones returned as they are)."""
+    t = type(value)
+    if t is bytes or t is str or t is bool or value is None or t is Encoded:
+        return value
+    if t is int:
+        if not -_UINT_LIMIT <= value < _UINT_LIMIT:
+            raise ValueError("integer too large for CBOR head")
+        return value
+    if t is dict:
+        for k, v in value.items():
+            if (type(k) is not str and not (int_keys and type(k) is int and k in _INT_KEYS)) or (
+                _norm(v, int_keys) is not v
+            ):
+                break
+        else:
+            return value
+        return {_norm_key(k, int_keys): _norm(v, int_keys) for k, v in value.items()}
+    if t is list or t is tuple:
+        for v in value:
+            if _norm(v, int_keys) is not v:
+                break
+        else:
+            return value
+        return [_norm(v, int_keys) for v in value]
+    if isinstance(value, int):
+        return _norm(int(value), int_keys)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_norm(v, int_keys) for v in value]
+    if isinstance(value, dict):
+        return _norm(dict(value), int_keys)
+    raise TypeError(f"cannot CBOR-encode {type(value).__name__}")
+
+
+def _norm_key(k: Any, int_keys: bool) -> Any:
+    if type(k) is str or (int_keys and type(k) is int and k in _INT_KEYS):
+        return k
+    if isinstance(k, str):
+        return str(k)
+    raise TypeError("CBOR map keys must be text strings")
+
+
+def encode(value: Any, *, int_keys: bool = False) -> bytes:
+    """Encode ``value`` deterministically (§4.2.1: shortest heads, definite lengths, map
+    keys in bytewise order of their encodings).
+
+    Raises ``TypeError``/``ValueError`` for what the strict subset has no place for
+    (floats, non-text map keys unless ``int_keys``, integers beyond 64 bits, ...).
+    """
+    try:
+        return cbor2.dumps(_norm(value, int_keys), canonical=True, default=_splice)
+    except cbor2.CBOREncodeError as exc:
+        raise TypeError(str(exc)) from None
+
+
+def _refuse_tag(_decoder: Any) -> Any:
+    raise _Refused(_TAG_MSG)
+
+
+class _Refused(Exception):
+    """Raised inside cbor2's callbacks; becomes the FormatError's message."""
+
+
+#: cbor2's built-in semantic tags, each overridden to refuse (tags are not in the subset).
+_REFUSE_BUILTIN: dict[int, Callable[[Any], Any]] = {
+    t: _refuse_tag
+    for t in (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261)
+    + (1004, 43000, 55799)
+}
+
+
+def _tag_none(tag: cbor2.CBORTag, _immutable: bool) -> Any:
+    raise _Refused(_TAG_MSG)
+
+
+def _tag_cose(tag: cbor2.CBORTag, _immutable: bool) -> Any:
+    if tag.tag in _COSE_TAGS:
+        return tag
+    raise _Refused(_TAG_MSG)
 
 
 #: Encoded map keys: the same few field names recur in every artefact.
-_key_cache: dict[str, bytes] = {}
+_key_cache: dict[Any, bytes] = {}
 
 
-def _key(k: Any) -> bytes:
-    kb = _key_cache.get(k) if type(k) is str else None
+def _key_bytes(k: Any) -> bytes:
+    kb = _key_cache.get(k)
     if kb is None:
-        if not isinstance(k, str):
-            raise TypeError("CBOR map keys must be text strings")
-        b = k.encode("utf-8")
-        kb = _head(_MT_TEXT, len(b)) + b
-        if len(_key_cache) < 4096 and type(k) is str:
+        kb = cbor2.dumps(k)
+        if len(_key_cache) < 4096:
             _key_cache[k] = kb
     return kb
 
 
-def _encode(value: Any, out: bytearray) -> None:
-    # Exact-type dispatch first (the hot path); subclasses fall through to isinstance.
+def _check(value: Any, depth: int, int_keys: bool) -> None:
+    """Exact types, 64-bit integers, canonical key order (RFC 8949 §4.2.1)."""
     t = type(value)
-    if t is bytes:
-        out += _head(_MT_BYTES, len(value))
-        out += value
-    elif t is str:
-        b = value.encode("utf-8")
-        out += _head(_MT_TEXT, len(b))
-        out += b
-    elif t is int:
-        if value >= 0:
-            out += _head(_MT_UINT, value)
-        else:
-            out += _head(_MT_NINT, -1 - value)
-    elif t is dict:
-        items = (
-            sorted((_key(k), v) for k, v in value.items())
-            if len(value) > 1
-            else [(_key(k), v) for k, v in value.items()]
-        )
-        # §4.2.1: keys in bytewise lexicographic order of their encodings (distinct keys
-        # have distinct encodings, so the sort never compares values).
-        out += _head(_MT_MAP, len(items))
-        for kb, v in items:
-            out += kb
-            tv = type(v)  # flat fields inline: most artefacts are maps of bytes/str/int
-            if tv is bytes:
-                out += _head(_MT_BYTES, len(v))
-                out += v
-            elif tv is str and v.isascii():
-                out += _head(_MT_TEXT, len(v))
-                out += v.encode("ascii")
-            elif tv is int and v >= 0:
-                out += _head(_MT_UINT, v)
-            else:
-                _encode(v, out)
-    elif t is list or t is tuple:
-        out += _head(_MT_ARRAY, len(value))
+    if t is bytes or t is str or t is bool or value is None:
+        return
+    if t is int:
+        if not -_UINT_LIMIT <= value < _UINT_LIMIT:
+            raise _Refused(_TAG_MSG)  # only a bignum (tag 2/3) decodes that large
+        return
+    if t is list:
         for item in value:
-            _encode(item, out)
-    elif t is Encoded:
-        out += value
-    elif value is True:
-        out.append(_TRUE)
-    elif value is False:
-        out.append(_FALSE)
-    elif value is None:
-        out.append(_NULL)
-    elif isinstance(value, int):
-        _encode(int(value), out)
-    elif isinstance(value, bytes | bytearray | memoryview):
-        _encode(bytes(value), out)
-    elif isinstance(value, str):
-        _encode(str(value), out)
-    elif isinstance(value, list | tuple):
-        _encode(list(value), out)
-    elif isinstance(value, dict):
-        _encode(dict(value), out)
-    else:
-        raise TypeError(f"cannot CBOR-encode {type(value).__name__}")
+            if type(item) is not bytes:
+                _check(item, depth + 1, int_keys)
+        return
+    if t is dict:
+        prev = b""
+        for k, v in value.items():
+            tk = type(k)
+            if tk is not str and not (int_keys and tk is int and k in _INT_KEYS):
+                raise _Refused(
+                    "map keys must be text strings" + (" or labels -24..23" if int_keys else "")
+                )
+            kb = _key_bytes(k)
+            if kb <= prev:
+                raise _Refused("map keys not in canonical order or duplicated")
+            prev = kb
+            tv = type(v)
+            if tv is not bytes and tv is not str:
+                _check(v, depth + 1, int_keys)
+        return
+    if t is float or t is cbor2.CBORSimpleValue or value is cbor2.undefined:
+        raise _Refused(_SIMPLE_MSG)
+    raise _Refused(_TAG_MSG)  # CBORTag below the top, or a semantic type
 
 
-def decode(data: bytes, *, what: str = "data", max_size: int | None = None) -> Any:
+def _decode_error(exc: Exception) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, _Refused):
+            return str(cause)
+        if isinstance(cause, UnicodeDecodeError):
+            return "text string is not valid UTF-8"
+        cause = cause.__cause__ or cause.__context__
+    msg = str(exc)
+    if isinstance(exc, cbor2.CBORDecodeEOF) or "premature end" in msg:
+        return "truncated"
+    if "indefinite" in msg or "unknown" in msg and "subtype" in msg:
+        return "indefinite lengths and reserved values are not canonical"
+    if "break code" in msg:
+        return "unexpected break (indefinite lengths are not canonical)"
+    if "Duplicate map key" in msg:
+        return "map keys not in canonical order or duplicated"
+    if "nesting depth" in msg:
+        return "nesting too deep"
+    if "simple value" in msg or "special value" in msg:
+        return _SIMPLE_MSG
+    if "semantic tag" in msg:
+        return _TAG_MSG
+    return f"malformed CBOR ({msg})"
+
+
+def decode(
+    data: bytes,
+    *,
+    what: str = "data",
+    max_size: int | None = None,
+    int_keys: bool = False,
+    cose_tag: bool = False,
+) -> Any:
     """Decode one canonical CBOR item that spans all of ``data``.
 
-    Raises :class:`FormatError` naming ``what`` if the bytes are truncated, carry trailing
-    bytes, exceed ``max_size``, or are not in deterministic form.
+    ``int_keys`` admits integer map keys (COSE header maps); ``cose_tag`` admits one tag 18
+    or 98 around the whole item (returned as a :class:`cbor2.CBORTag`).  Raises
+    :class:`FormatError` naming ``what`` if the bytes are truncated, carry trailing bytes,
+    exceed ``max_size``, or are not in deterministic form.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise FormatError(f"{what}: expected bytes, got {type(data).__name__}")
-    data = bytes(data)
+    if type(data) is not bytes:
+        data = bytes(data)
     if max_size is not None and len(data) > max_size:
         raise FormatError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
     if not data:
         raise FormatError(f"{what}: empty")
     try:
-        value, pos = _decode(data, 0, 0)
-    except IndexError:
-        raise FormatError(f"{what}: truncated") from None
-    except FormatError as exc:  # errors deep in the item also name the artefact
-        raise FormatError(f"{what}: {exc}") from None
-    if pos != len(data):
-        raise FormatError(f"{what}: {len(data) - pos} trailing bytes")
+        value = cbor2.loads(
+            data,
+            tag_hook=_tag_cose if cose_tag else _tag_none,
+            semantic_decoders=_REFUSE_BUILTIN,
+            max_depth=MAX_DEPTH + 1 if cose_tag else MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        )
+        if type(value) is cbor2.CBORTag:  # only a COSE tag gets through the hook
+            _check(value.value, 0, int_keys)
+        elif type(value) is not bytes:
+            _check(value, 0, int_keys)
+    except (cbor2.CBORError, _Refused, RecursionError, ValueError, OverflowError) as exc:
+        raise FormatError(f"{what}: {_decode_error(exc)}") from None
+    again = cbor2.dumps(value)
+    if again != data:
+        if len(again) < len(data) and data.startswith(again):
+            raise FormatError(f"{what}: {len(data) - len(again)} trailing bytes")
+        raise FormatError(f"{what}: integer or length not in shortest form")
     return value
 
 
@@ -172,75 +280,3 @@ def is_version(value: object, expected: int) -> bool:
     which compares equal to ``1``; a version given as ``true`` is refused, not read as 1.
     """
     return type(value) is int and value == expected
-
-
-def _read_arg(data: bytes, pos: int, info: int) -> tuple[int, int]:
-    if info < 24:
-        return info, pos
-    size = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
-    if size is None:
-        raise FormatError("indefinite lengths and reserved values are not canonical")
-    if pos + size > len(data):
-        raise IndexError
-    n = int.from_bytes(data[pos : pos + size], "big")
-    # Reject non-shortest heads (RFC 8949 §4.2.1, "preferred serialization").
-    if (size == 1 and n < 24) or (size > 1 and n < (1 << (4 * size))):
-        raise FormatError("integer or length not in shortest form")
-    return n, pos + size
-
-
-def _decode(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
-    if depth > MAX_DEPTH:
-        raise FormatError("nesting too deep")
-    ib = data[pos]
-    pos += 1
-    major, info = ib >> 5, ib & 0x1F
-    if major == _MT_SIMPLE:
-        if ib == _FALSE:
-            return False, pos
-        if ib == _TRUE:
-            return True, pos
-        if ib == _NULL:
-            return None, pos
-        raise FormatError(f"unsupported simple value or float 0x{ib:02x}")
-    n, pos = _read_arg(data, pos, info)
-    if major == _MT_UINT:
-        return n, pos
-    if major == _MT_NINT:
-        return -1 - n, pos
-    if major in (_MT_BYTES, _MT_TEXT):
-        end = pos + n
-        if end > len(data):
-            raise IndexError
-        raw = data[pos:end]
-        if major == _MT_BYTES:
-            return raw, end
-        try:
-            return raw.decode("utf-8"), end
-        except UnicodeDecodeError:
-            raise FormatError("text string is not valid UTF-8") from None
-    if major == _MT_ARRAY:
-        if n > len(data) - pos:  # each item takes at least one byte
-            raise IndexError
-        items = []
-        for _ in range(n):
-            item, pos = _decode(data, pos, depth + 1)
-            items.append(item)
-        return items, pos
-    if major == _MT_MAP:
-        if 2 * n > len(data) - pos:
-            raise IndexError
-        result: dict[str, Any] = {}
-        prev: bytes | None = None
-        for _ in range(n):
-            kstart = pos
-            key, pos = _decode(data, pos, depth + 1)
-            if not isinstance(key, str):
-                raise FormatError("map keys must be text strings")
-            kbytes = data[kstart:pos]
-            if prev is not None and kbytes <= prev:
-                raise FormatError("map keys not in canonical order or duplicated")
-            prev = kbytes
-            result[key], pos = _decode(data, pos, depth + 1)
-        return result, pos
-    raise FormatError(f"unsupported CBOR major type {major}")  # tags (6)
