@@ -38,6 +38,7 @@ from securethread.errors import (
 )
 from securethread.formats.boot import (
     BOOT_CONFIRMATION_KIND,
+    BootConfirmation,
     BootConfirmationError,
     verify_boot_confirmation,
 )
@@ -351,14 +352,13 @@ class SimulatedDevice:
         )
         return seal(
             BOOT_CONFIRMATION_KIND,
-            {
-                "v": VERSION,
-                "device_id": self.device_id,
-                "image_id": m.image_id,
-                "image_version": m.image_version,
-                "security_counter": m.security_counter,
-                "plaintext_sha256": m.plaintext_sha256,
-                "nonce": nonce,
-            },
+            BootConfirmation(
+                device_id=self.device_id,
+                image_id=m.image_id,
+                image_version=m.image_version,
+                security_counter=m.security_counter,
+                plaintext_sha256=m.plaintext_sha256,
+                nonce=nonce,
+            ).to_body(),
             [cast(Any, _ChipSigner(self._key))],
         )

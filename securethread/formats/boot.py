@@ -22,8 +22,9 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, SignatureError, VerificationError
-from securethread.formats import cbor
+from securethread.formats import fields
 from securethread.formats.envelope import open_envelope
+from securethread.formats.identity import DEVICE_ID_RE
 from securethread.formats.image import Manifest
 
 __all__ = [
@@ -39,41 +40,29 @@ VERSION = 1
 BOOT_CONFIRMATION_KIND = "boot-confirmation"
 MAX_CONFIRMATION_SIZE = 2048
 MIN_NONCE, MAX_NONCE = 16, 64
-_KEYS = frozenset(
-    {"v", "device_id", "image_id", "image_version", "security_counter", "plaintext_sha256", "nonce"}
-)
-
-
 class BootConfirmationError(VerificationError):
     """A boot confirmation does not verify or reports something other than expected."""
 
 
+@fields.body("boot confirmation", error=BootConfirmationError)
 @attrs.frozen(kw_only=True)
 class BootConfirmation:
-    """The verified content of a boot confirmation."""
+    """The content of a boot confirmation (what the device signs; validated on construction)."""
 
-    device_id: str
-    image_id: str
-    image_version: str
-    security_counter: int
-    plaintext_sha256: bytes
-    nonce: bytes
+    device_id: str = fields.text("device_id", min_len=16, max_len=16, pattern=DEVICE_ID_RE)
+    image_id: str = fields.text("image_id", max_len=64)
+    image_version: str = fields.text("image_version", max_len=64)
+    security_counter: int = fields.integer("security_counter", hi=2**32 - 1)
+    plaintext_sha256: bytes = fields.byte_string("plaintext_sha256", size=32)
+    nonce: bytes = fields.byte_string("nonce", min_len=MIN_NONCE, max_len=MAX_NONCE)
+    version: int = fields.version(VERSION)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> BootConfirmation:
-        if set(body) != _KEYS:
-            raise BootConfirmationError("boot confirmation: unexpected or missing fields")
-        ok = (
-            cbor.is_version(body["v"], VERSION)
-            and all(type(body[k]) is str for k in ("device_id", "image_id", "image_version"))
-            and type(body["security_counter"]) is int
-            and type(body["plaintext_sha256"]) is bytes
-            and type(body["nonce"]) is bytes
-            and MIN_NONCE <= len(body["nonce"]) <= MAX_NONCE
-        )
-        if not ok:
-            raise BootConfirmationError("boot confirmation: a field has the wrong type or size")
-        return cls(**{k: v for k, v in body.items() if k != "v"})
+        return fields.decode(cls, body)
+
+    def to_body(self) -> dict[str, Any]:
+        return fields.encode(self)
 
     def check(self, *, device_id: str, manifest: Manifest) -> None:
         """It reports this device and this image (id, version, counter, plaintext digest)."""

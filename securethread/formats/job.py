@@ -40,9 +40,11 @@ MAX_JOB_SIZE = 1 << 20
 MAX_TARGET_ENTRIES = 10_000
 MAX_QUOTA = 1 << 40
 MAX_VENDORS = 64
-_JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_DEVICE_ID = re.compile(r"[0-9a-f]{16}")
-_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+#: Job ids, device ids (64-bit chip UIDs in lowercase hex) and names (device class, image id).
+JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEVICE_ID_RE = re.compile(r"[0-9a-f]{16}")
+NAME_RE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+_JOB_ID, _DEVICE_ID, _NAME = JOB_ID_RE, DEVICE_ID_RE, NAME_RE
 
 
 def check_device_id(device_id: object) -> str:

@@ -23,9 +23,8 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.errors import FormatError
-from securethread.formats import envelope
-from securethread.formats.job import check_job_id
+from securethread.formats import envelope, fields
+from securethread.formats.job import JOB_ID_RE
 from securethread.keys.protocol import PrivateKey
 
 __all__ = ["RESPONDER_REQUEST_KIND", "ResponderRequest"]
@@ -33,20 +32,20 @@ __all__ = ["RESPONDER_REQUEST_KIND", "ResponderRequest"]
 RESPONDER_REQUEST_KIND = "ocsp-responder-request"
 VERSION = 1
 MAX_SIZE = 4096
-_KEYS = frozenset({"v", "job_id", "job_sha256", "csr"})
 
 
+@fields.body("OCSP responder request")
 @attrs.frozen
 class ResponderRequest:
     """A root-signed request: certify ``csr``'s key as job ``job_id``'s OCSP responder."""
 
-    job_id: str
-    job_sha256: bytes
-    csr: bytes  # DER
+    job_id: str = fields.text("job_id", max_len=64, pattern=JOB_ID_RE)
+    job_sha256: bytes = fields.byte_string("job_sha256", size=32)
+    csr: bytes = fields.byte_string("csr", min_len=1, max_len=2048)  # DER
+    version: int = fields.version(VERSION)
 
     def seal(self, root_key: PrivateKey) -> bytes:
-        body = {"v": VERSION, "job_id": self.job_id, "job_sha256": self.job_sha256, "csr": self.csr}
-        return envelope.seal(RESPONDER_REQUEST_KIND, body, [root_key])
+        return envelope.seal(RESPONDER_REQUEST_KIND, fields.encode(self), [root_key])
 
     def certificate_request(self) -> x509.CertificateSigningRequest:
         from securethread.pki import load_csr
@@ -59,13 +58,4 @@ class ResponderRequest:
         body = envelope.open_envelope(
             data, kind=RESPONDER_REQUEST_KIND, keys=oem_root, max_size=MAX_SIZE
         )
-        if set(body) != _KEYS:
-            raise FormatError(f"OCSP responder request: expected fields {sorted(_KEYS)}")
-        if type(body["v"]) is not int or body["v"] != VERSION:
-            raise FormatError(f"OCSP responder request: unsupported version {body['v']!r}")
-        job_sha256, csr = body["job_sha256"], body["csr"]
-        if type(job_sha256) is not bytes or len(job_sha256) != 32:
-            raise FormatError("OCSP responder request: job_sha256 must be 32 bytes")
-        if type(csr) is not bytes or not 0 < len(csr) <= 2048:
-            raise FormatError("OCSP responder request: csr must be 1-2048 bytes")
-        return cls(check_job_id(body["job_id"]), job_sha256, csr)
+        return fields.decode(cls, body)

@@ -11,8 +11,10 @@ import pytest
 
 from securethread.errors import Error, FormatError, VerificationError
 from securethread.formats import cbor, envelope, fields
+from securethread.formats.boot import BootConfirmation
 from securethread.formats.fields import Absent, Order
 from securethread.formats.license import License
+from securethread.formats.responder import ResponderRequest
 from tests.fuzz.world import World, build
 
 
@@ -213,6 +215,7 @@ def _license_body(data: bytes) -> Any:
 #: format -> (fuzz-world seed, the decoded body of one artefact, the body class)
 ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], Any], type]] = {
     "license": ("license", _license_body, License),
+    "boot confirmation": ("boot_confirmation", _signed_body, BootConfirmation),
 }
 
 
@@ -224,3 +227,11 @@ def test_encode_decode_is_byte_identical_on_real_artefacts(world: World, name: s
         raw = body_of(data)
         obj: Any = fields.decode(cls, raw)
         assert cbor.encode(fields.encode(obj)) == cbor.encode(raw)
+
+
+def test_responder_request_round_trips_and_names_its_field() -> None:
+    req = ResponderRequest("job-1", bytes(32), b"csr")
+    raw = cbor.encode(fields.encode(req))
+    assert fields.decode(ResponderRequest, cbor.decode(raw)) == req
+    with pytest.raises(FormatError, match="^OCSP responder request: field 'job_id' must match"):
+        fields.decode(ResponderRequest, {**cbor.decode(raw), "job_id": "a b"})

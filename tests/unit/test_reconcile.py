@@ -171,7 +171,7 @@ def test_production_ca_certified_for_another_issue_of_the_job_id_is_refused(
         (lambda w: w.boot(w.device_id(0), image_version="0.9.0"), "image_version differs"),
         (lambda w: w.boot(w.device_id(0), device_id=w.device_id(1)), "device_id differs"),
         (lambda w: w.boot(w.device_id(1)), "not trusted"),  # signed by another chip
-        (lambda w: w.boot(w.device_id(0), nonce=b"short"), "wrong type or size"),
+        (lambda w: w.boot(w.device_id(0), nonce=b"short"), "field .nonce. must be 16..64 bytes"),
         (lambda w: b"\xa0", "malformed"),
     ],
 )
