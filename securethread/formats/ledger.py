@@ -38,7 +38,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, LedgerError, VerificationError
-from securethread.formats import cbor, envelope
+from securethread.formats import cbor, envelope, fields
 from securethread.formats.job import check_device_id
 from securethread.keys.protocol import PrivateKey
 
@@ -69,10 +69,6 @@ _RECORD_KEYS = {
         {"v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "boot"}
     ),
 }
-_CHECKPOINT_KEYS = frozenset({"job", "upto", "head", "time"})
-_CLOSE_KEYS = frozenset(
-    {"v", "job", "records", "provisioned", "programmed", "head", "quota", "quota_used", "time"}
-)
 
 
 class LedgerNotClosedError(LedgerError):
@@ -224,11 +220,21 @@ def chain(
     return out
 
 
+@fields.body("ledger checkpoint")
+@attrs.frozen(kw_only=True)
+class Checkpoint:
+    """The body of a checkpoint: "records 0..upto of job end in head" (unversioned)."""
+
+    job: bytes = fields.byte_string("job", size=_HASH)
+    upto: int = fields.integer("upto")
+    head: bytes = fields.byte_string("head", size=_HASH)
+    time: int = fields.integer("time")
+
+
 def sign_checkpoint(key: PrivateKey, *, job: bytes, upto: int, head: bytes, time: int) -> bytes:
     """The ledger key's statement "records 0..upto of job end in head"."""
-    return envelope.seal(
-        CHECKPOINT_KIND, {"job": job, "upto": upto, "head": head, "time": time}, [key]
-    )
+    cp = Checkpoint(job=job, upto=upto, head=head, time=time)
+    return envelope.seal(CHECKPOINT_KIND, fields.encode(cp), [key])
 
 
 # --- the close record ------------------------------------------------------------------------
@@ -246,32 +252,22 @@ class LedgerTotals:
     quota_used: int  # slots counted against the quota (>= provisioned: a crash wastes slots)
 
 
+@fields.body("ledger close record", error=CloseRecordMismatchError)
 @attrs.frozen(kw_only=True)
 class CloseRecord:
     """The ledger key's final statement about a job's ledger; valid once constructed."""
 
-    job: bytes
-    records: int
-    provisioned: int
-    programmed: int
-    head: bytes
-    quota: int
-    quota_used: int
-    time: int
-    version: int = LEDGER_VERSION
+    job: bytes = fields.byte_string("job", size=_HASH)
+    records: int = fields.integer("records")
+    provisioned: int = fields.integer("provisioned")
+    programmed: int = fields.integer("programmed")
+    head: bytes = fields.byte_string("head", size=_HASH)
+    quota: int = fields.integer("quota", lo=1)
+    quota_used: int = fields.integer("quota_used")
+    time: int = fields.integer("time")
+    version: int = fields.version(LEDGER_VERSION)
 
     def __attrs_post_init__(self) -> None:
-        counts = (self.records, self.provisioned, self.programmed, self.quota_used, self.time)
-        if not (
-            type(self.version) is int
-            and self.version == LEDGER_VERSION
-            and _hash(self.job)
-            and _hash(self.head)
-            and all(_uint(c) for c in counts)
-            and type(self.quota) is int
-            and self.quota >= 1
-        ):
-            raise CloseRecordMismatchError("ledger close record: malformed")
         if self.provisioned + self.programmed != self.records:
             raise CloseRecordMismatchError("ledger close record: counts do not add up")
         if not self.programmed <= self.provisioned <= self.quota_used <= self.quota:
@@ -284,24 +280,11 @@ class CloseRecord:
         return cls(job=job, time=time, **attrs.asdict(totals))
 
     def to_obj(self) -> dict[str, Any]:
-        return {
-            "v": self.version,
-            "job": self.job,
-            "records": self.records,
-            "provisioned": self.provisioned,
-            "programmed": self.programmed,
-            "head": self.head,
-            "quota": self.quota,
-            "quota_used": self.quota_used,
-            "time": self.time,
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> CloseRecord:
-        if set(obj) != _CLOSE_KEYS:
-            raise CloseRecordMismatchError("ledger close record: unexpected or missing fields")
-        fields = {k: v for k, v in obj.items() if k != "v"}
-        return cls(version=obj["v"], **fields)
+        return fields.decode(cls, obj)
 
 
 def sign_close(key: PrivateKey, record: CloseRecord) -> bytes:
@@ -494,22 +477,24 @@ class LedgerReader:
     def _checkpoint(self, payload: bytes, upto: int, head: bytes, *, fresh: bool) -> None:
         where = max(upto, 0)
         try:
-            cp = envelope.open_envelope(
+            body = envelope.open_envelope(
                 payload, kind=CHECKPOINT_KIND, keys=self.ledger_key, max_size=MAX_ENVELOPE_SIZE
             )
         except VerificationError as exc:
             raise LedgerError(
                 f"checkpoint after record {upto} does not verify: {exc}", index=where
             ) from None
-        if set(cp) != _CHECKPOINT_KEYS or not (
-            _hash(cp["job"]) and type(cp["upto"]) is int and _hash(cp["head"]) and _uint(cp["time"])
-        ):
-            raise LedgerError(f"checkpoint after record {upto} is malformed", index=where)
-        if not fresh or cp["job"] != self.job or cp["upto"] != upto:
+        try:
+            cp = fields.decode(Checkpoint, body)
+        except FormatError as exc:
+            raise LedgerError(
+                f"checkpoint after record {upto} is malformed: {exc}", index=where
+            ) from None
+        if not fresh or cp.job != self.job or cp.upto != upto:
             raise LedgerError(
                 f"checkpoint after record {upto} covers another range or job", index=where
             )
-        if cp["head"] != head:
+        if cp.head != head:
             raise LedgerError(
                 f"ledger record {upto} does not match its signed checkpoint", index=where
             )

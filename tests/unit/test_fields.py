@@ -3,6 +3,7 @@ and encode(decode(x)) == x on the artefacts of the fuzz world for every converte
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import attrs
 import pytest
 
 from securethread.errors import Error, FormatError, VerificationError
-from securethread.formats import cbor, envelope, fields
+from securethread.formats import cbor, envelope, fields, ledger
 from securethread.formats.boot import BootConfirmation
 from securethread.formats.fields import Absent, Order
 from securethread.formats.license import License
@@ -204,27 +205,37 @@ def world() -> World:
     return build()
 
 
-def _signed_body(data: bytes) -> Any:
-    return envelope.peek_body(data)[1]
+def _signed_body(data: bytes) -> list[Any]:
+    return [envelope.peek_body(data)[1]]
 
 
-def _license_body(data: bytes) -> Any:
+def _license_body(data: bytes) -> list[Any]:
     return _signed_body(cbor.decode(data)["envelope"])
 
 
-#: format -> (fuzz-world seed, the decoded body of one artefact, the body class)
-ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], Any], type]] = {
+def _export_items(tag: str) -> Callable[[bytes], list[Any]]:
+    def bodies(data: bytes) -> list[Any]:
+        items = ledger.read_export(io.BytesIO(data))[1]
+        return [envelope.peek_body(p)[1] for t, p in items if t == tag]
+
+    return bodies
+
+
+#: format -> (fuzz-world seed, the decoded bodies in one artefact, the body class)
+ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "license": ("license", _license_body, License),
     "boot confirmation": ("boot_confirmation", _signed_body, BootConfirmation),
+    "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
+    "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
 }
 
 
 @pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
 def test_encode_decode_is_byte_identical_on_real_artefacts(world: World, name: str) -> None:
-    seed, body_of, cls = ROUND_TRIPS[name]
-    assert world.seeds[seed], seed
-    for data in world.seeds[seed]:
-        raw = body_of(data)
+    seed, bodies_of, cls = ROUND_TRIPS[name]
+    bodies = [b for data in world.seeds[seed] for b in bodies_of(data)]
+    assert bodies, name
+    for raw in bodies:
         obj: Any = fields.decode(cls, raw)
         assert cbor.encode(fields.encode(obj)) == cbor.encode(raw)
 
