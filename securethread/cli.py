@@ -172,6 +172,14 @@ def oem_certify_programmer(a: argparse.Namespace) -> int:
     return _step(a, certify_programmer(a.workdir, a.request, fingerprint=a.fingerprint))
 
 
+def _number(text: str) -> int:
+    """An integer in decimal or 0x hex (addresses and sizes, as imgtool takes them)."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decimal or 0x integer") from None
+
+
 def oem_master_image(a: argparse.Namespace) -> int:
     from securethread.oem import master_image
 
@@ -182,6 +190,9 @@ def oem_master_image(a: argparse.Namespace) -> int:
         version=a.version,
         security_counter=a.security_counter,
         device_class=a.device_class,
+        load_address=a.load_address,
+        header_size=a.header_size,
+        mcuboot_input=a.mcuboot,
     )
     return _step(a, r)
 
@@ -603,13 +614,38 @@ def build_parser() -> argparse.ArgumentParser:
         oem,
         "master-image",
         oem_master_image,
-        "flow 3: encrypt a firmware image in the OEM token and sign its manifest",
+        "flow 3: sign a firmware as an MCUboot image in the OEM token, encrypt it there and "
+        "sign its manifest",
         workdir=oem_dir,
     )
-    c.add_argument("firmware", help="the plaintext firmware image")
+    c.add_argument("firmware", help="the plaintext firmware (or, with --mcuboot, its image)")
     c.add_argument("--image-id", required=True, help="the image's name")
-    c.add_argument("--version", required=True, help="the image's version string")
-    c.add_argument("--security-counter", type=int, required=True, help="anti-rollback counter")
+    c.add_argument(
+        "--version", required=True, help="MCUboot version major[.minor[.revision[+build]]]"
+    )
+    c.add_argument(
+        "--security-counter",
+        type=int,
+        required=True,
+        help="anti-rollback counter (MCUboot's protected TLV 0x50)",
+    )
+    c.add_argument(
+        "--load-address",
+        type=_number,
+        default=0,
+        help="RAM load address (sets IMAGE_F_RAM_LOAD); default 0: execute in place",
+    )
+    c.add_argument(
+        "--header-size",
+        type=_number,
+        default=0x200,
+        help="bytes reserved for the MCUboot header, as imgtool's --header-size (default 0x200)",
+    )
+    c.add_argument(
+        "--mcuboot",
+        action="store_true",
+        help="FIRMWARE is already an unsigned MCUboot image (imgtool create): sign it as it is",
+    )
     c.add_argument("--device-class", required=True, help="the device class the image is for")
     c = command(
         oem,

@@ -8,7 +8,9 @@ answers identification challenges; accepts provisioning data once (OTP is write-
 under the burnt root, with the firmware-signing key, device class, job and rollback floor taken
 from a device-trust statement the OEM root signed; and programs an encrypted image: manifest
 signature under that key *before* any decryption, device class, rollback, license,
-chunk-by-chunk decryption to a staging buffer, digest check, and only then flash.  The rollback
+chunk-by-chunk decryption to a staging buffer, digest check, the decrypted MCUboot image
+(strict parse, SHA-256, key hash and signature TLVs under the same key, security counter), and
+only then flash.  The rollback
 floor (fuses) only rises.  Any refusal leaves flash, OTP and fuses untouched.  Success returns a
 boot confirmation signed by the device key, which :func:`verify_boot_confirmation` checks on the
 programmer side.
@@ -49,8 +51,17 @@ from securethread.formats.device_trust import (
 )
 from securethread.formats.envelope import seal
 from securethread.formats.identity import IdentificationResponse, check_device_id, pop_payload
-from securethread.formats.image import ImageSizeError, decrypt_image, verify_manifest
+from securethread.formats.image import (
+    ImageSizeError,
+    Manifest,
+    ManifestMismatchError,
+    decrypt_image,
+    verify_manifest,
+)
 from securethread.formats.license import open_license
+from securethread.formats.mcuboot import ImageVersion
+from securethread.formats.mcuboot import parse_image as parse_mcuboot
+from securethread.formats.mcuboot import verify_image as verify_mcuboot
 from securethread.formats.provisioning import (
     PROVISIONING_VERSION,
     DeviceTrustRefusedError,
@@ -177,6 +188,14 @@ class SimulatedDevice:
         return self._flash
 
     @property
+    def firmware(self) -> bytes | None:
+        """The payload of the MCUboot image in flash (what the bootloader would jump to)."""
+        if self._flash is None:
+            return None
+        img = parse_mcuboot(self._flash)
+        return self._flash[img.header_size : img.header_size + img.image_size]
+
+    @property
     def oem_root_hash(self) -> bytes | None:
         """The OEM root hash burnt at the fab (``None``: a stock part)."""
         return self._oem_root_hash
@@ -298,6 +317,27 @@ class SimulatedDevice:
                 f"device {self.device_id}: device certificate chain: {exc}"
             ) from exc
 
+    def _check_mcuboot(self, installed: bytes, m: Manifest, trust: DeviceTrust) -> None:
+        """The decrypted plaintext is an MCUboot image as bootutil would check it: strict parse,
+        SHA-256 TLV, key hash TLV and ECDSA signature under the same firmware-signing key, its
+        protected security counter and header version the manifest's, not below the floor."""
+        v = verify_mcuboot(installed, key=trust.firmware_signing_key)
+        if v.security_counter != m.security_counter:
+            raise ManifestMismatchError(
+                f"MCUboot security counter {v.security_counter} differs from the manifest's "
+                f"{m.security_counter}"
+            )
+        if v.version != ImageVersion.parse(m.image_version):
+            raise ManifestMismatchError(
+                f"MCUboot image version {v.version} differs from the manifest's "
+                f"{m.image_version!r}"
+            )
+        if v.security_counter < self.rollback_counter:
+            raise RollbackError(
+                f"MCUboot security counter {v.security_counter} is below the device's "
+                f"minimum {self.rollback_counter}"
+            )
+
     def program(
         self,
         manifest: bytes,
@@ -312,7 +352,9 @@ class SimulatedDevice:
         Order: manifest signature under the firmware-signing key the OEM root vouched for
         (before anything is decrypted), device class, rollback, size, license (signer under
         the burnt root, device, image), then chunk-by-chunk decryption to staging, digests,
-        and only then flash and fuses.  (Signature matches the programmer's DevicePort.)
+        the MCUboot image in staging (:meth:`_check_mcuboot`), and only then flash (which
+        holds the MCUboot image, as a bootloader's slot would) and fuses.  (Signature matches
+        the programmer's DevicePort.)
         """
         otp, trust = self._otp_data, self._trust
         if otp is None or trust is None:
@@ -344,8 +386,10 @@ class SimulatedDevice:
         )
         staging = io.BytesIO()
         decrypt_image(image, staging, key=key, manifest=m, max_size=self.flash_size)
+        installed = staging.getvalue()
+        self._check_mcuboot(installed, m, trust)
         # Commit: flash, then the monotonic fuses (a real SBM burns fuses after the copy).
-        self._flash = staging.getvalue()
+        self._flash = installed
         self._fuse_counter = max(self._fuse_counter, m.security_counter)
         self._flashed = FlashedImage(
             m.image_id, m.image_version, m.security_counter, m.plaintext_sha256

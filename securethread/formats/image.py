@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 import re
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 import attrs
 from cryptography.exceptions import InvalidTag
@@ -47,7 +48,7 @@ from securethread.errors import (
     ImageError,
     SignatureError,
 )
-from securethread.formats import cbor
+from securethread.formats import cbor, mcuboot
 from securethread.formats.envelope import open_envelope, seal
 from securethread.keys.protocol import PrivateKey
 
@@ -76,6 +77,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: Manifest v2: the plaintext it binds is a signed MCUboot image (formats/mcuboot.py) whose
+#: version and security counter are the manifest's; v1 (a raw firmware) is no longer read.
+MANIFEST_VERSION = 2
 MAGIC = b"STIMAGE\x00"
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 1 << 10
@@ -200,10 +204,25 @@ def _octets(what: str, lo: int, hi: int | None = None) -> Any:
     return check
 
 
-def _fields(data: Any, keys: frozenset[str], what: str) -> Mapping[str, Any]:
+def _mcuboot_version() -> Any:
+    """An image version the MCUboot header can carry: imgtool's major[.minor[.rev[+build]]]."""
+
+    def check(_inst: object, _attr: object, value: object) -> None:
+        check_name("image version", value)
+        try:
+            mcuboot.ImageVersion.parse(cast(str, value))
+        except mcuboot.McubootFormatError as exc:
+            raise ImageFormatError(str(exc)) from None
+
+    return check
+
+
+def _fields(
+    data: Any, keys: frozenset[str], what: str, version: int = FORMAT_VERSION
+) -> Mapping[str, Any]:
     if not isinstance(data, dict) or set(data) != keys:
         raise ImageFormatError(f"{what}: unexpected or missing fields")
-    if not cbor.is_version(data["v"], FORMAT_VERSION):
+    if not cbor.is_version(data["v"], version):
         raise ImageFormatError(f"{what}: unsupported format version {data['v']!r}")
     return data
 
@@ -278,7 +297,7 @@ class Manifest:
     """What the firmware-signing key vouches for (the body of a ``manifest`` envelope)."""
 
     image_id: str = attrs.field(validator=_name("image id"))
-    image_version: str = attrs.field(validator=_name("image version"))
+    image_version: str = attrs.field(validator=_mcuboot_version())
     security_counter: int = attrs.field(validator=_uint("security counter", 0, 2**32 - 1))
     device_class: str = attrs.field(validator=_name("device class"))
     plaintext_length: int = attrs.field(validator=_uint("plaintext length", 1, 2**64 - 1))
@@ -288,7 +307,9 @@ class Manifest:
     nonce_prefix: bytes = attrs.field(validator=_octets("nonce prefix", NONCE_PREFIX_SIZE))
     header_sha256: bytes = attrs.field(validator=_octets("header SHA-256", 32))
     image_key_id: bytes = attrs.field(validator=_octets("image key id", 1, 64))
-    version: int = attrs.field(default=FORMAT_VERSION, validator=_uint("version", 1, 1))
+    version: int = attrs.field(
+        default=MANIFEST_VERSION, validator=_uint("version", MANIFEST_VERSION, MANIFEST_VERSION)
+    )
 
     _KEYS = frozenset(
         {
@@ -338,7 +359,7 @@ class Manifest:
 
     @classmethod
     def from_body(cls, body: Any) -> Manifest:
-        d = _fields(body, cls._KEYS, "manifest")
+        d = _fields(body, cls._KEYS, "manifest", MANIFEST_VERSION)
         return cls(
             image_id=d["image_id"],
             image_version=d["image_version"],
@@ -401,6 +422,17 @@ def _read_full(src: BinaryIO, n: int) -> bytes:
             break
         parts.append(more)
         got += len(more)
+    return b"".join(parts)
+
+
+def _read_bounded(src: BinaryIO, limit: int) -> bytes:
+    """All of ``src`` in 1 MiB reads; :class:`ImageSizeError` past ``limit`` bytes."""
+    parts, got = [], 0
+    while piece := _read_full(src, min(DEFAULT_CHUNK_SIZE, limit + 1 - got)):
+        parts.append(piece)
+        got += len(piece)
+        if got > limit:
+            raise ImageSizeError(f"firmware exceeds the maximum of {limit} bytes")
     return b"".join(parts)
 
 
@@ -543,10 +575,41 @@ def master_image(
     device_class: str,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_size: int = MAX_IMAGE_SIZE,
+    load_address: int = 0,
+    header_size: int = mcuboot.DEFAULT_HEADER_SIZE,
+    mcuboot_input: bool = False,
 ) -> bytes:
-    """Mastering in one call: :func:`encrypt_image`, then :func:`sign_manifest`."""
+    """Mastering in one call: the MCUboot image, :func:`encrypt_image`, :func:`sign_manifest`.
+
+    ``src`` is the raw firmware, made into an MCUboot image (header, payload, security
+    counter, SHA-256, key hash and ECDSA signature TLVs) signed by ``signing_key`` -- in the
+    token for a PKCS#11 key; with ``mcuboot_input`` it is an unsigned MCUboot image
+    (``imgtool create``) signed here.  That MCUboot image is the plaintext of the encrypted
+    container, so the manifest binds its digest.  The firmware is held in memory (an MCU's
+    flash, bounded by ``max_size``).
+    """
+    _check_limits(chunk_size, max_size)
+    version = mcuboot.ImageVersion.parse(image_version)
+    firmware = _read_bounded(src, max_size)
+    if not firmware:
+        raise ImageSizeError("refusing to master a zero-length firmware")
+    if mcuboot_input:
+        signed = mcuboot.resign_image(
+            firmware, signer=signing_key, version=version, security_counter=security_counter
+        )
+    else:
+        signed = mcuboot.build_image(
+            firmware,
+            signer=signing_key,
+            version=version,
+            security_counter=security_counter,
+            load_address=load_address,
+            header_size=header_size,
+        )
+    if len(signed) > max_size:
+        raise ImageSizeError(f"MCUboot image exceeds the maximum of {max_size} bytes")
     manifest = encrypt_image(
-        src,
+        io.BytesIO(signed),
         dst,
         key=image_key,
         image_id=image_id,

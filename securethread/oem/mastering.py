@@ -1,6 +1,10 @@
 """Flow 3 at the OEM: ``securethread oem master-image FIRMWARE --image-id ID ...``.
 
-The image is encrypted in the OEM token (chunked AES-GCM, docs/image.md) with an image key
+The firmware becomes a signed MCUboot image (docs/image.md): header, payload, protected
+security counter, SHA-256, key hash and ECDSA-P256 signature TLVs, the signature made inside
+the OEM token by the firmware-signing key -- or FIRMWARE is already an unsigned MCUboot image
+(``--mcuboot``, e.g. from ``imgtool create``) that is signed the same way.  That image is
+encrypted in the OEM token (chunked AES-GCM, docs/image.md) with an image key
 generated for this image, and its manifest (version, device class, anti-rollback counter,
 digests of plaintext and ciphertext) is signed with the firmware-signing key.  The
 plaintext firmware never leaves the OEM; the encrypted image and the manifest go to the
@@ -14,6 +18,15 @@ import os
 
 from securethread.errors import ConfigurationError, KeyNotFoundError
 from securethread.formats import image as image_mod
+from securethread.formats.image import ImageSizeError
+from securethread.formats.mcuboot import (
+    DEFAULT_HEADER_SIZE,
+    MAX_HEADER_SIZE,
+    MIN_HEADER_SIZE,
+    ImageVersion,
+    McubootFormatError,
+    check_unsigned,
+)
 from securethread.formats.transcript import KeyEntry
 from securethread.keys import IMAGE_KEY
 from securethread.oem import layout as L
@@ -28,19 +41,50 @@ def master_image(
     version: str,
     security_counter: int,
     device_class: str,
+    load_address: int = 0,
+    header_size: int = DEFAULT_HEADER_SIZE,
+    mcuboot_input: bool = False,
 ) -> StepResult:
-    """Encrypt ``firmware`` under a new image key ``image-<image_id>``; sign its manifest."""
+    """Make ``firmware`` a signed MCUboot image (signed in the token), encrypt it under a new
+    image key ``image-<image_id>`` and sign its manifest.  ``version`` is imgtool's
+    ``major[.minor[.revision[+build]]]``."""
     work = L.open_oem(workdir)
     idir = L.image_dir(image_id)
     work.refuse_done(f"{idir}/manifest.bin", step=f"master-image {image_id}")
     image_mod.check_name("device class", device_class)
     image_mod.check_name("image version", version)
     try:
+        ImageVersion.parse(version)
+    except McubootFormatError as exc:
+        raise ConfigurationError(f"--version: {exc}") from None
+    if type(security_counter) is not int or not 0 <= security_counter <= 0xFFFFFFFF:
+        raise ConfigurationError("--security-counter must be an integer in [0, 2^32 - 1]")
+    if not 0 <= load_address <= 0xFFFFFFFF:
+        raise ConfigurationError("--load-address must be a 32-bit unsigned integer")
+    if not MIN_HEADER_SIZE <= header_size <= MAX_HEADER_SIZE:
+        raise ConfigurationError(
+            f"--header-size must be in [{MIN_HEADER_SIZE}, {MAX_HEADER_SIZE}]"
+        )
+    if mcuboot_input and (load_address or header_size != DEFAULT_HEADER_SIZE):
+        raise ConfigurationError(
+            "--load-address and --header-size come from the MCUboot image given with --mcuboot"
+        )
+    try:
         src = open(firmware, "rb")  # noqa: SIM115 -- closed below
     except OSError as exc:
         raise ConfigurationError(
             f"cannot read firmware {os.fspath(firmware)!r}: {exc.strerror}"
         ) from None
+    with src:
+        # Bad input is refused before the token is touched (S5: no image key left behind).
+        if mcuboot_input:
+            check_unsigned(
+                src.read(), version=ImageVersion.parse(version), security_counter=security_counter
+            )
+        elif not src.read(1):
+            raise ImageSizeError("refusing to master a zero-length firmware")
+        src.seek(0)
+    src = open(firmware, "rb")  # noqa: SIM115 -- closed below
     oem = work.open_token(L.TOKEN)
     label = L.image_key_label(image_id)
     # A crash after the key was made but before the manifest was written leaves the key:
@@ -64,6 +108,9 @@ def master_image(
                 image_version=version,
                 security_counter=security_counter,
                 device_class=device_class,
+                load_address=load_address,
+                header_size=header_size,
+                mcuboot_input=mcuboot_input,
             )
             dst.flush()
             os.fsync(dst.fileno())

@@ -65,6 +65,7 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     from securethread.formats.job import verify_job
     from securethread.formats.jobpackage import JobPackage
     from securethread.formats.license import open_license
+    from securethread.formats.mcuboot import verify_image as verify_mcuboot
     from securethread.formats.onboarding import CertificateBundle, EnrolmentRequest
     from securethread.formats.reconciliation import reconcile_export
     from securethread.formats.transcript import verify_transcript
@@ -102,6 +103,7 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     )
     add("manifest", lambda d: verify_manifest(d, key=ctx["fw"].public_key()))
     add("image_header", ImageHeader.from_bytes)
+    add("mcuboot_image", lambda d: verify_mcuboot(d, key=ctx["fw"].public_key()))
     add(
         "encrypted_image",
         lambda d: decrypt_image(

@@ -36,6 +36,7 @@ from securethread.formats.image import encrypt_image, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
 from securethread.formats.jobpackage import JobPackage
 from securethread.formats.license import LicenseIssuer, open_license
+from securethread.formats.mcuboot import ImageVersion, build_image
 from securethread.formats.onboarding import CertificateBundle, EnrolmentRequest, OfficerBundle
 from securethread.formats.transcript import CertEntry, KeyEntry, Transcript
 from securethread.keys.ecutil import curve_object, fingerprint, hash_for, point_of, spki_der
@@ -263,8 +264,12 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     fw = oem.generate_ec("fw", curve=Curve.P256, policy=SIGNING)
     image_key = oem.generate_aes("image", policy=IMAGE_KEY)
     out = io.BytesIO()
+    mcuboot_image = build_image(
+        bytes(range(256)) * 12, signer=fw, version=ImageVersion(1, 3), security_counter=3
+    )
+    seeds["mcuboot_image"] = [mcuboot_image]
     m = encrypt_image(
-        io.BytesIO(bytes(range(256)) * 12), out, key=image_key, image_id=IMAGE_ID,
+        io.BytesIO(mcuboot_image), out, key=image_key, image_id=IMAGE_ID,
         image_version="1.3", security_counter=3, device_class=DEVICE_CLASS, chunk_size=CHUNK,
     )  # fmt: skip
     manifest = sign_manifest(m, fw)

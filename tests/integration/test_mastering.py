@@ -196,7 +196,7 @@ def test_end_to_end(plant, programmer) -> None:  # type: ignore[no-untyped-def]
     for dev, ident, lic in ((a, ident_a, lic_a), (b, ident_b, lic_b)):
         nonce = os.urandom(16)
         confirmation = dev.program(signed, io.BytesIO(blob), lic, nonce=nonce)
-        assert dev.flash == data
+        assert dev.firmware == data
         verify_boot_confirmation(
             confirmation,
             device_public_key=ident.public_key,
@@ -219,7 +219,7 @@ def test_end_to_end(plant, programmer) -> None:  # type: ignore[no-untyped-def]
     before = a.state()
     with pytest.raises(RollbackError):
         a.program(old_signed, io.BytesIO(old_blob), old_lic, nonce=os.urandom(16))
-    assert a.state() == before and a.flash == data
+    assert a.state() == before and a.firmware == data
 
 
 def _secret_objects(token: Any) -> int:

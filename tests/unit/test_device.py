@@ -62,6 +62,7 @@ from securethread.formats.license import (
     WrongDeviceLicenseError,
     WrongImageLicenseError,
 )
+from securethread.formats.mcuboot import ImageVersion, build_image
 from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend
 from securethread.pki import (
     DeviceCertificateIssuer,
@@ -123,8 +124,15 @@ class World:
         signer: Any = None,
     ) -> tuple[bytes, bytes, Manifest]:
         out = io.BytesIO()
+        # the plaintext is a signed MCUboot image, as oem master-image makes it
+        signed = build_image(
+            data,
+            signer=signer or self.fw_key,
+            version=ImageVersion.parse(f"1.{counter}"),
+            security_counter=counter,
+        )
         m = encrypt_image(
-            io.BytesIO(data),
+            io.BytesIO(signed),
             out,
             key=key or self.image_key,
             image_id=image_id,
@@ -335,7 +343,7 @@ def test_program_boots_and_confirms(world: World, firmware) -> None:  # type: ig
     nonce = os.urandom(16)
     lic = world.issuer(m).issue(dev.device_id, dev.public_key)
     conf = dev.program(signed, io.BytesIO(blob), lic, nonce=nonce)
-    assert dev.flash == data
+    assert dev.firmware == data
     assert dev.flashed is not None and dev.flashed.plaintext_sha256 == m.plaintext_sha256
     assert dev.rollback_counter == m.security_counter
     verify_boot_confirmation(
@@ -489,7 +497,7 @@ def test_rollback_refused(world: World) -> None:
     assert dev.rollback_counter == 5
     # replaying the older (validly signed) image after the newer one booted
     _refused(dev, RollbackError, lambda: _program(dev, world, old_signed, old_blob, old_m))
-    assert dev.flash == b"v5 firmware" * 100
+    assert dev.firmware == b"v5 firmware" * 100
     # re-programming the same counter is allowed (e.g. a repair)
     _program(dev, world, new_signed, new_blob, new_m)
 

@@ -84,7 +84,7 @@ def _boots(world: World, dev: SimulatedDevice, *, counter: int = 3) -> bytes:
     verify_boot_confirmation(
         conf, device_public_key=dev.public_key, device_id=dev.device_id, manifest=m, nonce=nonce
     )
-    assert dev.flash == data
+    assert dev.firmware == data
     return conf
 
 
@@ -432,7 +432,7 @@ def test_programming_floor_only_rises(world: World) -> None:
             assert dev.rollback_counter == floor
         else:  # the same counter again is allowed (a repair)
             dev.program(signed, io.BytesIO(blob), lic, bytes(16))
-            assert dev.flash == f"v{c}".encode() * 50
+            assert dev.firmware == f"v{c}".encode() * 50
             assert dev.rollback_counter == c
     assert dev.rollback_counter == 6
 

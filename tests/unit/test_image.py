@@ -36,6 +36,7 @@ from securethread.formats.image import (
     sign_manifest,
     verify_manifest,
 )
+from securethread.formats.mcuboot import verify_image as verify_mcuboot
 from securethread.hsm import IMAGE_KEY, SIGNING, Curve, SoftwareBackend
 
 CS = 4096
@@ -356,7 +357,11 @@ def test_master_image_in_one_call(key, soft, fw_key) -> None:  # type: ignore[no
     )
     m = verify_manifest(signed, key=fw_key.public_key())
     assert m.security_counter == 9
-    assert _decrypt(soft, out.getvalue(), m) == data
+    # the plaintext is the MCUboot image around the firmware, signed by the same key
+    plain = _decrypt(soft, out.getvalue(), m)
+    v = verify_mcuboot(plain, key=fw_key.public_key())
+    assert (v.security_counter, str(v.version)) == (9, "2.0.0+0")
+    assert plain[v.header_size : v.header_size + v.image_size] == data
 
 
 def test_manifest_signed_by_another_key(backend, key, fw_key) -> None:  # type: ignore[no-untyped-def]
@@ -400,7 +405,10 @@ BAD_FIELDS = [
     ("nonce_prefix", bytes(12)),
     ("header_sha256", b""),
     ("image_key_id", b""),
-    ("v", 2),
+    ("v", 1),  # v1 bound a raw firmware; v2 an MCUboot image
+    ("v", 3),
+    ("image_version", "1.2.3.4"),  # not an MCUboot version (imgtool syntax)
+    ("image_version", "256.0"),
 ]
 
 
