@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from securethread import __version__
@@ -93,6 +94,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, Error):
         where = f" {exc.filename!r}" if exc.filename else ""
         return f"OSError: {exc.strerror or exc}{where}"
+    if isinstance(exc, Error) and getattr(exc, "remote_type", None):
+        return _one_line(str(exc))  # the appliance's own line (operator_api.RemoteError)
     if isinstance(exc, Error):
         return f"{type(exc).__name__}: {_one_line(str(exc))}"
     return f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); please report it"
@@ -292,17 +295,93 @@ def programmer_init(a: argparse.Namespace) -> int:
     return _step(a, init(a.workdir, name=a.name))
 
 
+def _programmer(
+    a: argparse.Namespace,
+    command: str,
+    direct: Callable[[], StepResult],
+    options: dict[str, Any] | None = None,
+    files: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+    *,
+    keep: Callable[[str, bytes], str | None] | None = None,
+) -> StepResult:
+    """Run a programmer step: on the work directory itself (``--workdir``: the library's
+    direct mode), else as an operation of the appliance on ``--appliance SOCKET`` (or
+    ``$SECURETHREAD_APPLIANCE``), sending the options and the input files' bytes and writing
+    the files it returns into ``--outbox`` (docs/appliance.md)."""
+    if a.workdir is not None:
+        return direct()
+    from securethread.programmer.operator_api import (
+        RemoteError,
+        Request,
+        call,
+        socket_path,
+        write_outbox,
+    )
+    from securethread.workdir import Anchor
+    from securethread.workdir import StepResult as Result
+
+    path = socket_path(a.appliance)
+    payload = [(name, _read_input(src)) for name, src in files]
+
+    def event(e: Any) -> None:
+        if e.get("event") == "listening":  # receive-keys: where the appliance listens
+            print(f"listening on {e['host']}:{e['port']}", file=sys.stderr, flush=True)
+
+    ans = call(path, Request(command, options or {}, payload), on_event=event)
+    problem = None
+    if ans.error is not None:
+        problem = RemoteError(
+            str(ans.error.get("type")), str(ans.error.get("message")),
+            int(ans.error.get("exit_code", EXIT_INTERNAL)),
+        )  # fmt: skip
+        if "step" not in ans.result:
+            raise problem
+    written: list[str] = []
+    rest = []
+    for name, data in ans.files:
+        where = keep(name, data) if keep is not None else None
+        if where is not None:
+            written.append(where)
+        else:
+            rest.append((name, data))
+    written += write_outbox(a.outbox, rest)
+    details = {
+        k: v for k, v in ans.result.items() if k not in ("step", "workdir", "written", "anchors")
+    }
+    anchors = tuple(
+        Anchor(e, int(v["seq"]), bytes.fromhex(v["head"]))
+        for e, v in (ans.result.get("anchors") or {}).items()
+    )
+    return Result(
+        str(ans.result["step"]), Path(f"appliance:{path}"), tuple(written), anchors, details,
+        problem,
+    )  # fmt: skip
+
+
+def _read_input(src: str | os.PathLike[str]) -> bytes:
+    from securethread.workdir import read_file
+
+    return read_file(src, "input file", limit=256 << 20)
+
+
 def programmer_enrol(a: argparse.Namespace) -> int:
     from securethread.programmer import enrol
 
-    r = enrol(a.workdir)
+    r = _programmer(a, "enrol", lambda: enrol(a.workdir))
     return _step(a, r, [f"  identity fingerprint (read it to the OEM): {r.details['fingerprint']}"])
 
 
 def programmer_install_certs(a: argparse.Namespace) -> int:
     from securethread.programmer import install_certs
 
-    return _step(a, install_certs(a.workdir, a.bundle, root_fingerprint=a.root_fingerprint))
+    r = _programmer(
+        a,
+        "install-certs",
+        lambda: install_certs(a.workdir, a.bundle, root_fingerprint=a.root_fingerprint),
+        {"root_fingerprint": a.root_fingerprint},
+        [("bundle", a.bundle)],
+    )
+    return _step(a, r)
 
 
 def programmer_receive_keys(a: argparse.Namespace) -> int:
@@ -314,25 +393,42 @@ def programmer_receive_keys(a: argparse.Namespace) -> int:
         # The bound address, for scripts that listen on port 0: one line on stderr.
         print(f"listening on {addr[0]}:{addr[1]}", file=sys.stderr, flush=True)
 
-    return _step(a, receive_keys(a.workdir, host=host, port=port, timeout=a.timeout, ready=ready))
+    r = _programmer(
+        a,
+        "receive-keys",
+        lambda: receive_keys(a.workdir, host=host, port=port, timeout=a.timeout, ready=ready),
+        {"host": host, "port": port, "timeout": a.timeout},
+    )
+    return _step(a, r)
 
 
 def programmer_open_keys(a: argparse.Namespace) -> int:
     from securethread.programmer import open_keys
 
-    return _step(a, open_keys(a.workdir, a.package))
+    r = _programmer(
+        a, "open-keys", lambda: open_keys(a.workdir, a.package), {}, [("package", a.package)]
+    )
+    return _step(a, r)
 
 
 def programmer_request_ca(a: argparse.Namespace) -> int:
     from securethread.programmer import request_ca
 
-    return _step(a, request_ca(a.workdir, job_id=a.job))
+    r = _programmer(a, "request-ca", lambda: request_ca(a.workdir, job_id=a.job), {"job": a.job})
+    return _step(a, r)
 
 
 def programmer_open_job(a: argparse.Namespace) -> int:
     from securethread.programmer import open_job
 
-    return _step(a, open_job(a.workdir, a.package, image=a.image))
+    r = _programmer(
+        a,
+        "open-job",
+        lambda: open_job(a.workdir, a.package, image=a.image),
+        {},
+        [("package", a.package), ("image", a.image)],
+    )
+    return _step(a, r)
 
 
 class _Progress:
@@ -365,20 +461,27 @@ class _Progress:
 
 
 def programmer_provision(a: argparse.Namespace) -> int:
-    from securethread.demo.line import provision_simulated
+    from securethread.demo.line import FAB_FILES, provision_simulated
 
     bar = _Progress("none" if a.json else a.progress)
     try:
-        r = provision_simulated(
-            a.workdir,
-            job_id=a.job,
-            chips_from=a.chips_from,
-            devices=a.devices,
-            first=a.first,
-            workers=a.workers,
-            batch_size=a.batch_size,
-            progress=bar,
-        )
+        r = _programmer(
+            a,
+            "provision",
+            lambda: provision_simulated(
+                a.workdir,
+                job_id=a.job,
+                chips_from=a.chips_from,
+                devices=a.devices,
+                first=a.first,
+                workers=a.workers,
+                batch_size=a.batch_size,
+                progress=bar,
+            ),
+            {"job": a.job, "devices": a.devices, "first": a.first, "workers": a.workers,
+             "batch_size": a.batch_size},
+            [(name, Path(a.chips_from) / name) for name in FAB_FILES],
+        )  # fmt: skip
     finally:
         bar.close()
     d = r.details
@@ -402,13 +505,63 @@ def programmer_provision(a: argparse.Namespace) -> int:
 def programmer_close_job(a: argparse.Namespace) -> int:
     from securethread.programmer import close_job
 
-    return _step(a, close_job(a.workdir, job_id=a.job))
+    r = _programmer(a, "close-job", lambda: close_job(a.workdir, job_id=a.job), {"job": a.job})
+    return _step(a, r)
 
 
 def programmer_revoke(a: argparse.Namespace) -> int:
     from securethread.programmer import revoke
+    from securethread.workdir import write_atomic
 
-    return _step(a, revoke(a.workdir, job_id=a.job, devices=a.device, out=a.out, reason=a.reason))
+    def keep(name: str, data: bytes) -> str | None:
+        if name != "crl.pem":
+            return None
+        write_atomic(Path(a.out), data)
+        return str(a.out)
+
+    r = _programmer(
+        a,
+        "revoke",
+        lambda: revoke(a.workdir, job_id=a.job, devices=a.device, out=a.out, reason=a.reason),
+        {"job": a.job, "reason": a.reason, "devices": len(a.device)},
+        [(f"device-{i}.pem", d) for i, d in enumerate(a.device)],
+        keep=keep,
+    )
+    return _step(a, r)
+
+
+def programmer_status(a: argparse.Namespace) -> int:
+    from securethread.programmer.appliance import status, status_lines
+
+    r = _programmer(a, "status", lambda: status(a.workdir))
+    return _step(a, r, status_lines(r.details))
+
+
+# --- the appliance --------------------------------------------------------------------------------
+
+
+def appliance_init(a: argparse.Namespace) -> int:
+    from securethread.programmer.appliance import init
+
+    return _step(a, init(a.state, name=a.name))
+
+
+def appliance_serve(a: argparse.Namespace) -> int:
+    from securethread.demo.line import simulated_chips
+    from securethread.programmer.appliance import Appliance
+
+    def ready(app: Any) -> None:
+        print(f"appliance serving {app.socket_path}", file=sys.stderr, flush=True)
+
+    app = Appliance(
+        a.state,
+        socket_path=a.socket,
+        operators=a.operators,
+        stations=a.stations,
+        chips=simulated_chips,
+        log=None,
+    )
+    return app.serve(ready=ready)
 
 
 # --- audit ----------------------------------------------------------------------------------------
@@ -559,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     roles = p.add_subparsers(
         dest="role",
         required=True,
-        metavar="{oem,programmer,audit,vendor,demo}",
+        metavar="{oem,programmer,appliance,audit,vendor,demo}",
         parser_class=_Parser,
     )
 
@@ -867,6 +1020,68 @@ def build_parser() -> argparse.ArgumentParser:
         "--reason", default="unspecified", choices=REASONS, help="RFC 5280 §5.3.1 reason code"
     )
     c.add_argument("--out", required=True, help="where to write the CRL (PEM)")
+    command(
+        prog,
+        "status",
+        programmer_status,
+        "the status view: jobs, quota used and left, stations connected, devices/s",
+        workdir=prog_dir,
+    )
+    # Every programmer step but init runs on the work directory (--workdir, the library's
+    # direct mode) or as an operation of the appliance (--appliance SOCKET or
+    # $SECURETHREAD_APPLIANCE): docs/appliance.md.
+    for name, sp in prog.choices.items():
+        if name == "init":
+            continue
+        for action in sp._actions:
+            if action.dest == "workdir":
+                action.required = False
+                action.default = None
+        sp.add_argument(
+            "--appliance",
+            metavar="SOCKET",
+            help="run the step on the appliance listening on this UNIX socket "
+            "(default $SECURETHREAD_APPLIANCE) instead of on --workdir",
+        )
+        sp.add_argument(
+            "--outbox",
+            metavar="DIR",
+            default="outbox",
+            help="with --appliance: where to write the files the step returns (default "
+            "./outbox)",
+        )
+
+    appl = roles.add_parser(
+        "appliance", help="the programmer appliance: the one process that holds the token's PIN"
+    ).add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    c = command(
+        appl,
+        "init",
+        appliance_init,
+        "create the appliance's state directory (0700) and its token",
+        workdir=None,
+    )
+    c.add_argument("--state", required=True, metavar="DIR", help="the new state directory")
+    c.add_argument("--name", required=True, help="the programmer enclave's name")
+    c = command(
+        appl,
+        "serve",
+        appliance_serve,
+        "serve operators on a UNIX socket (and stations over gRPC) until SIGTERM",
+        workdir=None,
+    )
+    c.add_argument("--state", required=True, metavar="DIR", help="the state directory")
+    c.add_argument("--socket", required=True, metavar="PATH", help="the operators' UNIX socket")
+    c.add_argument(
+        "--operators",
+        metavar="GROUP",
+        help="the operators' group: the socket's group (mode 0660)",
+    )
+    c.add_argument(
+        "--stations",
+        metavar="HOST:PORT",
+        help="also serve the station API (gRPC, mutual TLS) on HOST:PORT",
+    )
 
     audit = roles.add_parser(
         "audit", help="offline verification with public keys only"

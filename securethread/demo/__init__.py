@@ -4,10 +4,17 @@ It plays every party on one machine the way they are deployed on several::
 
     DIR/oem/        the OEM's work directory (its own SoftHSM tokens and PIN file)
     DIR/officer-N/  officer N's PIN file, ``pin`` (0600): each officer's own, never the OEM's
-    DIR/factory/    the programming centre's work directory (its own token and PIN file)
+    DIR/factory/    the programming centre's appliance state directory (0700: its token, PIN
+                    file, stores, transcript), served by ``securethread appliance serve``
+    DIR/run/        the appliance's operator socket
+    DIR/operator/   the operator's outbox: what the appliance's steps returned
     DIR/vendor/     the simulated silicon vendor (software CA; burns the OEM root's hash)
     DIR/courier/    a log of every file carried between the parties
 
+The programming centre runs as deployed: one ``securethread appliance serve`` process
+alone holds its token's PIN and state; every programmer step is an operator's
+``securethread programmer ... --appliance SOCKET`` process that sends its inputs over the
+socket and gets the outbox files back; the appliance is stopped with SIGTERM at the end.
 Each party's step runs as its own ``securethread`` process with only that party's work
 directory (each process points SoftHSM at its own token directory and reads its own PIN
 file; the test-suite's or the caller's PIN variables are removed from the children's
@@ -36,7 +43,11 @@ from securethread.errors import ConfigurationError, Error
 
 DEMO_MARKER = ".securethread-demo"
 OFFICERS = 2  # oem init's default: two officers, both sign every job
-PARTS = ("oem", "factory", "vendor", "courier", *(f"officer-{n}" for n in range(1, OFFICERS + 1)))
+PARTS = (
+    "oem", "factory", "vendor", "courier", "operator", "run",
+    *(f"officer-{n}" for n in range(1, OFFICERS + 1)),
+)  # fmt: skip
+SOCKET = "run/appliance.sock"  # relative to the demo directory: sun_path holds 108 bytes
 OEM_NAME = "demo-oem"
 FACTORY_NAME = "factory-1"
 JOB_ID = "demo-job-1"
@@ -119,6 +130,38 @@ class _Sites:
             cwd=self.root,
         )
 
+    def start_appliance(self) -> subprocess.Popen[str]:
+        """``appliance serve`` in the background, once it listens on :data:`SOCKET`."""
+        (self.root / "run").mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "securethread.cli", "appliance", "serve",
+               "--state", "factory", "--socket", SOCKET]  # fmt: skip
+        self.log(f"[appliance] securethread appliance serve --state factory --socket {SOCKET} &")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
+            cwd=self.root,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        if not line.startswith("appliance serving "):
+            proc.kill()
+            rest = (line + proc.stderr.read()).strip().splitlines()
+            raise DemoStepError(f"the appliance did not start: {(rest or ['no output'])[-1]}")
+        return proc
+
+    def stop_appliance(self, proc: subprocess.Popen[str]) -> None:
+        """SIGTERM: the appliance finishes what it does and exits 0."""
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            _out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise DemoStepError("the appliance did not stop within 120 s of SIGTERM") from None
+        if proc.returncode != 0:
+            why = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
+            raise DemoStepError(f"the appliance stopped badly: {why}")
+
     def finish(
         self, party: str, args: Sequence[str], proc: subprocess.Popen[str]
     ) -> dict[str, Any]:
@@ -179,7 +222,6 @@ def run_demo(
     root = prepare(workdir)
     t0 = time.monotonic()
     s = _Sites(root, log)
-    oem, fac = root / "oem", root / "factory"
 
     # flow 1 and 2: the OEM's ceremony (each officer's new PIN goes to that officer's own
     # file only); the factory enrols; certificates go back.
@@ -191,9 +233,22 @@ def run_demo(
         *(arg for o in officers for arg in ("--officer-pin-file", o)),
     )  # fmt: skip
     root_fp = init["root_fingerprint"]
-    s.run("programmer", "init", "--workdir", "factory", "--name", FACTORY_NAME)
-    enrol = s.run("programmer", "enrol", "--workdir", "factory")
-    request = s.carry(fac / "outbox" / "enrolment-request.bin", "oem")
+    s.run("appliance", "init", "--state", "factory", "--name", FACTORY_NAME)
+    appliance = s.start_appliance()
+    try:
+        return _with_appliance(s, root, root_fp, devices, workers, firmware_size, t0)
+    finally:
+        s.stop_appliance(appliance)
+
+
+def _with_appliance(
+    s: _Sites, root: Path, root_fp: str, devices: int, workers: int, firmware_size: int,
+    t0: float,
+) -> dict[str, Any]:
+    oem, fac, ops = root / "oem", root / "factory", root / "operator" / "outbox"
+    app = ("--appliance", SOCKET, "--outbox", "operator/outbox")
+    enrol = s.run("programmer", "enrol", *app)
+    request = s.carry(ops / "enrolment-request.bin", "oem")
     # The fingerprint travels out of band (read over the phone): the demo passes it on.
     s.run(
         "oem",
@@ -208,8 +263,7 @@ def run_demo(
     s.run(
         "programmer",
         "install-certs",
-        "--workdir",
-        "factory",
+        *app,
         str(bundle),
         "--root-fingerprint",
         root_fp,
@@ -231,7 +285,7 @@ def run_demo(
     )  # fmt: skip
 
     # flows 4-5: the key channel over TCP on 127.0.0.1.
-    args = ("receive-keys", "--workdir", "factory", "--listen", "127.0.0.1:0", "--timeout", "60")
+    args = ("receive-keys", *app, "--listen", "127.0.0.1:0", "--timeout", "60")
     receiver = s.start("programmer", *args)
     port = _listening_port(receiver)
     sent = s.run(
@@ -241,8 +295,8 @@ def run_demo(
     received = s.finish("programmer", args, receiver)
 
     # flow 6: the job.
-    s.run("programmer", "request-ca", "--workdir", "factory", "--job", JOB_ID)
-    ca_request = s.carry(fac / "outbox" / f"production-ca-request-{JOB_ID}.bin", "oem")
+    s.run("programmer", "request-ca", *app, "--job", JOB_ID)
+    ca_request = s.carry(ops / f"production-ca-request-{JOB_ID}.bin", "oem")
     spec = oem / f"{JOB_ID}.toml"
     spec.write_text(_job_spec(devices, devices, vendor=str(vendor_ca)))
     draft = s.run(
@@ -257,21 +311,22 @@ def run_demo(
     issued = s.run("oem", "issue-job", "--workdir", "oem", "--job", JOB_ID)
     package = s.carry(oem / "outbox" / f"job-{JOB_ID}.bin", "factory")
     image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
-    s.run("programmer", "open-job", "--workdir", "factory", str(package), "--image", str(image))
+    s.run("programmer", "open-job", *app, str(package), "--image", str(image))
     # The production CA certified the OEM's OCSP responder key at open-job (docs/pki.md).
-    responder = s.carry(fac / "outbox" / f"ocsp-responder-{JOB_ID}.pem", "oem")
+    responder = s.carry(ops / f"ocsp-responder-{JOB_ID}.pem", "oem")
     s.run("oem", "install-responder", "--workdir", "oem", str(responder), "--job", JOB_ID)
 
     # flows 7-8: the line.
     prov = s.run(
-        "programmer", "provision", "--workdir", "factory", "--job", JOB_ID, "--chips-from",
+        "programmer", "provision", *app, "--job", JOB_ID, "--chips-from",
         str(root / "vendor"), "--devices", str(devices), "--workers", str(workers),
         "--progress", "none",
     )  # fmt: skip
 
     # flow 9: the ledger goes back; the OEM reconciles against the job it issued.
-    s.run("programmer", "close-job", "--workdir", "factory", "--job", JOB_ID)
-    ledger = s.carry(fac / "outbox" / f"ledger-{JOB_ID}.bin", "oem")
+    status = s.run("programmer", "status", *app)
+    s.run("programmer", "close-job", *app, "--job", JOB_ID)
+    ledger = s.carry(ops / f"ledger-{JOB_ID}.bin", "oem")
     rec = s.run("oem", "reconcile", "--workdir", "oem", str(ledger), "--job", JOB_ID)
     # The field: every reconciled device into the OEM's registry (oem ocsp answers from it).
     registry = s.run("oem", "registry", "ingest", "--workdir", "oem", str(ledger), "--job", JOB_ID)
@@ -304,6 +359,8 @@ def run_demo(
         "job": JOB_ID,
         "devices": devices,
         "workers": workers,
+        "appliance": {"socket": str(root / SOCKET), "state": str(fac),
+                      "jobs": status.get("jobs")},  # fmt: skip
         "provisioned": prov.get("provisioned"),
         "booted": prov.get("booted"),
         "quota": rec.get("quota"),
@@ -320,7 +377,8 @@ def run_demo(
     summary["lines"] = [
         f"two-site demo in {root} ({elapsed} s)",
         f"  OEM {OEM_NAME!r}: {oem}",
-        f"  programming centre {FACTORY_NAME!r}: {fac}",
+        f"  programming centre {FACTORY_NAME!r}: appliance on {root / SOCKET} "
+        f"(state {fac}, 0700); operators' outbox {ops}",
         f"  silicon vendor (simulated): {root / 'vendor'}",
         f"  files carried between the sites: {len(s.carried)} (see courier/log.txt); "
         f"key channel: TCP 127.0.0.1:{port}",

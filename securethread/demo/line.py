@@ -98,6 +98,30 @@ class SimulatedFab:
         return [self.chip(u) for u in uids]
 
 
+def first_uid(targets: Any) -> int:
+    """The UID of a job's first chip: the start of its first target range."""
+    return int(targets.ranges[0][0]) if targets.ranges else int(min(targets.explicit), 16)
+
+
+def simulated_chips(
+    chips_from: str | os.PathLike[str], targets: Any, *, first: int, devices: int
+) -> list[ChipSpec]:
+    """Chips ``first`` .. ``first + devices - 1`` of the job's first target range, from the
+    simulated fab in ``chips_from`` (the appliance's chip source for in-process runs)."""
+    for name, value, low in (("--devices", devices, 1), ("--first", first, 0)):
+        if value < low:
+            raise ConfigurationError(f"{name} must be at least {low}")
+    fab = SimulatedFab(chips_from)
+    base = first_uid(targets)
+    if base + first + devices > 1 << 64:
+        raise ConfigurationError("--first and --devices reach beyond 64-bit chip UIDs")
+    return fab.chips([base + first + i for i in range(devices)])
+
+
+#: The files of a simulated fab an operator sends the appliance for a run (docs/appliance.md).
+FAB_FILES = (VENDOR_ROOT, VENDOR_KEY, CHIP_SEED, ORDER)
+
+
 def provision_simulated(
     workdir: str | os.PathLike[str],
     *,
@@ -118,12 +142,10 @@ def provision_simulated(
     for name, value, low in (("--devices", devices, 1), ("--first", first, 0)):
         if value < low:
             raise ConfigurationError(f"{name} must be at least {low}")
-    fab = SimulatedFab(chips_from)
-    targets = job_targets(workdir, job_id)
-    base = targets.ranges[0][0] if targets.ranges else int(min(targets.explicit), 16)
-    if base + first + devices > 1 << 64:
-        raise ConfigurationError("--first and --devices reach beyond 64-bit chip UIDs")
-    chips = fab.chips([base + first + i for i in range(devices)])
+    SimulatedFab(chips_from)  # the fab directory before the job: the order of the errors
+    chips = simulated_chips(
+        chips_from, job_targets(workdir, job_id), first=first, devices=devices
+    )
     return provision(
         workdir,
         job_id=job_id,
@@ -134,4 +156,11 @@ def provision_simulated(
     )
 
 
-__all__ = ["SimulatedFab", "create_vendor", "provision_simulated"]
+__all__ = [
+    "FAB_FILES",
+    "SimulatedFab",
+    "create_vendor",
+    "first_uid",
+    "provision_simulated",
+    "simulated_chips",
+]

@@ -1,0 +1,309 @@
+"""The programmer appliance as a service and its operators as clients, each a separate
+process (docs/appliance.md): the state directory private to the appliance's OS user, one
+appliance per state directory, a client of a stopped appliance, SIGTERM draining a run,
+SIGKILL mid-run then a restart counting nothing twice, and -- when the tests run as root --
+real OS users: the operator cannot read the PIN or the state, yet runs operations through
+the socket, and the appliance logs the operator's uid (SO_PEERCRED) per operation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securethread.demo import child_env
+
+CLI = [sys.executable, "-m", "securethread.cli"]
+EXIT_CONFIG = 2
+
+
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env=child_env(), cwd=cwd, timeout=timeout
+    )
+
+
+def ok(*args: str, cwd: Path | None = None) -> dict[str, Any]:
+    proc = cli(*args, "--json", cwd=cwd)
+    assert proc.returncode == 0, (args, proc.stderr)
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def one_line(proc: subprocess.CompletedProcess[str], code: int, match: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert match.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+class Serving:
+    """``securethread appliance serve`` in a process of its own."""
+
+    def __init__(
+        self,
+        state: Path,
+        sock: Path,
+        *,
+        user: list[str] | None = None,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        cmd = [*(user or CLI), "appliance", "serve", "--state", str(state),
+               "--socket", str(sock), *extra]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=env or child_env(),
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert line.startswith("appliance serving "), line + self.proc.stderr.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        _out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    st = tmp_path / "state"
+    ok("appliance", "init", "--state", str(st), "--name", "factory-t")
+    return st
+
+
+# --- the state directory and the process --------------------------------------------------------
+
+
+def test_init_makes_a_private_state_directory(state: Path, tmp_path: Path) -> None:
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "pins").stat().st_mode) == 0o600
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    proc = cli("appliance", "init", "--state", str(open_dir), "--name", "x")
+    one_line(proc, EXIT_CONFIG, "mode 0755")
+    assert list(open_dir.iterdir()) == []
+
+
+def test_serve_refuses_a_state_directory_others_can_read(state: Path, tmp_path: Path) -> None:
+    os.chmod(state, 0o750)
+    proc = cli("appliance", "serve", "--state", str(state), "--socket", str(tmp_path / "s"))
+    one_line(proc, EXIT_CONFIG, "others can reach the PIN")
+    assert not (tmp_path / "s").exists()
+
+
+def test_two_appliances_on_one_state_directory(state: Path, tmp_path: Path) -> None:
+    first = Serving(state, tmp_path / "a.sock")
+    try:
+        proc = cli("appliance", "serve", "--state", str(state), "--socket", str(tmp_path / "b"))
+        one_line(proc, EXIT_CONFIG, "another appliance")
+        assert not (tmp_path / "b").exists()
+        # the first one still answers
+        view = ok("programmer", "status", "--appliance", str(tmp_path / "a.sock"))
+        assert view["appliance"] == "factory-t" and view["jobs"] == []
+    finally:
+        code, err = first.stop()
+    assert code == 0, err
+    assert not (tmp_path / "a.sock").exists()  # SIGTERM: a clean stop removes its socket
+
+
+def test_a_client_of_a_stopped_appliance(state: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "app.sock"
+    proc = cli("programmer", "enrol", "--appliance", str(sock))
+    one_line(proc, EXIT_CONFIG, "no appliance is listening")
+    # a socket file left by a killed appliance: the same line, and the next serve reuses it
+    s = Serving(state, sock)
+    code, _ = s.stop(signal.SIGKILL)
+    assert code == -signal.SIGKILL and sock.exists()
+    proc = cli("programmer", "status", "--appliance", str(sock))
+    one_line(proc, EXIT_CONFIG, "no appliance is listening")
+    again = Serving(state, sock)
+    try:
+        assert ok("programmer", "status", "--appliance", str(sock))["appliance"] == "factory-t"
+    finally:
+        assert again.stop()[0] == 0
+    # and with neither --workdir nor --appliance (nor $SECURETHREAD_APPLIANCE)
+    one_line(cli("programmer", "status"), EXIT_CONFIG, "SECURETHREAD_APPLIANCE")
+
+
+def test_operator_requests_are_bounded(state: Path, tmp_path: Path) -> None:
+    """A malformed request gets one error answer; the appliance keeps serving."""
+    sock = tmp_path / "app.sock"
+    s = Serving(state, sock)
+    try:
+        for raw in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x02{]", b"\x00\x00\x00\x0b{\"v\": 999}"):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            c.sendall(raw)
+            c.shutdown(socket.SHUT_WR)
+            data = c.recv(65536)
+            c.close()
+            assert b'"ok": false' in data and b"RequestError" in data, data
+        assert ok("programmer", "status", "--appliance", str(sock))["appliance"] == "factory-t"
+    finally:
+        assert s.stop()[0] == 0
+
+
+# --- OS users: the operator cannot read the state, yet runs every operation ----------------------
+
+
+def _can_make_users() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("useradd", "groupadd", "setpriv"))
+
+
+@pytest.fixture
+def users() -> Iterator[dict[str, str]]:
+    if not _can_make_users():
+        pytest.skip("needs root, useradd and setpriv to create the appliance and operator users")
+    tag = secrets.token_hex(3)
+    names = {"appliance": f"st-app-{tag}", "operator": f"st-op-{tag}",
+             "stranger": f"st-x-{tag}", "group": f"st-ops-{tag}"}  # fmt: skip
+    subprocess.run(["groupadd", "--system", names["group"]], check=True)
+    for who in ("appliance", "operator", "stranger"):
+        extra = ["-G", names["group"]] if who == "operator" else []
+        subprocess.run(["useradd", "--system", "--no-create-home", *extra, names[who]], check=True)
+    try:
+        yield names
+    finally:
+        for who in ("appliance", "operator", "stranger"):
+            subprocess.run(["userdel", names[who]], check=False)
+        subprocess.run(["groupdel", names["group"]], check=False)
+
+
+def _python_for_others() -> tuple[list[str], dict[str, str]]:
+    """An interpreter other users can execute, and the environment that finds the package:
+    this one if every directory on its path lets others through, else the system's
+    python3 of the same version with this environment's site-packages (the compiled
+    extensions match the version's ABI); skip if there is none."""
+    real = Path(os.path.realpath(sys.executable))
+    env = child_env()
+    if all(p.stat().st_mode & 0o001 for p in real.parents) and real.stat().st_mode & 0o001:
+        return [sys.executable], env
+    system = Path("/usr/bin/python3")
+    probe = subprocess.run(
+        [str(system), "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True, text=True, check=False,
+    ) if system.exists() else None  # fmt: skip
+    if probe is None or probe.stdout.strip() != str(tuple(sys.version_info[:2])):
+        pytest.skip(f"{real} is not executable by other users and no system python3 of the "
+                    "same version is")  # fmt: skip
+    import sysconfig
+
+    repo = Path(__file__).resolve().parents[2]
+    paths = [str(repo), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return [str(system)], env
+
+
+def _setpriv(user: str) -> list[str]:
+    """Run as ``user`` with its groups; setpriv(1) execs in place (signals reach the
+    program itself, unlike runuser's session)."""
+    gid = pwd.getpwnam(user).pw_gid
+    return ["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups", "--"]
+
+
+def _as(user: str, python: list[str]) -> list[str]:
+    return [*_setpriv(user), *python, "-m", "securethread.cli"]
+
+
+def test_operator_user_cannot_read_the_state_but_runs_operations(users: dict[str, str]) -> None:
+    python, env = _python_for_others()
+    base = Path(tempfile.mkdtemp(prefix="st-appliance-", dir="/tmp"))
+    try:
+        shutil.chown(base, users["appliance"])
+        os.chmod(base, 0o755)
+        state, run = base / "state", base / "run"
+        run.mkdir()
+        app_uid = pwd.getpwnam(users["appliance"]).pw_uid
+        op_uid = pwd.getpwnam(users["operator"]).pw_uid
+        shutil.chown(run, users["appliance"], users["group"])
+        os.chmod(run, 0o2750)  # setgid: the socket made in it gets the operators' group
+        init = subprocess.run(
+            [*_as(users["appliance"], python), "appliance", "init", "--state", str(state),
+             "--name", "factory-u"], capture_output=True, text=True, env=env, cwd=base,
+        )  # fmt: skip
+        assert init.returncode == 0, init.stderr
+        assert state.stat().st_uid == app_uid
+        sock = run / "appliance.sock"
+        s = Serving(state, sock, user=_as(users["appliance"], python),
+                    extra=("--operators", users["group"]), env=env)  # fmt: skip
+        try:
+            st = sock.stat()
+            assert stat.S_IMODE(st.st_mode) == 0o660
+            import grp
+
+            assert st.st_gid == grp.getgrnam(users["group"]).gr_gid
+            # The operator: reading the PIN file or listing the state fails with EACCES ...
+            probe = (
+                "import errno, os, sys\n"
+                "for p in sys.argv[1:]:\n"
+                "    try:\n"
+                "        (os.listdir if os.path.isdir(p) else open)(p)\n"
+                "        print(p, 'READABLE')\n"
+                "    except PermissionError as e:\n"
+                "        print(p, errno.errorcode[e.errno])\n"
+            )
+            out = subprocess.run(
+                [*_setpriv(users["operator"]), *python, "-c", probe,
+                 str(state / "pins"), str(state), str(state / "hsm")],
+                capture_output=True, text=True, env=env,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            assert [line.split()[-1] for line in out.stdout.splitlines()] == ["EACCES"] * 3
+            # ... yet enrol and status through the socket work, the outbox is the operator's
+            outbox = base / "op-outbox"
+            outbox.mkdir()
+            shutil.chown(outbox, users["operator"])
+            for args in (("enrol",), ("status",)):
+                proc = subprocess.run(
+                    [*_as(users["operator"], python), "programmer", *args, "--appliance",
+                     str(sock), "--outbox", str(outbox), "--json"],
+                    capture_output=True, text=True, env=env, cwd=base,
+                )  # fmt: skip
+                assert proc.returncode == 0, proc.stderr
+            assert (outbox / "enrolment-request.bin").stat().st_uid == op_uid
+            # A user outside the operators' group cannot even connect: one line, exit 2.
+            proc = subprocess.run(
+                [*_as(users["stranger"], python), "programmer", "status", "--appliance",
+                 str(sock)], capture_output=True, text=True, env=env, cwd=base,
+            )  # fmt: skip
+            one_line(proc, EXIT_CONFIG, "appliance socket")
+        finally:
+            code, err = s.stop()
+        assert code == 0, err
+        # The appliance logged who asked, as the kernel saw it (SO_PEERCRED).
+        log = [json.loads(x) for x in (state / "operations.log").read_text().splitlines()]
+        assert [(e["command"], e["uid"], e["ok"]) for e in log] == [
+            ("enrol", op_uid, True),
+            ("status", op_uid, True),
+        ]
+        # ... and in its signed transcript once the identity key existed (from enrol on)
+        from securethread.formats.onboarding import EnrolmentRequest
+        from securethread.formats.transcript import verify_transcript
+
+        request = EnrolmentRequest.open((outbox / "enrolment-request.bin").read_bytes())
+        records = verify_transcript(
+            state / "transcript.bin", public_key=request.identity_key()
+        ).records
+        ops = [dict(r.details) for r in records if r.operation == "operator-request"]
+        assert [(d["command"], d["uid"]) for d in ops] == [("enrol", op_uid)]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
