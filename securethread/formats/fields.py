@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 
@@ -43,6 +43,8 @@ __all__ = [
     "body",
     "boolean",
     "byte_string",
+    "check",
+    "constant",
     "decode",
     "encode",
     "integer",
@@ -75,12 +77,32 @@ class Order(enum.Enum):
 # --- rules: what one value must be -----------------------------------------------------------
 
 
+#: An attrs validator: ``(instance, attribute, value)``; returns if ``value`` passes.
+Validator = Callable[[Any, Any, Any], None]
+#: Called by a validator whose value failed, with the instance and the value; raises.
+Fail = Callable[[Any, Any], NoReturn]
+
+
 class Rule:
-    """Checks one value (:meth:`problem`) and converts it to and from its CBOR form."""
+    """What one value must be: a fast validator, the message when it fails, and the value's
+    CBOR form (scalars are their own CBOR form)."""
+
+    def validator(self, fail: Fail) -> Validator:
+        """This rule as an attrs validator that calls ``fail`` on a bad value."""
+
+        def check(inst: Any, _attribute: Any, value: Any) -> None:
+            if self.problem(value) is not None:
+                fail(inst, value)
+
+        return check
 
     def problem(self, value: Any) -> str | None:
-        """``None`` if ``value`` is acceptable, else what it must be ("must be ...")."""
+        """``None`` if ``value`` passes, else what it must be ("must be ...")."""
         raise NotImplementedError
+
+    def explain(self, value: Any) -> str:
+        """What a value that failed must be (only called once it has failed)."""
+        return self.problem(value) or "is wrong"
 
     def to_cbor(self, value: Any) -> Any:
         return value
@@ -89,26 +111,45 @@ class Rule:
         return raw
 
 
+# Scalar rules write their test once, inline in the validator (construction is on the
+# per-device path), and their message once, in explain().
+
+
 @attrs.frozen
 class _Int(Rule):
     lo: int
     hi: int
 
-    def problem(self, value: Any) -> str | None:
-        # type() is: bool is a subclass of int, and CBOR true must not pass as 1.
-        if type(value) is not int or not self.lo <= value <= self.hi:
-            return f"must be an integer in {self.lo}..{self.hi}"
-        return None
+    def validator(self, fail: Fail) -> Validator:
+        lo, hi = self.lo, self.hi
+
+        def check(inst: Any, _attribute: Any, v: Any) -> None:
+            # type() is: bool is a subclass of int, and CBOR true must not pass as 1.
+            if type(v) is not int or not lo <= v <= hi:
+                fail(inst, v)
+
+        return check
+
+    def explain(self, value: Any) -> str:
+        return f"must be an integer in {self.lo}..{self.hi}"
 
 
 @attrs.frozen
 class _Const(Rule):
-    value: int
+    value: int | str
+    label: str  # what a wrong value is called in the error ("version", "kind")
 
-    def problem(self, value: Any) -> str | None:
-        if type(value) is not int or value != self.value:
-            return f"must be {self.value} (unsupported version {value!r})"
-        return None
+    def validator(self, fail: Fail) -> Validator:
+        want, t = self.value, type(self.value)
+
+        def check(inst: Any, _attribute: Any, v: Any) -> None:
+            if type(v) is not t or v != want:
+                fail(inst, v)
+
+        return check
+
+    def explain(self, value: Any) -> str:
+        return f"must be {self.value!r} (unsupported {self.label} {value!r})"
 
 
 @attrs.frozen
@@ -116,11 +157,17 @@ class _Bytes(Rule):
     lo: int
     hi: int
 
-    def problem(self, value: Any) -> str | None:
-        if type(value) is not bytes or not self.lo <= len(value) <= self.hi:
-            size = f"{self.lo}" if self.lo == self.hi else f"{self.lo}..{self.hi}"
-            return f"must be {size} bytes"
-        return None
+    def validator(self, fail: Fail) -> Validator:
+        lo, hi = self.lo, self.hi
+
+        def check(inst: Any, _attribute: Any, v: Any) -> None:
+            if type(v) is not bytes or not lo <= len(v) <= hi:  # bytearray is not bytes
+                fail(inst, v)
+
+        return check
+
+    def explain(self, value: Any) -> str:
+        return f"must be {self.lo if self.lo == self.hi else f'{self.lo}..{self.hi}'} bytes"
 
 
 @attrs.frozen
@@ -129,12 +176,21 @@ class _Text(Rule):
     hi: int
     pattern: re.Pattern[str] | None
 
-    def problem(self, value: Any) -> str | None:
+    def validator(self, fail: Fail) -> Validator:
+        lo, hi = self.lo, self.hi
+        match = self.pattern.fullmatch if self.pattern is not None else None
+
+        def check(inst: Any, _attribute: Any, v: Any) -> None:
+            if type(v) is not str or not lo <= len(v) <= hi or (match and match(v) is None):
+                fail(inst, v)
+
+        return check
+
+    def explain(self, value: Any) -> str:
         if type(value) is not str or not self.lo <= len(value) <= self.hi:
             return f"must be text of {self.lo}..{self.hi} characters"
-        if self.pattern is not None and self.pattern.fullmatch(value) is None:
-            return f"must match {self.pattern.pattern}"
-        return None
+        assert self.pattern is not None
+        return f"must match {self.pattern.pattern}"
 
 
 @attrs.frozen
@@ -157,6 +213,10 @@ class _Nested(Rule):
         return decode(self.cls, raw)
 
 
+def _raise_problem(_inst: Any, _value: Any) -> NoReturn:
+    raise _Problem
+
+
 @attrs.frozen
 class _List(Rule):
     item: Rule
@@ -167,10 +227,12 @@ class _List(Rule):
     def problem(self, value: Any) -> str | None:
         if type(value) is not tuple or not self.lo <= len(value) <= self.hi:
             return f"must list {self.lo}..{self.hi} items"
+        check = self.item.validator(_raise_problem)
         for i, v in enumerate(value):
-            p = self.item.problem(v)
-            if p is not None:
-                return f"item {i} {p}"
+            try:
+                check(None, None, v)
+            except _Problem:
+                return f"item {i} {self.item.explain(v)}"
         if self.order is Order.SORTED:
             if any(a >= b for a, b in zip(value, value[1:], strict=False)):
                 return "must be strictly ascending (sorted, no repeats)"
@@ -201,20 +263,29 @@ class _Field:
     absent: Absent | None  # None: required
 
 
-def _check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    f: _Field = attribute.metadata[_META]
-    if value is None and f.absent is not None:
-        return
-    p = f.rule.problem(value)
-    if p is not None:
-        spec = _spec(type(inst))
-        raise spec.error(f"{spec.name}: field {f.key!r} {p}")
+def _validator(f: _Field) -> Validator:
+    """The attrs validator of one field: its rule, then the body's error naming the field."""
+
+    def fail(inst: Any, value: Any) -> NoReturn:
+        spec = _spec(inst if isinstance(inst, type) else type(inst))  # check() passes the class
+        raise spec.error(f"{spec.name}: field {f.key!r} {f.rule.explain(value)}")
+
+    check = f.rule.validator(fail)
+    if f.absent is None:
+        return check
+
+    def check_optional(inst: Any, attribute: Any, value: Any) -> None:
+        if value is not None:
+            check(inst, attribute, value)
+
+    return check_optional
 
 
 def _field(key: str, rule: Rule, absent: Absent | None, **kw: Any) -> Any:
     if absent is not None:
         kw["default"] = None
-    return attrs.field(metadata={_META: _Field(key, rule, absent)}, validator=_check, **kw)
+    f = _Field(key, rule, absent)
+    return attrs.field(metadata={_META: f}, validator=_validator(f), **kw)
 
 
 def integer(key: str, *, lo: int = 0, hi: int = _U64, absent: Absent | None = None) -> Any:
@@ -224,7 +295,13 @@ def integer(key: str, *, lo: int = 0, hi: int = _U64, absent: Absent | None = No
 
 def version(value: int, *, key: str = "v") -> Any:
     """The format's version field: exactly the integer ``value`` (the default)."""
-    return _field(key, _Const(value), None, default=value)
+    return _field(key, _Const(value, "version"), None, default=value)
+
+
+def constant(key: str, value: str | int) -> Any:
+    """A field that always holds ``value`` (exact type): the tag of one variant of a union,
+    such as a ledger record's ``kind``."""
+    return _field(key, _Const(value, key), None, default=value)
 
 
 def byte_string(
@@ -312,6 +389,7 @@ class _Spec:
     required: frozenset[str]
     allowed: frozenset[str]
     flat: bool  # every field is a required scalar: encode is a plain dict build
+    validators: tuple[tuple[str, Validator], ...]  # (key, the field's validator) for check()
 
 
 def body(name: str, *, error: Callable[[str], Error] = FormatError) -> Callable[[type[T]], type[T]]:
@@ -335,6 +413,10 @@ def body(name: str, *, error: Callable[[str], Error] = FormatError) -> Callable[
             required=frozenset(f.key for _, f in items if f.absent is None),
             allowed=frozenset(keys),
             flat=all(f.absent is None and type(f.rule).to_cbor is Rule.to_cbor for _, f in items),
+            validators=tuple(
+                (a.metadata[_META].key, a.validator)
+                for a in attrs.fields(cls)  # type: ignore[arg-type]
+            ),
         )
         return cls
 
@@ -364,18 +446,35 @@ def encode(obj: Any) -> dict[str, Any]:
     return out
 
 
-def decode(cls: type[T], raw: Any) -> T:
-    """The body ``cls`` from a decoded CBOR map: exactly the declared keys (optional ones
-    may be absent as their :class:`Absent` rule says), every field passing its rule."""
-    spec = _spec(cls)
+def _check_keys(spec: _Spec, raw: Any) -> None:
     if type(raw) is not dict:
         raise spec.error(f"{spec.name}: must be a CBOR map")
     keys = raw.keys()
-    if not spec.required <= keys or not keys <= spec.allowed:
+    if keys != spec.required and not spec.required <= keys <= spec.allowed:
         missing = sorted(spec.required - keys)
         unknown = sorted(keys - spec.allowed)
         what = f"missing field {missing[0]!r}" if missing else f"unknown field {unknown[0]!r}"
         raise spec.error(f"{spec.name}: {what}")
+
+
+def check(cls: type, raw: Any) -> None:
+    """Check a decoded map against ``cls`` without building the object: for a verifier that
+    reads many records and keeps their maps (the ledger). Flat bodies only."""
+    spec = _spec(cls)
+    if not spec.flat:
+        raise TypeError(f"{spec.name} has nested or optional fields: use decode")
+    _check_keys(spec, raw)
+    for key, validate in spec.validators:
+        validate(cls, None, raw[key])  # the class stands in for the instance (see fail)
+
+
+def decode(cls: type[T], raw: Any) -> T:
+    """The body ``cls`` from a decoded CBOR map: exactly the declared keys (optional ones
+    may be absent as their :class:`Absent` rule says), every field passing its rule."""
+    spec = _spec(cls)
+    _check_keys(spec, raw)
+    if spec.flat:  # required scalars only: the constructor's validators check each one
+        return cls(**{a: raw[f.key] for a, f in spec.fields})
     kw: dict[str, Any] = {}
     for a, f in spec.fields:
         if f.key not in raw:  # only optional keys may be missing (checked above)

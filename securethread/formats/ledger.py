@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, LedgerError, VerificationError
 from securethread.formats import cbor, envelope, fields
-from securethread.formats.job import check_device_id
+from securethread.formats.job import DEVICE_ID_RE
 from securethread.keys.protocol import PrivateKey
 
 LEDGER_VERSION = 1
@@ -58,17 +58,7 @@ KIND_PROVISIONED = "provisioned"
 KIND_PROGRAMMED = "programmed"
 TAG_JOB, TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE = "j", "r", "c", "e"
 _HASH = 32
-_RECORD_KEYS = {
-    KIND_PROVISIONED: frozenset(
-        {
-            "v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "cert",
-            "license_sha256", "vendor_ca",
-        }
-    ),  # fmt: skip
-    KIND_PROGRAMMED: frozenset(
-        {"v", "kind", "job", "seq", "prev", "time", "slot", "device_id", "boot"}
-    ),
-}
+
 
 
 class LedgerNotClosedError(LedgerError):
@@ -83,12 +73,47 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _uint(v: object) -> bool:
-    return type(v) is int and v >= 0
-
-
 def _hash(v: object) -> bool:
     return type(v) is bytes and len(v) == _HASH
+
+
+@attrs.frozen(kw_only=True)
+class _Record:
+    """The fields every ledger record has (each kind below adds its own)."""
+
+    job: bytes = fields.byte_string("job", size=_HASH)  # the job identity
+    seq: int = fields.integer("seq")
+    prev: bytes = fields.byte_string("prev", size=_HASH)  # hash of the record before
+    time: int = fields.integer("time")
+    slot: int = fields.integer("slot")
+    device_id: str = fields.text("device_id", min_len=16, max_len=16, pattern=DEVICE_ID_RE)
+    version: int = fields.version(RECORD_VERSION)
+
+
+@fields.body("ledger record")
+@attrs.frozen(kw_only=True)
+class ProvisionedRecord(_Record):
+    """A device was provisioned: its certificate, its license's digest, its vendor CA."""
+
+    kind: str = fields.constant("kind", KIND_PROVISIONED)
+    cert: bytes = fields.byte_string("cert", max_len=MAX_RECORD_SIZE)  # DER
+    license_sha256: bytes = fields.byte_string("license_sha256", size=_HASH)
+    vendor_ca: bytes = fields.byte_string("vendor_ca", size=_HASH)
+
+
+@fields.body("ledger record")
+@attrs.frozen(kw_only=True)
+class ProgrammedRecord(_Record):
+    """A device was programmed: its signed boot confirmation."""
+
+    kind: str = fields.constant("kind", KIND_PROGRAMMED)
+    boot: bytes = fields.byte_string("boot", max_len=MAX_RECORD_SIZE)
+
+
+_RECORD_BODIES: dict[str, type] = {
+    KIND_PROVISIONED: ProvisionedRecord,
+    KIND_PROGRAMMED: ProgrammedRecord,
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -109,23 +134,19 @@ class PendingRecord:
     boot: bytes = b""  # the device's signed boot confirmation (programmed)
 
     def encode(self, *, job: bytes, seq: int, prev: bytes) -> bytes:
-        body: dict[str, Any] = {
-            "v": RECORD_VERSION,
-            "kind": self.kind,
-            "job": job,
-            "seq": seq,
-            "prev": prev,
-            "time": self.time,
-            "slot": self.slot,
-            "device_id": self.device_id,
-        }
+        common: dict[str, Any] = dict(
+            job=job, seq=seq, prev=prev, time=self.time, slot=self.slot, device_id=self.device_id
+        )
         if self.kind == KIND_PROVISIONED:
-            body["cert"] = self.cert
-            body["license_sha256"] = self.license_sha256
-            body["vendor_ca"] = self.vendor_ca
+            rec: _Record = ProvisionedRecord(
+                **common,
+                cert=self.cert,
+                license_sha256=self.license_sha256,
+                vendor_ca=self.vendor_ca,
+            )
         else:
-            body["boot"] = self.boot
-        return cbor.encode(body)
+            rec = ProgrammedRecord(**common, boot=self.boot)
+        return cbor.encode(fields.encode(rec))
 
 
 @attrs.frozen
@@ -162,28 +183,6 @@ class LedgerRecord:
         return bytes(self.body.get("vendor_ca", b""))
 
 
-def _record_fields_ok(body: dict[str, Any]) -> bool:
-    common = (
-        type(body["v"]) is int
-        and body["v"] == RECORD_VERSION
-        and _hash(body["job"])
-        and _uint(body["seq"])
-        and _hash(body["prev"])
-        and _uint(body["time"])
-        and _uint(body["slot"])
-        and type(body["device_id"]) is str
-    )
-    if not common:
-        return False
-    if body["kind"] == KIND_PROVISIONED:
-        return (
-            type(body["cert"]) is bytes
-            and _hash(body["license_sha256"])
-            and _hash(body["vendor_ca"])
-        )
-    return type(body["boot"]) is bytes
-
-
 def parse_record(raw: bytes, index: int) -> LedgerRecord:
     """Decode one record and check its shape and exact field types (not its place)."""
     try:
@@ -191,14 +190,11 @@ def parse_record(raw: bytes, index: int) -> LedgerRecord:
     except FormatError as exc:
         raise LedgerError(f"ledger record {index} is malformed: {exc}", index=index) from None
     kind = body.get("kind") if isinstance(body, dict) else None
-    if type(kind) is not str or kind not in _RECORD_KEYS:
+    cls = _RECORD_BODIES.get(kind) if type(kind) is str else None
+    if cls is None:
         raise LedgerError(f"ledger record {index} has an unknown kind", index=index)
-    if set(body) != _RECORD_KEYS[body["kind"]]:
-        raise LedgerError(f"ledger record {index} has unexpected fields", index=index)
-    if not _record_fields_ok(body):
-        raise LedgerError(f"ledger record {index} has a field of the wrong type", index=index)
     try:
-        check_device_id(body["device_id"])
+        fields.check(cls, body)  # the map is kept: readers use it as it was signed
     except FormatError as exc:
         raise LedgerError(f"ledger record {index}: {exc}", index=index) from None
     return LedgerRecord(index=index, raw=raw, body=body)

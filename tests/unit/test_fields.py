@@ -221,12 +221,27 @@ def _export_items(tag: str) -> Callable[[bytes], list[Any]]:
     return bodies
 
 
+def _records(kind: str) -> Callable[[bytes], list[Any]]:
+    def bodies(data: bytes) -> list[Any]:
+        items = ledger.read_export(io.BytesIO(data))[1]
+        records = [cbor.decode(p) for t, p in items if t == ledger.TAG_RECORD]
+        return [r for r in records if r["kind"] == kind]
+
+    return bodies
+
+
 #: format -> (fuzz-world seed, the decoded bodies in one artefact, the body class)
 ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "license": ("license", _license_body, License),
     "boot confirmation": ("boot_confirmation", _signed_body, BootConfirmation),
     "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
     "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
+    "ledger provisioned record": (
+        "ledger_export", _records(ledger.KIND_PROVISIONED), ledger.ProvisionedRecord,
+    ),
+    "ledger programmed record": (
+        "ledger_export", _records(ledger.KIND_PROGRAMMED), ledger.ProgrammedRecord,
+    ),
 }
 
 
@@ -238,6 +253,8 @@ def test_encode_decode_is_byte_identical_on_real_artefacts(world: World, name: s
     for raw in bodies:
         obj: Any = fields.decode(cls, raw)
         assert cbor.encode(fields.encode(obj)) == cbor.encode(raw)
+        if cls in (ledger.ProvisionedRecord, ledger.ProgrammedRecord):
+            fields.check(cls, raw)  # parse_record checks records in place
 
 
 def test_responder_request_round_trips_and_names_its_field() -> None:
@@ -246,3 +263,27 @@ def test_responder_request_round_trips_and_names_its_field() -> None:
     assert fields.decode(ResponderRequest, cbor.decode(raw)) == req
     with pytest.raises(FormatError, match="^OCSP responder request: field 'job_id' must match"):
         fields.decode(ResponderRequest, {**cbor.decode(raw), "job_id": "a b"})
+
+
+@fields.body("tagged")
+@attrs.frozen(kw_only=True)
+class Tagged:
+    kind: str = fields.constant("kind", "a")
+    n: int = fields.integer("n", hi=3)
+
+
+def test_check_validates_in_place_like_decode() -> None:
+    fields.check(Tagged, {"kind": "a", "n": 3})
+    assert fields.encode(Tagged(n=1)) == {"kind": "a", "n": 1}
+    for raw, message in [
+        ({"kind": "b", "n": 1}, r"field 'kind' must be 'a' \(unsupported kind 'b'\)"),
+        ({"kind": "a", "n": 4}, "field 'n' must be an integer in 0..3"),
+        ({"kind": "a"}, "missing field 'n'"),
+        ({"kind": "a", "n": 1, "m": 1}, "unknown field 'm'"),
+    ]:
+        with pytest.raises(FormatError, match=f"^tagged: {message}"):
+            fields.check(Tagged, raw)
+        with pytest.raises(FormatError, match=f"^tagged: {message}"):
+            fields.decode(Tagged, raw)
+    with pytest.raises(TypeError, match="use decode"):
+        fields.check(Thing, good())
