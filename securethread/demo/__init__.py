@@ -191,19 +191,22 @@ class _Sites:
         return dst
 
 
-def _job_spec(quota: int, targets: int, *, vendor: str) -> str:
-    last = FIRST_UID + targets - 1
+def job_spec(
+    quota: int, targets: int, *, vendor: str, job_id: str = JOB_ID, first_uid: int = FIRST_UID
+) -> str:
+    """The demo's job spec (TOML, docs/cli.md): ``targets`` chip UIDs from ``first_uid``."""
+    last = first_uid + targets - 1
     return (
-        f'job_id = "{JOB_ID}"\nprogrammer = "{FACTORY_NAME}"\nimage = "{IMAGE_ID}"\n'
+        f'job_id = "{job_id}"\nprogrammer = "{FACTORY_NAME}"\nimage = "{IMAGE_ID}"\n'
         f'quota = {quota}\nvendors = ["{vendor}"]\n\n[targets]\n'
-        f'ranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n\n[window]\ndays = 7\n\n'
+        f'ranges = [["{first_uid:016x}", "{last:016x}"]]\n\n[window]\ndays = 7\n\n'
         '[certificate]\norganisation = "Demo OEM Ltd"\nproduct = "sensor-v1"\n'
         'common_name = "{device_id}"\n'
         # RFC 5612's enterprise number for documentation (a real OEM gives its own arc) and
         # RFC 2606 names: what a relying party reads from a device (docs/pki.md)
         'oem_arc = "1.3.6.1.4.1.32473.1"\n'
         'uri = "https://devices.demo-oem.example/sensor-v1/{device_id}"\n'
-        f'crl_url = "http://pki.demo-oem.example/crl/{JOB_ID}.crl"\n'
+        f'crl_url = "http://pki.demo-oem.example/crl/{job_id}.crl"\n'
         'ocsp_url = "http://ocsp.demo-oem.example/"\n'
     )
 
@@ -298,7 +301,7 @@ def _with_appliance(
     s.run("programmer", "request-ca", *app, "--job", JOB_ID)
     ca_request = s.carry(ops / f"production-ca-request-{JOB_ID}.bin", "oem")
     spec = oem / f"{JOB_ID}.toml"
-    spec.write_text(_job_spec(devices, devices, vendor=str(vendor_ca)))
+    spec.write_text(job_spec(devices, devices, vendor=str(vendor_ca)))
     draft = s.run(
         "oem", "issue-job", "--workdir", "oem", str(spec), "--ca-request", str(ca_request)
     )  # fmt: skip

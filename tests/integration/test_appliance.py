@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -307,3 +308,123 @@ def test_operator_user_cannot_read_the_state_but_runs_operations(users: dict[str
         assert [(d["command"], d["uid"]) for d in ops] == [("enrol", op_uid)]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- a production run: SIGTERM drains, SIGKILL then a restart counts nothing twice ---------------
+
+RUN = 300  # devices of the run that is stopped, killed and resumed
+QUOTA = 2 * RUN  # room for the slots a SIGKILL burns (at most a batch per worker and a block)
+
+
+def _call_status(sock: Path) -> dict[str, Any]:
+    from securethread.programmer.operator_api import Request, call
+
+    return dict(call(str(sock), Request("status")).result)
+
+
+def _job(view: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return next(j for j in view["jobs"] if j["job"] == job_id)
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The demo's two sites (its job done), then a second job opened through the appliance
+    by an operator: RUN devices of a quota of QUOTA."""
+    from securethread.demo import FIRST_UID, OFFICERS, job_spec, officer_pin_file
+
+    root = tmp_path_factory.mktemp("appliance-run") / "demo"
+    proc = cli("demo", "--devices", "2", "--workdir", str(root), "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    job = "kill-job"
+    sock = root / "run" / "appliance.sock"
+    app = ("--appliance", str(sock), "--outbox", str(root / "operator" / "outbox"))
+    serving = Serving(root / "factory", sock)
+    try:
+        ok("programmer", "request-ca", *app, "--job", job)
+        spec = root / "oem" / f"{job}.toml"
+        spec.write_text(job_spec(QUOTA, QUOTA, vendor=str(root / "oem" / "inbox" / "root-ca.pem"),
+                                 job_id=job, first_uid=FIRST_UID + (1 << 20)))  # fmt: skip
+        request = root / "operator" / "outbox" / f"production-ca-request-{job}.bin"
+        draft = ok("oem", "issue-job", "--workdir", str(root / "oem"), str(spec),
+                   "--ca-request", str(request))  # fmt: skip
+        for n in range(1, OFFICERS + 1):
+            ok("oem", "approve-job", "--workdir", str(root / "oem"), "--job", job, "--officer",
+               str(n), "--pin-file", str(officer_pin_file(root, n)),
+               "--job-hash", draft["job_sha256"])  # fmt: skip
+        ok("oem", "issue-job", "--workdir", str(root / "oem"), "--job", job)
+        ok("programmer", "open-job", *app, str(root / "oem" / "outbox" / f"job-{job}.bin"),
+           "--image", str(root / "oem" / "outbox" / "image-fw-sensor-1.enc"))  # fmt: skip
+    finally:
+        assert serving.stop()[0] == 0
+    return {"root": root, "sock": sock, "app": app, "job": job}
+
+
+def _provision(f: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*CLI, "programmer", "provision", *f["app"], "--job", f["job"], "--chips-from",
+         str(f["root"] / "vendor"), "--devices", str(RUN), "--workers", "1",
+         "--batch-size", "4", "--progress", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+
+
+def _wait_provisioned(f: dict[str, Any], at_least: int, proc: subprocess.Popen[str]) -> int:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        n = int(_job(_call_status(f["sock"]), f["job"])["provisioned"])
+        if n >= at_least:
+            return n
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the run did not get going")
+
+
+def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
+    factory: dict[str, Any],
+) -> None:
+    f = factory
+    state = f["root"] / "factory"
+    # 1. SIGTERM mid-run: the batch in flight is committed, the operator hears one line
+    #    (exit 143: run it again to resume), the appliance exits 0.
+    serving = Serving(state, f["sock"])
+    client = _provision(f)
+    _wait_provisioned(f, 8, client)
+    code, err = serving.stop(signal.SIGTERM)
+    assert code == 0, err
+    out, cerr = client.communicate(timeout=120)
+    assert client.returncode == 128 + signal.SIGTERM, cerr
+    lines = cerr.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in cerr, cerr
+    drained = ok("programmer", "status", "--workdir", str(state))
+    after_term = _job(drained, f["job"])
+    assert 8 <= after_term["provisioned"] < RUN  # stopped mid-run, nothing in flight lost
+    # 2. SIGKILL mid-run (the appliance and its worker): the operator hears one line.
+    serving = Serving(state, f["sock"])
+    client = _provision(f)
+    _wait_provisioned(f, after_term["provisioned"] + 8, client)
+    serving.proc.kill()
+    serving.proc.wait(timeout=60)
+    out, cerr = client.communicate(timeout=120)
+    one_line(subprocess.CompletedProcess(client.args, client.returncode, out, cerr), EXIT_CONFIG,
+             "closed the connection before it answered")  # fmt: skip
+    killed = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])
+    assert killed["provisioned"] < RUN
+    # 3. Restart: the run resumes and ends; every device once, none lost.
+    serving = Serving(state, f["sock"])
+    try:
+        client = _provision(f)
+        out, cerr = client.communicate(timeout=600)
+        assert client.returncode == 0, cerr
+        final = _job(_call_status(f["sock"]), f["job"])
+        assert final["provisioned"] == RUN
+        assert RUN <= final["quota_used"] <= QUOTA
+        ok("programmer", "close-job", *f["app"], "--job", f["job"])
+    finally:
+        assert serving.stop()[0] == 0
+    # The OEM reconciles the ledger: each device exactly once, all programmed, quota held.
+    ledger = f["root"] / "operator" / "outbox" / f"ledger-{f['job']}.bin"
+    rec = ok("oem", "reconcile", "--workdir", str(f["root"] / "oem"), str(ledger),
+             "--job", f["job"])  # fmt: skip
+    assert rec["ok"], rec
+    assert rec["provisioned"] == rec["programmed"] == RUN, rec
+    assert rec["quota_used"] <= QUOTA
