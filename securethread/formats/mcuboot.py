@@ -19,7 +19,8 @@ The parser is stricter than bootutil (one encoding per image): header padding on
 byte (erased flash) and ``pad1`` zero, only flags this SBM implements, every TLV inside its
 area, the areas ending exactly at the end of the image, hash / key hash / signature only
 unprotected and at most once, the security counter only protected and at most once, no other
-unprotected TLV.
+unprotected TLV and those in imgtool's order.  (ECDSA signatures stay malleable, as bootutil
+accepts high s; inside securethread the manifest's plaintext digest fixes every byte.)
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ TLV_SEC_CNT = 0x50
 #: Types whose place is the unprotected area (MCUboot: they are what the hash covers or checks).
 _UNPROTECTED_ONLY = frozenset({TLV_KEYHASH, TLV_PUBKEY, TLV_SHA256, TLV_SHA384, TLV_SHA512})
 _SIGNATURE_TYPES = frozenset(range(0x20, 0x26))
+#: The unprotected TLVs accepted, in imgtool's order: one byte string per signed image.
+_UNPROTECTED_ORDER = (TLV_SHA256, TLV_KEYHASH, TLV_ECDSA_SIG)
 
 #: Header flags (IMAGE_F_*) this SBM implements; encrypted (0x4, 0x8) and compressed images
 #: (0x200, 0x400, 0x800) are refused: the container already encrypts, and nothing here inflates.
@@ -379,10 +382,12 @@ def parse_image(data: bytes) -> McubootImage:
             seen.add(kind)
     found: dict[int, bytes] = {}
     for kind, value in unprot:
-        if kind not in (TLV_SHA256, TLV_KEYHASH, TLV_ECDSA_SIG):
+        if kind not in _UNPROTECTED_ORDER:
             raise McubootFormatError(f"unprotected TLV {kind:#x} is not accepted")
         if kind in found:
             raise McubootFormatError(f"duplicate TLV {kind:#x} in the TLV area")
+        if any(_UNPROTECTED_ORDER.index(k) > _UNPROTECTED_ORDER.index(kind) for k in found):
+            raise McubootFormatError("TLV area out of order (hash, key hash, signature)")
         found[kind] = value
     if TLV_SHA256 not in found:
         raise McubootFormatError("no SHA-256 TLV")
