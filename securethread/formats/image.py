@@ -21,6 +21,9 @@ dropped final chunk or an appended one all fail the tag check.  The manifest (en
 ``"manifest"``) binds the header hash, both SHA-256 digests, lengths, version, security counter
 and device class; it is verified before the first chunk is decrypted.
 
+The plaintext is a signed MCUboot image (:mod:`securethread.formats.mcuboot`): :func:`master_image`
+builds it around the firmware, and the manifest (version 2) binds its digest.
+
 Zero-length images are refused (:class:`ImageSizeError`): an empty firmware is never a valid
 boot image, and refusing it keeps "at least one final chunk" an invariant of the format.
 """
