@@ -56,6 +56,7 @@ __all__ = [
 
 _META = "securethread.cbor-field"
 _U64 = (1 << 64) - 1
+_NO: Any = attrs.NOTHING  # no constructor default: the field must be given
 T = TypeVar("T")
 
 
@@ -282,15 +283,21 @@ def _validator(f: _Field) -> Validator:
 
 
 def _field(key: str, rule: Rule, absent: Absent | None, **kw: Any) -> Any:
+    """``default`` (in ``kw``) is the Python constructor's default; the key is still
+    always written. An optional field's default is None, its absence."""
     if absent is not None:
         kw["default"] = None
+    elif kw.get("default", None) is attrs.NOTHING:
+        del kw["default"]
     f = _Field(key, rule, absent)
     return attrs.field(metadata={_META: f}, validator=_validator(f), **kw)
 
 
-def integer(key: str, *, lo: int = 0, hi: int = _U64, absent: Absent | None = None) -> Any:
+def integer(
+    key: str, *, lo: int = 0, hi: int = _U64, absent: Absent | None = None, default: Any = _NO
+) -> Any:
     """An exact integer in ``lo..hi`` (default: an unsigned 64-bit one)."""
-    return _field(key, _Int(lo, hi), absent)
+    return _field(key, _Int(lo, hi), absent, default=default)
 
 
 def version(value: int, *, key: str = "v") -> Any:
@@ -311,13 +318,14 @@ def byte_string(
     min_len: int = 0,
     max_len: int | None = None,
     absent: Absent | None = None,
+    default: Any = _NO,
 ) -> Any:
     """Exact ``bytes`` of ``size`` bytes, or of ``min_len..max_len`` bytes."""
     if (size is None) == (max_len is None):
         raise TypeError("byte_string needs exactly one of size= and max_len=")
     lo, hi = (size, size) if size is not None else (min_len, max_len)
     assert hi is not None
-    return _field(key, _Bytes(lo, hi), absent)
+    return _field(key, _Bytes(lo, hi), absent, default=default)
 
 
 def text(
@@ -327,15 +335,16 @@ def text(
     min_len: int = 1,
     pattern: str | re.Pattern[str] | None = None,
     absent: Absent | None = None,
+    default: Any = _NO,
 ) -> Any:
     """An exact ``str`` of ``min_len..max_len`` characters, matching ``pattern`` in full."""
     rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-    return _field(key, _Text(min_len, max_len, rx), absent)
+    return _field(key, _Text(min_len, max_len, rx), absent, default=default)
 
 
-def boolean(key: str, *, absent: Absent | None = None) -> Any:
+def boolean(key: str, *, absent: Absent | None = None, default: Any = _NO) -> Any:
     """Exactly ``True`` or ``False`` (CBOR simple values 20/21)."""
-    return _field(key, _Bool(), absent)
+    return _field(key, _Bool(), absent, default=default)
 
 
 def nested(key: str, cls: type, *, absent: Absent | None = None) -> Any:

@@ -15,16 +15,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError
-from securethread.formats import cbor, envelope
-from securethread.formats.job import MAX_VENDORS
+from securethread.formats import cbor, envelope, fields
+from securethread.formats.job import JOB_ID_RE, MAX_VENDORS
 from securethread.keys.protocol import PrivateKey
 
 CA_REQUEST_KIND = "production-ca-request"
@@ -34,28 +31,21 @@ MAX_PACKAGE = 1 << 20
 MAX_VENDOR_CERT = 4096
 
 
-def _exact(body: Mapping[str, Any], keys: set[str], what: str) -> None:
-    if set(body) != keys:
-        raise FormatError(f"{what}: expected fields {sorted(keys)}, got {sorted(body)}")
+#: A party name as the work directory allows it (securethread.workdir.check_name).
+PARTY_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
 
 
-def _bytes(value: object, what: str, *, limit: int) -> bytes:
-    if not isinstance(value, bytes) or not 0 < len(value) <= limit:
-        raise FormatError(f"{what} must be 1-{limit} bytes")
-    return value
-
-
+@fields.body("production-CA request")
 @attrs.frozen
 class ProductionCARequest:
     """A programmer asks the OEM to certify a production CA for job ``job_id``."""
 
-    programmer: str
-    job_id: str
-    csr: bytes  # DER
+    programmer: str = fields.text("programmer", max_len=64, pattern=PARTY_NAME)
+    job_id: str = fields.text("job", max_len=64, pattern=JOB_ID_RE)
+    csr: bytes = fields.byte_string("csr", min_len=1, max_len=4096)  # DER
 
     def seal(self, identity_key: PrivateKey) -> bytes:
-        body = {"programmer": self.programmer, "job": self.job_id, "csr": self.csr}
-        return envelope.seal(CA_REQUEST_KIND, body, [identity_key])
+        return envelope.seal(CA_REQUEST_KIND, fields.encode(self), [identity_key])
 
     def certificate_request(self) -> x509.CertificateSigningRequest:
         from securethread.pki import load_csr
@@ -66,11 +56,7 @@ class ProductionCARequest:
     def open(cls, data: bytes, *, programmer_key: ec.EllipticCurvePublicKey) -> ProductionCARequest:
         """Verify under the programmer's certified identity key, then parse."""
         body = envelope.open_envelope(data, kind=CA_REQUEST_KIND, keys=programmer_key)
-        _exact(body, {"programmer", "job", "csr"}, "production-CA request")
-        programmer, job_id = body["programmer"], body["job"]
-        if not isinstance(programmer, str) or not isinstance(job_id, str):
-            raise FormatError("production-CA request: programmer and job must be text")
-        return cls(programmer, job_id, _bytes(body["csr"], "production-CA CSR", limit=4096))
+        return fields.decode(cls, body)
 
     @staticmethod
     def peek_programmer(data: bytes) -> str:
@@ -82,7 +68,8 @@ class ProductionCARequest:
         return name
 
 
-@attrs.frozen
+@fields.body("job package")
+@attrs.frozen(kw_only=True)
 class JobPackage:
     """Signed job, production-CA certificate (DER), signed manifest, device-trust statement,
     vendor CA certificates (DER, in the order of the job's ``vendors``) and, from an OEM
@@ -90,26 +77,22 @@ class JobPackage:
     (:mod:`securethread.formats.responder`; absent: the package has no such field):
     unverified until each part is checked by its user."""
 
-    job: bytes
-    production_ca: bytes
-    manifest: bytes
-    device_trust: bytes
-    vendors: tuple[bytes, ...]
-    ocsp_responder: bytes | None = None
+    job: bytes = fields.byte_string("job", min_len=1, max_len=MAX_PACKAGE)
+    production_ca: bytes = fields.byte_string("production-ca", min_len=1, max_len=8192)
+    manifest: bytes = fields.byte_string("manifest", min_len=1, max_len=64 << 10)
+    device_trust: bytes = fields.byte_string("device-trust", min_len=1, max_len=4096)
+    vendors: tuple[bytes, ...] = fields.list_of(
+        "vendors", fields.bytes_rule(min_len=1, max_len=MAX_VENDOR_CERT), min_len=1,
+        max_len=MAX_VENDORS,
+    )  # fmt: skip
+    ocsp_responder: bytes | None = fields.byte_string(
+        "ocsp-responder", min_len=1, max_len=4096, absent=fields.Absent.OMIT
+    )
+    kind: str = fields.constant("kind", JOB_PACKAGE_KIND)
+    version: int = fields.version(JOB_PACKAGE_VERSION)
 
     def to_bytes(self) -> bytes:
-        outer = {
-            "kind": JOB_PACKAGE_KIND,
-            "v": JOB_PACKAGE_VERSION,
-            "job": self.job,
-            "production-ca": self.production_ca,
-            "manifest": self.manifest,
-            "device-trust": self.device_trust,
-            "vendors": list(self.vendors),
-        }
-        if self.ocsp_responder is not None:
-            outer["ocsp-responder"] = self.ocsp_responder
-        return cbor.encode(outer)
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> JobPackage:
@@ -117,25 +100,4 @@ class JobPackage:
         outer = cbor.decode(data, what="job package", max_size=MAX_PACKAGE)
         if not isinstance(outer, dict) or outer.get("kind") != JOB_PACKAGE_KIND:
             raise FormatError("not a job package")
-        fields = {"kind", "v", "job", "production-ca", "manifest", "device-trust", "vendors"}
-        _exact(outer, fields | ({"ocsp-responder"} & set(outer)), "job package")
-        if type(outer["v"]) is not int or outer["v"] != JOB_PACKAGE_VERSION:
-            raise FormatError(f"job package: unsupported version {outer['v']!r}")
-        vendors = outer["vendors"]
-        if not isinstance(vendors, list) or not 1 <= len(vendors) <= MAX_VENDORS:
-            raise FormatError(f"job package: vendors must list 1..{MAX_VENDORS} certificates")
-        return cls(
-            job=_bytes(outer["job"], "job package: job", limit=MAX_PACKAGE),
-            production_ca=_bytes(outer["production-ca"], "job package: production CA", limit=8192),
-            manifest=_bytes(outer["manifest"], "job package: manifest", limit=64 << 10),
-            device_trust=_bytes(outer["device-trust"], "job package: device trust", limit=4096),
-            vendors=tuple(
-                _bytes(v, "job package: vendor CA certificate", limit=MAX_VENDOR_CERT)
-                for v in vendors
-            ),
-            ocsp_responder=(
-                _bytes(outer["ocsp-responder"], "job package: OCSP responder request", limit=4096)
-                if "ocsp-responder" in outer
-                else None
-            ),
-        )
+        return fields.decode(cls, outer)

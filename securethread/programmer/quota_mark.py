@@ -71,7 +71,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
@@ -82,7 +82,8 @@ from securethread.errors import (
     StoreReplacedError,
     StoreRolledBackError,
 )
-from securethread.formats import cbor
+from securethread.formats import cbor, fields
+from securethread.formats.job import JOB_ID_RE
 from securethread.hsm.data import DataObject, create_data, destroy_data, find_data
 from securethread.hsm.token import Token
 from securethread.programmer.store import Grant, SQLiteStore, StoreState
@@ -90,10 +91,6 @@ from securethread.programmer.store import Grant, SQLiteStore, StoreState
 APPLICATION = "securethread/quota-mark"
 VERSION = 2
 MAX_BLOCK = 256
-_KEYS = frozenset(
-    {"v", "job", "job_id", "store", "gen", "committed", "reserved", "limit", "clean", "head",
-     "nonce"}
-)  # fmt: skip
 _WRITE_ATTEMPTS = 20
 
 
@@ -109,67 +106,32 @@ def block_for(quota: int) -> int:
     return max(1, min(MAX_BLOCK, quota // 16))
 
 
-def _uint(value: Any) -> bool:
-    return type(value) is int and 0 <= value < 1 << 63
+_COUNT = (1 << 63) - 1  # counts fit SQLite's signed 64-bit integers
 
 
+@fields.body("quota mark")
 @attrs.frozen(kw_only=True)
 class Mark:
     """One generation of a job's quota mark."""
 
-    job: bytes
-    job_id: str
-    store_id: bytes
-    generation: int
-    committed: int
-    reserved: int
-    limit: int
-    clean: bool = False
-    head: bytes = b""
-    nonce: bytes = b""
+    job: bytes = fields.byte_string("job", size=32)  # the job identity
+    job_id: str = fields.text("job_id", max_len=64, pattern=JOB_ID_RE)
+    store_id: bytes = fields.byte_string("store", max_len=64)
+    generation: int = fields.integer("gen", hi=_COUNT)
+    committed: int = fields.integer("committed", hi=_COUNT)
+    reserved: int = fields.integer("reserved", hi=_COUNT)
+    limit: int = fields.integer("limit", hi=_COUNT)
+    clean: bool = fields.boolean("clean", default=False)
+    head: bytes = fields.byte_string("head", max_len=64, default=b"")
+    nonce: bytes = fields.byte_string("nonce", max_len=64, default=b"")
+    version: int = fields.version(VERSION)
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": VERSION,
-                "job": self.job,
-                "job_id": self.job_id,
-                "store": self.store_id,
-                "gen": self.generation,
-                "committed": self.committed,
-                "reserved": self.reserved,
-                "limit": self.limit,
-                "clean": self.clean,
-                "head": self.head,
-                "nonce": self.nonce,
-            }
-        )
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Mark:
-        d = cbor.decode(data, what="quota mark", max_size=1024)
-        if not isinstance(d, dict) or set(d) != _KEYS or type(d["v"]) is not int:
-            raise FormatError("quota mark: unexpected fields")
-        if d["v"] != VERSION:
-            raise FormatError(f"quota mark: version {d['v']}, not {VERSION}")
-        if not all(_uint(d[k]) for k in ("gen", "committed", "reserved", "limit")):
-            raise FormatError("quota mark: counts are not unsigned integers")
-        if not all(type(d[k]) is bytes for k in ("job", "store", "head", "nonce")):
-            raise FormatError("quota mark: job, store, head and nonce are byte strings")
-        if type(d["job_id"]) is not str or type(d["clean"]) is not bool:
-            raise FormatError("quota mark: job id is not text or clean is not a boolean")
-        return cls(
-            job=d["job"],
-            job_id=d["job_id"],
-            store_id=d["store"],
-            generation=d["gen"],
-            committed=d["committed"],
-            reserved=d["reserved"],
-            limit=d["limit"],
-            clean=d["clean"],
-            head=d["head"],
-            nonce=d["nonce"],
-        )
+        return fields.decode(cls, cbor.decode(data, what="quota mark", max_size=1024))
 
 
 class MarkObjects(Protocol):

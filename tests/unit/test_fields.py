@@ -14,6 +14,7 @@ from securethread.errors import Error, FormatError, VerificationError
 from securethread.formats import cbor, envelope, fields, ledger
 from securethread.formats.boot import BootConfirmation
 from securethread.formats.fields import Absent, Order
+from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.license import License
 from securethread.formats.responder import ResponderRequest
 from tests.fuzz.world import World, build
@@ -236,6 +237,7 @@ ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "boot confirmation": ("boot_confirmation", _signed_body, BootConfirmation),
     "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
     "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
+    "job package": ("job_package", lambda data: [cbor.decode(data)], JobPackage),
     "ledger provisioned record": (
         "ledger_export", _records(ledger.KIND_PROVISIONED), ledger.ProvisionedRecord,
     ),
@@ -255,6 +257,24 @@ def test_encode_decode_is_byte_identical_on_real_artefacts(world: World, name: s
         assert cbor.encode(fields.encode(obj)) == cbor.encode(raw)
         if cls in (ledger.ProvisionedRecord, ledger.ProgrammedRecord):
             fields.check(cls, raw)  # parse_record checks records in place
+
+
+def test_job_package_optional_responder_request_is_left_out_when_absent() -> None:
+    package = JobPackage(
+        job=b"j", production_ca=b"p", manifest=b"m", device_trust=b"d", vendors=(b"v",)
+    )
+    assert "ocsp-responder" not in fields.encode(package)
+    with_request = attrs.evolve(package, ocsp_responder=b"r")
+    assert JobPackage.from_bytes(with_request.to_bytes()) == with_request
+    with pytest.raises(FormatError, match="'ocsp-responder' is left out when absent, not null"):
+        fields.decode(JobPackage, {**fields.encode(package), "ocsp-responder": None})
+
+
+def test_production_ca_request_names_its_field() -> None:
+    req = ProductionCARequest("prog1", "job-1", b"csr")
+    assert fields.decode(ProductionCARequest, fields.encode(req)) == req
+    with pytest.raises(FormatError, match="^production-CA request: field 'programmer' must match"):
+        fields.decode(ProductionCARequest, {**fields.encode(req), "programmer": "../x"})
 
 
 def test_responder_request_round_trips_and_names_its_field() -> None:
