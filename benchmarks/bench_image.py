@@ -12,6 +12,10 @@ it.  For the same ``--size-mib`` of random data in 1 MiB chunks, interleaved rou
                    the token's own single-call rate, the target's denominator (>= 80 %)
   cryptography     ``AESGCM.encrypt`` on the same chunks (what a software key would do)
   decrypt_image    the device side: cryptography AES-GCM + both digests, manifest checked
+  master_image     the OEM step: the MCUboot image built around the data and signed by a P-256
+                   key in the token (SHA-256 + one CKM_ECDSA), then encrypt_image and the manifest
+  mcuboot_verify   the SBM's check of the decrypted MCUboot image: strict parse, SHA-256 TLV,
+                   key hash and ECDSA verification (cryptography)
 
 Peak memory: each of ``--peak-sizes`` runs in a fresh subprocess that streams a generated image
 of that size through encrypt_image (token) to a file, then decrypt_image (software key, the
@@ -118,7 +122,9 @@ def _throughput(token: Any, size_mib: int, reps: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from pkcs11 import Attribute, Mechanism, ObjectClass
 
-    from securethread.formats.image import AesGcmKey, decrypt_image
+    from securethread.formats.image import AesGcmKey, decrypt_image, master_image
+    from securethread.formats.mcuboot import ImageVersion, build_image, verify_image
+    from securethread.hsm import SIGNING, Curve
 
     key, value = _known_token_key(token)
     raw_key = token.session.get_key(object_class=ObjectClass.SECRET_KEY, label=key.label)
@@ -152,11 +158,25 @@ def _throughput(token: Any, size_mib: int, reps: int) -> dict[str, Any]:
     def device() -> None:
         decrypt_image(io.BytesIO(blob), _Null(), key=soft, manifest=manifest)  # type: ignore[arg-type]
 
+    fw = token.generate_ec(f"{LABEL}-fw-{secrets.token_hex(4)}", curve=Curve.P256, policy=SIGNING)
+    signed = build_image(data, signer=fw, version=ImageVersion(1), security_counter=1)
+
+    def master() -> None:
+        master_image(
+            io.BytesIO(data), _Null(), image_key=key, signing_key=fw, image_id="bench",  # type: ignore[arg-type]
+            image_version="1", security_counter=1, device_class="bench",
+        )  # fmt: skip
+
+    def mcuboot() -> None:
+        verify_image(signed, key=fw.public_key())
+
     sides = {
         "encrypt_image": library,
         "token_raw": raw_token,
         "cryptography": crypto,
         "decrypt_image": device,
+        "master_image": master,
+        "mcuboot_verify": mcuboot,
     }
     times: dict[str, list[float]] = {k: [] for k in sides}
     library()  # warm up
@@ -168,6 +188,7 @@ def _throughput(token: Any, size_mib: int, reps: int) -> dict[str, Any]:
             times[name].append(time.perf_counter() - t)
     rates = {k: size_mib / statistics.median(v) for k, v in times.items()}
     token.destroy(key.label)
+    token.destroy(fw.label)
     return {
         "size_mib": size_mib,
         "reps": reps,
@@ -175,6 +196,7 @@ def _throughput(token: Any, size_mib: int, reps: int) -> dict[str, Any]:
         "encrypt_image/token_raw": round(rates["encrypt_image"] / rates["token_raw"], 3),
         "encrypt_image/cryptography": round(rates["encrypt_image"] / rates["cryptography"], 4),
         "token_raw/cryptography": round(rates["token_raw"] / rates["cryptography"], 4),
+        "master_image/encrypt_image": round(rates["master_image"] / rates["encrypt_image"], 3),
     }
 
 
@@ -232,8 +254,8 @@ def _child_peak(size_mib: int, workdir: str) -> dict[str, Any]:
     _reset_peak()
     base_dec = _maxrss_mib()
     t = time.perf_counter()
-    with open(path, "rb") as f:
-        decrypt_image(f, _Hash(), key=soft, manifest=m)  # type: ignore[arg-type]
+    with open(path, "rb") as src:
+        decrypt_image(src, _Hash(), key=soft, manifest=m)  # type: ignore[arg-type]
     dec_s = time.perf_counter() - t
     after_dec = _maxrss_mib()
     assert sha.digest() == m.plaintext_sha256
@@ -308,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  token raw AES-GCM (no hashing) {r['token_raw']:9.1f} MiB/s")
     print(f"  cryptography AESGCM            {r['cryptography']:9.1f} MiB/s")
     print(f"  decrypt_image (device, sw key) {r['decrypt_image']:9.1f} MiB/s")
+    print(f"  master_image (MCUboot + encrypt) {r['master_image']:7.1f} MiB/s")
+    print(f"  MCUboot verify (device)        {r['mcuboot_verify']:9.1f} MiB/s")
     print(
         f"  ratio encrypt_image / token raw    {t['encrypt_image/token_raw']:.3f}  (target >= 0.8)"
     )
     print(f"  ratio encrypt_image / cryptography {t['encrypt_image/cryptography']:.4f}")
+    print(f"  ratio master_image / encrypt_image {t['master_image/encrypt_image']:.3f}")
     print("peak RSS growth (fresh process per size):")
     for p in report["peak_memory"]:
         print(
