@@ -29,14 +29,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from securethread.errors import FormatError, JobError
-from securethread.formats import cbor
+from securethread.formats import cbor, fields
+from securethread.formats.job import JOB_ID_RE
 from securethread.hsm.records import Generation, TokenRecord
 from securethread.hsm.token import Token
 from securethread.pki.crl import MAX_CRL_SIZE
@@ -44,7 +44,6 @@ from securethread.workdir import StepOrderError, check_name
 
 APPLICATION = "securethread/revocation"
 VERSION = 1
-_KEYS = frozenset({"v", "job", "job_id", "opened", "crl"})
 
 
 def anchor_label(job_id: str) -> str:
@@ -52,38 +51,24 @@ def anchor_label(job_id: str) -> str:
     return "revocation-" + check_name("job id", job_id)
 
 
+@fields.body("revocation anchor")
 @attrs.frozen(kw_only=True)
 class Anchor:
     """One generation of a job's revocation anchor."""
 
-    job: bytes
-    job_id: str
-    opened: bool
-    crl: bytes  # DER, parsed when read from the token
+    job: bytes = fields.byte_string("job", size=32)  # the job identity
+    job_id: str = fields.text("job_id", max_len=64, pattern=JOB_ID_RE)
+    opened: bool = fields.boolean("opened")
+    crl: bytes = fields.byte_string("crl", min_len=1, max_len=MAX_CRL_SIZE)  # DER
+    version: int = fields.version(VERSION)
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": VERSION,
-                "job": self.job,
-                "job_id": self.job_id,
-                "opened": self.opened,
-                "crl": self.crl,
-            }  # fmt: skip
-        )
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Anchor:
-        d: Any = cbor.decode(data, what="revocation anchor", max_size=MAX_CRL_SIZE + 1024)
-        if not isinstance(d, dict) or set(d) != _KEYS or type(d["v"]) is not int:
-            raise FormatError("revocation anchor: unexpected fields")
-        if d["v"] != VERSION:
-            raise FormatError(f"revocation anchor: version {d['v']} is not {VERSION}")
-        if type(d["job"]) is not bytes or len(d["job"]) != 32 or type(d["job_id"]) is not str:
-            raise FormatError("revocation anchor: the job identity or id is malformed")
-        if type(d["opened"]) is not bool or type(d["crl"]) is not bytes or not d["crl"]:
-            raise FormatError("revocation anchor: opened is not a boolean or the CRL is empty")
-        anchor = cls(job=d["job"], job_id=d["job_id"], opened=d["opened"], crl=d["crl"])
+        d = cbor.decode(data, what="revocation anchor", max_size=MAX_CRL_SIZE + 1024)
+        anchor = fields.decode(cls, d)
         try:  # the CRL is verified under its CA where it is used (current_crl)
             anchor.number  # noqa: B018
         except (ValueError, x509.ExtensionNotFound):

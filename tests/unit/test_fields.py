@@ -17,6 +17,8 @@ from securethread.formats.fields import Absent, Order
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.license import License
 from securethread.formats.responder import ResponderRequest
+from securethread.programmer.crl_mark import Anchor
+from securethread.programmer.quota_mark import Mark
 from tests.fuzz.world import World, build
 
 
@@ -307,3 +309,16 @@ def test_check_validates_in_place_like_decode() -> None:
             fields.decode(Tagged, raw)
     with pytest.raises(TypeError, match="use decode"):
         fields.check(Thing, good())
+
+
+def test_token_records_round_trip_and_name_their_field() -> None:
+    """The quota mark and the revocation anchor (kept in the programmer token)."""
+    mark = Mark(job=b"j" * 32, job_id="job-1", store_id=b"s" * 16, generation=1, committed=2,
+                reserved=3, limit=4, head=b"h" * 32, nonce=b"n" * 8)  # fmt: skip
+    assert Mark.from_bytes(mark.to_bytes()) == mark
+    with pytest.raises(FormatError, match="^quota mark: field 'gen' must be an integer"):
+        fields.decode(Mark, {**fields.encode(mark), "gen": 1 << 63})
+    anchor = Anchor(job=b"j" * 32, job_id="job-1", opened=True, crl=b"der")
+    assert fields.decode(Anchor, fields.encode(anchor)) == anchor
+    with pytest.raises(FormatError, match="^revocation anchor: field 'opened' must be true or"):
+        fields.decode(Anchor, {**fields.encode(anchor), "opened": 1})
