@@ -29,7 +29,6 @@ import hmac
 import os
 import re
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
 
 import attrs
 from cryptography import x509
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from securethread.errors import DeviceRefusedError, FormatError, JobError
-from securethread.formats import cbor
+from securethread.formats import cbor, fields
 from securethread.keys.ecutil import fingerprint, spki_der
 from securethread.keys.policy import Curve
 from securethread.pki import untrusted
@@ -131,48 +130,22 @@ def pop_payload(challenge: bytes, device_id: str, public_key_der: bytes) -> byte
     return cbor.encode([_DOMAIN, VERSION, challenge, device_id, public_key_der])
 
 
-def _bytes_field(d: dict[str, Any], name: str, lo: int, hi: int) -> bytes:
-    v = d[name]
-    if not isinstance(v, bytes) or not lo <= len(v) <= hi:
-        raise IdentificationFormatError(f"identification: {name} must be {lo}..{hi} bytes")
-    return v
-
-
+@fields.body("identification response", error=IdentificationFormatError)
 @attrs.frozen(kw_only=True)
 class IdentificationResponse:
     """The device's answer to a challenge (wire format, validated on construction)."""
 
-    challenge: bytes = attrs.field()
-    device_id: str = attrs.field()
-    public_key: bytes = attrs.field()  # DER SubjectPublicKeyInfo
-    vendor_certificate: bytes = attrs.field()  # DER
-    signature: bytes = attrs.field()  # DER ECDSA
-    version: int = VERSION
-
-    _KEYS = frozenset({"v", "challenge", "device_id", "public_key", "vendor_certificate", "sig"})
-
-    def __attrs_post_init__(self) -> None:
-        if not cbor.is_version(self.version, VERSION):
-            raise IdentificationFormatError(f"identification: unsupported version {self.version}")
-        check_device_id(self.device_id)
-        d = self._as_dict()
-        _bytes_field(d, "challenge", 16, 64)
-        _bytes_field(d, "public_key", 32, 200)
-        _bytes_field(d, "vendor_certificate", 64, 2048)
-        _bytes_field(d, "sig", 8, 80)
-
-    def _as_dict(self) -> dict[str, Any]:
-        return {
-            "v": self.version,
-            "challenge": self.challenge,
-            "device_id": self.device_id,
-            "public_key": self.public_key,
-            "vendor_certificate": self.vendor_certificate,
-            "sig": self.signature,
-        }
+    challenge: bytes = fields.byte_string("challenge", min_len=16, max_len=64)
+    device_id: str = fields.text("device_id", min_len=16, max_len=16, pattern=DEVICE_ID_RE)
+    public_key: bytes = fields.byte_string("public_key", min_len=32, max_len=200)  # DER SPKI
+    vendor_certificate: bytes = fields.byte_string(
+        "vendor_certificate", min_len=64, max_len=2048
+    )  # DER
+    signature: bytes = fields.byte_string("sig", min_len=8, max_len=80)  # DER ECDSA
+    version: int = fields.version(VERSION)
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(self._as_dict())
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> IdentificationResponse:
@@ -180,18 +153,7 @@ class IdentificationResponse:
             d = cbor.decode(data, what="identification response", max_size=MAX_RESPONSE_SIZE)
         except FormatError as exc:
             raise IdentificationFormatError(str(exc)) from None
-        if not isinstance(d, dict) or set(d) != cls._KEYS:
-            raise IdentificationFormatError("identification response: wrong fields")
-        if type(d["v"]) is not int:
-            raise IdentificationFormatError("identification response: bad version")
-        return cls(
-            challenge=d["challenge"],
-            device_id=d["device_id"],
-            public_key=d["public_key"],
-            vendor_certificate=d["vendor_certificate"],
-            signature=d["sig"],
-            version=d["v"],
-        )
+        return fields.decode(cls, d)
 
 
 def vendor_ca_id(cert: x509.Certificate) -> bytes:

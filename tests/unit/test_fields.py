@@ -14,6 +14,7 @@ from securethread.errors import Error, FormatError, VerificationError
 from securethread.formats import cbor, envelope, fields, ledger
 from securethread.formats.boot import BootConfirmation
 from securethread.formats.fields import Absent, Order
+from securethread.formats.identity import IdentificationResponse
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.license import License
 from securethread.formats.responder import ResponderRequest
@@ -240,6 +241,9 @@ ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
     "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
     "job package": ("job_package", lambda data: [cbor.decode(data)], JobPackage),
+    "identification response": (
+        "identification", lambda data: [cbor.decode(data)], IdentificationResponse,
+    ),
     "ledger provisioned record": (
         "ledger_export", _records(ledger.KIND_PROVISIONED), ledger.ProvisionedRecord,
     ),
