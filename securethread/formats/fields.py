@@ -45,6 +45,7 @@ __all__ = [
     "byte_string",
     "check",
     "constant",
+    "custom",
     "decode",
     "encode",
     "integer",
@@ -345,6 +346,11 @@ def text(
 def boolean(key: str, *, absent: Absent | None = None, default: Any = _NO) -> Any:
     """Exactly ``True`` or ``False`` (CBOR simple values 20/21)."""
     return _field(key, _Bool(), absent, default=default)
+
+
+def custom(key: str, rule: Rule, *, absent: Absent | None = None) -> Any:
+    """A field with a format's own :class:`Rule` (a certificate kept parsed, say)."""
+    return _field(key, rule, absent)
 
 
 def nested(key: str, cls: type, *, absent: Absent | None = None) -> Any:

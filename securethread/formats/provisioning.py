@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from securethread.errors import DeviceRefusedError, FormatError
-from securethread.formats import cbor
+from securethread.formats import cbor, fields
 from securethread.formats.device_trust import (
     MAX_DEVICE_TRUST_SIZE,
     DeviceTrustError,
@@ -39,25 +39,27 @@ class DeviceTrustRefusedError(ProvisioningError):
     """The device-trust statement is not signed by the burnt OEM root, or is malformed."""
 
 
-def _is(kind: type, what: str) -> Any:
-    def check(_i: object, _a: object, v: object) -> None:
-        if not isinstance(v, kind):
-            raise ProvisioningFormatError(f"provisioning data: {what} has the wrong type")
-
-    return check
-
-
-def _statement(_i: Any, _a: Any, v: Any) -> None:
-    if type(v) is not bytes or not 0 < len(v) <= MAX_DEVICE_TRUST_SIZE:
-        raise ProvisioningFormatError(
-            f"provisioning data: device trust must be 1..{MAX_DEVICE_TRUST_SIZE} bytes"
-        )
-
-
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+@attrs.frozen
+class _Certificate(fields.Rule):
+    """A certificate: DER on the wire, parsed in Python (by the one hardened loader)."""
+
+    what: str
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, x509.Certificate) else "must be an X.509 certificate"
+
+    def to_cbor(self, value: Any) -> Any:
+        return _der(value)
+
+    def from_cbor(self, raw: Any) -> Any:
+        return untrusted.load_certificate(raw, what=self.what)
+
+
+@fields.body("provisioning data", error=ProvisioningFormatError)
 @attrs.frozen(kw_only=True)
 class ProvisioningData:
     """What the programmer writes into a device's OTP (canonical CBOR, versioned).
@@ -66,35 +68,23 @@ class ProvisioningData:
     statement under that root and the certificate chain before it writes any of it.
     """
 
-    device_certificate: x509.Certificate = attrs.field(
-        validator=_is(x509.Certificate, "device certificate")
+    device_certificate: x509.Certificate = fields.custom(
+        "device_certificate", _Certificate("device certificate")
     )
-    production_ca_certificate: x509.Certificate = attrs.field(
-        validator=_is(x509.Certificate, "production CA certificate")
+    production_ca_certificate: x509.Certificate = fields.custom(
+        "production_ca_certificate", _Certificate("production CA certificate")
     )
-    oem_root_certificate: x509.Certificate = attrs.field(
-        validator=_is(x509.Certificate, "OEM root certificate")
+    oem_root_certificate: x509.Certificate = fields.custom(
+        "oem_root_certificate", _Certificate("OEM root certificate")
     )
     #: The OEM-signed statement (:mod:`securethread.formats.device_trust`), as signed.
-    device_trust: bytes = attrs.field(validator=_statement)
-    version: int = PROVISIONING_VERSION
-
-    _KEYS = frozenset(
-        {
-            "v",
-            "device_certificate",
-            "production_ca_certificate",
-            "oem_root_certificate",
-            "device_trust",
-        }
+    device_trust: bytes = fields.byte_string(
+        "device_trust", min_len=1, max_len=MAX_DEVICE_TRUST_SIZE
     )
-
-    def __attrs_post_init__(self) -> None:
-        if not cbor.is_version(self.version, PROVISIONING_VERSION):
-            raise ProvisioningFormatError(f"provisioning data: unsupported version {self.version}")
+    version: int = fields.version(PROVISIONING_VERSION)
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(self._fields(_der(self.device_certificate)))
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def packager(
@@ -131,23 +121,14 @@ class ProvisioningData:
             )
         if not hmac.compare_digest(trust.job_sha256, job_sha256):
             raise ProvisioningError(f"device trust names another signed job {trust.job_id!r}")
-        fields = {k: cbor.pre_encode(v) for k, v in proto._fields(b"").items()}
+        constant = {k: cbor.pre_encode(v) for k, v in fields.encode(proto).items()}
 
         def package(device_certificate_der: bytes) -> bytes:
             if type(device_certificate_der) is not bytes:
                 raise ProvisioningFormatError("provisioning data: device certificate not DER")
-            return cbor.encode({**fields, "device_certificate": device_certificate_der})
+            return cbor.encode({**constant, "device_certificate": device_certificate_der})
 
         return package
-
-    def _fields(self, device_der: bytes) -> dict[str, Any]:
-        return {
-            "v": self.version,
-            "device_certificate": device_der,
-            "production_ca_certificate": _der(self.production_ca_certificate),
-            "oem_root_certificate": _der(self.oem_root_certificate),
-            "device_trust": self.device_trust,
-        }
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ProvisioningData:
@@ -155,13 +136,4 @@ class ProvisioningData:
             d = cbor.decode(data, what="provisioning data", max_size=MAX_PROVISIONING_SIZE)
         except FormatError as exc:
             raise ProvisioningFormatError(str(exc)) from None
-        if not isinstance(d, dict) or set(d) != cls._KEYS:
-            raise ProvisioningFormatError("provisioning data: unexpected or missing fields")
-        certs = {}
-        try:
-            for name in ("device_certificate", "production_ca_certificate", "oem_root_certificate"):
-                what = f"provisioning data: {name.replace('_', ' ')}"
-                certs[name] = untrusted.load_certificate(d[name], what=what)
-        except FormatError as exc:
-            raise ProvisioningFormatError(str(exc)) from None
-        return cls(**certs, device_trust=d["device_trust"], version=d["v"])
+        return fields.decode(cls, d)

@@ -17,6 +17,7 @@ from securethread.formats.fields import Absent, Order
 from securethread.formats.identity import IdentificationResponse
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.license import License
+from securethread.formats.provisioning import ProvisioningData
 from securethread.formats.responder import ResponderRequest
 from securethread.programmer.crl_mark import Anchor
 from securethread.programmer.quota_mark import Mark
@@ -241,6 +242,7 @@ ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
     "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
     "job package": ("job_package", lambda data: [cbor.decode(data)], JobPackage),
+    "provisioning data": ("provisioning", lambda data: [cbor.decode(data)], ProvisioningData),
     "identification response": (
         "identification", lambda data: [cbor.decode(data)], IdentificationResponse,
     ),
