@@ -14,6 +14,8 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
+import cbor2
+
 from securethread.errors import ConfigurationError, Error, FormatError
 from securethread.formats import cbor, envelope, ledger
 from securethread.formats import transcript as transcript_mod
@@ -128,7 +130,7 @@ _LICENSE_KEYS = frozenset({"v", "certificate", "envelope"})
 
 def _describe_cbor(data: bytes) -> dict[str, Any]:
     try:
-        obj = cbor.decode(data, what="artefact", max_size=64 << 20)
+        obj = cbor.decode(data, what="artefact", max_size=64 << 20, cose_tag=True)
     except Error as exc:
         raise FormatError(f"not a securethread artefact ({exc})") from None
     if isinstance(obj, dict) and set(obj) == _LICENSE_KEYS and isinstance(obj["envelope"], bytes):
@@ -140,7 +142,7 @@ def _describe_cbor(data: bytes) -> dict[str, Any]:
             "signers": [s.hex() for s in signers],
             "body (unverified)": _show(body),
         }
-    if isinstance(obj, dict) and "sigs" in obj:
+    if isinstance(obj, cbor2.CBORTag):  # a COSE_Sign1 or COSE_Sign (RFC 9052 §2)
         try:
             kind, body, signers = envelope.peek_body(data)
         except Error as exc:

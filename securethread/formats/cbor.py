@@ -93,6 +93,8 @@ def _norm(value: Any, int_keys: bool) -> Any:
         else:
             return value
         return [_norm(v, int_keys) for v in value]
+    if t is cbor2.CBORTag and value.tag in _COSE_TAGS:
+        return cbor2.CBORTag(value.tag, _norm(value.value, int_keys))
     if isinstance(value, int):
         return _norm(int(value), int_keys)
     if isinstance(value, bytes | bytearray | memoryview):
@@ -201,6 +203,16 @@ def _check(value: Any, depth: int, int_keys: bool) -> None:
     raise _Refused(_TAG_MSG)  # CBORTag below the top, or a semantic type
 
 
+def _thaw(value: Any) -> Any:
+    """A tag's content as plain lists and dicts (cbor2 hands it over immutable)."""
+    t = type(value)
+    if t is tuple or t is list:
+        return [_thaw(v) for v in value]
+    if t is cbor2.frozendict or t is dict:
+        return {k: _thaw(v) for k, v in value.items()}
+    return value
+
+
 def _decode_error(exc: Exception) -> str:
     cause: BaseException | None = exc
     while cause is not None:
@@ -260,6 +272,7 @@ def decode(
             allow_duplicate_keys=False,
         )
         if type(value) is cbor2.CBORTag:  # only a COSE tag gets through the hook
+            value = cbor2.CBORTag(value.tag, _thaw(value.value))
             _check(value.value, 0, int_keys)
         elif type(value) is not bytes:
             _check(value, 0, int_keys)

@@ -158,10 +158,8 @@ def verify_device_trust(data: bytes, *, oem_root: x509.Certificate) -> DeviceTru
         raise DeviceTrustSignatureError(f"device trust: {exc}") from None
     except FormatError as exc:
         raise DeviceTrustFormatError(f"device trust: {exc}") from None
-    # Exactly one entry, the root's: a statement has one valid encoding (S6), whatever
-    # open_envelope tolerates for other kinds.
-    if len(cbor.decode(data, max_size=MAX_DEVICE_TRUST_SIZE)["sigs"]) != 1:
-        raise DeviceTrustSignatureError("device trust: signed by other keys besides the OEM root")
+    # Exactly one signature, the root's: open_envelope accepts only a COSE_Sign1 (one
+    # signer, RFC 9052 §4.2) for this kind, by a key in ``keys``.
     if set(body) != _KEYS:
         raise DeviceTrustFormatError("device trust: unexpected or missing fields")
     raw_key = body["firmware_signing_key"]

@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 import attrs
+from cbor2 import CBORTag
 from cryptography import x509
 from cryptography.hazmat.primitives import keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -46,7 +47,11 @@ from securethread.errors import (
     SignatureError,
 )
 from securethread.formats import cbor, fields
-from securethread.formats.envelope import ENVELOPE_VERSION, open_envelope, signed_bytes
+from securethread.formats.envelope import (
+    open_envelope,
+    protected_sign1,
+    sig_structure1,
+)
 from securethread.formats.envelope import sign as envelope_sign
 from securethread.formats.identity import DEVICE_ID_RE, check_device_id
 from securethread.formats.image import AesGcmKey, Manifest
@@ -188,7 +193,8 @@ class LicenseIssuer:
         self._ka_key = ka_key
         self._signing_key = signing_key
         self._image_key = image_key
-        self._signer_fp = fingerprint(sign_pub)
+        # The COSE_Sign1 protected header is the same for every license of this signer.
+        self._protected = protected_sign1(LICENSE_KIND, sign_pub, fingerprint(sign_pub))
         self._cert_cbor = cbor.pre_encode(
             signing_certificate.public_bytes(serialization.Encoding.DER)
         )
@@ -213,16 +219,10 @@ class LicenseIssuer:
         body = cbor.encode(
             {**self._body, "device_id": device_id, "nonce": nonce, "wrapped_key": wrapped}
         )
-        # envelope.seal with the signer fingerprint computed once (same bytes, same checks).
-        sig = envelope_sign(self._signing_key, signed_bytes(LICENSE_KIND, body))  # low-s
-        envelope = cbor.encode(
-            {
-                "kind": LICENSE_KIND,
-                "v": ENVELOPE_VERSION,
-                "body": body,
-                "sigs": [{"signer": self._signer_fp, "sig": sig}],
-            }
-        )
+        # envelope.seal with the protected header built once (same bytes, same checks):
+        # COSE_Sign1 (RFC 9052 §4.2) over Sig_structure ["Signature1", protected, h'', body].
+        sig = envelope_sign(self._signing_key, sig_structure1(self._protected, body))  # low-s
+        envelope = cbor.encode(CBORTag(cbor.TAG_COSE_SIGN1, [self._protected, {}, body, sig]))
         return cbor.encode({"v": VERSION, "certificate": self._cert_cbor, "envelope": envelope})
 
 

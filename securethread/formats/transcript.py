@@ -10,13 +10,15 @@ whole ceremony offline with :func:`verify_transcript`.
 File layout (see docs/transcript.md)::
 
     MAGIC || frame_0 || frame_1 || ...
-    frame = uint32 big-endian length || canonical CBOR {"record": bstr, "sig": bstr,
-                                                        "signer": bstr(32)}
+    frame = uint32 big-endian length || COSE_Sign1 (tag 18, RFC 9052 §4.2) of kind
+            "ceremony-record": payload = record, kid = SHA-256 of the key's SPKI
 
-``record`` is the canonical CBOR of a :class:`CeremonyRecord`; ``sig`` is ECDSA over
-``envelope.signed_bytes("ceremony-record", record)`` (domain-separated from every other
-signed artefact).  Bootstrapping: the signing key must exist before the first record, so
-record 0 (``token-init``) is written right after that key is generated and names it.
+``record`` is the canonical CBOR of a :class:`CeremonyRecord`; the signature is ES256/ES384
+r||s over the COSE Sig_structure whose protected header names the kind (content type
+``application/securethread-ceremony-record+cbor``: domain-separated from every other
+signed artefact); see :mod:`securethread.formats.envelope`.  Bootstrapping: the signing
+key must exist before the first record, so record 0 (``token-init``) is written right
+after that key is generated and names it.
 """
 
 from __future__ import annotations
@@ -44,10 +46,8 @@ from securethread.errors import (
     SignatureError,
     TranscriptError,
 )
-from securethread.formats import cbor
-from securethread.formats.envelope import check_signature_encoding, signed_bytes
-from securethread.formats.envelope import sign as envelope_sign
-from securethread.keys.ecutil import fingerprint, verify_signature
+from securethread.formats import cbor, envelope
+from securethread.keys.ecutil import fingerprint
 from securethread.keys.protocol import PrivateKey, SecretKey
 
 __all__ = [
@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 #: First bytes of every transcript file: identifies the file kind and format version.
-MAGIC = b"securethread-transcript/1\n"
+MAGIC = b"securethread-transcript/2\n"
 RECORD_VERSION = 1
 SIGNATURE_KIND = "ceremony-record"
 GENESIS = bytes(32)
@@ -464,16 +464,15 @@ class CeremonyRecord:
         }
 
 
-_FRAME_KEYS = frozenset({"record", "sig", "signer"})
-
-
 @attrs.frozen(kw_only=True)
 class SignedRecord:
-    """A record as stored: its bytes, the enclave key's signature, the signer fingerprint."""
+    """A record as stored (a COSE_Sign1): its bytes, the enclave key's r||s signature, the
+    signer fingerprint (kid) and the COSE alg (ES256 -7, ES384 -35)."""
 
     record: bytes = attrs.field(converter=bytes)
     signature: bytes = attrs.field(converter=bytes)
     signer: bytes = attrs.field(validator=lambda _, __, v: _check_digest("signer", v))
+    alg: int = -7
 
     @record.validator
     def _record(self, _: object, value: bytes) -> None:
@@ -488,32 +487,33 @@ class SignedRecord:
     @classmethod
     def sign(cls, record: CeremonyRecord, signer: PrivateKey) -> SignedRecord:
         body = record.to_bytes()
+        public = signer.public_key()
+        tbs = envelope.signed_bytes(SIGNATURE_KIND, body, public)
         return cls(
             record=body,
-            signature=envelope_sign(signer, signed_bytes(SIGNATURE_KIND, body)),  # low-s (S6)
-            signer=fingerprint(signer.public_key()),
+            signature=envelope.sign(signer, tbs),  # r||s, low-s (S6)
+            signer=fingerprint(public),
+            alg=envelope.algorithm(public),
         )
 
     def verify(self, public_key: ec.EllipticCurvePublicKey) -> None:
         """Raise SignatureError unless ``public_key`` signed this record."""
         if self.signer != fingerprint(public_key):
             raise SignatureError("signed by another key (signer fingerprint differs)")
-        check_signature_encoding(self.signature, public_key, what="record")  # S6
-        verify_signature(
-            public_key, self.signature, signed_bytes(SIGNATURE_KIND, self.record), what="record"
-        )
+        if self.alg != envelope.algorithm(public_key):
+            raise SignatureError("record: COSE alg does not match the transcript key")
+        tbs = envelope.signed_bytes(SIGNATURE_KIND, self.record, public_key)
+        envelope.verify(public_key, self.signature, tbs, what="record")  # S6: canonical r||s
 
     def to_bytes(self) -> bytes:
-        return cbor.encode({"record": self.record, "sig": self.signature, "signer": self.signer})
+        return envelope.sign1_message(
+            SIGNATURE_KIND, self.alg, self.signer, self.record, self.signature
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedRecord:
-        m = cbor.decode(data, what="signed record", max_size=MAX_FRAME_SIZE)
-        if not isinstance(m, dict) or set(m) != _FRAME_KEYS:
-            raise FormatError("signed record: expected a map with record, sig, signer")
-        if not isinstance(m["record"], bytes) or not isinstance(m["sig"], bytes):
-            raise FormatError("signed record: record and sig must be byte strings")
-        return cls(record=m["record"], signature=m["sig"], signer=m["signer"])
+        m = envelope.parse_message(data, kind=SIGNATURE_KIND, max_size=MAX_FRAME_SIZE)
+        return cls(record=m.payload, signature=m.sigs[0], signer=m.kids[0], alg=m.algs[0])
 
     def frame(self) -> bytes:
         body = self.to_bytes()

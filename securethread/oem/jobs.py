@@ -254,7 +254,7 @@ def prepare_job(
 def draft_hash(body: bytes) -> bytes:
     """The hash of a job draft: what its officers sign, and so the issued job's identity
     (:func:`securethread.formats.job.job_hash` of every framing of the signed job)."""
-    return hashlib.sha256(envelope.signed_bytes(JOB_KIND, body)).digest()
+    return envelope.body_content_id(JOB_KIND, body)
 
 
 def _clear_approvals(work: PartyDir, job_id: str) -> None:

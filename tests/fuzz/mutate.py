@@ -15,12 +15,13 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
+import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 from cryptography.hazmat.primitives.hashes import HashAlgorithm
 
 from securethread.errors import Error
-from securethread.formats import cbor
+from securethread.formats import cbor, envelope
 
 _T = TypeVar("_T")
 _RFC6979 = {"deterministic_signing": True}
@@ -65,7 +66,7 @@ def pick(src: Source, seq: Sequence[_T]) -> _T:
 class Keyring:
     """The fuzz world's signing keys by SPKI fingerprint, to re-sign mutated bodies.
 
-    ``signed_bytes(kind, body)`` is the envelope's domain-separated input (envelope.py);
+    :meth:`sign` signs a COSE Sig_structure (RFC 9052 §4.4) as the library does;
     ``ledger`` holds the ledger key and job hash for re-chaining exports.
     """
 
@@ -73,7 +74,6 @@ class Keyring:
         self,
         keys: Mapping[bytes, ec.EllipticCurvePrivateKey],
         *,
-        signed_bytes: Callable[[str, bytes], bytes],
         curve_orders: Mapping[bytes, int],
         hashes: Mapping[bytes, HashAlgorithm],
         ledger_fp: bytes = b"",
@@ -81,24 +81,29 @@ class Keyring:
     ) -> None:
         self.keys = dict(keys)
         self.hashes = dict(hashes)
-        self.signed_bytes = signed_bytes
         self.orders = dict(curve_orders)
         self.ledger_fp = ledger_fp
         self.ledger_job = ledger_job
 
-    def sign(self, fp: bytes, kind: str, body: bytes) -> bytes | None:
+    def alg(self, fp: bytes) -> int:
+        """The COSE alg of the key ``fp`` (RFC 9053 §2.1: ES256 -7, ES384 -35)."""
+        return -7 if self.hashes[fp].name == "sha256" else -35
+
+    def sign(self, fp: Any, tbs: bytes) -> bytes | None:
+        """r||s over ``tbs`` by the key ``fp``, or None if the ring has no such key."""
         key = self.keys.get(fp) if isinstance(fp, bytes) else None
-        if key is None or not isinstance(kind, str) or not isinstance(body, bytes):
+        if key is None:
             return None
         # RFC 6979 deterministic ECDSA: the same mutation gives the same bytes (hypothesis
         # replays a mutation and needs identical draws).
-        der = key.sign(self.signed_bytes(kind, body), ec.ECDSA(self.hashes[fp], **_RFC6979))
+        der = key.sign(tbs, ec.ECDSA(self.hashes[fp], **_RFC6979))
         # Low-s form (S6: one valid encoding per signature), as the library's signers emit.
         r, s = asym_utils.decode_dss_signature(der)
         n = self.orders[fp]
         if s > n // 2:
             s = n - s
-        return asym_utils.encode_dss_signature(r, s)
+        size = (n.bit_length() + 7) // 8
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
 # --- plain bytes ------------------------------------------------------------------------------
@@ -342,8 +347,6 @@ def mutate_der(
 
 # --- CBOR structure -----------------------------------------------------------------------------
 
-_ENVELOPE = frozenset({"kind", "v", "body", "sigs"})
-_SIGNED_RECORD = frozenset({"record", "sig", "signer"})
 _STRINGS = ("", "a", "x" * 300, "\u00e9", "\x00", "\U0001f600", "..", "/", "-1", "0" * 16,
             "ffffffffffffffff", "oem", "programmer", "job", "license", "manifest")  # fmt: skip
 
@@ -393,49 +396,57 @@ def _keys_in(value: Any) -> list[str]:
 
 def decode_cbor(data: bytes) -> Any:
     try:
-        return cbor.decode(data)
+        return cbor.decode(data, int_keys=True, cose_tag=True)
     except Error:
         return None
 
 
-def _resign(src: Source, value: dict[str, Any], ring: Keyring, corpus: Sequence[bytes]) -> bool:
-    """Mutate a signed body inside an envelope or signed record, then sign it again."""
-    if set(value) == _ENVELOPE and isinstance(value["body"], bytes):
-        kind = value["kind"] if isinstance(value["kind"], str) else ""
-        value["body"] = mutate_blob(src, value["body"], corpus, ring, depth=1)
-        sigs = value["sigs"] if isinstance(value["sigs"], list) else []
-        for s in sigs:
-            if isinstance(s, dict) and isinstance(s.get("signer"), bytes):
-                sig = ring.sign(s["signer"], kind, value["body"])
-                if sig is not None:
-                    s["sig"] = sig
-        return True
-    if set(value) == _SIGNED_RECORD and isinstance(value["record"], bytes):
-        value["record"] = mutate_blob(src, value["record"], corpus, ring, depth=1)
-        sig = ring.sign(value["signer"], "ceremony-record", value["record"])
+def _kid(protected: Any) -> Any:
+    hdr = decode_cbor(protected) if isinstance(protected, bytes) else None
+    return hdr.get(4) if isinstance(hdr, dict) else None
+
+
+def _resign(src: Source, msg: Any, ring: Keyring, corpus: Sequence[bytes]) -> bool:
+    """Mutate the payload of a COSE_Sign1/COSE_Sign (RFC 9052 §4), then sign it again."""
+    items = msg.value
+    if not (isinstance(items, list) and len(items) == 4 and isinstance(items[2], bytes)):
+        return False
+    prot, payload = items[0], mutate_blob(src, items[2], corpus, ring, depth=1)
+    items[2] = payload
+    if msg.tag == cbor.TAG_COSE_SIGN1:
+        sig = ring.sign(_kid(prot), cbor.encode(["Signature1", prot, b"", payload]))
         if sig is not None:
-            value["sig"] = sig
-        return True
-    return False
+            items[3] = sig
+    elif isinstance(items[3], list):
+        for entry in items[3]:
+            if isinstance(entry, list) and len(entry) == 3:
+                tbs = cbor.encode(["Signature", prot, entry[0], b"", payload])
+                sig = ring.sign(_kid(entry[0]), tbs)
+                if sig is not None:
+                    entry[2] = sig
+    return True
+
+
+def _mutate_cose(
+    src: Source, obj: Any, corpus: Sequence[bytes], ring: Keyring | None, depth: int
+) -> bytes:
+    msg = cbor2.CBORTag(obj.tag, copy.deepcopy(obj.value))
+    if ring is not None and chance(src, 1, 2) and _resign(src, msg, ring, corpus):
+        try:
+            return cbor.encode(msg)
+        except (ValueError, TypeError):
+            pass
+    head = cbor.encode(cbor2.CBORTag(obj.tag, 0))[:-1]  # the tag's head alone
+    return head + mutate_cbor(src, obj.value, corpus, ring, depth)
 
 
 def mutate_cbor(
     src: Source, obj: Any, corpus: Sequence[bytes], ring: Keyring | None, depth: int
 ) -> bytes:
+    if isinstance(obj, cbor2.CBORTag):
+        return _mutate_cose(src, obj, corpus, ring, depth)
     holder = [copy.deepcopy(obj)]
     slots = _cbor_slots(holder)
-    signed = [
-        (p, k)
-        for p, k in slots
-        if isinstance(p[k], dict) and set(p[k]) in (_ENVELOPE, _SIGNED_RECORD)
-    ]
-    if ring is not None and signed and chance(src, 1, 3):
-        p, k = pick(src, signed)
-        _resign(src, p[k], ring, corpus)
-        try:
-            return cbor.encode(holder[0])
-        except (ValueError, TypeError):
-            return mutate_bytes(src, cbor.encode(obj), corpus)
     parent, key = pick(src, slots)
     value = parent[key]
     op = src.below(6)
@@ -472,9 +483,9 @@ def mutate_cbor(
     else:
         parent[key] = _random_value(src)
     try:
-        return cbor.encode(holder[0])
+        return cbor.encode(holder[0], int_keys=True)
     except (ValueError, TypeError):  # an int pushed past 64 bits: CBOR cannot carry it
-        return mutate_bytes(src, cbor.encode(obj), corpus)
+        return mutate_bytes(src, cbor.encode(obj, int_keys=True), corpus)
 
 
 # --- framed formats ---------------------------------------------------------------------------
@@ -517,10 +528,10 @@ def _rechain(items: list[tuple[bytes, bytes]], ring: Keyring) -> None:
             index += 1
         elif tag == b"c":
             body = cbor.encode({"job": ring.ledger_job, "upto": index, "head": prev, "time": 1})
-            sig = ring.sign(ring.ledger_fp, "ledger-checkpoint", body) or b""
-            env = {"kind": "ledger-checkpoint", "v": 1, "body": body,
-                   "sigs": [{"signer": ring.ledger_fp, "sig": sig}]}  # fmt: skip
-            items[i] = (tag, cbor.encode(env))
+            fp = ring.ledger_fp
+            prot = envelope.protected_header("ledger-checkpoint", ring.alg(fp), fp)
+            sig = ring.sign(fp, envelope.sig_structure1(prot, body)) or b""
+            items[i] = (tag, cbor.encode(cbor2.CBORTag(cbor.TAG_COSE_SIGN1, [prot, {}, body, sig])))
 
 
 def mutate_ledger(src: Source, data: bytes, corpus: Sequence[bytes], ring: Keyring | None) -> bytes:
@@ -585,8 +596,8 @@ def mutate_blob(
             return mutate_ledger(src, data, corpus, ring)
         if data.startswith(TRANSCRIPT_MAGIC):
             return mutate_transcript(src, data, corpus, ring)
-        obj = decode_cbor(data) if data[:1] and data[0] >> 5 in (4, 5) else None
-        if isinstance(obj, dict | list):
+        obj = decode_cbor(data) if data[:1] and data[0] >> 5 in (4, 5, 6) else None
+        if isinstance(obj, dict | list | cbor2.CBORTag):
             return mutate_cbor(src, obj, corpus, ring, depth)
         nodes = parse_der(data) if data[:1] in (b"\x30", b"\x31") else None
         if nodes is not None:

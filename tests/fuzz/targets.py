@@ -93,8 +93,15 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     def add(name: str, run: Runner, *, seeds: str | None = None, **kw: Any) -> None:
         out[name] = Target(name, run, tuple(s[seeds or name]), **kw)
 
-    add("cbor", lambda d: cbor.decode(d, max_size=64 << 10))
+    # The codec as the envelope parser calls it: a top-level COSE tag (18/98) allowed, and
+    # the integer labels of COSE header maps (RFC 9052 §3).
+    add("cbor", lambda d: cbor.decode(d, max_size=64 << 10, cose_tag=True, int_keys=True))
     add("envelope", lambda d: envelope.open_envelope(d, kind="job", keys=ctx["officers"]))
+    add(
+        "envelope_sign1",
+        lambda d: envelope.open_envelope(d, kind="manifest", keys=ctx["fw"].public_key()),
+        seeds="envelope_sign1",
+    )
     add(
         "job",
         lambda d: verify_job(

@@ -22,7 +22,8 @@ from tests.fuzz.world import World
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 NAMES = sorted(
-    "cbor envelope job job_package manifest image_header encrypted_image license ledger_record "
+    "cbor envelope envelope_sign1 job job_package manifest image_header encrypted_image license "
+    "ledger_record "
     "ledger_export reconciliation identification provisioning device_trust boot_confirmation "
     "transcript oem_hello programmer_hello oem_finish programmer_finish transfer transfer_ack "
     "sealed_package certificate device_certificate csr spki pkcs11_uri inspect "

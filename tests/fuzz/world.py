@@ -29,7 +29,7 @@ from securethread.channel.transfer import (
 from securethread.device.sbm import ProvisioningData, verify_boot_confirmation
 from securethread.device.vendor import SiliconVendor
 from securethread.errors import DuplicateObjectError
-from securethread.formats import envelope, ledger
+from securethread.formats import ledger
 from securethread.formats.device_trust import DeviceTrust, oem_root_hash, sign_device_trust
 from securethread.formats.identity import IdentityVerifier, vendor_ca_id
 from securethread.formats.image import encrypt_image, sign_manifest
@@ -301,6 +301,7 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     officer_keys = {fingerprint(k.public_key()): k.public_key() for k in officers}
     seeds["job"] = [job_signed]
     seeds["envelope"] = [job_signed, manifest]
+    seeds["envelope_sign1"] = [manifest, job_signed]  # a COSE_Sign1, then a COSE_Sign
     ctx.update(job_signed=job_signed, officers=officer_keys)
     verified = verify_job(
         job_signed, officers=officer_keys, programmer=job.programmer, min_threshold=2
@@ -497,7 +498,6 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
                spare.private_key("e-id")]  # fmt: skip
     ring = Keyring(
         {fingerprint(k.public_key()): k._key for k in signers},  # the software keys' raw keys
-        signed_bytes=envelope.signed_bytes,
         curve_orders={fingerprint(k.public_key()): _ORDERS[k.curve] for k in signers},
         hashes={fingerprint(k.public_key()): hash_for(k.curve) for k in signers},
         ledger_fp=fingerprint(prog.private_key("ledger").public_key()),

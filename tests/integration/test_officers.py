@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from securethread.demo import child_env
-from securethread.formats import cbor
+from securethread.formats import cbor, envelope
 from securethread.formats.job import ProductionJob, job_hash, verify_job_signatures
 from securethread.formats.onboarding import OfficerBundle
 from securethread.keys import fingerprint, load_spki
@@ -303,8 +303,8 @@ def test_an_officer_approves_once(world: dict[str, Any]) -> None:
     (approvals / "officer-2.bin").unlink()
     ok(*approve(world, "twice", 2, "--pin-file", str(pin_file(world, 2))))
     ok(*issue(world, "twice"))
-    signed = cbor.decode((world["oem"] / "jobs/twice/job.bin").read_bytes())
-    signers = [s["signer"] for s in signed["sigs"]]
+    signed = (world["oem"] / "jobs/twice/job.bin").read_bytes()
+    signers = envelope.parse_message(signed, kind="job").kids
     assert len(signers) == len(set(signers)) == 2
 
 

@@ -39,6 +39,7 @@ from securethread.formats import cbor, envelope
 from securethread.hsm import IMAGE_KEY, KEY_AGREEMENT, Curve, Token
 from securethread.hsm.policy import secret_template
 from securethread.keys.policy import KeyPolicy, Usage
+from tests import cose_edit
 from tests.integration import test_channel as _channel_tests
 from tests.integration.channel_net import object_census
 from tests.integration.test_channel import Enclave, Pki, handshake
@@ -217,12 +218,11 @@ def test_ack_checks(pki: Pki, oem: Token) -> None:
     hs = handshake(pki)
     sender, receiver = KeySender(hs.oem), KeyReceiver(hs.programmer)
     ack = receiver.receive(sender.send(labels))
-    outer = cbor.decode(ack)
-    forged = dict(outer, sigs=[dict(outer["sigs"][0], sig=outer["sigs"][0]["sig"][:-1] + b"\0")])
+    forged = cose_edit.with_signature(ack, cose_edit.signature(ack)[:-1] + b"\1")
     with pytest.raises(SignatureError):
-        sender.verify_ack(cbor.encode(forged))
+        sender.verify_ack(forged)
     # An ack signed by someone else (the OEM's own identity key) counts for nothing.
-    body = cbor.decode(outer["body"])
+    body = cose_edit.body(ack)
     own = envelope.seal("key-transfer-ack", body, [oem.private_key(pki.oem.identity)])
     with pytest.raises(SignatureError):
         sender.verify_ack(own)
@@ -502,10 +502,9 @@ def test_receipt_checks(pki: Pki, oem: Token, programmer: Token) -> None:
     check(receipt.signed)
     with pytest.raises(ConfirmationError, match="another sealed package"):
         check(receipt.signed, other_data)
-    outer = cbor.decode(receipt.signed)
-    body = cbor.decode(outer["body"])
+    body = cose_edit.body(receipt.signed)
     with pytest.raises(SignatureError):  # tampered
-        check(cbor.encode(dict(outer, body=cbor.encode(dict(body, opened=0)))))
+        check(cose_edit.with_body(receipt.signed, dict(body, opened=0)))
     with pytest.raises(FormatError):
         check(receipt.signed[:-2])
     # Signed by the programmer's key, but claiming other keys or another package id.
@@ -551,13 +550,12 @@ def test_package_sender_must_be_the_oem_role(pki: Pki, programmer: Token) -> Non
 def test_package_tampered_or_malformed(pki: Pki, oem: Token, programmer: Token) -> None:
     labels = image_keys(oem, 1)
     data = _seal(pki, labels)
-    outer = cbor.decode(data)
-    body = cbor.decode(outer["body"])
+    body = cose_edit.body(data)
     body["entries"][0]["transferable"] = False
     with pytest.raises(SignatureError):
         _open(
             pki,
-            cbor.encode(dict(outer, body=cbor.encode(body))),
+            cose_edit.with_body(data, body),
             TokenPackageRegistry(programmer),
         )
     with pytest.raises(FormatError):

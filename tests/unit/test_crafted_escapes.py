@@ -27,6 +27,7 @@ from securethread.formats.onboarding import (
 )
 from securethread.hsm import SIGNING, Curve, SoftwareBackend
 from securethread.keys.ecutil import fingerprint
+from tests import cose_edit
 
 BACKEND = SoftwareBackend("crafted")
 KEY = BACKEND.generate_ec("k", curve=Curve.P256, policy=SIGNING)
@@ -37,12 +38,14 @@ NOT_MAPS: list[Any] = [[[1]], 5, None, [1, 2], "text", b"bytes", True]
 
 def signed_with_body(kind: str, body: Any) -> bytes:
     """A well-formed, validly signed envelope of ``kind`` whose body is ``body``."""
+    if kind in envelope.MULTI_SIGNER_KINDS:
+        return cose_edit.multi_seal(kind, body, [KEY])
     body_bytes = cbor.encode(body)
-    sig = envelope.sign(KEY, envelope.signed_bytes(kind, body_bytes))
-    return cbor.encode(
-        {"kind": kind, "v": 1, "body": body_bytes,
-         "sigs": [{"signer": fingerprint(KEY.public_key()), "sig": sig}]}
-    )  # fmt: skip
+    public = KEY.public_key()
+    sig = envelope.sign(KEY, envelope.signed_bytes(kind, body_bytes, public))
+    return envelope.sign1_message(
+        kind, envelope.algorithm(public), fingerprint(public), body_bytes, sig
+    )
 
 
 OPENERS: dict[str, tuple[str, Callable[[bytes], object]]] = {
@@ -90,7 +93,9 @@ def _transcript(time: int) -> bytes:
     raw = _record(time)
     signed = tr.SignedRecord(
         record=raw,
-        signature=envelope.sign(KEY, envelope.signed_bytes(tr.SIGNATURE_KIND, raw)),
+        signature=envelope.sign(
+            KEY, envelope.signed_bytes(tr.SIGNATURE_KIND, raw, KEY.public_key())
+        ),
         signer=fingerprint(KEY.public_key()),
     )
     return tr.MAGIC + signed.frame()

@@ -35,7 +35,7 @@ from securethread.device import (
     make_chips,
     verify_boot_confirmation,
 )
-from securethread.errors import RollbackError
+from securethread.errors import FormatError, RollbackError
 from securethread.formats import cbor
 from securethread.formats.device_trust import (
     DEVICE_TRUST_KIND,
@@ -60,6 +60,7 @@ from securethread.pki import (
 )
 from securethread.programmer.line import DevicePort
 from securethread.programmer.runner import PortFactory
+from tests import cose_edit
 from tests.unit.test_device import DEVICE_CLASS, JOB, World, _refused, make_world
 
 
@@ -349,19 +350,22 @@ def test_statement_altered_on_the_line_refused(
     world: World, evil: World, field: str, value: Any
 ) -> None:
     """The root's signature kept, one authenticated value changed."""
-    statement = cbor.decode(world.trust())
-    body = cbor.decode(statement["body"])
+    body = cose_edit.body(world.trust())
     body[field] = spki_der(evil.fw_key.public_key()) if value == "evil" else value
-    statement["body"] = cbor.encode(body)
+    statement = cose_edit.with_body(world.trust(), body)
     dev = world.part()
-    raw = world.provisioning(dev, device_trust=cbor.encode(statement)).to_bytes()
+    raw = world.provisioning(dev, device_trust=statement).to_bytes()
     err = _refused(dev, DeviceTrustRefusedError, lambda: dev.provision(raw))
     assert "signature" in str(err)
 
 
 def test_statement_with_an_extra_signer_refused(world: World, evil: World) -> None:
     dev = world.part()
-    statement = add_signature(world.trust(), DEVICE_TRUST_KIND, evil.oem.private_key("root"))
+    with pytest.raises(FormatError, match="exactly one signer"):
+        add_signature(world.trust(), DEVICE_TRUST_KIND, evil.oem.private_key("root"))
+    # The statement as a COSE_Sign by the root and another key: not a COSE_Sign1, refused.
+    keys = [world.oem.private_key("root"), evil.oem.private_key("root")]
+    statement = cose_edit.multi_seal(DEVICE_TRUST_KIND, cose_edit.body(world.trust()), keys)
     raw = world.provisioning(dev, device_trust=statement).to_bytes()
     _refused(dev, DeviceTrustRefusedError, lambda: dev.provision(raw))
 
@@ -501,13 +505,13 @@ def _root_signed(world: World, body: dict[str, Any], kind: str = DEVICE_TRUST_KI
     ],
 )
 def test_root_signed_but_malformed_statement_refused(world: World, mutate: Any) -> None:
-    body = cbor.decode(cbor.decode(world.trust())["body"])
+    body = cose_edit.body(world.trust())
     with pytest.raises(DeviceTrustFormatError):
         verify_device_trust(_root_signed(world, mutate(body)), oem_root=world.root_cert)
 
 
 def test_statement_of_another_kind_or_shape_refused(world: World) -> None:
-    body = cbor.decode(cbor.decode(world.trust())["body"])
+    body = cose_edit.body(world.trust())
     with pytest.raises(DeviceTrustFormatError, match="device-trust"):
         verify_device_trust(_root_signed(world, body, "manifest"), oem_root=world.root_cert)
     for bad in (b"", b"\xa0", bytes(4096), "text"):

@@ -31,6 +31,7 @@ from securethread.formats.license import (
 )
 from securethread.hsm import SIGNING, Curve, SoftwareBackend
 from securethread.pki import EnclavePurpose, certify_enclave, create_enclave_csr, create_root_ca
+from tests import cose_edit
 
 from .test_device import World, make_world
 
@@ -140,11 +141,10 @@ def test_bad_signature(world: World, image) -> None:  # type: ignore[no-untyped-
     dev = world.vendor.make_chip()
     lic = world.issuer(m).issue(dev.device_id, dev.public_key)
     outer = cbor.decode(lic)
-    env = cbor.decode(outer["envelope"])
-    sig = bytearray(env["sigs"][0]["sig"])
+    sig = bytearray(cose_edit.signature(outer["envelope"]))
     sig[8] ^= 0x40
-    env["sigs"][0]["sig"] = bytes(sig)
-    bad = cbor.encode({**outer, "envelope": cbor.encode(env)})
+    env = cose_edit.with_signature(outer["envelope"], bytes(sig))
+    bad = cbor.encode({**outer, "envelope": env})
     with pytest.raises(LicenseSignatureError) as exc:
         _open(world, bad, dev, m)
     assert isinstance(exc.value, SignatureError)

@@ -10,15 +10,10 @@ replace an ECDSA ``s`` by ``n - s``, duplicate an entry, append an entry by an u
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
 
 from securethread.errors import (
     Error,
@@ -43,6 +38,7 @@ from securethread.hsm import SIGNING, Curve, SoftwareBackend, fingerprint
 from securethread.keys.protocol import PrivateKey
 from securethread.pki.profile import DeviceProfile
 from securethread.programmer.store import UNGUARDED, SQLiteStore
+from tests import cose_edit
 
 PROGRAMMER = b"\x11" * 32
 N256 = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -85,32 +81,28 @@ def _verify(signed: bytes, keys: SoftwareBackend) -> Any:
     return verify_job(signed, officers=_officers(keys), programmer=PROGRAMMER, min_threshold=2)
 
 
-def _edit(signed: bytes, change: Callable[[list[dict[str, bytes]]], None]) -> bytes:
-    outer = cbor.decode(signed)
-    change(outer["sigs"])
-    return cbor.encode(outer)
-
-
-def _n_minus_s(sigs: list[dict[str, bytes]]) -> None:
-    r, s = decode_dss_signature(sigs[0]["sig"])
-    sigs[0]["sig"] = encode_dss_signature(r, N256 - s)
+def _n_minus_s(sig: bytes) -> bytes:
+    """The twin (r, n - s) of a P-256 r||s signature (RFC 9053 §2.1 layout)."""
+    s = int.from_bytes(sig[32:], "big")
+    return sig[:32] + (N256 - s).to_bytes(32, "big")
 
 
 def _reframe(variant: str, genuine: bytes, keys: SoftwareBackend) -> bytes:
-    outer = cbor.decode(genuine)
-    sigs = outer["sigs"]
+    tag, items = cose_edit.parts(genuine)
+    sigs = items[3]  # COSE_Signature entries [protected, {}, r||s]
     if variant == "reordered":
         sigs.reverse()
     elif variant == "n-minus-s":
-        _n_minus_s(sigs)
+        sigs[0][2] = _n_minus_s(sigs[0][2])
     elif variant == "duplicated entry":
-        sigs.append(dict(sigs[0]))
+        sigs.append(list(sigs[0]))
     else:  # a valid signature by a key the programmer does not trust, in canonical order
         outsider = keys.private_key("outsider")
-        sig = envelope.sign(outsider, envelope.signed_bytes(JOB_KIND, outer["body"]))
-        sigs.append({"signer": fingerprint(outsider.public_key()), "sig": sig})
-        sigs.sort(key=lambda e: e["signer"])
-    return cbor.encode(outer)
+        sprot = envelope.protected_signature(outsider.public_key())
+        tbs = envelope.sig_structure(items[0], sprot, items[2])
+        sigs.append([sprot, {}, envelope.sign(outsider, tbs)])
+        sigs.sort(key=lambda e: cbor.decode(e[0], int_keys=True)[4])
+    return cose_edit.build(tag, items)
 
 
 @pytest.mark.parametrize(
@@ -137,8 +129,10 @@ def test_job_identity_is_the_hash_of_what_the_officers_sign(
 ) -> None:
     import hashlib
 
-    body = cbor.decode(genuine)["body"]
-    expected = hashlib.sha256(envelope.signed_bytes(JOB_KIND, body)).digest()
+    tag, items = cose_edit.parts(genuine)
+    # SHA-256 of CBOR([body protected header, payload]): what every officer signs.
+    expected = hashlib.sha256(cbor.encode([items[0], items[2]])).digest()
+    assert expected == envelope.body_content_id(JOB_KIND, items[2])
     assert job_hash(genuine) == _verify(genuine, keys).sha256 == expected
     assert job_hash(genuine) != hashlib.sha256(genuine).digest()
 
@@ -178,7 +172,7 @@ def test_another_job_body_is_another_identity(keys: SoftwareBackend, genuine: by
 
 
 def _twin(env: bytes) -> bytes:
-    return _edit(env, _n_minus_s)
+    return cose_edit.with_signature(env, _n_minus_s(cose_edit.signature(env)))
 
 
 def _seal(kind: str, body: dict[str, Any], key: PrivateKey) -> bytes:
