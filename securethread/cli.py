@@ -628,6 +628,86 @@ def audit_inspect(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- stations: the line's clients of the appliance (docs/station.md) ----------------------------
+
+
+def programmer_add_station(a: argparse.Namespace) -> int:
+    from securethread.programmer.stations import add_station_step
+
+    r = _programmer(
+        a,
+        "add-station",
+        lambda: add_station_step(a.workdir, name=a.name, csr_pem=_read_input(a.csr)),
+        {"name": a.name},
+        [("station.csr", a.csr)],
+    )
+    return _step(a, r)
+
+
+def programmer_remove_station(a: argparse.Namespace) -> int:
+    from securethread.programmer.stations import remove_station_step
+
+    r = _programmer(
+        a, "remove-station", lambda: remove_station_step(a.workdir, name=a.name), {"name": a.name}
+    )
+    return _step(a, r)
+
+
+def station_keygen(a: argparse.Namespace) -> int:
+    from securethread.station import keygen
+    from securethread.workdir import write_atomic
+
+    key_pem, csr_pem = keygen(a.name)
+    write_atomic(Path(a.key), key_pem, mode=0o600)
+    write_atomic(Path(a.csr), csr_pem)
+    _emit(
+        a,
+        [f"station keygen: key {a.key} (keep it), request {a.csr} (for 'programmer "
+         "add-station')"],  # fmt: skip
+        {"ok": True, "step": "station keygen", "key": a.key, "csr": a.csr},
+    )
+    return EXIT_OK
+
+
+def station_run(a: argparse.Namespace) -> int:
+    from securethread.demo.line import SimulatedFab
+    from securethread.errors import DeviceRefusedError
+    from securethread.station import SimulatedChips, StationCredentials, run_station
+    from securethread.station.client import progress_bar
+
+    if a.devices < 1 or a.first_device < 0 or a.first_device + a.devices > 1 << 64:
+        raise ConfigurationError("--devices must be at least 1, --first-device 0..2^64-1")
+    creds = StationCredentials.from_files(cert=a.cert, key=a.key, ca=a.ca)
+    fab = SimulatedFab(a.chips_from)
+    chips = SimulatedChips(fab, range(a.first_device, a.first_device + a.devices))
+    bar, close = progress_bar(a.devices, enabled=not a.json and sys.stderr.isatty())
+    try:
+        r = run_station(creds, a.appliance, job_id=a.job, chips=chips, parallel=a.parallel,
+                        progress=bar)  # fmt: skip
+    finally:
+        close()
+    human = [
+        f"station run: job {r.job_id}: {r.programmed} programmed ({r.provisioned} new, "
+        f"{r.recovered} recovered) of {r.devices} in {r.elapsed_s} s"
+        + (f", {r.devices_per_s} devices/s" if r.devices_per_s else ""),
+    ]
+    if r.already_done:
+        human.append(f"  {r.already_done} already provisioned and programmed (a resumed run)")
+    human += [f"  refused: {n} {code}" for code, n in sorted(r.refused.items())]
+    human += [f"  {note}" for note in r.notes[:5]]
+    problem: Error | None = None
+    if r.quota_exhausted:
+        problem = QuotaExceededError(f"job {r.job_id}: the quota is used up")
+    elif r.refused:
+        problem = DeviceRefusedError(f"{sum(r.refused.values())} device(s) refused")
+    machine = {"ok": problem is None, "step": "station run", **r.to_json()}
+    _emit(a, human, machine)
+    if problem is not None:
+        print(f"securethread: {_describe(problem)}", file=sys.stderr)
+        return exit_code(problem)
+    return EXIT_OK
+
+
 # --- the simulated silicon vendor ---------------------------------------------------------------
 
 
@@ -1007,6 +1087,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--job", required=True, help="the job to close")
     c = command(
         prog,
+        "add-station",
+        programmer_add_station,
+        "certify a station's key (its CSR) for the station API: its certificate and the "
+        "station CA in the outbox",
+        workdir=prog_dir,
+    )
+    c.add_argument("csr", help="the station's certificate request ('station keygen')")
+    c.add_argument("--name", required=True, help="the station's name (1-64 of [A-Za-z0-9._-])")
+    c = command(
+        prog,
+        "remove-station",
+        programmer_remove_station,
+        "withdraw a station: refused on its next call, even on a live connection",
+        workdir=prog_dir,
+    )
+    c.add_argument("--name", required=True, help="the station to withdraw")
+    c = command(
+        prog,
         "revoke",
         programmer_revoke,
         "revoke device certificates of a job: its production CA's CRL",
@@ -1146,6 +1244,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("file", help="the artefact")
     c.add_argument("--record", type=int, help="one record of a ledger export, in full")
+
+    station = roles.add_parser(
+        "station", help="the reference station: the line's client of the appliance"
+    ).add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    c = command(station, "keygen", station_keygen, "a station key and its CSR", workdir=None)
+    c.add_argument("--name", required=True, help="the station's name")
+    c.add_argument("--key", required=True, help="where to write the key (PEM, 0600)")
+    c.add_argument("--csr", required=True, help="where to write the CSR (PEM)")
+    c = command(
+        station,
+        "run",
+        station_run,
+        "drive simulated chips through the appliances' station API; run again to resume",
+        workdir=None,
+    )
+    c.add_argument(
+        "--appliance",
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="an appliance's station API; repeatable (round-robin, unreachable ones skipped)",
+    )
+    c.add_argument("--cert", required=True, help="this station's certificate (add-station)")
+    c.add_argument("--key", required=True, help="this station's key (station keygen)")
+    c.add_argument("--ca", required=True, help="the appliance's station CA (add-station)")
+    c.add_argument("--job", required=True, help="the job to produce")
+    c.add_argument(
+        "--chips-from", required=True, metavar="DIR", help="the simulated fab's directory"
+    )
+    c.add_argument("--devices", type=int, required=True, help="chips to drive")
+    c.add_argument(
+        "--first-device",
+        type=int,
+        default=0,
+        help="UID of the first chip, as an offset in the fab (default 0)",
+    )
+    c.add_argument(
+        "--parallel", type=int, default=4, help="sockets driven at once (default 4)"
+    )
 
     vendor = roles.add_parser(
         "vendor", help="the simulated silicon vendor (chips for the demo and the tests)"

@@ -409,9 +409,13 @@ def build_line(
     run: bytes,
     faults: FaultHook = NO_FAULTS,
     archive: CertificateArchive | None = None,
+    challenge_of: Callable[[bytes], bytes] | None = None,
 ) -> ProductionLine:
     """The production line of ``config`` on ``token`` and ``store`` (what each worker runs;
-    ``archive`` defaults to the certificate files of ``config.certificates``)."""
+    ``archive`` defaults to the certificate files of ``config.certificates``).
+    ``challenge_of`` gives the challenge an identification answer must sign when the
+    challenge was issued before the line met the device (the station API hands out its
+    own); by default it is the line's fresh one."""
     job = config.job
     labels = config.labels
     manifest = verified_manifest(config)
@@ -425,7 +429,9 @@ def build_line(
     return ProductionLine(
         job=job,
         store=store,
-        identify=lambda resp, ch: verifier.verify(resp, challenge=ch),
+        identify=lambda resp, ch: verifier.verify(
+            resp, challenge=ch if challenge_of is None else challenge_of(resp)
+        ),
         issuer=DeviceCertificateIssuer(
             token.private_key(labels.production_ca),
             pca,

@@ -1,0 +1,1066 @@
+"""The station API on the appliance: gRPC with mutual TLS, one group-committing line per job.
+
+Stations (the line's programmer hardware and its software) are untrusted clients of the
+appliance (``securethread/proto/station.proto``; docs/station.md).  Per device a station asks
+for a challenge, has its chip sign it, and sends the chip's answer; the appliance runs the
+same :class:`~securethread.programmer.line.ProductionLine` as ``programmer provision``
+(identify under the vendor CAs the OEM-signed job names -> count -> issue -> commit ->
+release) and returns the device's certificate, provisioning data and license; the station
+programs the chip and returns its boot confirmation, which the line verifies and records.
+
+**Group commit.**  A commit with fsync and a checkpoint signature per device would cap the
+rate far below the token's; so every job has one *batcher* thread that holds the job's
+store and line and drains the queue of Provision (then Confirm) calls every few
+milliseconds into one :meth:`ProductionLine.provision_batch` (one reservation, one
+transaction, one checkpoint), resolving each call's future with its device's outcome.  The
+gRPC handler threads only check the caller and the session and wait.  One lock keeps the
+token to one batch at a time across jobs (SoftHSMv2 #573: object create/destroy is not
+safe from several threads).
+
+**Who may call.**  A station CA key in the programmer token (``station-ca``, SIGNING policy,
+made on first use) issues the appliance's TLS server certificate and each station's client
+certificate (:func:`add_station`, from the station's CSR: the station makes its own key,
+which only authenticates it).  Every call is checked against the station list
+(``stations/stations.json``) by the SHA-256 of the peer's certificate, re-read when the file
+changes: :func:`remove_station` takes effect on the next call, even on a live connection.
+The TLS server key is a file in the state directory (0600): gRPC's TLS stack needs the key
+in memory, and it only authenticates the appliance to stations.
+
+**Nothing stranded.**  A device counted and released whose station vanished stays in the
+store's releases; a later Provision of the same chip (a new challenge) returns the same
+certificate and license without a second count (``RECOVERED``).  Each batch reserves under a
+run id of its own, so a chip met again in the same appliance process is recovered, never
+refused as "met twice".  A killed appliance is the runner's killed run: the next start burns
+the slots the mark covers (S3: over-count, never under).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import io
+import json
+import os
+import queue
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, BinaryIO, NoReturn
+
+import attrs
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from securethread.errors import (
+    AlreadyProvisionedError,
+    ConfigurationError,
+    Error,
+    FormatError,
+    HSMError,
+    JobError,
+    QuotaExceededError,
+    StoreError,
+    VerificationError,
+)
+from securethread.formats.identity import IdentificationResponse
+from securethread.hsm import PinCallback
+from securethread.hsm.token import Token
+from securethread.keys import SIGNING, Curve
+from securethread.keys.ecutil import CryptographyKeyAdapter
+from securethread.pki import device_id_of, untrusted
+from securethread.programmer import layout as L
+from securethread.programmer.line import (
+    AlreadyDone,
+    Provisioned,
+    Refused,
+    Unreleased,
+    describe,
+)
+from securethread.programmer.provision import run_config
+from securethread.programmer.quota_mark import block_for, open_store
+from securethread.programmer.runner import RunLock, build_line, verified_manifest
+from securethread.proto import station_pb2 as pb
+from securethread.proto import station_pb2_grpc as pb_grpc
+from securethread.workdir import PartyDir, StepResult, check_name
+
+STATION_CA_LABEL = "station-ca"
+STATION_DIR = "stations"
+CA_CERT = f"{STATION_DIR}/ca.pem"
+SERVER_KEY = f"{STATION_DIR}/server-key.pem"
+SERVER_CERT = f"{STATION_DIR}/server.pem"
+REGISTRY = f"{STATION_DIR}/stations.json"
+#: The name in the appliance's server certificate; stations check it whatever address they
+#: dial (gRPC's ``grpc.ssl_target_name_override``).
+SERVER_NAME = "securethread-appliance"
+CHALLENGE_TTL_S = 30.0
+IMAGE_CHUNK = 256 << 10
+_STATION_CERT_DAYS = 730
+_CONNECTED_S = 10.0  # a station that called within this many seconds counts as connected
+
+
+class StationRegistryError(ConfigurationError):
+    """A station name or request the station list refuses (unknown, taken, malformed)."""
+
+
+# --- the station CA and the station list ----------------------------------------------------
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _fingerprint(cert_der: bytes) -> str:
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+def _station_ca(work: PartyDir, token: Token) -> tuple[CryptographyKeyAdapter, x509.Certificate]:
+    """The station CA: its key in the programmer token (made on first use), its
+    self-signed certificate in ``stations/ca.pem``."""
+    if token.has_key(STATION_CA_LABEL):
+        key = token.private_key(STATION_CA_LABEL)
+    else:
+        key = token.generate_ec(STATION_CA_LABEL, curve=Curve.P256, policy=SIGNING)
+    signer = CryptographyKeyAdapter(key)
+    if work.exists(CA_CERT):
+        cert = untrusted.load_certificate_pem(work.read(CA_CERT, "station CA"), what=CA_CERT)
+        if cert.public_key() == signer.public_key():
+            return signer, cert
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{work.name} station CA"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, work.name),
+        ]
+    )
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(signer.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(signer.public_key()), False)
+        .sign(signer, hashes.SHA256())
+    )
+    work.write(CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    return signer, cert
+
+
+def _leaf(
+    signer: CryptographyKeyAdapter,
+    ca: x509.Certificate,
+    *,
+    subject: str,
+    key: ec.EllipticCurvePublicKey,
+    usage: x509.ObjectIdentifier,
+    days: int,
+    dns: str | None = None,
+) -> x509.Certificate:
+    """A TLS certificate under the station CA (RFC 5280 §4.2.1.12: server or client auth)."""
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(ca.subject)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if dns is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _server_credentials(work: PartyDir, token: Token) -> tuple[bytes, bytes, bytes]:
+    """(server key PEM, server certificate chain PEM, station CA PEM), made on first use."""
+    signer, ca = _station_ca(work, token)
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    if work.exists(SERVER_KEY) and work.exists(SERVER_CERT):
+        key_pem = work.read(SERVER_KEY, "appliance TLS key")
+        cert = untrusted.load_certificate_pem(work.read(SERVER_CERT, "server"), what=SERVER_CERT)
+        if cert.issuer == ca.subject and cert.not_valid_after_utc > _now():
+            try:
+                cert.verify_directly_issued_by(ca)
+                return key_pem, cert.public_bytes(serialization.Encoding.PEM), ca_pem
+            except Exception:  # another CA's (re-made): issue a new one below
+                pass
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    cert = _leaf(signer, ca, subject=SERVER_NAME, key=key.public_key(),
+                 usage=ExtendedKeyUsageOID.SERVER_AUTH, days=365, dns=SERVER_NAME)  # fmt: skip
+    work.write(SERVER_KEY, key_pem, mode=0o600)
+    work.write(SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM), ca_pem
+
+
+def _read_registry(work: PartyDir) -> dict[str, dict[str, Any]]:
+    if not work.exists(REGISTRY):
+        return {}
+    try:
+        data = json.loads(work.read(REGISTRY, "station list"))
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise StationRegistryError(f"{work.path(REGISTRY)} is damaged") from None
+    return data
+
+
+def _write_registry(work: PartyDir, data: dict[str, dict[str, Any]]) -> None:
+    work.write(REGISTRY, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
+
+
+def station_ca_pem(work: PartyDir) -> bytes:
+    """The station CA certificate (PEM) a station needs to check the appliance (``--ca``)."""
+    return work.read(CA_CERT, "station CA certificate")
+
+
+def add_station(
+    work: PartyDir, *, name: str, csr_pem: bytes, token: Token | None = None
+) -> bytes:
+    """Certify station ``name``'s key from its CSR (its own key; a P-256 request whose
+    signature verifies); returns the client certificate (PEM).  The station CA signs in the
+    token (``token``, else the work directory's programmer token opened here).  A name
+    that is in the list (even withdrawn) is refused: a withdrawn name never comes back."""
+    check_name("station name", name)
+    csr = untrusted.load_csr(csr_pem, what="station certificate request", curves=(Curve.P256,))
+    if not csr.is_signature_valid:
+        raise VerificationError("station certificate request: the signature does not verify")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # load_csr admitted EC keys only
+        raise FormatError("station certificate request: not an EC key")
+    registry = _read_registry(work)
+    if name in registry:
+        state = "withdrawn" if registry[name].get("removed") else "certified"
+        raise StationRegistryError(f"station {name!r} is already {state}; choose another name")
+    tok = token if token is not None else work.open_token(L.TOKEN, work.pin_callback())
+    signer, ca = _station_ca(work, tok)
+    cert = _leaf(signer, ca, subject=name, key=key, usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+                 days=_STATION_CERT_DAYS)  # fmt: skip
+    der = cert.public_bytes(serialization.Encoding.DER)
+    registry[name] = {"sha256": _fingerprint(der), "removed": False,
+                      "added": _now().strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+    _write_registry(work, registry)
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def remove_station(work: PartyDir, *, name: str) -> None:
+    """Withdraw station ``name``: every later call with its certificate is refused
+    (PERMISSION_DENIED), on a live connection too."""
+    check_name("station name", name)
+    registry = _read_registry(work)
+    if name not in registry:
+        raise StationRegistryError(f"no station {name!r} was added")
+    if registry[name].get("removed"):
+        raise StationRegistryError(f"station {name!r} was withdrawn already")
+    registry[name]["removed"] = True
+    registry[name]["removed_at"] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    _write_registry(work, registry)
+
+
+class _Allowed:
+    """The active stations by certificate fingerprint, re-read when the list changes."""
+
+    def __init__(self, work: PartyDir) -> None:
+        self._work = work
+        self._stamp: tuple[int, int] | None = None
+        self._by_fp: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def name_of(self, fingerprint: str) -> str | None:
+        try:
+            st = os.stat(self._work.path(REGISTRY))
+            stamp = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        with self._lock:
+            if stamp != self._stamp:
+                reg = _read_registry(self._work)
+                self._by_fp = {
+                    str(v.get("sha256")): k for k, v in reg.items() if not v.get("removed")
+                }
+                self._stamp = stamp
+            return self._by_fp.get(fingerprint)
+
+
+# --- sessions and the per-job batcher ------------------------------------------------------
+
+
+class _Call(Exception):
+    """A call's answer as a gRPC status (raised inside the servicer, sent by ``_abort``)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.define
+class _Session:
+    job: _Job
+    station: str
+    challenge: bytes
+    expires: float
+    used: bool = False
+    provisioned: Provisioned | None = None
+    nonce: bytes = b""
+    confirmed: bool = False
+
+
+class _AnsweredPort:
+    """The line's view of a device whose station already has its answer: ``identify``
+    returns it (the line verifies it against the session's challenge, ``challenge_of``),
+    ``provision`` keeps what the line releases, for the station's reply."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.claimed = _claimed_id(answer)
+        self.released: bytes | None = None
+
+    def identify(self, challenge: bytes) -> bytes:
+        return self.answer
+
+    def provision(self, data: bytes) -> None:
+        self.released = data
+
+    def program(self, manifest: bytes, image: BinaryIO, license: bytes, nonce: bytes) -> bytes:
+        raise ConfigurationError("a station device is programmed by its station")
+
+
+class _ConfirmedPort:
+    """A device whose station returned its boot confirmation: ``program`` hands it in."""
+
+    def __init__(self, boot: bytes) -> None:
+        self.boot = boot
+
+    def identify(self, challenge: bytes) -> bytes:
+        raise ConfigurationError("a station device is identified through its station")
+
+    def provision(self, data: bytes) -> None:
+        raise ConfigurationError("a station device is provisioned through its station")
+
+    def program(self, manifest: bytes, image: BinaryIO, license: bytes, nonce: bytes) -> bytes:
+        return self.boot
+
+
+@attrs.define
+class _JobCounts:
+    provisioned: int = 0
+    recovered: int = 0
+    programmed: int = 0
+    already_done: int = 0
+    refused: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+
+
+_Work = tuple[str, _Session, bytes, "Future[Any]"]  # ("provision"|"confirm", session, data, fut)
+
+
+class _Job:
+    """One opened job served to stations: its verified run configuration, store, quota mark,
+    run lock, line and batcher thread."""
+
+    def __init__(
+        self, work: PartyDir, token: Token, job_id: str, token_lock: threading.Lock, *,
+        batch_size: int, window_s: float,
+    ) -> None:  # fmt: skip
+        self.job_id = job_id
+        config = run_config(work, job_id, workers=0, batch_size=batch_size)
+        self.config = config
+        self.manifest = config.manifest
+        self.counts = _JobCounts()
+        self.quota = config.job.job.quota
+        self.quota_used = 0
+        self._token = token
+        self._token_lock = token_lock
+        self._window = window_s
+        self._queue: queue.Queue[_Work | None] = queue.Queue()
+        self._challenges: dict[bytes, bytes] = {}
+        self.inflight = 0  # calls queued or in a batch
+        self.retired = False
+        self.last_call = time.monotonic()
+        self._submit_lock = threading.Lock()
+        self.failed: Error | None = None
+        self.lock = RunLock(config.store)
+        self.lock.acquire(job_id)
+        # SQLite connections belong to the thread that made them: the batcher opens, uses
+        # and closes the store; this waits until it is open (or failed to open).
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{job_id}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._open_error is not None:
+            self._thread.join()
+            raise self._open_error
+
+    def _open(self) -> None:
+        """The job's store checked against its quota mark, a run begun, the line built."""
+        config = self.config
+        self.store, self.mark = open_store(
+            config.store, self._token, job=config.job.sha256, job_id=self.job_id,
+            quota=self.quota, signed=config.job.signed, block=block_for(self.quota),
+        )  # fmt: skip
+        try:
+            self.start = self.store.begin_run(config.job.sha256, guard=self.mark)
+            self.line = build_line(config, self._token, self.store, guard=self.mark, run=b"",
+                                   challenge_of=self._challenges.__getitem__)  # fmt: skip
+            self.verify_boot = config.sbm.boot_verifier(verified_manifest(config))
+            self.quota_used = self.store.state(config.job.sha256).used
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _run(self) -> None:
+        try:
+            with self._token_lock:
+                self._open()
+        except BaseException as exc:
+            self._open_error = exc
+            self.lock.release()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        finally:
+            try:
+                self.store.end_run(self.config.job.sha256, guard=self.mark)
+            except Error:
+                pass  # the next start treats the run as killed: it burns, never re-counts
+            finally:
+                self.store.close()
+                self.lock.release()
+
+    # called from handler threads
+
+    def submit(self, kind: str, session: _Session, data: bytes) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._submit_lock:
+            if self.failed is not None or self.retired:
+                why = describe(self.failed) if self.failed else "the job was released (idle)"
+                fut.set_exception(_Call(grpc.StatusCode.UNAVAILABLE,
+                                        f"job {self.job_id}: {why}"))  # fmt: skip
+                return fut
+            self.inflight += 1
+            self.last_call = time.monotonic()
+            self._queue.put((kind, session, data, fut))
+        return fut
+
+    def retire_if_idle(self, idle: bool) -> bool:
+        """Release the job (end the run, close the store, drop the run lock) if nothing is
+        queued and ``idle`` (no session of it may still call): close-job and ``programmer
+        provision`` can then take the job."""
+        with self._submit_lock:
+            if self.retired or self.inflight or not idle:
+                return False
+            self.retired = True
+            self._queue.put(None)
+        return True
+
+    # the batcher thread
+
+    def _take(self) -> list[_Work] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        items = [first]
+        deadline = time.monotonic() + self._window
+        while len(items) < self.config.batch_size:
+            left = deadline - time.monotonic()
+            try:
+                nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # end after this batch
+                break
+            items.append(nxt)
+        return items
+
+    def _loop(self) -> None:
+        while (items := self._take()) is not None:
+            prov = [w for w in items if w[0] == "provision"]
+            conf = [w for w in items if w[0] == "confirm"]
+            try:
+                with self._token_lock:
+                    if prov:
+                        self._provision(prov)
+                    if conf:
+                        self._confirm(conf)
+                    if prov:
+                        self.quota_used = self.store.state(self.config.job.sha256).used
+            except Error as exc:  # token or store trouble: this job stops taking devices
+                self.failed = exc
+                for _k, _s, _d, fut in items:
+                    if not fut.done():
+                        fut.set_exception(_Call(grpc.StatusCode.UNAVAILABLE,
+                                                f"job {self.job_id}: {describe(exc)}"))  # fmt: skip
+            except BaseException as exc:
+                self.failed = Error(f"internal error: {describe(exc)}")
+                for _k, _s, _d, fut in items:
+                    if not fut.done():
+                        fut.set_exception(_Call(grpc.StatusCode.INTERNAL, str(self.failed)))
+            finally:
+                with self._submit_lock:
+                    self.inflight -= len(items)
+
+    def _provision(self, items: list[_Work]) -> None:
+        ports: list[tuple[_AnsweredPort, _Session, Future[Any]]] = []
+        self._challenges.clear()
+        for _kind, session, answer, fut in items:
+            if answer in self._challenges:  # the same answer twice: one challenge signed it
+                fut.set_exception(_Call(grpc.StatusCode.ALREADY_EXISTS,
+                                        "this chip answer was sent already (replay)"))  # fmt: skip
+                continue
+            self._challenges[answer] = session.challenge
+            ports.append((_AnsweredPort(answer), session, fut))
+        if not ports:
+            return
+        # Each batch reserves under a run of its own: a chip met again later in this
+        # process (its station vanished before Confirm) is recovered, not refused as met twice.
+        self.line._run = os.urandom(8)
+        try:
+            result = self.line.provision_batch([p for p, _s, _f in ports])
+        except JobError as exc:  # the job's window closed
+            for _p, _s, fut in ports:
+                fut.set_exception(_Call(grpc.StatusCode.FAILED_PRECONDITION, describe(exc)))
+            return
+        by_port = {id(p): (p, s, f) for p, s, f in ports}
+        answered: set[int] = set()
+        for dev, prov in result.to_program:
+            port, session, fut = by_port[id(dev)]
+            answered.add(id(dev))
+            session.provisioned = prov
+            session.nonce = os.urandom(16)
+            self._count(recovered=prov.recovered)
+            fut.set_result(
+                pb.ProvisionResponse(
+                    state=pb.ProvisionResponse.RECOVERED if prov.recovered
+                    else pb.ProvisionResponse.PROVISIONED,
+                    device_id=prov.device_id,
+                    certificate=prov.certificate.public_bytes(serialization.Encoding.DER),
+                    provisioning_data=port.released or b"",
+                    license=prov.license,
+                    manifest=self.manifest,
+                    boot_nonce=session.nonce,
+                )
+            )  # fmt: skip
+        # Refusals carry the device id identification proved (or none), not the port: match
+        # those with an id to a port whose answer claims it, the rest in batch order.
+        pending = [(p, f) for p, _s, f in ports if id(p) not in answered]
+        refusals = [o for o in result.outcomes if isinstance(o, Refused | Unreleased)]
+        later: list[Refused | Unreleased] = []
+        for outcome in refusals:
+            match = next((t for t in pending if t[0].claimed == outcome.device_id), None)
+            if outcome.device_id is None or match is None:
+                later.append(outcome)
+                continue
+            pending.remove(match)
+            self._refuse(outcome, match[1])
+        for outcome, (_p, fut) in zip(later, list(pending), strict=False):
+            pending.remove((_p, fut))
+            self._refuse(outcome, fut)
+        for _p, fut in pending:  # every device has an outcome; never leave a call waiting
+            fut.set_exception(_Call(grpc.StatusCode.INTERNAL, "no outcome for this device"))
+
+    def _refuse(self, outcome: Refused | Unreleased, fut: Future[Any]) -> None:
+        if isinstance(outcome, AlreadyDone):
+            self.counts.already_done += 1
+            fut.set_result(pb.ProvisionResponse(state=pb.ProvisionResponse.ALREADY_PROGRAMMED,
+                                                device_id=outcome.device_id or ""))  # fmt: skip
+            return
+        self.counts.refused += 1
+        reason = outcome.reason
+        if isinstance(reason, QuotaExceededError):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        elif isinstance(reason, AlreadyProvisionedError):
+            code = grpc.StatusCode.ALREADY_EXISTS
+        else:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+        fut.set_exception(_Call(code, describe(reason)))
+
+    def _confirm(self, items: list[_Work]) -> None:
+        work: list[tuple[_ConfirmedPort, Provisioned]] = []
+        nonces: dict[str, bytes] = {}
+        futs: dict[str, tuple[_Session, Future[Any]]] = {}
+        for _kind, session, boot, fut in items:
+            prov = session.provisioned
+            assert prov is not None  # the servicer sends provisioned sessions only
+            if prov.device_id in futs:  # the same device twice in one batch: one record
+                fut.set_exception(_Call(grpc.StatusCode.ALREADY_EXISTS,
+                                        f"device {prov.device_id} is being confirmed already"))
+                continue
+            nonces[prov.device_id] = session.nonce
+            futs[prov.device_id] = (session, fut)
+            work.append((_ConfirmedPort(boot), prov))
+
+        def verify(cert: x509.Certificate, _line_nonce: bytes, boot: bytes) -> None:
+            # The chip signed the nonce the appliance sent it with Provision (the session's).
+            self.verify_boot(cert, nonces[device_id_of(cert)], boot)
+
+        self.line._run = os.urandom(8)
+        for device_id, err in self.line.program(
+            work, manifest=self.manifest, open_image=lambda: io.BytesIO(b""), verify_boot=verify
+        ):
+            session, fut = futs[device_id]
+            if err is None:
+                session.confirmed = True
+                self._count(programmed=True)
+                fut.set_result(pb.ConfirmResponse(programmed=True))
+            else:
+                fut.set_exception(_Call(grpc.StatusCode.INVALID_ARGUMENT, describe(err)))
+
+    def _count(self, *, recovered: bool = False, programmed: bool = False) -> None:
+        c = self.counts
+        now = time.monotonic()
+        if c.first_at is None:
+            c.first_at = now
+        c.last_at = now
+        if programmed:
+            c.programmed += 1
+        elif recovered:
+            c.recovered += 1
+        else:
+            c.provisioned += 1
+
+    def stop(self) -> None:
+        """End the batcher after the work queued; it ends the run cleanly and closes."""
+        with self._submit_lock:
+            self.retired = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+def _claimed_id(answer: bytes) -> str | None:
+    """The device id an answer claims (for matching refusals to calls; proves nothing)."""
+    try:
+        return IdentificationResponse.from_bytes(answer).device_id
+    except Exception:
+        return None
+
+
+# --- the gRPC service ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class JobStatus:
+    """One job served to stations, this appliance process: devices provisioned (new),
+    recovered, programmed, already done and refused; quota and what is used of it."""
+
+    job_id: str
+    provisioned: int
+    recovered: int
+    programmed: int
+    already_done: int
+    refused: int
+    quota: int
+    quota_used: int
+    devices_per_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class StationStatus:
+    """What the station server is doing: stations connected (a call in the last
+    10 s), its jobs, whether it is draining."""
+
+    listen: str
+    stations_connected: tuple[str, ...]
+    jobs: tuple[JobStatus, ...]
+    draining: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "listen": self.listen,
+            "stations_connected": list(self.stations_connected),
+            "jobs": [j.to_json() for j in self.jobs],
+            "draining": self.draining,
+        }
+
+
+def _abort(context: grpc.ServicerContext, call: _Call) -> NoReturn:
+    context.abort(call.code, call.message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class _Servicer(pb_grpc.StationServiceServicer):
+    def __init__(self, server: StationServer) -> None:
+        self._s = server
+
+    def _station(self, context: grpc.ServicerContext) -> str:
+        # grpc's auth context maps each property to a list of values (grpc/_server.py)
+        found: Any = context.auth_context().get("x509_pem_cert")
+        certs: list[bytes] = list(found or ())
+        if not certs:
+            _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED, "no client certificate"))
+        try:
+            der = x509.load_pem_x509_certificate(certs[0]).public_bytes(
+                serialization.Encoding.DER
+            )
+        except ValueError:
+            _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED, "unreadable certificate"))
+        name = self._s._allowed.name_of(_fingerprint(der))
+        if name is None:
+            _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED,
+                                  "this station is not (or no longer) allowed on this appliance"))
+        self._s._seen[name] = time.monotonic()
+        return name
+
+    def Challenge(
+        self, request: pb.ChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.ChallengeResponse:
+        station = self._station(context)
+        sid = secrets.token_bytes(16)
+        challenge = secrets.token_bytes(32)
+        ttl = self._s.challenge_ttl_s
+        for _attempt in range(3):  # a job released (idle) just now is opened again
+            try:
+                if self._s._draining:
+                    raise _Call(grpc.StatusCode.UNAVAILABLE,
+                                "the appliance is draining (stopping)")  # fmt: skip
+                job = self._s._job(request.job_id)
+            except _Call as call:
+                _abort(context, call)
+            with self._s._lock:
+                if not job.retired:
+                    self._s._sessions[sid] = _Session(job, station, challenge,
+                                                      time.monotonic() + ttl)  # fmt: skip
+                    break
+        else:
+            _abort(context, _Call(grpc.StatusCode.UNAVAILABLE, "the job is being released"))
+        return pb.ChallengeResponse(session=sid, challenge=challenge,
+                                    expires_in_s=max(1, int(ttl)))  # fmt: skip
+
+    def _session(self, sid: bytes, station: str, context: grpc.ServicerContext) -> _Session:
+        session = self._s._sessions.get(sid)
+        if session is None:
+            _abort(context, _Call(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "unknown session (ask for a challenge first)"))  # fmt: skip
+        if session.station != station:
+            _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED,
+                                  "this session belongs to another station"))  # fmt: skip
+        return session
+
+    def Provision(
+        self, request: pb.ProvisionRequest, context: grpc.ServicerContext
+    ) -> pb.ProvisionResponse:
+        station = self._station(context)
+        if len(request.chip_answer) > 16 << 10:
+            _abort(context, _Call(grpc.StatusCode.INVALID_ARGUMENT, "chip answer too large"))
+        with self._s._lock:
+            session = self._session(request.session, station, context)
+            if session.used:
+                _abort(context, _Call(grpc.StatusCode.ALREADY_EXISTS,
+                                      "this session's challenge was answered already (replay)"))
+            session.used = True  # one answer per challenge, whatever happens next
+        if time.monotonic() > session.expires:
+            _abort(context, _Call(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "the challenge expired before the chip's answer came"))
+        response = self._wait(session.job.submit("provision", session, request.chip_answer),
+                              context)  # fmt: skip
+        assert isinstance(response, pb.ProvisionResponse)
+        return response
+
+    def Confirm(
+        self, request: pb.ConfirmRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmResponse:
+        station = self._station(context)
+        if len(request.boot) > 16 << 10:
+            _abort(context, _Call(grpc.StatusCode.INVALID_ARGUMENT, "boot confirmation too large"))
+        with self._s._lock:
+            session = self._session(request.session, station, context)
+            if session.provisioned is None:
+                _abort(context, _Call(grpc.StatusCode.FAILED_PRECONDITION,
+                                      "nothing was provisioned in this session"))  # fmt: skip
+            if session.confirmed:
+                return pb.ConfirmResponse(programmed=False)
+        response = self._wait(session.job.submit("confirm", session, request.boot), context)
+        assert isinstance(response, pb.ConfirmResponse)
+        return response
+
+    def GetImage(
+        self, request: pb.ImageRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ImageChunk]:
+        self._station(context)
+        try:
+            job = self._s._job(request.job_id)
+        except _Call as call:
+            _abort(context, call)
+        with open(job.config.image, "rb") as f:
+            while chunk := f.read(IMAGE_CHUNK):
+                yield pb.ImageChunk(data=chunk)
+
+    def _wait(self, fut: Future[Any], context: grpc.ServicerContext) -> Any:
+        try:
+            return fut.result(timeout=300)
+        except _Call as call:
+            _abort(context, call)
+        except FutureTimeout:
+            _abort(context, _Call(grpc.StatusCode.UNAVAILABLE, "the appliance is overloaded"))
+
+
+class StationServer:
+    """The station API of one appliance process (see the module docstring)."""
+
+    def __init__(
+        self, work: PartyDir, token: Token, *, listen: str, challenge_ttl_s: float,
+        batch_size: int, window_s: float, max_workers: int, idle_s: float = 2.0,
+        confirm_ttl_s: float = 600.0,
+    ) -> None:  # fmt: skip
+        self._work = work
+        self.idle_s = idle_s
+        self.confirm_ttl_s = confirm_ttl_s
+        self._token = token
+        self.challenge_ttl_s = challenge_ttl_s
+        self._batch_size = batch_size
+        self._window = window_s
+        self._allowed = _Allowed(work)
+        self._jobs: dict[str, _Job] = {}
+        self._sessions: dict[bytes, _Session] = {}
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._jobs_lock = threading.Lock()
+        self._token_lock = threading.Lock()
+        self._draining = False
+        self._stopped = False
+        key_pem, chain_pem, ca_pem = _server_credentials(work, token)
+        creds = grpc.ssl_server_credentials(
+            [(key_pem, chain_pem)], root_certificates=ca_pem, require_client_auth=True
+        )
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
+                                                      thread_name_prefix="station-api"))
+        pb_grpc.add_StationServiceServicer_to_server(_Servicer(self), self._server)
+        host = listen.rsplit(":", 1)[0] if ":" in listen else listen
+        try:
+            self.port = self._server.add_secure_port(listen, creds)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise ConfigurationError(f"cannot listen on {listen!r} (address in use or invalid)")
+        self.listen = f"{host}:{self.port}"
+        self._server.start()
+        self._reaper = threading.Thread(target=self._reap, name="station-reaper", daemon=True)
+        self._reaper.start()
+
+    def _live(self, session: _Session, now: float) -> bool:
+        """May this session still call?  An unanswered challenge until it expires; a
+        provisioned device until its confirmation comes or ``confirm_ttl_s`` passes (after
+        that it is recovered by a later Provision of the chip)."""
+        if session.confirmed:
+            return False
+        if session.provisioned is not None:
+            return now < session.expires + self.confirm_ttl_s
+        return not session.used and now < session.expires
+
+    def _reap(self) -> None:
+        """Forget dead sessions; release jobs idle for ``idle_s`` (close-job, or a run of
+        ``programmer provision``, can then take them)."""
+        while not self._stopped:
+            time.sleep(min(0.5, self.idle_s / 2))
+            now = time.monotonic()
+            retired = []
+            # Both locks: no challenge is handed out for a job while it is being released
+            # (Challenge checks ``retired`` under the session lock).
+            with self._jobs_lock, self._lock:
+                for sid in [k for k, v in self._sessions.items() if not self._live(v, now)]:
+                    del self._sessions[sid]
+                live_jobs = {id(v.job) for v in self._sessions.values()}
+                for job_id, job in list(self._jobs.items()):
+                    if now - job.last_call < self.idle_s:
+                        continue
+                    if job.retire_if_idle(id(job) not in live_jobs):
+                        del self._jobs[job_id]
+                        retired.append(job)
+            for job in retired:
+                job.join()
+
+    def _job(self, job_id: str) -> _Job:
+        try:
+            check_name("job id", job_id)
+        except Error as exc:
+            raise _Call(grpc.StatusCode.INVALID_ARGUMENT, describe(exc)) from None
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                if self._stopped:
+                    raise _Call(grpc.StatusCode.UNAVAILABLE, "the appliance is stopping")
+                try:  # (its batcher takes the token lock to open the store)
+                    job = _Job(self._work, self._token, job_id, self._token_lock,
+                               batch_size=self._batch_size, window_s=self._window)  # fmt: skip
+                except (HSMError, StoreError) as exc:
+                    raise _Call(grpc.StatusCode.UNAVAILABLE, describe(exc)) from None
+                except Error as exc:
+                    raise _Call(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {job_id}: {describe(exc)}") from None  # fmt: skip
+                self._jobs[job_id] = job
+            return job
+
+    def status(self) -> StationStatus:
+        now = time.monotonic()
+        jobs = []
+        for job in list(self._jobs.values()):
+            c = job.counts
+            span = (c.last_at - c.first_at) if c.first_at and c.last_at else 0.0
+            done = c.provisioned + c.recovered
+            jobs.append(JobStatus(
+                job_id=job.job_id, provisioned=c.provisioned, recovered=c.recovered,
+                programmed=c.programmed, already_done=c.already_done, refused=c.refused,
+                quota=job.quota, quota_used=job.quota_used,
+                devices_per_s=round(done / span, 1) if span > 0 and done > 1 else None,
+            ))  # fmt: skip
+        seen = sorted(n for n, t in self._seen.items() if now - t <= _CONNECTED_S)
+        return StationStatus(self.listen, tuple(seen), tuple(jobs), self._draining)
+
+    def drain(self, timeout_s: float) -> None:
+        """Stop taking new devices (Challenge answers UNAVAILABLE); let devices in flight
+        -- challenged, queued, provisioned and not yet confirmed -- finish and commit, for
+        at most ``timeout_s``; then stop."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                waiting = [s for s in self._sessions.values()
+                           if not s.confirmed and (s.provisioned is not None or
+                                                   (not s.used and time.monotonic() < s.expires))]
+            busy = any(j.inflight for j in self._jobs.values())
+            if not waiting and not busy:
+                break
+            time.sleep(0.02)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop serving: calls in flight finish their batch; every job's run ends cleanly."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._draining = True
+        self._server.stop(grace=2).wait()
+        with self._jobs_lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            job.stop()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+
+def serve_stations(
+    work: PartyDir,
+    *,
+    listen: str,
+    pin: PinCallback | None = None,
+    token: Token | None = None,
+    challenge_ttl_s: float = CHALLENGE_TTL_S,
+    batch_size: int = 32,
+    window_s: float = 0.003,
+    max_workers: int = 64,
+) -> StationServer:
+    """Serve the station API of ``work``'s appliance on ``listen`` (``host:port``; port 0
+    picks one: :attr:`StationServer.port`).  Jobs are opened on first use (their store, run
+    lock and quota mark, as a run of ``programmer provision``)."""
+    tok = token if token is not None else work.open_token(L.TOKEN, pin or work.pin_callback())
+    return StationServer(work, tok, listen=listen, challenge_ttl_s=challenge_ttl_s,
+                         batch_size=batch_size, window_s=window_s,
+                         max_workers=max_workers)  # fmt: skip
+
+
+# --- the operator's steps (programmer add-station / remove-station) -------------------------
+
+
+def add_station_step(
+    workdir: str | os.PathLike[str], *, name: str, csr_pem: bytes, token: Token | None = None
+) -> StepResult:
+    """``programmer add-station``: certify the station; its certificate and the station CA
+    go to the outbox (``station-<name>.pem``, ``station-ca.pem``) for the station."""
+    work = L.open_programmer(workdir)
+    cert = add_station(work, name=name, csr_pem=csr_pem, token=token)
+    der = x509.load_pem_x509_certificate(cert).public_bytes(serialization.Encoding.DER)
+    written = [work.write(f"outbox/station-{name}.pem", cert),
+               work.write("outbox/station-ca.pem", station_ca_pem(work))]  # fmt: skip
+    return work.finish("programmer add-station", written, (),
+                       {"station": name, "fingerprint": _fingerprint(der)})  # fmt: skip
+
+
+def remove_station_step(workdir: str | os.PathLike[str], *, name: str) -> StepResult:
+    """``programmer remove-station``: withdraw the station (no token needed)."""
+    work = L.open_programmer(workdir)
+    remove_station(work, name=name)
+    return work.finish("programmer remove-station", [REGISTRY], (), {"station": name})
+
+
+# --- a process of its own (tests, benchmarks; the appliance service hosts it otherwise) ------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m securethread.programmer.stations --workdir W --listen H:P``: serve until
+    SIGTERM/SIGINT (then drain for ``--drain`` seconds); prints one JSON line with the port."""
+    ap = argparse.ArgumentParser(prog="python -m securethread.programmer.stations")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--listen", default="127.0.0.1:0")
+    ap.add_argument("--challenge-ttl", type=float, default=CHALLENGE_TTL_S)
+    ap.add_argument("--drain", type=float, default=10.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args(argv)
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    try:
+        work = L.open_programmer(args.workdir)
+        server = serve_stations(work, listen=args.listen, challenge_ttl_s=args.challenge_ttl,
+                                batch_size=args.batch_size)  # fmt: skip
+    except Error as exc:
+        print(f"error: {describe(exc)}", file=sys.stderr)
+        return 2
+    print(json.dumps({"port": server.port, "listen": server.listen}), flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.drain(args.drain)
+    print(json.dumps(server.status().to_json()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = [
+    "JobStatus",
+    "StationRegistryError",
+    "StationServer",
+    "StationStatus",
+    "add_station",
+    "add_station_step",
+    "remove_station",
+    "remove_station_step",
+    "serve_stations",
+    "station_ca_pem",
+]

@@ -1,0 +1,445 @@
+"""The reference station: drives chips through the appliance's station API.
+
+Per device (``securethread/proto/station.proto``): Challenge -> the chip signs it ->
+Provision -> the chip takes its provisioning data and programs the image with its license
+-> Confirm with the chip's boot confirmation.  The image is fetched once per appliance and
+job (GetImage).  Calls go over mutual TLS (the station's own key and the certificate the
+appliance issued for it; the appliance checked under the station CA and by the name
+``securethread-appliance`` in its certificate, whatever address is dialled).
+
+Several appliances: each device goes to the next reachable one (client-side round-robin, as
+opentitan-provisioning's stations do); one that does not answer is skipped for a while.  A
+device refused by the appliance (its answer does not verify, a replay, too late) is that
+device's refusal and the run goes on; a refusal of the station itself (withdrawn, job not
+open) or no appliance left ends the run with :class:`StationCallError`, one line.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import attrs
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from securethread.errors import AlreadyProvisionedError, ConfigurationError, Error
+from securethread.proto import station_pb2 as pb
+from securethread.proto import station_pb2_grpc as pb_grpc
+from securethread.station.adapters import ChipFactory, ChipSource
+
+#: The name in the appliance's TLS certificate (securethread/programmer/stations.py).
+SERVER_NAME = "securethread-appliance"
+_DOWN_S = 5.0  # an appliance that did not answer is skipped this long
+_CALL_TIMEOUT_S = 120.0
+MAX_NOTES = 20
+
+# exit codes (docs/cli.md): 1 OS/network, 2 configuration, 4 verification, 5 quota
+_EXIT = {
+    grpc.StatusCode.UNAVAILABLE: 1,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 1,
+    grpc.StatusCode.FAILED_PRECONDITION: 2,
+    grpc.StatusCode.INVALID_ARGUMENT: 2,
+    grpc.StatusCode.PERMISSION_DENIED: 4,
+    grpc.StatusCode.UNAUTHENTICATED: 4,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 5,
+}
+
+
+#: Refusals of the station itself (or of the job), not of one device: the run ends.
+_STATION_REFUSED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                              grpc.StatusCode.FAILED_PRECONDITION,
+                              grpc.StatusCode.RESOURCE_EXHAUSTED})  # fmt: skip
+
+
+class StationCallError(Error):
+    """The appliance refused the station (or none answered): ``code`` is the gRPC status
+    name, ``exit_code`` the CLI's (docs/cli.md)."""
+
+    def __init__(self, message: str, *, code: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = exit_code
+
+
+class _DeviceRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Unreachable(Exception):
+    """This appliance did not answer before anything was counted: try the next."""
+
+
+# --- keys and credentials ----------------------------------------------------------------------
+
+
+def keygen(name: str) -> tuple[bytes, bytes]:
+    """A fresh P-256 key for station ``name`` (PEM, PKCS#8) and its CSR (PEM) for
+    ``programmer add-station``.  The key authenticates the station and nothing more."""
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
+        raise ConfigurationError("station name must be 1-64 characters of [A-Za-z0-9._-]")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+
+
+@attrs.frozen
+class StationCredentials:
+    """The station's certificate and key, and the appliance's station CA (all PEM)."""
+
+    certificate: bytes = attrs.field(repr=False)
+    key: bytes = attrs.field(repr=False)
+    ca: bytes = attrs.field(repr=False)
+
+    @classmethod
+    def from_files(cls, *, cert: str, key: str, ca: str) -> StationCredentials:
+        from securethread.workdir import read_file
+
+        out = cls(read_file(cert, "station certificate", limit=1 << 16),
+                  read_file(key, "station key", limit=1 << 16),
+                  read_file(ca, "station CA certificate", limit=1 << 16))  # fmt: skip
+        for what, data, marker in (("--cert", out.certificate, b"CERTIFICATE"),
+                                   ("--key", out.key, b"PRIVATE KEY"),
+                                   ("--ca", out.ca, b"CERTIFICATE")):  # fmt: skip
+            if b"-----BEGIN " not in data or marker not in data:
+                raise ConfigurationError(f"{what} is not a PEM {marker.decode().lower()}")
+        return out
+
+
+# --- one appliance ---------------------------------------------------------------------------
+
+
+def _describe_rpc(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    text = " ".join(str(details or "").split())
+    return code, text[:300]
+
+
+class ApplianceClient:
+    """The station API of one appliance at ``target`` (``host:port``)."""
+
+    def __init__(self, target: str, creds: StationCredentials) -> None:
+        self.target = target
+        channel_creds = grpc.ssl_channel_credentials(
+            root_certificates=creds.ca, private_key=creds.key, certificate_chain=creds.certificate
+        )
+        self._channel = grpc.secure_channel(
+            target, channel_creds, options=[("grpc.ssl_target_name_override", SERVER_NAME)]
+        )
+        self._stub = pb_grpc.StationServiceStub(self._channel)
+        self._images: dict[str, bytes] = {}
+        self._image_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _fail(self, exc: grpc.RpcError, doing: str, counted: bool) -> Exception:
+        code, text = _describe_rpc(exc)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not counted:
+            return _Unreachable(f"appliance {self.target}: {doing}: {_unavailable(text)}")
+        if code in _STATION_REFUSED:
+            return StationCallError(f"appliance {self.target} refused {doing}: {text}",
+                                    code=code.name, exit_code=_EXIT.get(code, 1))  # fmt: skip
+        return _DeviceRefused(code.name, f"{doing}: {code.name}: {text}")
+
+    def image(self, job_id: str) -> bytes:
+        """The job's encrypted image, fetched once from this appliance."""
+        with self._image_lock:
+            data = self._images.get(job_id)
+            if data is None:
+                buf = io.BytesIO()
+                try:
+                    for chunk in self._stub.GetImage(pb.ImageRequest(job_id=job_id),
+                                                     timeout=_CALL_TIMEOUT_S):  # fmt: skip
+                        buf.write(chunk.data)
+                except grpc.RpcError as exc:
+                    raise self._fail(exc, "GetImage", counted=False) from None
+                data = self._images[job_id] = buf.getvalue()
+            return data
+
+    def device(self, job_id: str, open_chip: ChipFactory) -> str:
+        """One device through the API; returns ``provisioned``, ``recovered`` or
+        ``already_done``, or raises :class:`_DeviceRefused` (the device's refusal),
+        :class:`_Unreachable` (nothing counted: try another appliance) or
+        :class:`StationCallError` (the station's)."""
+        image = self.image(job_id)
+        chip = open_chip()
+        try:
+            ch = self._stub.Challenge(pb.ChallengeRequest(job_id=job_id), timeout=_CALL_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise self._fail(exc, "Challenge", counted=False) from None
+        try:
+            answer = chip.identify(ch.challenge)
+        except Exception as exc:
+            raise _DeviceRefused("CHIP", f"the chip did not answer its challenge: {exc}") from None
+        try:
+            prov = self._stub.Provision(pb.ProvisionRequest(session=ch.session, chip_answer=answer),
+                                        timeout=_CALL_TIMEOUT_S)  # fmt: skip
+        except grpc.RpcError as exc:
+            # The appliance may have counted it before it went away: never retried elsewhere;
+            # a later run against it recovers the device (RECOVERED, no second count).
+            raise self._fail(exc, "Provision", counted=True) from None
+        if prov.state == pb.ProvisionResponse.ALREADY_PROGRAMMED:
+            return "already_done"
+        try:
+            chip.provision(prov.provisioning_data)
+        except AlreadyProvisionedError:
+            pass  # a recovered chip that kept what it was given the first time
+        except Exception as exc:
+            raise _DeviceRefused("CHIP", f"the chip refused its provisioning data: {exc}") from None
+        try:
+            boot = chip.program(prov.manifest, io.BytesIO(image), prov.license, prov.boot_nonce)
+        except Exception as exc:
+            raise _DeviceRefused("CHIP", f"the chip refused its image: {exc}") from None
+        try:
+            self._stub.Confirm(pb.ConfirmRequest(session=ch.session, boot=boot),
+                               timeout=_CALL_TIMEOUT_S)  # fmt: skip
+        except grpc.RpcError as exc:
+            raise self._fail(exc, "Confirm", counted=True) from None
+        return "recovered" if prov.state == pb.ProvisionResponse.RECOVERED else "provisioned"
+
+
+def _unavailable(text: str) -> str:
+    low = text.lower()
+    if "handshake" in low or "certificate" in low or "ssl" in low or "tls" in low:
+        return ("the TLS handshake failed (is this station's certificate one this appliance "
+                f"issued, and --ca its station CA?): {text}")  # fmt: skip
+    return f"not reachable: {text}"
+
+
+class _Balancer:
+    """Round-robin over the appliances; one that did not answer is skipped for a while."""
+
+    def __init__(self, clients: Sequence[ApplianceClient]) -> None:
+        self._clients = list(clients)
+        self._cycle = itertools.cycle(range(len(self._clients)))
+        self._down: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self.last_error = ""
+        self.tls_failed = False
+
+    def pick(self, avoid: set[int]) -> tuple[int, ApplianceClient] | None:
+        with self._lock:
+            now = time.monotonic()
+            for _ in range(len(self._clients)):
+                i = next(self._cycle)
+                if i not in avoid and self._down.get(i, 0.0) <= now:
+                    return i, self._clients[i]
+            return None
+
+    def down(self, i: int, reason: str) -> None:
+        with self._lock:
+            self._down[i] = time.monotonic() + _DOWN_S
+            self.last_error = reason
+            self.tls_failed = self.tls_failed or "TLS handshake" in reason
+
+
+# --- a run ------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class StationResult:
+    """What a station run did: ``provisioned`` (counted now), ``recovered`` (counted on an
+    earlier run, programmed now), ``programmed`` (both), ``already_done`` (provisioned and
+    programmed before: a resumed run), ``refused`` by gRPC status (or ``CHIP``), the
+    first notes, and per-device latency (challenge to confirmation)."""
+
+    job_id: str
+    appliances: tuple[str, ...]
+    devices: int
+    provisioned: int
+    recovered: int
+    programmed: int
+    already_done: int
+    refused: dict[str, int]
+    notes: tuple[str, ...]
+    elapsed_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    quota_exhausted: bool
+
+    @property
+    def devices_per_s(self) -> float | None:
+        done = self.programmed
+        return round(done / self.elapsed_s, 1) if self.elapsed_s > 0 and done else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["appliances"] = list(self.appliances)
+        out["notes"] = list(self.notes)
+        out["devices_per_s"] = self.devices_per_s
+        return out
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 2)
+
+
+@attrs.define
+class _Tally:
+    outcomes: dict[str, int] = attrs.Factory(dict)
+    refused: dict[str, int] = attrs.Factory(dict)
+    notes: list[str] = attrs.Factory(list)
+    latencies: list[float] = attrs.Factory(list)
+    quota: bool = False
+    fatal: BaseException | None = None
+
+
+def run_station(
+    creds: StationCredentials,
+    appliances: Sequence[str],
+    *,
+    job_id: str,
+    chips: ChipSource,
+    parallel: int = 4,
+    progress: Callable[[int, dict[str, int]], None] | None = None,
+) -> StationResult:
+    """Drive ``chips`` through the appliances (``parallel`` sockets at once); see the
+    module docstring.  Raises :class:`StationCallError` when the station itself is refused
+    or no appliance answers; the result says what was done up to then otherwise."""
+    if not appliances:
+        raise ConfigurationError("give at least one --appliance HOST:PORT")
+    if parallel < 1:
+        raise ConfigurationError("--parallel must be at least 1")
+    clients = [ApplianceClient(t, creds) for t in appliances]
+    balancer = _Balancer(clients)
+    tally = _Tally()
+    lock = threading.Lock()
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def one(label: str, open_chip: ChipFactory) -> None:
+        started = time.perf_counter()
+        tried: set[int] = set()
+        while not stop.is_set():
+            picked = balancer.pick(tried)
+            if picked is None:
+                raise StationCallError(
+                    f"no appliance answered ({balancer.last_error})", code="UNAVAILABLE",
+                    exit_code=4 if balancer.tls_failed else 1,
+                )  # fmt: skip
+            i, client = picked
+            try:
+                outcome = client.device(job_id, open_chip)
+            except _Unreachable as exc:
+                balancer.down(i, str(exc))
+                tried.add(i)
+                continue
+            except _DeviceRefused as exc:
+                with lock:
+                    tally.refused[exc.code] = tally.refused.get(exc.code, 0) + 1
+                    if len(tally.notes) < MAX_NOTES:
+                        tally.notes.append(f"{label}: {exc}")
+                return
+            with lock:
+                tally.outcomes[outcome] = tally.outcomes.get(outcome, 0) + 1
+                if outcome != "already_done":
+                    tally.latencies.append(time.perf_counter() - started)
+            return
+
+    def done(fut: Future[None]) -> None:
+        exc = fut.exception()
+        with lock:
+            if isinstance(exc, StationCallError) and exc.code == "RESOURCE_EXHAUSTED":
+                tally.quota = True
+                stop.set()
+            elif exc is not None and tally.fatal is None:
+                tally.fatal = exc
+                stop.set()
+            if progress is not None:
+                progress(1, dict(tally.outcomes))
+
+    try:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="socket") as pool:
+            running: set[Future[None]] = set()
+            feed: Iterator[tuple[str, ChipFactory]] = iter(chips)
+            for label, opener in feed:
+                if stop.is_set():
+                    break
+                while len(running) >= parallel * 2:
+                    _finished, running = _wait_some(running)
+                fut = pool.submit(one, label, opener)
+                fut.add_done_callback(done)
+                running.add(fut)
+    finally:
+        for c in clients:
+            c.close()
+    if tally.fatal is not None:
+        raise tally.fatal
+    o = tally.outcomes
+    return StationResult(
+        job_id=job_id,
+        appliances=tuple(appliances),
+        devices=len(chips),
+        provisioned=o.get("provisioned", 0),
+        recovered=o.get("recovered", 0),
+        programmed=o.get("provisioned", 0) + o.get("recovered", 0),
+        already_done=o.get("already_done", 0),
+        refused=dict(tally.refused),
+        notes=tuple(tally.notes),
+        elapsed_s=round(time.perf_counter() - t0, 3),
+        p50_ms=_percentile(tally.latencies, 0.50),
+        p99_ms=_percentile(tally.latencies, 0.99),
+        quota_exhausted=tally.quota,
+    )
+
+
+def _wait_some(running: set[Future[None]]) -> tuple[set[Future[None]], set[Future[None]]]:
+    finished, pending = wait(running, return_when=FIRST_COMPLETED)
+    return set(finished), set(pending)
+
+
+def progress_bar(total: int, *, enabled: bool) -> tuple[Callable[[int, dict[str, int]], None],
+                                                        Callable[[], None]]:  # fmt: skip
+    """A tqdm bar on stderr (total, rate, ETA) that never wraps at 80 columns; nothing when
+    ``enabled`` is false (``--json``, or stderr is not a terminal)."""
+    if not enabled:
+        return (lambda _n, _o: None), (lambda: None)
+    from tqdm import tqdm
+
+    width = min(79, shutil.get_terminal_size((80, 24)).columns - 1)
+    bar = tqdm(total=total, unit="dev", ncols=width, file=sys.stderr, dynamic_ncols=False,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+                          "{rate_fmt}]")  # fmt: skip
+
+    def update(n: int, outcomes: dict[str, int]) -> None:
+        bar.update(n)
+        already = outcomes.get("already_done", 0)
+        bar.set_description_str(f"done {already} before" if already else "station", refresh=False)
+
+    return update, bar.close
+
+
+__all__ = [
+    "ApplianceClient",
+    "SERVER_NAME",
+    "StationCallError",
+    "StationCredentials",
+    "StationResult",
+    "keygen",
+    "progress_bar",
+    "run_station",
+]
