@@ -155,52 +155,89 @@ def _tag_cose(tag: cbor2.CBORTag, _immutable: bool) -> Any:
     raise _Refused(_TAG_MSG)
 
 
-#: Encoded map keys: the same few field names recur in every artefact.
-_key_cache: dict[Any, bytes] = {}
+_ORDER_MSG = "map keys not in canonical order or duplicated"
 
 
-def _key_bytes(k: Any) -> bytes:
-    kb = _key_cache.get(k)
-    if kb is None:
-        kb = cbor2.dumps(k)
-        if len(_key_cache) < 4096:
-            _key_cache[k] = kb
-    return kb
+def _check(value: Any) -> None:
+    """Exact types and canonical key order (RFC 8949 §4.2.1) of a value cbor2 decoded.
 
-
-def _check(value: Any, depth: int, int_keys: bool) -> None:
-    """Exact types, 64-bit integers, canonical key order (RFC 8949 §4.2.1)."""
+    Integers need no range check: a bignum (tags 2/3) is refused while decoding, so every
+    integer came from a major type 0/1 head.  Text keys sort by the length of their UTF-8
+    encoding, then bytewise; Python's string order is UTF-8's byte order (code points).
+    """
     t = type(value)
-    if t is bytes or t is str or t is bool or value is None:
-        return
-    if t is int:
-        if not -_UINT_LIMIT <= value < _UINT_LIMIT:
-            raise _Refused(_TAG_MSG)  # only a bignum (tag 2/3) decodes that large
+    if t is dict:
+        keys = tuple(value)
+        if keys not in _ordered_keys:  # each artefact's key sequence is checked once
+            _check_key_order(keys)
+        for v in value.values():
+            tv = type(v)
+            if not (tv is bytes or tv is str or tv is int or tv is bool or v is None):
+                _check(v)
         return
     if t is list:
         for item in value:
-            if type(item) is not bytes:
-                _check(item, depth + 1, int_keys)
+            ti = type(item)
+            if not (ti is bytes or ti is str or ti is int or ti is bool or item is None):
+                _check(item)
         return
-    if t is dict:
-        prev = b""
-        for k, v in value.items():
-            tk = type(k)
-            if tk is not str and not (int_keys and tk is int and k in _INT_KEYS):
-                raise _Refused(
-                    "map keys must be text strings" + (" or labels -24..23" if int_keys else "")
-                )
-            kb = _key_bytes(k)
-            if kb <= prev:
-                raise _Refused("map keys not in canonical order or duplicated")
-            prev = kb
-            tv = type(v)
-            if tv is not bytes and tv is not str:
-                _check(v, depth + 1, int_keys)
+    if t is bytes or t is str or t is int or t is bool or value is None:
         return
     if t is float or t is cbor2.CBORSimpleValue or value is cbor2.undefined:
         raise _Refused(_SIMPLE_MSG)
     raise _Refused(_TAG_MSG)  # CBORTag below the top, or a semantic type
+
+
+#: Key sequences already found in canonical order (text keys only).
+_ordered_keys: set[tuple[Any, ...]] = set()
+
+
+def _check_key_order(keys: tuple[Any, ...]) -> None:
+    prev_n, prev = -1, ""
+    for k in keys:
+        if type(k) is not str:
+            raise _Refused("map keys must be text strings")
+        n = len(k) if k.isascii() else len(k.encode("utf-8"))
+        if n < prev_n or (n == prev_n and k <= prev):
+            raise _Refused(_ORDER_MSG)
+        prev_n, prev = n, k
+    if len(_ordered_keys) < 4096:
+        _ordered_keys.add(keys)
+
+
+#: Encoded map keys of COSE header maps (few, small).
+_key_cache: dict[Any, bytes] = {}
+
+
+def _key_bytes(k: Any) -> bytes:
+    kb = _key_cache.get((type(k), k))
+    if kb is None:
+        kb = cbor2.dumps(k)
+        if len(_key_cache) < 4096:
+            _key_cache[(type(k), k)] = kb
+    return kb
+
+
+def _check_labels(value: Any) -> None:
+    """:func:`_check` for maps that may also carry integer labels -24..23 (COSE headers,
+    RFC 9052 §3): keys ordered by their encodings' bytes."""
+    t = type(value)
+    if t is dict:
+        prev = b""
+        for k, v in value.items():
+            tk = type(k)
+            if tk is not str and not (tk is int and k in _INT_KEYS):
+                raise _Refused("map keys must be text strings or labels -24..23")
+            kb = _key_bytes(k)
+            if kb <= prev:
+                raise _Refused(_ORDER_MSG)
+            prev = kb
+            _check_labels(v)
+    elif t is list:
+        for item in value:
+            _check_labels(item)
+    else:
+        _check(value)
 
 
 def _thaw(value: Any) -> Any:
@@ -254,9 +291,9 @@ def decode(
     :class:`FormatError` naming ``what`` if the bytes are truncated, carry trailing bytes,
     exceed ``max_size``, or are not in deterministic form.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise FormatError(f"{what}: expected bytes, got {type(data).__name__}")
     if type(data) is not bytes:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise FormatError(f"{what}: expected bytes, got {type(data).__name__}")
         data = bytes(data)
     if max_size is not None and len(data) > max_size:
         raise FormatError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
@@ -273,9 +310,11 @@ def decode(
         )
         if type(value) is cbor2.CBORTag:  # only a COSE tag gets through the hook
             value = cbor2.CBORTag(value.tag, _thaw(value.value))
-            _check(value.value, 0, int_keys)
+            (_check_labels if int_keys else _check)(value.value)
+        elif int_keys:
+            _check_labels(value)
         elif type(value) is not bytes:
-            _check(value, 0, int_keys)
+            _check(value)
     except (cbor2.CBORError, _Refused, RecursionError, ValueError, OverflowError) as exc:
         raise FormatError(f"{what}: {_decode_error(exc)}") from None
     again = cbor2.dumps(value)
