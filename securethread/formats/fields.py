@@ -51,6 +51,7 @@ __all__ = [
     "integer",
     "list_of",
     "nested",
+    "set_of",
     "text",
     "version",
 ]
@@ -219,6 +220,20 @@ def _raise_problem(_inst: Any, _value: Any) -> NoReturn:
     raise _Problem
 
 
+def _ascending(items: tuple[Any, ...]) -> bool:
+    return all(a < b for a, b in zip(items, items[1:], strict=False))
+
+
+def _item_problem(item: Rule, values: Any) -> str | None:
+    check = item.validator(_raise_problem)
+    for i, v in enumerate(values):
+        try:
+            check(None, None, v)
+        except _Problem:
+            return f"item {i} {item.explain(v)}"
+    return None
+
+
 @attrs.frozen
 class _List(Rule):
     item: Rule
@@ -229,16 +244,12 @@ class _List(Rule):
     def problem(self, value: Any) -> str | None:
         if type(value) is not tuple or not self.lo <= len(value) <= self.hi:
             return f"must list {self.lo}..{self.hi} items"
-        check = self.item.validator(_raise_problem)
-        for i, v in enumerate(value):
-            try:
-                check(None, None, v)
-            except _Problem:
-                return f"item {i} {self.item.explain(v)}"
-        if self.order is Order.SORTED:
-            if any(a >= b for a, b in zip(value, value[1:], strict=False)):
-                return "must be strictly ascending (sorted, no repeats)"
-        elif self.order is Order.UNIQUE and len(set(value)) != len(value):
+        return _item_problem(self.item, value) or self._order_problem(value)
+
+    def _order_problem(self, value: tuple[Any, ...]) -> str | None:
+        if self.order is Order.SORTED and not _ascending(value):
+            return "must be strictly ascending (sorted, no repeats)"
+        if self.order is Order.UNIQUE and len(set(value)) != len(value):
             return "must not repeat an item"
         return None
 
@@ -248,7 +259,59 @@ class _List(Rule):
     def from_cbor(self, raw: Any) -> Any:
         if type(raw) is not list:
             raise _Problem(f"must be an array of {self.lo}..{self.hi} items")
-        return tuple(self.item.from_cbor(v) for v in raw)
+        items = tuple(self.item.from_cbor(v) for v in raw)
+        p = _item_problem(self.item, items) or self._order_problem(items)
+        if p is not None:  # before any constructor converter could sort it (one encoding)
+            raise _Problem(p)
+        return items
+
+
+@attrs.frozen
+class _Set(Rule):
+    item: Rule
+    lo: int
+    hi: int
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not frozenset or not self.lo <= len(value) <= self.hi:
+            return f"must hold {self.lo}..{self.hi} items"
+        return _item_problem(self.item, tuple(value))
+
+    def to_cbor(self, value: Any) -> Any:
+        return [self.item.to_cbor(v) for v in sorted(value)]
+
+    def from_cbor(self, raw: Any) -> Any:
+        if type(raw) is not list:
+            raise _Problem(f"must be an array of {self.lo}..{self.hi} items")
+        items = tuple(self.item.from_cbor(v) for v in raw)
+        p = _item_problem(self.item, items)
+        if p is not None:
+            raise _Problem(p)
+        if not _ascending(items):  # a set has one encoding: its items in ascending order
+            raise _Problem("must be strictly ascending (sorted, no repeats)")
+        return frozenset(items)
+
+
+@attrs.frozen
+class _Tuple(Rule):
+    items: tuple[Rule, ...]
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not tuple or len(value) != len(self.items):
+            return f"must be an array of {len(self.items)} items"
+        for i, (rule, v) in enumerate(zip(self.items, value, strict=True)):
+            p = _item_problem(rule, (v,))
+            if p is not None:
+                return p.replace("item 0", f"item {i}", 1)
+        return None
+
+    def to_cbor(self, value: Any) -> Any:
+        return [rule.to_cbor(v) for rule, v in zip(self.items, value, strict=True)]
+
+    def from_cbor(self, raw: Any) -> Any:
+        if type(raw) is not list or len(raw) != len(self.items):
+            raise _Problem(f"must be an array of {len(self.items)} items")
+        return tuple(rule.from_cbor(v) for rule, v in zip(self.items, raw, strict=True))
 
 
 class _Problem(Exception):
@@ -365,13 +428,41 @@ def list_of(
     max_len: int,
     min_len: int = 0,
     order: Order = Order.ANY,
+    sort: bool = False,
     absent: Absent | None = None,
+    default: Any = _NO,
 ) -> Any:
     """A tuple of ``min_len..max_len`` items, each passing ``item``, in ``order``
-    (a CBOR array). ``item``: one of the ``*_rule`` helpers below."""
-    if order is Order.SORTED and isinstance(item, _Nested | _List):
+    (a CBOR array). ``sort``: the constructor sorts what Python callers give it; decode
+    still refuses a wire array out of order. ``item``: one of the ``*_rule`` helpers."""
+    if order is Order.SORTED and isinstance(item, _Nested | _List | _Set):
         raise TypeError("only lists of scalars can be required to be sorted")
-    return _field(key, _List(item, min_len, max_len, order), absent)
+    kw: dict[str, Any] = {"default": default}
+    if sort:
+        if order is not Order.SORTED:
+            raise TypeError("sort=True needs order=Order.SORTED")
+        kw["converter"] = _sorted_tuple
+    return _field(key, _List(item, min_len, max_len, order), absent, **kw)
+
+
+def _sorted_tuple(value: Any) -> Any:
+    try:
+        return tuple(sorted(value))
+    except TypeError:  # unorderable items: left as they are for the rule to name
+        return value
+
+
+def set_of(
+    key: str, item: Rule, *, max_len: int, min_len: int = 0, default: Any = _NO
+) -> Any:
+    """A ``frozenset`` of ``min_len..max_len`` items, each passing ``item``: on the wire a
+    CBOR array in strictly ascending order (one encoding per set, refused otherwise)."""
+    return _field(key, _Set(item, min_len, max_len), None, default=default)
+
+
+def tuple_rule(*items: Rule) -> Rule:
+    """A fixed-length array, each position with its own rule (a tuple in Python)."""
+    return _Tuple(items)
 
 
 def int_rule(*, lo: int = 0, hi: int = _U64) -> Rule:

@@ -28,7 +28,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, JobError, NotTargetedError, SignatureError
-from securethread.formats import envelope
+from securethread.formats import envelope, fields
 from securethread.keys.ecutil import fingerprint
 from securethread.keys.protocol import PrivateKey
 from securethread.pki.profile import DeviceProfile
@@ -44,48 +44,40 @@ MAX_VENDORS = 64
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEVICE_ID_RE = re.compile(r"[0-9a-f]{16}")
 NAME_RE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
-_JOB_ID, _DEVICE_ID, _NAME = JOB_ID_RE, DEVICE_ID_RE, NAME_RE
 
 
 def check_device_id(device_id: object) -> str:
     """A device identifier is a 64-bit chip UID written as 16 lowercase hex digits."""
-    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise FormatError(f"device id {device_id!r} is not 16 lowercase hex digits")
     return device_id
 
 
 def check_job_id(job_id: object) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise FormatError(f"job id {job_id!r} must match [A-Za-z0-9._-]{{1,64}}")
     return job_id
 
 
-def _check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise FormatError(f"{what} {value!r} is not a valid name")
-    return value
+_UID = fields.int_rule()  # a 64-bit chip UID as an integer
 
 
-def _sorted_hashes(values: Iterable[bytes]) -> tuple[bytes, ...]:
-    return tuple(sorted(values))
-
-
-def _sorted_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    return tuple(sorted((r[0], r[1]) for r in ranges))
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int  # bool is an int in Python, not in the job's schema
-
-
+@fields.body("job targets")
 @attrs.frozen
 class Targets:
     """Which devices a job may provision: inclusive UID ranges plus explicit identifiers.
 
-    Ranges are kept sorted, so one set of targets has one encoding (S6)."""
+    Ranges are kept sorted, so one set of targets has one encoding (S6); on the wire both
+    lists must already be sorted and unique."""
 
-    ranges: tuple[tuple[int, int], ...] = attrs.field(default=(), converter=_sorted_ranges)
-    explicit: frozenset[str] = frozenset()
+    ranges: tuple[tuple[int, int], ...] = fields.list_of(
+        "ranges", fields.tuple_rule(_UID, _UID), max_len=MAX_TARGET_ENTRIES,
+        order=fields.Order.SORTED, sort=True, default=(),
+    )  # fmt: skip
+    explicit: frozenset[str] = fields.set_of(
+        "explicit", fields.text_rule(min_len=16, max_len=16, pattern=DEVICE_ID_RE.pattern),
+        max_len=MAX_TARGET_ENTRIES, default=frozenset(),
+    )  # fmt: skip
 
     def __attrs_post_init__(self) -> None:
         if not self.ranges and not self.explicit:
@@ -93,10 +85,8 @@ class Targets:
         if len(self.ranges) + len(self.explicit) > MAX_TARGET_ENTRIES:
             raise FormatError(f"job targets exceed {MAX_TARGET_ENTRIES} entries")
         for first, last in self.ranges:
-            if not (_is_int(first) and _is_int(last) and 0 <= first <= last < 1 << 64):
+            if first > last:
                 raise FormatError(f"bad target range {first!r}..{last!r}")
-        for d in self.explicit:
-            check_device_id(d)
 
     def __contains__(self, device_id: str) -> bool:
         if device_id in self.explicit:
@@ -109,153 +99,71 @@ class Targets:
             raise NotTargetedError(f"device {device_id} is outside the job's targets")
 
     def to_obj(self) -> dict[str, Any]:
-        return {"ranges": [list(r) for r in self.ranges], "explicit": sorted(self.explicit)}
+        return fields.encode(self)
 
     @classmethod
     def from_obj(cls, obj: Any) -> Targets:
-        if not isinstance(obj, dict) or set(obj) != {"ranges", "explicit"}:
-            raise FormatError("job targets: malformed")
-        ranges = obj["ranges"]
-        explicit = obj["explicit"]
-        if not isinstance(ranges, list) or not isinstance(explicit, list):
-            raise FormatError("job targets: malformed")
-        parsed = []
-        for r in ranges:
-            if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)):
-                raise FormatError("job targets: a range is not [first, last]")
-            parsed.append((r[0], r[1]))
-        if parsed != sorted(set(parsed)):
-            raise FormatError("job targets: ranges not sorted and unique")
-        if not all(type(d) is str for d in explicit) or explicit != sorted(set(explicit)):
-            raise FormatError("job targets: explicit list not sorted and unique")
-        return cls(ranges=tuple(parsed), explicit=frozenset(explicit))
+        return fields.decode(cls, obj)
 
 
+@attrs.frozen
+class _Profile(fields.Rule):
+    """The device certificate profile: its own strict map (pki.DeviceProfile)."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, DeviceProfile) else "must be a DeviceProfile"
+
+    def to_cbor(self, value: Any) -> Any:
+        return value.to_map()
+
+    def from_cbor(self, raw: Any) -> Any:
+        return DeviceProfile.from_map(raw)
+
+
+_HASH = fields.bytes_rule(size=32)
+
+
+@fields.body("job")
 @attrs.frozen(kw_only=True)
 class ProductionJob:
     """The body of a signed job; valid once constructed."""
 
-    job_id: str = attrs.field(validator=lambda _i, _a, v: check_job_id(v))
-    device_class: str = attrs.field(validator=lambda _i, _a, v: _check_name(v, "device class"))
-    targets: Targets
-    quota: int
-    not_before: int
-    not_after: int
-    image_id: str = attrs.field(validator=lambda _i, _a, v: _check_name(v, "image id"))
-    manifest_sha256: bytes
+    job_id: str = fields.text("job_id", max_len=64, pattern=JOB_ID_RE)
+    device_class: str = fields.text("device_class", max_len=64, pattern=NAME_RE)
+    targets: Targets = fields.nested("targets", Targets)
+    quota: int = fields.integer("quota", lo=-(1 << 64))  # 1..MAX_QUOTA: a JobError below
+    not_before: int = fields.integer("not_before")
+    not_after: int = fields.integer("not_after")
+    image_id: str = fields.text("image_id", max_len=64, pattern=NAME_RE)
+    manifest_sha256: bytes = fields.byte_string("manifest_sha256", size=32)
     #: The device certificate profile: subject fields and the devices' notAfter (docs/pki.md).
-    certificate: DeviceProfile
+    certificate: DeviceProfile = fields.custom("certificate", _Profile())
     #: SHA-256 of the job's production-CA certificate (DER): binds the CA to this job.
-    production_ca: bytes
-    programmer: bytes  # SHA-256 fingerprint of the programmer enclave identity certificate
+    production_ca: bytes = fields.byte_string("production_ca", size=32)
+    #: SHA-256 fingerprint of the programmer enclave identity certificate.
+    programmer: bytes = fields.byte_string("programmer", size=32)
     #: The silicon-vendor CAs whose chips the job accepts: SHA-256 of each CA's DER
     #: SubjectPublicKeyInfo (:func:`securethread.keys.ecutil.fingerprint`), sorted (S6).
-    vendors: tuple[bytes, ...] = attrs.field(converter=_sorted_hashes)
-    threshold: int = 1
-    version: int = JOB_VERSION
+    vendors: tuple[bytes, ...] = fields.list_of(
+        "vendors", _HASH, min_len=1, max_len=MAX_VENDORS, order=fields.Order.SORTED, sort=True
+    )
+    threshold: int = fields.integer("threshold", default=1)  # 1..16: checked below
+    version: int = fields.version(JOB_VERSION)
 
     def __attrs_post_init__(self) -> None:
-        # Exact types (S6): a bool is not an int here, bytearray is not bytes.
-        for name in ("version", "not_before", "not_after", "threshold"):
-            if not _is_int(getattr(self, name)):
-                raise FormatError(f"job: {name} must be an integer")
-        if not isinstance(self.targets, Targets):
-            raise FormatError("job: targets must be a Targets")
-        if self.version != JOB_VERSION:
-            raise FormatError(f"unsupported job version {self.version}")
-        if type(self.quota) is not int or not 1 <= self.quota <= MAX_QUOTA:
+        if not 1 <= self.quota <= MAX_QUOTA:
             raise JobError(f"job quota must be between 1 and {MAX_QUOTA}, got {self.quota!r}")
         if not 0 <= self.not_before < self.not_after < 1 << 63:
             raise JobError("job validity window is empty or out of range")
-        if any(
-            type(v) is not bytes or len(v) != 32
-            for v in (self.manifest_sha256, self.programmer, self.production_ca)
-        ):
-            raise FormatError(
-                "job: manifest hash, production-CA hash and programmer fingerprint are 32 bytes"
-            )
-        if not isinstance(self.certificate, DeviceProfile):
-            raise FormatError("job: certificate must be a DeviceProfile")
-        _check_vendors(self.vendors)
         if not 1 <= self.threshold <= 16:
             raise JobError("job threshold must be between 1 and 16")
 
     def to_obj(self) -> dict[str, Any]:
-        return {
-            "v": self.version,
-            "job_id": self.job_id,
-            "device_class": self.device_class,
-            "targets": self.targets.to_obj(),
-            "quota": self.quota,
-            "not_before": self.not_before,
-            "not_after": self.not_after,
-            "image_id": self.image_id,
-            "manifest_sha256": self.manifest_sha256,
-            "certificate": self.certificate.to_map(),
-            "production_ca": self.production_ca,
-            "programmer": self.programmer,
-            "vendors": list(self.vendors),
-            "threshold": self.threshold,
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_obj(cls, obj: Mapping[str, Any]) -> ProductionJob:
-        expected = {
-            "v",
-            "job_id",
-            "device_class",
-            "targets",
-            "quota",
-            "not_before",
-            "not_after",
-            "image_id",
-            "manifest_sha256",
-            "certificate",
-            "production_ca",
-            "programmer",
-            "vendors",
-            "threshold",
-        }
-        if set(obj) != expected:
-            raise FormatError(f"job: fields {sorted(set(obj) ^ expected)} missing or unexpected")
-        try:
-            return cls(
-                version=obj["v"],
-                job_id=obj["job_id"],
-                device_class=obj["device_class"],
-                targets=Targets.from_obj(obj["targets"]),
-                quota=obj["quota"],
-                not_before=obj["not_before"],
-                not_after=obj["not_after"],
-                image_id=obj["image_id"],
-                manifest_sha256=obj["manifest_sha256"],
-                certificate=DeviceProfile.from_map(obj["certificate"]),
-                production_ca=obj["production_ca"],
-                programmer=obj["programmer"],
-                vendors=_vendors_from_obj(obj["vendors"]),
-                threshold=obj["threshold"],
-            )
-        except TypeError as exc:
-            raise FormatError(f"job: field of the wrong type ({exc})") from None
-
-
-def _check_vendors(vendors: tuple[bytes, ...]) -> None:
-    """At least one vendor CA, at most :data:`MAX_VENDORS`, each a distinct 32-byte hash."""
-    if not 1 <= len(vendors) <= MAX_VENDORS:
-        raise FormatError(f"job: names {len(vendors)} vendor CAs, must name 1..{MAX_VENDORS}")
-    if any(type(v) is not bytes or len(v) != 32 for v in vendors):
-        raise FormatError("job: a vendor CA is named by the 32-byte SHA-256 of its key")
-    if len(set(vendors)) != len(vendors):
-        raise FormatError("job: a vendor CA is named twice")
-
-
-def _vendors_from_obj(obj: Any) -> tuple[bytes, ...]:
-    """The signed list as it is: sorted and unique already (one encoding per job, S6)."""
-    if not isinstance(obj, list) or not all(type(v) is bytes for v in obj):
-        raise FormatError("job: vendors must be a list of byte strings")
-    if obj != sorted(set(obj)):
-        raise FormatError("job: vendors not sorted and unique")
-    return tuple(obj)
+        return fields.decode(cls, obj)
 
 
 def sign_job(job: ProductionJob, officers: Sequence[PrivateKey]) -> bytes:

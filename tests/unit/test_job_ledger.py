@@ -378,5 +378,5 @@ def test_target_ranges_have_one_encoding() -> None:
     b = Targets(ranges=((0x1000, 0x1FFF), (0x2000, 0x2FFF)))
     assert a == b and a.to_obj() == b.to_obj()
     unsorted = {"ranges": [[0x2000, 0x2FFF], [0x1000, 0x1FFF]], "explicit": []}
-    with pytest.raises(FormatError, match="ranges not sorted"):
+    with pytest.raises(FormatError, match="field .ranges. must be strictly ascending"):
         Targets.from_obj(unsorted)

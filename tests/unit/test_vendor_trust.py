@@ -93,13 +93,13 @@ def test_the_job_names_its_vendors_sorted_and_the_officers_sign_them() -> None:
 @pytest.mark.parametrize(
     ("vendors", "why"),
     [
-        ([], "must name 1"),
-        ([B, A], "not sorted and unique"),
-        ([A, A], "not sorted and unique"),
-        ([A[:31]], "32-byte"),
-        ([A, "b" * 32], "list of byte strings"),
-        (A, "list of byte strings"),
-        ([bytes([i]) * 32 for i in range(MAX_VENDORS + 1)], f"must name 1..{MAX_VENDORS}"),
+        ([], "field 'vendors' must list 1..64 items"),
+        ([B, A], "field 'vendors' must be strictly ascending"),
+        ([A, A], "field 'vendors' must be strictly ascending"),
+        ([A[:31]], "field 'vendors' item 0 must be 32 bytes"),
+        ([A, "b" * 32], "field 'vendors' item 1 must be 32 bytes"),
+        (A, "field 'vendors' must be an array"),
+        ([bytes([i]) * 32 for i in range(MAX_VENDORS + 1)], f"must list 1..{MAX_VENDORS} items"),
     ],
 )
 def test_a_malformed_vendor_list_is_refused(vendors: object, why: str) -> None:
@@ -114,7 +114,7 @@ def test_a_job_without_vendors_is_refused() -> None:
     del obj["vendors"]
     with pytest.raises(FormatError, match="vendors"):
         ProductionJob.from_obj(obj)
-    with pytest.raises(FormatError, match="must name 1"):
+    with pytest.raises(FormatError, match="field 'vendors' must list 1"):
         _job(vendors=())
 
 
