@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import CertificateError, FormatError
-from securethread.formats import envelope
+from securethread.formats import envelope, fields
 from securethread.keys.ecutil import fingerprint, load_spki
 from securethread.keys.protocol import PrivateKey
 
@@ -42,21 +42,27 @@ MAX_CERT = 8 << 10
 MAX_OFFICERS = 16
 
 
-def _exact(body: Mapping[str, Any], keys: set[str], what: str) -> None:
-    if set(body) != keys:
-        raise FormatError(f"{what}: expected fields {sorted(keys)}, got {sorted(body)}")
+@attrs.frozen
+class _PerPurpose(fields.Rule):
+    """One DER object per enclave key purpose: a map with exactly the :data:`PURPOSES` as
+    keys (a ``dict`` in Python, in any order; CBOR sorts the keys)."""
 
+    what: str  # what each value is, for errors ("CSR", "certificate")
 
-def _bytes(value: object, what: str, *, limit: int = MAX_CERT) -> bytes:
-    if not isinstance(value, bytes) or not 0 < len(value) <= limit:
-        raise FormatError(f"{what} must be 1-{limit} bytes")
-    return value
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, Mapping) or set(value) != set(PURPOSES):
+            return f"must map each of {PURPOSES} to a {self.what}"
+        for p in PURPOSES:
+            v = value[p]
+            if type(v) is not bytes or not 0 < len(v) <= MAX_CERT:
+                return f"{p!r} must be a {self.what} of 1..{MAX_CERT} bytes"
+        return None
 
+    def to_cbor(self, value: Any) -> Any:
+        return dict(value)
 
-def _text(value: object, what: str, *, limit: int = 64) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= limit:
-        raise FormatError(f"{what} must be a text string of 1-{limit} characters")
-    return value
+    def from_cbor(self, raw: Any) -> Any:
+        return raw
 
 
 def _certificate(der: bytes, what: str) -> x509.Certificate:
@@ -80,12 +86,13 @@ def _csr(der: bytes, what: str) -> x509.CertificateSigningRequest:
 # --- enrolment request ----------------------------------------------------------------------------
 
 
+@fields.body("enrolment request")
 @attrs.frozen
 class EnrolmentRequest:
     """An enclave asks to be certified: its name and one CSR (DER) per purpose."""
 
-    name: str
-    csrs: Mapping[str, bytes]
+    name: str = fields.text("name", max_len=64)
+    csrs: Mapping[str, bytes] = fields.custom("csrs", _PerPurpose("CSR"))
 
     def identity_key(self) -> ec.EllipticCurvePublicKey:
         key = _csr(self.csrs["identity"], "identity CSR").public_key()
@@ -102,8 +109,7 @@ class EnrolmentRequest:
         return _csr(self.csrs[purpose], f"{purpose} CSR")
 
     def seal(self, identity_key: PrivateKey) -> bytes:
-        body = {"name": self.name, "csrs": dict(self.csrs)}
-        return envelope.seal(ENROLMENT_KIND, body, [identity_key])
+        return envelope.seal(ENROLMENT_KIND, fields.encode(self), [identity_key])
 
     @classmethod
     def open(cls, data: bytes) -> EnrolmentRequest:
@@ -113,13 +119,7 @@ class EnrolmentRequest:
         key, not who that is -- the caller compares :attr:`fingerprint` with the one it
         was given out of band.
         """
-        body = envelope.peek_body(data)[1]
-        _exact(body, {"name", "csrs"}, "enrolment request")
-        name = _text(body["name"], "enrolment request: name")
-        csrs = body["csrs"]
-        if not isinstance(csrs, dict) or set(csrs) != set(PURPOSES):
-            raise FormatError(f"enrolment request: expected one CSR for each of {PURPOSES}")
-        req = cls(name, {p: _bytes(csrs[p], f"{p} CSR") for p in PURPOSES})
+        req = fields.decode(cls, envelope.peek_body(data)[1])
         envelope.open_envelope(data, kind=ENROLMENT_KIND, keys=req.identity_key())
         return req
 
@@ -127,17 +127,19 @@ class EnrolmentRequest:
 # --- officer bundle -----------------------------------------------------------------------------
 
 
+@fields.body("officer bundle")
 @attrs.frozen
 class OfficerBundle:
     """The officers' job-signing keys (SPKI DER) and the threshold floor for a job."""
 
-    keys: tuple[bytes, ...]
-    threshold: int
+    keys: tuple[bytes, ...] = fields.list_of(
+        "keys", fields.bytes_rule(min_len=1, max_len=512), min_len=1, max_len=MAX_OFFICERS,
+        order=fields.Order.UNIQUE,
+    )  # fmt: skip
+    threshold: int = fields.integer("threshold", lo=1, hi=MAX_OFFICERS)
 
     def __attrs_post_init__(self) -> None:
-        if not 0 < len(self.keys) <= MAX_OFFICERS or len(set(self.keys)) != len(self.keys):
-            raise FormatError(f"officer bundle: 1-{MAX_OFFICERS} distinct keys required")
-        if type(self.threshold) is not int or not 1 <= self.threshold <= len(self.keys):
+        if self.threshold > len(self.keys):
             raise FormatError(
                 f"officer bundle: threshold must be 1..{len(self.keys)}, got {self.threshold!r}"
             )
@@ -151,44 +153,32 @@ class OfficerBundle:
         return out
 
     def seal(self, root_key: PrivateKey) -> bytes:
-        return envelope.seal(
-            OFFICERS_KIND, {"keys": list(self.keys), "threshold": self.threshold}, [root_key]
-        )
+        return envelope.seal(OFFICERS_KIND, fields.encode(self), [root_key])
 
     @classmethod
     def open(cls, data: bytes, root: ec.EllipticCurvePublicKey) -> OfficerBundle:
         body = envelope.open_envelope(data, kind=OFFICERS_KIND, keys=root)
-        _exact(body, {"keys", "threshold"}, "officer bundle")
-        keys = body["keys"]
-        if not isinstance(keys, list):
-            raise FormatError("officer bundle: keys is not a list")
-        return cls(tuple(_bytes(k, "officer key", limit=512) for k in keys), body["threshold"])
+        return fields.decode(cls, body)
 
 
 # --- certificate bundle -------------------------------------------------------------------------
 
 
-@attrs.frozen
+@fields.body("certificate bundle")
+@attrs.frozen(kw_only=True)
 class CertificateBundle:
     """What the OEM sends a newly certified programmer (all DER, officer bundle sealed)."""
 
-    programmer: str
-    root: bytes
-    oem_identity: bytes
-    enclave: Mapping[str, bytes]  # purpose -> certificate DER
-    officers: bytes  # the sealed officer bundle
-    firmware_signing: bytes  # SPKI DER
+    programmer: str = fields.text("programmer", max_len=64)
+    root: bytes = fields.byte_string("root", min_len=1, max_len=MAX_CERT)
+    oem_identity: bytes = fields.byte_string("oem-identity", min_len=1, max_len=MAX_CERT)
+    #: purpose -> certificate DER
+    enclave: Mapping[str, bytes] = fields.custom("enclave", _PerPurpose("certificate"))
+    officers: bytes = fields.byte_string("officers", min_len=1, max_len=16 << 10)  # sealed
+    firmware_signing: bytes = fields.byte_string("firmware-signing", min_len=1, max_len=512)
 
     def seal(self, root_key: PrivateKey) -> bytes:
-        body = {
-            "programmer": self.programmer,
-            "root": self.root,
-            "oem-identity": self.oem_identity,
-            "enclave": dict(self.enclave),
-            "officers": self.officers,
-            "firmware-signing": self.firmware_signing,
-        }
-        return envelope.seal(BUNDLE_KIND, body, [root_key])
+        return envelope.seal(BUNDLE_KIND, fields.encode(self), [root_key])
 
     def root_certificate(self) -> x509.Certificate:
         return _certificate(self.root, "certificate bundle: root")
@@ -200,14 +190,8 @@ class CertificateBundle:
     def open(cls, data: bytes, *, root_fingerprint: bytes) -> CertificateBundle:
         """Verify the bundle under the root it carries, *after* checking that root is the
         one pinned out of band (SHA-256 of its SPKI)."""
-        body = envelope.peek_body(data)[1]
-        _exact(
-            body,
-            {"programmer", "root", "oem-identity", "enclave", "officers", "firmware-signing"},
-            "certificate bundle",
-        )
-        root_der = _bytes(body["root"], "certificate bundle: root")
-        root = _certificate(root_der, "certificate bundle: root")
+        unverified = fields.decode(cls, envelope.peek_body(data)[1])  # shape only
+        root = _certificate(unverified.root, "certificate bundle: root")
         root_key = root.public_key()
         if not isinstance(root_key, ec.EllipticCurvePublicKey):
             raise FormatError("certificate bundle: the root has no EC key")
@@ -217,19 +201,7 @@ class CertificateBundle:
                 f"(fingerprint {fingerprint(root_key).hex()})"
             )
         envelope.open_envelope(data, kind=BUNDLE_KIND, keys=root_key)
-        enclave = body["enclave"]
-        if not isinstance(enclave, dict) or set(enclave) != set(PURPOSES):
-            raise FormatError(
-                f"certificate bundle: expected one certificate for each of {PURPOSES}"
-            )
-        bundle = cls(
-            programmer=_text(body["programmer"], "certificate bundle: programmer"),
-            root=root_der,
-            oem_identity=_bytes(body["oem-identity"], "certificate bundle: OEM identity"),
-            enclave={p: _bytes(enclave[p], f"certificate bundle: {p}") for p in PURPOSES},
-            officers=_bytes(body["officers"], "certificate bundle: officers", limit=16 << 10),
-            firmware_signing=_bytes(body["firmware-signing"], "firmware-signing key", limit=512),
-        )
+        bundle = unverified  # the signature covers exactly the body it was read from
         load_spki(bundle.firmware_signing, what="firmware-signing key")
         OfficerBundle.open(bundle.officers, root_key)
         return bundle

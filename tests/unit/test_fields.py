@@ -15,8 +15,10 @@ from securethread.formats import cbor, envelope, fields, ledger
 from securethread.formats.boot import BootConfirmation
 from securethread.formats.fields import Absent, Order
 from securethread.formats.identity import IdentificationResponse
+from securethread.formats.job import ProductionJob, Targets
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.license import License
+from securethread.formats.onboarding import CertificateBundle, EnrolmentRequest, OfficerBundle
 from securethread.formats.provisioning import ProvisioningData
 from securethread.formats.responder import ResponderRequest
 from securethread.programmer.crl_mark import Anchor
@@ -241,6 +243,12 @@ ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "boot confirmation": ("boot_confirmation", _signed_body, BootConfirmation),
     "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
     "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
+    "job": ("job", _signed_body, ProductionJob),
+    "enrolment request": ("enrolment_request", _signed_body, EnrolmentRequest),
+    "certificate bundle": ("certificate_bundle", _signed_body, CertificateBundle),
+    "officer bundle": (
+        "certificate_bundle", lambda d: _signed_body(_signed_body(d)[0]["officers"]), OfficerBundle,
+    ),
     "job package": ("job_package", lambda data: [cbor.decode(data)], JobPackage),
     "provisioning data": ("provisioning", lambda data: [cbor.decode(data)], ProvisioningData),
     "identification response": (
@@ -328,3 +336,26 @@ def test_token_records_round_trip_and_name_their_field() -> None:
     assert fields.decode(Anchor, fields.encode(anchor)) == anchor
     with pytest.raises(FormatError, match="^revocation anchor: field 'opened' must be true or"):
         fields.decode(Anchor, {**fields.encode(anchor), "opened": 1})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"ranges": [[2, 3], [0, 1]], "explicit": []}, "'ranges' must be strictly ascending"),
+        ({"ranges": [[0, 1], [0, 1]], "explicit": []}, "'ranges' must be strictly ascending"),
+        ({"ranges": [[0, 1, 2]], "explicit": []}, "'ranges' must be an array of 2 items"),
+        ({"ranges": [[0, True]], "explicit": []}, "'ranges' item 0 item 1 must be an integer"),
+        ({"ranges": [], "explicit": ["00000000000000bb", "00000000000000aa"]},
+         "'explicit' must be strictly ascending"),
+        ({"ranges": [], "explicit": ["00000000000000AA"]}, "'explicit' item 0 must match"),
+        ({"ranges": [], "explicit": {"00000000000000aa": 1}}, "'explicit' must be an array"),
+    ],
+)  # fmt: skip
+def test_sets_and_sorted_lists_have_one_encoding(raw: Any, message: str) -> None:
+    """Python callers may give targets in any order (they are sorted); the wire may not."""
+    assert Targets(ranges=((2, 3), (0, 1))) == Targets(ranges=((0, 1), (2, 3)))
+    assert fields.encode(Targets(explicit=frozenset({"00000000000000bb", "00000000000000aa"}))) == {
+        "ranges": [], "explicit": ["00000000000000aa", "00000000000000bb"]
+    }  # fmt: skip
+    with pytest.raises(FormatError, match=f"^job targets: field {message}"):
+        Targets.from_obj(raw)
