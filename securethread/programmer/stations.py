@@ -104,6 +104,7 @@ SERVER_NAME = "securethread-appliance"
 CHALLENGE_TTL_S = 30.0
 IMAGE_CHUNK = 256 << 10
 _STATION_CERT_DAYS = 730
+_KEEP_S = 60.0  # a dead session is forgotten this long after its challenge expired
 _CONNECTED_S = 10.0  # a station that called within this many seconds counts as connected
 
 
@@ -328,6 +329,7 @@ class _Session:
     provisioned: Provisioned | None = None
     nonce: bytes = b""
     confirmed: bool = False
+    waiting: bool = False  # its Provision is queued or in a batch
 
 
 class _AnsweredPort:
@@ -783,11 +785,16 @@ class _Servicer(pb_grpc.StationServiceServicer):
                 _abort(context, _Call(grpc.StatusCode.ALREADY_EXISTS,
                                       "this session's challenge was answered already (replay)"))
             session.used = True  # one answer per challenge, whatever happens next
-        if time.monotonic() > session.expires:
+            late = time.monotonic() > session.expires
+            session.waiting = not late
+        if late:
             _abort(context, _Call(grpc.StatusCode.DEADLINE_EXCEEDED,
                                   "the challenge expired before the chip's answer came"))
-        response = self._wait(session.job.submit("provision", session, request.chip_answer),
-                              context)  # fmt: skip
+        try:
+            response = self._wait(session.job.submit("provision", session, request.chip_answer),
+                                  context)  # fmt: skip
+        finally:
+            session.waiting = False
         assert isinstance(response, pb.ProvisionResponse)
         return response
 
@@ -846,6 +853,7 @@ class StationServer:
         self._window = window_s
         self._allowed = _Allowed(work)
         self._jobs: dict[str, _Job] = {}
+        self._retiring: dict[str, _Job] = {}
         self._sessions: dict[bytes, _Session] = {}
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -880,7 +888,9 @@ class StationServer:
             return False
         if session.provisioned is not None:
             return now < session.expires + self.confirm_ttl_s
-        return not session.used and now < session.expires
+        if session.used:
+            return session.waiting
+        return now < session.expires
 
     def _reap(self) -> None:
         """Forget dead sessions; release jobs idle for ``idle_s`` (close-job, or a run of
@@ -892,17 +902,23 @@ class StationServer:
             # Both locks: no challenge is handed out for a job while it is being released
             # (Challenge checks ``retired`` under the session lock).
             with self._jobs_lock, self._lock:
-                for sid in [k for k, v in self._sessions.items() if not self._live(v, now)]:
-                    del self._sessions[sid]
-                live_jobs = {id(v.job) for v in self._sessions.values()}
+                # a dead session is kept a while, so a late answer hears "expired" and a
+                # retried Confirm "recorded before", not "unknown session"
+                for sid in [k for k, v in self._sessions.items()
+                            if not self._live(v, now) and now > v.expires + _KEEP_S]:
+                    del self._sessions[sid]  # fmt: skip
+                live_jobs = {id(v.job) for v in self._sessions.values() if self._live(v, now)}
                 for job_id, job in list(self._jobs.items()):
                     if now - job.last_call < self.idle_s:
                         continue
                     if job.retire_if_idle(id(job) not in live_jobs):
                         del self._jobs[job_id]
+                        self._retiring[job_id] = job
                         retired.append(job)
             for job in retired:
                 job.join()
+                with self._jobs_lock:
+                    self._retiring.pop(job.job_id, None)
 
     def _job(self, job_id: str) -> _Job:
         try:
@@ -914,6 +930,9 @@ class StationServer:
             if job is None:
                 if self._stopped:
                     raise _Call(grpc.StatusCode.UNAVAILABLE, "the appliance is stopping")
+                old = self._retiring.pop(job_id, None)
+                if old is not None:
+                    old.join()  # its run ended, its store closed, its lock released
                 try:  # (its batcher takes the token lock to open the store)
                     job = _Job(self._work, self._token, job_id, self._token_lock,
                                batch_size=self._batch_size, window_s=self._window)  # fmt: skip
@@ -967,8 +986,11 @@ class StationServer:
         self._server.stop(grace=2).wait()
         with self._jobs_lock:
             jobs, self._jobs = list(self._jobs.values()), {}
+            retiring, self._retiring = list(self._retiring.values()), {}
         for job in jobs:
             job.stop()
+        for job in retiring:
+            job.join()
 
     def wait(self) -> None:
         self._server.wait_for_termination()

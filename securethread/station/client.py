@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import shutil
 import sys
 import threading
@@ -27,13 +28,23 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import attrs
-import grpc
+
+# gRPC's C core logs handshake failures on stderr itself; the station says them in its one
+# line.  Set before grpc is first imported (GRPC_VERBOSITY is read when the core starts).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+import grpc  # noqa: E402
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from securethread.errors import AlreadyProvisionedError, ConfigurationError, Error
+from securethread.errors import (
+    AlreadyProvisionedError,
+    ConfigurationError,
+    Error,
+    VerificationError,
+)
 from securethread.proto import station_pb2 as pb
 from securethread.proto import station_pb2_grpc as pb_grpc
 from securethread.station.adapters import ChipFactory, ChipSource
@@ -122,7 +133,26 @@ class StationCredentials:
                                    ("--ca", out.ca, b"CERTIFICATE")):  # fmt: skip
             if b"-----BEGIN " not in data or marker not in data:
                 raise ConfigurationError(f"{what} is not a PEM {marker.decode().lower()}")
+        out.check()
         return out
+
+    def check(self) -> None:
+        """Before any call: the key is the certificate's, and the certificate is issued by
+        the station CA given (else the appliance would close the connection unexplained)."""
+        try:
+            cert = x509.load_pem_x509_certificate(self.certificate)
+            ca = x509.load_pem_x509_certificate(self.ca)
+            key = serialization.load_pem_private_key(self.key, None)
+        except ValueError as exc:
+            raise ConfigurationError(f"station credentials: cannot read them: {exc}") from None
+        if key.public_key() != cert.public_key():
+            raise VerificationError("--key is not the key of the certificate in --cert")
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise VerificationError(
+                "--cert is not issued by the station CA in --ca (add-station issues both)"
+            ) from None
 
 
 # --- one appliance ---------------------------------------------------------------------------
@@ -224,6 +254,9 @@ def _unavailable(text: str) -> str:
     if "handshake" in low or "certificate" in low or "ssl" in low or "tls" in low:
         return ("the TLS handshake failed (is this station's certificate one this appliance "
                 f"issued, and --ca its station CA?): {text}")  # fmt: skip
+    if "socket closed" in low:
+        return ("the connection was closed (the appliance refuses this station's certificate, "
+                f"or it stopped): {text}")  # fmt: skip
     return f"not reachable: {text}"
 
 

@@ -1,0 +1,368 @@
+"""The station API over real gRPC with mutual TLS on 127.0.0.1, the station server in a
+process of its own on a real SoftHSM token, stations as separate processes (``securethread
+station run``) or, for the message-level bad input, as a gRPC client in this process.
+
+Every refusal is one gRPC status with one line, and changes no count; the store (quota and
+ledger) says afterwards that nothing was counted twice or lost: a job shared by two station
+processes reaches exactly its quota, a station that vanishes mid-device strands nothing, and
+a SIGKILL of the serving process mid-run loses no device and counts none twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from securethread.demo.line import SimulatedFab
+from securethread.proto import station_pb2 as pb
+from securethread.proto import station_pb2_grpc as pb_grpc
+from securethread.station.client import SERVER_NAME
+from tests.integration.station_world import (
+    CLI,
+    FIRST_UID,
+    ServerProcess,
+    add_station,
+    build_sites,
+    cli,
+    last_json,
+    station_args,
+)
+
+TTL = 3  # seconds a challenge lives on the test server
+EXIT_OS, EXIT_VERIFY, EXIT_QUOTA = 1, 4, 5
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Jobs ``j`` (quota 300), ``q`` (quota 40, shared by two stations) and ``k`` (the
+    kill test's own server); stations s1, s2 and s3 certified; one server process."""
+    tmp = tmp_path_factory.mktemp("stations")
+    sites = build_sites(tmp, {"j": (300, 1000), "q": (40, 200), "k": (200, 400)})
+    files = {n: add_station(sites, n) for n in ("s1", "s2", "s3")}
+    server = ServerProcess(sites["factory"], "--challenge-ttl", str(TTL))
+    try:
+        yield {**sites, "files": files, "server": server}
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+
+
+def _channel(files: dict[str, str], target: str) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(files["ca"]).read_bytes(),
+        private_key=Path(files["key"]).read_bytes(),
+        certificate_chain=Path(files["cert"]).read_bytes(),
+    )
+    return grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override",
+                                                        SERVER_NAME)])  # fmt: skip
+
+
+def _stub(world: dict[str, Any], station: str = "s1") -> pb_grpc.StationServiceStub:
+    return pb_grpc.StationServiceStub(_channel(world["files"][station], world["server"].target))
+
+
+def _refused(call: Any, code: grpc.StatusCode, *words: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err: Any = info.value
+    assert err.code() == code, (err.code(), err.details())
+    text = str(err.details())
+    assert "\n" not in text and all(w in text for w in words), text
+    return text
+
+
+def _counts(factory: Path, job: str) -> dict[str, int]:
+    db = sqlite3.connect(f"{(factory / 'jobs' / job / 'store.sqlite').as_uri()}?mode=ro",
+                         uri=True)  # fmt: skip
+    try:
+        out = {k: n for k, n in db.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind")}
+        out["distinct_provisioned"] = db.execute(
+            "SELECT COUNT(DISTINCT device_id) FROM records WHERE kind = 'provisioned'"
+        ).fetchone()[0]
+        out["reserved"], out["burned"] = db.execute("SELECT reserved, burned FROM jobs").fetchone()
+        out["releases"] = db.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
+        return out
+    finally:
+        db.close()
+
+
+def _chip(world: dict[str, Any], n: int) -> Any:
+    return SimulatedFab(world["vendor"]).chip(FIRST_UID + n).open()
+
+
+def _one_line(stderr: str) -> str:
+    lines = [x for x in stderr.strip().splitlines() if x]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+# --- a station through the whole flow ---------------------------------------------------------
+
+
+def test_a_station_programs_its_chips_and_a_rerun_says_they_were_done(
+    world: dict[str, Any],
+) -> None:
+    args = station_args(world["files"]["s1"], world["server"].target, "j", devices=20, first=0,
+                        chips=world["vendor"])  # fmt: skip
+    r = last_json(cli(*args))
+    assert (r["provisioned"], r["programmed"], r["already_done"], r["refused"]) == (20, 20, 0, {})
+    assert r["p50_ms"] is not None and r["p99_ms"] >= r["p50_ms"]
+    again = cli(*[a for a in args if a != "--json"])
+    assert "20 already provisioned and programmed (a resumed run)" in again.stdout
+    c = _counts(world["factory"], "j")
+    assert c["provisioned"] == c["programmed"] == c["distinct_provisioned"] == 20
+
+
+# --- who may call ------------------------------------------------------------------------------
+
+
+def _self_signed(tmp: Path, name: str) -> dict[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))  # fmt: skip
+    return {"cert": str(tmp / "cert.pem"), "key": str(tmp / "key.pem")}
+
+
+def test_a_station_without_a_certificate_of_this_appliance_is_refused(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    before = _counts(world["factory"], "j")
+
+    def run(files: dict[str, str]) -> str:
+        proc = cli(*station_args(files, world["server"].target, "j", devices=2, first=900,
+                                 chips=world["vendor"]), ok=False)  # fmt: skip
+        assert proc.returncode == EXIT_VERIFY, proc.stderr
+        return _one_line(proc.stderr)
+
+    (tmp_path / "self").mkdir()
+    forged = {**_self_signed(tmp_path / "self", "s1"), "ca": world["files"]["s1"]["ca"]}
+    assert "not issued by the station CA" in run(forged)
+    mixed = {**world["files"]["s1"], "key": world["files"]["s2"]["key"]}
+    assert "not the key of the certificate" in run(mixed)
+    # a CA of its own, trusted by the station: the appliance's certificate is not under it
+    # and the appliance does not know the station's: the handshake fails at both ends
+    (tmp_path / "ca").mkdir()
+    own = _self_signed(tmp_path / "ca", "s1")
+    assert "TLS handshake failed" in run({**own, "ca": own["cert"]})
+    assert _counts(world["factory"], "j") == before
+
+
+def test_a_removed_station_is_refused_on_its_live_connection(world: dict[str, Any]) -> None:
+    stub = _stub(world, "s3")
+    assert len(stub.Challenge(pb.ChallengeRequest(job_id="j")).challenge) == 32
+    cli("programmer", "remove-station", "--workdir", str(world["factory"]), "--name", "s3")
+    _refused(lambda: stub.Challenge(pb.ChallengeRequest(job_id="j")),
+             grpc.StatusCode.PERMISSION_DENIED, "not (or no longer) allowed")  # fmt: skip
+    # and as a process: one line, exit 4
+    proc = cli(*station_args(world["files"]["s3"], world["server"].target, "j", devices=1,
+                             first=901, chips=world["vendor"]), ok=False)  # fmt: skip
+    assert proc.returncode == EXIT_VERIFY and "PERMISSION_DENIED" not in proc.stdout
+    assert "no longer) allowed" in _one_line(proc.stderr)
+    again = cli("programmer", "remove-station", "--workdir", str(world["factory"]), "--name",
+                "s3", ok=False)  # fmt: skip
+    assert again.returncode == 2 and "withdrawn already" in _one_line(again.stderr)
+
+
+def test_add_station_refuses_a_bad_request_and_a_taken_name(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    csr = Path(world["tmp"] / "stations" / "s1" / "csr.pem")
+    taken = cli("programmer", "add-station", "--workdir", str(world["factory"]), str(csr),
+                "--name", "s1", ok=False)  # fmt: skip
+    assert taken.returncode == 2 and "already certified" in _one_line(taken.stderr)
+    bad = tmp_path / "bad.csr"
+    bad.write_bytes(csr.read_bytes().replace(b"A", b"B", 3))
+    proc = cli("programmer", "add-station", "--workdir", str(world["factory"]), str(bad),
+               "--name", "s9", ok=False)  # fmt: skip
+    assert proc.returncode == 4, proc.stderr
+    _one_line(proc.stderr)
+    assert "s9" not in (world["factory"] / "stations" / "stations.json").read_text()
+
+
+# --- the chip's answer -------------------------------------------------------------------------
+
+
+def test_answers_for_another_challenge_late_replayed_or_garbage_count_nothing(
+    world: dict[str, Any],
+) -> None:
+    stub = _stub(world)
+    before = _counts(world["factory"], "j")
+    chip = _chip(world, 500)
+    a = stub.Challenge(pb.ChallengeRequest(job_id="j"))
+    b = stub.Challenge(pb.ChallengeRequest(job_id="j"))
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(session=a.session,
+                                                        chip_answer=chip.identify(b.challenge))),
+             grpc.StatusCode.INVALID_ARGUMENT, "challenge")  # fmt: skip
+    # a session is answered once: the same request again is a replay
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(session=a.session,
+                                                        chip_answer=chip.identify(a.challenge))),
+             grpc.StatusCode.ALREADY_EXISTS, "replay")  # fmt: skip
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(session=b.session, chip_answer=b"\xa1")),
+             grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(session=b"x" * 16, chip_answer=b"")),
+             grpc.StatusCode.INVALID_ARGUMENT, "unknown session")  # fmt: skip
+    late = stub.Challenge(pb.ChallengeRequest(job_id="j"))
+    time.sleep(TTL + 0.5)
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(
+        session=late.session, chip_answer=chip.identify(late.challenge))),
+        grpc.StatusCode.DEADLINE_EXCEEDED, "expired")  # fmt: skip
+    # another station's session
+    c = stub.Challenge(pb.ChallengeRequest(job_id="j"))
+    _refused(lambda: _stub(world, "s2").Provision(pb.ProvisionRequest(
+        session=c.session, chip_answer=chip.identify(c.challenge))),
+        grpc.StatusCode.PERMISSION_DENIED, "another station")  # fmt: skip
+    for job, code in (("nope", grpc.StatusCode.FAILED_PRECONDITION),
+                      ("../j", grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
+        _refused(lambda job=job: stub.Challenge(pb.ChallengeRequest(job_id=job)), code)
+    assert _counts(world["factory"], "j") == before
+    # a Confirm that does not verify: refused, nothing recorded as programmed
+    d = stub.Challenge(pb.ChallengeRequest(job_id="j"))
+    prov = stub.Provision(pb.ProvisionRequest(session=d.session,
+                                              chip_answer=chip.identify(d.challenge)))
+    assert prov.state == pb.ProvisionResponse.PROVISIONED
+    _refused(lambda: stub.Confirm(pb.ConfirmRequest(session=d.session, boot=b"\x00" * 80)),
+             grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+    after = _counts(world["factory"], "j")
+    assert after["provisioned"] == before["provisioned"] + 1
+    assert after["programmed"] == before["programmed"]
+
+
+def test_a_station_that_disconnects_after_each_message_strands_nothing(
+    world: dict[str, Any],
+) -> None:
+    """Each message on a fresh connection, closed at once; the station vanishes after
+    Provision: the chip's next Provision (a new challenge) is RECOVERED -- the same
+    certificate and license, no second count -- and its Confirm is recorded."""
+    files, target = world["files"]["s2"], world["server"].target
+    chip = _chip(world, 510)
+    before = _counts(world["factory"], "j")
+
+    def once(method: str, request: Any) -> Any:
+        channel = _channel(files, target)
+        try:
+            return getattr(pb_grpc.StationServiceStub(channel), method)(request)
+        finally:
+            channel.close()
+
+    ch = once("Challenge", pb.ChallengeRequest(job_id="j"))
+    first = once("Provision", pb.ProvisionRequest(session=ch.session,
+                                                  chip_answer=chip.identify(ch.challenge)))
+    assert first.state == pb.ProvisionResponse.PROVISIONED
+    # the station vanished here; the same chip comes back
+    ch2 = once("Challenge", pb.ChallengeRequest(job_id="j"))
+    again = once("Provision", pb.ProvisionRequest(session=ch2.session,
+                                                  chip_answer=chip.identify(ch2.challenge)))
+    assert again.state == pb.ProvisionResponse.RECOVERED
+    assert (again.certificate, again.license) == (first.certificate, first.license)
+    chip.provision(again.provisioning_data)
+    image = b"".join(c.data for c in _stub(world, "s2").GetImage(pb.ImageRequest(job_id="j")))
+    import io
+
+    boot = chip.program(again.manifest, io.BytesIO(image), again.license, again.boot_nonce)
+    assert once("Confirm", pb.ConfirmRequest(session=ch2.session, boot=boot)).programmed
+    assert not once("Confirm", pb.ConfirmRequest(session=ch2.session, boot=boot)).programmed
+    after = _counts(world["factory"], "j")
+    assert after["provisioned"] == before["provisioned"] + 1
+    assert after["programmed"] == before["programmed"] + 1
+
+
+# --- sharing a job; killing the server ---------------------------------------------------------
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    from securethread.demo import child_env
+
+    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=child_env())  # fmt: skip
+
+
+def test_two_station_processes_share_a_job_and_reach_exactly_its_quota(
+    world: dict[str, Any],
+) -> None:
+    procs = [
+        _start(station_args(world["files"][s], world["server"].target, "q", devices=40,
+                            first=first, chips=world["vendor"]))  # fmt: skip
+        for s, first in (("s1", 0), ("s2", 100))
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode in (0, EXIT_QUOTA), err
+        results.append(last_json(subprocess.CompletedProcess([], 0, out, err)))
+    assert sum(r["programmed"] for r in results) == 40
+    assert any(r["quota_exhausted"] for r in results)
+    c = _counts(world["factory"], "q")
+    assert c["provisioned"] == c["programmed"] == c["distinct_provisioned"] == 40
+    assert c["reserved"] == 40 and c["releases"] == 0
+
+
+def test_sigkill_of_the_server_mid_run_loses_nothing_and_counts_nothing_twice(
+    world: dict[str, Any],
+) -> None:
+    server = ServerProcess(world["factory"])
+    args = station_args(world["files"]["s1"], server.target, "k", devices=150, first=0,
+                        chips=world["vendor"], parallel=6)  # fmt: skip
+    station = _start(args)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if _counts(world["factory"], "k").get("programmed", 0) >= 20:
+                break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)
+    server.kill()
+    _out, err = station.communicate(timeout=120)
+    assert station.returncode == EXIT_OS, err
+    assert "no appliance answered" in _one_line(err) or "Provision" in err
+    mid = _counts(world["factory"], "k")
+    assert 20 <= mid["provisioned"] < 150
+    again = ServerProcess(world["factory"])
+    try:
+        r = last_json(cli(*station_args(world["files"]["s1"], again.target, "k", devices=150,
+                                         first=0, chips=world["vendor"])))  # fmt: skip
+    finally:
+        again.stop()
+    assert r["provisioned"] + r["recovered"] + r["already_done"] == 150
+    assert r["refused"] == {}
+    c = _counts(world["factory"], "k")
+    assert c["provisioned"] == c["programmed"] == c["distinct_provisioned"] == 150
+    assert c["releases"] == 0
+    # the kill may burn the slots the quota mark covered, never re-use one
+    assert c["reserved"] >= 150 and c["reserved"] - 150 <= c["burned"] + 32
+
+
+def test_sigterm_drains_and_reports_status(world: dict[str, Any]) -> None:
+    status = world["server"].stop()
+    jobs = {j["job_id"]: j for j in status["jobs"]}
+    assert status["draining"] is True
+    # jobs idle for 2 s are released (close-job can take them); whatever is still
+    # served was counted consistently with the store
+    for job_id, j in jobs.items():
+        assert j["quota_used"] <= j["quota"], job_id
+    proc = cli("programmer", "close-job", "--workdir", str(world["factory"]), "--job", "q",
+               "--json")  # fmt: skip
+    assert last_json(proc)["ok"] is True
