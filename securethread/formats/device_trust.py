@@ -28,10 +28,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError, SignatureError, VerificationError
-from securethread.formats import cbor
+from securethread.formats import fields
 from securethread.formats.envelope import open_envelope, seal
-from securethread.formats.image import check_name
-from securethread.formats.job import check_job_id
+from securethread.formats.image import NAME_RE
+from securethread.formats.job import JOB_ID_RE
 from securethread.keys.ecutil import fingerprint, load_spki, spki_der
 from securethread.keys.protocol import PrivateKey
 
@@ -50,9 +50,6 @@ __all__ = [
 VERSION = 1
 DEVICE_TRUST_KIND = "device-trust"
 MAX_DEVICE_TRUST_SIZE = 2048
-_KEYS = frozenset(
-    {"v", "job_id", "job_sha256", "device_class", "firmware_signing_key", "min_security_counter"}
-)
 
 
 class DeviceTrustError(VerificationError):
@@ -81,59 +78,40 @@ def oem_root_hash(root_certificate: x509.Certificate) -> bytes:
     return fingerprint(key)
 
 
-def _p256(_i: Any, _a: Any, v: Any) -> None:
-    if not isinstance(v, ec.EllipticCurvePublicKey) or not isinstance(v.curve, ec.SECP256R1):
-        raise DeviceTrustFormatError("device trust: firmware-signing key must be P-256")
+@attrs.frozen
+class _P256Key(fields.Rule):
+    """A P-256 public key: SubjectPublicKeyInfo DER on the wire, parsed in Python."""
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, ec.EllipticCurvePublicKey) and isinstance(value.curve, ec.SECP256R1):
+            return None
+        return "must be a P-256 public key"
+
+    def to_cbor(self, value: Any) -> Any:
+        return spki_der(value)
+
+    def from_cbor(self, raw: Any) -> Any:
+        if type(raw) is not bytes:
+            raise DeviceTrustFormatError("not an SPKI")
+        return load_spki(raw, what="SPKI")
 
 
-def _counter(_i: Any, _a: Any, v: Any) -> None:
-    if type(v) is not int or not 0 <= v < 2**32:
-        raise DeviceTrustFormatError("device trust: min_security_counter out of range")
-
-
-def _job_id(_i: Any, _a: Any, v: Any) -> None:
-    try:
-        check_job_id(v)
-    except FormatError as exc:
-        raise DeviceTrustFormatError(f"device trust: {exc}") from None
-
-
-def _sha256(_i: Any, _a: Any, v: Any) -> None:
-    if type(v) is not bytes or len(v) != 32:
-        raise DeviceTrustFormatError("device trust: job_sha256 must be 32 bytes")
-
-
-def _device_class(_i: Any, _a: Any, v: Any) -> None:
-    try:
-        check_name("device class", v)
-    except FormatError as exc:
-        raise DeviceTrustFormatError(f"device trust: {exc}") from None
-
-
+@fields.body("device trust", error=DeviceTrustFormatError)
 @attrs.frozen(kw_only=True)
 class DeviceTrust:
     """The anchors the OEM root vouches for, for every chip provisioned under one job."""
 
-    job_id: str = attrs.field(validator=_job_id)
-    job_sha256: bytes = attrs.field(validator=_sha256)
-    device_class: str = attrs.field(validator=_device_class)
-    firmware_signing_key: ec.EllipticCurvePublicKey = attrs.field(validator=_p256)
-    min_security_counter: int = attrs.field(validator=_counter)
-    version: int = VERSION
-
-    def __attrs_post_init__(self) -> None:
-        if not cbor.is_version(self.version, VERSION):
-            raise DeviceTrustFormatError(f"device trust: unsupported version {self.version!r}")
+    job_id: str = fields.text("job_id", max_len=64, pattern=JOB_ID_RE)
+    job_sha256: bytes = fields.byte_string("job_sha256", size=32)
+    device_class: str = fields.text("device_class", max_len=64, pattern=NAME_RE)
+    firmware_signing_key: ec.EllipticCurvePublicKey = fields.custom(
+        "firmware_signing_key", _P256Key()
+    )
+    min_security_counter: int = fields.integer("min_security_counter", hi=2**32 - 1)
+    version: int = fields.version(VERSION)
 
     def body(self) -> dict[str, Any]:
-        return {
-            "v": self.version,
-            "job_id": self.job_id,
-            "job_sha256": self.job_sha256,
-            "device_class": self.device_class,
-            "firmware_signing_key": spki_der(self.firmware_signing_key),
-            "min_security_counter": self.min_security_counter,
-        }
+        return fields.encode(self)
 
 
 def sign_device_trust(trust: DeviceTrust, root_key: PrivateKey) -> bytes:
@@ -160,20 +138,4 @@ def verify_device_trust(data: bytes, *, oem_root: x509.Certificate) -> DeviceTru
         raise DeviceTrustFormatError(f"device trust: {exc}") from None
     # Exactly one signature, the root's: open_envelope accepts only a COSE_Sign1 (one
     # signer, RFC 9052 §4.2) for this kind, by a key in ``keys``.
-    if set(body) != _KEYS:
-        raise DeviceTrustFormatError("device trust: unexpected or missing fields")
-    raw_key = body["firmware_signing_key"]
-    if type(raw_key) is not bytes:
-        raise DeviceTrustFormatError("device trust: firmware-signing key is not an SPKI")
-    try:
-        key = load_spki(raw_key, what="device trust: firmware-signing key")
-    except FormatError as exc:
-        raise DeviceTrustFormatError(str(exc)) from None
-    return DeviceTrust(
-        job_id=body["job_id"],
-        job_sha256=body["job_sha256"],
-        device_class=body["device_class"],
-        firmware_signing_key=key,
-        min_security_counter=body["min_security_counter"],
-        version=body["v"],
-    )
+    return fields.decode(DeviceTrust, body)

@@ -97,6 +97,7 @@ MANIFEST_KIND = "manifest"
 
 _AAD_LABEL = b"securethread-image-chunk\x00"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+NAME_RE = _NAME_RE  # image ids, versions, device classes (other formats carry them too)
 _MAX_INDEX = 1 << 32
 
 

@@ -13,6 +13,7 @@ import pytest
 from securethread.errors import Error, FormatError, VerificationError
 from securethread.formats import cbor, envelope, fields, ledger
 from securethread.formats.boot import BootConfirmation
+from securethread.formats.device_trust import DeviceTrust
 from securethread.formats.fields import Absent, Order
 from securethread.formats.identity import IdentificationResponse
 from securethread.formats.job import ProductionJob, Targets
@@ -244,6 +245,7 @@ ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
     "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
     "job": ("job", _signed_body, ProductionJob),
+    "device trust": ("device_trust", _signed_body, DeviceTrust),
     "enrolment request": ("enrolment_request", _signed_body, EnrolmentRequest),
     "certificate bundle": ("certificate_bundle", _signed_body, CertificateBundle),
     "officer bundle": (
