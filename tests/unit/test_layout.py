@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "securethread"
-ROLES = ("oem", "programmer", "device", "audit")
-SHARED = ("formats", "channel", "keys", "hsm", "pki", "errors", "workdir")
+# station: the untrusted line's client of the appliance (it meets programmer/ only in the
+# station API's contract, securethread/proto)
+ROLES = ("oem", "programmer", "device", "audit", "station")
+SHARED = ("formats", "channel", "keys", "hsm", "pki", "errors", "workdir", "proto")
 
 
 def _imports(path: Path, package: list[str] | None = None) -> set[str]:
@@ -79,7 +81,8 @@ def test_the_boundary_check_sees_a_violation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "package", ["securethread.device", "securethread.audit", "securethread.formats"]
+    "package",
+    ["securethread.device", "securethread.audit", "securethread.formats", "securethread.station"],
 )
 def test_imports_without_python_pkcs11(package: str) -> None:
     """An auditor or device-side user needs only ``cryptography``: importing python-pkcs11
