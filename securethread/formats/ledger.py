@@ -134,18 +134,19 @@ class PendingRecord:
     boot: bytes = b""  # the device's signed boot confirmation (programmed)
 
     def encode(self, *, job: bytes, seq: int, prev: bytes) -> bytes:
-        common: dict[str, Any] = dict(
-            job=job, seq=seq, prev=prev, time=self.time, slot=self.slot, device_id=self.device_id
-        )
+        """The record's canonical bytes at place ``seq`` after ``prev`` (validated first)."""
+        rec: _Record
         if self.kind == KIND_PROVISIONED:
-            rec: _Record = ProvisionedRecord(
-                **common,
-                cert=self.cert,
-                license_sha256=self.license_sha256,
+            rec = ProvisionedRecord(
+                job=job, seq=seq, prev=prev, time=self.time, slot=self.slot,
+                device_id=self.device_id, cert=self.cert, license_sha256=self.license_sha256,
                 vendor_ca=self.vendor_ca,
-            )
+            )  # fmt: skip
         else:
-            rec = ProgrammedRecord(**common, boot=self.boot)
+            rec = ProgrammedRecord(
+                job=job, seq=seq, prev=prev, time=self.time, slot=self.slot,
+                device_id=self.device_id, boot=self.boot,
+            )  # fmt: skip
         return cbor.encode(fields.encode(rec))
 
 

@@ -295,11 +295,12 @@ def test_license_with_hostile_signer_certificate_is_a_license_error() -> None:
 def test_provisioning_data_with_hostile_certificate_is_a_format_refusal() -> None:
     from securethread.device.sbm import ProvisioningData, ProvisioningFormatError
 
-    fields: dict[str, Any] = {k: GOOD for k in ProvisioningData._KEYS}
-    fields["v"] = 1
+    keys = ("device_certificate", "production_ca_certificate", "oem_root_certificate")
+    fields: dict[str, Any] = {k: GOOD for k in (*keys, "device_trust")}
+    fields["v"] = 2
     for name, (der, _reason) in HOSTILE_CERTIFICATES.items():
         data = cbor.encode({**fields, "production_ca_certificate": der})
-        with pytest.raises(ProvisioningFormatError, match="production ca certificate"):
+        with pytest.raises(ProvisioningFormatError, match="field 'production_ca_certificate'"):
             ProvisioningData.from_bytes(data)
         assert name
 
