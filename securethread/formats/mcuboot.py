@@ -211,7 +211,7 @@ def build_image(
     flags: int = 0,
     protected_tlvs: Sequence[tuple[int, bytes]] = (),
 ) -> bytes:
-    """Header + ``payload`` + protected TLVs (security counter last) + hash, key hash, signature.
+    """Header + ``payload`` + protected TLVs (security counter first) + hash, key hash, signature.
 
     The ECDSA signature is ``signer.sign_digest(SHA-256(...))``: made inside the token for a
     PKCS#11 key.  A non-zero ``load_address`` sets IMAGE_F_RAM_LOAD, as imgtool does.
@@ -230,10 +230,15 @@ def build_image(
         raise McubootFormatError("security counter must be a 32-bit unsigned integer")
     if load_address:
         flags |= F_RAM_LOAD
+    elif flags & F_RAM_LOAD:
+        raise McubootFormatError("IMAGE_F_RAM_LOAD needs a load address")
     if flags & ~ALLOWED_FLAGS:
         raise McubootFormatError(f"image flags {flags:#x} name features this SBM lacks")
-    prot = [t for t in protected_tlvs if t[0] != TLV_SEC_CNT]
-    prot.append((TLV_SEC_CNT, security_counter.to_bytes(4, "little")))
+    # imgtool writes SEC_CNT first; one given (an unsigned image's) keeps its place
+    counter = (TLV_SEC_CNT, security_counter.to_bytes(4, "little"))
+    prot = [counter if kind == TLV_SEC_CNT else (kind, v) for kind, v in protected_tlvs]
+    if counter not in prot:
+        prot.insert(0, counter)
     prot_area = _area(TLV_PROT_INFO_MAGIC, prot)
     header = HEADER_STRUCT.pack(
         IMAGE_MAGIC,
@@ -274,7 +279,6 @@ def resign_image(
     own SHA-256 TLV must hold; a signature or key hash already present is refused.
     """
     img = check_unsigned(data, version=version, security_counter=security_counter)
-    flags = img.flags & ~F_RAM_LOAD if img.load_address == 0 else img.flags
     return build_image(
         data[img.header_size : img.header_size + img.image_size],
         signer=signer,
@@ -282,7 +286,7 @@ def resign_image(
         security_counter=security_counter,
         load_address=img.load_address,
         header_size=img.header_size,
-        flags=flags,
+        flags=img.flags,
         protected_tlvs=img.protected_tlvs,
     )
 

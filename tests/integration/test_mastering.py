@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, ObjectClass
 
 from securethread.device.sbm import ProvisioningData, SiliconVendor, verify_boot_confirmation
@@ -85,9 +86,11 @@ def plant(oem, programmer):  # type: ignore[no-untyped-def]
         purpose=P.KEY_AGREEMENT,
         signer=programmer.private_key(f"{p}-id"),
     )
+    ident_key = ident.public_key()
+    assert isinstance(ident_key, ec.EllipticCurvePublicKey)
     ka_cert = certify_enclave(
         root_key, root_cert, ka_csr, enclave_name="prog1", purpose=P.KEY_AGREEMENT,
-        role="programmer", proof_key=ident.public_key(),
+        role="programmer", proof_key=ident_key,
     )  # fmt: skip
     job = f"job-{p}"
     pca_csr = create_production_ca_csr(programmer, label=f"{p}-pca", job_id=job)

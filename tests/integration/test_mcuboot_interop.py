@@ -163,8 +163,8 @@ def test_imgtool_create_output_signed_in_the_token(
 ) -> None:
     tmp = installed["dir"]
     imgtool("create", "--header-size", "0x400", "--pad-header", "--align", "4", "--version",
-            "2.6.0+7", "--security-counter", "6", "-S", "0x100000", installed["firmware"],
-            tmp / "unsigned.bin")  # fmt: skip
+            "2.6.0+7", "--security-counter", "6", "-S", "0x100000", "--custom-tlv", "0xa0",
+            "0x0102aabb", installed["firmware"], tmp / "unsigned.bin")  # fmt: skip
     unsigned = (tmp / "unsigned.bin").read_bytes()
     out = io.BytesIO()
     signed = master_image(
@@ -174,7 +174,9 @@ def test_imgtool_create_output_signed_in_the_token(
     )  # fmt: skip
     flash = _install(plant, signed, out.getvalue(), 2)
     n = parse_image(unsigned).hashed_length
-    assert flash[:n] == unsigned[:n]  # imgtool's header, payload and protected TLVs, kept
+    # imgtool's header, payload and protected TLVs (SEC_CNT, then its custom TLV), kept
+    assert flash[:n] == unsigned[:n]
+    assert parse_image(flash).protected_tlvs[1] == (0xA0, bytes.fromhex("0102aabb"))
     (tmp / "resigned.bin").write_bytes(flash)
     proc = imgtool("verify", "-k", installed["key"], tmp / "resigned.bin")
     assert "Image version: 2.6.0+7" in proc.stdout

@@ -133,6 +133,8 @@ def test_load_address_sets_ram_load(fw_key) -> None:  # type: ignore[no-untyped-
         ({"security_counter": -1}, "security counter"),
         ({"security_counter": 1 << 32}, "security counter"),
         ({"load_address": 1 << 32}, "load address"),
+        ({"flags": 0x20}, "needs a load address"),
+        ({"flags": 0x4}, "flags"),
         ({"payload": b""}, "does not fit"),
     ],
 )
@@ -325,7 +327,7 @@ def test_missing_signature_or_security_counter(image: bytes, fw_key) -> None:  #
 
 def test_resign_keeps_header_and_protected_tlvs(fw_key) -> None:  # type: ignore[no-untyped-def]
     dep = (0x40, bytes(12))
-    unsigned = craft(hdr_size=0x80, prot=_area(TLV_PROT_INFO_MAGIC, [dep, SEC]))
+    unsigned = craft(hdr_size=0x80, prot=_area(TLV_PROT_INFO_MAGIC, [SEC, dep]))  # imgtool's order
     signed = resign_image(
         unsigned, signer=fw_key, version=ImageVersion(1, 2, 3, 4), security_counter=7
     )
