@@ -51,7 +51,7 @@ from securethread.errors import (
     ImageError,
     SignatureError,
 )
-from securethread.formats import cbor, mcuboot
+from securethread.formats import cbor, fields, mcuboot
 from securethread.formats.envelope import open_envelope, seal
 from securethread.keys.protocol import PrivateKey
 
@@ -231,28 +231,19 @@ def _fields(
     return data
 
 
+@fields.body("image header", error=ImageFormatError)
 @attrs.frozen(kw_only=True)
 class ImageHeader:
     """The clear header in front of the chunks; its SHA-256 is bound into every chunk's AAD."""
 
-    image_id: str = attrs.field(validator=_name("image id"))
-    image_key_id: bytes = attrs.field(validator=_octets("image key id", 1, 64))
-    chunk_size: int = attrs.field(validator=_uint("chunk size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE))
-    nonce_prefix: bytes = attrs.field(validator=_octets("nonce prefix", NONCE_PREFIX_SIZE))
-    version: int = attrs.field(default=FORMAT_VERSION, validator=_uint("version", 1, 1))
-
-    _KEYS = frozenset({"v", "image_id", "key_id", "chunk_size", "nonce_prefix"})
+    image_id: str = fields.text("image_id", max_len=64, pattern=NAME_RE)
+    image_key_id: bytes = fields.byte_string("key_id", min_len=1, max_len=64)
+    chunk_size: int = fields.integer("chunk_size", lo=MIN_CHUNK_SIZE, hi=MAX_CHUNK_SIZE)
+    nonce_prefix: bytes = fields.byte_string("nonce_prefix", size=NONCE_PREFIX_SIZE)
+    version: int = fields.version(FORMAT_VERSION)
 
     def to_bytes(self) -> bytes:
-        body = cbor.encode(
-            {
-                "v": self.version,
-                "image_id": self.image_id,
-                "key_id": self.image_key_id,
-                "chunk_size": self.chunk_size,
-                "nonce_prefix": self.nonce_prefix,
-            }
-        )
+        body = cbor.encode(fields.encode(self))
         return MAGIC + len(body).to_bytes(2, "big") + body
 
     @classmethod
@@ -269,14 +260,7 @@ class ImageHeader:
             raw = cbor.decode(data[len(MAGIC) + 2 :], what="image header")
         except FormatError as exc:
             raise ImageFormatError(str(exc)) from None
-        d = _fields(raw, cls._KEYS, "image header")
-        return cls(
-            image_id=d["image_id"],
-            image_key_id=d["key_id"],
-            chunk_size=d["chunk_size"],
-            nonce_prefix=d["nonce_prefix"],
-            version=d["v"],
-        )
+        return fields.decode(cls, raw)
 
 
 def read_header(src: BinaryIO) -> tuple[ImageHeader, bytes]:

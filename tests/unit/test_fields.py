@@ -16,6 +16,7 @@ from securethread.formats.boot import BootConfirmation
 from securethread.formats.device_trust import DeviceTrust
 from securethread.formats.fields import Absent, Order
 from securethread.formats.identity import IdentificationResponse
+from securethread.formats.image import ImageHeader
 from securethread.formats.job import ProductionJob, Targets
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.license import License
@@ -251,6 +252,7 @@ ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "officer bundle": (
         "certificate_bundle", lambda d: _signed_body(_signed_body(d)[0]["officers"]), OfficerBundle,
     ),
+    "image header": ("image_header", lambda d: [cbor.decode(d[10:])], ImageHeader),
     "job package": ("job_package", lambda data: [cbor.decode(data)], JobPackage),
     "provisioning data": ("provisioning", lambda data: [cbor.decode(data)], ProvisioningData),
     "identification response": (
