@@ -27,6 +27,9 @@ ledger_verify  verify_ledger streaming an export file of 10k and 100k records (f
                1M), a checkpoint every 32 records: records/s at the larger, tracemalloc peak at
                both (memory must not grow with the ledger).
 scaling        devices/s at 1k and 10k devices (full: 1k, 10k, 100k) on one growing store.
+stations       benchmarks/bench_stations.py: one station server (the appliance's station API over
+               gRPC with mutual TLS), 1, 2 and 4 station processes of simulated chips, devices/s
+               end to end and p50/p99 per device, beside the in-process line in the same run.
 registry       benchmarks/bench_registry.py: reconcile and registry ingest (SQLite and a
                PostgreSQL server it starts) of synthesised 10k and 100k-device ledgers (full:
                100k and 1M), devices or records/s and each phase's peak RSS, and OCSP
@@ -282,6 +285,8 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         t["scaling_flat_15%"] = r["scaling"]["max_over_min"] <= 1.15
     if "registry" in r:
         t.update({f"registry_{k}": v for k, v in r["registry"]["targets_met"].items()})
+    if "stations" in r:
+        t.update({f"stations_{k}": v for k, v in r["stations"]["targets_met"].items()})
     return t
 
 
@@ -323,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         [10_000, 100_000] if quick else [100_000, 1_000_000], pg_url=None, pg=True,
         ocsp_n=2000, log=log,
     )  # fmt: skip
+    from . import bench_stations
+
+    r["stations"] = bench_stations.run(200 if quick else 1000, log,
+                                       latency_n=50 if quick else 200)  # fmt: skip
     r["targets_met"] = targets(r)
     r["mode"] = "quick" if quick else "full"
     r["cpus"] = os.cpu_count()
@@ -372,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                  if "ingest_postgresql" in p else ""))  # fmt: skip
     if r["registry"]["ocsp"]:
         print(f"  OCSP responder: {r['registry']['ocsp']['responses_per_s']} responses/s")
+    print("  stations (end to end, provision and program):")
+    print(bench_stations.format_lines(r["stations"]))
     for k, v in r["targets_met"].items():
         print(f"  target {k:24s} {'met' if v else 'NOT met'}")
     return 0

@@ -355,6 +355,21 @@ def test_sigkill_of_the_server_mid_run_loses_nothing_and_counts_nothing_twice(
     assert c["reserved"] >= 150 and c["reserved"] - 150 <= c["burned"] + 32
 
 
+def test_the_stations_benchmark_measures_two_station_processes(world: dict[str, Any]) -> None:
+    """benchmarks/bench_stations.py's measurement on this world (its figures are reported by
+    ``python -m benchmarks``, never asserted)."""
+    from benchmarks import bench_stations
+
+    files = [world["files"]["s1"], world["files"]["s2"]]
+    point = bench_stations._stations(world, files, world["server"].target, "j", 20, 2, 600)
+    assert point["stations"] == 2 and point["devices"] == 20
+    assert 0 < point["p50_ms"] <= point["p99_ms"] and point["devices_per_s"] > 0
+    assert "2 station process(es)" in bench_stations.format_lines(
+        {"line": {"devices_per_s": 1.0, "provision_devices_per_s": 2.0,
+                  "ms_per_device_batch_1": 3.0}, "points": [point],
+         "one_socket": point, "ratio_2_stations_to_line": 1.0, "service_added_p99_ms": 0.0})
+
+
 def test_sigterm_drains_and_reports_status(world: dict[str, Any]) -> None:
     status = world["server"].stop()
     jobs = {j["job_id"]: j for j in status["jobs"]}

@@ -1,0 +1,260 @@
+"""The ``stations`` group: one station server (the appliance's station API) on SoftHSM,
+1, 2 and 4 station processes of simulated chips, beside the in-process line in the same run.
+
+``python -m benchmarks.bench_stations [--devices N] [--json]`` or as part of ``python -m
+benchmarks``.  Everything goes through the real CLI and real processes: two sites up to
+opened jobs (one job per measurement, so each starts from an empty store), ``programmer
+provision`` for the in-process line, ``python -m securethread.programmer.stations`` for the
+server and ``securethread station run`` for each station (4 sockets each, disjoint chips).
+
+Reported: devices/s end to end (provision and program: the stations' devices over the
+wall time from the first station's start to the last one's end; the line's counted devices
+over its run time), the line's provisioning-only rate, per-device p50/p99 at the stations
+(Challenge to Confirm), and what the service adds to a device's latency: p99 of one
+station driving one socket minus the in-process line's time per device at batch size 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from securethread.demo import child_env
+
+CLI = [sys.executable, "-m", "securethread.cli"]
+FIRST_UID = 0x5EC0_0000_0000_0000
+
+
+def cli(*args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=child_env(),
+                          timeout=timeout)  # fmt: skip
+    if ok:
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def build_sites(tmp: Path, jobs: dict[str, tuple[int, int]]) -> dict[str, Path]:
+    """OEM, factory and a simulated fab; ``jobs``: job id -> (quota, targets), each opened
+    at the factory with targets ``FIRST_UID + 0 .. targets - 1``."""
+    oem, fac, vendor = tmp / "oem", tmp / "factory", tmp / "vendor"
+    pins = [tmp / f"officer-{n}" / "pin" for n in (1, 2)]
+    init = last_json(cli("oem", "init", "--workdir", str(oem), "--name", "acme", "--json",
+                         "--officer-pin-file", f"1={pins[0]}", "--officer-pin-file",
+                         f"2={pins[1]}"))  # fmt: skip
+    cli("programmer", "init", "--workdir", str(fac), "--name", "f-1")
+    fp = last_json(cli("programmer", "enrol", "--workdir", str(fac), "--json"))["fingerprint"]
+    cli("oem", "certify-programmer", "--workdir", str(oem),
+        str(fac / "outbox/enrolment-request.bin"), "--fingerprint", fp)  # fmt: skip
+    cli("programmer", "install-certs", "--workdir", str(fac),
+        str(oem / "outbox/certificates-f-1.bin"), "--root-fingerprint",
+        init["root_fingerprint"])  # fmt: skip
+    (tmp / "fw.bin").write_bytes(os.urandom(16 << 10))
+    cli("oem", "master-image", "--workdir", str(oem), str(tmp / "fw.bin"), "--image-id", "fw",
+        "--version", "1", "--security-counter", "1", "--device-class", "c")  # fmt: skip
+    package = tmp / "keys.sealed"
+    cli("oem", "seal-keys", "--workdir", str(oem), "--to", "f-1", "--image", "fw", "--out",
+        str(package))  # fmt: skip
+    cli("programmer", "open-keys", "--workdir", str(fac), str(package))
+    cli("oem", "confirm-keys", "--workdir", str(oem),
+        str(next((fac / "outbox").glob("key-receipt-*.bin"))))  # fmt: skip
+    cli("vendor", "init", "--workdir", str(vendor), "--oem-root", str(oem / "root-ca.pem"))
+    for job, (quota, targets) in jobs.items():
+        cli("programmer", "request-ca", "--workdir", str(fac), "--job", job)
+        last = FIRST_UID + targets - 1
+        spec = tmp / f"{job}.toml"
+        spec.write_text(
+            f'job_id = "{job}"\nprogrammer = "f-1"\nimage = "fw"\nquota = {quota}\n'
+            f'vendors = ["{vendor / "root-ca.pem"}"]\n[targets]\n'
+            f'ranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n[window]\ndays = 1\n'
+        )
+        cli("oem", "issue-job", "--workdir", str(oem), str(spec), "--ca-request",
+            str(fac / f"outbox/production-ca-request-{job}.bin"))  # fmt: skip
+        for n in (1, 2):
+            cli("oem", "approve-job", "--workdir", str(oem), "--job", job, "--officer", str(n),
+                "--pin-file", str(pins[n - 1]))  # fmt: skip
+        cli("oem", "issue-job", "--workdir", str(oem), "--job", job)
+        cli("programmer", "open-job", "--workdir", str(fac), str(oem / f"outbox/job-{job}.bin"),
+            "--image", str(oem / "outbox/image-fw.enc"))  # fmt: skip
+    return {"tmp": tmp, "oem": oem, "factory": fac, "vendor": vendor}
+
+
+def add_station(sites: dict[str, Path], name: str) -> dict[str, str]:
+    """``station keygen`` and ``programmer add-station``: the station's files."""
+    d = sites["tmp"] / "stations" / name
+    d.mkdir(parents=True, exist_ok=True)
+    cli("station", "keygen", "--name", name, "--key", str(d / "key.pem"),
+        "--csr", str(d / "csr.pem"))  # fmt: skip
+    cli("programmer", "add-station", "--workdir", str(sites["factory"]), str(d / "csr.pem"),
+        "--name", name)  # fmt: skip
+    out = sites["factory"] / "outbox"
+    return {"cert": str(out / f"station-{name}.pem"), "key": str(d / "key.pem"),
+            "ca": str(out / "station-ca.pem")}  # fmt: skip
+
+
+class ServerProcess:
+    """``python -m securethread.programmer.stations`` on 127.0.0.1, port chosen by the OS."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "securethread.programmer.stations", "--workdir",
+             str(workdir), "--listen", "127.0.0.1:0", *extra],  # fmt: skip
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"station server did not start: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        self.port = int(json.loads(line)["port"])
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 60) -> dict[str, Any]:
+        """SIGTERM: drain and stop; the final status it prints."""
+        self.proc.terminate()
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.communicate(timeout=60)
+
+
+def station_args(files: dict[str, str], target: str | list[str], job: str, *, devices: int,
+                 first: int, chips: Path, parallel: int = 4) -> list[str]:  # fmt: skip
+    targets = [target] if isinstance(target, str) else target
+    out = ["station", "run"]
+    for t in targets:
+        out += ["--appliance", t]
+    return out + ["--cert", files["cert"], "--key", files["key"], "--ca", files["ca"],
+                  "--job", job, "--chips-from", str(chips), "--devices", str(devices),
+                  "--first-device", str(FIRST_UID + first), "--parallel", str(parallel),
+                  "--json"]  # fmt: skip
+
+
+# --- the measurements --------------------------------------------------------------------------
+
+
+def _line(sites: dict[str, Path], job: str, n: int, batch: int) -> dict[str, Any]:
+    r = last_json(cli("programmer", "provision", "--workdir", str(sites["factory"]), "--job", job,
+                      "--chips-from", str(sites["vendor"]), "--devices", str(n), "--batch-size",
+                      str(batch), "--progress", "none", "--json"))  # fmt: skip
+    assert r["provisioned"] == n and r["programmed"] == n, r
+    return r
+
+
+def _stations(sites: dict[str, Path], files: list[dict[str, str]], target: str, job: str,
+              n: int, parallel: int, offset: int = 0) -> dict[str, Any]:  # fmt: skip
+    per = n // len(files)
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([*CLI, *station_args(f, target, job, devices=per, first=offset + i * per,
+                                               chips=sites["vendor"], parallel=parallel)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=child_env())  # fmt: skip
+        for i, f in enumerate(files)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=1800)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    wall = time.perf_counter() - t0
+    done = sum(r["programmed"] for r in results)
+    assert done == per * len(files), results
+    return {
+        "stations": len(files),
+        "devices": done,
+        "devices_per_s": round(done / wall, 1),
+        "p50_ms": max(r["p50_ms"] for r in results),
+        "p99_ms": max(r["p99_ms"] for r in results),
+        "wall_s": round(wall, 2),
+    }
+
+
+def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int = 100,
+        work: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stations-")) if work is None else work
+    jobs = {"line": (n, n), "lat": (2 * latency_n, 2 * latency_n)}
+    jobs.update({f"s{k}": (n, n) for k in counts})
+    log(f"stations: two sites, {len(jobs)} jobs")
+    sites = build_sites(tmp, jobs)
+    files = [add_station(sites, f"st{i}") for i in range(max(counts))]
+    log(f"stations: in-process line, {n} devices")
+    line = _line(sites, "line", n, 32)
+    line_rate = line["devices_per_s"]
+    log(f"stations: in-process line, batch size 1, {latency_n} devices")
+    lat_line = _line(sites, "lat", latency_n, 1)
+    line_ms_b1 = 1000 * lat_line["elapsed_s"] / latency_n
+    server = ServerProcess(sites["factory"])
+    try:
+        points = []
+        for k in counts:
+            log(f"stations: {k} station process(es), {n} devices")
+            points.append(_stations(sites, files[:k], server.target, f"s{k}", n, 4))
+        log(f"stations: 1 station, 1 socket, {latency_n} devices (latency)")
+        one = _stations(sites, files[:1], server.target, "lat", latency_n, 1, latency_n)
+    finally:
+        server.stop()
+    by_k = {p["stations"]: p for p in points}
+    ratio = round(by_k[2]["devices_per_s"] / line_rate, 3) if 2 in by_k else None
+    added = round(one["p99_ms"] - line_ms_b1, 2)
+    return {
+        "devices": n,
+        "line": {"devices_per_s": line_rate,
+                 "provision_devices_per_s": round(n / line["provision_s"], 1),
+                 "ms_per_device_batch_1": round(line_ms_b1, 2)},  # fmt: skip
+        "points": points,
+        "one_socket": one,
+        "ratio_2_stations_to_line": ratio,
+        "service_added_p99_ms": added,
+        "targets_met": {"2_stations>=0.8_line": ratio is not None and ratio >= 0.8,
+                        "service_added_p99<=2ms": added <= 2.0},  # fmt: skip
+        "note": "end to end (provision and program); stations: 4 sockets each",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_stations")
+    ap.add_argument("--devices", type=int, default=400)
+    ap.add_argument("--latency-devices", type=int, default=100)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    r = run(args.devices, log, latency_n=args.latency_devices)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(format_lines(r))
+    return 0
+
+
+def format_lines(r: dict[str, Any]) -> str:
+    out = [f"  in-process line        {r['line']['devices_per_s']:>8} devices/s "
+           f"(provisioning only {r['line']['provision_devices_per_s']})"]  # fmt: skip
+    for p in r["points"]:
+        out.append(f"  {p['stations']} station process(es) {p['devices_per_s']:>8} devices/s, "
+                   f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms")  # fmt: skip
+    out.append(f"  2 stations / line      {r['ratio_2_stations_to_line']}")
+    out.append(f"  service adds to p99    {r['service_added_p99_ms']} ms (1 socket: p99 "
+               f"{r['one_socket']['p99_ms']} ms; line at batch 1: "
+               f"{r['line']['ms_per_device_batch_1']} ms/device)")  # fmt: skip
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
