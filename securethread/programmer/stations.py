@@ -404,6 +404,7 @@ class _Job:
         self._challenges: dict[bytes, bytes] = {}
         self.inflight = 0  # calls queued or in a batch
         self.retired = False
+        self._last_batch = 0
         self.last_call = time.monotonic()
         self._submit_lock = threading.Lock()
         self.failed: Error | None = None
@@ -491,7 +492,10 @@ class _Job:
         if first is None:
             return None
         items = [first]
-        deadline = time.monotonic() + self._window
+        # Wait for company only when calls came together last time: a lone socket's device
+        # is not held back by the window it could never share.
+        window = self._window if self._last_batch > 1 else 0.0
+        deadline = time.monotonic() + window
         while len(items) < self.config.batch_size:
             left = deadline - time.monotonic()
             try:
@@ -502,6 +506,7 @@ class _Job:
                 self._queue.put(None)  # end after this batch
                 break
             items.append(nxt)
+        self._last_batch = len(items)
         return items
 
     def _loop(self) -> None:
