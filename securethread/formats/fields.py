@@ -50,6 +50,7 @@ __all__ = [
     "encode",
     "integer",
     "list_of",
+    "map_of",
     "nested",
     "set_of",
     "text",
@@ -314,6 +315,72 @@ class _Tuple(Rule):
         return tuple(rule.from_cbor(v) for rule, v in zip(self.items, raw, strict=True))
 
 
+@attrs.frozen
+class _Map(Rule):
+    """A map with text keys chosen by the writer: sorted ``(key, value)`` pairs in Python."""
+
+    key: Rule
+    value: Rule
+    lo: int
+    hi: int
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not tuple or not self.lo <= len(value) <= self.hi:
+            return f"must map {self.lo}..{self.hi} names"
+        if any(type(p) is not tuple or len(p) != 2 for p in value):
+            return "must be (name, value) pairs"
+        for k, v in value:
+            p = _item_problem(self.key, (k,))
+            if p is not None:
+                return f"name {k!r} {p.removeprefix('item 0 ')}"
+            p = _item_problem(self.value, (v,))
+            if p is not None:
+                return f"{k!r} {p.removeprefix('item 0 ')}"
+        if not _ascending(tuple(k for k, _ in value)):
+            return "names must be sorted and unique"
+        return None
+
+    def to_cbor(self, value: Any) -> Any:
+        return {k: self.value.to_cbor(v) for k, v in value}
+
+    def from_cbor(self, raw: Any) -> Any:
+        if type(raw) is not dict:
+            raise _Problem(f"must be a map of {self.lo}..{self.hi} names")
+        if not all(type(k) is str for k in raw):
+            raise _Problem("must have text names")
+        return tuple(sorted((k, self.value.from_cbor(v)) for k, v in raw.items()))
+
+
+@attrs.frozen
+class _OneOf(Rule):
+    """A value passing any one of ``rules`` (tried in order; the first that takes it)."""
+
+    rules: tuple[Rule, ...]
+
+    def problem(self, value: Any) -> str | None:
+        if any(_item_problem(r, (value,)) is None for r in self.rules):
+            return None
+        return " or ".join(
+            (_item_problem(r, (value,)) or "").removeprefix("item 0 ") for r in self.rules
+        )
+
+    def to_cbor(self, value: Any) -> Any:
+        for r in self.rules:
+            if _item_problem(r, (value,)) is None:
+                return r.to_cbor(value)
+        raise ValueError("value passes none of the rules")
+
+    def from_cbor(self, raw: Any) -> Any:
+        for r in self.rules:
+            try:
+                value = r.from_cbor(raw)
+            except (_Problem, Error):
+                continue
+            if _item_problem(r, (value,)) is None:
+                return value
+        return raw  # the constructor's validator names what it must be
+
+
 class _Problem(Exception):
     """Internal: a value failed a rule during decode, before construction."""
 
@@ -437,7 +504,7 @@ def list_of(
     still refuses a wire array out of order. ``item``: one of the ``*_rule`` helpers."""
     if order is Order.SORTED and isinstance(item, _Nested | _List | _Set):
         raise TypeError("only lists of scalars can be required to be sorted")
-    kw: dict[str, Any] = {"default": default}
+    kw: dict[str, Any] = {"default": default, "converter": _as_tuple}
     if sort:
         if order is not Order.SORTED:
             raise TypeError("sort=True needs order=Order.SORTED")
@@ -445,11 +512,56 @@ def list_of(
     return _field(key, _List(item, min_len, max_len, order), absent, **kw)
 
 
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if type(value) is list else value
+
+
 def _sorted_tuple(value: Any) -> Any:
     try:
         return tuple(sorted(value))
     except TypeError:  # unorderable items: left as they are for the rule to name
         return value
+
+
+def map_of(
+    key: str,
+    name: Rule,
+    value: Rule,
+    *,
+    max_len: int,
+    min_len: int = 0,
+    default: Any = _NO,
+    converter: Callable[[Any], Any] | None = None,
+) -> Any:
+    """A CBOR map whose names the writer chooses (each passing ``name``, values passing
+    ``value``): a tuple of ``(name, value)`` pairs sorted by name in Python, one order for
+    one content. The constructor also takes a ``dict`` (or what ``converter`` takes)."""
+    rule = _Map(name, value, min_len, max_len)
+    return _field(key, rule, None, default=default, converter=converter or _sorted_pairs)
+
+
+def _sorted_pairs(value: Any) -> Any:
+    if isinstance(value, dict):
+        value = tuple(value.items())
+    if type(value) is tuple and all(type(p) is tuple and len(p) == 2 for p in value):
+        names = [k for k, _ in value]
+        if len(set(names)) == len(names) and all(type(k) is str for k in names):
+            return tuple(sorted((k, _as_tuple(v)) for k, v in value))
+    return value  # left for the rule to name
+
+
+def one_of(*rules: Rule) -> Rule:
+    """A value passing any one of ``rules`` (a map value that may be text or a number)."""
+    return _OneOf(rules)
+
+
+def list_rule(item: Rule, *, max_len: int, min_len: int = 0) -> Rule:
+    """A list as an item of another rule (a tuple in Python, an array on the wire)."""
+    return _List(item, min_len, max_len, Order.ANY)
+
+
+def bool_rule() -> Rule:
+    return _Bool()
 
 
 def set_of(

@@ -46,7 +46,7 @@ from securethread.errors import (
     SignatureError,
     TranscriptError,
 )
-from securethread.formats import cbor, envelope
+from securethread.formats import cbor, envelope, fields
 from securethread.keys.ecutil import fingerprint
 from securethread.keys.protocol import PrivateKey, SecretKey
 
@@ -91,7 +91,7 @@ MAX_RECORD_SIZE = 64 * 1024
 MAX_FRAME_SIZE = MAX_RECORD_SIZE + 1024
 MAX_ENTRIES = 64
 MAX_TEXT = 1024
-_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,63}\Z")
+_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,63}")
 _HEADER = len(MAGIC)
 
 AttrValue = bool | int | str | tuple[str, ...]
@@ -121,22 +121,8 @@ def _check_digest(what: str, value: object) -> bytes:
     return value
 
 
-def _check_int(what: str, value: object, *, bits: int = 63) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << bits):
-        raise FormatError(f"{what}: expected an integer in 0..2^{bits}-1, got {value!r}")
-    return value
-
-
 #: The last second RFC 3339 can write (its year has four digits, §5.6): 9999-12-31T23:59:59Z.
 MAX_TIME = 253_402_300_799
-
-
-def _check_time(value: object) -> int:
-    """A record time that :attr:`CeremonyRecord.timestamp` can show (RFC 3339, §5.6)."""
-    t = _check_int("time", value)
-    if t > MAX_TIME:
-        raise FormatError(f"time {t} is after 9999-12-31T23:59:59Z (RFC 3339 §5.6)")
-    return t
 
 
 def _pairs(value: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
@@ -152,43 +138,29 @@ def _pairs(value: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[
     return tuple(sorted(out.items()))
 
 
-def _validate_attrs(_: object, __: object, value: tuple[tuple[str, Any], ...]) -> None:
-    if len(value) > MAX_ENTRIES:
-        raise FormatError("key attributes: too many entries")
-    for k, v in value:
-        _check_text("key attribute name", k, limit=64, empty=False)
-        if isinstance(v, tuple):
-            for item in v:
-                _check_text(f"key attribute {k!r}", item, limit=64)
-        elif isinstance(v, str):
-            _check_text(f"key attribute {k!r}", v, limit=256)
-        elif not isinstance(v, bool | int):
-            raise FormatError(f"key attribute {k!r}: unsupported value {type(v).__name__}")
-
-
 # --- value objects ----------------------------------------------------------------------
 
 
+_ATTR_VALUE = fields.one_of(
+    fields.bool_rule(),
+    fields.int_rule(lo=-(1 << 64), hi=(1 << 64) - 1),
+    fields.text_rule(min_len=0, max_len=256),
+    fields.list_rule(fields.text_rule(min_len=0, max_len=64), max_len=MAX_ENTRIES),
+)
+
+
+@fields.body("key entry")
 @attrs.frozen(kw_only=True)
 class KeyEntry:
     """A key involved in a ceremony step; ``fingerprint`` is None for secret (AES) keys."""
 
-    label: str = attrs.field(validator=lambda _, __, v: _check_text("key label", v, limit=256))
-    key_id: bytes = attrs.field(converter=bytes)
-    fingerprint: bytes | None = attrs.field(default=None)
-    attributes: tuple[tuple[str, AttrValue], ...] = attrs.field(
-        default=(), converter=_pairs, validator=_validate_attrs
-    )
-
-    @key_id.validator
-    def _key_id(self, _: object, value: bytes) -> None:
-        if len(value) > 256:
-            raise FormatError("key id: longer than 256 bytes")
-
-    @fingerprint.validator
-    def _fp(self, _: object, value: bytes | None) -> None:
-        if value is not None:
-            _check_digest("key fingerprint", value)
+    label: str = fields.text("label", min_len=0, max_len=256)
+    key_id: bytes = fields.byte_string("id", max_len=256)
+    fingerprint: bytes | None = fields.byte_string("fp", size=32, absent=fields.Absent.NULL)
+    attributes: tuple[tuple[str, AttrValue], ...] = fields.map_of(
+        "attrs", fields.text_rule(max_len=64), _ATTR_VALUE, max_len=MAX_ENTRIES, default=(),
+        converter=_pairs,
+    )  # fmt: skip
 
     @classmethod
     def from_key(
@@ -230,7 +202,9 @@ class KeyEntry:
                     f"backend, which reports {value!r}"
                 )
             merged[name] = value
-        return cls(label=key.label, key_id=key.key_id, fingerprint=fp, attributes=merged)
+        return cls(
+            label=key.label, key_id=bytes(key.key_id), fingerprint=fp, attributes=_pairs(merged)
+        )
 
     @classmethod
     def from_public_key(
@@ -243,34 +217,48 @@ class KeyEntry:
     ) -> KeyEntry:
         """Describe another enclave's key known only by its public half (e.g. onboarding)."""
         return cls(
-            label=label, key_id=key_id, fingerprint=fingerprint(public), attributes=attributes or {}
+            label=label,
+            key_id=bytes(key_id),
+            fingerprint=fingerprint(public),
+            attributes=_pairs(attributes or {}),
         )
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "id": self.key_id,
-            "fp": self.fingerprint,
-            "attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in self.attributes},
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_cbor(cls, m: object) -> KeyEntry:
-        if not isinstance(m, dict) or set(m) != {"label", "id", "fp", "attrs"}:
-            raise FormatError("key entry: expected a map with label, id, fp, attrs")
-        if not isinstance(m["id"], bytes) or not isinstance(m["attrs"], dict):
-            raise FormatError("key entry: malformed id or attrs")
-        return cls(label=m["label"], key_id=m["id"], fingerprint=m["fp"], attributes=m["attrs"])
+        return fields.decode(cls, m)
 
 
+@attrs.frozen
+class _Serial(fields.Rule):
+    """A certificate serial: an int in Python; minimal big-endian bytes on the wire, since
+    RFC 5280 §4.1.2.2 serials reach 20 octets, beyond CBOR's 64-bit integers."""
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not int or not 0 <= value < 1 << 160:
+            return "must be an integer in 0..2^160-1"
+        return None
+
+    def to_cbor(self, value: Any) -> Any:
+        return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+    def from_cbor(self, raw: Any) -> Any:
+        if type(raw) is not bytes or not raw or (len(raw) > 1 and raw[0] == 0):
+            raise FormatError("not minimal big-endian bytes")
+        return int.from_bytes(raw, "big")
+
+
+@fields.body("certificate entry")
 @attrs.frozen(kw_only=True)
 class CertEntry:
     """A certificate involved in a ceremony step, identified by SHA-256 of its DER."""
 
-    fingerprint: bytes = attrs.field(validator=lambda _, __, v: _check_digest("cert", v))
-    subject: str = attrs.field(validator=lambda _, __, v: _check_text("cert subject", v))
-    issuer: str = attrs.field(validator=lambda _, __, v: _check_text("cert issuer", v))
-    serial: int = attrs.field(validator=lambda _, __, v: _check_int("cert serial", v, bits=160))
+    fingerprint: bytes = fields.byte_string("fp", size=32)
+    subject: str = fields.text("subject", min_len=0, max_len=MAX_TEXT)
+    issuer: str = fields.text("issuer", min_len=0, max_len=MAX_TEXT)
+    serial: int = fields.custom("serial", _Serial())
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> CertEntry:
@@ -283,137 +271,50 @@ class CertEntry:
         )
 
     def to_cbor(self) -> dict[str, Any]:
-        # RFC 5280 §4.1.2.2 serials reach 20 octets, beyond CBOR's 64-bit integers.
-        n = max(1, (self.serial.bit_length() + 7) // 8)
-        return {
-            "fp": self.fingerprint,
-            "subject": self.subject,
-            "issuer": self.issuer,
-            "serial": self.serial.to_bytes(n, "big"),
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_cbor(cls, m: object) -> CertEntry:
-        if not isinstance(m, dict) or set(m) != {"fp", "subject", "issuer", "serial"}:
-            raise FormatError("certificate entry: expected a map with fp, subject, issuer, serial")
-        s = m["serial"]
-        if not isinstance(s, bytes) or not s or (len(s) > 1 and s[0] == 0):
-            raise FormatError("certificate entry: serial is not minimal big-endian bytes")
-        serial = int.from_bytes(s, "big")
-        return cls(fingerprint=m["fp"], subject=m["subject"], issuer=m["issuer"], serial=serial)
+        return fields.decode(cls, m)
 
 
-def _validate_artefacts(_: object, __: object, value: tuple[tuple[str, bytes], ...]) -> None:
-    if len(value) > MAX_ENTRIES:
-        raise FormatError("artefacts: too many entries")
-    for name, digest in value:
-        _check_text("artefact name", name, limit=256, empty=False)
-        _check_digest(f"artefact {name!r}", digest)
-
-
-def _validate_details(_: object, __: object, value: tuple[tuple[str, DetailValue], ...]) -> None:
-    if len(value) > MAX_ENTRIES:
-        raise FormatError("details: too many entries")
-    for k, v in value:
-        _check_text("detail name", k, limit=64, empty=False)
-        if isinstance(v, str):
-            _check_text(f"detail {k!r}", v)
-        else:
-            _check_int(f"detail {k!r}", v)
-
-
-def _entries(kind: type[Any], value: Iterable[Any]) -> tuple[Any, ...]:
-    items = tuple(value)
-    if len(items) > MAX_ENTRIES:
-        raise FormatError(f"too many {kind.__name__} entries")
-    for item in items:
-        if not isinstance(item, kind):
-            raise FormatError(f"expected {kind.__name__}, got {type(item).__name__}")
-    return items
-
-
-def _key_entries(value: Iterable[KeyEntry]) -> tuple[KeyEntry, ...]:
-    return _entries(KeyEntry, value)
-
-
-def _cert_entries(value: Iterable[CertEntry]) -> tuple[CertEntry, ...]:
-    return _entries(CertEntry, value)
-
-
-_RECORD_KEYS = frozenset(
-    {"v", "seq", "prev", "time", "enclave", "op", "keys", "certs", "artefacts", "details"}
-)
-
-
+@fields.body("ceremony record")
 @attrs.frozen(kw_only=True)
 class CeremonyRecord:
     """One ceremony step.  ``time`` is UTC seconds since the epoch (one canonical form)."""
 
-    seq: int = attrs.field(validator=lambda _, __, v: _check_int("sequence number", v))
-    prev: bytes = attrs.field(validator=lambda _, __, v: _check_digest("previous hash", v))
-    time: int = attrs.field(validator=lambda _, __, v: _check_time(v))
-    enclave: str = attrs.field()
-    operation: str = attrs.field()
-    keys: tuple[KeyEntry, ...] = attrs.field(default=(), converter=_key_entries)
-    certificates: tuple[CertEntry, ...] = attrs.field(default=(), converter=_cert_entries)
-    artefacts: tuple[tuple[str, bytes], ...] = attrs.field(
-        default=(), converter=_pairs, validator=_validate_artefacts
+    seq: int = fields.integer("seq", hi=(1 << 63) - 1)
+    prev: bytes = fields.byte_string("prev", size=32)  # SHA-256 of the record before
+    #: Up to :data:`MAX_TIME`, the last second RFC 3339 can write (§5.6).
+    time: int = fields.integer("time", hi=MAX_TIME)
+    enclave: str = fields.text("enclave", max_len=64)
+    #: Lowercase words joined by '-' (:data:`OPERATIONS` are the ceremonies' own).
+    operation: str = fields.text("op", max_len=64, pattern=_NAME_RE)
+    keys: tuple[KeyEntry, ...] = fields.list_of(
+        "keys", fields.body_rule(KeyEntry), max_len=MAX_ENTRIES, default=()
     )
-    details: tuple[tuple[str, DetailValue], ...] = attrs.field(
-        default=(), converter=_pairs, validator=_validate_details
+    certificates: tuple[CertEntry, ...] = fields.list_of(
+        "certs", fields.body_rule(CertEntry), max_len=MAX_ENTRIES, default=()
     )
-    version: int = attrs.field(default=RECORD_VERSION)
-
-    @enclave.validator
-    def _enclave(self, _: object, value: str) -> None:
-        _check_text("enclave name", value, limit=64, empty=False)
-
-    @operation.validator
-    def _operation(self, _: object, value: str) -> None:
-        if not isinstance(value, str) or not _NAME_RE.match(value):
-            raise FormatError(f"operation {value!r}: expected lowercase words joined by '-'")
-
-    @version.validator
-    def _version(self, _: object, value: int) -> None:
-        if not cbor.is_version(value, RECORD_VERSION):
-            raise FormatError(f"ceremony record: unsupported version {value!r}")
+    artefacts: tuple[tuple[str, bytes], ...] = fields.map_of(
+        "artefacts", fields.text_rule(max_len=256), fields.bytes_rule(size=32),
+        max_len=MAX_ENTRIES, default=(), converter=_pairs,
+    )  # fmt: skip
+    details: tuple[tuple[str, DetailValue], ...] = fields.map_of(
+        "details", fields.text_rule(max_len=64),
+        fields.one_of(fields.text_rule(min_len=0, max_len=MAX_TEXT),
+                      fields.int_rule(hi=(1 << 63) - 1)),
+        max_len=MAX_ENTRIES, default=(), converter=_pairs,
+    )  # fmt: skip
+    version: int = fields.version(RECORD_VERSION)
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": self.version,
-                "seq": self.seq,
-                "prev": self.prev,
-                "time": self.time,
-                "enclave": self.enclave,
-                "op": self.operation,
-                "keys": [k.to_cbor() for k in self.keys],
-                "certs": [c.to_cbor() for c in self.certificates],
-                "artefacts": dict(self.artefacts),
-                "details": dict(self.details),
-            }
-        )
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CeremonyRecord:
         m = cbor.decode(data, what="ceremony record", max_size=MAX_RECORD_SIZE)
-        if not isinstance(m, dict) or set(m) != _RECORD_KEYS:
-            raise FormatError("ceremony record: unexpected fields")
-        for name, kind in (("keys", list), ("certs", list), ("artefacts", dict), ("details", dict)):
-            if not isinstance(m[name], kind):
-                raise FormatError(f"ceremony record: {name} is not a {kind.__name__}")
-        record = cls(
-            version=m["v"],
-            seq=m["seq"],
-            prev=m["prev"],
-            time=m["time"],
-            enclave=m["enclave"],
-            operation=m["op"],
-            keys=[KeyEntry.from_cbor(k) for k in m["keys"]],
-            certificates=[CertEntry.from_cbor(c) for c in m["certs"]],
-            artefacts=m["artefacts"],
-            details=m["details"],
-        )
+        record = fields.decode(cls, m)
         if record.to_bytes() != bytes(data):  # one record, one byte string, one hash
             raise FormatError("ceremony record: not in canonical form")
         return record
@@ -791,10 +692,10 @@ class Transcript:
                 time=now,
                 enclave=self.enclave,
                 operation=operation,
-                keys=keys,
-                certificates=certificates,
-                artefacts=artefacts or {},
-                details=details or {},
+                keys=tuple(keys),
+                certificates=tuple(certificates),
+                artefacts=_pairs(artefacts or {}),
+                details=_pairs(details or {}),
             )
             frame = SignedRecord.sign(record, self.signer).frame()
             if self._size == 0:

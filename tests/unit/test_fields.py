@@ -23,6 +23,7 @@ from securethread.formats.license import License
 from securethread.formats.onboarding import CertificateBundle, EnrolmentRequest, OfficerBundle
 from securethread.formats.provisioning import ProvisioningData
 from securethread.formats.responder import ResponderRequest
+from securethread.formats.transcript import CeremonyRecord
 from securethread.programmer.crl_mark import Anchor
 from securethread.programmer.quota_mark import Mark
 from tests.fuzz.world import World, build
@@ -239,6 +240,18 @@ def _records(kind: str) -> Callable[[bytes], list[Any]]:
     return bodies
 
 
+def _ceremony_records(data: bytes) -> list[Any]:
+    """The record maps of a transcript file (each frame a COSE_Sign1 around one record)."""
+    from securethread.formats.transcript import MAGIC, SignedRecord
+
+    out, pos = [], len(MAGIC)
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        out.append(cbor.decode(SignedRecord.from_bytes(data[pos + 4 : pos + 4 + n]).record))
+        pos += 4 + n
+    return out
+
+
 #: format -> (fuzz-world seed, the decoded bodies in one artefact, the body class)
 ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "license": ("license", _license_body, License),
@@ -253,6 +266,7 @@ ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
         "certificate_bundle", lambda d: _signed_body(_signed_body(d)[0]["officers"]), OfficerBundle,
     ),
     "image header": ("image_header", lambda d: [cbor.decode(d[10:])], ImageHeader),
+    "ceremony record": ("transcript", lambda d: _ceremony_records(d), CeremonyRecord),
     "job package": ("job_package", lambda data: [cbor.decode(data)], JobPackage),
     "provisioning data": ("provisioning", lambda data: [cbor.decode(data)], ProvisioningData),
     "identification response": (
@@ -363,3 +377,38 @@ def test_sets_and_sorted_lists_have_one_encoding(raw: Any, message: str) -> None
     }  # fmt: skip
     with pytest.raises(FormatError, match=f"^job targets: field {message}"):
         Targets.from_obj(raw)
+
+
+@fields.body("notes")
+@attrs.frozen(kw_only=True)
+class Notes:
+    named: tuple[tuple[str, Any], ...] = fields.map_of(
+        "named", fields.text_rule(max_len=3),
+        fields.one_of(
+            fields.int_rule(hi=9), fields.list_rule(fields.text_rule(max_len=2), max_len=2)
+        ),
+        max_len=2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"named": {"a": 1, "b": ["x"]}}, None),
+        ({"named": []}, "'named' must be a map"),
+        ({"named": {"abcd": 1}}, "'named' name 'abcd' must be text of 1..3"),
+        ({"named": {"a": 10}}, "'named' 'a' must be an integer in 0..9 or must list 0..2 items"),
+        ({"named": {"a": True}}, "'named' 'a' must be an integer"),
+        ({"named": {"a": ["xyz"]}}, "'named' 'a' must be an integer in 0..9 or item 0 must"),
+        ({"named": {"a": 1, "b": 2, "c": 3}}, "'named' must map 0..2 names"),
+    ],
+)
+def test_writer_named_maps_and_alternatives(raw: Any, message: str | None) -> None:
+    if message is None:
+        notes = fields.decode(Notes, raw)
+        assert notes.named == (("a", 1), ("b", ("x",)))  # sorted pairs, a list as a tuple
+        assert fields.encode(notes) == raw
+        assert Notes(named={"b": ["x"], "a": 1}) == notes  # type: ignore[arg-type]
+        return
+    with pytest.raises(FormatError, match=f"^notes: field {message}"):
+        fields.decode(Notes, raw)

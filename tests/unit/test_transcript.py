@@ -398,14 +398,14 @@ def test_record_round_trip_and_hash() -> None:
 @pytest.mark.parametrize(
     ("kw", "reason"),
     [
-        ({"prev": b"\x00" * 31}, "previous hash"),
-        ({"operation": "Root CA"}, "operation"),
-        ({"enclave": ""}, "enclave name: empty"),
-        ({"seq": -1}, "sequence number"),
-        ({"details": {"flag": True}}, "detail 'flag'"),
-        ({"details": {"d": {"nested": 1}}}, "detail 'd'"),
-        ({"artefacts": {"img": b"short"}}, "artefact 'img'"),
-        ({"keys": ["not a key"]}, "expected KeyEntry"),
+        ({"prev": b"\x00" * 31}, "field 'prev' must be 32 bytes"),
+        ({"operation": "Root CA"}, "field 'op' must match"),
+        ({"enclave": ""}, "field 'enclave' must be text of 1..64"),
+        ({"seq": -1}, "field 'seq' must be an integer"),
+        ({"details": {"flag": True}}, "field 'details' 'flag' must be text"),
+        ({"details": {"d": {"nested": 1}}}, "field 'details' 'd' must be text"),
+        ({"artefacts": {"img": b"short"}}, "field 'artefacts' 'img' must be 32 bytes"),
+        ({"keys": ["not a key"]}, "field 'keys' item 0 must be a key entry"),
     ],
 )
 def test_record_validated_on_construction(kw: dict[str, object], reason: str) -> None:
@@ -415,11 +415,11 @@ def test_record_validated_on_construction(kw: dict[str, object], reason: str) ->
 
 def test_record_from_bytes_refuses_bad_shapes() -> None:
     good = cbor.decode(record().to_bytes())
-    with pytest.raises(FormatError, match="unexpected fields"):
+    with pytest.raises(FormatError, match="unknown field 'extra'"):
         CeremonyRecord.from_bytes(cbor.encode({**good, "extra": 1}))
     with pytest.raises(FormatError, match="unsupported version"):
         CeremonyRecord.from_bytes(cbor.encode({**good, "v": 2}))
-    with pytest.raises(FormatError, match="keys is not a list"):
+    with pytest.raises(FormatError, match="field 'keys' must be an array"):
         CeremonyRecord.from_bytes(cbor.encode({**good, "keys": {}}))
     bad_serial = {"fp": bytes(32), "subject": "", "issuer": "", "serial": b"\x00\x01"}
     with pytest.raises(FormatError, match="serial"):
