@@ -199,8 +199,10 @@ def _child(*args: str) -> dict[str, Any]:
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_registry", "phase", *args],
-        env=env, cwd=ROOT, check=True, capture_output=True, text=True,
+        env=env, cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"phase {args[0]} failed ({out.returncode}): {out.stderr[-2000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -296,14 +298,6 @@ def run(sizes: list[int], *, pg_url: str | None, pg: bool, ocsp_n: int, log: Any
                                           "seconds": round(r["seconds"], 2),
                                           "maxrss_mib": r["maxrss_mib"]}  # fmt: skip
                 log(f"  ingest SQLite: {point['ingest_sqlite']}")
-                if server is not None:
-                    r = _child("ingest", str(d), _new_pg_database(server))
-                    point["ingest_postgresql"] = {
-                        "records_per_s": round(r["records"] / r["seconds"]),
-                        "devices_per_s": round(r["devices"] / r["seconds"]),
-                        "seconds": round(r["seconds"], 2), "maxrss_mib": r["maxrss_mib"],
-                    }  # fmt: skip
-                    log(f"  ingest PostgreSQL: {point['ingest_postgresql']}")
                 if n == max(sizes):
                     r = _child("ocsp", str(d), db, str(ocsp_n))
                     ocsp_result = {"registry_devices": n, "responses": r["responses"],
@@ -312,6 +306,14 @@ def run(sizes: list[int], *, pg_url: str | None, pg: bool, ocsp_n: int, log: Any
                                    "how": "one client, HTTP/1.0 POST per request, SoftHSM "
                                           "ECDSA P-256 signature per response"}  # fmt: skip
                     log(f"  OCSP: {ocsp_result}")
+                if server is not None:
+                    r = _child("ingest", str(d), _new_pg_database(server))
+                    point["ingest_postgresql"] = {
+                        "records_per_s": round(r["records"] / r["seconds"]),
+                        "devices_per_s": round(r["devices"] / r["seconds"]),
+                        "seconds": round(r["seconds"], 2), "maxrss_mib": r["maxrss_mib"],
+                    }  # fmt: skip
+                    log(f"  ingest PostgreSQL: {point['ingest_postgresql']}")
                 points.append(point)
             finally:
                 shutil.rmtree(d, ignore_errors=True)
