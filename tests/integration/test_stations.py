@@ -378,6 +378,13 @@ def test_sigterm_drains_and_reports_status(world: dict[str, Any]) -> None:
     # served was counted consistently with the store
     for job_id, j in jobs.items():
         assert j["quota_used"] <= j["quota"], job_id
-    proc = cli("programmer", "close-job", "--workdir", str(world["factory"]), "--job", "q",
-               "--json")  # fmt: skip
-    assert last_json(proc)["ok"] is True
+    # the ledger says so too: the shared job and the killed one close and reconcile at the
+    # OEM with every device once
+    for job, devices in (("q", 40), ("k", 150)):
+        proc = cli("programmer", "close-job", "--workdir", str(world["factory"]), "--job", job,
+                   "--json")  # fmt: skip
+        assert last_json(proc)["ok"] is True
+        rec = last_json(cli("oem", "reconcile", "--workdir", str(world["oem"]),
+                            str(world["factory"] / "outbox" / f"ledger-{job}.bin"), "--job", job,
+                            "--json"))  # fmt: skip
+        assert rec["ok"] is True and rec["provisioned"] == rec["programmed"] == devices, rec
