@@ -44,7 +44,7 @@ from securethread.errors import (
     FormatError,
     ReplayError,
 )
-from securethread.formats import cbor, envelope
+from securethread.formats import cbor, envelope, fields
 from securethread.keys.ecutil import point_of, public_from_point
 from securethread.keys.policy import (
     EPHEMERAL_AGREEMENT,
@@ -87,7 +87,6 @@ _KCV_BLOCK = bytes(16)
 STAGING = TEMP_CONFIRM
 #: What an entry's key does at the OEM (an image key encrypts); not what the programmer's
 #: copy may do: that is :data:`PROGRAMMER_IMAGE_KEY` whatever the entry says.
-_USAGES = frozenset({"encrypt"})
 
 
 class WrongRecipientError(ChannelError):
@@ -105,12 +104,6 @@ def key_check_value(key: SecretKey) -> bytes:
     return key.cmac(_KCV_BLOCK)[:KCV_SIZE]
 
 
-def _check_label(label: object) -> str:
-    if not isinstance(label, str) or not 0 < len(label.encode()) <= MAX_LABEL:
-        raise FormatError(f"key label {label!r}: must be 1..{MAX_LABEL} bytes of text")
-    return label
-
-
 def _check_bytes(value: object, what: str, *, size: int | None = None, limit: int = 0) -> bytes:
     if not isinstance(value, bytes):
         raise FormatError(f"{what}: expected bytes")
@@ -121,24 +114,27 @@ def _check_bytes(value: object, what: str, *, size: int | None = None, limit: in
     return value
 
 
+@attrs.frozen
+class _Label(fields.Rule):
+    """A PKCS#11 label: text of 1..MAX_LABEL bytes in UTF-8 (CKA_LABEL is bytes)."""
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not str or not 0 < len(value.encode()) <= MAX_LABEL:
+            return f"must be 1..{MAX_LABEL} bytes of text"
+        return None
+
+
+@fields.body("transfer entry")
 @attrs.frozen(kw_only=True)
 class WrappedEntry:
     """One wrapped AES-256 key, with the label, id and policy it gets on the programmer."""
 
-    label: str = attrs.field(validator=lambda _i, _a, v: _check_label(v))
-    key_id: bytes = attrs.field(validator=lambda _i, _a, v: _check_bytes(v, "key_id", limit=64))
-    usage: str
-    transferable: bool
-    wrapped: bytes = attrs.field(
-        validator=lambda _i, _a, v: _check_bytes(v, "wrapped key", size=WRAPPED_AES256_SIZE)
-    )
-    kcv: bytes = attrs.field(validator=lambda _i, _a, v: _check_bytes(v, "kcv", size=KCV_SIZE))
-
-    def __attrs_post_init__(self) -> None:
-        if type(self.usage) is not str or self.usage not in _USAGES:
-            raise FormatError(f"key {self.label!r}: unsupported usage {self.usage!r}")
-        if not isinstance(self.transferable, bool):
-            raise FormatError(f"key {self.label!r}: transferable must be a boolean")
+    label: str = fields.custom("label", _Label())
+    key_id: bytes = fields.byte_string("key_id", max_len=MAX_KEY_ID)
+    usage: str = fields.constant("usage", "encrypt")  # the only usage transferred
+    transferable: bool = fields.boolean("transferable")
+    wrapped: bytes = fields.byte_string("wrapped", size=WRAPPED_AES256_SIZE)
+    kcv: bytes = fields.byte_string("kcv", size=KCV_SIZE)
 
     @property
     def policy(self) -> KeyPolicy:
@@ -148,21 +144,11 @@ class WrappedEntry:
         return attrs.evolve(PROGRAMMER_IMAGE_KEY, transferable=self.transferable)
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "key_id": self.key_id,
-            "usage": self.usage,
-            "transferable": self.transferable,
-            "wrapped": self.wrapped,
-            "kcv": self.kcv,
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_cbor(cls, m: object) -> WrappedEntry:
-        keys = {"label", "key_id", "usage", "transferable", "wrapped", "kcv"}
-        if not isinstance(m, dict) or set(m) != keys:
-            raise FormatError("transfer entry: malformed")
-        return cls(**m)
+        return fields.decode(cls, m)
 
 
 def _entries_from(value: object, what: str) -> tuple[WrappedEntry, ...]:
@@ -175,33 +161,22 @@ def _entries_from(value: object, what: str) -> tuple[WrappedEntry, ...]:
     return entries
 
 
+@fields.body("acknowledgement entry")
 @attrs.frozen(kw_only=True)
 class ImportedKey:
     """What the programmer reports for each imported key (never the key)."""
 
-    label: str
-    key_id: bytes
-    kcv: bytes
-    transferable: bool
+    label: str = fields.custom("label", _Label())
+    key_id: bytes = fields.byte_string("key_id", max_len=MAX_KEY_ID)
+    kcv: bytes = fields.byte_string("kcv", size=KCV_SIZE)
+    transferable: bool = fields.boolean("transferable")  # exactly true or false
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "key_id": self.key_id,
-            "kcv": self.kcv,
-            "transferable": self.transferable,
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_cbor(cls, m: object) -> ImportedKey:
-        if not isinstance(m, dict) or set(m) != {"label", "key_id", "kcv", "transferable"}:
-            raise FormatError("acknowledgement entry: malformed")
-        return cls(
-            label=_check_label(m["label"]),
-            key_id=_check_bytes(m["key_id"], "key_id", limit=MAX_KEY_ID),
-            kcv=_check_bytes(m["kcv"], "kcv", size=KCV_SIZE),
-            transferable=bool(m["transferable"]),
-        )
+        return fields.decode(cls, m)
 
     @classmethod
     def of(cls, e: WrappedEntry) -> ImportedKey:

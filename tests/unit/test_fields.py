@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
+from securethread.channel.transfer import ImportedKey, WrappedEntry
 from securethread.errors import Error, FormatError, VerificationError
 from securethread.formats import cbor, envelope, fields, ledger
 from securethread.formats.boot import BootConfirmation
@@ -412,3 +413,18 @@ def test_writer_named_maps_and_alternatives(raw: Any, message: str | None) -> No
         return
     with pytest.raises(FormatError, match=f"^notes: field {message}"):
         fields.decode(Notes, raw)
+
+
+def test_key_transfer_entries_are_exact() -> None:
+    """The acknowledgement's ``transferable`` was read with bool(): 1 or "no" passed as a
+    flag. Declared as a boolean, only true or false is accepted."""
+    entry = WrappedEntry(label="image-key", key_id=b"id", usage="encrypt", transferable=True,
+                         wrapped=b"w" * 40, kcv=b"k" * 8)  # fmt: skip
+    assert WrappedEntry.from_cbor(entry.to_cbor()) == entry
+    ack = ImportedKey.of(entry)
+    assert ImportedKey.from_cbor(ack.to_cbor()) == ack
+    for bad in (1, "no", None):
+        with pytest.raises(FormatError, match="^acknowledgement entry: field 'transferable'"):
+            ImportedKey.from_cbor({**ack.to_cbor(), "transferable": bad})
+    with pytest.raises(FormatError, match="^transfer entry: field 'label' must be 1..128 bytes"):
+        WrappedEntry.from_cbor({**entry.to_cbor(), "label": "é" * 65})  # 130 bytes of UTF-8
