@@ -1,0 +1,115 @@
+"""The reference station's pure parts: keys and CSRs, the credential check before any call,
+the progress bar's width, the result's figures.  (The station against a real appliance:
+tests/integration/test_stations.py.)"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from securethread.errors import ConfigurationError, VerificationError
+from securethread.station.client import (
+    StationCredentials,
+    StationResult,
+    _percentile,
+    keygen,
+    progress_bar,
+)
+
+
+def _issue(csr_pem: bytes, ca_key: ec.EllipticCurvePrivateKey, ca_name: str) -> bytes:
+    csr = x509.load_pem_x509_csr(csr_pem)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(csr.subject)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)]))
+        .public_key(csr.public_key()).serial_number(7)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    n = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(n).issuer_name(n).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_keygen_makes_a_p256_key_and_a_csr_it_signed() -> None:
+    key_pem, csr_pem = keygen("line-3.a")
+    key = serialization.load_pem_private_key(key_pem, None)
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert csr.is_signature_valid and csr.public_key() == key.public_key()
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "line-3.a"
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "x" * 65, "sp ace"])
+def test_keygen_refuses_a_bad_name(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="station name"):
+        keygen(name)
+
+
+def test_credentials_are_checked_before_any_call(tmp_path: Path) -> None:
+    ca_key, ca_pem = _ca("station CA")
+    key_pem, csr_pem = keygen("s1")
+    cert_pem = _issue(csr_pem, ca_key, "station CA")
+    StationCredentials(cert_pem, key_pem, ca_pem).check()  # the right set passes
+    other_key, _ = keygen("s2")
+    with pytest.raises(VerificationError, match="not the key of the certificate"):
+        StationCredentials(cert_pem, other_key, ca_pem).check()
+    _, other_ca = _ca("station CA")  # same name, another key
+    with pytest.raises(VerificationError, match="not issued by the station CA"):
+        StationCredentials(cert_pem, key_pem, other_ca).check()
+    for name, data in (("cert", b"junk"), ("key", key_pem), ("ca", ca_pem)):
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(ConfigurationError, match="--cert is not a PEM certificate"):
+        StationCredentials.from_files(cert=str(tmp_path / "cert"), key=str(tmp_path / "key"),
+                                      ca=str(tmp_path / "ca"))  # fmt: skip
+
+
+def test_the_progress_bar_never_reaches_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=(80, 24): os.terminal_size(
+        (200, 50)))  # fmt: skip
+    update, close = progress_bar(1000, enabled=True)
+    for _ in range(50):
+        update(1, {"already_done": 7})
+    close()
+    frames = [f for f in re.split(r"[\r\n]", out.getvalue()) if f.strip()]
+    assert frames and max(len(f) for f in frames) <= 79
+    assert "done 7 before" in frames[-1] and "/1000" in frames[-1]
+    silent = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", silent)
+    update, close = progress_bar(10, enabled=False)
+    update(1, {})
+    close()
+    assert silent.getvalue() == ""
+
+
+def test_result_figures() -> None:
+    assert _percentile([], 0.5) is None
+    assert _percentile([0.001 * i for i in range(1, 101)], 0.99) == 100.0
+    r = StationResult(job_id="j", appliances=("a:1",), devices=10, provisioned=6, recovered=2,
+                      programmed=8, already_done=2, refused={}, notes=(), elapsed_s=2.0,
+                      p50_ms=1.0, p99_ms=2.0, quota_exhausted=False)  # fmt: skip
+    assert r.devices_per_s == 4.0 and r.to_json()["appliances"] == ["a:1"]
