@@ -278,6 +278,16 @@ class CertEntry:
         return fields.decode(cls, m)
 
 
+@attrs.frozen
+class _Time(fields.Rule):
+    """A record time :attr:`CeremonyRecord.timestamp` can show: up to :data:`MAX_TIME`."""
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not int or not 0 <= value <= MAX_TIME:
+            return f"must be UTC seconds, not after 9999-12-31T23:59:59Z (RFC 3339 §5.6): {value!r}"
+        return None
+
+
 @fields.body("ceremony record")
 @attrs.frozen(kw_only=True)
 class CeremonyRecord:
@@ -285,8 +295,7 @@ class CeremonyRecord:
 
     seq: int = fields.integer("seq", hi=(1 << 63) - 1)
     prev: bytes = fields.byte_string("prev", size=32)  # SHA-256 of the record before
-    #: Up to :data:`MAX_TIME`, the last second RFC 3339 can write (§5.6).
-    time: int = fields.integer("time", hi=MAX_TIME)
+    time: int = fields.custom("time", _Time())
     enclave: str = fields.text("enclave", max_len=64)
     #: Lowercase words joined by '-' (:data:`OPERATIONS` are the ceremonies' own).
     operation: str = fields.text("op", max_len=64, pattern=_NAME_RE)
