@@ -79,7 +79,6 @@ LICENSE_KIND = "license"
 NONCE_SIZE = 16
 MAX_LICENSE_SIZE = 4096
 _KEK_LABEL = b"securethread-license-kek-v1\x00"
-_OUTER_KEYS = frozenset({"v", "certificate", "envelope"})
 
 
 class LicenseFormatError(LicenseError, FormatError):
@@ -136,6 +135,16 @@ class License:
     @classmethod
     def from_body(cls, body: Any) -> License:
         return fields.decode(cls, body)
+
+
+@fields.body("license container", error=LicenseFormatError)
+@attrs.frozen(kw_only=True)
+class _Container:
+    """What travels: the signer's certificate beside the signed license (unverified)."""
+
+    certificate: bytes = fields.byte_string("certificate", min_len=1, max_len=MAX_LICENSE_SIZE)
+    envelope: bytes = fields.byte_string("envelope", min_len=1, max_len=MAX_LICENSE_SIZE)
+    version: int = fields.version(VERSION)
 
 
 def _cert_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
@@ -253,18 +262,10 @@ def open_license(
         outer = cbor.decode(data, what="license", max_size=MAX_LICENSE_SIZE)
     except FormatError as exc:
         raise LicenseFormatError(str(exc)) from None
-    if (
-        not isinstance(outer, dict)
-        or set(outer) != _OUTER_KEYS
-        or not isinstance(outer["certificate"], bytes)
-        or not isinstance(outer["envelope"], bytes)
-    ):
-        raise LicenseFormatError("license: not a license container")
-    if not cbor.is_version(outer["v"], VERSION):
-        raise LicenseFormatError(f"license: unsupported version {outer['v']!r}")
+    container = fields.decode(_Container, outer)
     try:
         cert = untrusted.load_certificate(
-            outer["certificate"], what="license: signer certificate", curves=(Curve.P256,)
+            container.certificate, what="license: signer certificate", curves=(Curve.P256,)
         )
     except FormatError as exc:
         raise LicenseFormatError(str(exc)) from None
@@ -276,7 +277,7 @@ def open_license(
         raise LicenseSignerError(f"license signer not trusted: {exc}") from exc
     try:
         body = open_envelope(
-            outer["envelope"],
+            container.envelope,
             kind=LICENSE_KIND,
             keys=_cert_key(cert),
             max_size=MAX_LICENSE_SIZE,

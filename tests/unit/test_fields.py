@@ -13,6 +13,7 @@ import pytest
 from securethread.channel.transfer import ImportedKey, WrappedEntry
 from securethread.errors import Error, FormatError, VerificationError
 from securethread.formats import cbor, envelope, fields, ledger
+from securethread.formats import license as license_format
 from securethread.formats.boot import BootConfirmation
 from securethread.formats.device_trust import DeviceTrust
 from securethread.formats.fields import Absent, Order
@@ -256,6 +257,7 @@ def _ceremony_records(data: bytes) -> list[Any]:
 #: format -> (fuzz-world seed, the decoded bodies in one artefact, the body class)
 ROUND_TRIPS: dict[str, tuple[str, Callable[[bytes], list[Any]], type]] = {
     "license": ("license", _license_body, License),
+    "license container": ("license", lambda d: [cbor.decode(d)], license_format._Container),
     "boot confirmation": ("boot_confirmation", _signed_body, BootConfirmation),
     "ledger checkpoint": ("ledger_export", _export_items(ledger.TAG_CHECKPOINT), ledger.Checkpoint),
     "ledger close record": ("ledger_export", _export_items(ledger.TAG_CLOSE), ledger.CloseRecord),
