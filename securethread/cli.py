@@ -551,7 +551,9 @@ def appliance_serve(a: argparse.Namespace) -> int:
     from securethread.programmer.appliance import Appliance
 
     def ready(app: Any) -> None:
-        print(f"appliance serving {app.socket_path}", file=sys.stderr, flush=True)
+        # one line on stderr once operators (and stations) can connect
+        where = f"; stations on {app.stations_address}" if app.stations_address else ""
+        print(f"appliance serving {app.socket_path}{where}", file=sys.stderr, flush=True)
 
     app = Appliance(
         a.state,
@@ -733,6 +735,7 @@ def demo(a: argparse.Namespace) -> int:
         a.workdir,
         devices=a.devices,
         workers=a.workers,
+        stations=a.stations,
         log=None if a.json else (lambda m: print(m, file=sys.stderr, flush=True)),
     )
     _emit(
@@ -1305,7 +1308,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--devices", type=int, default=100, help="devices to produce (default 100)")
     c.add_argument(
-        "--workers", type=int, default=1, help="provisioning worker processes (default 1)"
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes of the in-process line (--stations 0; default 1)",
+    )
+    c.add_argument(
+        "--stations",
+        type=int,
+        default=2,
+        help="station processes sharing the job over the station API (default 2; 0: the "
+        "appliance's in-process line)",
     )
     return p
 

@@ -130,12 +130,15 @@ class _Sites:
             cwd=self.root,
         )
 
-    def start_appliance(self) -> subprocess.Popen[str]:
-        """``appliance serve`` in the background, once it listens on :data:`SOCKET`."""
+    def start_appliance(self, *, stations: bool) -> tuple[subprocess.Popen[str], str | None]:
+        """``appliance serve`` in the background, once it listens on :data:`SOCKET` (and,
+        with ``stations``, serves the station API on 127.0.0.1: its address is returned)."""
         (self.root / "run").mkdir(exist_ok=True)
+        extra = ["--stations", "127.0.0.1:0"] if stations else []
         cmd = [sys.executable, "-m", "securethread.cli", "appliance", "serve",
-               "--state", "factory", "--socket", SOCKET]  # fmt: skip
-        self.log(f"[appliance] securethread appliance serve --state factory --socket {SOCKET} &")
+               "--state", "factory", "--socket", SOCKET, *extra]  # fmt: skip
+        self.log(f"[appliance] securethread appliance serve --state factory --socket {SOCKET} "
+                 f"{' '.join(extra)} &")  # fmt: skip
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
             cwd=self.root,
@@ -146,7 +149,8 @@ class _Sites:
             proc.kill()
             rest = (line + proc.stderr.read()).strip().splitlines()
             raise DemoStepError(f"the appliance did not start: {(rest or ['no output'])[-1]}")
-        return proc
+        api = line.strip().rpartition("; stations on ")[2] if "; stations on " in line else None
+        return proc, api
 
     def stop_appliance(self, proc: subprocess.Popen[str]) -> None:
         """SIGTERM: the appliance finishes what it does and exits 0."""
@@ -216,12 +220,20 @@ def run_demo(
     *,
     devices: int = 100,
     workers: int = 1,
+    stations: int = 2,
     firmware_size: int = 256 << 10,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole chain of trust across the two sites; return the summary."""
-    if devices < 1 or workers < 1:
-        raise ConfigurationError("--devices and --workers must be at least 1")
+    """Run the whole chain of trust across the two sites; return the summary.
+
+    ``stations`` station processes (``securethread station run``) share the job through the
+    appliance's station API; with 0 the appliance runs the in-process line
+    (``programmer provision --appliance``, ``workers`` processes)."""
+    if devices < 1 or workers < 1 or stations < 0:
+        raise ConfigurationError(
+            "--devices and --workers must be at least 1, --stations at least 0"
+        )
+    stations = min(stations, devices)  # a station drives at least one chip
     root = prepare(workdir)
     t0 = time.monotonic()
     s = _Sites(root, log)
@@ -237,16 +249,18 @@ def run_demo(
     )  # fmt: skip
     root_fp = init["root_fingerprint"]
     s.run("appliance", "init", "--state", "factory", "--name", FACTORY_NAME)
-    appliance = s.start_appliance()
+    appliance, station_api = s.start_appliance(stations=stations > 0)
     try:
-        return _with_appliance(s, root, root_fp, devices, workers, firmware_size, t0)
+        return _with_appliance(
+            s, root, root_fp, devices, workers, firmware_size, t0, stations, station_api
+        )
     finally:
         s.stop_appliance(appliance)
 
 
 def _with_appliance(
     s: _Sites, root: Path, root_fp: str, devices: int, workers: int, firmware_size: int,
-    t0: float,
+    t0: float, stations: int, station_api: str | None,
 ) -> dict[str, Any]:
     oem, fac, ops = root / "oem", root / "factory", root / "operator" / "outbox"
     app = ("--appliance", SOCKET, "--outbox", "operator/outbox")
@@ -319,12 +333,16 @@ def _with_appliance(
     responder = s.carry(ops / f"ocsp-responder-{JOB_ID}.pem", "oem")
     s.run("oem", "install-responder", "--workdir", "oem", str(responder), "--job", JOB_ID)
 
-    # flows 7-8: the line.
-    prov = s.run(
-        "programmer", "provision", *app, "--job", JOB_ID, "--chips-from",
-        str(root / "vendor"), "--devices", str(devices), "--workers", str(workers),
-        "--progress", "none",
-    )  # fmt: skip
+    # flows 7-8: the line -- stations, each a process of its own with its own certificate,
+    # sharing the job's quota through the station API; or the appliance's in-process line.
+    if stations and station_api is not None:
+        prov = _run_stations(s, root, app, devices, stations, station_api)
+    else:
+        prov = s.run(
+            "programmer", "provision", *app, "--job", JOB_ID, "--chips-from",
+            str(root / "vendor"), "--devices", str(devices), "--workers", str(workers),
+            "--progress", "none",
+        )  # fmt: skip
 
     # flow 9: the ledger goes back; the OEM reconciles against the job it issued.
     status = s.run("programmer", "status", *app)
@@ -362,6 +380,7 @@ def _with_appliance(
         "job": JOB_ID,
         "devices": devices,
         "workers": workers,
+        "stations": stations,
         "appliance": {"socket": str(root / SOCKET), "state": str(fac),
                       "jobs": status.get("jobs")},  # fmt: skip
         "provisioned": prov.get("provisioned"),
@@ -385,6 +404,9 @@ def _with_appliance(
         f"  silicon vendor (simulated): {root / 'vendor'}",
         f"  files carried between the sites: {len(s.carried)} (see courier/log.txt); "
         f"key channel: TCP 127.0.0.1:{port}",
+        f"  line: {stations} station process(es) over the station API on {station_api}"
+        if stations
+        else "  line: the appliance's in-process line (programmer provision --appliance)",
         f"  job {JOB_ID}: {prov.get('provisioned')} provisioned, {prov.get('booted')} booted "
         f"({prov.get('devices_per_s')} devices/s), "
         f"quota {rec.get('quota_used')} of {rec.get('quota')}; approved by officers "
@@ -399,6 +421,42 @@ def _with_appliance(
         ),
     ]
     return summary
+
+
+def _run_stations(
+    s: _Sites, root: Path, app: Sequence[str], devices: int, stations: int, api: str
+) -> dict[str, Any]:
+    """K station processes share the job: each gets a key, a certificate from the appliance
+    (``programmer add-station``), and its share of the chips; all run at once."""
+    share = [devices // stations + (1 if k < devices % stations else 0) for k in range(stations)]
+    procs, args_of = [], []
+    first = FIRST_UID
+    for k in range(1, stations + 1):
+        name, d = f"station-{k}", root / f"station-{k}"
+        d.mkdir(exist_ok=True)
+        s.run("station", "keygen", "--name", name, "--key", str(d / "key.pem"),
+              "--csr", str(d / "station.csr"))  # fmt: skip
+        s.run("programmer", "add-station", *app, str(d / "station.csr"), "--name", name)
+        for f in (f"station-{name}.pem", "station-ca.pem"):
+            shutil.copyfile(root / "operator" / "outbox" / f, d / f)
+        args = ("run", "--appliance", api, "--cert", str(d / f"station-{name}.pem"),
+                "--key", str(d / "key.pem"), "--ca", str(d / "station-ca.pem"),
+                "--job", JOB_ID, "--chips-from", str(root / "vendor"),
+                "--devices", str(share[k - 1]), "--first-device", str(first))  # fmt: skip
+        first += share[k - 1]
+        args_of.append(args)
+        procs.append(s.start("station", *args))
+    results = [s.finish("station", a, p) for a, p in zip(args_of, procs, strict=True)]
+    provisioned = sum(int(r.get("provisioned", 0)) + int(r.get("recovered", 0)) for r in results)
+    programmed = sum(int(r.get("programmed", 0)) for r in results)
+    rates = [r.get("devices_per_s") for r in results]
+    return {
+        "ok": all(r.get("ok") for r in results),
+        "provisioned": provisioned,
+        "booted": programmed,
+        "devices_per_s": round(sum(x for x in rates if x), 1) or None,
+        "stations": [{"station": f"station-{k + 1}", **r} for k, r in enumerate(results)],
+    }
 
 
 def _listening_port(proc: subprocess.Popen[str], timeout: float = 60.0) -> int:

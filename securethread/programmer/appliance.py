@@ -269,6 +269,14 @@ class Appliance:
                 signal.signal(s, h)
         return 0
 
+    @property
+    def stations_address(self) -> str | None:
+        """``host:port`` where the hosted station server listens (port 0 resolved)."""
+        if self._stations is None:
+            return None
+        host = str(self.stations_listen).rpartition(":")[0]
+        return f"{host}:{self._stations.port}"
+
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop.set()
         if self._interruptible:
@@ -428,13 +436,18 @@ def _job_dirs(work: PartyDir) -> list[Path]:
 
 
 def _job_status(work: PartyDir, job_id: str) -> dict[str, Any]:
-    from securethread.programmer.jobs import verified_job
+    from securethread.programmer.opened import OpenedJob
     from securethread.programmer.store import SQLiteStore
 
     jdir = L.job_dir(job_id)
     if not work.exists(f"{jdir}/job.bin"):
         return {"job": job_id, "state": "requested"}
-    job = verified_job(work, work.read(f"{jdir}/job.bin", "job"), now=None)
+    # verified as every other step does (opened.py); also after its window, without
+    # hashing the image
+    try:
+        job = OpenedJob.verify(work, job_id, step="status", within_window=False, image=False).job
+    except Error as exc:  # one job's files altered: say so, show the others
+        return {"job": job_id, "state": "refused", "error": f"{type(exc).__name__}: {exc}"}
     state = SQLiteStore.inspect(work.path(f"{jdir}/store.sqlite"), job.sha256)
     used = state.used if state is not None else 0
     return {
@@ -462,6 +475,8 @@ def status_lines(view: Mapping[str, Any]) -> list[str]:
     for j in view.get("jobs") or []:
         if j.get("state") == "requested":
             lines.append(f"  job {j['job']}: production CA requested, not open")
+        elif j.get("state") == "refused":
+            lines.append(f"  job {j['job']}: REFUSED, its files do not verify ({j['error']})")
         else:
             lines.append(
                 f"  job {j['job']} ({j['state']}): quota {j['quota_used']} used of {j['quota']}, "
@@ -620,8 +635,20 @@ def _op_provision(app: Appliance, conn: socket.socket, o: _Options, s: Path) -> 
 
 def _op_close_job(app: Appliance, conn: socket.socket, o: _Options, s: Path) -> Answer:
     from securethread.programmer import close_job
+    from securethread.programmer.runner import RunLockedError
 
-    return _answer(app, close_job(app.root, job_id=o.text("job")))
+    job_id = o.text("job")
+    # The hosted station server releases a job a moment after its stations' last call
+    # (stations.py, idle_s): wait that long for it, never for a run of another process.
+    deadline = time.monotonic() + (3 * float(getattr(app._stations, "idle_s", 0.0)) + 1.0
+                                   if app._stations is not None else 0.0)  # fmt: skip
+    while True:
+        try:
+            return _answer(app, close_job(app.root, job_id=job_id))
+        except RunLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _op_revoke(app: Appliance, conn: socket.socket, o: _Options, s: Path) -> Answer:

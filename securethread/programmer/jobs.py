@@ -13,7 +13,6 @@ installs the CA certificate and opens the job's quota store.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -25,14 +24,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import CertificateError, ConfigurationError, ImageError, JobError
-from securethread.formats.device_trust import verify_device_trust
-from securethread.formats.identity import check_vendor_cas, vendor_ca_id
-from securethread.formats.image import Manifest, verify_manifest
+from securethread.formats.identity import vendor_ca_id
 from securethread.formats.job import (
     VerifiedJob,
     check_job_id,
     verify_job,
-    verify_job_signatures,
 )
 from securethread.formats.jobpackage import JobPackage, ProductionCARequest
 from securethread.formats.onboarding import OfficerBundle
@@ -44,10 +40,10 @@ from securethread.pki import (
     create_production_ca_csr,
     from_pem,
     install_certificate,
-    load_der,
 )
 from securethread.programmer import layout as L
 from securethread.programmer.crl_mark import RevocationAnchor
+from securethread.programmer.opened import Anchors, OpenedJob, check_package
 from securethread.programmer.quota_mark import open_store
 from securethread.programmer.responder import certify_oem_responder
 from securethread.programmer.revoke import first_crl, mark_opened
@@ -147,10 +143,21 @@ def open_job(
     token = work.open_token(L.TOKEN)
     # The token remembers every job it opened, whatever files were deleted (crl_mark).
     RevocationAnchor(token, job_id).check_opening(job.sha256)
-    pca = _production_ca(work, package.production_ca, job, token)
-    manifest = _manifest(work, package.manifest, job)
-    _device_trust(work, package.device_trust, job, manifest)
-    vendor_files = _vendor_cas(package, job)
+    # Every binding of the package to the signed job, once (opened.py): production CA,
+    # manifest, device-trust statement, vendor CAs.
+    checked = check_package(
+        job=job,
+        manifest=package.manifest,
+        production_ca=package.production_ca,
+        device_trust=package.device_trust,
+        vendors=tuple(package.vendors),
+        anchors=Anchors.of(work),
+    )
+    pca, manifest = checked.production_ca, checked.manifest
+    _this_tokens_key(pca, job, token)
+    vendor_files = [
+        (L.vendor_ca_path(job_id, vendor_ca_id(c)), to_pem(c)) for c in checked.vendor_cas
+    ]
     responder_files = certify_oem_responder(work, token, package, job, pca)  # OCSP, RFC 6960
     image_tmp = work.path(f"{jdir}/.image.enc.tmp")
     try:
@@ -235,73 +242,13 @@ def _ec(key: object) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def _production_ca(work: PartyDir, der: bytes, job: VerifiedJob, token: object) -> x509.Certificate:
-    """The job's production-CA certificate: the one the signed job names, issued by the
-    pinned root, for this job, and certifying the key this token generated for the job."""
-    from securethread.pki import job_id_of
-
-    job_id = job.job.job_id
-    pca = load_der(der)
-    if hashlib.sha256(der).digest() != job.job.production_ca:
-        raise CertificateError(
-            "the package's production-CA certificate is not the one the job names"
-        )
-    root = _root(work)
-    try:
-        _ec(root.public_key()).verify(
-            pca.signature,
-            pca.tbs_certificate_bytes,
-            ec.ECDSA(pca.signature_hash_algorithm),  # type: ignore[arg-type]
-        )
-    except Exception:
-        raise CertificateError(
-            "the job's production-CA certificate is not signed by the OEM root"
-        ) from None
-    if pca.issuer != root.subject:
-        raise CertificateError("the job's production-CA certificate names another issuer")
-    if job_id_of(pca) != job_id:
-        raise CertificateError(
-            f"the production-CA certificate is for job {job_id_of(pca)!r}, not {job_id!r}"
-        )
-    mine = token.public_key(L.production_ca_label(job_id))  # type: ignore[attr-defined]
+def _this_tokens_key(pca: x509.Certificate, job: VerifiedJob, token: object) -> None:
+    """The production-CA certificate must certify the key this token generated for the job."""
+    mine = token.public_key(L.production_ca_label(job.job.job_id))  # type: ignore[attr-defined]
     if spki_der(mine) != spki_der(_ec(pca.public_key())):
         raise CertificateError(
             "the production-CA certificate certifies another key than this token's"
         )
-    return pca
-
-
-def _device_trust(work: PartyDir, data: bytes, job: VerifiedJob, manifest: Manifest) -> None:
-    """The OEM-root-signed statement the chips check (docs/device.md) must say what the job
-    and manifest say: a chip would refuse anything else, after its slot was counted."""
-    trust = verify_device_trust(data, oem_root=_root(work))
-    if (
-        trust.job_id != job.job.job_id
-        or trust.job_sha256 != job.sha256
-        or trust.device_class != job.job.device_class
-        or trust.min_security_counter != manifest.security_counter
-        or spki_der(trust.firmware_signing_key) != spki_der(firmware_key(work))
-    ):
-        raise JobError("the device-trust statement does not match the job and its manifest")
-
-
-def _vendor_cas(package: JobPackage, job: VerifiedJob) -> list[tuple[str, bytes]]:
-    """The package's vendor CA certificates, once they are exactly the CAs the signed job
-    names (by the hash of their keys); returns the files to keep (checked again at every
-    run: the line trusts the fabs the OEM named, never the operator's choice)."""
-    cas = check_vendor_cas(package.vendors, named=job.job.vendors, what="the package's vendor CA")
-    return [(L.vendor_ca_path(job.job.job_id, vendor_ca_id(c)), to_pem(c)) for c in cas]
-
-
-def _manifest(work: PartyDir, data: bytes, job: VerifiedJob) -> Manifest:
-    manifest = verify_manifest(data, key=firmware_key(work))
-    if hashlib.sha256(data).digest() != job.job.manifest_sha256:
-        raise JobError(f"job {job.job.job_id} names another manifest than the package's")
-    if manifest.image_id != job.job.image_id:
-        raise JobError(
-            f"the manifest is for image {manifest.image_id!r}, the job for {job.job.image_id!r}"
-        )
-    return manifest
 
 
 # --- closing a job --------------------------------------------------------------------------------
@@ -325,11 +272,10 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
     work.require(f"{jdir}/job.bin", step=f"close-job {job_id}", needs=f"open-job ({job_id})")
     if work.exists(ledger_rel) and work.exists(out_rel):
         work.refuse_done(ledger_rel, step=f"close-job {job_id}")
-    signed = work.read(f"{jdir}/job.bin", "job")
-    officers = trusted_officers(work)
-    job = verify_job_signatures(
-        signed, officers=officers.public_keys(), min_threshold=officers.threshold
-    )
+    # The opened job verified once (opened.py), at its own start: a job closes after its
+    # window; the image is not needed to close it.
+    opened = OpenedJob.verify(work, job_id, step="close-job", within_window=False, image=False)
+    job, signed = opened.job, opened.job.signed
     ledger_key = _ec(
         from_pem(work.read(L.cert_path("ledger-signing"), "ledger certificate")).public_key()
     )

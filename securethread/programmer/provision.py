@@ -16,7 +16,6 @@ the line's protocol, never a particular chip (the CLI and the demo bring simulat
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,22 +28,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securethread.errors import (
     DeviceRefusedError,
     Error,
-    ImageError,
     JobError,
     QuotaExceededError,
 )
 from securethread.formats.boot import verify_boot_confirmation
 from securethread.formats.identity import check_vendor_cas
-from securethread.formats.image import Manifest, verify_manifest
+from securethread.formats.image import Manifest
 from securethread.formats.job import Targets, VerifiedJob
 from securethread.formats.provisioning import ProvisioningData
 from securethread.keys import spki_der
-from securethread.pki import device_id_of, from_pem, untrusted
+from securethread.pki import device_id_of, untrusted
 from securethread.programmer import layout as L
-from securethread.programmer.jobs import firmware_key, verified_job
+from securethread.programmer.jobs import verified_job
 from securethread.programmer.line import BootVerifier, Packager
+from securethread.programmer.opened import OpenedJob
 from securethread.programmer.runner import KeyLabels, PortFactory, Progress, RunConfig, run
-from securethread.workdir import PartyDir, StepResult, file_sha256
+from securethread.workdir import PartyDir, StepResult
 
 
 @attrs.frozen
@@ -104,42 +103,33 @@ def job_vendor_cas(work: PartyDir, job: VerifiedJob) -> tuple[bytes, ...]:
 def run_config(
     work: PartyDir, job_id: str, *, workers: int, batch_size: int
 ) -> RunConfig:
-    """The run of job ``job_id``, from this work directory, every part verified again."""
+    """The run of job ``job_id``, from this work directory: the job package verified once
+    (:meth:`~securethread.programmer.opened.OpenedJob.verify`), its verified parts handed on."""
     jdir = L.job_dir(job_id)
     work.require(f"{jdir}/job.bin", step=f"provision {job_id}", needs=f"open-job ({job_id})")
     if work.exists(f"{jdir}/ledger.bin"):
         raise JobError(f"job {job_id} was closed (close-job); it provisions no more devices")
-    job = verified_job(work, work.read(f"{jdir}/job.bin", "job"))
-    manifest_bytes = work.read(f"{jdir}/manifest.bin", "manifest")
-    fw = firmware_key(work)
-    manifest = verify_manifest(manifest_bytes, key=fw)
-    if hashlib.sha256(manifest_bytes).digest() != job.job.manifest_sha256:
-        raise JobError(f"job {job_id} names another manifest than {jdir}/manifest.bin")
-    image = work.path(f"{jdir}/image.enc")
-    if file_sha256(image) != manifest.ciphertext_sha256:
-        raise ImageError(f"{jdir}/image.enc does not match its manifest (altered or truncated)")
-    pca_der = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA")).public_bytes(
-        serialization.Encoding.DER
-    )
-    if hashlib.sha256(pca_der).digest() != job.job.production_ca:
-        raise JobError(f"{jdir}/production-ca.pem is not the production CA job {job_id} names")
-    root_der = from_pem(work.read(L.ROOT_CA, "OEM root certificate")).public_bytes(
-        serialization.Encoding.DER
-    )
-    devices = work.path(f"{jdir}/devices")
+    return opened_run_config(OpenedJob.verify(work, job_id), workers=workers, batch_size=batch_size)
+
+
+def opened_run_config(opened: OpenedJob, *, workers: int, batch_size: int) -> RunConfig:
+    """The run of an :class:`OpenedJob` (nothing verified again here)."""
+    job, jdir = opened.job, L.job_dir(opened.job_id)
+    devices = opened.work.path(f"{jdir}/devices")
     devices.mkdir(exist_ok=True)
+    pca_der = opened.production_ca_der
     return RunConfig(
         job=job,
-        manifest=manifest_bytes,
-        firmware_key=spki_der(fw),
-        image=str(image),
-        store=str(work.path(f"{jdir}/store.sqlite")),
+        manifest=opened.package.manifest_bytes,
+        firmware_key=spki_der(opened.anchors.firmware_key),
+        image=str(opened.image),
+        store=str(opened.work.path(f"{jdir}/store.sqlite")),
         certificates=str(devices),
         production_ca=pca_der,
-        vendor_roots=job_vendor_cas(work, job),
-        sbm=StandardSbm(pca_der, root_der, work.read(f"{jdir}/device-trust.bin", "device trust")),
+        vendor_roots=opened.vendor_ca_ders,
+        sbm=StandardSbm(pca_der, opened.oem_root_der, opened.package.device_trust_bytes),
         labels=KeyLabels(
-            production_ca=L.production_ca_label(job_id),
+            production_ca=L.production_ca_label(opened.job_id),
             image_key=L.image_key_label(job.job.image_id),
         ),
         token=L.TOKEN,
@@ -206,6 +196,7 @@ __all__ = [
     "StandardSbm",
     "job_targets",
     "job_vendor_cas",
+    "opened_run_config",
     "provision",
     "run_config",
 ]

@@ -335,6 +335,10 @@ def factory(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("appliance-run") / "demo"
     proc = cli("demo", "--devices", "2", "--workdir", str(root), "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr
+    # the demo ran the factory as deployed: the appliance and two station processes
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["stations"] == 2 and summary["provisioned"] == summary["booted"] == 2
+    assert summary["reconciled"] and summary["appliance"]["jobs"][0]["quota_used"] == 2
     job = "kill-job"
     sock = root / "run" / "appliance.sock"
     app = ("--appliance", str(sock), "--outbox", str(root / "operator" / "outbox"))
@@ -377,6 +381,28 @@ def _wait_provisioned(f: dict[str, Any], at_least: int, proc: subprocess.Popen[s
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     raise AssertionError("the run did not get going")
+
+
+def test_a_run_verifies_the_opened_job_again(factory: dict[str, Any]) -> None:
+    """Every run starts from the job package verified once more (OpenedJob.verify): a
+    genuine, root-signed device-trust statement of another job put in place of the job's
+    own stops the run before anything is counted (exit 4); the status view names the job refused."""
+    f = factory
+    state = f["root"] / "factory"
+    own = state / "jobs" / f["job"] / "device-trust.bin"
+    other = state / "jobs" / "demo-job-1" / "device-trust.bin"
+    saved = own.read_bytes()
+    before = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])
+    try:
+        own.write_bytes(other.read_bytes())
+        proc = cli("programmer", "provision", "--workdir", str(state), "--job", f["job"],
+                   "--chips-from", str(f["root"] / "vendor"), "--devices", "2")  # fmt: skip
+        one_line(proc, 4, "device-trust statement does not match the job")
+        view = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])
+        assert view["state"] == "refused" and "device-trust" in view["error"], view
+    finally:
+        own.write_bytes(saved)
+    assert _job(ok("programmer", "status", "--workdir", str(state)), f["job"]) == before
 
 
 def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(

@@ -1,0 +1,272 @@
+"""One verified job: every signature and binding of a job package checked once, into one
+object the later code trusts (python-tuf's trusted metadata set).
+
+:func:`check_package` is the whole check, bytes in, typed objects out, no I/O: the job under
+the officers the pinned root vouches for (threshold floor, this enclave, the window), the
+manifest under the firmware-signing key and against the job, the production-CA certificate
+the job names (issued by the pinned root for this job), the device-trust statement (root-signed,
+saying what the job and manifest say), and the vendor CA certificates (exactly the CAs the job
+names).  ``open-job`` runs it on the package the OEM sent; :meth:`OpenedJob.verify` runs it on
+what ``open-job`` kept in the work directory -- files the operator could have edited -- and
+checks the encrypted image against the manifest.  The production run (:func:`.provision.run_config`,
+the station server), the status view and ``close-job`` all start from an :class:`OpenedJob`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from securethread.errors import CertificateError, ImageError, JobError
+from securethread.formats.device_trust import DeviceTrust, verify_device_trust
+from securethread.formats.identity import check_vendor_cas
+from securethread.formats.image import Manifest, verify_manifest
+from securethread.formats.job import VerifiedJob, verify_job
+from securethread.formats.onboarding import OfficerBundle
+from securethread.keys import load_spki, spki_der
+from securethread.pki import cert_fingerprint, from_pem, load_der, untrusted
+from securethread.programmer import layout as L
+from securethread.workdir import PartyDir, file_sha256
+
+
+@attrs.frozen
+class Anchors:
+    """What this programmer trusts a job package under: the pinned OEM root, the officer
+    bundle it signed, the firmware-signing key, and this enclave's identity."""
+
+    root: x509.Certificate
+    officers: OfficerBundle
+    firmware_key: ec.EllipticCurvePublicKey
+    identity: x509.Certificate
+
+    @classmethod
+    def of(cls, work: PartyDir) -> Anchors:
+        root = from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
+        key = root.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise CertificateError("expected an EC public key")
+        return cls(
+            root=root,
+            officers=OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), key),
+            firmware_key=load_spki(
+                work.read(L.FIRMWARE_KEY, "firmware-signing key"), what="firmware-signing key"
+            ),
+            identity=from_pem(work.read(L.cert_path("identity"), "identity certificate")),
+        )
+
+
+@attrs.frozen
+class CheckedPackage:
+    """What :func:`check_package` proved: each part verified and bound to the signed job."""
+
+    job: VerifiedJob
+    manifest: Manifest
+    manifest_bytes: bytes
+    production_ca: x509.Certificate
+    device_trust: DeviceTrust
+    device_trust_bytes: bytes
+    vendor_cas: tuple[x509.Certificate, ...]
+
+
+def check_job(signed: bytes, anchors: Anchors, *, now: int | None = None) -> VerifiedJob:
+    """The signed job, as this programmer's, under the officers the root vouches for."""
+    return verify_job(
+        signed,
+        officers=anchors.officers.public_keys(),
+        programmer=cert_fingerprint(anchors.identity),
+        min_threshold=anchors.officers.threshold,
+        now=now,
+    )
+
+
+def check_manifest(data: bytes, job: VerifiedJob, anchors: Anchors, *, where: str) -> Manifest:
+    """The manifest under the firmware-signing key, the one the job names, for its image."""
+    manifest = verify_manifest(data, key=anchors.firmware_key)
+    if hashlib.sha256(data).digest() != job.job.manifest_sha256:
+        raise JobError(f"job {job.job.job_id} names another manifest than {where}")
+    if manifest.image_id != job.job.image_id:
+        raise JobError(
+            f"the manifest is for image {manifest.image_id!r}, the job for {job.job.image_id!r}"
+        )
+    return manifest
+
+
+def check_production_ca(der: bytes, job: VerifiedJob, anchors: Anchors) -> x509.Certificate:
+    """The production-CA certificate the signed job names, issued by the pinned root for
+    this job (RFC 5280 §6.1.3 (a)(1): the signature under the issuer's key)."""
+    from securethread.pki import job_id_of
+
+    job_id = job.job.job_id
+    if hashlib.sha256(der).digest() != job.job.production_ca:
+        raise CertificateError(
+            "the package's production-CA certificate is not the one the job names"
+        )
+    pca = load_der(der)
+    root = anchors.root
+    root_key = root.public_key()
+    algorithm = pca.signature_hash_algorithm
+    if not isinstance(root_key, ec.EllipticCurvePublicKey) or algorithm is None:
+        raise CertificateError("the job's production-CA certificate is not signed by the OEM root")
+    try:
+        root_key.verify(pca.signature, pca.tbs_certificate_bytes, ec.ECDSA(algorithm))
+    except Exception:
+        raise CertificateError(
+            "the job's production-CA certificate is not signed by the OEM root"
+        ) from None
+    if pca.issuer != root.subject:
+        raise CertificateError("the job's production-CA certificate names another issuer")
+    if job_id_of(pca) != job_id:
+        raise CertificateError(
+            f"the production-CA certificate is for job {job_id_of(pca)!r}, not {job_id!r}"
+        )
+    return pca
+
+
+def check_device_trust(
+    data: bytes, job: VerifiedJob, manifest: Manifest, anchors: Anchors
+) -> DeviceTrust:
+    """The root-signed statement the chips check (docs/device.md) must say what the job and
+    manifest say: a chip would refuse anything else, after its slot was counted."""
+    trust = verify_device_trust(data, oem_root=anchors.root)
+    if (
+        trust.job_id != job.job.job_id
+        or trust.job_sha256 != job.sha256
+        or trust.device_class != job.job.device_class
+        or trust.min_security_counter != manifest.security_counter
+        or spki_der(trust.firmware_signing_key) != spki_der(anchors.firmware_key)
+    ):
+        raise JobError("the device-trust statement does not match the job and its manifest")
+    return trust
+
+
+def check_package(
+    *,
+    job: VerifiedJob,
+    manifest: bytes,
+    production_ca: bytes,
+    device_trust: bytes,
+    vendors: tuple[bytes, ...],
+    anchors: Anchors,
+    where: dict[str, str] | None = None,
+) -> CheckedPackage:
+    """Every binding of a job package to its verified ``job`` (module docstring); ``where``
+    names the parts in errors (the package's, or the work directory's files)."""
+    names = {"manifest": "the package's", "vendors": "the package's vendor CA", **(where or {})}
+    pca = check_production_ca(production_ca, job, anchors)
+    m = check_manifest(manifest, job, anchors, where=names["manifest"])
+    trust = check_device_trust(device_trust, job, m, anchors)
+    cas = check_vendor_cas(vendors, named=job.job.vendors, what=names["vendors"])
+    return CheckedPackage(job, m, manifest, pca, trust, device_trust, cas)
+
+
+@attrs.frozen
+class OpenedJob:
+    """A job this programmer opened, verified again from its work directory: the package's
+    checks (:func:`check_package`) on the files open-job kept, and the encrypted image
+    against the manifest.  ``closed``: close-job was run (the job issues nothing more)."""
+
+    work: PartyDir
+    job_id: str
+    package: CheckedPackage
+    anchors: Anchors
+    image: Path
+    closed: bool
+
+    @property
+    def job(self) -> VerifiedJob:
+        return self.package.job
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.package.manifest
+
+    @property
+    def production_ca_der(self) -> bytes:
+        return self.package.production_ca.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def vendor_ca_ders(self) -> tuple[bytes, ...]:
+        return tuple(c.public_bytes(serialization.Encoding.DER) for c in self.package.vendor_cas)
+
+    @property
+    def oem_root_der(self) -> bytes:
+        return self.anchors.root.public_bytes(serialization.Encoding.DER)
+
+    @classmethod
+    def verify(
+        cls,
+        work: PartyDir,
+        job_id: str,
+        *,
+        step: str = "provision",
+        now: int | None = None,
+        within_window: bool = True,
+        image: bool = True,
+    ) -> OpenedJob:
+        """Verify opened job ``job_id`` of ``work`` (see the class).  ``within_window=False``
+        checks the job at its own start (close-job and the status view work after the
+        window); ``image=False`` skips hashing the encrypted image (status view)."""
+        jdir = L.job_dir(job_id)
+        work.require(f"{jdir}/job.bin", step=f"{step} {job_id}", needs=f"open-job ({job_id})")
+        anchors = Anchors.of(work)
+        signed = work.read(f"{jdir}/job.bin", "job")
+        if within_window:
+            job = check_job(signed, anchors, now=now)
+        else:
+            from securethread.formats.job import verify_job_signatures
+
+            start = verify_job_signatures(
+                signed,
+                officers=anchors.officers.public_keys(),
+                min_threshold=anchors.officers.threshold,
+            ).job.not_before
+            job = check_job(signed, anchors, now=start)
+        pca_pem = work.read(f"{jdir}/production-ca.pem", "production CA")
+        pca_der = from_pem(pca_pem).public_bytes(serialization.Encoding.DER)
+        if hashlib.sha256(pca_der).digest() != job.job.production_ca:
+            raise JobError(f"{jdir}/production-ca.pem is not the production CA job {job_id} names")
+        vendors = []
+        for ca_id in job.job.vendors:
+            rel = L.vendor_ca_path(job_id, ca_id)
+            cert = untrusted.load_certificate_pem(work.read(rel, "vendor CA certificate"), what=rel)
+            vendors.append(cert.public_bytes(serialization.Encoding.DER))
+        package = check_package(
+            job=job,
+            manifest=work.read(f"{jdir}/manifest.bin", "manifest"),
+            production_ca=pca_der,
+            device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
+            vendors=tuple(vendors),
+            anchors=anchors,
+            where={"manifest": f"{jdir}/manifest.bin", "vendors": f"{jdir}/vendors/"},
+        )
+        path = work.path(f"{jdir}/image.enc")
+        if image and file_sha256(path) != package.manifest.ciphertext_sha256:
+            raise ImageError(f"{jdir}/image.enc does not match its manifest (altered or truncated)")
+        return cls(work, job_id, package, anchors, path, work.exists(f"{jdir}/ledger.bin"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job_id,
+            "job_sha256": self.job.sha256.hex(),
+            "quota": self.job.job.quota,
+            "image": self.job.job.image_id,
+            "closed": self.closed,
+        }
+
+
+__all__ = [
+    "Anchors",
+    "CheckedPackage",
+    "OpenedJob",
+    "check_device_trust",
+    "check_job",
+    "check_manifest",
+    "check_package",
+    "check_production_ca",
+]
