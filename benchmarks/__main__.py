@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  where a device's time goes ({r['profile']['wall_us_per_device']} us/device):")
     for stage, us in r["profile"]["stages_us_per_device"].items():
         print(f"    {stage:34s} {us:8.1f} us")
+    if "cbor_share_percent" in r["profile"]:
+        print(f"    CBOR share of a device's time      {r['profile']['cbor_share_percent']:8.1f} %")
     if "scaling" in r:
         for p in r["scaling"]["points"]:
             print(f"  scaling {p['devices']:>7} devices: {p['devices_per_s']} devices/s")

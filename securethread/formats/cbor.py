@@ -68,52 +68,69 @@ def _splice(encoder: cbor2.CBOREncoder, value: Any) -> None:
     raise TypeError(f"cannot CBOR-encode {type(value).__name__}")
 
 
-def _norm(value: Any, int_keys: bool) -> Any:
-    """``value`` with only the supported types (exact ones returned as they are)."""
+def _key_sort(k: Any) -> tuple[int, int, Any]:
+    # §4.2.1: bytewise order of the encoded keys.  Integer labels (-24..23) are one byte:
+    # unsigned (major 0) before negative (major 1, -1 first) before text (major 3).  Text
+    # keys: shorter UTF-8 first, then UTF-8 byte order, which is Python's code point order.
+    if type(k) is int:
+        return (0, k, "") if k >= 0 else (1, -1 - k, "")
+    return (3, len(k.encode("utf-8")), k)
+
+
+#: Canonical order of each key sequence seen (text-keyed maps; checked once per sequence).
+_order_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
+def _order(keys: tuple[Any, ...], int_keys: bool) -> tuple[Any, ...]:
+    if not int_keys:
+        hit = _order_cache.get(keys)
+        if hit is not None:
+            return hit
+    for k in keys:
+        if type(k) is not str and not (int_keys and type(k) is int and k in _INT_KEYS):
+            raise TypeError("CBOR map keys must be text strings")
+    order = tuple(sorted(keys, key=_key_sort))
+    if not int_keys and len(_order_cache) < 4096:
+        _order_cache[keys] = order
+    return order
+
+
+def _prep(value: Any, int_keys: bool) -> Any:
+    """``value`` with only the supported types and every map in canonical key order, so
+    that cbor2's plain (fast) encoding is the §4.2.1 one."""
     t = type(value)
+    if t is dict:
+        out = {}
+        for k in _order(tuple(value), int_keys):
+            v = value[k]
+            tv = type(v)
+            out[k] = v if tv is bytes or tv is str or tv is Encoded else _prep(v, int_keys)
+        return out
     if t is bytes or t is str or t is bool or value is None or t is Encoded:
         return value
     if t is int:
         if not -_UINT_LIMIT <= value < _UINT_LIMIT:
             raise ValueError("integer too large for CBOR head")
         return value
-    if t is dict:
-        for k, v in value.items():
-            if (type(k) is not str and not (int_keys and type(k) is int and k in _INT_KEYS)) or (
-                _norm(v, int_keys) is not v
-            ):
-                break
-        else:
-            return value
-        return {_norm_key(k, int_keys): _norm(v, int_keys) for k, v in value.items()}
     if t is list or t is tuple:
-        for v in value:
-            if _norm(v, int_keys) is not v:
-                break
-        else:
-            return value
-        return [_norm(v, int_keys) for v in value]
+        return [_prep(v, int_keys) for v in value]
     if t is cbor2.CBORTag and value.tag in _COSE_TAGS:
-        return cbor2.CBORTag(value.tag, _norm(value.value, int_keys))
+        return cbor2.CBORTag(value.tag, _prep(value.value, int_keys))
     if isinstance(value, int):
-        return _norm(int(value), int_keys)
+        return _prep(int(value), int_keys)
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str):
         return str(value)
     if isinstance(value, list | tuple):
-        return [_norm(v, int_keys) for v in value]
+        return [_prep(v, int_keys) for v in value]
     if isinstance(value, dict):
-        return _norm(dict(value), int_keys)
+        return _prep({_norm_key(k): v for k, v in value.items()}, int_keys)
     raise TypeError(f"cannot CBOR-encode {type(value).__name__}")
 
 
-def _norm_key(k: Any, int_keys: bool) -> Any:
-    if type(k) is str or (int_keys and type(k) is int and k in _INT_KEYS):
-        return k
-    if isinstance(k, str):
-        return str(k)
-    raise TypeError("CBOR map keys must be text strings")
+def _norm_key(k: Any) -> Any:
+    return str(k) if isinstance(k, str) else k
 
 
 def encode(value: Any, *, int_keys: bool = False) -> bytes:
@@ -124,7 +141,8 @@ def encode(value: Any, *, int_keys: bool = False) -> bytes:
     (floats, non-text map keys unless ``int_keys``, integers beyond 64 bits, ...).
     """
     try:
-        return cbor2.dumps(_norm(value, int_keys), canonical=True, default=_splice)
+        # Maps are put in canonical order by _prep; cbor2's heads are always the shortest.
+        return cbor2.dumps(_prep(value, int_keys), default=_splice)
     except cbor2.CBOREncodeError as exc:
         raise TypeError(str(exc)) from None
 

@@ -327,12 +327,22 @@ def sign1_message(kind: str, alg: int, kid: bytes, payload: bytes, signature: by
     return cbor.encode(cbor2.CBORTag(cbor.TAG_COSE_SIGN1, [prot, {}, payload, signature]))
 
 
+#: Protected headers already parsed and found well formed (they repeat: one per signer and
+#: kind), so a verifier decodes each once.  Read-only maps.
+_header_cache: dict[tuple[bytes, frozenset[Any]], dict[Any, Any]] = {}
+
+
 def _header(data: Any, kind: str, labels: frozenset[Any], what: str) -> dict[Any, Any]:
     if type(data) is not bytes:
         raise FormatError(f"{kind}: {what} is not a byte string")
+    hit = _header_cache.get((data, labels))
+    if hit is not None:
+        return hit
     hdr = cbor.decode(data, what=f"{kind} {what}", int_keys=True)
     if type(hdr) is not dict or set(hdr) != labels:
         raise FormatError(f"{kind}: {what} must hold exactly the labels {sorted(map(str, labels))}")
+    if len(_header_cache) < 1024:
+        _header_cache[(data, labels)] = hdr
     return hdr
 
 
