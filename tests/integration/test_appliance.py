@@ -75,6 +75,8 @@ class Serving:
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()
         assert line.startswith("appliance serving "), line + self.proc.stderr.read()
+        #: where the hosted station server listens (--stations), from the ready line
+        self.stations = line.strip().partition("; stations on ")[2] or None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> tuple[int, str]:
         if self.proc.poll() is None:
@@ -405,16 +407,101 @@ def test_a_run_verifies_the_opened_job_again(factory: dict[str, Any]) -> None:
     assert _job(ok("programmer", "status", "--workdir", str(state)), f["job"]) == before
 
 
+STATION_UIDS = 400  # the stations' chips: offsets 400.. of the job's range (the line: 0..)
+
+
+def _stations_run(
+    f: dict[str, Any], api: str, names: list[str], per: int
+) -> list[subprocess.Popen[str]]:
+    from securethread.demo import FIRST_UID
+
+    procs = []
+    for k, name in enumerate(names):
+        d = f["root"] / name
+        first = FIRST_UID + (1 << 20) + STATION_UIDS + k * per
+        procs.append(subprocess.Popen(
+            [*CLI, "station", "run", "--appliance", api, "--cert", str(d / f"station-{name}.pem"),
+             "--key", str(d / "key.pem"), "--ca", str(d / "station-ca.pem"), "--job", f["job"],
+             "--chips-from", str(f["root"] / "vendor"), "--devices", str(per),
+             "--first-device", str(first), "--parallel", "2", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+        ))  # fmt: skip
+    return procs
+
+
+def _one_clear_line(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=300)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert proc.returncode != 0 and lines and "Traceback" not in err, (proc.returncode, err)
+    return lines[-1]
+
+
+def test_two_stations_through_the_appliance_stopped_killed_and_resumed(
+    factory: dict[str, Any],
+) -> None:
+    """Two station processes share the job through the appliance's station API; SIGTERM
+    drains them (exit 0), SIGKILL kills the appliance under them; each time the stations
+    end with one line, and the runs resumed after a restart count every chip exactly once."""
+    f, state, per = factory, factory["root"] / "factory", 40
+    names = ["st-a", "st-b"]
+    base = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])["provisioned"]
+    serving = Serving(state, f["sock"], extra=("--stations", "127.0.0.1:0"))
+    try:
+        for name in names:
+            d = f["root"] / name
+            d.mkdir()
+            ok("station", "keygen", "--name", name, "--key", str(d / "key.pem"),
+               "--csr", str(d / "station.csr"))  # fmt: skip
+            ok("programmer", "add-station", *f["app"], str(d / "station.csr"), "--name", name)
+            for fn in (f"station-{name}.pem", "station-ca.pem"):
+                shutil.copyfile(f["root"] / "operator" / "outbox" / fn, d / fn)
+    except BaseException:
+        serving.stop()
+        raise
+    for stop in (signal.SIGTERM, signal.SIGKILL):
+        assert serving.stations is not None
+        start = _job(_call_status(f["sock"]), f["job"])["provisioned"]
+        procs = _stations_run(f, serving.stations, names, per)
+        deadline = time.monotonic() + 300
+        while _job(_call_status(f["sock"]), f["job"])["provisioned"] < start + 4:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        view = _call_status(f["sock"])
+        assert view["stations"] is not None  # the status view sees the station server
+        code, err = serving.stop(stop)
+        assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL), err
+        for p in procs:
+            if p.poll() is None or p.returncode != 0:
+                _one_clear_line(p)  # stopped under it: one line, no traceback
+            else:
+                p.communicate()
+        cut = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])
+        assert cut["provisioned"] < base + 2 * per  # the stations were stopped mid-run
+        serving = Serving(state, f["sock"], extra=("--stations", "127.0.0.1:0"))
+    try:
+        assert serving.stations is not None
+        procs = _stations_run(f, serving.stations, names, per)
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err
+        final = _job(_call_status(f["sock"]), f["job"])
+    finally:
+        assert serving.stop()[0] == 0
+    assert final["provisioned"] == base + 2 * per  # every chip once: none lost, none twice
+    assert final["quota_used"] <= QUOTA
+
+
 def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
     factory: dict[str, Any],
 ) -> None:
     f = factory
     state = f["root"] / "factory"
+    base = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])["provisioned"]
     # 1. SIGTERM mid-run: the batch in flight is committed, the operator hears one line
     #    (exit 143: run it again to resume), the appliance exits 0.
     serving = Serving(state, f["sock"])
     client = _provision(f)
-    _wait_provisioned(f, 8, client)
+    _wait_provisioned(f, base + 8, client)
     code, err = serving.stop(signal.SIGTERM)
     assert code == 0, err
     out, cerr = client.communicate(timeout=120)
@@ -423,7 +510,7 @@ def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in cerr, cerr
     drained = ok("programmer", "status", "--workdir", str(state))
     after_term = _job(drained, f["job"])
-    assert 8 <= after_term["provisioned"] < RUN  # stopped mid-run, nothing in flight lost
+    assert base + 8 <= after_term["provisioned"] < base + RUN  # stopped mid-run
     # 2. SIGKILL mid-run (the appliance and its worker): the operator hears one line.
     serving = Serving(state, f["sock"])
     client = _provision(f)
@@ -434,7 +521,7 @@ def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
     one_line(subprocess.CompletedProcess(client.args, client.returncode, out, cerr), EXIT_CONFIG,
              "closed the connection before it answered")  # fmt: skip
     killed = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])
-    assert killed["provisioned"] < RUN
+    assert killed["provisioned"] < base + RUN
     # 3. Restart: the run resumes and ends; every device once, none lost.
     serving = Serving(state, f["sock"])
     try:
@@ -442,8 +529,8 @@ def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
         out, cerr = client.communicate(timeout=600)
         assert client.returncode == 0, cerr
         final = _job(_call_status(f["sock"]), f["job"])
-        assert final["provisioned"] == RUN
-        assert RUN <= final["quota_used"] <= QUOTA
+        assert final["provisioned"] == base + RUN
+        assert base + RUN <= final["quota_used"] <= QUOTA
         ok("programmer", "close-job", *f["app"], "--job", f["job"])
     finally:
         assert serving.stop()[0] == 0
@@ -452,5 +539,5 @@ def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
     rec = ok("oem", "reconcile", "--workdir", str(f["root"] / "oem"), str(ledger),
              "--job", f["job"])  # fmt: skip
     assert rec["ok"], rec
-    assert rec["provisioned"] == rec["programmed"] == RUN, rec
+    assert rec["provisioned"] == rec["programmed"] == base + RUN, rec
     assert rec["quota_used"] <= QUOTA
