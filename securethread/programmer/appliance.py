@@ -391,24 +391,17 @@ class Appliance:
     def status(self) -> dict[str, Any]:
         """Jobs (quota used and left, open or closed), stations connected, devices/s."""
         assert self.work is not None
-        jobs = [_job_status(self.work, d.name) for d in _job_dirs(self.work)]
-        stations: Any = None
+        jobs = tuple(job_view(self.work, d.name) for d in _job_dirs(self.work))
+        stations: dict[str, Any] | None = None
         if self._stations is not None:
-            st = self._stations.status()
-            stations = st.to_json() if hasattr(st, "to_json") else st
+            stations = dict(self._stations.status().to_json())
         rate = self.meter.rate()
-        if rate is None and isinstance(stations, dict):
+        if rate is None and stations is not None:
             rates = [j.get("devices_per_s") for j in stations.get("jobs") or []]
             rate = sum(r for r in rates if r) or None
-        return {
-            "step": "programmer status",
-            "appliance": self.work.name,
-            "pid": os.getpid(),
-            "jobs": jobs,
-            "stations": stations,
-            "running": self.meter.job,
-            "devices_per_s": rate,
-        }
+        view = StatusView(appliance=self.work.name, jobs=jobs, stations=stations,
+                          running=self.meter.job, devices_per_s=rate)  # fmt: skip
+        return {"step": "programmer status", "pid": os.getpid(), **view.to_json()}
 
 
 class _StoppingError(ConfigurationError):
@@ -435,38 +428,76 @@ def _job_dirs(work: PartyDir) -> list[Path]:
     return sorted(d for d in jobs.iterdir() if d.is_dir()) if jobs.is_dir() else []
 
 
-def _job_status(work: PartyDir, job_id: str) -> dict[str, Any]:
+@attrs.frozen
+class JobView:
+    """One job in the status view: ``state`` is requested (production CA asked for), open,
+    closed, or refused (its kept files no longer verify: ``error`` says why)."""
+
+    job: str
+    state: str
+    quota: int | None = None
+    quota_used: int | None = None
+    quota_left: int | None = None
+    provisioned: int | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+
+
+@attrs.frozen
+class StatusView:
+    """The status view (``programmer status``): the jobs, the station server's status
+    (``None`` without one), the job running in-process and its devices/s."""
+
+    appliance: str
+    jobs: tuple[JobView, ...]
+    stations: Mapping[str, Any] | None = None
+    running: str | None = None
+    devices_per_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "appliance": self.appliance,
+            "jobs": [j.to_json() for j in self.jobs],
+            "stations": None if self.stations is None else dict(self.stations),
+            "running": self.running,
+            "devices_per_s": self.devices_per_s,
+        }
+
+
+def job_view(work: PartyDir, job_id: str) -> JobView:
+    """Job ``job_id`` of ``work`` for the status view, verified as every step does
+    (:class:`~securethread.programmer.opened.OpenedJob`; also after its window, without
+    hashing the image)."""
     from securethread.programmer.opened import OpenedJob
     from securethread.programmer.store import SQLiteStore
 
     jdir = L.job_dir(job_id)
     if not work.exists(f"{jdir}/job.bin"):
-        return {"job": job_id, "state": "requested"}
-    # verified as every other step does (opened.py); also after its window, without
-    # hashing the image
+        return JobView(job_id, "requested")
     try:
         job = OpenedJob.verify(work, job_id, step="status", within_window=False, image=False).job
     except Error as exc:  # one job's files altered: say so, show the others
-        return {"job": job_id, "state": "refused", "error": f"{type(exc).__name__}: {exc}"}
+        return JobView(job_id, "refused", error=f"{type(exc).__name__}: {exc}")
     state = SQLiteStore.inspect(work.path(f"{jdir}/store.sqlite"), job.sha256)
     used = state.used if state is not None else 0
-    return {
-        "job": job_id,
-        "state": "closed" if work.exists(f"{jdir}/ledger.bin") else "open",
-        "quota": job.job.quota,
-        "quota_used": used,
-        "quota_left": job.job.quota - used,
-        "provisioned": state.committed if state is not None else 0,
-    }
+    return JobView(
+        job_id,
+        "closed" if work.exists(f"{jdir}/ledger.bin") else "open",
+        quota=job.job.quota,
+        quota_used=used,
+        quota_left=job.job.quota - used,
+        provisioned=state.committed if state is not None else 0,
+    )
 
 
 def status(workdir: str | os.PathLike[str]) -> StepResult:
     """``programmer status --workdir``: the status view of a work directory read directly
     (no stations, no run rate: those belong to a serving appliance)."""
     work = L.open_programmer(workdir)
-    jobs = [_job_status(work, d.name) for d in _job_dirs(work)]
-    return work.finish("programmer status", [], (), {"appliance": work.name, "jobs": jobs,
-                                                      "stations": None, "devices_per_s": None})
+    view = StatusView(work.name, tuple(job_view(work, d.name) for d in _job_dirs(work)))
+    return work.finish("programmer status", [], (), view.to_json())
 
 
 def status_lines(view: Mapping[str, Any]) -> list[str]:
@@ -705,9 +736,12 @@ __all__ = [
     "Appliance",
     "ApplianceBusyError",
     "ChipSource",
+    "JobView",
     "StateDirectoryError",
+    "StatusView",
     "check_state_dir",
     "init",
+    "job_view",
     "status",
     "status_lines",
 ]
