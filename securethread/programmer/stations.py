@@ -388,13 +388,13 @@ class _Job:
 
     def __init__(
         self, work: PartyDir, token: Token, job_id: str, token_lock: threading.Lock, *,
-        batch_size: int, window_s: float,
+        batch_size: int, window_s: float, counts: _JobCounts,
     ) -> None:  # fmt: skip
         self.job_id = job_id
         config = run_config(work, job_id, workers=0, batch_size=batch_size)
         self.config = config
         self.manifest = config.manifest
-        self.counts = _JobCounts()
+        self.counts = counts  # this appliance process's, across the job's re-openings
         self.quota = config.job.job.quota
         self.quota_used = 0
         self._token = token
@@ -699,17 +699,20 @@ class JobStatus:
 @attrs.frozen
 class StationStatus:
     """What the station server is doing: stations connected (a call in the last
-    10 s), its jobs, whether it is draining."""
+    10 s), every job served since it started, whether it is draining, and every station
+    that called since it started."""
 
     listen: str
     stations_connected: tuple[str, ...]
     jobs: tuple[JobStatus, ...]
     draining: bool
+    stations_seen: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "listen": self.listen,
             "stations_connected": list(self.stations_connected),
+            "stations_seen": list(self.stations_seen),
             "jobs": [j.to_json() for j in self.jobs],
             "draining": self.draining,
         }
@@ -859,6 +862,7 @@ class StationServer:
         self._allowed = _Allowed(work)
         self._jobs: dict[str, _Job] = {}
         self._retiring: dict[str, _Job] = {}
+        self._served: dict[str, _Job] = {}  # every job served since the start (status)
         self._sessions: dict[bytes, _Session] = {}
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -940,6 +944,8 @@ class StationServer:
                     old.join()  # its run ended, its store closed, its lock released
                 try:  # (its batcher takes the token lock to open the store)
                     job = _Job(self._work, self._token, job_id, self._token_lock,
+                               counts=self._served[job_id].counts if job_id in self._served
+                               else _JobCounts(),
                                batch_size=self._batch_size, window_s=self._window)  # fmt: skip
                 except (HSMError, StoreError) as exc:
                     raise _Call(grpc.StatusCode.UNAVAILABLE, describe(exc)) from None
@@ -947,12 +953,13 @@ class StationServer:
                     raise _Call(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"job {job_id}: {describe(exc)}") from None  # fmt: skip
                 self._jobs[job_id] = job
+                self._served[job_id] = job  # its counts outlive its release (status)
             return job
 
     def status(self) -> StationStatus:
         now = time.monotonic()
         jobs = []
-        for job in list(self._jobs.values()):
+        for job in list(self._served.values()):
             c = job.counts
             span = (c.last_at - c.first_at) if c.first_at and c.last_at else 0.0
             done = c.provisioned + c.recovered
@@ -962,8 +969,9 @@ class StationServer:
                 quota=job.quota, quota_used=job.quota_used,
                 devices_per_s=round(done / span, 1) if span > 0 and done > 1 else None,
             ))  # fmt: skip
-        seen = sorted(n for n, t in self._seen.items() if now - t <= _CONNECTED_S)
-        return StationStatus(self.listen, tuple(seen), tuple(jobs), self._draining)
+        connected = sorted(n for n, t in self._seen.items() if now - t <= _CONNECTED_S)
+        return StationStatus(self.listen, tuple(connected), tuple(jobs), self._draining,
+                             tuple(sorted(self._seen)))  # fmt: skip
 
     def drain(self, timeout_s: float) -> None:
         """Stop taking new devices (Challenge answers UNAVAILABLE); let devices in flight

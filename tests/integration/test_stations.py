@@ -371,7 +371,26 @@ def test_the_stations_benchmark_measures_two_station_processes(world: dict[str, 
 
 
 def test_sigterm_drains_and_reports_status(world: dict[str, Any]) -> None:
+    """SIGTERM with a station mid-run: no new challenge is handed out, the devices in flight
+    are provisioned, programmed and committed, and nothing is left released-unconfirmed."""
+    before = _counts(world["factory"], "j")
+    station = _start(station_args(world["files"]["s1"], world["server"].target, "j",
+                                  devices=150, first=100, chips=world["vendor"]))  # fmt: skip
+    deadline = time.monotonic() + 120
+    while _counts(world["factory"], "j").get("programmed", 0) < before["programmed"] + 10:
+        assert time.monotonic() < deadline and station.poll() is None
+        time.sleep(0.05)
     status = world["server"].stop()
+    _out, err = station.communicate(timeout=120)
+    assert station.returncode in (0, EXIT_OS), err
+    after = _counts(world["factory"], "j")
+    # (one device an earlier test left released-unconfirmed stays so: its boot was refused)
+    assert after["releases"] == before["releases"]
+    new = after["provisioned"] - before["provisioned"]
+    assert new == after["programmed"] - before["programmed"] >= 10
+    assert "s1" in status["stations_seen"]
+    served = {j["job_id"]: j for j in status["jobs"]}
+    assert served["j"]["programmed"] >= new and served["q"]["provisioned"] == 40
     jobs = {j["job_id"]: j for j in status["jobs"]}
     assert status["draining"] is True
     # jobs idle for 2 s are released (close-job can take them); whatever is still
