@@ -1,7 +1,7 @@
 """The README's walkthrough of the factory as deployed (the block between the
 ``walkthrough:appliance`` markers) runs as written: the OEM, the appliance as a service
-process, every programmer step as an operator's client over its socket, the status view, the
-close, and the OEM's reconciliation."""
+process, every programmer step as an operator's client over its socket, two stations sharing
+the job through the station API, the status view, the close, and the OEM's reconciliation."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def test_the_readme_appliance_walkthrough_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "job job-1 (open): quota 20 used of 20, 0 left, 20 provisioned" in out, out
+    assert out.count("station run: job job-1: 10 programmed") == 2, out  # two stations
     assert "programmer close-job: done" in out
     assert re.search(r"reconcil", out, re.I), out
     assert (tmp_path / "outbox" / "ledger-job-1.bin").is_file()
