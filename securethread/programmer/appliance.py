@@ -246,6 +246,8 @@ class Appliance:
         check_state_dir(self.root)
         self._acquire()
         self.work = work
+        # input files of requests a killed appliance never finished: nobody answers them now
+        shutil.rmtree(self.root / REQUESTS, ignore_errors=True)
         # Log in once; this process keeps the session (every step reuses it).
         self._token = work.open_token(L.TOKEN)
         self._listener = self._bind()

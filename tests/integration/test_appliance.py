@@ -523,7 +523,9 @@ def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
     killed = _job(ok("programmer", "status", "--workdir", str(state)), f["job"])
     assert killed["provisioned"] < base + RUN
     # 3. Restart: the run resumes and ends; every device once, none lost.
+    assert any((state / "requests").iterdir())  # the killed request's input files ...
     serving = Serving(state, f["sock"])
+    assert not (state / "requests").exists()  # ... removed by the next appliance
     try:
         client = _provision(f)
         out, cerr = client.communicate(timeout=600)
