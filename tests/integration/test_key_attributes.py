@@ -22,6 +22,7 @@ import attrs
 import pkcs11
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -702,3 +703,33 @@ def test_package_registry_records_match_the_docs(programmer: Token) -> None:
             assert bool(obj[_NAME[a]]) is expected[a], a
     finally:
         obj.destroy()
+
+
+def test_programmer_pin_can_derive_the_raw_ecdh_secret_of_the_key_agreement_key(
+    parties: Parties, programmer: Token
+) -> None:
+    """A stated limit, measured (docs/threat-model.md, the PIN-holder row): the key-agreement
+    key may derive, and PKCS#11 lets the caller choose the derived key's template, so whoever
+    holds the programmer PIN can derive the raw ECDH secret with any public key as a
+    non-sensitive, extractable secret and read it -- the secret a license to that key is
+    wrapped under.  Plain PKCS#11 on SoftHSM cannot forbid it (no CKA_DERIVE_TEMPLATE in
+    python-pkcs11, docs/keys.md); an HSM with usage-limited keys can."""
+    peer = ec.generate_private_key(ec.SECP256R1())
+    ka_public = parties.ka_cert.public_key()
+    assert isinstance(ka_public, ec.EllipticCurvePublicKey)
+    point = peer.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    raw = programmer.private_key(P + "key-agreement")._obj()
+    secret = raw.derive_key(
+        KeyType.GENERIC_SECRET,
+        256,
+        mechanism=Mechanism.ECDH1_DERIVE,
+        mechanism_param=(pkcs11.KDF.NULL, None, point),
+        template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.TOKEN: False},
+    )
+    try:
+        value = secret[Attribute.VALUE]
+    finally:
+        secret.destroy()
+    assert value == peer.exchange(ec.ECDH(), ka_public)
