@@ -543,3 +543,49 @@ def test_sigterm_drains_then_sigkill_and_restart_count_nothing_twice(
     assert rec["ok"], rec
     assert rec["provisioned"] == rec["programmed"] == base + RUN, rec
     assert rec["quota_used"] <= QUOTA
+
+
+def test_the_readme_walkthrough_as_separate_os_users(users: dict[str, str]) -> None:
+    """The README's appliance walkthrough with every ``appliance`` command as the appliance's
+    user and every other one -- all the programmer steps, the stations, the OEM -- as an
+    operator: the operator runs every operation through the socket and never reads the state."""
+    from tests.integration.test_readme_appliance import _block
+
+    python, env = _python_for_others()
+    base = Path(tempfile.mkdtemp(prefix="st-walk-", dir="/tmp"))
+    try:
+        # setgid to the operators' group: the appliance's socket made here gets that group
+        shutil.chown(base, group=users["group"])
+        os.chmod(base, 0o3777)
+        wrapper = base / "st"
+        appliance = " ".join(_as(users["appliance"], python))
+        operator = " ".join(_as(users["operator"], python))
+        wrapper.write_text(
+            "#!/bin/bash\n"
+            'if [ "$1" = appliance ]; then\n'
+            f'  if [ "$2" = serve ]; then exec {appliance} "$@" --operators {users["group"]}; fi\n'
+            f'  exec {appliance} "$@"\n'
+            "fi\n"
+            f'exec {operator} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        proc = subprocess.run(
+            ["bash", "-c", "set -euo pipefail\n" + _block()], cwd=base,
+            env=dict(env, S=str(wrapper)), capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "job job-1 (open): quota 20 used of 20, 0 left, 20 provisioned" in proc.stdout
+        assert "reconciled: job job-1: 20 provisioned, 20 programmed" in proc.stdout
+        state = base / "factory"
+        app_uid = pwd.getpwnam(users["appliance"]).pw_uid
+        op_uid = pwd.getpwnam(users["operator"]).pw_uid
+        assert state.stat().st_uid == app_uid and stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert (base / "outbox" / "ledger-job-1.bin").stat().st_uid == op_uid
+        log = [json.loads(x) for x in (state / "operations.log").read_text().splitlines()]
+        assert {e["uid"] for e in log} == {op_uid}  # every operation came from the operator
+        assert {e["command"] for e in log} >= {
+            "enrol", "install-certs", "receive-keys", "request-ca", "open-job", "add-station",
+            "status", "close-job",
+        }  # fmt: skip
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
