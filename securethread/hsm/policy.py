@@ -11,8 +11,8 @@ CKR_ACTION_PROHIBITED).  CKA_MODIFIABLE comes last in every template: SoftHSM 2.
 C_DeriveKey/C_UnwrapKey template in order and refuses every attribute after
 CKA_MODIFIABLE=False with CKR_ATTRIBUTE_READ_ONLY.  ``CKA_DESTROYABLE`` stays True:
 temporaries are destroyed after use and a failed import is rolled back (job keys outlive their
-job: revocation needs the production CA, docs/keys.md).  Usage attributes are explicit, every one of them, so no token default can
-add a usage.
+job: revocation needs the production CA, docs/keys.md).  Usage attributes are explicit, every
+one of them, so no token default can add a usage.
 Attribute meanings: PKCS#11 v3.0 §4.4 (storage objects), §4.6 (certificates), §4.7-4.10
 (keys).
 """
