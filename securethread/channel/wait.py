@@ -44,11 +44,14 @@ def signal_wakeup() -> Iterator[int | None]:
     time of one wait; None where that cannot be had (see the module docstring).  Nested
     waits share the outer pipe."""
     global _installed
-    if _installed is not None:
-        yield _installed
-        return
+    # The thread check comes first: the pipe belongs to the main thread's wait, which closes
+    # it when it ends, so another thread must never borrow it (a wait in a server thread
+    # polled a descriptor the main thread had just closed: EBADF).
     if threading.current_thread() is not threading.main_thread():
         yield None
+        return
+    if _installed is not None:
+        yield _installed
         return
     r, w = os.pipe()
     os.set_blocking(r, False)

@@ -228,3 +228,22 @@ def test_sigterm_is_not_an_exception_a_best_effort_cleanup_could_swallow() -> No
     with pytest.raises(Interrupted):
         _destroy_quietly([Key()])  # type: ignore[list-item]
     assert exit_code(Interrupted("stopped by SIGTERM", signal.SIGTERM)) == 143
+
+
+def test_another_thread_never_borrows_the_main_threads_wakeup_pipe() -> None:
+    """Regression: a server thread's wait borrowed the pipe of a wait in the main thread,
+    which closed it on return; the thread then polled a closed descriptor (EBADF, and the
+    key channel ended with "internal error").  A thread other than the main one gets no
+    pipe (it polls in slices), whatever the main thread is doing."""
+    seen: list[int | None] = []
+
+    def borrow() -> None:
+        with channel_wait.signal_wakeup() as theirs:
+            seen.append(theirs)
+
+    with channel_wait.signal_wakeup() as mine:
+        assert mine is not None
+        t = threading.Thread(target=borrow)
+        t.start()
+        t.join()
+    assert seen == [None]
