@@ -249,7 +249,7 @@ def test_open_job_refuses_a_package_whose_vendor_certificates_are_not_the_jobs(
     proc = _open_job(sites, bad, ok=False)
     line = _one_line(proc)
     assert proc.returncode == EXIT_VERIFY, line
-    assert ("not a vendor CA the job names" in line) if vendors else ("vendors must list" in line)
+    assert ("not a vendor CA the job names" in line) if vendors else ("'vendors' must" in line)
     assert _files(sites["factory"]) == before
 
 
