@@ -95,7 +95,7 @@ class World:
         self.files.mkdir()
         self.ledger = next((self.oem / "inbox").glob(f"ledger-{JOB_ID}*.bin"))
         self.ocsp_url = ""
-        self.devices: list[tuple[Path, Path]] = []  # (cert, key) per device, slot order
+        self.devices: list[tuple[Path, Path]] = []  # (cert, key) per device, device-id order
         fab = SimulatedFab(root / "vendor")
         with open(self.ledger, "rb") as src:
             _job, items = ledger.read_export(src)
@@ -108,14 +108,18 @@ class World:
                 cert = x509.load_der_x509_certificate(rec.body["cert"])
                 chip = fab.chip(int(rec.device_id, 16))
                 key = serialization.load_der_private_key(chip.private_key_der, None)
-                c = self.files / f"device-{rec.slot}.pem"
-                k = self.files / f"device-{rec.slot}.key"
+                # Named by the chip's index, not its slot: stations take slots in the order
+                # their devices arrive, so slot 0 need not be the first chip.
+                index = int(rec.device_id, 16) - FIRST_UID
+                c = self.files / f"device-{index}.pem"
+                k = self.files / f"device-{index}.key"
                 c.write_bytes(cert.public_bytes(PEM))
                 k.write_bytes(
                     key.private_bytes(PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
                 )  # fmt: skip
                 self.devices.append((c, k))
+        self.devices.sort(key=lambda ck: int(ck[0].stem.split("-")[1]))
         self.pca = self.oem / "jobs" / JOB_ID / "production-ca.pem"
         self.root_ca = self.oem / "root-ca.pem"
         self.chain = self.files / "client-ca.pem"
