@@ -52,11 +52,12 @@ def _killed_then_redone(rng: random.Random, kills: int, *args: str) -> dict[str,
         time.sleep(rng.uniform(0.3, 2.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            proc.communicate()
-        else:
-            out, err = proc.communicate()
-            assert proc.returncode == 0, (args, err)
-            return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        out, err = proc.communicate()
+        if proc.returncode == -signal.SIGKILL:
+            continue
+        # It ended on its own (also when it exited between poll() and the signal).
+        assert proc.returncode == 0, (args, err)
+        return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
     return _run(*args)
 
 
