@@ -31,7 +31,7 @@ import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import attrs
 from cryptography import x509
@@ -151,6 +151,17 @@ def read_file(path: str | os.PathLike[str], what: str, *, limit: int = 64 << 20)
     if len(data) > limit:
         raise FormatError(f"{what} {str(p)!r} is larger than {limit} bytes")
     return data
+
+
+def open_file(path: str | os.PathLike[str], what: str) -> BinaryIO:
+    """Open a file to stream it, or raise one clear :class:`ConfigurationError` (the
+    streaming twin of :func:`read_file`, for ledgers that do not fit in memory)."""
+    try:
+        return open(path, "rb")  # noqa: SIM115 -- the caller closes it
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read {what} {os.fspath(path)!r}: {exc.strerror}"
+        ) from None
 
 
 def file_sha256(path: Path) -> bytes:

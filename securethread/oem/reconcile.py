@@ -21,7 +21,7 @@ from securethread.formats.reconciliation import reconcile_export
 from securethread.oem import layout as L
 from securethread.oem.registry import HashingReader
 from securethread.pki import from_pem
-from securethread.workdir import StepResult
+from securethread.workdir import StepResult, open_file
 
 
 def reconcile(
@@ -40,12 +40,7 @@ def reconcile(
     ).job
     programmer = _programmer_of(work, job.programmer)
     pdir = L.programmer_dir(programmer)
-    try:
-        src = open(ledger_path, "rb")  # noqa: SIM115 -- closed by the with below
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot read ledger {os.fspath(ledger_path)!r}: {exc.strerror}"
-        ) from None
+    src = open_file(ledger_path, "ledger")
     # The hash of the very bytes verified: registry ingest admits only this ledger.
     hashed = HashingReader(src)
     with src:

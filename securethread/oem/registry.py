@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securethread.errors import ConfigurationError, Error, FormatError, LedgerError, StoreError
 from securethread.formats import ledger
 from securethread.formats.job import job_hash
-from securethread.workdir import StepOrderError, StepResult
+from securethread.workdir import StepOrderError, StepResult, open_file
 
 __all__ = [
     "DEFAULT_DATABASE",
@@ -1033,12 +1033,7 @@ def ingest_ledger(
     revocations = _root_crl(work) + [
         (read_file(c, "CRL", limit=16 << 20), job.production_ca) for c in crls
     ]
-    try:
-        src = open(ledger_path, "rb")  # noqa: SIM115 -- closed by the with below
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot read ledger {os.fspath(ledger_path)!r}: {exc.strerror}"
-        ) from None
+    src = open_file(ledger_path, "ledger")
     with src, Registry.open(database_of(work, database)) as reg:
         report = reg.ingest(src, job=job, ledger_sha256=expected, crls=revocations)
     return work.finish("oem registry ingest", [], (), report.to_json())
