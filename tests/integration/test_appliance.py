@@ -321,7 +321,9 @@ QUOTA = 2 * RUN  # room for the slots a SIGKILL burns (at most a batch per worke
 def _call_status(sock: Path) -> dict[str, Any]:
     from securethread.programmer.operator_api import Request, call
 
-    return dict(call(str(sock), Request("status")).result)
+    answer = call(str(sock), Request("status"))
+    assert answer.ok, answer.error  # an error answer says why (it has no jobs to read)
+    return dict(answer.result)
 
 
 def _job(view: dict[str, Any], job_id: str) -> dict[str, Any]:
