@@ -795,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     roles = p.add_subparsers(
         dest="role",
         required=True,
-        metavar="{oem,programmer,appliance,audit,vendor,demo}",
+        metavar="{oem,programmer,appliance,audit,station,vendor,demo}",
         parser_class=_Parser,
     )
 
