@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.formats import ledger
 from securethread.formats.boot import BOOT_CONFIRMATION_KIND
+from securethread.formats.boot import VERSION as BOOT_VERSION
 from securethread.formats.envelope import seal
 from securethread.formats.image import MIN_CHUNK_SIZE, NONCE_PREFIX_SIZE, Manifest, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, job_hash, sign_job
@@ -247,7 +248,7 @@ def device_records(
         boot = seal(
             BOOT_CONFIRMATION_KIND,
             {
-                "v": 1,
+                "v": BOOT_VERSION,
                 "device_id": device_id,
                 "image_id": w.manifest.image_id,
                 "image_version": w.manifest.image_version,

@@ -53,7 +53,7 @@ from securethread.keys.policy import (
 from securethread.keys.protocol import KeyBackend, PrivateKey, SecretKey
 
 PROTOCOL = "securethread-channel"
-VERSION = 1
+VERSION = 2
 ROLE_OEM = "oem"
 ROLE_PROGRAMMER = "programmer"
 ROLES = (ROLE_OEM, ROLE_PROGRAMMER)

@@ -58,7 +58,7 @@ from securethread.keys.policy import (
 )
 from securethread.keys.protocol import WRAPPED_AES256_SIZE, KeyBackend, PrivateKey, SecretKey
 
-VERSION = 1
+VERSION = 2
 TRANSFER_TYPE = "key-transfer"
 ACK_KIND = "key-transfer-ack"
 COMMIT_TYPE = "key-transfer-commit"

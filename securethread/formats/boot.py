@@ -3,7 +3,7 @@ after it verified, decrypted and flashed an image.
 
 The confirmation is an envelope of kind ``boot-confirmation`` signed by the device key::
 
-    {"v": 1, "device_id", "image_id", "image_version", "security_counter",
+    {"v": 2, "device_id", "image_id", "image_version", "security_counter",
      "plaintext_sha256", "nonce"}
 
 The programmer checks it against the nonce it sent (:func:`verify_boot_confirmation`) and
@@ -36,7 +36,7 @@ __all__ = [
     "verify_recorded_boot_confirmation",
 ]
 
-VERSION = 1
+VERSION = 2
 BOOT_CONFIRMATION_KIND = "boot-confirmation"
 MAX_CONFIRMATION_SIZE = 2048
 MIN_NONCE, MAX_NONCE = 16, 64

@@ -8,9 +8,9 @@ when it issues the job (envelope kind ``"device-trust"``); the programmer copies
 unchanged into every device's provisioning data; the SBM verifies it under the pinned root
 before it uses any of them (docs/device.md).
 
-Body (canonical CBOR, ``v`` = 1)::
+Body (canonical CBOR, ``v`` = 2)::
 
-    {"v": 1, "job_id": tstr, "job_sha256": bstr(32), "device_class": tstr,
+    {"v": 2, "job_id": tstr, "job_sha256": bstr(32), "device_class": tstr,
      "firmware_signing_key": SPKI DER (P-256), "min_security_counter": uint < 2**32}
 
 ``job_sha256`` is the job's identity (``formats.job.job_hash``: SHA-256 of what its officers
@@ -47,7 +47,7 @@ __all__ = [
     "verify_device_trust",
 ]
 
-VERSION = 1
+VERSION = 2
 DEVICE_TRUST_KIND = "device-trust"
 MAX_DEVICE_TRUST_SIZE = 2048
 

@@ -2,7 +2,7 @@
 
 The programmer sends a random challenge; the device answers (canonical CBOR, versioned)::
 
-    {"v": 1, "challenge": bstr, "device_id": "<16 hex>", "public_key": SPKI DER,
+    {"v": 2, "challenge": bstr, "device_id": "<16 hex>", "public_key": SPKI DER,
      "vendor_certificate": DER, "signature": DER ECDSA-P256-SHA256}
 
 where the signature covers ``CBOR(["securethread-device-identification", 1, challenge,
@@ -64,7 +64,7 @@ __all__ = [
     "verify_identification",
 ]
 
-VERSION = 1
+VERSION = 2
 CHALLENGE_SIZE = 32
 MAX_RESPONSE_SIZE = 4096
 _DOMAIN = "securethread-device-identification"

@@ -79,10 +79,11 @@ __all__ = [
     "verify_manifest",
 ]
 
-FORMAT_VERSION = 1
-#: Manifest v2: the plaintext it binds is a signed MCUboot image (formats/mcuboot.py) whose
-#: version and security counter are the manifest's; v1 (a raw firmware) is no longer read.
-MANIFEST_VERSION = 2
+FORMAT_VERSION = 2
+#: Manifest v3 (issue 21: COSE framing; since v2 the plaintext it binds is a signed MCUboot
+#: image, formats/mcuboot.py, whose version and security counter are the manifest's); v1 and
+#: v2 are no longer read.
+MANIFEST_VERSION = 3
 MAGIC = b"STIMAGE\x00"
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 1 << 10

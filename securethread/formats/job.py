@@ -34,8 +34,8 @@ from securethread.keys.protocol import PrivateKey
 from securethread.pki.profile import DeviceProfile
 
 JOB_KIND = "job"
-JOB_VERSION = 3  # 3: the vendor CAs the job accepts (``vendors``); the device profile's
-# URI, revocation sources and OEM arc (pki.DeviceProfile, issue 19)
+JOB_VERSION = 4  # 4: COSE_Sign framing, cbor2 (issue 21); 3: the vendor CAs the job accepts
+# (``vendors``); the device profile's URI, revocation sources and OEM arc (issue 19)
 MAX_JOB_SIZE = 1 << 20
 MAX_TARGET_ENTRIES = 10_000
 MAX_QUOTA = 1 << 40

@@ -26,7 +26,7 @@ from securethread.keys.protocol import PrivateKey
 
 CA_REQUEST_KIND = "production-ca-request"
 JOB_PACKAGE_KIND = "job-package"
-JOB_PACKAGE_VERSION = 2  # 2: the vendor CA certificates
+JOB_PACKAGE_VERSION = 3  # 3: COSE parts (issue 21); 2: the vendor CA certificates
 MAX_PACKAGE = 1 << 20
 MAX_VENDOR_CERT = 4096
 

@@ -42,10 +42,11 @@ from securethread.formats import cbor, envelope, fields
 from securethread.formats.job import DEVICE_ID_RE
 from securethread.keys.protocol import PrivateKey
 
-LEDGER_VERSION = 1
-#: Version of a ledger record (2: a provisioned record names the chip's vendor CA,
-#: ``vendor_ca``); the close record keeps :data:`LEDGER_VERSION`.
-RECORD_VERSION = 2
+#: Version of the close record (2: COSE_Sign1 framing, issue 21).
+LEDGER_VERSION = 2
+#: Version of a ledger record (3: checkpoints are COSE_Sign1, issue 21; 2: a provisioned
+#: record names the chip's vendor CA, ``vendor_ca``).
+RECORD_VERSION = 3
 CHECKPOINT_KIND = "ledger-checkpoint"
 CLOSE_KIND = "ledger-close"
 EXPORT_MAGIC = b"STLEDGR1"

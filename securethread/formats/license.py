@@ -16,8 +16,8 @@ The image key never exists in host memory on the programmer.  Device side
 
 Wire format (canonical CBOR)::
 
-    {"v": 1, "certificate": <DER license-signing cert>, "envelope": <license envelope>}
-    body = {"v": 1, "device_id", "image_id", "image_key_id", "nonce", "ka_public_key",
+    {"v": 2, "certificate": <DER license-signing cert>, "envelope": <license envelope>}
+    body = {"v": 2, "device_id", "image_id", "image_key_id", "nonce", "ka_public_key",
             "wrapped_key"}
 
 The certificate travels outside the envelope because it is what authenticates the envelope;
@@ -74,7 +74,7 @@ __all__ = [
     "open_license",
 ]
 
-VERSION = 1
+VERSION = 2
 LICENSE_KIND = "license"
 NONCE_SIZE = 16
 MAX_LICENSE_SIZE = 4096

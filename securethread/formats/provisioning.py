@@ -23,7 +23,7 @@ from securethread.formats.device_trust import (
 )
 from securethread.pki import untrusted
 
-PROVISIONING_VERSION = 2  # 2: anchors from an OEM-signed device-trust statement
+PROVISIONING_VERSION = 3  # 3: COSE framing (issue 21); 2: anchors from a device-trust statement
 MAX_PROVISIONING_SIZE = 16 << 10
 
 

@@ -6,7 +6,7 @@ responder (RFC 6960 §4.2.2.2).  The request is an envelope of kind ``ocsp-respo
 signed by the OEM root key, which the programmer pinned at onboarding; its body binds the
 CSR to the job::
 
-    {"v": 1, "job_id": tstr, "job_sha256": bstr(32), "csr": bstr (PKCS#10 DER)}
+    {"v": 2, "job_id": tstr, "job_sha256": bstr(32), "csr": bstr (PKCS#10 DER)}
 
 Without the root's signature anyone on the path could slip in a key of their own and get it
 certified to answer "good" for the job's devices; without ``job_sha256`` a request of one
@@ -30,7 +30,7 @@ from securethread.keys.protocol import PrivateKey
 __all__ = ["RESPONDER_REQUEST_KIND", "ResponderRequest"]
 
 RESPONDER_REQUEST_KIND = "ocsp-responder-request"
-VERSION = 1
+VERSION = 2
 MAX_SIZE = 4096
 
 

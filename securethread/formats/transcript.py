@@ -65,7 +65,7 @@ __all__ = [
 
 #: First bytes of every transcript file: identifies the file kind and format version.
 MAGIC = b"securethread-transcript/2\n"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 SIGNATURE_KIND = "ceremony-record"
 GENESIS = bytes(32)
 

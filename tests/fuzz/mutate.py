@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 from cryptography.hazmat.primitives.hashes import HashAlgorithm
 
 from securethread.errors import Error
-from securethread.formats import cbor, envelope
+from securethread.formats import cbor, envelope, ledger, transcript
 
 _T = TypeVar("_T")
 _RFC6979 = {"deterministic_signing": True}
@@ -490,8 +490,8 @@ def mutate_cbor(
 
 # --- framed formats ---------------------------------------------------------------------------
 
-LEDGER_MAGIC = b"STLEDGR1"
-TRANSCRIPT_MAGIC = b"securethread-transcript/1\n"
+LEDGER_MAGIC = ledger.EXPORT_MAGIC
+TRANSCRIPT_MAGIC = transcript.MAGIC  # was a stale copy of version 1: transcripts went unsplit
 
 
 def _split_ledger(data: bytes) -> list[tuple[bytes, bytes]] | None:

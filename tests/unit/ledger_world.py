@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.formats import ledger
 from securethread.formats.boot import BOOT_CONFIRMATION_KIND
+from securethread.formats.boot import VERSION as BOOT_VERSION
 from securethread.formats.envelope import seal
 from securethread.formats.image import MIN_CHUNK_SIZE, NONCE_PREFIX_SIZE, Manifest, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, job_hash, sign_job
@@ -116,7 +117,7 @@ class World:
     def boot(self, signer: str, **changes: Any) -> bytes:
         """A boot confirmation signed by device ``signer``'s key (``changes`` to lie)."""
         body = {
-            "v": 1,
+            "v": BOOT_VERSION,
             "device_id": signer,
             "image_id": self.manifest.image_id,
             "image_version": self.manifest.image_version,

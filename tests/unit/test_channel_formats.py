@@ -73,8 +73,9 @@ def test_programmer_hello_needs_peer_nonce() -> None:
 
 def test_hello_parse_rejects_wrong_version_extra_field_and_type() -> None:
     m = cbor.decode(oem_hello().to_bytes())
-    with pytest.raises(FormatError, match="version"):
-        Hello.from_bytes(cbor.encode({**m, "v": 2}), role="oem")
+    for old_or_unknown in (1, 3):  # version 2 since issue 21: nothing reads version 1
+        with pytest.raises(FormatError, match="version"):
+            Hello.from_bytes(cbor.encode({**m, "v": old_or_unknown}), role="oem")
     with pytest.raises(FormatError, match="unexpected fields"):
         Hello.from_bytes(cbor.encode({**m, "extra": 1}), role="oem")
     with pytest.raises(ChannelStateError, match="expected a 'programmer-hello'"):

@@ -308,7 +308,8 @@ def test_provision_refuses_foreign_root(world: World) -> None:
     "mutate",
     [
         lambda d: {**d, "v": 1},  # the old layout's version
-        lambda d: {**d, "v": 3},
+        lambda d: {**d, "v": 2},  # the encoding before issue 21
+        lambda d: {**d, "v": 4},
         lambda d: {**d, "device_certificate": b"not a certificate"},
         lambda d: {**d, "oem_root_certificate": "text"},
         lambda d: {**d, "device_trust": b""},

@@ -191,7 +191,8 @@ def test_malformed_responses(verifier: IdentityVerifier, raw: bytes) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("v", 2),
+        ("v", 1),  # the encoding before issue 21
+        ("v", 3),
         ("device_id", "ABCDEF0123456789"),
         ("device_id", "0123"),
         ("challenge", b"short"),

@@ -470,7 +470,8 @@ def test_statement_round_trip(world: World) -> None:
         {"min_security_counter": True},
         {"firmware_signing_key": ec.generate_private_key(ec.SECP384R1()).public_key()},
         {"firmware_signing_key": b"\x30\x00"},
-        {"version": 2},
+        {"version": 1},  # the encoding before issue 21
+        {"version": 3},
     ],
 )
 def test_statement_bad_values_refused_at_construction(world: World, over: dict[str, Any]) -> None:
@@ -494,7 +495,8 @@ def _root_signed(world: World, body: dict[str, Any], kind: str = DEVICE_TRUST_KI
     [
         lambda b: {k: v for k, v in b.items() if k != "device_class"},
         lambda b: {**b, "extra": 1},
-        lambda b: {**b, "v": 2},
+        lambda b: {**b, "v": 1},  # the encoding before issue 21
+        lambda b: {**b, "v": 3},
         lambda b: {**b, "firmware_signing_key": "not bytes"},
         lambda b: {**b, "firmware_signing_key": b"\x30\x00"},
         lambda b: {

@@ -406,7 +406,8 @@ BAD_FIELDS = [
     ("header_sha256", b""),
     ("image_key_id", b""),
     ("v", 1),  # v1 bound a raw firmware; v2 an MCUboot image
-    ("v", 3),
+    ("v", 2),  # the encoding before issue 21
+    ("v", 4),
     ("image_version", "1.2.3.4"),  # not an MCUboot version (imgtool syntax)
     ("image_version", "256.0"),
 ]

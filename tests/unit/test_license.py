@@ -221,14 +221,19 @@ def test_malformed_container_fields(world: World, image) -> None:  # type: ignor
     _, _, m = image
     dev = world.vendor.make_chip()
     outer = cbor.decode(world.issuer(m).issue(dev.device_id, dev.public_key))
-    for bad in ({**outer, "v": 2}, {**outer, "certificate": b"nope"}, {**outer, "envelope": 1}):
+    for bad in (
+        {**outer, "v": 1},  # the encoding before issue 21
+        {**outer, "v": 3},
+        {**outer, "certificate": b"nope"},
+        {**outer, "envelope": 1},
+    ):
         with pytest.raises(LicenseFormatError):
             _open(world, cbor.encode(bad), dev, m)
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("v", 2), ("device_id", "XYZ"), ("nonce", b"short"), ("wrapped_key", bytes(41)), ("x", 1)],
+    [("v", 1), ("v", 3), ("device_id", "XYZ"), ("nonce", b"short"), ("wrapped_key", bytes(41)), ("x", 1)],
 )
 def test_signed_but_malformed_body(world: World, image, field: str, value: object) -> None:  # type: ignore[no-untyped-def]
     _, _, m = image

@@ -283,7 +283,7 @@ def test_license_with_hostile_signer_certificate_is_a_license_error() -> None:
 
     rsa_cert = _cert(rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key())
     for der in (rsa_cert, HOSTILE_CERTIFICATES["duplicate-extension"][0]):
-        data = cbor.encode({"v": 1, "certificate": der, "envelope": b"\xa0"})
+        data = cbor.encode({"v": 2, "certificate": der, "envelope": b"\xa0"})
         with pytest.raises(LicenseFormatError, match="license: signer certificate"):
             open_license(
                 data, device_id="0011223344556677", device_key=_SIGNER,
@@ -297,7 +297,7 @@ def test_provisioning_data_with_hostile_certificate_is_a_format_refusal() -> Non
 
     keys = ("device_certificate", "production_ca_certificate", "oem_root_certificate")
     fields: dict[str, Any] = {k: GOOD for k in (*keys, "device_trust")}
-    fields["v"] = 2
+    fields["v"] = 3
     for name, (der, _reason) in HOSTILE_CERTIFICATES.items():
         data = cbor.encode({**fields, "production_ca_certificate": der})
         with pytest.raises(ProvisioningFormatError, match="field 'production_ca_certificate'"):
@@ -310,9 +310,9 @@ def test_inspect_shows_a_hostile_certificate_as_unparsable() -> None:
     from securethread.formats import envelope
 
     signer = _Signer()
-    env = envelope.seal("license", {"v": 1}, [signer])  # type: ignore[list-item]
+    env = envelope.seal("license", {"v": 2}, [signer])  # type: ignore[list-item]
     der = HOSTILE_CERTIFICATES["lone-surrogate-in-bmp-name"][0]
-    view = describe(cbor.encode({"v": 1, "certificate": der, "envelope": env}))
+    view = describe(cbor.encode({"v": 2, "certificate": der, "envelope": env}))
     assert "not a parsable certificate" in view["certificate"]["note"]
 
 

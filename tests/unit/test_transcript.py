@@ -417,8 +417,9 @@ def test_record_from_bytes_refuses_bad_shapes() -> None:
     good = cbor.decode(record().to_bytes())
     with pytest.raises(FormatError, match="unknown field 'extra'"):
         CeremonyRecord.from_bytes(cbor.encode({**good, "extra": 1}))
-    with pytest.raises(FormatError, match="unsupported version"):
-        CeremonyRecord.from_bytes(cbor.encode({**good, "v": 2}))
+    for old_or_unknown in (1, 3):  # version 2 since issue 21
+        with pytest.raises(FormatError, match="unsupported version"):
+            CeremonyRecord.from_bytes(cbor.encode({**good, "v": old_or_unknown}))
     with pytest.raises(FormatError, match="field 'keys' must be an array"):
         CeremonyRecord.from_bytes(cbor.encode({**good, "keys": {}}))
     bad_serial = {"fp": bytes(32), "subject": "", "issuer": "", "serial": b"\x00\x01"}

@@ -355,7 +355,8 @@ def test_a_record_naming_a_vendor_ca_outside_the_job_is_refused(world: World) ->
     [
         ({"vendor_ca": b"\x0a" * 31}, "field 'vendor_ca' must be 32 bytes"),
         ({"vendor_ca": "0a" * 32}, "field 'vendor_ca' must be 32 bytes"),
-        ({"v": 1}, "field 'v' must be 2"),  # a record of the first format, which named no vendor
+        ({"v": 1}, "field 'v' must be 3"),  # a record of the first format, which named no vendor
+        ({"v": 2}, "field 'v' must be 3"),  # the encoding before issue 21
     ],
 )
 def test_a_provisioning_record_with_a_bad_vendor_field_is_refused(
