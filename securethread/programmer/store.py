@@ -305,6 +305,64 @@ def _translate(path: Path, what: str, exc: sqlite3.Error, waited: float) -> Stor
     return StoreError(f"{where}: cannot {what}: {msg}")
 
 
+def _untouched(p: Path) -> tuple[int, int, int, int] | None:
+    """The store file's identity if no connection has it open, else ``None``.
+
+    Every WAL-mode connection keeps the ``-wal`` and ``-shm`` files while it is open, and
+    the last one to close checkpoints into the file (changing its size or times) before it
+    removes them (https://sqlite.org/wal.html#the_wal_file): the same identity, with no
+    side file before and after a read, means no writer touched the file during it."""
+    if any(os.path.lexists(f"{p}{suffix}") for suffix in ("-wal", "-shm")):
+        return None
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _inspect(p: Path, job: bytes, query: str, busy_timeout_s: float) -> StoreState | None:
+    """:meth:`SQLiteStore.inspect`'s read through one connection opened with ``query``."""
+    try:
+        db = sqlite3.connect(
+            p.as_uri() + query, uri=True, isolation_level=None, timeout=busy_timeout_s
+        )
+    except sqlite3.Error as exc:
+        raise _translate(p, "read it", exc, busy_timeout_s) from None
+    try:
+        # One read transaction: the counts and the records compared below are one snapshot
+        # (https://sqlite.org/lang_transaction.html), not two moments of a live store.
+        db.execute("BEGIN")
+        tables = _tables(db)
+        if not tables:
+            return None
+        if "jobs" not in tables:
+            raise StoreCorruptError(f"{str(p)!r} is an SQLite database but not a production store")
+        _quick_check(db, p)
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            raise StoreCorruptError(
+                f"production store {str(p)!r} has another schema version than "
+                f"{SCHEMA_VERSION} (written by another securethread version)"
+            )
+        state = _read_state(db, job)
+        if state is None:
+            return None
+        counted = db.execute(
+            "SELECT COUNT(*) FROM records WHERE job = ? AND kind = ?",
+            (job, ledger.KIND_PROVISIONED),
+        ).fetchone()[0]
+        if counted != state.committed:
+            raise StoreCorruptError(
+                f"production store {str(p)!r} is inconsistent: {counted} provisioned "
+                f"records, {state.committed} counted; restore it from backup"
+            )
+        return state
+    except sqlite3.Error as exc:
+        raise _translate(p, "read it", exc, busy_timeout_s) from None
+    finally:
+        db.close()
+
+
 class SQLiteStore:
     """The embedded default :class:`ProductionStore`. One per process (not thread-shared).
 
@@ -403,51 +461,32 @@ class SQLiteStore:
         file, an empty one, or no record of the job.  Raises :class:`StoreCorruptError`
         for a damaged file (``PRAGMA quick_check``: every b-tree page, cell and record
         format; about 0.1 s per 100,000 devices, docs/performance.md) or one whose counts
-        disagree with its records: nothing is counted into a store before it is checked."""
+        disagree with its records: nothing is counted into a store before it is checked.
+
+        Safe beside a writer in another thread or process: a store no connection has open
+        is read as immutable (no lock, no -wal/-shm side files left behind), and that read
+        counts only if the file was still untouched after it; otherwise it is read again
+        through SQLite's locks (``mode=ro``, waiting up to ``busy_timeout_s``).  An
+        immutable read that overlapped a writer's checkpoint saw torn pages and took the
+        store for damaged (the status view's spurious "damaged" answer)."""
         p = Path(path).resolve()
         if not p.is_file():
             return None
-        # Without a -wal file the database file is all there is: read it as immutable, so
-        # that not even SQLite's -shm/-wal side files appear (https://sqlite.org/uri.html).
-        wal = Path(str(p) + "-wal").exists()
-        query = "?mode=ro" if wal else "?mode=ro&immutable=1"
-        try:
-            db = sqlite3.connect(
-                p.as_uri() + query, uri=True, isolation_level=None, timeout=busy_timeout_s
-            )
-        except sqlite3.Error as exc:
-            raise _translate(p, "read it", exc, busy_timeout_s) from None
-        try:
-            tables = _tables(db)
-            if not tables:
-                return None
-            if "jobs" not in tables:
-                raise StoreCorruptError(
-                    f"{str(p)!r} is an SQLite database but not a production store"
-                )
-            _quick_check(db, p)
-            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                raise StoreCorruptError(
-                    f"production store {str(p)!r} has another schema version than "
-                    f"{SCHEMA_VERSION} (written by another securethread version)"
-                )
-            state = _read_state(db, job)
-            if state is None:
-                return None
-            counted = db.execute(
-                "SELECT COUNT(*) FROM records WHERE job = ? AND kind = ?",
-                (job, ledger.KIND_PROVISIONED),
-            ).fetchone()[0]
-            if counted != state.committed:
-                raise StoreCorruptError(
-                    f"production store {str(p)!r} is inconsistent: {counted} provisioned "
-                    f"records, {state.committed} counted; restore it from backup"
-                )
-            return state
-        except sqlite3.Error as exc:
-            raise _translate(p, "read it", exc, busy_timeout_s) from None
-        finally:
-            db.close()
+        before = _untouched(p)
+        if before is not None:
+            found: StoreState | StoreError | None
+            try:
+                found = _inspect(p, job, "?mode=ro&immutable=1", busy_timeout_s)
+            except StoreError as exc:  # damaged -- or torn by a writer: decided below
+                found = exc
+            if _untouched(p) == before:
+                if isinstance(found, StoreError):
+                    raise found
+                return found
+        # https://sqlite.org/uri.html: with immutable=1 a file that changes gives "incorrect
+        # query results"; mode=ro reads one consistent snapshot under the WAL's read locks
+        # (https://sqlite.org/wal.html#concurrency).
+        return _inspect(p, job, "?mode=ro", busy_timeout_s)
 
     def state(self, job: bytes) -> StoreState:
         with self._errors("read the job's counts"):
