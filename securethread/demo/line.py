@@ -11,6 +11,9 @@ directory of its own::
                              chip with a given UID is the same chip in every run (a resumed
                              run meets the chips it already counted)
     <vendor>/order.json      the OEM's order: the SHA-256 of the OEM root (burnt in OTP)
+    <vendor>/otp/<uid>.bin   the OTP of a chip provisioned at the fab (:func:`keep_otp`): the
+                             chip with that UID leaves the fab provisioned, and a programming
+                             centre meets it so (it identifies by its OEM device certificate)
 
 This module knows two parties (the fab and the programmer's line), which is why it lives
 beside the demo and the CLI, not in either role package.
@@ -27,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -39,6 +43,7 @@ VENDOR_ROOT = "root-ca.pem"
 VENDOR_KEY = "vendor-key.pem"
 CHIP_SEED = "chip-seed"
 ORDER = "order.json"
+OTP_DIR = "otp"
 _P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
@@ -78,6 +83,7 @@ class SimulatedFab:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise FormatError(f"{str(d / VENDOR_KEY)!r} is not an EC key")
         self.vendor = SiliconVendor.from_key(key, self.root_certificate)
+        self._dir = d
         self._seed = read_file(d / CHIP_SEED, "chip seed")
         try:
             order = json.loads(read_file(d / ORDER, "vendor order"))
@@ -92,10 +98,24 @@ class SimulatedFab:
         key = ec.derive_private_key(
             int.from_bytes(digest, "big") % (_P256_N - 1) + 1, ec.SECP256R1()
         )
-        return self.vendor.make_spec(device_id, key=key, oem_root_hash=self.oem_root_hash)
+        spec = self.vendor.make_spec(device_id, key=key, oem_root_hash=self.oem_root_hash)
+        otp = self._dir / OTP_DIR / f"{device_id}.bin"
+        if otp.is_file():  # provisioned at the fab: it leaves with its OTP written
+            return attrs.evolve(spec, otp=read_file(otp, "chip OTP"))
+        return spec
 
     def chips(self, uids: Sequence[int]) -> list[ChipSpec]:
         return [self.chip(u) for u in uids]
+
+
+def keep_otp(directory: str | os.PathLike[str], device_id: str, otp: bytes) -> None:
+    """Record that the fab's provisioning run wrote ``otp`` into chip ``device_id``
+    (``SimulatedDevice.otp`` after its release): the simulated part keeps it from now on."""
+    from securethread.formats.identity import check_device_id
+
+    if type(otp) is not bytes or not otp:
+        raise ConfigurationError(f"chip {device_id}: no OTP to keep (not provisioned)")
+    write_atomic(Path(directory) / OTP_DIR / f"{check_device_id(device_id)}.bin", otp)
 
 
 def first_uid(targets: Any) -> int:
@@ -161,6 +181,7 @@ __all__ = [
     "SimulatedFab",
     "create_vendor",
     "first_uid",
+    "keep_otp",
     "provision_simulated",
     "simulated_chips",
 ]

@@ -118,6 +118,10 @@ class WrongDeviceClassError(ImageError):
 # --- device ----------------------------------------------------------------------------
 
 
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 class _ChipSigner:
     """The device key as an envelope signer (ECDSA P-256 / SHA-256, DER)."""
 
@@ -221,16 +225,23 @@ class SimulatedDevice:
     # --- SBM services --------------------------------------------------------------------
 
     def identify(self, challenge: bytes) -> bytes:
-        """Answer an identification challenge (proof of possession + vendor certificate)."""
+        """Answer an identification challenge: proof of possession, the vendor certificate
+        and, once provisioned, the OEM device certificate and production-CA certificate
+        from OTP (a programming job identifies the chip by those: docs/device.md)."""
         if not isinstance(challenge, bytes) or not 16 <= len(challenge) <= 64:
             raise DeviceRefusedError("identification challenge must be 16-64 bytes")
         sig = self._key.sign(pop_payload(challenge, self.device_id, self._spki), _ECDSA_SHA256)
+        otp = self._otp_data
         return IdentificationResponse(
             challenge=challenge,
             device_id=self.device_id,
             public_key=self._spki,
             vendor_certificate=self._vendor_der,
             signature=sig,
+            device_certificate=None if otp is None else _der(otp.device_certificate),
+            production_ca_certificate=(
+                None if otp is None else _der(otp.production_ca_certificate)
+            ),
         ).to_bytes()
 
     def provision(self, provisioning_bytes: bytes, *, at: datetime.datetime | None = None) -> None:

@@ -199,16 +199,19 @@ class ChipSpec:
     oem_root_hash: bytes | None
     rollback_floor: int = 0
     flash_size: int = DEFAULT_FLASH_SIZE
+    #: What a fab's provisioning run wrote into its OTP (provisioning data), or None: blank.
+    otp: bytes | None = attrs.field(default=None, repr=False)
 
     def open(self) -> SimulatedDevice:
         """The chip (its methods are the programmer's DevicePort: identify, provision,
-        program)."""
+        program).  A part provisioned at the fab (``otp``) opens with that OTP: the SBM
+        takes it again under its own rules, as it did when it was written."""
         from securethread.device.sbm import SimulatedDevice
 
         key = serialization.load_der_private_key(self.private_key_der, None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError("chip spec: the chip key is not an EC private key")
-        return SimulatedDevice(
+        dev = SimulatedDevice(
             device_id=self.device_id,
             private_key=key,
             vendor_certificate=x509.load_der_x509_certificate(self.vendor_certificate_der),
@@ -216,6 +219,9 @@ class ChipSpec:
             rollback_floor=self.rollback_floor,
             flash_size=self.flash_size,
         )
+        if self.otp is not None:
+            dev.provision(self.otp)
+        return dev
 
 
 def make_chips(

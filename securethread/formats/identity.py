@@ -3,10 +3,15 @@
 The programmer sends a random challenge; the device answers (canonical CBOR, versioned)::
 
     {"v": 2, "challenge": bstr, "device_id": "<16 hex>", "public_key": SPKI DER,
-     "vendor_certificate": DER, "signature": DER ECDSA-P256-SHA256}
+     "vendor_certificate": DER, "sig": DER ECDSA-P256-SHA256,
+     ? "device_certificate": DER, ? "production_ca_certificate": DER}
 
-where the signature covers ``CBOR(["securethread-device-identification", 1, challenge,
+where the signature covers ``CBOR(["securethread-device-identification", v, challenge,
 device_id, public_key])`` (domain separation: no other securethread signature has this shape).
+The two optional fields come together or not at all: a chip provisioned earlier (at a fab)
+adds the OEM device certificate and production-CA certificate from its OTP, and a
+*programming* job identifies it by them (:class:`ProvisionedIdentityVerifier`) instead of by
+its vendor CA; the vendor certificate stays, so a line that provisions still identifies it.
 
 :class:`IdentityVerifier` runs per device on the programmer, so it does the smallest complete
 set of checks instead of a general path builder (RFC 5280 §6.1 reduced to a one-level chain
@@ -25,6 +30,7 @@ officers sign, and :func:`check_vendor_cas` admits exactly those certificates.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import hmac
 import os
 import re
@@ -37,7 +43,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
-from securethread.errors import DeviceRefusedError, FormatError, JobError
+from securethread.errors import DeviceRefusedError, Error, FormatError, JobError
 from securethread.formats import cbor, fields
 from securethread.keys.ecutil import fingerprint, spki_der
 from securethread.keys.policy import Curve
@@ -51,8 +57,13 @@ __all__ = [
     "IdentificationFormatError",
     "IdentificationResponse",
     "IdentityVerifier",
+    "DeviceCertificateError",
     "KeyMismatchError",
+    "NotProvisionedChipError",
     "ProofOfPossessionError",
+    "ProvisionedIdentity",
+    "ProvisionedIdentityVerifier",
+    "UnknownProductionCAError",
     "UnknownVendorError",
     "VendorCAError",
     "VendorCertificateError",
@@ -60,13 +71,14 @@ __all__ = [
     "check_vendor_cas",
     "new_challenge",
     "pop_payload",
+    "production_ca_id",
     "vendor_ca_id",
     "verify_identification",
 ]
 
 VERSION = 2
 CHALLENGE_SIZE = 32
-MAX_RESPONSE_SIZE = 4096
+MAX_RESPONSE_SIZE = 8192  # vendor, device and production-CA certificates
 _DOMAIN = "securethread-device-identification"
 #: A device id: 16 lowercase hex digits, a 64-bit chip UID.
 DEVICE_ID_RE = re.compile(r"[0-9a-f]{16}")
@@ -111,6 +123,19 @@ class ProofOfPossessionError(DeviceRefusedError):
     """The device's signature over the challenge does not verify."""
 
 
+class NotProvisionedChipError(DeviceRefusedError):
+    """A programming job met a chip that carries no OEM device certificate."""
+
+
+class UnknownProductionCAError(DeviceRefusedError):
+    """The chip's OEM device certificate is from a production CA the programming job does not
+    name (provisioned under another job, or a CA the OEM root never certified)."""
+
+
+class DeviceCertificateError(DeviceRefusedError):
+    """The chip's OEM device certificate does not validate under its production CA."""
+
+
 def check_device_id(device_id: object) -> str:
     """Device ids are exactly 16 lowercase hex digits (a 64-bit chip UID)."""
     if type(device_id) is not str or _DEVICE_ID_RE.fullmatch(device_id) is None:
@@ -142,7 +167,21 @@ class IdentificationResponse:
         "vendor_certificate", min_len=64, max_len=2048
     )  # DER
     signature: bytes = fields.byte_string("sig", min_len=8, max_len=80)  # DER ECDSA
+    # A chip provisioned earlier: its OEM device certificate and production CA (DER, from OTP).
+    device_certificate: bytes | None = fields.byte_string(
+        "device_certificate", min_len=64, max_len=2048, absent=fields.Absent.OMIT
+    )
+    production_ca_certificate: bytes | None = fields.byte_string(
+        "production_ca_certificate", min_len=64, max_len=2048, absent=fields.Absent.OMIT
+    )
     version: int = fields.version(VERSION)
+
+    def __attrs_post_init__(self) -> None:
+        if (self.device_certificate is None) != (self.production_ca_certificate is None):
+            raise IdentificationFormatError(
+                "identification response: device_certificate and production_ca_certificate "
+                "come together or not at all"
+            )
 
     def to_bytes(self) -> bytes:
         return cbor.encode(fields.encode(self))
@@ -347,3 +386,102 @@ def verify_identification(
 ) -> DeviceIdentity:
     """One-shot :meth:`IdentityVerifier.verify`; build an :class:`IdentityVerifier` per job."""
     return IdentityVerifier(vendor_roots).verify(response, challenge=challenge, at=at)
+
+
+def production_ca_id(certificate_der: bytes) -> bytes:
+    """A production CA's identity in a programming job's ``provisioned_by``: SHA-256 of its
+    DER certificate (the certificate the OEM root signed for one provisioning job)."""
+    return hashlib.sha256(certificate_der).digest()
+
+
+@attrs.frozen
+class ProvisionedIdentity:
+    """A chip that proved its identity by the OEM device certificate it was provisioned with.
+
+    ``production_ca`` is :func:`production_ca_id` of the CA that issued ``device_certificate``
+    (DER, byte for byte what the chip carries); ``certificate_sha256`` names it in a ledger."""
+
+    device_id: str
+    public_key: ec.EllipticCurvePublicKey
+    device_certificate: bytes
+    production_ca: bytes
+
+    @property
+    def certificate_sha256(self) -> bytes:
+        return hashlib.sha256(self.device_certificate).digest()
+
+
+class ProvisionedIdentityVerifier:
+    """Identifies chips provisioned under named production CAs (a programming job's
+    ``provisioned_by``), built once per job.
+
+    Each CA is validated under the OEM root here (validity, profile, signature: RFC 5280
+    §6.1.3 (a)); per chip: the challenge, the production CA by the hash of the certificate the
+    chip shows (a lookup, so an unnamed or forged CA is refused before any verification), the
+    device certificate under that CA (path, profile, job binding; X.520 serialNumber = the
+    claimed device id), the certified key = the answering key byte for byte, then proof of
+    possession.  Each failure is its own :class:`DeviceRefusedError` subclass."""
+
+    def __init__(
+        self,
+        production_cas: Iterable[x509.Certificate],
+        oem_root: x509.Certificate,
+        *,
+        at: datetime.datetime | None = None,
+    ) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        from securethread.pki.validate import DeviceChainValidator
+
+        self._validators: dict[bytes, DeviceChainValidator] = {}
+        for ca in production_cas:
+            der = ca.public_bytes(serialization.Encoding.DER)
+            self._validators[production_ca_id(der)] = DeviceChainValidator(ca, oem_root, at=at)
+        if not self._validators:
+            raise ValueError("at least one production CA is needed")
+
+    def verify(self, response: bytes, *, challenge: bytes) -> ProvisionedIdentity:
+        """Check one response against the challenge we sent; raise a DeviceRefusedError."""
+        r = IdentificationResponse.from_bytes(response)
+        who = f"device {r.device_id}"
+        if not hmac.compare_digest(r.challenge, challenge):
+            raise ChallengeMismatchError(f"{who}: response answers another challenge")
+        if r.device_certificate is None or r.production_ca_certificate is None:
+            raise NotProvisionedChipError(
+                f"{who} carries no OEM device certificate (not provisioned at a fab)"
+            )
+        ca_id = production_ca_id(r.production_ca_certificate)
+        validator = self._validators.get(ca_id)
+        if validator is None:
+            raise UnknownProductionCAError(
+                f"{who} was provisioned under production CA {ca_id.hex()[:16]}, which this "
+                "programming job does not name"
+            )
+        try:
+            cert = untrusted.load_certificate(
+                r.device_certificate, what=f"{who}: device certificate", curves=(Curve.P256,)
+            )
+        except FormatError as exc:
+            raise IdentificationFormatError(str(exc)) from None
+        try:
+            validator.validate(cert)
+        except Error as exc:
+            raise DeviceCertificateError(f"{who}: OEM device certificate: {exc}") from None
+        ids = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+        if len(ids) != 1 or ids[0].value != r.device_id:
+            raise DeviceIdMismatchError(f"{who}: OEM device certificate is for another device id")
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)  # P-256: checked by the loader
+        if spki_der(key) != r.public_key:
+            IdentityVerifier._check_answering_key(r)
+            raise KeyMismatchError(
+                f"{who}: answering key is not the key its OEM device certificate certifies "
+                "(a certificate replayed from another chip)"
+            )
+        try:
+            key.verify(
+                r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256
+            )
+        except InvalidSignature:
+            raise ProofOfPossessionError(f"{who}: proof of possession does not verify") from None
+        return ProvisionedIdentity(r.device_id, key, r.device_certificate, ca_id)
