@@ -161,7 +161,9 @@ def _describe_cbor(data: bytes) -> dict[str, Any]:
             "kind": JOB_PACKAGE_KIND,
             "job": _describe_cbor(package.job),
             "production-ca": _cert_view(package.production_ca),
-            "manifest": _describe_cbor(package.manifest),
+            "manifest": (  # none in a provision job's package
+                _describe_cbor(package.manifest) if package.manifest is not None else None
+            ),
             "device-trust": _describe_cbor(package.device_trust),
             "vendors": [_cert_view(v) for v in package.vendors],
         }

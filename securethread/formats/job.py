@@ -40,6 +40,11 @@ MAX_JOB_SIZE = 1 << 20
 MAX_TARGET_ENTRIES = 10_000
 MAX_QUOTA = 1 << 40
 MAX_VENDORS = 64
+MAX_PROVISIONED_BY = 64
+#: The job stages (:attr:`ProductionJob.stage`, docs/formats.md "Job stages").
+STAGE_FULL, STAGE_PROVISION, STAGE_PROGRAM = "full", "provision", "program"
+STAGES = (STAGE_FULL, STAGE_PROVISION, STAGE_PROGRAM)
+STAGE_RE = re.compile("|".join(STAGES))
 #: Job ids, device ids (64-bit chip UIDs in lowercase hex) and names (device class, image id).
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEVICE_ID_RE = re.compile(r"[0-9a-f]{16}")
@@ -134,19 +139,40 @@ class ProductionJob:
     quota: int = fields.integer("quota", lo=-(1 << 64))  # 1..MAX_QUOTA: a JobError below
     not_before: int = fields.integer("not_before")
     not_after: int = fields.integer("not_after")
-    image_id: str = fields.text("image_id", max_len=64, pattern=NAME_RE)
-    manifest_sha256: bytes = fields.byte_string("manifest_sha256", size=32)
+    #: Where the job sits in production: ``"full"`` (identify, certify, license, program on
+    #: one appliance), ``"provision"`` (the silicon vendor's fab: identify against a vendor
+    #: CA, certify, burn provisioning data; no image, no license) or ``"program"`` (the
+    #: programming centre: chips provisioned under the jobs ``provisioned_by`` names).
+    stage: str = fields.text("stage", max_len=16, pattern=STAGE_RE, default=STAGE_FULL)
+    #: The image and its signed manifest: absent (the keys left out) iff stage "provision".
+    image_id: str | None = fields.text(
+        "image_id", max_len=64, pattern=NAME_RE, absent=fields.Absent.OMIT
+    )
+    manifest_sha256: bytes | None = fields.byte_string(
+        "manifest_sha256", size=32, absent=fields.Absent.OMIT
+    )
     #: The device certificate profile: subject fields and the devices' notAfter (docs/pki.md).
     certificate: DeviceProfile = fields.custom("certificate", _Profile())
     #: SHA-256 of the job's production-CA certificate (DER): binds the CA to this job.
-    production_ca: bytes = fields.byte_string("production_ca", size=32)
+    #: Absent (the key left out) iff stage "program": that appliance issues no certificate.
+    production_ca: bytes | None = fields.byte_string(
+        "production_ca", size=32, absent=fields.Absent.OMIT
+    )
     #: SHA-256 fingerprint of the programmer enclave identity certificate.
     programmer: bytes = fields.byte_string("programmer", size=32)
     #: The silicon-vendor CAs whose chips the job accepts: SHA-256 of each CA's DER
     #: SubjectPublicKeyInfo (:func:`securethread.keys.ecutil.fingerprint`), sorted (S6).
+    #: Non-empty for stages "full" and "provision"; empty for "program", whose chips are
+    #: identified by their OEM device certificate (the fab checked the vendor chain).
     vendors: tuple[bytes, ...] = fields.list_of(
-        "vendors", _HASH, min_len=1, max_len=MAX_VENDORS, order=fields.Order.SORTED, sort=True
+        "vendors", _HASH, max_len=MAX_VENDORS, order=fields.Order.SORTED, sort=True
     )
+    #: Stage "program" only (else empty): SHA-256 of the DER production-CA certificates of
+    #: the provisioning jobs whose devices this job accepts, sorted (S6).
+    provisioned_by: tuple[bytes, ...] = fields.list_of(
+        "provisioned_by", _HASH, max_len=MAX_PROVISIONED_BY, order=fields.Order.SORTED,
+        sort=True, default=(),
+    )  # fmt: skip
     threshold: int = fields.integer("threshold", default=1)  # 1..16: checked below
     version: int = fields.version(JOB_VERSION)
 
@@ -157,6 +183,52 @@ class ProductionJob:
             raise JobError("job validity window is empty or out of range")
         if not 1 <= self.threshold <= 16:
             raise JobError("job threshold must be between 1 and 16")
+        self._check_stage()
+
+    def _check_stage(self) -> None:
+        """The fields each stage needs, and only those (docs/formats.md, "Job stages")."""
+        stage = self.stage
+        provision, program = stage == STAGE_PROVISION, stage == STAGE_PROGRAM
+        if (self.image_id is None, self.manifest_sha256 is None) != (provision, provision):
+            want = "carry no" if provision else "name both"
+            raise JobError(f"job {self.job_id}: a {stage!r} job must {want} image_id and "
+                           "manifest_sha256")  # fmt: skip
+        if (self.production_ca is None) != program:
+            want = "name no" if program else "name its"
+            raise JobError(f"job {self.job_id}: a {stage!r} job must {want} production_ca")
+        if bool(self.provisioned_by) != program:
+            want = "non-empty" if program else "empty"
+            raise JobError(f"job {self.job_id}: provisioned_by must be {want} for a {stage!r} job")
+        if bool(self.vendors) == program:
+            want = "no vendor CA (its chips show OEM device certificates)" if program else (
+                "at least one vendor CA"
+            )  # fmt: skip
+            raise JobError(f"job {self.job_id}: a {stage!r} job must name {want}")
+
+    @property
+    def provisions(self) -> bool:
+        """The job's line identifies chips against a vendor CA and issues device
+        certificates (stages "full" and "provision")."""
+        return self.stage != STAGE_PROGRAM
+
+    @property
+    def programs(self) -> bool:
+        """The job's line licenses and writes the image (stages "full" and "program")."""
+        return self.stage != STAGE_PROVISION
+
+    def image(self) -> tuple[str, bytes]:
+        """``(image_id, manifest_sha256)`` of a job that programs; a :class:`JobError` for
+        a "provision" job, which names no image (for the steps that need one)."""
+        if self.image_id is None or self.manifest_sha256 is None:
+            raise JobError(f"job {self.job_id} is a {self.stage!r} job: it names no image")
+        return self.image_id, self.manifest_sha256
+
+    def production_ca_sha256(self) -> bytes:
+        """The production-CA hash of a job that issues device certificates; a
+        :class:`JobError` for a "program" job, which has no production CA."""
+        if self.production_ca is None:
+            raise JobError(f"job {self.job_id} is a {self.stage!r} job: it has no production CA")
+        return self.production_ca
 
     def to_obj(self) -> dict[str, Any]:
         return fields.encode(self)

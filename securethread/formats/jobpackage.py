@@ -4,7 +4,7 @@
   the CSR of a production-CA key the programmer generated in its token for that job, in an
   envelope signed by the programmer's identity key (which the OEM certified at onboarding).
 * **Job package** (OEM -> programmer, ``job-package``): the signed job, the production-CA
-  certificate, the signed manifest, the device-trust statement
+  certificate, the signed manifest (none for a provisioning job), the device-trust statement
   (:mod:`securethread.formats.device_trust`) the chips will check, and the certificates of
   the silicon-vendor CAs the job names.  The package itself carries no signature: each part
   authenticates itself (officers sign the job, which names the vendor CAs by the hash of
@@ -79,11 +79,14 @@ class JobPackage:
 
     job: bytes = fields.byte_string("job", min_len=1, max_len=MAX_PACKAGE)
     production_ca: bytes = fields.byte_string("production-ca", min_len=1, max_len=8192)
-    manifest: bytes = fields.byte_string("manifest", min_len=1, max_len=64 << 10)
+    #: The signed manifest; absent iff the job is a "provision" job (it names no image).
+    manifest: bytes | None = fields.byte_string(
+        "manifest", min_len=1, max_len=64 << 10, absent=fields.Absent.OMIT
+    )
     device_trust: bytes = fields.byte_string("device-trust", min_len=1, max_len=4096)
     vendors: tuple[bytes, ...] = fields.list_of(
-        "vendors", fields.bytes_rule(min_len=1, max_len=MAX_VENDOR_CERT), min_len=1,
-        max_len=MAX_VENDORS,
+        "vendors", fields.bytes_rule(min_len=1, max_len=MAX_VENDOR_CERT),
+        max_len=MAX_VENDORS,  # none for a "program" job: the job names none
     )  # fmt: skip
     ocsp_responder: bytes | None = fields.byte_string(
         "ocsp-responder", min_len=1, max_len=4096, absent=fields.Absent.OMIT

@@ -288,7 +288,7 @@ def _check_production_ca(job: ProductionJob, pca: x509.Certificate) -> None:
     certificate must moreover carry this job's tag in its serial (checked per record), which
     no production CA of another job can give it."""
     der = pca.public_bytes(serialization.Encoding.DER)
-    if not hmac.compare_digest(hashlib.sha256(der).digest(), job.production_ca):
+    if not hmac.compare_digest(hashlib.sha256(der).digest(), job.production_ca_sha256()):
         raise ProductionCAError(
             f"the production CA given is not the one job {job.job_id} names (its hash differs)"
         )
@@ -308,7 +308,7 @@ def _check_production_ca(job: ProductionJob, pca: x509.Certificate) -> None:
 
 def _job_manifest(job: ProductionJob, manifest: bytes) -> Manifest:
     """The manifest the job names (its hash is in the officer-signed job)."""
-    if not hmac.compare_digest(hashlib.sha256(manifest).digest(), job.manifest_sha256):
+    if not hmac.compare_digest(hashlib.sha256(manifest).digest(), job.image()[1]):
         raise ReconciliationError(f"the manifest given is not the one job {job.job_id} names")
     kind, body, _signers = envelope.peek_body(manifest)  # authenticated by the hash above
     if kind != MANIFEST_KIND:

@@ -35,9 +35,16 @@ from collections.abc import Callable
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.errors import ConfigurationError, JobError, PinMissingError, VerificationError
+from securethread.errors import (
+    ConfigurationError,
+    Error,
+    JobError,
+    PinMissingError,
+    VerificationError,
+)
 from securethread.formats import cbor, envelope
 from securethread.formats.device_trust import (
     DeviceTrust,
@@ -48,6 +55,7 @@ from securethread.formats.identity import vendor_ca_id
 from securethread.formats.job import (
     JOB_KIND,
     MAX_JOB_SIZE,
+    STAGE_PROVISION,
     ProductionJob,
     job_hash,
     sign_job,
@@ -60,13 +68,14 @@ from securethread.hsm.pin import env_var_for, env_var_names, harden_process, res
 from securethread.keys import fingerprint, load_spki
 from securethread.keys.protocol import PrivateKey
 from securethread.oem import layout as L
-from securethread.oem.jobspec import load_job_spec
+from securethread.oem.jobspec import JobSpec, load_job_spec
 from securethread.oem.ocsp import make_responder_request
 from securethread.oem.ocsp import request_file as ocsp_request_file
 from securethread.pki import (
     cert_fingerprint,
     certify_production_ca,
     from_pem,
+    job_id_of,
     to_der,
     untrusted,
 )
@@ -125,17 +134,8 @@ def prepare_job(
     work.require(
         f"{pdir}/identity.pem", step="issue-job", needs=f"certify-programmer ({spec.programmer})"
     )
-    idir = L.image_dir(spec.image)
-    work.require(f"{idir}/manifest.bin", step="issue-job", needs=f"master-image ({spec.image})")
-    if not (
-        work.exists(f"{pdir}/keys-{spec.image}.ack")
-        or work.exists(f"{pdir}/keys-{spec.image}.receipt")
-    ):
-        raise ConfigurationError(
-            f"issue-job needs the key of image {spec.image!r} delivered to {spec.programmer!r} "
-            "first (send-keys, or seal-keys and confirm-keys)"
-        )
-    manifest_bytes = work.read(f"{idir}/manifest.bin", "manifest")
+    image = _job_image(work, spec, pdir)
+    provisioned_by = tuple(_provisioning_ca(work, entry) for entry in spec.provisioned_by)
     programmer_cert = from_pem(work.read(f"{pdir}/identity.pem", "programmer certificate"))
     request = ProductionCARequest.open(
         read_file(ca_request, "production-CA request", limit=64 << 10),
@@ -156,9 +156,11 @@ def prepare_job(
     fw_key = untrusted.load_public_key_pem(
         work.read(L.FIRMWARE_KEY, "firmware-signing key"), what="firmware-signing key"
     )
-    manifest = verify_manifest(manifest_bytes, key=fw_key)
-    device_class = spec.device_class or manifest.device_class
-    if device_class != manifest.device_class:
+    manifest = verify_manifest(image[1], key=fw_key) if image is not None else None
+    device_class = spec.device_class or (manifest.device_class if manifest else None)
+    if device_class is None:  # load_job_spec requires it of a provision job
+        raise JobError(f"job {spec.job_id!r} names no device class")
+    if manifest is not None and device_class != manifest.device_class:
         raise JobError(
             f"the job's device class {device_class!r} is not the image's "
             f"({manifest.device_class!r})"
@@ -197,19 +199,22 @@ def prepare_job(
         quota=spec.quota,
         not_before=int(not_before.timestamp()),
         not_after=int(not_after.timestamp()),
-        image_id=spec.image,
-        manifest_sha256=hashlib.sha256(manifest_bytes).digest(),
+        stage=spec.stage,
+        image_id=image[0] if image is not None else None,
+        manifest_sha256=hashlib.sha256(image[1]).digest() if image is not None else None,
         programmer=cert_fingerprint(programmer_cert),
         threshold=threshold,
         certificate=profile,
         production_ca=cert_fingerprint(pca),
         vendors=tuple(vendor_ca_id(c) for c in spec.vendors),
+        provisioned_by=provisioned_by,
     )
     body = cbor.encode(job.to_obj())
     sha256 = draft_hash(body)
     # What the chips will trust for this job, signed by the root they have burnt in
     # (docs/device.md): the job (by the hash its officers will sign), its device class, the
-    # firmware-signing key, the floor.  It also binds the draft to this step: an officer
+    # firmware-signing key, the floor (the image's counter; 0 for a provision job, which
+    # names no image).  It also binds the draft to this step: an officer
     # approves only the draft it names.
     trust = sign_device_trust(
         DeviceTrust(
@@ -217,7 +222,7 @@ def prepare_job(
             job_sha256=sha256,
             device_class=device_class,
             firmware_signing_key=fw_key,
-            min_security_counter=manifest.security_counter,
+            min_security_counter=manifest.security_counter if manifest is not None else 0,
         ),
         root_key,
     )
@@ -249,6 +254,55 @@ def prepare_job(
         job=job, body=body, sha256=sha256, officers=officers, programmer=spec.programmer
     )
     return work.finish("oem issue-job", written, [tx], _draft_details(draft))
+
+
+def _job_image(work: PartyDir, spec: JobSpec, pdir: str) -> tuple[str, bytes] | None:
+    """The image a job programs and its signed manifest, once mastered here and its key
+    delivered to the programmer; None for a provision job (no image, no image key)."""
+    if spec.image is None:
+        return None
+    idir = L.image_dir(spec.image)
+    work.require(f"{idir}/manifest.bin", step="issue-job", needs=f"master-image ({spec.image})")
+    if not (
+        work.exists(f"{pdir}/keys-{spec.image}.ack")
+        or work.exists(f"{pdir}/keys-{spec.image}.receipt")
+    ):
+        raise ConfigurationError(
+            f"issue-job needs the key of image {spec.image!r} delivered to {spec.programmer!r} "
+            "first (send-keys, or seal-keys and confirm-keys)"
+        )
+    return spec.image, work.read(f"{idir}/manifest.bin", "manifest")
+
+
+def _provisioning_ca(work: PartyDir, entry: str | x509.Certificate) -> bytes:
+    """The production-CA hash of a provisioning job a program job names (by id, or by its
+    production-CA certificate): a job this OEM issued, of stage "provision"."""
+    if isinstance(entry, str):
+        job_id = entry
+    else:
+        root = from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
+        try:
+            entry.verify_directly_issued_by(root)
+            job_id = job_id_of(entry)
+        except (ValueError, TypeError, InvalidSignature, Error) as exc:
+            raise JobError(
+                f"provisioned_by: the certificate {entry.subject.rfc4514_string()!r} is not "
+                f"a production CA this OEM's root certified ({exc or type(exc).__name__})"
+            ) from None
+    jdir = L.job_dir(job_id)
+    if not work.exists(f"{jdir}/job.bin"):
+        raise JobError(f"provisioned_by: this OEM issued no job {job_id!r}")
+    named = read_draft(work, job_id).job
+    if named.stage != STAGE_PROVISION:
+        raise JobError(
+            f"provisioned_by: job {job_id!r} is a {named.stage!r} job, not a provisioning job"
+        )
+    pca = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))
+    if not isinstance(entry, str) and to_der(entry) != to_der(pca):
+        raise JobError(
+            f"provisioned_by: the certificate given is not job {job_id!r}'s production CA"
+        )
+    return cert_fingerprint(pca)
 
 
 def draft_hash(body: bytes) -> bytes:
@@ -294,10 +348,21 @@ class Draft:
             f"{len(self.officers.keys)} officers",
             f"  targets: {targets} ({count} device ids)",
             f"  window: {_utc(j.not_before)} .. {_utc(j.not_after)}",
-            f"  image {j.image_id} (manifest {j.manifest_sha256.hex()[:16]}…), production CA "
-            f"{j.production_ca.hex()[:16]}…, {len(j.vendors)} silicon vendor CA(s)",
+            f"  stage {j.stage}: {_stage_summary(j)}",
             f"  job hash (what the officers sign): {self.sha256.hex()}",
         ]
+
+
+def _stage_summary(j: ProductionJob) -> str:
+    image = "no image" if j.image_id is None else (
+        f"image {j.image_id} (manifest {j.image()[1].hex()[:16]}…)"
+    )  # fmt: skip
+    if j.production_ca is None:
+        return f"{image}, chips provisioned by {len(j.provisioned_by)} provisioning job(s)"
+    return (
+        f"{image}, {len(j.vendors)} silicon vendor CA(s), production CA "
+        f"{j.production_ca.hex()[:16]}…"
+    )
 
 
 def _utc(ts: int) -> str:
@@ -329,7 +394,7 @@ def read_draft(work: PartyDir, job_id: str) -> Draft:
             f"hashes to {sha256.hex()[:16]}… (prepare it again with issue-job SPEC)"
         )
     pca = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))
-    if cert_fingerprint(pca) != job.production_ca:
+    if cert_fingerprint(pca) != job.production_ca_sha256():
         raise JobError(f"the draft of job {job_id!r} names another production CA")
     if not officers.threshold <= job.threshold <= len(officers.keys):
         raise JobError(
@@ -554,7 +619,10 @@ def issue_job(workdir: str | os.PathLike[str], job_id: str) -> StepResult:
             "threshold": draft.job.threshold,
             "approvals": sorted(found),
             "package": f"outbox/job-{job_id}.bin",
-            "image": f"outbox/image-{draft.job.image_id}.enc",
+            "stage": draft.job.stage,
+            "image": (
+                f"outbox/image-{draft.job.image_id}.enc" if draft.job.image_id is not None else None
+            ),
         },
     )
 
@@ -564,13 +632,15 @@ def _vendor_file(jdir: str, cert: x509.Certificate) -> str:
     return f"{jdir}/vendors/{vendor_ca_id(cert).hex()}.pem"
 
 
-def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
-    """The job package and the encrypted image, into the outbox, from the job as recorded."""
-    jdir, idir = L.job_dir(job_id), L.image_dir(image_id)
+def _write_package(work: PartyDir, job_id: str, image_id: str | None) -> list[str]:
+    """The job package and the encrypted image, into the outbox, from the job as recorded
+    (a provision job, ``image_id`` None, has neither manifest nor image)."""
+    jdir = L.job_dir(job_id)
+    idir = L.image_dir(image_id) if image_id is not None else None
     package = JobPackage(
         job=work.read(f"{jdir}/job.bin", "job"),
         production_ca=to_der(from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))),
-        manifest=work.read(f"{idir}/manifest.bin", "manifest"),
+        manifest=work.read(f"{idir}/manifest.bin", "manifest") if idir is not None else None,
         device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
         vendors=tuple(
             to_der(from_pem(p.read_bytes()))
@@ -582,9 +652,11 @@ def _write_package(work: PartyDir, job_id: str, image_id: str) -> list[str]:
             else None
         ),
     )
-    image = f"outbox/image-{image_id}.enc"
-    copy_atomic(work.path(f"{idir}/image.enc"), work.path(image))
-    return [image, work.write(f"outbox/job-{job_id}.bin", package.to_bytes())]
+    written = []
+    if idir is not None:
+        written.append(f"outbox/image-{image_id}.enc")
+        copy_atomic(work.path(f"{idir}/image.enc"), work.path(written[0]))
+    return [*written, work.write(f"outbox/job-{job_id}.bin", package.to_bytes())]
 
 
 __all__ = ["Draft", "approve_job", "issue_job", "prepare_job", "read_draft"]

@@ -4,12 +4,22 @@
 
     job_id = "sensor-2026-11-a"        # unique per OEM: a reused id is refused
     programmer = "factory-1"           # a programmer certified by certify-programmer
-    image = "fw-sensor-1"              # an image mastered by master-image
+    stage = "full"                     # optional: "full" (the default), "provision" or
+                                       # "program" (docs/formats.md, job stages)
+    image = "fw-sensor-1"              # an image mastered by master-image (none in a
+                                       # "provision" job)
     device_class = "sensor-v1"         # optional: defaults to the image's device class
+                                       # (required in a "provision" job)
+    provisioned_by = ["fab-2026-11-a", "fab-ca.pem"]  # "program" jobs only: the provisioning
+                                       # jobs whose chips it accepts, each a job id this OEM
+                                       # issued or (a name ending in .pem) that job's
+                                       # production-CA certificate, relative to the spec
     quota = 1000
     threshold = 2                      # optional: officers who sign (default: the floor)
     vendors = ["vendor-root.pem"]      # the silicon-vendor CAs whose chips the job accepts:
-                                       # PEM certificates, relative to the spec (1..64)
+                                       # PEM certificates, relative to the spec (1..64);
+                                       # none in a "program" job (its chips show their OEM
+                                       # device certificate)
 
     [targets]                          # one or more of:
     ranges = [["5ec0000000000000", "5ec00000000003e7"]]   # inclusive, 16 hex digits
@@ -49,12 +59,25 @@ from cryptography.hazmat.primitives import serialization
 
 from securethread.errors import ConfigurationError, Error, FormatError
 from securethread.formats.identity import check_vendor_cas, vendor_ca_id
-from securethread.formats.job import MAX_VENDORS, Targets, check_device_id, check_job_id
+from securethread.formats.job import (
+    MAX_PROVISIONED_BY,
+    MAX_VENDORS,
+    STAGE_FULL,
+    STAGE_PROGRAM,
+    STAGE_PROVISION,
+    STAGES,
+    Targets,
+    check_device_id,
+    check_job_id,
+)
 from securethread.pki import DeviceProfile, untrusted
 from securethread.workdir import check_name, read_file
 
 MAX_TARGET_FILE = 16 << 20
-_TOP = {"job_id", "programmer", "image", "device_class", "quota", "threshold", "vendors"}
+_TOP = {
+    "job_id", "programmer", "stage", "image", "device_class", "quota", "threshold", "vendors",
+    "provisioned_by",
+}  # fmt: skip
 MAX_VENDOR_FILE = 64 << 10
 _TABLES = {"targets", "window", "certificate"}
 
@@ -67,7 +90,9 @@ class JobSpecError(ConfigurationError):
 class JobSpec:
     job_id: str
     programmer: str
-    image: str
+    #: "full", "provision" or "program" (:data:`securethread.formats.job.STAGES`).
+    stage: str
+    image: str | None  # None iff stage "provision"
     device_class: str | None
     quota: int
     threshold: int | None
@@ -76,8 +101,11 @@ class JobSpec:
     not_after: datetime.datetime | None
     days: int | None
     certificate: Mapping[str, Any]
-    #: The vendor CA certificates ``vendors`` names, in the spec's order.
+    #: The vendor CA certificates ``vendors`` names, in the spec's order (none for "program").
     vendors: tuple[x509.Certificate, ...]
+    #: Stage "program": the provisioning jobs it accepts, each a job id (str) or the job's
+    #: production-CA certificate, in the spec's order; empty for the other stages.
+    provisioned_by: tuple[str | x509.Certificate, ...] = ()
 
     def device_profile(self, *, default_organisation: str) -> DeviceProfile:
         """The job's device certificate profile ([certificate]; organisation defaults to
@@ -132,9 +160,10 @@ def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
     unknown = set(doc) - _TOP - _TABLES
     if unknown:
         raise JobSpecError(f"unknown key(s) {sorted(unknown)}")
-    for key in ("job_id", "programmer", "image", "quota", "vendors"):
-        if key not in doc:
-            raise JobSpecError(f"{key} is required")
+    stage = doc.get("stage", STAGE_FULL)
+    if stage not in STAGES:
+        raise JobSpecError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    _check_stage_keys(doc, stage)
     for table in _TABLES - {"certificate"}:
         if table not in doc:
             raise JobSpecError(f"[{table}] is required")
@@ -180,7 +209,8 @@ def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
     return JobSpec(
         job_id=check_job_id(doc["job_id"]),
         programmer=check_name("programmer", doc["programmer"]),
-        image=check_name("image", doc["image"]),
+        stage=stage,
+        image=check_name("image", doc["image"]) if "image" in doc else None,
         device_class=device_class,
         quota=quota,
         threshold=threshold,
@@ -191,8 +221,57 @@ def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
         not_after=_time(window["not_after"], "window.not_after") if "not_after" in window else None,
         days=days,
         certificate=certificate,
-        vendors=_vendors(doc["vendors"], base),
+        vendors=_vendors(doc["vendors"], base) if "vendors" in doc else (),
+        provisioned_by=_provisioned_by(doc["provisioned_by"], base)
+        if "provisioned_by" in doc
+        else (),
     )
+
+
+def _check_stage_keys(doc: Mapping[str, Any], stage: str) -> None:
+    """The keys a job of ``stage`` needs, and those it must not have (docs/formats.md)."""
+    required = {"job_id", "programmer", "quota"}
+    refused: set[str] = set()
+    if stage == STAGE_PROVISION:
+        required |= {"vendors", "device_class"}
+        refused = {"image", "provisioned_by"}
+    elif stage == STAGE_PROGRAM:
+        required |= {"image", "provisioned_by"}
+        refused = {"vendors"}
+    else:
+        required |= {"image", "vendors"}
+        refused = {"provisioned_by"}
+    where = "" if stage == STAGE_FULL else f" in a {stage!r} job"
+    for key in ("job_id", "programmer", "image", "device_class", "quota", "vendors",
+                "provisioned_by"):  # fmt: skip
+        if key in required and key not in doc:
+            raise JobSpecError(f"{key} is required{where}")
+    for key in sorted(refused & set(doc)):
+        raise JobSpecError(f"a {stage!r} job has no {key}")
+
+
+def _provisioned_by(entries: object, base: Path) -> tuple[str | x509.Certificate, ...]:
+    """``provisioned_by``: job ids of this OEM, or (names ending in ``.pem``) production-CA
+    certificate files relative to the spec; 1..MAX_PROVISIONED_BY, none twice."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise JobSpecError("provisioned_by must be a list of job ids or certificate file names")
+    if not 1 <= len(entries) <= MAX_PROVISIONED_BY:
+        raise JobSpecError(f"provisioned_by must name 1..{MAX_PROVISIONED_BY} provisioning jobs")
+    if len(set(entries)) != len(entries):
+        raise JobSpecError("provisioned_by names a provisioning job twice")
+    out: list[str | x509.Certificate] = []
+    for entry in entries:
+        if not entry.endswith(".pem"):
+            out.append(check_job_id(entry))
+            continue
+        path = base / entry
+        out.append(
+            untrusted.load_certificate_pem(
+                read_file(path, "production-CA certificate", limit=MAX_VENDOR_FILE),
+                what=f"production-CA certificate {str(path)!r}",
+            )
+        )
+    return tuple(out)
 
 
 def _table(

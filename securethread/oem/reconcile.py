@@ -55,7 +55,7 @@ def reconcile(
             production_ca_cert=from_pem(
                 work.read(f"{jdir}/production-ca.pem", "production-CA certificate")
             ),
-            manifest=work.read(f"{L.image_dir(job.image_id)}/manifest.bin", "manifest"),
+            manifest=work.read(f"{L.image_dir(job.image()[0])}/manifest.bin", "manifest"),
         )
     oem = work.open_token(L.TOKEN)
     tx = work.transcript(oem.private_key(L.L_IDENTITY))

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import CertificateError, ConfigurationError, ImageError, JobError
 from securethread.formats.identity import vendor_ca_id
+from securethread.formats.image import Manifest
 from securethread.formats.job import (
     VerifiedJob,
     check_job_id,
@@ -118,15 +119,25 @@ def open_job(
     workdir: str | os.PathLike[str],
     package_path: str | os.PathLike[str],
     *,
-    image: str | os.PathLike[str],
+    image: str | os.PathLike[str] | None,
 ) -> StepResult:
-    """Verify the OEM's job package and encrypted image, then open the job (see module)."""
+    """Verify the OEM's job package and encrypted image, then open the job (see module).
+
+    A "provision" job (the silicon vendor's fab) has no image: ``image`` is None, and
+    neither a manifest nor an image key is needed (docs/design.md, where provisioning
+    happens)."""
     work = L.open_programmer(workdir)
     work.require(L.cert_path("identity"), step="open-job", needs="install-certs")
     package = JobPackage.from_bytes(read_file(package_path, "job package", limit=1 << 20))
     job = verified_job(work, package.job)
     job_id = job.job.job_id
     jdir = L.job_dir(job_id)
+    if (image is None) == job.job.programs:
+        raise ConfigurationError(
+            f"open-job of job {job_id}, a {job.job.stage!r} job, "
+            + ("needs its encrypted image (--image FILE)" if image is None else
+               "takes no image: the job names none")
+        )  # fmt: skip
     work.require(
         f"{jdir}/production-ca.csr",
         step=f"open-job {job_id}",
@@ -153,37 +164,25 @@ def open_job(
         vendors=tuple(package.vendors),
         anchors=Anchors.of(work),
     )
-    pca, manifest = checked.production_ca, checked.manifest
+    pca = checked.production_ca
     _this_tokens_key(pca, job, token)
     vendor_files = [
         (L.vendor_ca_path(job_id, vendor_ca_id(c)), to_pem(c)) for c in checked.vendor_cas
     ]
     responder_files = certify_oem_responder(work, token, package, job, pca)  # OCSP, RFC 6960
-    image_tmp = work.path(f"{jdir}/.image.enc.tmp")
-    try:
-        shutil.copyfile(image, image_tmp)
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot read image {os.fspath(image)!r}: {exc.strerror}"
-        ) from None
-    try:
-        if file_sha256(image_tmp) != manifest.ciphertext_sha256:
-            raise ImageError(f"image {os.fspath(image)!r} does not match the job's manifest")
-        if not _has_secret_key(token, L.image_key_label(job.job.image_id)):
-            raise ConfigurationError(
-                f"the key of image {job.job.image_id!r} is not in this token "
-                "(receive-keys or open-keys first)"
-            )
-        if not token.has_certificate(L.production_ca_label(job_id)):
-            install_certificate(token, L.production_ca_label(job_id), pca)
-        os.replace(image_tmp, work.path(f"{jdir}/image.enc"))
-    finally:
-        image_tmp.unlink(missing_ok=True)
+    image_files = []
+    if checked.manifest is not None and checked.manifest_bytes is not None and image is not None:
+        _take_image(work, token, job, checked.manifest, image)
+        image_files = [
+            work.write(f"{jdir}/manifest.bin", checked.manifest_bytes),
+            f"{jdir}/image.enc",
+        ]
+    if not token.has_certificate(L.production_ca_label(job_id)):
+        install_certificate(token, L.production_ca_label(job_id), pca)
     written = [
         work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
-        work.write(f"{jdir}/manifest.bin", package.manifest),
+        *image_files,
         work.write(f"{jdir}/device-trust.bin", package.device_trust),
-        f"{jdir}/image.enc",
         *(work.write(rel, pem) for rel, pem in vendor_files),
         *(work.write(rel, pem) for rel, pem in responder_files),
     ]
@@ -207,6 +206,36 @@ def open_job(
         [tx],
         {"job": job_id, "quota": job.job.quota, "job_sha256": job.sha256.hex()},
     )
+
+
+def _take_image(
+    work: PartyDir,
+    token: Token,
+    job: VerifiedJob,
+    manifest: Manifest,
+    image: str | os.PathLike[str],
+) -> None:
+    """Keep the encrypted image as ``jobs/<id>/image.enc`` once it matches the manifest and
+    the image key is in this token (a job that programs)."""
+    image_tmp = work.path(f"{L.job_dir(job.job.job_id)}/.image.enc.tmp")
+    try:
+        shutil.copyfile(image, image_tmp)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read image {os.fspath(image)!r}: {exc.strerror}"
+        ) from None
+    try:
+        if file_sha256(image_tmp) != manifest.ciphertext_sha256:
+            raise ImageError(f"image {os.fspath(image)!r} does not match the job's manifest")
+        image_id = job.job.image()[0]
+        if not _has_secret_key(token, L.image_key_label(image_id)):
+            raise ConfigurationError(
+                f"the key of image {image_id!r} is not in this token "
+                "(receive-keys or open-keys first)"
+            )
+        os.replace(image_tmp, work.path(f"{L.job_dir(job.job.job_id)}/image.enc"))
+    finally:
+        image_tmp.unlink(missing_ok=True)
 
 
 def _open_job_store(work: PartyDir, token: Token, job: VerifiedJob) -> SQLiteStore:

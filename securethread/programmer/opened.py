@@ -66,8 +66,8 @@ class CheckedPackage:
     """What :func:`check_package` proved: each part verified and bound to the signed job."""
 
     job: VerifiedJob
-    manifest: Manifest
-    manifest_bytes: bytes
+    manifest: Manifest | None  # None iff a "provision" job (no image)
+    manifest_bytes: bytes | None
     production_ca: x509.Certificate
     device_trust: DeviceTrust
     device_trust_bytes: bytes
@@ -85,15 +85,24 @@ def check_job(signed: bytes, anchors: Anchors, *, now: int | None = None) -> Ver
     )
 
 
-def check_manifest(data: bytes, job: VerifiedJob, anchors: Anchors, *, where: str) -> Manifest:
-    """The manifest under the firmware-signing key, the one the job names, for its image."""
-    manifest = verify_manifest(data, key=anchors.firmware_key)
-    if hashlib.sha256(data).digest() != job.job.manifest_sha256:
-        raise JobError(f"job {job.job.job_id} names another manifest than {where}")
-    if manifest.image_id != job.job.image_id:
+def check_manifest(
+    data: bytes | None, job: VerifiedJob, anchors: Anchors, *, where: str
+) -> Manifest | None:
+    """The manifest under the firmware-signing key, the one the job names, for its image;
+    None for a "provision" job, whose package must carry none (it names no image)."""
+    if data is None or not job.job.programs:
+        if data is None and not job.job.programs:
+            return None
+        have = "carries no" if data is None else "carries a"
         raise JobError(
-            f"the manifest is for image {manifest.image_id!r}, the job for {job.job.image_id!r}"
+            f"job {job.job.job_id} is a {job.job.stage!r} job and {where} {have} manifest"
         )
+    image_id, manifest_sha256 = job.job.image()
+    manifest = verify_manifest(data, key=anchors.firmware_key)
+    if hashlib.sha256(data).digest() != manifest_sha256:
+        raise JobError(f"job {job.job.job_id} names another manifest than {where}")
+    if manifest.image_id != image_id:
+        raise JobError(f"the manifest is for image {manifest.image_id!r}, the job for {image_id!r}")
     return manifest
 
 
@@ -103,7 +112,7 @@ def check_production_ca(der: bytes, job: VerifiedJob, anchors: Anchors) -> x509.
     from securethread.pki import job_id_of
 
     job_id = job.job.job_id
-    if hashlib.sha256(der).digest() != job.job.production_ca:
+    if hashlib.sha256(der).digest() != job.job.production_ca_sha256():
         raise CertificateError(
             "the package's production-CA certificate is not the one the job names"
         )
@@ -129,16 +138,17 @@ def check_production_ca(der: bytes, job: VerifiedJob, anchors: Anchors) -> x509.
 
 
 def check_device_trust(
-    data: bytes, job: VerifiedJob, manifest: Manifest, anchors: Anchors
+    data: bytes, job: VerifiedJob, manifest: Manifest | None, anchors: Anchors
 ) -> DeviceTrust:
     """The root-signed statement the chips check (docs/device.md) must say what the job and
-    manifest say: a chip would refuse anything else, after its slot was counted."""
+    manifest say: a chip would refuse anything else, after its slot was counted.  A
+    provision job has no manifest: its statement's rollback floor is 0."""
     trust = verify_device_trust(data, oem_root=anchors.root)
     if (
         trust.job_id != job.job.job_id
         or trust.job_sha256 != job.sha256
         or trust.device_class != job.job.device_class
-        or trust.min_security_counter != manifest.security_counter
+        or trust.min_security_counter != (manifest.security_counter if manifest else 0)
         or spki_der(trust.firmware_signing_key) != spki_der(anchors.firmware_key)
     ):
         raise JobError("the device-trust statement does not match the job and its manifest")
@@ -148,7 +158,7 @@ def check_device_trust(
 def check_package(
     *,
     job: VerifiedJob,
-    manifest: bytes,
+    manifest: bytes | None,
     production_ca: bytes,
     device_trust: bytes,
     vendors: tuple[bytes, ...],
@@ -169,13 +179,14 @@ def check_package(
 class OpenedJob:
     """A job this programmer opened, verified again from its work directory: the package's
     checks (:func:`check_package`) on the files open-job kept, and the encrypted image
-    against the manifest.  ``closed``: close-job was run (the job issues nothing more)."""
+    against the manifest.  ``closed``: close-job was run (the job issues nothing more).
+    A "provision" job has neither manifest nor image (``image`` None)."""
 
     work: PartyDir
     job_id: str
     package: CheckedPackage
     anchors: Anchors
-    image: Path
+    image: Path | None
     closed: bool
 
     @property
@@ -184,7 +195,17 @@ class OpenedJob:
 
     @property
     def manifest(self) -> Manifest:
+        """The job's manifest; a :class:`JobError` for a provision job (it has none)."""
+        if self.package.manifest is None:
+            raise JobError(f"job {self.job_id} is a 'provision' job: it has no manifest")
         return self.package.manifest
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        """The signed manifest's bytes; a :class:`JobError` for a provision job."""
+        if self.package.manifest_bytes is None:
+            raise JobError(f"job {self.job_id} is a 'provision' job: it has no manifest")
+        return self.package.manifest_bytes
 
     @property
     def production_ca_der(self) -> bytes:
@@ -229,7 +250,7 @@ class OpenedJob:
             job = check_job(signed, anchors, now=start)
         pca_pem = work.read(f"{jdir}/production-ca.pem", "production CA")
         pca_der = from_pem(pca_pem).public_bytes(serialization.Encoding.DER)
-        if hashlib.sha256(pca_der).digest() != job.job.production_ca:
+        if hashlib.sha256(pca_der).digest() != job.job.production_ca_sha256():
             raise JobError(f"{jdir}/production-ca.pem is not the production CA job {job_id} names")
         vendors = []
         for ca_id in job.job.vendors:
@@ -238,16 +259,20 @@ class OpenedJob:
             vendors.append(cert.public_bytes(serialization.Encoding.DER))
         package = check_package(
             job=job,
-            manifest=work.read(f"{jdir}/manifest.bin", "manifest"),
+            manifest=work.read(f"{jdir}/manifest.bin", "manifest") if job.job.programs else None,
             production_ca=pca_der,
             device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
             vendors=tuple(vendors),
             anchors=anchors,
             where={"manifest": f"{jdir}/manifest.bin", "vendors": f"{jdir}/vendors/"},
         )
-        path = work.path(f"{jdir}/image.enc")
-        if image and file_sha256(path) != package.manifest.ciphertext_sha256:
-            raise ImageError(f"{jdir}/image.enc does not match its manifest (altered or truncated)")
+        path = None
+        if package.manifest is not None:  # a job that programs: the image it writes
+            path = work.path(f"{jdir}/image.enc")
+            if image and file_sha256(path) != package.manifest.ciphertext_sha256:
+                raise ImageError(
+                    f"{jdir}/image.enc does not match its manifest (altered or truncated)"
+                )
         return cls(work, job_id, package, anchors, path, work.exists(f"{jdir}/ledger.bin"))
 
     def to_json(self) -> dict[str, Any]:
@@ -255,6 +280,7 @@ class OpenedJob:
             "job": self.job_id,
             "job_sha256": self.job.sha256.hex(),
             "quota": self.job.job.quota,
+            "stage": self.job.job.stage,
             "image": self.job.job.image_id,
             "closed": self.closed,
         }

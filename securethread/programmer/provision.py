@@ -120,7 +120,7 @@ def opened_run_config(opened: OpenedJob, *, workers: int, batch_size: int) -> Ru
     pca_der = opened.production_ca_der
     return RunConfig(
         job=job,
-        manifest=opened.package.manifest_bytes,
+        manifest=opened.manifest_bytes,
         firmware_key=spki_der(opened.anchors.firmware_key),
         image=str(opened.image),
         store=str(opened.work.path(f"{jdir}/store.sqlite")),
@@ -130,7 +130,7 @@ def opened_run_config(opened: OpenedJob, *, workers: int, batch_size: int) -> Ru
         sbm=StandardSbm(pca_der, opened.oem_root_der, opened.package.device_trust_bytes),
         labels=KeyLabels(
             production_ca=L.production_ca_label(opened.job_id),
-            image_key=L.image_key_label(job.job.image_id),
+            image_key=L.image_key_label(job.job.image()[0]),
         ),
         token=L.TOKEN,
         workers=workers,
