@@ -426,7 +426,7 @@ def programmer_open_job(a: argparse.Namespace) -> int:
         "open-job",
         lambda: open_job(a.workdir, a.package, image=a.image),
         {},
-        [("package", a.package), ("image", a.image)],
+        [("package", a.package), *([("image", a.image)] if a.image is not None else [])],
     )
     return _step(a, r)
 
@@ -974,6 +974,10 @@ def build_parser() -> argparse.ArgumentParser:
     from securethread.cli_field import add_commands as add_field_commands
 
     add_field_commands(oem, command, workdir=oem_dir, reasons=REASONS, parser_class=_Parser)
+    # Zero-secret programming: oem prelicense, oem reconcile-lot (securethread/cli_zero.py).
+    from securethread import cli_zero
+
+    cli_zero.add_oem_commands(oem, command, workdir=oem_dir)
 
     prog_dir = "the programming centre's work directory (made by 'programmer init')"
     prog = roles.add_parser(
@@ -1048,7 +1052,10 @@ def build_parser() -> argparse.ArgumentParser:
         workdir=prog_dir,
     )
     c.add_argument("package", help="the OEM's job-<id>.bin")
-    c.add_argument("--image", required=True, help="the encrypted image that came with it")
+    c.add_argument(
+        "--image",
+        help="the encrypted image that came with it (none for a 'provision' job: the fab)",
+    )
     c = command(
         prog,
         "provision",
@@ -1286,6 +1293,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--parallel", type=int, default=4, help="sockets driven at once (default 4)"
     )
+    cli_zero.add_station_commands(station, command)
 
     vendor = roles.add_parser(
         "vendor", help="the simulated silicon vendor (chips for the demo and the tests)"
@@ -1298,6 +1306,7 @@ def build_parser() -> argparse.ArgumentParser:
         workdir="a new directory for the simulated fab",
     )
     c.add_argument("--oem-root", required=True, help="the OEM root certificate (PEM) of the order")
+    cli_zero.add_vendor_commands(vendor, command)
 
     c = command(
         roles,
