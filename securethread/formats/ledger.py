@@ -57,6 +57,11 @@ MAX_ENVELOPE_SIZE = 4096
 MAX_BATCH = 10_000
 KIND_PROVISIONED = "provisioned"
 KIND_PROGRAMMED = "programmed"
+#: A programming job counted a chip provisioned under another job and licensed it.
+KIND_LICENSED = "licensed"
+#: The kinds that count a device against its job's quota (a job has one of them: "licensed"
+#: for a "program" job, "provisioned" otherwise); the close record's ``provisioned`` counts them.
+COUNTED_KINDS = frozenset({KIND_PROVISIONED, KIND_LICENSED})
 TAG_JOB, TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE = "j", "r", "c", "e"
 _HASH = 32
 
@@ -111,9 +116,25 @@ class ProgrammedRecord(_Record):
     boot: bytes = fields.byte_string("boot", max_len=MAX_RECORD_SIZE)
 
 
+@fields.body("ledger record")
+@attrs.frozen(kw_only=True)
+class LicensedRecord(_Record):
+    """A "program" job counted a chip that was provisioned under another job and licensed
+    the image to it: no certificate is issued, so the record names the chip's OEM device
+    certificate by its SHA-256 (DER, as the chip showed it), the production CA that issued
+    it (SHA-256 of that CA's DER certificate, one of the job's ``provisioned_by``), and the
+    license's digest.  Joint reconciliation finds the certificate in the provisioning ledger."""
+
+    kind: str = fields.constant("kind", KIND_LICENSED)
+    cert_sha256: bytes = fields.byte_string("cert_sha256", size=_HASH)
+    production_ca: bytes = fields.byte_string("production_ca", size=_HASH)
+    license_sha256: bytes = fields.byte_string("license_sha256", size=_HASH)
+
+
 _RECORD_BODIES: dict[str, type] = {
     KIND_PROVISIONED: ProvisionedRecord,
     KIND_PROGRAMMED: ProgrammedRecord,
+    KIND_LICENSED: LicensedRecord,
 }
 
 
@@ -133,6 +154,8 @@ class PendingRecord:
     license_sha256: bytes = b""  # (provisioned)
     vendor_ca: bytes = b""  # (provisioned)
     boot: bytes = b""  # the device's signed boot confirmation (programmed)
+    cert_sha256: bytes = b""  # the chip's OEM device certificate's hash (licensed)
+    production_ca: bytes = b""  # its production CA's certificate hash (licensed)
 
     def encode(self, *, job: bytes, seq: int, prev: bytes) -> bytes:
         """The record's canonical bytes at place ``seq`` after ``prev`` (validated first)."""
@@ -142,6 +165,12 @@ class PendingRecord:
                 job=job, seq=seq, prev=prev, time=self.time, slot=self.slot,
                 device_id=self.device_id, cert=self.cert, license_sha256=self.license_sha256,
                 vendor_ca=self.vendor_ca,
+            )  # fmt: skip
+        elif self.kind == KIND_LICENSED:
+            rec = LicensedRecord(
+                job=job, seq=seq, prev=prev, time=self.time, slot=self.slot,
+                device_id=self.device_id, cert_sha256=self.cert_sha256,
+                production_ca=self.production_ca, license_sha256=self.license_sha256,
             )  # fmt: skip
         else:
             rec = ProgrammedRecord(
@@ -433,10 +462,10 @@ class LedgerReader:
                 self._checkpoint(payload, self.count + len(pending) - 1, prev, fresh=bool(pending))
                 for rec in pending:
                     self.count += 1
-                    if rec.kind == KIND_PROVISIONED:
-                        self.provisioned += 1
-                    else:
+                    if rec.kind == KIND_PROGRAMMED:
                         self.programmed += 1
+                    else:  # a counted kind (COUNTED_KINDS)
+                        self.provisioned += 1
                     self.head = rec.hash
                     yield rec
                 pending.clear()

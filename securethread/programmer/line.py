@@ -56,8 +56,13 @@ from securethread.errors import (
     VerificationError,
 )
 from securethread.formats import ledger
-from securethread.formats.identity import UnknownVendorError
-from securethread.formats.job import VerifiedJob
+from securethread.formats.identity import (
+    NotProvisionedChipError,
+    ProvisionedIdentity,
+    UnknownProductionCAError,
+    UnknownVendorError,
+)
+from securethread.formats.job import STAGE_PROGRAM, VerifiedJob
 from securethread.keys.protocol import PrivateKey
 from securethread.programmer.store import MarkKeeper, ProductionStore, Release
 
@@ -163,8 +168,12 @@ class NoArchive:
 
 NO_ARCHIVE = NoArchive()
 
-#: Verifies an identification response for a challenge; raises DeviceRefusedError.
-IdentityVerifier = Callable[[bytes, bytes], Identity]
+#: What identification established, by the job's stage.
+Identified = Identity | ProvisionedIdentity
+#: Verifies an identification response for a challenge; raises DeviceRefusedError.  A
+#: "program" job's verifier identifies chips by their OEM device certificate instead
+#: (:class:`~securethread.formats.identity.ProvisionedIdentity`).
+IdentityVerifier = Callable[[bytes, bytes], Identified]
 #: Builds the provisioning data released to a device, from its certificate's DER.
 Packager = Callable[[bytes], bytes]
 #: Verifies a boot confirmation (device cert, nonce, confirmation); raises.
@@ -234,7 +243,7 @@ class BatchResult:
 class _Identified(NamedTuple):
     started: float  # perf_counter when the batch's identification began
     size: int
-    accepted: list[tuple[DevicePort, Identity]]
+    accepted: list[tuple[DevicePort, Identified]]
     refused: list[Refused]
 
 
@@ -278,10 +287,10 @@ class ProductionLine:
         job: VerifiedJob,
         store: ProductionStore,
         identify: IdentityVerifier,
-        issuer: CertificateIssuer,
+        issuer: CertificateIssuer | None,
         licenses: LicenseMaker,
         ledger_key: PrivateKey,
-        packager: Packager,
+        packager: Packager | None,
         batch_size: int = 32,
         clock: Callable[[], float] = time.time,
         guard: MarkKeeper,
@@ -306,6 +315,14 @@ class ProductionLine:
         self._fault = faults
         self._archive = archive
         self._vendors = frozenset(job.job.vendors)
+        # A "program" job: chips provisioned under the jobs it names; no certificate issued.
+        self._program = job.job.stage == STAGE_PROGRAM
+        self._provisioned_by = frozenset(job.job.provisioned_by)
+        self._counted = ledger.KIND_LICENSED if self._program else ledger.KIND_PROVISIONED
+        if (issuer is None or packager is None) != self._program:
+            raise ConfigurationError(
+                "a line issues certificates and provisioning data iff its job provisions"
+            )
         store.open_job(
             job=job.sha256, job_id=job.job.job_id, quota=job.job.quota, signed=job.signed
         )
@@ -339,14 +356,14 @@ class ProductionLine:
         t0 = time.perf_counter()
         self._check_window()
         targets = self.job.job.targets
-        accepted: list[tuple[DevicePort, Identity]] = []
+        accepted: list[tuple[DevicePort, Identified]] = []
         refused: list[Refused] = []
         seen: set[str] = set()
         for dev in batch:
             challenge = os.urandom(32)
             try:
                 ident = self._identify(dev.identify(challenge), challenge)
-                self._check_vendor(ident)
+                self._check_origin(ident)
                 targets.check(ident.device_id)
                 if ident.device_id in seen:
                     raise AlreadyProvisionedError(f"device {ident.device_id} appears twice")
@@ -363,6 +380,29 @@ class ProductionLine:
             seen.add(ident.device_id)
             accepted.append((dev, ident))
         return _Identified(t0, len(batch), accepted, refused)
+
+    def _check_origin(self, ident: Identified) -> None:
+        """Where the chip comes from is one the job names: its vendor CA (a job that
+        provisions), or the production CA it was provisioned under (a "program" job)."""
+        if isinstance(ident, ProvisionedIdentity):
+            self._check_provisioned_by(ident)
+        elif self._program:
+            raise NotProvisionedChipError(
+                f"device {ident.device_id} carries no OEM device certificate; job "
+                f"{self.job.job.job_id} programs only chips provisioned under the jobs it names"
+            )
+        else:
+            self._check_vendor(ident)
+
+    def _check_provisioned_by(self, ident: ProvisionedIdentity) -> None:
+        """A "program" job: the chip's production CA is one the officer-signed job names in
+        ``provisioned_by`` (the ledger records it; joint reconciliation checks it again)."""
+        if not self._program or ident.production_ca not in self._provisioned_by:
+            raise UnknownProductionCAError(
+                f"device {ident.device_id}: provisioned under production CA "
+                f"{ident.production_ca.hex()[:16]}, which job {self.job.job.job_id} does not "
+                "name"
+            )
 
     def _check_vendor(self, ident: Identity) -> None:
         """The chip's vendor CA is one the officer-signed job names, whatever identifier
@@ -395,7 +435,8 @@ class ProductionLine:
         to_program: list[tuple[DevicePort, Provisioned]] = []
         for (dev, cert, _der, lic, data), rec, seq in released:
             try:
-                dev.provision(data)  # release: only after the commit above
+                if not self._program:  # a "program" job's chip keeps its fab's data
+                    dev.provision(data)  # release: only after the commit above
             except Exception as exc:
                 outcomes.append(Unreleased(rec.device_id, _release_error(exc)))
                 continue
@@ -413,15 +454,15 @@ class ProductionLine:
         return BatchResult(outcomes, to_program)
 
     def _sort_known(
-        self, accepted: list[tuple[DevicePort, Identity]], refused: list[Refused]
-    ) -> tuple[list[tuple[DevicePort, Identity]], list[tuple[DevicePort, Identity, Release]]]:
+        self, accepted: list[tuple[DevicePort, Identified]], refused: list[Refused]
+    ) -> tuple[list[tuple[DevicePort, Identified]], list[tuple[DevicePort, Identified, Release]]]:
         """New devices; devices counted by an earlier run and not programmed (to recover);
         the rest were provisioned already (and programmed, or in flight in this run)."""
         ids = [i.device_id for _, i in accepted]
-        known = self._store.known_devices(self._job_hash, ledger.KIND_PROVISIONED, ids)
+        known = self._store.known_devices(self._job_hash, self._counted, ids)
         pending = self._store.unprogrammed(self._job_hash, sorted(known)) if known else {}
-        fresh: list[tuple[DevicePort, Identity]] = []
-        recover: list[tuple[DevicePort, Identity, Release]] = []
+        fresh: list[tuple[DevicePort, Identified]] = []
+        recover: list[tuple[DevicePort, Identified, Release]] = []
         for dev, ident in accepted:
             did = ident.device_id
             if did not in known:
@@ -433,7 +474,8 @@ class ProductionLine:
                     AlreadyDone(
                         did,
                         AlreadyProvisionedError(
-                            f"device {did} was already provisioned and programmed under this job"
+                            f"device {did} was already {self._counted} and programmed under "
+                            "this job"
                         ),
                     )
                 )
@@ -463,7 +505,7 @@ class ProductionLine:
         return fresh, recover
 
     def _reserve(
-        self, fresh: list[tuple[DevicePort, Identity]], outcomes: list[Outcome]
+        self, fresh: list[tuple[DevicePort, Identified]], outcomes: list[Outcome]
     ) -> list[int]:
         """Count exactly the new devices of this batch, durably, before anything is issued
         (S3); the devices beyond the quota are refused."""
@@ -489,7 +531,7 @@ class ProductionLine:
 
     def _issue_and_commit(
         self,
-        work: list[tuple[tuple[DevicePort, Identity], int]],
+        work: list[tuple[tuple[DevicePort, Identified], int]],
         outcomes: list[Outcome],
     ) -> tuple[
         list[tuple[ledger.PendingRecord, int, bytes]],
@@ -502,12 +544,10 @@ class ProductionLine:
         unused: list[int] = []
         for (dev, ident), slot in work:
             try:
-                cert = self._issuer.issue(ident.public_key, ident.device_id, slot)
-                self._fault("after-certificate")
-                lic = self._licenses.issue(ident.device_id, ident.public_key)
-                self._fault("after-license")
-                der = cert.public_bytes(serialization.Encoding.DER)
-                data = self._packager(der)
+                if isinstance(ident, ProvisionedIdentity):
+                    cert, der, lic, data, record = self._license_provisioned(ident, slot, now)
+                else:
+                    cert, der, lic, data, record = self._certify_and_license(ident, slot, now)
             except FATAL:
                 raise
             except Exception as exc:  # the device's key or id made issuance fail
@@ -523,17 +563,7 @@ class ProductionLine:
                     )
                 )
                 continue
-            pending.append(
-                ledger.PendingRecord(
-                    kind=ledger.KIND_PROVISIONED,
-                    slot=slot,
-                    device_id=ident.device_id,
-                    time=now,
-                    cert=der,
-                    license_sha256=ledger.sha256(lic),
-                    vendor_ca=ident.vendor_ca,
-                )
-            )
+            pending.append(record)
             releases[ident.device_id] = Release(ident.device_id, slot, der, data, lic)
             issued[ident.device_id] = (dev, cert, der, lic, data)
         self._fault("before-commit")
@@ -554,6 +584,49 @@ class ProductionLine:
             )
         return committed.records, issued
 
+    def _certify_and_license(
+        self, ident: Identity, slot: int, now: int
+    ) -> tuple[x509.Certificate, bytes, bytes, bytes, ledger.PendingRecord]:
+        """A job that provisions: the device certificate, the license, the provisioning
+        data, and the "provisioned" record naming the chip's vendor CA."""
+        assert self._issuer is not None and self._packager is not None  # checked at __init__
+        cert = self._issuer.issue(ident.public_key, ident.device_id, slot)
+        self._fault("after-certificate")
+        lic = self._licenses.issue(ident.device_id, ident.public_key)
+        self._fault("after-license")
+        der = cert.public_bytes(serialization.Encoding.DER)
+        data = self._packager(der)
+        record = ledger.PendingRecord(
+            kind=ledger.KIND_PROVISIONED,
+            slot=slot,
+            device_id=ident.device_id,
+            time=now,
+            cert=der,
+            license_sha256=ledger.sha256(lic),
+            vendor_ca=ident.vendor_ca,
+        )
+        return cert, der, lic, data, record
+
+    def _license_provisioned(
+        self, ident: ProvisionedIdentity, slot: int, now: int
+    ) -> tuple[x509.Certificate, bytes, bytes, bytes, ledger.PendingRecord]:
+        """A "program" job: no certificate and no provisioning data (the chip carries both
+        from its fab); the license, and the "licensed" record naming the chip's certificate
+        and production CA by their hashes."""
+        lic = self._licenses.issue(ident.device_id, ident.public_key)
+        self._fault("after-license")
+        cert = x509.load_der_x509_certificate(ident.device_certificate)
+        record = ledger.PendingRecord(
+            kind=ledger.KIND_LICENSED,
+            slot=slot,
+            device_id=ident.device_id,
+            time=now,
+            license_sha256=ledger.sha256(lic),
+            cert_sha256=ident.certificate_sha256,
+            production_ca=ident.production_ca,
+        )
+        return cert, ident.device_certificate, lic, b"", record
+
     def _give_back_quietly(self, slots: Sequence[int]) -> None:
         """Best effort after a failure: slots that stay reserved are reclaimed at the run's
         end (burned by the next run if the run was killed)."""
@@ -568,7 +641,8 @@ class ProductionLine:
         """A device counted on an earlier run: the same provisioning data again (a chip
         that kept it refuses it as already provisioned, which is fine)."""
         try:
-            dev.provision(rel.provisioning)
+            if not self._program:
+                dev.provision(rel.provisioning)
         except AlreadyProvisionedError:
             pass
         except Exception as exc:

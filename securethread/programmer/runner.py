@@ -71,9 +71,13 @@ from securethread.errors import (
     StoreError,
 )
 from securethread.formats import ledger
-from securethread.formats.identity import IdentityVerifier, check_vendor_cas
+from securethread.formats.identity import (
+    IdentityVerifier,
+    ProvisionedIdentityVerifier,
+    check_vendor_cas,
+)
 from securethread.formats.image import Manifest, verify_manifest
-from securethread.formats.job import VerifiedJob, check_device_id
+from securethread.formats.job import STAGE_PROGRAM, VerifiedJob, check_device_id
 from securethread.formats.license import LicenseIssuer
 from securethread.hsm import KeyBackend, PinCallback, load_spki, open_token, resolve_pin
 from securethread.hsm.pin import PinSet, child_environment
@@ -81,6 +85,7 @@ from securethread.hsm.token import Token
 from securethread.hsm.uri import PKCS11URI
 from securethread.pki import DeviceCertificateIssuer
 from securethread.programmer.line import (
+    NO_ARCHIVE,
     NO_FAULTS,
     AlreadyDone,
     BootVerifier,
@@ -167,6 +172,10 @@ class RunConfig:
     vendor_roots: tuple[bytes, ...]
     sbm: SbmInterface
     labels: KeyLabels
+    #: A "program" job: the DER production-CA certificates its ``provisioned_by`` names (in
+    #: that order) and the OEM root they chain to (DER); its chips are identified by them.
+    provisioned_by: tuple[bytes, ...] = ()
+    oem_root: bytes = b""
     token: str = "programmer"
     workers: int = 1
     batch_size: int = 32
@@ -419,6 +428,11 @@ def build_line(
     job = config.job
     labels = config.labels
     manifest = verified_manifest(config)
+    if job.job.stage == STAGE_PROGRAM:
+        return _program_line(
+            config, token, store, manifest, guard=guard, run=run, faults=faults,
+            challenge_of=challenge_of,
+        )  # fmt: skip
     if ledger.sha256(config.production_ca) != job.job.production_ca:
         raise JobError(f"job {job.job.job_id} names another production-CA certificate")
     pca = x509.load_der_x509_certificate(config.production_ca)
@@ -454,6 +468,60 @@ def build_line(
         run=run,
         faults=faults,
         archive=archive if archive is not None else CertificateFiles(config.certificates),
+    )
+
+
+def _program_line(
+    config: RunConfig,
+    token: KeyBackend,
+    store: ProductionStore,
+    manifest: Manifest,
+    *,
+    guard: MarkKeeper,
+    run: bytes,
+    faults: FaultHook,
+    challenge_of: Callable[[bytes], bytes] | None,
+) -> ProductionLine:
+    """The line of a "program" job: chips identified by the OEM device certificates they
+    were provisioned with, under the production CAs the officer-signed job names (each
+    certificate checked against the job's hashes here, whoever built the configuration, and
+    under the OEM root by the verifier); licenses and the image; no certificate is issued."""
+    job = config.job
+    named = tuple(sorted(ledger.sha256(der) for der in config.provisioned_by))
+    if named != job.job.provisioned_by:
+        raise JobError(
+            f"job {job.job.job_id}: the run's production-CA certificates are not exactly "
+            "the ones its provisioned_by names"
+        )
+    verifier = ProvisionedIdentityVerifier(
+        [x509.load_der_x509_certificate(der) for der in config.provisioned_by],
+        x509.load_der_x509_certificate(config.oem_root),
+    )
+    labels = config.labels
+    if labels.image_key is None:
+        raise JobError(f"job {job.job.job_id}: a 'program' run needs the image key's label")
+    return ProductionLine(
+        job=job,
+        store=store,
+        identify=lambda resp, ch: verifier.verify(
+            resp, challenge=ch if challenge_of is None else challenge_of(resp)
+        ),
+        issuer=None,
+        licenses=LicenseIssuer(
+            ka_key=token.private_key(labels.key_agreement),
+            ka_certificate=token.certificate(labels.key_agreement),
+            signing_key=token.private_key(labels.license_signing),
+            signing_certificate=token.certificate(labels.license_signing),
+            image_key=token.secret_key(labels.image_key),
+            manifest=manifest,
+        ),
+        ledger_key=token.private_key(labels.ledger_signing),
+        packager=None,
+        batch_size=config.batch_size,
+        guard=guard,
+        run=run,
+        faults=faults,
+        archive=NO_ARCHIVE,  # no certificate is issued: the fab's ledger has them
     )
 
 

@@ -348,8 +348,8 @@ def _inspect(p: Path, job: bytes, query: str, busy_timeout_s: float) -> StoreSta
         if state is None:
             return None
         counted = db.execute(
-            "SELECT COUNT(*) FROM records WHERE job = ? AND kind = ?",
-            (job, ledger.KIND_PROVISIONED),
+            "SELECT COUNT(*) FROM records WHERE job = ? AND kind != ?",  # the counted kinds
+            (job, ledger.KIND_PROGRAMMED),
         ).fetchone()[0]
         if counted != state.committed:
             raise StoreCorruptError(
@@ -683,10 +683,10 @@ class SQLiteStore:
                 else:
                     seen.add(key)
                     fresh.append(p)
-            provisioned = [p for p in fresh if p.kind == ledger.KIND_PROVISIONED]
+            provisioned = [p for p in fresh if p.kind in ledger.COUNTED_KINDS]
             _use_reserved(db, job, [p.slot for p in provisioned], run)
             _free_reserved(
-                db, job, [p.slot for p in dups if p.kind == ledger.KIND_PROVISIONED], run
+                db, job, [p.slot for p in dups if p.kind in ledger.COUNTED_KINDS], run
             )
             row = db.execute(
                 "SELECT seq, hash FROM records WHERE job = ? ORDER BY seq DESC LIMIT 1", (job,)
@@ -790,10 +790,10 @@ class SQLiteStore:
         quota, reserved = row
         (free,) = db.execute("SELECT COUNT(*) FROM free_slots WHERE job = ?", (job,)).fetchone()
         n, prov, head = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(kind = ?), 0),"
+            "SELECT COUNT(*), COALESCE(SUM(kind != ?), 0),"  # the counted kinds
             " (SELECT hash FROM records WHERE job = ? ORDER BY seq DESC LIMIT 1)"
             " FROM records WHERE job = ?",
-            (ledger.KIND_PROVISIONED, job, job),
+            (ledger.KIND_PROGRAMMED, job, job),
         ).fetchone()
         # quota_used counts burned slots too (>= provisioned): a restore never re-counts.
         return ledger.LedgerTotals(
