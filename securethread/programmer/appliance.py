@@ -705,7 +705,7 @@ def _op_add_station(app: Appliance, conn: socket.socket, o: _Options, s: Path) -
 def _op_remove_station(app: Appliance, conn: socket.socket, o: _Options, s: Path) -> Answer:
     from securethread.programmer.stations import remove_station_step
 
-    return _answer(app, remove_station_step(app.root, name=o.text("name")))
+    return _answer(app, remove_station_step(app.root, name=o.text("name"), token=app._token))
 
 
 _Op = Callable[[Appliance, socket.socket, _Options, Path], Answer]

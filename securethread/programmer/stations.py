@@ -37,6 +37,7 @@ the slots the mark covers (S3: over-count, never under).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import hashlib
 import io
@@ -72,6 +73,7 @@ from securethread.errors import (
     VerificationError,
 )
 from securethread.formats.identity import IdentificationResponse
+from securethread.formats.transcript import CertEntry
 from securethread.hsm import PinCallback
 from securethread.hsm.token import Token
 from securethread.keys import SIGNING, Curve
@@ -106,6 +108,11 @@ IMAGE_CHUNK = 256 << 10
 _STATION_CERT_DAYS = 730
 _KEEP_S = 60.0  # a dead session is forgotten this long after its challenge expired
 _CONNECTED_S = 10.0  # a station that called within this many seconds counts as connected
+#: What one station can make the appliance stream (:class:`_ImageLimit`): GetImage calls per
+#: IMAGE_WINDOW_S, and streams open at once.  A station fetches a job's image once and keeps it.
+IMAGE_FETCHES = 16
+IMAGE_WINDOW_S = 60.0
+IMAGE_STREAMS = 2
 
 
 class StationRegistryError(ConfigurationError):
@@ -268,9 +275,10 @@ def add_station(
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def remove_station(work: PartyDir, *, name: str) -> None:
+def remove_station(work: PartyDir, *, name: str) -> str:
     """Withdraw station ``name``: every later call with its certificate is refused
-    (PERMISSION_DENIED), on a live connection too."""
+    (PERMISSION_DENIED), on a live connection too.  Returns the withdrawn certificate's
+    SHA-256 (hex)."""
     check_name("station name", name)
     registry = _read_registry(work)
     if name not in registry:
@@ -280,6 +288,7 @@ def remove_station(work: PartyDir, *, name: str) -> None:
     registry[name]["removed"] = True
     registry[name]["removed_at"] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
     _write_registry(work, registry)
+    return str(registry[name].get("sha256", ""))
 
 
 class _Allowed:
@@ -305,6 +314,43 @@ class _Allowed:
                 }
                 self._stamp = stamp
             return self._by_fp.get(fingerprint)
+
+
+class _ImageLimit:
+    """Per station: at most ``fetches`` GetImage calls in any ``window_s`` and ``streams``
+    open at once, so no station can make the appliance stream unbounded data or hold its
+    server threads with slow readers (RESOURCE_EXHAUSTED, one line; the image is the job's
+    file, so one stream is bounded by it)."""
+
+    def __init__(self, *, fetches: int, window_s: float, streams: int) -> None:
+        if fetches < 1 or streams < 1 or window_s <= 0:
+            raise ConfigurationError("image limits must be positive")
+        self.fetches, self.window_s, self.streams = fetches, window_s, streams
+        self._recent: dict[str, collections.deque[float]] = {}
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, station: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent.setdefault(station, collections.deque())
+            while recent and now - recent[0] >= self.window_s:
+                recent.popleft()
+            if self._open.get(station, 0) >= self.streams:
+                raise _Call(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"station {station} has {self.streams} image streams open already "
+                            f"(at most {self.streams} at once)")  # fmt: skip
+            if len(recent) >= self.fetches:
+                raise _Call(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"station {station} asked for the image {len(recent)} times in "
+                            f"{self.window_s:g} s (at most {self.fetches}): fetch it once per "
+                            "job and keep it")  # fmt: skip
+            recent.append(now)
+            self._open[station] = self._open.get(station, 0) + 1
+
+    def leave(self, station: str) -> None:
+        with self._lock:
+            self._open[station] = max(0, self._open.get(station, 0) - 1)
 
 
 # --- sessions and the per-job batcher ------------------------------------------------------
@@ -826,7 +872,19 @@ class _Servicer(pb_grpc.StationServiceServicer):
     def GetImage(
         self, request: pb.ImageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ImageChunk]:
-        self._station(context)
+        station = self._station(context)
+        try:
+            self._s._images.enter(station)
+        except _Call as call:
+            _abort(context, call)
+        try:
+            yield from self._image(request, context)
+        finally:  # the stream ended, failed or was cancelled
+            self._s._images.leave(station)
+
+    def _image(
+        self, request: pb.ImageRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ImageChunk]:
         try:
             job = self._s._job(request.job_id)
         except _Call as call:
@@ -850,7 +908,7 @@ class StationServer:
     def __init__(
         self, work: PartyDir, token: Token, *, listen: str, challenge_ttl_s: float,
         batch_size: int, window_s: float, max_workers: int, idle_s: float = 2.0,
-        confirm_ttl_s: float = 600.0,
+        confirm_ttl_s: float = 600.0, image_fetches: int = IMAGE_FETCHES,
     ) -> None:  # fmt: skip
         self._work = work
         self.idle_s = idle_s
@@ -865,6 +923,8 @@ class StationServer:
         self._served: dict[str, _Job] = {}  # every job served since the start (status)
         self._sessions: dict[bytes, _Session] = {}
         self._seen: dict[str, float] = {}
+        self._images = _ImageLimit(fetches=image_fetches, window_s=IMAGE_WINDOW_S,
+                                   streams=IMAGE_STREAMS)  # fmt: skip
         self._lock = threading.Lock()
         self._jobs_lock = threading.Lock()
         self._token_lock = threading.Lock()
@@ -1019,14 +1079,15 @@ def serve_stations(
     batch_size: int = 32,
     window_s: float = 0.003,
     max_workers: int = 64,
+    image_fetches: int = IMAGE_FETCHES,
 ) -> StationServer:
     """Serve the station API of ``work``'s appliance on ``listen`` (``host:port``; port 0
     picks one: :attr:`StationServer.port`).  Jobs are opened on first use (their store, run
     lock and quota mark, as a run of ``programmer provision``)."""
     tok = token if token is not None else work.open_token(L.TOKEN, pin or work.pin_callback())
     return StationServer(work, tok, listen=listen, challenge_ttl_s=challenge_ttl_s,
-                         batch_size=batch_size, window_s=window_s,
-                         max_workers=max_workers)  # fmt: skip
+                         batch_size=batch_size, window_s=window_s, max_workers=max_workers,
+                         image_fetches=image_fetches)  # fmt: skip
 
 
 # --- the operator's steps (programmer add-station / remove-station) -------------------------
@@ -1036,21 +1097,35 @@ def add_station_step(
     workdir: str | os.PathLike[str], *, name: str, csr_pem: bytes, token: Token | None = None
 ) -> StepResult:
     """``programmer add-station``: certify the station; its certificate and the station CA
-    go to the outbox (``station-<name>.pem``, ``station-ca.pem``) for the station."""
+    go to the outbox (``station-<name>.pem``, ``station-ca.pem``) for the station.  The
+    appliance's transcript records it (``station-added``, with the certificate)."""
     work = L.open_programmer(workdir)
-    cert = add_station(work, name=name, csr_pem=csr_pem, token=token)
-    der = x509.load_pem_x509_certificate(cert).public_bytes(serialization.Encoding.DER)
-    written = [work.write(f"outbox/station-{name}.pem", cert),
+    tok = token if token is not None else work.open_token(L.TOKEN, work.pin_callback())
+    pem = add_station(work, name=name, csr_pem=csr_pem, token=tok)
+    cert = x509.load_pem_x509_certificate(pem)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    written = [work.write(f"outbox/station-{name}.pem", pem),
                work.write("outbox/station-ca.pem", station_ca_pem(work))]  # fmt: skip
-    return work.finish("programmer add-station", written, (),
+    tx = work.transcript(tok.private_key(L.L_IDENTITY))
+    tx.append("station-added", certificates=[CertEntry.from_certificate(cert)],
+              details={"station": name})  # fmt: skip
+    return work.finish("programmer add-station", written, [tx],
                        {"station": name, "fingerprint": _fingerprint(der)})  # fmt: skip
 
 
-def remove_station_step(workdir: str | os.PathLike[str], *, name: str) -> StepResult:
-    """``programmer remove-station``: withdraw the station (no token needed)."""
+def remove_station_step(
+    workdir: str | os.PathLike[str], *, name: str, token: Token | None = None
+) -> StepResult:
+    """``programmer remove-station``: withdraw the station (refused from its next call);
+    the appliance's transcript records it (``station-removed``, with the SHA-256 of the
+    certificate withdrawn), signed in the token (``token``, else opened here)."""
     work = L.open_programmer(workdir)
-    remove_station(work, name=name)
-    return work.finish("programmer remove-station", [REGISTRY], (), {"station": name})
+    tok = token if token is not None else work.open_token(L.TOKEN, work.pin_callback())
+    fingerprint = remove_station(work, name=name)
+    tx = work.transcript(tok.private_key(L.L_IDENTITY))
+    tx.append("station-removed", artefacts={"certificate": bytes.fromhex(fingerprint)},
+              details={"station": name})  # fmt: skip
+    return work.finish("programmer remove-station", [REGISTRY], [tx], {"station": name})
 
 
 # --- a process of its own (tests, benchmarks; the appliance service hosts it otherwise) ------
@@ -1065,6 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--challenge-ttl", type=float, default=CHALLENGE_TTL_S)
     ap.add_argument("--drain", type=float, default=10.0)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--image-fetches", type=int, default=IMAGE_FETCHES)
     args = ap.parse_args(argv)
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
@@ -1072,7 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         work = L.open_programmer(args.workdir)
         server = serve_stations(work, listen=args.listen, challenge_ttl_s=args.challenge_ttl,
-                                batch_size=args.batch_size)  # fmt: skip
+                                batch_size=args.batch_size,
+                                image_fetches=args.image_fetches)  # fmt: skip
     except Error as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         return 2

@@ -203,6 +203,10 @@ class ApplianceClient:
                                                      timeout=_CALL_TIMEOUT_S):  # fmt: skip
                         buf.write(chunk.data)
                 except grpc.RpcError as exc:
+                    code, text = _describe_rpc(exc)
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the image limit, not quota
+                        raise StationCallError(f"appliance {self.target} refused GetImage: {text}",
+                                               code="IMAGE_LIMIT", exit_code=1) from None
                     raise self._fail(exc, "GetImage", counted=False) from None
                 data = self._images[job_id] = buf.getvalue()
             return data

@@ -11,6 +11,7 @@ a SIGKILL of the serving process mid-run loses no device and counts none twice.
 from __future__ import annotations
 
 import datetime
+import json
 import sqlite3
 import subprocess
 import time
@@ -46,10 +47,12 @@ EXIT_OS, EXIT_VERIFY, EXIT_QUOTA = 1, 4, 5
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Jobs ``j`` (quota 300), ``q`` (quota 40, shared by two stations) and ``k`` (the
-    kill test's own server); stations s1, s2 and s3 certified; one server process."""
+    """Jobs ``j`` (quota 300), ``q`` (quota 40, shared by two stations), ``k`` (the
+    kill test's own server), ``m`` and ``n`` (quotas 12 and 9, run at once); stations s1,
+    s2 and s3 certified; one server process."""
     tmp = tmp_path_factory.mktemp("stations")
-    sites = build_sites(tmp, {"j": (300, 1000), "q": (40, 200), "k": (200, 400)})
+    sites = build_sites(tmp, {"j": (300, 1000), "q": (40, 200), "k": (200, 400),
+                              "m": (12, 100), "n": (9, 100)})  # fmt: skip
     files = {n: add_station(sites, n) for n in ("s1", "s2", "s3")}
     server = ServerProcess(sites["factory"], "--challenge-ttl", str(TTL))
     try:
@@ -186,6 +189,25 @@ def test_a_removed_station_is_refused_on_its_live_connection(world: dict[str, An
     assert again.returncode == 2 and "withdrawn already" in _one_line(again.stderr)
 
 
+def test_add_and_remove_station_are_in_the_appliance_transcript(world: dict[str, Any]) -> None:
+    """Who may call is the appliance's decision: each certificate issued to a station and
+    each withdrawal is a signed record of its transcript, next to the registry's entry."""
+    from securethread.formats.onboarding import EnrolmentRequest
+    from securethread.formats.transcript import verify_transcript
+
+    fac = world["factory"]
+    request = EnrolmentRequest.open((fac / "outbox" / "enrolment-request.bin").read_bytes())
+    records = verify_transcript(fac / "transcript.bin", public_key=request.identity_key()).records
+    registry = json.loads((fac / "stations" / "stations.json").read_text())
+    added = {dict(r.details)["station"]: r for r in records if r.operation == "station-added"}
+    assert set(added) == set(registry) >= {"s1", "s2", "s3"}
+    for name, record in added.items():
+        assert [c.fingerprint.hex() for c in record.certificates] == [registry[name]["sha256"]]
+    removed = [r for r in records if r.operation == "station-removed"]
+    assert [dict(r.details)["station"] for r in removed] == ["s3"]  # removed by the test above
+    assert dict(removed[0].artefacts)["certificate"].hex() == registry["s3"]["sha256"]
+
+
 def test_add_station_refuses_a_bad_request_and_a_taken_name(
     world: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -287,6 +309,71 @@ def test_a_station_that_disconnects_after_each_message_strands_nothing(
     after = _counts(world["factory"], "j")
     assert after["provisioned"] == before["provisioned"] + 1
     assert after["programmed"] == before["programmed"] + 1
+
+
+def test_a_station_cannot_make_the_appliance_stream_the_image_without_end(
+    world: dict[str, Any],
+) -> None:
+    """GetImage is bounded per station (here 3 calls a minute): the next is refused with
+    RESOURCE_EXHAUSTED in one line, other stations are not held back, and a station process
+    refused its image says so in one line (exit 1, not the quota's 5), counting nothing."""
+    before = _counts(world["factory"], "n")
+    server = ServerProcess(world["factory"], "--image-fetches", "3")
+    try:
+        stub = pb_grpc.StationServiceStub(_channel(world["files"]["s2"], server.target))
+
+        def fetch(s: Any = stub) -> bytes:
+            return b"".join(c.data for c in s.GetImage(pb.ImageRequest(job_id="n")))
+
+        images = [fetch() for _ in range(3)]
+        assert images[0] and images.count(images[0]) == 3
+        _refused(fetch, grpc.StatusCode.RESOURCE_EXHAUSTED, "station s2", "at most 3")
+        other = pb_grpc.StationServiceStub(_channel(world["files"]["s1"], server.target))
+        assert fetch(other) == images[0]
+        proc = cli(*station_args(world["files"]["s2"], server.target, "n", devices=2, first=0,
+                                 chips=world["vendor"]), ok=False)  # fmt: skip
+        assert proc.returncode == EXIT_OS, proc.stderr
+        assert "refused GetImage" in _one_line(proc.stderr) and "at most 3" in proc.stderr
+    finally:
+        server.stop()
+    assert _counts(world["factory"], "n") == before
+
+
+def test_two_jobs_at_once_each_reach_exactly_their_quota_with_a_ledger_of_their_own(
+    world: dict[str, Any],
+) -> None:
+    """Jobs m (quota 12) and n (quota 9) on one appliance at once, a station on each asking
+    for 20 devices: each job stops at its own quota, and each closes into its own ledger
+    that reconciles at the OEM with exactly its devices."""
+    quotas = {"m": 12, "n": 9}
+    procs = {
+        job: _start(station_args(world["files"][s], world["server"].target, job, devices=20,
+                                 first=0, chips=world["vendor"]))  # fmt: skip
+        for job, s in (("m", "s1"), ("n", "s2"))
+    }
+    for job, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == EXIT_QUOTA, err
+        r = last_json(subprocess.CompletedProcess([], 0, out, err))
+        assert (r["programmed"], r["quota_exhausted"], r["job_id"]) == (quotas[job], True, job)
+    for job, quota in quotas.items():
+        c = _counts(world["factory"], job)
+        assert c["provisioned"] == c["programmed"] == c["distinct_provisioned"] == quota
+        assert c["reserved"] == quota and c["releases"] == 0
+    for job, quota in quotas.items():
+        deadline = time.monotonic() + 30  # the server releases a job 2 s after its last call
+        while True:
+            proc = cli("programmer", "close-job", "--workdir", str(world["factory"]), "--job",
+                       job, "--json", ok=False)  # fmt: skip
+            if proc.returncode == 0 or time.monotonic() > deadline:
+                break
+            assert "another run of job" in proc.stderr, proc.stderr
+            time.sleep(0.5)
+        assert last_json(proc)["ok"] is True, proc.stderr
+        rec = last_json(cli("oem", "reconcile", "--workdir", str(world["oem"]),
+                            str(world["factory"] / "outbox" / f"ledger-{job}.bin"), "--job", job,
+                            "--json"))  # fmt: skip
+        assert rec["ok"] is True and rec["provisioned"] == rec["programmed"] == quota, rec
 
 
 # --- sharing a job; killing the server ---------------------------------------------------------
