@@ -118,6 +118,40 @@ def keep_otp(directory: str | os.PathLike[str], device_id: str, otp: bytes) -> N
     write_atomic(Path(directory) / OTP_DIR / f"{check_device_id(device_id)}.bin", otp)
 
 
+class _FabPort:
+    """A chip on the fab's line: once it took its provisioning data, the fab keeps its OTP
+    (:func:`keep_otp`), so the part leaves the fab provisioned."""
+
+    def __init__(self, dev: Any, directory: str) -> None:
+        self._dev, self._dir = dev, directory
+
+    def identify(self, challenge: bytes) -> bytes:
+        return bytes(self._dev.identify(challenge))
+
+    def provision(self, data: bytes) -> None:
+        self._dev.provision(data)
+        keep_otp(self._dir, self._dev.device_id, self._dev.otp)
+
+    def program(self, manifest: bytes, image: Any, license: bytes, nonce: bytes) -> bytes:
+        raise ConfigurationError("a chip on the fab's line is not programmed there")
+
+
+@attrs.frozen
+class FabChip:
+    """A :class:`~securethread.programmer.runner.PortFactory` for a part of the simulated
+    fab in ``directory``, on that fab's own line (a "provision" job): see :class:`_FabPort`."""
+
+    spec: ChipSpec
+    directory: str
+
+    @property
+    def device_id(self) -> str:
+        return self.spec.device_id
+
+    def open(self) -> _FabPort:
+        return _FabPort(self.spec.open(), self.directory)
+
+
 def first_uid(targets: Any) -> int:
     """The UID of a job's first chip: the start of its first target range."""
     return int(targets.ranges[0][0]) if targets.ranges else int(min(targets.explicit), 16)
@@ -158,14 +192,19 @@ def provision_simulated(
     line.  The fab only supplies the chips: the line accepts them only if the job names the
     fab's CA (a fab the OEM did not name has its chips refused at identification)."""
     from securethread.programmer import job_targets, provision
+    from securethread.programmer.provision import job_programs
 
     for name, value, low in (("--devices", devices, 1), ("--first", first, 0)):
         if value < low:
             raise ConfigurationError(f"{name} must be at least {low}")
     SimulatedFab(chips_from)  # the fab directory before the job: the order of the errors
-    chips = simulated_chips(
+    specs = simulated_chips(
         chips_from, job_targets(workdir, job_id), first=first, devices=devices
     )
+    # A "provision" job runs at the fab itself: the parts leave it with their OTP written.
+    chips: Sequence[Any] = specs
+    if not job_programs(workdir, job_id):
+        chips = [FabChip(spec, os.fspath(chips_from)) for spec in specs]
     return provision(
         workdir,
         job_id=job_id,
@@ -178,6 +217,7 @@ def provision_simulated(
 
 __all__ = [
     "FAB_FILES",
+    "FabChip",
     "SimulatedFab",
     "create_vendor",
     "first_uid",

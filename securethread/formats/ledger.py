@@ -109,6 +109,20 @@ class ProvisionedRecord(_Record):
 
 @fields.body("ledger record")
 @attrs.frozen(kw_only=True)
+class ProvisionOnlyRecord(_Record):
+    """A device was provisioned by a "provision" job (the silicon vendor's fab): its
+    certificate and its vendor CA; no ``license_sha256`` key, since that job licenses
+    nothing.  The same kind as :class:`ProvisionedRecord` (it counts the device the same
+    way); :func:`parse_record` tells the two apart by their key sets, and reconciliation
+    requires the body its job's stage has."""
+
+    kind: str = fields.constant("kind", KIND_PROVISIONED)
+    cert: bytes = fields.byte_string("cert", max_len=MAX_RECORD_SIZE)  # DER
+    vendor_ca: bytes = fields.byte_string("vendor_ca", size=_HASH)
+
+
+@fields.body("ledger record")
+@attrs.frozen(kw_only=True)
 class ProgrammedRecord(_Record):
     """A device was programmed: its signed boot confirmation."""
 
@@ -151,7 +165,9 @@ class PendingRecord:
     device_id: str
     time: int
     cert: bytes = b""  # DER device certificate (provisioned)
-    license_sha256: bytes = b""  # (provisioned)
+    #: (provisioned, licensed) empty for a "provision" job's record, which has no license:
+    #: it is then a :class:`ProvisionOnlyRecord`
+    license_sha256: bytes = b""
     vendor_ca: bytes = b""  # (provisioned)
     boot: bytes = b""  # the device's signed boot confirmation (programmed)
     cert_sha256: bytes = b""  # the chip's OEM device certificate's hash (licensed)
@@ -160,7 +176,12 @@ class PendingRecord:
     def encode(self, *, job: bytes, seq: int, prev: bytes) -> bytes:
         """The record's canonical bytes at place ``seq`` after ``prev`` (validated first)."""
         rec: _Record
-        if self.kind == KIND_PROVISIONED:
+        if self.kind == KIND_PROVISIONED and not self.license_sha256:
+            rec = ProvisionOnlyRecord(
+                job=job, seq=seq, prev=prev, time=self.time, slot=self.slot,
+                device_id=self.device_id, cert=self.cert, vendor_ca=self.vendor_ca,
+            )  # fmt: skip
+        elif self.kind == KIND_PROVISIONED:
             rec = ProvisionedRecord(
                 job=job, seq=seq, prev=prev, time=self.time, slot=self.slot,
                 device_id=self.device_id, cert=self.cert, license_sha256=self.license_sha256,
@@ -222,6 +243,8 @@ def parse_record(raw: bytes, index: int) -> LedgerRecord:
         raise LedgerError(f"ledger record {index} is malformed: {exc}", index=index) from None
     kind = body.get("kind") if isinstance(body, dict) else None
     cls = _RECORD_BODIES.get(kind) if type(kind) is str else None
+    if cls is ProvisionedRecord and "license_sha256" not in body:
+        cls = ProvisionOnlyRecord  # a "provision" job's record (its own strict key set)
     if cls is None:
         raise LedgerError(f"ledger record {index} has an unknown kind", index=index)
     try:

@@ -57,7 +57,7 @@ class JobContext:
     job_id: str
     identity: bytes
     profile: DeviceProfile
-    manifest: Manifest
+    manifest: Manifest | None  # None: a "provision" job (no image, no boot confirmation)
 
 
 # A task: ("cert", index, time, der, tbs, signature, hash name, point) or
@@ -94,6 +94,8 @@ class _Checker:
         )
 
         _kind, _index, boot, point, device_id = task
+        if self.ctx.manifest is None:  # reconciliation refuses a provision job's boot record
+            return "a provision job's ledger has no boot confirmation"
         try:
             verify_recorded_boot_confirmation(
                 boot,

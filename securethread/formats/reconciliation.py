@@ -128,7 +128,7 @@ def reconcile(
     programmer_cert: x509.Certificate,
     ledger_cert: x509.Certificate,
     production_ca_cert: x509.Certificate,
-    manifest: bytes,
+    manifest: bytes | None,
     at: datetime.datetime | None = None,
     workers: int | None = None,
 ) -> ReconciliationReport:
@@ -141,9 +141,11 @@ def reconcile(
     certificate the OEM issued to the programmer enclave the job names; ``ledger_cert`` the
     ledger-signing certificate (from the OEM's records or the programmer: it is validated
     here); ``production_ca_cert`` the job's production CA the OEM certified; ``manifest``
-    the signed manifest the job names.  Enclave certificates are validated at ``at``
-    (default: now), device certificates at each record's time.  ``workers``: processes for
-    the signature verifications of a large ledger (default: one per CPU;
+    the signed manifest the job names (None for a "provision" job, which names none: its
+    ledger holds provisioned records without a license and no programmed record).  Enclave
+    certificates are validated at ``at`` (default: now), device certificates at each
+    record's time.  ``workers``: processes for the signature verifications of a large
+    ledger (default: one per CPU;
     :mod:`securethread.formats.reconcile_pool`), the same answer as one process.
     """
     verified = verify_job_signatures(issued_job, officers=officers, min_threshold=min_threshold)
@@ -202,7 +204,7 @@ def reconcile_export(
     programmer_cert: x509.Certificate,
     ledger_cert: x509.Certificate,
     production_ca_cert: x509.Certificate,
-    manifest: bytes,
+    manifest: bytes | None,
     at: datetime.datetime | None = None,
     workers: int | None = None,
 ) -> ReconciliationReport:
@@ -306,8 +308,14 @@ def _check_production_ca(job: ProductionJob, pca: x509.Certificate) -> None:
         )
 
 
-def _job_manifest(job: ProductionJob, manifest: bytes) -> Manifest:
-    """The manifest the job names (its hash is in the officer-signed job)."""
+def _job_manifest(job: ProductionJob, manifest: bytes | None) -> Manifest | None:
+    """The manifest the job names (its hash is in the officer-signed job); None for a
+    "provision" job, which names none."""
+    if (manifest is None) == job.programs:
+        want = "the manifest the job names" if job.programs else "no manifest"
+        raise ReconciliationError(f"job {job.job_id} is a {job.stage!r} job: give {want}")
+    if manifest is None:
+        return None
     if not hmac.compare_digest(hashlib.sha256(manifest).digest(), job.image()[1]):
         raise ReconciliationError(f"the manifest given is not the one job {job.job_id} names")
     kind, body, _signers = envelope.peek_body(manifest)  # authenticated by the hash above
@@ -329,7 +337,7 @@ class _RecordChecks:
         verified: VerifiedJob,
         root: x509.Certificate,
         pca: x509.Certificate,
-        manifest: Manifest,
+        manifest: Manifest | None,
         workers: int | None = None,
     ) -> None:
         self.job = verified.job
@@ -399,6 +407,9 @@ class _RecordChecks:
             raise _bad(rec, f"provisioned at {rec.time}, outside the job's window")
         if device_id not in job.targets:
             raise _bad(rec, f"device {device_id} is outside the job's targets")
+        if ("license_sha256" in rec.body) != job.programs:  # the record its stage writes
+            has = "names no license" if job.programs else "names a license"
+            raise _bad(rec, f"the record {has}: job {job.job_id} is a {job.stage!r} job")
         if self.seen.has_device(device_id):
             raise _bad(rec, f"device {device_id} appears twice")
         if rec.vendor_ca not in self.vendors:
@@ -499,6 +510,8 @@ class _RecordChecks:
 
     def _programmed(self, rec: ledger.LedgerRecord) -> None:
         device_id = rec.device_id
+        if not self.job.programs:
+            raise _bad(rec, f"job {self.job.job_id} is a 'provision' job: it programs nothing")
         known = self.seen.provisioned(device_id)
         if known is None or known[0] != rec.slot:
             raise _bad(rec, f"device {device_id} programmed but not provisioned")

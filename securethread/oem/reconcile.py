@@ -55,7 +55,11 @@ def reconcile(
             production_ca_cert=from_pem(
                 work.read(f"{jdir}/production-ca.pem", "production-CA certificate")
             ),
-            manifest=work.read(f"{L.image_dir(job.image()[0])}/manifest.bin", "manifest"),
+            manifest=(  # none for a "provision" job (the fab's: no image)
+                work.read(f"{L.image_dir(job.image()[0])}/manifest.bin", "manifest")
+                if job.programs
+                else None
+            ),
         )
     oem = work.open_token(L.TOKEN)
     tx = work.transcript(oem.private_key(L.L_IDENTITY))

@@ -639,7 +639,8 @@ def _op_request_ca(app: Appliance, conn: socket.socket, o: _Options, s: Path) ->
 def _op_open_job(app: Appliance, conn: socket.socket, o: _Options, s: Path) -> Answer:
     from securethread.programmer import open_job
 
-    return _answer(app, open_job(app.root, _input(s, "package"), image=_input(s, "image")))
+    image = _input(s, "image") if (s / "image").is_file() else None  # none: a provision job
+    return _answer(app, open_job(app.root, _input(s, "package"), image=image))
 
 
 def _op_provision(app: Appliance, conn: socket.socket, o: _Options, s: Path) -> Answer:

@@ -288,7 +288,7 @@ class ProductionLine:
         store: ProductionStore,
         identify: IdentityVerifier,
         issuer: CertificateIssuer | None,
-        licenses: LicenseMaker,
+        licenses: LicenseMaker | None,
         ledger_key: PrivateKey,
         packager: Packager | None,
         batch_size: int = 32,
@@ -323,6 +323,8 @@ class ProductionLine:
             raise ConfigurationError(
                 "a line issues certificates and provisioning data iff its job provisions"
             )
+        if (licenses is None) == job.job.programs:  # a "provision" job licenses nothing
+            raise ConfigurationError("a line issues licenses iff its job programs")
         store.open_job(
             job=job.sha256, job_id=job.job.job_id, quota=job.job.quota, signed=job.signed
         )
@@ -474,8 +476,9 @@ class ProductionLine:
                     AlreadyDone(
                         did,
                         AlreadyProvisionedError(
-                            f"device {did} was already {self._counted} and programmed under "
-                            "this job"
+                            f"device {did} was already {self._counted}"
+                            + (" and programmed" if self.job.job.programs else "")
+                            + " under this job"
                         ),
                     )
                 )
@@ -592,8 +595,10 @@ class ProductionLine:
         assert self._issuer is not None and self._packager is not None  # checked at __init__
         cert = self._issuer.issue(ident.public_key, ident.device_id, slot)
         self._fault("after-certificate")
-        lic = self._licenses.issue(ident.device_id, ident.public_key)
-        self._fault("after-license")
+        lic = b""  # a "provision" job (the fab): no license, and a record without its hash
+        if self._licenses is not None:
+            lic = self._licenses.issue(ident.device_id, ident.public_key)
+            self._fault("after-license")
         der = cert.public_bytes(serialization.Encoding.DER)
         data = self._packager(der)
         record = ledger.PendingRecord(
@@ -602,7 +607,7 @@ class ProductionLine:
             device_id=ident.device_id,
             time=now,
             cert=der,
-            license_sha256=ledger.sha256(lic),
+            license_sha256=ledger.sha256(lic) if self._licenses is not None else b"",
             vendor_ca=ident.vendor_ca,
         )
         return cert, der, lic, data, record
@@ -613,6 +618,7 @@ class ProductionLine:
         """A "program" job: no certificate and no provisioning data (the chip carries both
         from its fab); the license, and the "licensed" record naming the chip's certificate
         and production CA by their hashes."""
+        assert self._licenses is not None  # checked at __init__: a program job programs
         lic = self._licenses.issue(ident.device_id, ident.public_key)
         self._fault("after-license")
         cert = x509.load_der_x509_certificate(ident.device_certificate)
@@ -656,6 +662,17 @@ class ProductionLine:
         return ledger.sign_checkpoint(
             self._ledger_key, job=self._job_hash, upto=upto, head=head, time=int(self._clock())
         )
+
+    def released(self, provisioned: Sequence[Provisioned]) -> None:
+        """A "provision" job's end for devices that took their provisioning data: nothing
+        follows at this appliance (no license, no image), so what was released to them is
+        forgotten (:meth:`ProductionStore.released`) and a chip met again is refused as
+        done.  A device whose release failed keeps it, for a later run to release again."""
+        if self.job.job.programs:
+            raise ConfigurationError(
+                f"job {self.job.job.job_id} programs its devices: their programming ends them"
+            )
+        self._store.released(self._job_hash, [p.device_id for p in provisioned])
 
     # --- flow 8 -----------------------------------------------------------------------------
 

@@ -88,6 +88,15 @@ def job_targets(workdir: str | os.PathLike[str], job_id: str) -> Targets:
     return verified_job(work, work.read(f"{jdir}/job.bin", "job")).job.targets
 
 
+def job_programs(workdir: str | os.PathLike[str], job_id: str) -> bool:
+    """Whether opened job ``job_id`` programs its devices (False: a "provision" job, whose
+    line stops once the provisioning data is burnt); its signed job verified again."""
+    work = L.open_programmer(workdir)
+    jdir = L.job_dir(job_id)
+    work.require(f"{jdir}/job.bin", step=f"provision {job_id}", needs=f"open-job ({job_id})")
+    return verified_job(work, work.read(f"{jdir}/job.bin", "job")).job.programs
+
+
 def job_vendor_cas(work: PartyDir, job: VerifiedJob) -> tuple[bytes, ...]:
     """The vendor CA certificates (DER) of opened job ``job``, each checked again against
     the hash the job names: the files are the operator's to edit, the job is not."""
@@ -118,11 +127,12 @@ def opened_run_config(opened: OpenedJob, *, workers: int, batch_size: int) -> Ru
     devices = opened.work.path(f"{jdir}/devices")
     devices.mkdir(exist_ok=True)
     pca_der = opened.production_ca_der
+    programs = job.job.programs  # a "provision" job: no manifest, image or image key
     return RunConfig(
         job=job,
-        manifest=opened.manifest_bytes,
+        manifest=opened.manifest_bytes if programs else None,
         firmware_key=spki_der(opened.anchors.firmware_key),
-        image=str(opened.image),
+        image=str(opened.image) if programs else None,
         store=str(opened.work.path(f"{jdir}/store.sqlite")),
         certificates=str(devices),
         production_ca=pca_der,
@@ -130,7 +140,7 @@ def opened_run_config(opened: OpenedJob, *, workers: int, batch_size: int) -> Ru
         sbm=StandardSbm(pca_der, opened.oem_root_der, opened.package.device_trust_bytes),
         labels=KeyLabels(
             production_ca=L.production_ca_label(opened.job_id),
-            image_key=L.image_key_label(job.job.image()[0]),
+            image_key=L.image_key_label(job.job.image()[0]) if programs else None,
         ),
         token=L.TOKEN,
         workers=workers,
@@ -194,6 +204,7 @@ def _problem(result: Any) -> Error | None:
 
 __all__ = [
     "StandardSbm",
+    "job_programs",
     "job_targets",
     "job_vendor_cas",
     "opened_run_config",

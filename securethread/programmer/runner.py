@@ -135,7 +135,7 @@ class KeyLabels:
     for the license-signing and key-agreement keys)."""
 
     production_ca: str
-    image_key: str
+    image_key: str | None  # None: a "provision" job licenses nothing
     license_signing: str = "license-signing"
     ledger_signing: str = "ledger-signing"
     key_agreement: str = "key-agreement"
@@ -147,7 +147,9 @@ class RunConfig:
 
     ``job`` was verified by the caller (officers, this programmer, validity); ``manifest`` is
     the job's signed manifest, verified again here under ``firmware_key`` (SPKI DER) and
-    against the job; ``image`` the encrypted image file; ``store`` the job's store file
+    against the job; ``image`` the encrypted image file (both None for a "provision" job,
+    whose line certifies and releases provisioning data and stops there); ``store`` the
+    job's store file
     (``<store>.lock`` is the run lock); ``certificates`` the directory of device certificate
     files; ``production_ca`` (the certificate the job names by its hash) and ``vendor_roots``
     (the vendor CA certificates the job names by their keys' hashes, each once: anything
@@ -163,9 +165,9 @@ class RunConfig:
     """
 
     job: VerifiedJob
-    manifest: bytes
+    manifest: bytes | None
     firmware_key: bytes
-    image: str
+    image: str | None
     store: str
     certificates: str
     production_ca: bytes
@@ -400,11 +402,15 @@ def _image_opener(path: str) -> Callable[[], Any]:
 
 
 def verified_manifest(config: RunConfig) -> Manifest:
-    """The job's manifest, verified under the firmware-signing key and against the job."""
+    """The job's manifest, verified under the firmware-signing key and against the job
+    (a :class:`JobError` for a "provision" job, which has none)."""
     job = config.job
+    _image_id, manifest_sha256 = job.job.image()
+    if config.manifest is None:
+        raise JobError(f"the run of job {job.job.job_id} has no manifest")
     fw_key = load_spki(config.firmware_key, what="firmware-signing key")
     manifest = verify_manifest(config.manifest, key=fw_key)
-    if ledger.sha256(config.manifest) != job.job.manifest_sha256:
+    if ledger.sha256(config.manifest) != manifest_sha256:
         raise JobError(f"job {job.job.job_id} names another manifest")
     return manifest
 
@@ -427,13 +433,54 @@ def build_line(
     own); by default it is the line's fresh one."""
     job = config.job
     labels = config.labels
+    if not job.job.programs:  # a "provision" job: certify and release; no image, no license
+        return _provision_line(config, token, store, guard=guard, run=run, faults=faults,
+                               archive=archive, challenge_of=challenge_of)  # fmt: skip
     manifest = verified_manifest(config)
     if job.job.stage == STAGE_PROGRAM:
         return _program_line(
             config, token, store, manifest, guard=guard, run=run, faults=faults,
             challenge_of=challenge_of,
         )  # fmt: skip
-    if ledger.sha256(config.production_ca) != job.job.production_ca:
+    licenses = _license_issuer(token, labels, manifest, job_id=job.job.job_id)
+    return _vendor_line(config, token, store, licenses, guard=guard, run=run, faults=faults,
+                        archive=archive, challenge_of=challenge_of)  # fmt: skip
+
+
+def _license_issuer(
+    token: KeyBackend, labels: KeyLabels, manifest: Manifest, *, job_id: str
+) -> LicenseIssuer:
+    """The licenses of a job that programs: the image key (and the license keys) in the
+    token."""
+    if labels.image_key is None:
+        raise JobError(f"job {job_id} programs: its run needs the image key's label")
+    return LicenseIssuer(
+        ka_key=token.private_key(labels.key_agreement),
+        ka_certificate=token.certificate(labels.key_agreement),
+        signing_key=token.private_key(labels.license_signing),
+        signing_certificate=token.certificate(labels.license_signing),
+        image_key=token.secret_key(labels.image_key),
+        manifest=manifest,
+    )
+
+
+def _vendor_line(
+    config: RunConfig,
+    token: KeyBackend,
+    store: ProductionStore,
+    licenses: LicenseIssuer | None,
+    *,
+    guard: MarkKeeper,
+    run: bytes,
+    faults: FaultHook,
+    archive: CertificateArchive | None,
+    challenge_of: Callable[[bytes], bytes] | None,
+) -> ProductionLine:
+    """The line of a job that provisions (stage "full", or "provision" with ``licenses``
+    None): chips identified under the vendor CAs the job names, certified by its
+    production CA."""
+    job, labels = config.job, config.labels
+    if ledger.sha256(config.production_ca) != job.job.production_ca_sha256():
         raise JobError(f"job {job.job.job_id} names another production-CA certificate")
     pca = x509.load_der_x509_certificate(config.production_ca)
     # The vendor roots must be exactly the CAs the officer-signed job names: a root the
@@ -453,14 +500,7 @@ def build_line(
             job_tag=job.sha256,
             profile=job.job.certificate,
         ),
-        licenses=LicenseIssuer(
-            ka_key=token.private_key(labels.key_agreement),
-            ka_certificate=token.certificate(labels.key_agreement),
-            signing_key=token.private_key(labels.license_signing),
-            signing_certificate=token.certificate(labels.license_signing),
-            image_key=token.secret_key(labels.image_key),
-            manifest=manifest,
-        ),
+        licenses=licenses,
         ledger_key=token.private_key(labels.ledger_signing),
         packager=config.sbm.packager(job.sha256),
         batch_size=config.batch_size,
@@ -469,6 +509,28 @@ def build_line(
         faults=faults,
         archive=archive if archive is not None else CertificateFiles(config.certificates),
     )
+
+
+def _provision_line(
+    config: RunConfig,
+    token: KeyBackend,
+    store: ProductionStore,
+    *,
+    guard: MarkKeeper,
+    run: bytes,
+    faults: FaultHook,
+    archive: CertificateArchive | None,
+    challenge_of: Callable[[bytes], bytes] | None,
+) -> ProductionLine:
+    """The line of a "provision" job (the silicon vendor's fab): no manifest, no image key,
+    no license -- the token need not hold any image key for it to run."""
+    if config.manifest is not None or config.image is not None or config.labels.image_key:
+        raise JobError(
+            f"job {config.job.job.job_id} is a 'provision' job: its run takes no image, "
+            "manifest or image key"
+        )
+    return _vendor_line(config, token, store, None, guard=guard, run=run, faults=faults,
+                        archive=archive, challenge_of=challenge_of)  # fmt: skip
 
 
 def _program_line(
@@ -507,14 +569,7 @@ def _program_line(
             resp, challenge=ch if challenge_of is None else challenge_of(resp)
         ),
         issuer=None,
-        licenses=LicenseIssuer(
-            ka_key=token.private_key(labels.key_agreement),
-            ka_certificate=token.certificate(labels.key_agreement),
-            signing_key=token.private_key(labels.license_signing),
-            signing_certificate=token.certificate(labels.license_signing),
-            image_key=token.secret_key(labels.image_key),
-            manifest=manifest,
-        ),
+        licenses=_license_issuer(token, labels, manifest, job_id=job.job.job_id),
         ledger_key=token.private_key(labels.ledger_signing),
         packager=None,
         batch_size=config.batch_size,
@@ -538,9 +593,14 @@ class _Line:
         faults: FaultHook,
     ) -> None:
         self.line = build_line(config, token, store, guard=mark, run=run_id, faults=faults)
-        self._manifest = config.manifest
-        self._verify_boot = config.sbm.boot_verifier(verified_manifest(config))
-        self._open_image = _image_opener(config.image)
+        self._program: tuple[bytes, BootVerifier, Callable[[], Any]] | None = None
+        if config.job.job.programs:  # a "provision" job's line stops at the release
+            assert config.manifest is not None and config.image is not None  # build_line
+            self._program = (
+                config.manifest,
+                config.sbm.boot_verifier(verified_manifest(config)),
+                _image_opener(config.image),
+            )
 
     def batch(self, factories: Sequence[PortFactory], stop: Callable[[], bool]) -> _Tally:
         """Provision one batch, then program its released devices."""
@@ -571,11 +631,15 @@ class _Line:
                 stage = "count" if o.kind == "QuotaExceededError" else "identify"
                 t.note(t.refused, o.device_id, stage, o.reason)
         t.provision_s = time.perf_counter() - t0
+        if self._program is None:  # provisioning data burnt: nothing follows here
+            self.line.released([prov for _dev, prov in result.to_program])
+            return t
+        manifest, verify_boot, open_image = self._program
         for device_id, err in self.line.program(
             result.to_program,
-            manifest=self._manifest,
-            open_image=self._open_image,
-            verify_boot=self._verify_boot,
+            manifest=manifest,
+            open_image=open_image,
+            verify_boot=verify_boot,
         ):
             if err is None:
                 t.programmed += 1

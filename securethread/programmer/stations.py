@@ -478,7 +478,9 @@ class _Job:
             self.start = self.store.begin_run(config.job.sha256, guard=self.mark)
             self.line = build_line(config, self._token, self.store, guard=self.mark, run=b"",
                                    challenge_of=self._challenges.__getitem__)  # fmt: skip
-            self.verify_boot = config.sbm.boot_verifier(verified_manifest(config))
+            self.verify_boot: Any = None  # a "provision" job: no image, no boot to verify
+            if config.job.job.programs:
+                self.verify_boot = config.sbm.boot_verifier(verified_manifest(config))
             self.quota_used = self.store.state(config.job.sha256).used
         except BaseException:
             self.store.close()
@@ -619,7 +621,7 @@ class _Job:
                     certificate=prov.certificate.public_bytes(serialization.Encoding.DER),
                     provisioning_data=port.released or b"",
                     license=prov.license,
-                    manifest=self.manifest,
+                    manifest=self.manifest or b"",  # none for a "provision" job
                     boot_nonce=session.nonce,
                 )
             )  # fmt: skip
@@ -658,6 +660,9 @@ class _Job:
         fut.set_exception(_Call(code, describe(reason)))
 
     def _confirm(self, items: list[_Work]) -> None:
+        if self.verify_boot is None:
+            self._confirm_released(items)
+            return
         work: list[tuple[_ConfirmedPort, Provisioned]] = []
         nonces: dict[str, bytes] = {}
         futs: dict[str, tuple[_Session, Future[Any]]] = {}
@@ -677,6 +682,7 @@ class _Job:
             self.verify_boot(cert, nonces[device_id_of(cert)], boot)
 
         self.line._run = os.urandom(8)
+        assert self.manifest is not None  # a job that programs (verify_boot is set)
         for device_id, err in self.line.program(
             work, manifest=self.manifest, open_image=lambda: io.BytesIO(b""), verify_boot=verify
         ):
@@ -687,6 +693,26 @@ class _Job:
                 fut.set_result(pb.ConfirmResponse(programmed=True))
             else:
                 fut.set_exception(_Call(grpc.StatusCode.INVALID_ARGUMENT, describe(err)))
+
+    def _confirm_released(self, items: list[_Work]) -> None:
+        """A "provision" job: the station burnt the provisioning data and confirms with no
+        boot confirmation (there is no image); what was released is then forgotten
+        (:meth:`ProductionLine.released`) and the chip is done here."""
+        done: list[Provisioned] = []
+        for _kind, session, boot, fut in items:
+            prov = session.provisioned
+            assert prov is not None  # the servicer sends provisioned sessions only
+            if boot:
+                fut.set_exception(_Call(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"job {self.job_id} is a 'provision' job: a chip "
+                                        "confirms its provisioning data with no boot"))  # fmt: skip
+                continue
+            done.append(prov)
+        self.line.released(done)
+        for _kind, session, boot, fut in items:
+            if not boot and not fut.done():
+                session.confirmed = True
+                fut.set_result(pb.ConfirmResponse(programmed=False))
 
     def _count(self, *, recovered: bool = False, programmed: bool = False) -> None:
         c = self.counts
@@ -889,6 +915,8 @@ class _Servicer(pb_grpc.StationServiceServicer):
             job = self._s._job(request.job_id)
         except _Call as call:
             _abort(context, call)
+        if job.config.image is None:  # a "provision" job: there is no image (no chunk)
+            return
         with open(job.config.image, "rb") as f:
             while chunk := f.read(IMAGE_CHUNK):
                 yield pb.ImageChunk(data=chunk)

@@ -267,6 +267,8 @@ class ProductionStore(Protocol):
 
     def unprogrammed(self, job: bytes, device_ids: Sequence[str]) -> dict[str, Release]: ...
 
+    def released(self, job: bytes, device_ids: Sequence[str]) -> None: ...
+
     def commit(
         self,
         job: bytes,
@@ -631,6 +633,18 @@ class SQLiteStore:
             r[0]: Release(r[0], r[1], bytes(r[2]), bytes(r[3]), bytes(r[4]), bytes(r[5]))
             for r in rows
         }
+
+    def released(self, job: bytes, device_ids: Sequence[str]) -> None:
+        """The devices took what was released to them and nothing follows for them in this
+        job (a "provision" job programs nothing, so no programmed record ends their
+        release): forget what was released.  A device met again is then refused as done."""
+        if not device_ids:
+            return
+        with self._write("forget released devices") as db:
+            db.executemany(
+                "DELETE FROM releases WHERE job = ? AND device_id = ?",
+                [(job, d) for d in device_ids],
+            )
 
     def unprogrammed_summary(self, job: bytes, *, limit: int = 100) -> tuple[int, list[str]]:
         """How many devices of the job are provisioned but not programmed; the first ids."""

@@ -241,8 +241,11 @@ class ApplianceClient:
             pass  # a recovered chip that kept what it was given the first time
         except Exception as exc:
             raise _DeviceRefused("CHIP", f"the chip refused its provisioning data: {exc}") from None
+        boot = b""  # a "provision" job (no manifest, no license): confirmed with no boot
         try:
-            boot = chip.program(prov.manifest, io.BytesIO(image), prov.license, prov.boot_nonce)
+            if prov.manifest:
+                boot = chip.program(prov.manifest, io.BytesIO(image), prov.license,
+                                    prov.boot_nonce)  # fmt: skip
         except Exception as exc:
             raise _DeviceRefused("CHIP", f"the chip refused its image: {exc}") from None
         try:
