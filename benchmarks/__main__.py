@@ -34,6 +34,10 @@ registry       benchmarks/bench_registry.py: reconcile and registry ingest (SQLi
                PostgreSQL server it starts) of synthesised 10k and 100k-device ledgers (full:
                100k and 1M), devices or records/s and each phase's peak RSS, and OCSP
                responses/s of the HTTP responder signing in SoftHSM.
+lot            benchmarks/bench_lot.py: zero-secret programming: a 100,000-chip lot manifest
+               verified; ``oem prelicense`` devices/s (certificate and license per chip in the
+               OEM's SoftHSM token; full: 100,000 chips, quick: 2,000; 1 and 2 workers) beside
+               the line's provisioning rate in the same run.
 
 Run on their own (longer): ``python -m benchmarks.memory --sizes 2000,20000`` (peak memory
 of whole ``provision`` runs: flat per device) and ``python -m benchmarks.provision markcost``
@@ -287,6 +291,8 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         t.update({f"registry_{k}": v for k, v in r["registry"]["targets_met"].items()})
     if "stations" in r:
         t.update({f"stations_{k}": v for k, v in r["stations"]["targets_met"].items()})
+    if "lot" in r:
+        t.update({f"lot_{k}": v for k, v in r["lot"]["targets_met"].items()})
     return t
 
 
@@ -332,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
 
     r["stations"] = bench_stations.run(200 if quick else 1000, log,
                                        latency_n=50 if quick else 200)  # fmt: skip
+    from . import bench_lot
+
+    r["lot"] = bench_lot.run(2000 if quick else 100_000, log, line_n=n)
     r["targets_met"] = targets(r)
     r["mode"] = "quick" if quick else "full"
     r["cpus"] = os.cpu_count()
@@ -385,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  OCSP responder: {r['registry']['ocsp']['responses_per_s']} responses/s")
     print("  stations (end to end, provision and program):")
     print(bench_stations.format_lines(r["stations"]))
+    print("  zero-secret programming (lot manifest, OEM pre-licensing):")
+    print(bench_lot.format_lines(r["lot"]))
     for k, v in r["targets_met"].items():
         print(f"  target {k:24s} {'met' if v else 'NOT met'}")
     return 0

@@ -77,3 +77,15 @@ def test_registry_benchmark_runs_each_phase_and_reports_peaks() -> None:
     assert set(r["targets_met"]) == {
         "ingest_sqlite>=50000_records_per_s", "reconcile>=10000_devices_per_s", "rss_flat_10%",
     }  # fmt: skip
+
+
+def test_lot_benchmark_prelicenses_and_verifies() -> None:
+    from benchmarks import bench_lot
+
+    r = bench_lot.run(12, lambda _m: None, line_n=16, reps=1, verify_n=300)
+    assert r["lot_verify"]["chips"] == 300 and r["lot_verify"]["cpu_s"] > 0
+    assert [(p["chips"], p["workers"]) for p in r["prelicense"]] == [(12, 1), (12, 2)]
+    for p in r["prelicense"]:
+        assert p["devices_per_s"] > 0 and 0 < p["issue_s"] < p["elapsed_s"]
+    assert r["line"]["devices_per_s"] > 0
+    assert set(r["targets_met"]) == {"prelicense_ge_line", "lot_verify_100k_le_2s"}
