@@ -298,7 +298,23 @@ class _Allowed:
         self._work = work
         self._stamp: tuple[int, int] | None = None
         self._by_fp: dict[str, str] = {}
+        self._pems: dict[bytes, str] = {}  # peer certificate (PEM, as TLS checked it) -> SHA-256
         self._lock = threading.Lock()
+
+    def fingerprint_of(self, pem: bytes) -> str | None:
+        """The SHA-256 of the DER of a peer's certificate (``None``: unreadable), parsed once
+        per certificate rather than on each of a device's three calls."""
+        found = self._pems.get(pem)
+        if found is None:
+            try:
+                der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+            except ValueError:
+                return None
+            found = _fingerprint(der)
+            if len(self._pems) >= 1024:  # bounded: a certificate seen once is re-parsed later
+                self._pems.clear()
+            self._pems[pem] = found
+        return found
 
     def name_of(self, fingerprint: str) -> str | None:
         try:
@@ -805,13 +821,10 @@ class _Servicer(pb_grpc.StationServiceServicer):
         certs: list[bytes] = list(found or ())
         if not certs:
             _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED, "no client certificate"))
-        try:
-            der = x509.load_pem_x509_certificate(certs[0]).public_bytes(
-                serialization.Encoding.DER
-            )
-        except ValueError:
+        fingerprint = self._s._allowed.fingerprint_of(certs[0])
+        if fingerprint is None:
             _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED, "unreadable certificate"))
-        name = self._s._allowed.name_of(_fingerprint(der))
+        name = self._s._allowed.name_of(fingerprint)
         if name is None:
             _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED,
                                   "this station is not (or no longer) allowed on this appliance"))
