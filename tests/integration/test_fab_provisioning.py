@@ -88,25 +88,33 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for vendor in ("vendor", "rogue"):
         _run("vendor", "init", "--workdir", str(tmp / vendor), "--oem-root",
              str(oem / "root-ca.pem"))  # fmt: skip
-    _run("programmer", "request-ca", "--workdir", str(fab), "--job", "lot-a")
-    (tmp / "lot-a.toml").write_text(
-        f'job_id = "lot-a"\nprogrammer = "fab-1"\nstage = "provision"\n'
+    sites = {"tmp": tmp, "oem": oem, "fab": fab, "fab-2": tmp / "fab-2",
+             "vendor": tmp / "vendor", "rogue": tmp / "rogue", "pin-1": pins[0],
+             "pin-2": pins[1], "package": oem / "outbox/job-lot-a.bin"}  # fmt: skip
+    issued = _issue(sites, "lot-a", "fab", "fab-1")
+    assert (issued["stage"], issued["image"]) == ("provision", None)
+    assert not list((oem / "outbox").glob("image-*"))
+    return sites
+
+
+def _issue(sites: dict[str, Path], job: str, where: str, name: str) -> dict[str, Any]:
+    """A provision job for appliance ``name`` (in ``sites[where]``), chips FIRST..FIRST+15:
+    request-ca there, then the OEM's issue-job, two officers' approvals, issue-job."""
+    oem, tmp = sites["oem"], sites["tmp"]
+    _run("programmer", "request-ca", "--workdir", str(sites[where]), "--job", job)
+    (tmp / f"{job}.toml").write_text(
+        f'job_id = "{job}"\nprogrammer = "{name}"\nstage = "provision"\n'
         f'device_class = "sensor-v1"\nquota = {QUOTA}\n'
         f'vendors = ["{tmp / "vendor" / "root-ca.pem"}"]\n[targets]\n'
         f'ranges = [["{FIRST:016x}", "{FIRST + 15:016x}"]]\n[window]\ndays = 1\n'
     )
     # No master-image, no key delivery: a provision job needs neither.
-    _run("oem", "issue-job", "--workdir", str(oem), str(tmp / "lot-a.toml"), "--ca-request",
-         str(fab / "outbox/production-ca-request-lot-a.bin"))  # fmt: skip
+    _run("oem", "issue-job", "--workdir", str(oem), str(tmp / f"{job}.toml"), "--ca-request",
+         str(sites[where] / f"outbox/production-ca-request-{job}.bin"))  # fmt: skip
     for n in (1, 2):
-        _run("oem", "approve-job", "--workdir", str(oem), "--job", "lot-a", "--officer", str(n),
-             "--pin-file", str(pins[n - 1]))  # fmt: skip
-    issued = _json(_run("oem", "issue-job", "--workdir", str(oem), "--job", "lot-a"))
-    assert (issued["stage"], issued["image"]) == ("provision", None)
-    assert not list((oem / "outbox").glob("image-*"))
-    return {"tmp": tmp, "oem": oem, "fab": fab, "fab-2": tmp / "fab-2",
-            "vendor": tmp / "vendor", "rogue": tmp / "rogue",
-            "package": oem / "outbox/job-lot-a.bin"}  # fmt: skip
+        _run("oem", "approve-job", "--workdir", str(oem), "--job", job, "--officer", str(n),
+             "--pin-file", str(sites[f"pin-{n}"]))  # fmt: skip
+    return _json(_run("oem", "issue-job", "--workdir", str(oem), "--job", job))
 
 
 def _open(sites: dict[str, Path], where: str, package: Path, *extra: str,
@@ -224,3 +232,32 @@ def test_the_package_that_crossed_to_the_fab_names_no_image(sites: dict[str, Pat
     assert "manifest" not in raw and len(raw["vendors"]) == 1
     vendor = from_pem((sites["vendor"] / "root-ca.pem").read_bytes())
     assert raw["vendors"][0] == vendor.public_bytes(serialization.Encoding.DER)
+
+
+def test_stations_at_the_fab_provision_through_the_station_api(sites: dict[str, Path]) -> None:
+    """The fab's appliance serves its provision job to a station: the station burns the
+    provisioning data and confirms with no boot (there is no image; GetImage streams
+    nothing); a rerun finds the chips done; the OEM reconciles the ledger."""
+    from tests.integration.station_world import ServerProcess, add_station, station_args
+
+    fab2 = sites["fab-2"]
+    _issue(sites, "lot-b", "fab-2", "fab-2")
+    _open(sites, "fab-2", sites["oem"] / "outbox/job-lot-b.bin")
+    files = add_station({"tmp": sites["tmp"], "factory": fab2}, "s1")
+    server = ServerProcess(fab2)
+    try:
+        args = station_args(files, server.target, "lot-b", devices=3, first=8,
+                            chips=sites["vendor"])  # fmt: skip
+        r = _json(subprocess.run([*CLI, *args], capture_output=True, text=True,
+                                 env=child_env()))  # fmt: skip
+        assert (r["provisioned"], r["already_done"], r["refused"]) == (3, 0, {}), r
+        again = _json(subprocess.run([*CLI, *args], capture_output=True, text=True,
+                                     env=child_env()))  # fmt: skip
+        assert (again["provisioned"], again["already_done"]) == (0, 3), again
+    finally:
+        server.stop()
+    closed = _json(_run("programmer", "close-job", "--workdir", str(fab2), "--job", "lot-b"))
+    assert (closed["provisioned"], closed["programmed"]) == (3, 0)
+    rec = _json(_run("oem", "reconcile", "--workdir", str(sites["oem"]),
+                     str(fab2 / "outbox/ledger-lot-b.bin"), "--job", "lot-b"))  # fmt: skip
+    assert (rec["provisioned"], rec["programmed"]) == (3, 0)
