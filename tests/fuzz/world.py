@@ -299,7 +299,14 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     )  # fmt: skip
     job_signed = cosign_job(sign_job(job, [officers[0]]), officers[1])
     officer_keys = {fingerprint(k.public_key()): k.public_key() for k in officers}
-    seeds["job"] = [job_signed]
+    # A job of each stage (docs/formats.md "Job stages"): the fab's provision job (no image
+    # keys) and a programming centre's program job (provisioned_by, no vendor, no CA).
+    provision_job = attrs.evolve(job, stage="provision", image_id=None, manifest_sha256=None)
+    program_job = attrs.evolve(job, stage="program", vendors=(), production_ca=None,
+                               provisioned_by=(job.production_ca or b"",))  # fmt: skip
+    seeds["job"] = [job_signed] + [
+        cosign_job(sign_job(j, [officers[0]]), officers[1]) for j in (provision_job, program_job)
+    ]
     seeds["envelope"] = [job_signed, manifest]
     seeds["envelope_sign1"] = [manifest, job_signed]  # a COSE_Sign1, then a COSE_Sign
     ctx.update(job_signed=job_signed, officers=officer_keys)
@@ -384,7 +391,12 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     seeds["ledger_export"] = [export]
     seeds["reconciliation"] = [export]
     records = [p for tag, p in ledger.read_export(io.BytesIO(export))[1] if tag == "r"]
-    seeds["ledger_record"] = records[:1] + records[-1:]
+    # ... and a provision job's record: no license_sha256 (ledger.ProvisionOnlyRecord)
+    fab_record = ledger.PendingRecord(
+        kind=ledger.KIND_PROVISIONED, slot=0, device_id="0000000000000001", time=t,
+        cert=b"\x30\x00", vendor_ca=b"\x0a" * 32,
+    ).encode(job=job_hash, seq=0, prev=job_hash)  # fmt: skip
+    seeds["ledger_record"] = records[:1] + records[-1:] + [fab_record]
     seeds["device_trust"] = [trust]
     seeds["job_package"] = [
         JobPackage(
