@@ -21,7 +21,7 @@ about an artefact.  Every refusal is a :class:`FormatError` naming the artefact.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 
@@ -41,6 +41,9 @@ _UINT_LIMIT = 1 << 64  # RFC 8949 §3.1: major types 0 and 1 carry a 64-bit argu
 _INT_KEYS = range(-24, 24)
 _TAG_MSG = "tags (major type 6) are not allowed"
 _SIMPLE_MSG = "unsupported simple value or float"
+
+
+T = TypeVar("T")
 
 
 class Encoded:
@@ -341,6 +344,45 @@ def decode(
             raise FormatError(f"{what}: {len(data) - len(again)} trailing bytes")
         raise FormatError(f"{what}: integer or length not in shortest form")
     return value
+
+
+def decode_matching(
+    data: bytes, match: Callable[[Any], tuple[T, int | None] | None], *, max_size: int
+) -> tuple[Any, T] | None:
+    """:func:`decode` for a verifier's hot loop over many small maps of known bodies (the
+    ledger's records): ``(value, body)`` if ``data`` is one canonical CBOR item that
+    ``match`` accepts, else ``None`` -- then call :func:`decode` (and the body's check),
+    whose error names the problem.  It accepts nothing :func:`decode` refuses.
+
+    ``match`` (a :func:`securethread.formats.fields.matcher`) stands in for decode's walk
+    of exact types and key order, which it proves for the maps it accepts (scalars of exact
+    types, keys in §4.2.1 order), and gives the size of the value's canonical encoding.
+    The rest is decode's: the size limit, cbor2's strict options, refused tags.  Instead of
+    re-encoding, ``data`` must be exactly that size: cbor2 decoded it as definite-length
+    items in that key order, so it differs from the canonical encoding only in heads longer
+    than the shortest (every one adds bytes) and in trailing bytes (more bytes); its size is
+    the canonical size only if there are neither (§4.2.1; tests/unit/test_cbor.py compares
+    both paths on mutated records)."""
+    if type(data) is not bytes or len(data) > max_size:
+        return None
+    try:
+        value = cbor2.loads(
+            data,
+            tag_hook=_tag_none,
+            semantic_decoders=_REFUSE_BUILTIN,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        )
+    except (cbor2.CBORError, _Refused, RecursionError, ValueError, OverflowError):
+        return None
+    hit = match(value)
+    if hit is None:
+        return None
+    body, size = hit
+    if size is not None:
+        return (value, body) if size == len(data) else None
+    return (value, body) if cbor2.dumps(value) == data else None
 
 
 def is_version(value: object, expected: int) -> bool:

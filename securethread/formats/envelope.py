@@ -133,14 +133,29 @@ def protected_signature(key: ec.EllipticCurvePublicKey) -> bytes:
     return cbor.encode({HDR_ALG: algorithm(key), HDR_KID: fingerprint(key)}, int_keys=True)
 
 
+def _bstr(value: bytes) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"expected bytes, got {type(value).__name__}")
+
+
+# The Sig_structures hold a text string and byte strings only, which cbor2 always writes in
+# the deterministic form (shortest heads, definite lengths): no map to put in order, so
+# cbor.encode's walk is skipped on this per-signature path.
+
+
 def sig_structure1(protected: bytes, payload: bytes) -> bytes:
     """The bytes a COSE_Sign1 signer signs (RFC 9052 §4.4, empty external_aad)."""
-    return cbor.encode(["Signature1", protected, b"", payload])
+    return cbor2.dumps(["Signature1", _bstr(protected), b"", _bstr(payload)])
 
 
 def sig_structure(body_protected: bytes, sign_protected: bytes, payload: bytes) -> bytes:
     """The bytes one COSE_Signature of a COSE_Sign signs (RFC 9052 §4.4)."""
-    return cbor.encode(["Signature", body_protected, sign_protected, b"", payload])
+    return cbor2.dumps(
+        ["Signature", _bstr(body_protected), _bstr(sign_protected), b"", _bstr(payload)]
+    )
 
 
 def signed_bytes(kind: str, body: bytes, key: ec.EllipticCurvePublicKey) -> bytes:
@@ -150,7 +165,7 @@ def signed_bytes(kind: str, body: bytes, key: ec.EllipticCurvePublicKey) -> byte
 
 def content_hash(protected: bytes, payload: bytes) -> bytes:
     """SHA-256 of ``CBOR([protected, payload])``: a signed content's identity."""
-    return hashlib.sha256(cbor.encode([protected, payload])).digest()
+    return hashlib.sha256(cbor2.dumps([_bstr(protected), _bstr(payload)])).digest()
 
 
 def body_content_id(kind: str, body: bytes) -> bytes:
@@ -498,6 +513,22 @@ def open_signed(
     ``keys`` is the one trusted key, or a map key id -> key; every signature must be by
     one of them and verify, and at least ``threshold`` must be present.
     """
+    msg = _verified(data, kind, keys, threshold, max_size)
+    return Opened(
+        body=_body(msg, kind),
+        signers=msg.kids,
+        content_id=content_hash(msg.protected, msg.payload),
+    )
+
+
+def _verified(
+    data: bytes,
+    kind: str,
+    keys: ec.EllipticCurvePublicKey | Mapping[bytes, ec.EllipticCurvePublicKey],
+    threshold: int,
+    max_size: int,
+) -> _Message:
+    """The message of ``kind`` once every rule of :func:`open_signed` but the body's held."""
     if threshold < 1:
         raise ValueError("threshold must be at least 1")
     if isinstance(keys, ec.EllipticCurvePublicKey):
@@ -522,12 +553,14 @@ def open_signed(
         raise SignatureError(
             f"{kind}: {len(msg.sigs)} valid signature(s) from trusted keys, {threshold} required"
         )
+    return msg
+
+
+def _body(msg: _Message, kind: str) -> dict[str, Any]:
     body = cbor.decode(msg.payload, what=f"{kind} body")
     if not isinstance(body, dict):
         raise FormatError(f"{kind}: body is not a map")
-    return Opened(
-        body=body, signers=msg.kids, content_id=content_hash(msg.protected, msg.payload)
-    )
+    return body
 
 
 def open_envelope(
@@ -539,4 +572,4 @@ def open_envelope(
     max_size: int = DEFAULT_MAX_SIZE,
 ) -> dict[str, Any]:
     """Verify and decode an envelope of ``kind`` (see :func:`open_signed`); return its body."""
-    return open_signed(data, kind=kind, keys=keys, threshold=threshold, max_size=max_size).body
+    return _body(_verified(data, kind, keys, threshold, max_size), kind)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
 import attrs
@@ -51,6 +51,7 @@ __all__ = [
     "integer",
     "list_of",
     "map_of",
+    "matcher",
     "nested",
     "set_of",
     "text",
@@ -684,6 +685,144 @@ def check(cls: type, raw: Any) -> None:
     _check_keys(spec, raw)
     for key, validate in spec.validators:
         validate(cls, None, raw[key])  # the class stands in for the instance (see fail)
+
+
+# --- the hot path: recognise a flat body's map without building anything ------------------
+
+_M_INT, _M_BYTES, _M_TEXT, _M_CONST, _M_RULE = range(5)
+#: One field's test for :func:`matcher`: (key, test, a, b, c) as :func:`_plan_entry` says.
+_PlanEntry = tuple[str, int, Any, Any, Any]
+
+
+def _plan_entry(f: _Field) -> _PlanEntry:
+    r = f.rule
+    if type(r) is _Int:
+        return (f.key, _M_INT, r.lo, r.hi, None)
+    if type(r) is _Bytes:
+        return (f.key, _M_BYTES, r.lo, r.hi, None)
+    if type(r) is _Text:
+        return (f.key, _M_TEXT, r.lo, r.hi, None if r.pattern is None else r.pattern.fullmatch)
+    if type(r) is _Const:
+        return (f.key, _M_CONST, r.value, type(r.value), None)
+    return (f.key, _M_RULE, r.validator(_raise_problem), None, None)
+
+
+def _canonical_keys(keys: Iterable[str]) -> tuple[str, ...]:
+    """Text keys in RFC 8949 §4.2.1 order: by the bytes of their encodings, which for text
+    keys is shorter UTF-8 first, then bytewise."""
+    return tuple(sorted(keys, key=lambda k: (len(k.encode("utf-8")), k.encode("utf-8"))))
+
+
+def _head(n: int) -> int:
+    """Bytes of the shortest head carrying the argument ``n`` (RFC 8949 §3: additional
+    information 0..23 in the initial byte, else 1, 2, 4 or 8 more bytes)."""
+    return 1 if n < 24 else 2 if n < 1 << 8 else 3 if n < 1 << 16 else 5 if n < 1 << 32 else 9
+
+
+def _text_size(s: str) -> int:
+    n = len(s.encode("utf-8"))
+    return _head(n) + n
+
+
+def _const_size(value: int | str) -> int:
+    if type(value) is str:
+        return _text_size(value)
+    assert type(value) is int
+    return _head(value if value >= 0 else -1 - value)  # major type 1 carries -1 - n
+
+
+#: The shortest head of the argument in ``m``, as an expression in the generated source.
+_HEAD_OF_M = "(1 if m < 24 else 2 if m < 256 else 3 if m < 65536 else 5 if m < 4294967296 else 9)"
+
+#: A compiled body test: the size of the map's canonical encoding if every field passes
+#: (0 where a rule's encoding is not counted), else -1.
+_Passes = Callable[[dict[str, Any]], int]
+
+
+def _compile(name: str, plan: tuple[_PlanEntry, ...]) -> tuple[_Passes, bool]:
+    """One function testing every field of ``plan`` inline (a loop over the plan costs
+    twice as much per record) and adding up the size of the map's canonical encoding
+    (RFC 8949 §4.2.1: shortest heads), and whether that size is exact (every rule a scalar
+    one).  The source holds only the declaration's own keys and limits (``repr``); patterns
+    and other rules are passed in by name, never as text."""
+    env: dict[str, Any] = {"_Problem": _Problem}
+    fixed = _head(len(plan)) + sum(_text_size(key) for key, *_ in plan)  # map head and keys
+    sized = True
+    lines = [f"def passes(raw):  # {name}", "    n = 0"]
+    for i, (key, test, a, b, c) in enumerate(plan):
+        lines.append(f"    v = raw[{key!r}]")
+        grow = ""
+        if test == _M_INT:
+            cond = f"type(v) is not int or not {a!r} <= v <= {b!r}"
+            arg = "v" if a >= 0 else "(v if v >= 0 else -1 - v)"
+            grow = f"    m = {arg}\n    n += {_HEAD_OF_M}"
+        elif test in (_M_BYTES, _M_TEXT):
+            kind = "bytes" if test == _M_BYTES else "str"
+            size = f"len(v) != {a!r}" if a == b else f"not {a!r} <= len(v) <= {b!r}"
+            cond = f"type(v) is not {kind} or {size}"
+            if c is not None:
+                env[f"match{i}"] = c
+                cond += f" or match{i}(v) is None"
+            if test == _M_BYTES and a == b:
+                fixed += _head(a) + a
+            elif test == _M_BYTES:
+                grow = f"    m = len(v)\n    n += m + {_HEAD_OF_M}"
+            else:  # UTF-8 bytes, not characters
+                grow = "    m = len(v) if v.isascii() else len(v.encode())\n" \
+                       f"    n += m + {_HEAD_OF_M}"  # fmt: skip
+        elif test == _M_CONST:
+            cond = f"type(v) is not {b.__name__} or v != {a!r}"
+            fixed += _const_size(a)
+        else:
+            env[f"rule{i}"] = a
+            sized = False
+            lines += ["    try:", f"        rule{i}(None, None, v)", "    except _Problem:",
+                      "        return -1"]  # fmt: skip
+            continue
+        lines += [f"    if {cond}:", "        return -1"]
+        if grow:
+            lines.append(grow)
+    lines.append(f"    return n + {fixed}" if sized else "    return 0")
+    exec("\n".join(lines), env)  # noqa: S102 - source built above from the declaration only
+    passes: _Passes = env["passes"]
+    return passes, sized
+
+
+#: What a :func:`matcher` returns for a map: its body class and the size of its canonical
+#: encoding (``None`` if a rule's encoding is not counted), or ``None`` if no body matches.
+Match = Callable[[Any], "tuple[type, int | None] | None"]
+
+
+def matcher(classes: Iterable[type]) -> Match:
+    """For a verifier's hot loop over many maps of a few flat bodies (the ledger's records):
+    a function telling which of ``classes`` a decoded map is *exactly* -- its keys are the
+    body's, in canonical order (RFC 8949 §4.2.1), and every value passes its field's rule
+    with its exact type -- and how many bytes its canonical encoding takes, or ``None``.
+    It builds no object and names no problem: on ``None`` call :func:`check`, whose error
+    says what is wrong.  A map it accepts is one :func:`check` accepts and holds only
+    scalars of exact types in canonical key order, so a decoder may let it stand in for its
+    own type and key-order walk (:func:`securethread.formats.cbor.decode_matching`)."""
+    by_keys: dict[tuple[str, ...], tuple[type, _Passes, bool]] = {}
+    for cls in classes:
+        spec = _spec(cls)
+        if not spec.flat:
+            raise TypeError(f"{spec.name} has nested or optional fields: use decode")
+        order = _canonical_keys(spec.required)
+        if order in by_keys:
+            raise TypeError(f"{spec.name}: two bodies with the same keys cannot be told apart")
+        passes, sized = _compile(spec.name, tuple(_plan_entry(f) for _, f in spec.fields))
+        by_keys[order] = (cls, passes, sized)
+
+    def match(raw: Any) -> tuple[type, int | None] | None:
+        hit = by_keys.get(tuple(raw)) if type(raw) is dict else None
+        if hit is None:
+            return None
+        size = hit[1](raw)
+        if size < 0:
+            return None
+        return hit[0], size if hit[2] else None
+
+    return match
 
 
 def decode(cls: type[T], raw: Any) -> T:

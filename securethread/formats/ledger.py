@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securethread.errors import FormatError, LedgerError, VerificationError
 from securethread.formats import cbor, envelope, fields
 from securethread.formats.job import DEVICE_ID_RE
+from securethread.keys.ecutil import fingerprint
 from securethread.keys.protocol import PrivateKey
 
 #: Version of the close record (2: COSE_Sign1 framing, issue 21).
@@ -150,6 +151,9 @@ _RECORD_BODIES: dict[str, type] = {
     KIND_PROGRAMMED: ProgrammedRecord,
     KIND_LICENSED: LicensedRecord,
 }
+#: Every record body: the verifier's one-pass check (:func:`parse_record`) tells them apart
+#: by their key sets; a body left out here is still read, the long way.
+_RECORD_CLASSES = (ProvisionedRecord, ProvisionOnlyRecord, ProgrammedRecord, LicensedRecord)
 
 
 @attrs.frozen(kw_only=True)
@@ -201,21 +205,23 @@ class PendingRecord:
         return cbor.encode(fields.encode(rec))
 
 
-@attrs.frozen
 class LedgerRecord:
-    """A committed, chained record as read back from a ledger."""
+    """A committed, chained record as read back from a ledger: its place, its bytes, their
+    SHA-256 (what the next record commits to), its kind and its map, as signed.  Read-only
+    by convention; a plain slotted class because a verifier makes one per record (an attrs
+    instance costs four times as much to build)."""
 
-    index: int
-    raw: bytes
-    body: dict[str, Any]
+    __slots__ = ("body", "hash", "index", "kind", "raw")
 
-    @property
-    def hash(self) -> bytes:
-        return sha256(self.raw)
+    def __init__(self, index: int, raw: bytes, body: dict[str, Any]) -> None:
+        self.index = index
+        self.raw = raw
+        self.body = body
+        self.hash = hashlib.sha256(raw).digest()
+        self.kind: str = body["kind"]
 
-    @property
-    def kind(self) -> str:
-        return str(self.body["kind"])
+    def __repr__(self) -> str:
+        return f"LedgerRecord(index={self.index}, kind={self.kind!r})"
 
     @property
     def device_id(self) -> str:
@@ -235,8 +241,25 @@ class LedgerRecord:
         return bytes(self.body.get("vendor_ca", b""))
 
 
+def _record_matcher() -> fields.Match:
+    global _match_record
+    if _match_record is None:
+        _match_record = fields.matcher(_RECORD_CLASSES)
+    return _match_record
+
+
+_match_record: fields.Match | None = None
+
+
 def parse_record(raw: bytes, index: int) -> LedgerRecord:
-    """Decode one record and check its shape and exact field types (not its place)."""
+    """Decode one record and check its shape and exact field types (not its place).
+
+    One pass for a well-formed record (:func:`cbor.decode_matching` with the record bodies'
+    :func:`fields.matcher`); anything it does not accept goes the long way below, which
+    names the problem."""
+    hit = cbor.decode_matching(raw, _match_record or _record_matcher(), max_size=MAX_RECORD_SIZE)
+    if hit is not None:
+        return LedgerRecord(index, raw, hit[0])
     try:
         body = cbor.decode(raw, what=f"ledger record {index}", max_size=MAX_RECORD_SIZE)
     except FormatError as exc:
@@ -251,7 +274,7 @@ def parse_record(raw: bytes, index: int) -> LedgerRecord:
         fields.check(cls, body)  # the map is kept: readers use it as it was signed
     except FormatError as exc:
         raise LedgerError(f"ledger record {index}: {exc}", index=index) from None
-    return LedgerRecord(index=index, raw=raw, body=body)
+    return LedgerRecord(index, raw, body)
 
 
 def chain(
@@ -387,32 +410,54 @@ def read_export(src: BinaryIO) -> tuple[bytes, Iterator[tuple[str, bytes]]]:
     """Read the header of an export; returns the signed job and a lazy item iterator."""
     if src.read(len(EXPORT_MAGIC)) != EXPORT_MAGIC:
         raise FormatError("not a securethread ledger export")
-    first = _read_item(src)
-    if first is None or first[0] != TAG_JOB:
+    items = _items(src)
+    first = next(items, None)
+    if first is None:
         raise FormatError("ledger export does not start with its job")
-
-    def items() -> Iterator[tuple[str, bytes]]:
-        while (item := _read_item(src)) is not None:
-            if item[0] not in (TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE):
-                raise FormatError(f"ledger export: unknown item {item[0]!r}")
-            yield item
-
-    return first[1], items()
+    return first[1], items
 
 
-def _read_item(src: BinaryIO) -> tuple[str, bytes] | None:
-    head = src.read(5)
-    if not head:
-        return None
-    if len(head) < 5:
-        raise FormatError("ledger export truncated")
-    (n,) = struct.unpack(">I", head[1:])
-    if n > 4 << 20:
-        raise FormatError("ledger export item too large")
-    payload = src.read(n)
-    if len(payload) != n:
-        raise FormatError("ledger export truncated")
-    return head[:1].decode("ascii", "replace"), payload
+_ITEM_HEAD = struct.Struct(">cI")  # tag, payload length (big-endian uint32)
+_TAG_NAMES = {t.encode(): t for t in (TAG_JOB, TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE)}
+_FIRST_TAGS = frozenset({TAG_JOB})
+_LATER_TAGS = frozenset({TAG_RECORD, TAG_CHECKPOINT, TAG_CLOSE})
+_MAX_ITEM = 4 << 20
+_READ_CHUNK = 64 << 10
+
+
+def _items(src: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """The export's items after its magic, the job first: read in chunks of
+    :data:`_READ_CHUNK` bytes (one read per few hundred records instead of two per record;
+    memory stays one chunk plus one item)."""
+    buf, pos, allowed = b"", 0, _FIRST_TAGS
+    while True:
+        if len(buf) - pos < 5:
+            buf, pos = buf[pos:], 0
+            while len(buf) < 5 and (more := src.read(_READ_CHUNK)):
+                buf += more
+            if len(buf) < 5:
+                if buf:
+                    raise FormatError("ledger export truncated")
+                return
+        raw_tag, n = _ITEM_HEAD.unpack_from(buf, pos)
+        if n > _MAX_ITEM:
+            raise FormatError("ledger export item too large")
+        end = pos + 5 + n
+        if end > len(buf):
+            buf, pos, end = buf[pos:], 0, 5 + n
+            while len(buf) < end:
+                more = src.read(max(_READ_CHUNK, end - len(buf)))
+                if not more:
+                    raise FormatError("ledger export truncated")
+                buf += more
+        tag = _TAG_NAMES.get(raw_tag) or raw_tag.decode("ascii", "replace")
+        if tag not in allowed:
+            if allowed is _FIRST_TAGS:
+                raise FormatError("ledger export does not start with its job")
+            raise FormatError(f"ledger export: unknown item {tag!r}")
+        allowed = _LATER_TAGS
+        yield tag, buf[pos + 5 : end]
+        pos = end
 
 
 # --- offline verification --------------------------------------------------------------------
@@ -444,6 +489,7 @@ class LedgerReader:
             raise ValueError("job must be a 32-byte job identity")
         self.job = job
         self.ledger_key = ledger_key
+        self._keys = {fingerprint(ledger_key): ledger_key}  # its key id, computed once
         self.checkpoints = 0
         self.provisioned = 0
         self.programmed = 0
@@ -528,7 +574,7 @@ class LedgerReader:
         where = max(upto, 0)
         try:
             body = envelope.open_envelope(
-                payload, kind=CHECKPOINT_KIND, keys=self.ledger_key, max_size=MAX_ENVELOPE_SIZE
+                payload, kind=CHECKPOINT_KIND, keys=self._keys, max_size=MAX_ENVELOPE_SIZE
             )
         except VerificationError as exc:
             raise LedgerError(
