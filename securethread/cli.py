@@ -227,10 +227,7 @@ def oem_issue_job(a: argparse.Namespace) -> int:
         if a.ca_request is not None:
             raise ConfigurationError("--ca-request goes with SPEC (preparing a job), not --job")
         return _step(a, issue_job(a.workdir, a.job))
-    if a.ca_request is None:
-        raise ConfigurationError(
-            "issue-job SPEC needs --ca-request FILE (the programmer's production-CA request)"
-        )
+    # --ca-request: required unless the spec is a "program" job (prepare_job says which)
     r = prepare_job(a.workdir, a.spec, ca_request=a.ca_request)
     if "summary" not in r.details:  # an issued job's outbox finished
         return _step(a, r)
@@ -278,6 +275,19 @@ def oem_reconcile(a: argparse.Namespace) -> int:
             f"{d['programmed']} programmed, quota {d['quota_used']} of {d['quota']}"
         ],
     )
+
+
+def oem_reconcile_joint(a: argparse.Namespace) -> int:
+    from securethread.oem import reconcile_joint
+
+    pairs = []
+    for item in a.provisioned:
+        job, sep, path = item.partition("=")
+        if not sep or not job or not path:
+            raise ConfigurationError(f"--provisioned {item!r}: expected JOB=LEDGER")
+        pairs.append((job, path))
+    r = reconcile_joint(a.workdir, a.ledger, job_id=a.job, provisioned=pairs)
+    return _step(a, r, str(r.details["lines"]).splitlines())
 
 
 def oem_revoke(a: argparse.Namespace) -> int:
@@ -958,6 +968,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("ledger", help="the programmer's ledger export")
     c.add_argument("--job", required=True, help="the job id")
+    c = command(
+        oem,
+        "reconcile-joint",
+        oem_reconcile_joint,
+        "reconcile a 'program' job's ledger together with the ledgers of the provisioning "
+        "jobs whose chips it programmed",
+        workdir=oem_dir,
+    )
+    c.add_argument("ledger", help="the programming appliance's ledger export")
+    c.add_argument("--job", required=True, help="the 'program' job id")
+    c.add_argument(
+        "--provisioned",
+        action="append",
+        default=[],
+        metavar="JOB=LEDGER",
+        help="a provisioning job and its fab appliance's ledger export (repeat for each)",
+    )
     c = command(
         oem,
         "revoke",

@@ -152,6 +152,7 @@ def _describe_cbor(data: bytes) -> dict[str, Any]:
     if isinstance(obj, dict) and obj.get("kind") in (
         ledger.KIND_PROVISIONED,
         ledger.KIND_PROGRAMMED,
+        ledger.KIND_LICENSED,
     ):
         body = ledger.parse_record(data, 0).body
         return {"kind": "ledger-record", "record": _record_view(body, full=True)}
@@ -160,7 +161,9 @@ def _describe_cbor(data: bytes) -> dict[str, Any]:
         return {
             "kind": JOB_PACKAGE_KIND,
             "job": _describe_cbor(package.job),
-            "production-ca": _cert_view(package.production_ca),
+            "production-ca": (  # none in a program job's package
+                _cert_view(package.production_ca) if package.production_ca is not None else None
+            ),
             "manifest": (  # none in a provision job's package
                 _describe_cbor(package.manifest) if package.manifest is not None else None
             ),

@@ -45,6 +45,7 @@ DEMO_MARKER = ".securethread-demo"
 OFFICERS = 2  # oem init's default: two officers, both sign every job
 PARTS = (
     "oem", "factory", "vendor", "courier", "operator", "run",
+    "fab",  # the silicon vendor's appliance (demo --mode fab)
     *(f"officer-{n}" for n in range(1, OFFICERS + 1)),
 )  # fmt: skip
 SOCKET = "run/appliance.sock"  # relative to the demo directory: sun_path holds 108 bytes

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import FormatError
 from securethread.formats import cbor, envelope, fields
-from securethread.formats.job import JOB_ID_RE, MAX_VENDORS
+from securethread.formats.job import JOB_ID_RE, MAX_PROVISIONED_BY, MAX_VENDORS
 from securethread.keys.protocol import PrivateKey
 
 CA_REQUEST_KIND = "production-ca-request"
@@ -71,14 +71,18 @@ class ProductionCARequest:
 @fields.body("job package")
 @attrs.frozen(kw_only=True)
 class JobPackage:
-    """Signed job, production-CA certificate (DER), signed manifest, device-trust statement,
-    vendor CA certificates (DER, in the order of the job's ``vendors``) and, from an OEM
+    """Signed job, production-CA certificate (DER; none for a "program" job), signed
+    manifest, device-trust statement, vendor CA certificates (DER, in the order of the job's
+    ``vendors``), a "program" job's ``provisioned_by`` CA certificates and, from an OEM
     that runs an OCSP responder, its root-signed responder request
     (:mod:`securethread.formats.responder`; absent: the package has no such field):
     unverified until each part is checked by its user."""
 
     job: bytes = fields.byte_string("job", min_len=1, max_len=MAX_PACKAGE)
-    production_ca: bytes = fields.byte_string("production-ca", min_len=1, max_len=8192)
+    #: The production-CA certificate; absent iff a "program" job (it issues no certificate).
+    production_ca: bytes | None = fields.byte_string(
+        "production-ca", min_len=1, max_len=8192, absent=fields.Absent.OMIT
+    )
     #: The signed manifest; absent iff the job is a "provision" job (it names no image).
     manifest: bytes | None = fields.byte_string(
         "manifest", min_len=1, max_len=64 << 10, absent=fields.Absent.OMIT
@@ -91,6 +95,12 @@ class JobPackage:
     ocsp_responder: bytes | None = fields.byte_string(
         "ocsp-responder", min_len=1, max_len=4096, absent=fields.Absent.OMIT
     )
+    #: A "program" job: the DER production-CA certificates of the provisioning jobs whose
+    #: chips it accepts, in the order of the job's ``provisioned_by`` hashes (none otherwise).
+    provisioned_by: tuple[bytes, ...] = fields.list_of(
+        "provisioned-by", fields.bytes_rule(min_len=1, max_len=8192),
+        max_len=MAX_PROVISIONED_BY, default=(),
+    )  # fmt: skip
     kind: str = fields.constant("kind", JOB_PACKAGE_KIND)
     version: int = fields.version(JOB_PACKAGE_VERSION)
 

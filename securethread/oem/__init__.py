@@ -11,6 +11,7 @@ sending keys           :mod:`~securethread.oem.keys`            ``oem send-keys`
 jobs                   :mod:`~securethread.oem.jobs`            ``oem issue-job``,
                                                                 ``approve-job`` (an officer)
 reconciliation         :mod:`~securethread.oem.reconcile`       ``oem reconcile``
+joint reconciliation   :mod:`~securethread.oem.joint`           ``oem reconcile-joint``
 revocation             :mod:`~securethread.oem.revoke`          ``oem revoke``
 =====================  =======================================  ==========================
 
@@ -20,6 +21,7 @@ received from another party as a file; it verifies what it received before actin
 
 from securethread.oem.ceremony import init
 from securethread.oem.jobs import approve_job, issue_job, prepare_job
+from securethread.oem.joint import reconcile_joint
 from securethread.oem.keys import confirm_keys, seal_keys, send_keys
 from securethread.oem.mastering import master_image
 from securethread.oem.onboarding import certify_programmer
@@ -35,6 +37,7 @@ __all__ = [
     "master_image",
     "prepare_job",
     "reconcile",
+    "reconcile_joint",
     "revoke",
     "seal_keys",
     "send_keys",

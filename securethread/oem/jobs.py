@@ -55,6 +55,7 @@ from securethread.formats.identity import vendor_ca_id
 from securethread.formats.job import (
     JOB_KIND,
     MAX_JOB_SIZE,
+    STAGE_PROGRAM,
     STAGE_PROVISION,
     ProductionJob,
     job_hash,
@@ -98,9 +99,12 @@ def prepare_job(
     workdir: str | os.PathLike[str],
     spec_path: str | os.PathLike[str],
     *,
-    ca_request: str | os.PathLike[str],
+    ca_request: str | os.PathLike[str] | None,
 ) -> StepResult:
     """Prepare the job described by ``spec_path`` for the officers (see the module docstring).
+
+    ``ca_request`` is the programmer's production-CA request; a "program" job has none (it
+    certifies nothing: its chips carry the certificates of the provisioning jobs it names).
 
     Run again with the same spec it changes nothing and shows the draft awaiting approval;
     for a job issued but killed before its package reached the outbox, it writes the package
@@ -135,22 +139,11 @@ def prepare_job(
         f"{pdir}/identity.pem", step="issue-job", needs=f"certify-programmer ({spec.programmer})"
     )
     image = _job_image(work, spec, pdir)
-    provisioned_by = tuple(_provisioning_ca(work, entry) for entry in spec.provisioned_by)
-    programmer_cert = from_pem(work.read(f"{pdir}/identity.pem", "programmer certificate"))
-    request = ProductionCARequest.open(
-        read_file(ca_request, "production-CA request", limit=64 << 10),
-        programmer_key=programmer_cert.public_key(),  # type: ignore[arg-type]
+    provisioning_cas = sorted(
+        (_provisioning_ca(work, entry) for entry in spec.provisioned_by), key=cert_fingerprint
     )
-    if request.programmer != spec.programmer:
-        raise JobError(
-            f"the production-CA request comes from {request.programmer!r}, the job is for "
-            f"{spec.programmer!r}"
-        )
-    if request.job_id != spec.job_id:
-        raise JobError(
-            f"the production-CA request is for job {request.job_id!r}, not {spec.job_id!r}"
-        )
-    csr = request.certificate_request()
+    programmer_cert = from_pem(work.read(f"{pdir}/identity.pem", "programmer certificate"))
+    csr = _ca_request(spec, programmer_cert, ca_request)
     from securethread.formats.image import verify_manifest
 
     fw_key = untrusted.load_public_key_pem(
@@ -182,7 +175,7 @@ def prepare_job(
     profile = spec.device_profile(default_organisation=work.name)
     # The production CA lives as long as the devices it certifies (docs/pki.md): the job
     # window limits issuing, enforced by the programmer, not certificate expiry.
-    pca = certify_production_ca(
+    pca = None if csr is None else certify_production_ca(
         root_key,
         root,
         csr,
@@ -205,9 +198,9 @@ def prepare_job(
         programmer=cert_fingerprint(programmer_cert),
         threshold=threshold,
         certificate=profile,
-        production_ca=cert_fingerprint(pca),
+        production_ca=cert_fingerprint(pca) if pca is not None else None,
         vendors=tuple(vendor_ca_id(c) for c in spec.vendors),
-        provisioned_by=provisioned_by,
+        provisioned_by=tuple(cert_fingerprint(c) for c in provisioning_cas),
     )
     body = cbor.encode(job.to_obj())
     sha256 = draft_hash(body)
@@ -226,13 +219,18 @@ def prepare_job(
         ),
         root_key,
     )
-    # The job's OCSP responder key, for the production CA to certify at open-job (oem/ocsp.py).
-    responder = make_responder_request(oem, root_key, job_id=spec.job_id, job_sha256=sha256)
+    # The job's OCSP responder key, for the production CA to certify at open-job (oem/ocsp.py);
+    # a "program" job has no production CA (its devices' CAs have their own responders).
+    responder = (
+        make_responder_request(oem, root_key, job_id=spec.job_id, job_sha256=sha256)
+        if pca is not None
+        else None
+    )
 
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
         "job-draft",
-        certificates=[CertEntry.from_certificate(pca)],
+        certificates=[CertEntry.from_certificate(pca)] if pca is not None else [],
         artefacts={"job": sha256, "device-trust": hashlib.sha256(trust).digest()},
         details={
             "job": spec.job_id,
@@ -244,10 +242,11 @@ def prepare_job(
     _clear_approvals(work, spec.job_id)  # of an earlier draft that never became the job
     written = [
         work.write(f"{jdir}/spec.toml", spec_bytes),
-        work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
+        *([work.write(f"{jdir}/production-ca.pem", to_pem(pca))] if pca is not None else []),
         work.write(f"{jdir}/device-trust.bin", trust),
         *(work.write(_vendor_file(jdir, c), to_pem(c)) for c in spec.vendors),
-        work.write(ocsp_request_file(spec.job_id), responder),
+        *(work.write(_provisioned_by_file(jdir, c), to_pem(c)) for c in provisioning_cas),
+        *([work.write(ocsp_request_file(spec.job_id), responder)] if responder else []),
         work.write(L.job_draft(spec.job_id), body),  # last: a draft is a complete one
     ]
     draft = Draft(
@@ -274,8 +273,8 @@ def _job_image(work: PartyDir, spec: JobSpec, pdir: str) -> tuple[str, bytes] | 
     return spec.image, work.read(f"{idir}/manifest.bin", "manifest")
 
 
-def _provisioning_ca(work: PartyDir, entry: str | x509.Certificate) -> bytes:
-    """The production-CA hash of a provisioning job a program job names (by id, or by its
+def _provisioning_ca(work: PartyDir, entry: str | x509.Certificate) -> x509.Certificate:
+    """The production CA of a provisioning job a program job names (by id, or by its
     production-CA certificate): a job this OEM issued, of stage "provision"."""
     if isinstance(entry, str):
         job_id = entry
@@ -302,7 +301,7 @@ def _provisioning_ca(work: PartyDir, entry: str | x509.Certificate) -> bytes:
         raise JobError(
             f"provisioned_by: the certificate given is not job {job_id!r}'s production CA"
         )
-    return cert_fingerprint(pca)
+    return pca
 
 
 def draft_hash(body: bytes) -> bytes:
@@ -393,9 +392,10 @@ def read_draft(work: PartyDir, job_id: str) -> Draft:
             f"device-trust statement names job hash {trust.job_sha256.hex()[:16]}…, the draft "
             f"hashes to {sha256.hex()[:16]}… (prepare it again with issue-job SPEC)"
         )
-    pca = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))
-    if cert_fingerprint(pca) != job.production_ca_sha256():
-        raise JobError(f"the draft of job {job_id!r} names another production CA")
+    if job.production_ca is not None:  # a "program" job has none
+        pca = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))
+        if cert_fingerprint(pca) != job.production_ca_sha256():
+            raise JobError(f"the draft of job {job_id!r} names another production CA")
     if not officers.threshold <= job.threshold <= len(officers.keys):
         raise JobError(
             f"the draft of job {job_id!r} asks for {job.threshold} officers, outside "
@@ -587,7 +587,11 @@ def issue_job(workdir: str | os.PathLike[str], job_id: str) -> StepResult:
 
     oem = work.open_token(L.TOKEN)
     trust = work.read(f"{jdir}/device-trust.bin", "device trust")
-    pca = from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))
+    pcas = (
+        [from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))]
+        if draft.job.production_ca is not None
+        else []
+    )
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
         "job-issuance",
@@ -597,7 +601,7 @@ def issue_job(workdir: str | os.PathLike[str], job_id: str) -> StepResult:
             )
             for n in found
         ],
-        certificates=[CertEntry.from_certificate(pca)],
+        certificates=[CertEntry.from_certificate(c) for c in pcas],
         artefacts={"job": draft.sha256, "device-trust": hashlib.sha256(trust).digest()},
         details={
             "job": job_id,
@@ -632,6 +636,43 @@ def _vendor_file(jdir: str, cert: x509.Certificate) -> str:
     return f"{jdir}/vendors/{vendor_ca_id(cert).hex()}.pem"
 
 
+def _provisioned_by_file(jdir: str, cert: x509.Certificate) -> str:
+    """The job's record of a production CA a "program" job names (shipped in its package)."""
+    return f"{jdir}/provisioned-by/{cert_fingerprint(cert).hex()}.pem"
+
+
+def _ca_request(
+    spec: JobSpec, programmer_cert: x509.Certificate, ca_request: str | os.PathLike[str] | None
+) -> x509.CertificateSigningRequest | None:
+    """The CSR of the production CA the programmer asked for, from its signed request; None
+    for a "program" job, which must come without one (it certifies nothing)."""
+    if spec.stage == STAGE_PROGRAM:
+        if ca_request is not None:
+            raise ConfigurationError(
+                f"job {spec.job_id!r} is a 'program' job: it takes no production-CA request "
+                "(its chips carry their certificates)"
+            )
+        return None
+    if ca_request is None:
+        raise ConfigurationError(
+            "issue-job SPEC needs --ca-request FILE (the programmer's production-CA request)"
+        )
+    request = ProductionCARequest.open(
+        read_file(ca_request, "production-CA request", limit=64 << 10),
+        programmer_key=programmer_cert.public_key(),  # type: ignore[arg-type]
+    )
+    if request.programmer != spec.programmer:
+        raise JobError(
+            f"the production-CA request comes from {request.programmer!r}, the job is for "
+            f"{spec.programmer!r}"
+        )
+    if request.job_id != spec.job_id:
+        raise JobError(
+            f"the production-CA request is for job {request.job_id!r}, not {spec.job_id!r}"
+        )
+    return request.certificate_request()
+
+
 def _write_package(work: PartyDir, job_id: str, image_id: str | None) -> list[str]:
     """The job package and the encrypted image, into the outbox, from the job as recorded
     (a provision job, ``image_id`` None, has neither manifest nor image)."""
@@ -639,7 +680,11 @@ def _write_package(work: PartyDir, job_id: str, image_id: str | None) -> list[st
     idir = L.image_dir(image_id) if image_id is not None else None
     package = JobPackage(
         job=work.read(f"{jdir}/job.bin", "job"),
-        production_ca=to_der(from_pem(work.read(f"{jdir}/production-ca.pem", "production CA"))),
+        production_ca=(
+            to_der(from_pem(work.read(f"{jdir}/production-ca.pem", "production CA")))
+            if work.exists(f"{jdir}/production-ca.pem")  # none for a "program" job
+            else None
+        ),
         manifest=work.read(f"{idir}/manifest.bin", "manifest") if idir is not None else None,
         device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
         vendors=tuple(
@@ -650,6 +695,10 @@ def _write_package(work: PartyDir, job_id: str, image_id: str | None) -> list[st
             work.read(ocsp_request_file(job_id), "OCSP responder request")
             if work.exists(ocsp_request_file(job_id))
             else None
+        ),
+        provisioned_by=tuple(  # sorted by hash: the job's provisioned_by order
+            to_der(from_pem(p.read_bytes()))
+            for p in sorted(work.path(f"{jdir}/provisioned-by").glob("*.pem"))
         ),
     )
     written = []

@@ -138,11 +138,12 @@ def open_job(
             + ("needs its encrypted image (--image FILE)" if image is None else
                "takes no image: the job names none")
         )  # fmt: skip
-    work.require(
-        f"{jdir}/production-ca.csr",
-        step=f"open-job {job_id}",
-        needs=f"request-ca --job {job_id}",
-    )
+    if job.job.production_ca is not None:  # a "program" job certifies nothing: no CA
+        work.require(
+            f"{jdir}/production-ca.csr",
+            step=f"open-job {job_id}",
+            needs=f"request-ca --job {job_id}",
+        )
     if work.exists(f"{jdir}/job.bin"):
         opened = verified_job(work, work.read(f"{jdir}/job.bin", "job"), now=job.job.not_before)
         if opened.sha256 == job.sha256:
@@ -163,13 +164,22 @@ def open_job(
         device_trust=package.device_trust,
         vendors=tuple(package.vendors),
         anchors=Anchors.of(work),
+        provisioned_by=tuple(package.provisioned_by),
     )
     pca = checked.production_ca
-    _this_tokens_key(pca, job, token)
+    if pca is not None:
+        _this_tokens_key(pca, job, token)
+    else:  # a "program" job: no request-ca made its directory
+        work.path(jdir).mkdir(parents=True, exist_ok=True)
     vendor_files = [
         (L.vendor_ca_path(job_id, vendor_ca_id(c)), to_pem(c)) for c in checked.vendor_cas
+    ] + [  # a "program" job: the production CAs its chips were provisioned under
+        (L.provisioned_by_path(job_id, h), to_pem(c))
+        for h, c in zip(job.job.provisioned_by, checked.provisioned_by, strict=True)
     ]
-    responder_files = certify_oem_responder(work, token, package, job, pca)  # OCSP, RFC 6960
+    responder_files = (  # OCSP, RFC 6960: the production CA certifies the OEM's responder
+        certify_oem_responder(work, token, package, job, pca) if pca is not None else []
+    )
     image_files = []
     if checked.manifest is not None and checked.manifest_bytes is not None and image is not None:
         _take_image(work, token, job, checked.manifest, image)
@@ -177,10 +187,10 @@ def open_job(
             work.write(f"{jdir}/manifest.bin", checked.manifest_bytes),
             f"{jdir}/image.enc",
         ]
-    if not token.has_certificate(L.production_ca_label(job_id)):
+    if pca is not None and not token.has_certificate(L.production_ca_label(job_id)):
         install_certificate(token, L.production_ca_label(job_id), pca)
     written = [
-        work.write(f"{jdir}/production-ca.pem", to_pem(pca)),
+        *([work.write(f"{jdir}/production-ca.pem", to_pem(pca))] if pca is not None else []),
         *image_files,
         work.write(f"{jdir}/device-trust.bin", package.device_trust),
         *(work.write(rel, pem) for rel, pem in vendor_files),
@@ -192,14 +202,17 @@ def open_job(
     tx = work.transcript(token.private_key(L.L_IDENTITY))
     tx.append(
         "production-run-opened",
-        certificates=[CertEntry.from_certificate(pca)],
+        certificates=[CertEntry.from_certificate(pca)] if pca is not None else [],
         artefacts={"job": job.sha256},
         details={"job": job_id, "quota": job.job.quota},
     )
-    # The job's first, empty CRL: relying parties can check revocation from the first device.
-    written.extend(first_crl(work, token, job))
+    # The job's first, empty CRL: relying parties can check revocation from the first device
+    # (a "program" job issues no certificate: nothing of its own to revoke).
+    if pca is not None:
+        written.extend(first_crl(work, token, job))
     written.append(work.write(f"{jdir}/job.bin", job.signed))  # last: marks the job open
-    mark_opened(work, token, job_id)  # ... and the token: it never opens again here
+    if pca is not None:  # a "program" job has no CRL to anchor: its quota mark guards it
+        mark_opened(work, token, job_id)  # ... and the token: it never opens again here
     return work.finish(
         "programmer open-job",
         written,

@@ -61,6 +61,12 @@ def job_dir(job_id: str) -> str:
     return f"jobs/{check_name('job id', job_id)}"
 
 
+def provisioned_by_path(job_id: str, ca_id: bytes) -> str:
+    """Where open-job keeps a production-CA certificate a "program" job names in
+    ``provisioned_by``; ``ca_id`` is the SHA-256 of that certificate's DER."""
+    return f"{job_dir(job_id)}/provisioned-by/{ca_id.hex()}.pem"
+
+
 def vendor_ca_path(job_id: str, ca_id: bytes) -> str:
     """Where open-job keeps the certificate of a vendor CA the job names; ``ca_id`` is the
     SHA-256 of the CA's SubjectPublicKeyInfo (formats.identity.vendor_ca_id)."""

@@ -68,10 +68,13 @@ class CheckedPackage:
     job: VerifiedJob
     manifest: Manifest | None  # None iff a "provision" job (no image)
     manifest_bytes: bytes | None
-    production_ca: x509.Certificate
+    production_ca: x509.Certificate | None  # None iff a "program" job (no certificates)
     device_trust: DeviceTrust
     device_trust_bytes: bytes
     vendor_cas: tuple[x509.Certificate, ...]
+    #: A "program" job: the production CAs of the jobs whose chips it accepts, in the order
+    #: of its ``provisioned_by`` (each issued by the pinned root); empty otherwise.
+    provisioned_by: tuple[x509.Certificate, ...] = ()
 
 
 def check_job(signed: bytes, anchors: Anchors, *, now: int | None = None) -> VerifiedJob:
@@ -159,20 +162,62 @@ def check_package(
     *,
     job: VerifiedJob,
     manifest: bytes | None,
-    production_ca: bytes,
+    production_ca: bytes | None,
     device_trust: bytes,
     vendors: tuple[bytes, ...],
     anchors: Anchors,
+    provisioned_by: tuple[bytes, ...] = (),
     where: dict[str, str] | None = None,
 ) -> CheckedPackage:
     """Every binding of a job package to its verified ``job`` (module docstring); ``where``
     names the parts in errors (the package's, or the work directory's files)."""
     names = {"manifest": "the package's", "vendors": "the package's vendor CA", **(where or {})}
-    pca = check_production_ca(production_ca, job, anchors)
+    if (production_ca is None) != (job.job.production_ca is None):
+        have = "carries no" if production_ca is None else "carries a"
+        raise JobError(
+            f"job {job.job.job_id} is a {job.job.stage!r} job and its package {have} "
+            "production-CA certificate"
+        )
+    pca = None if production_ca is None else check_production_ca(production_ca, job, anchors)
     m = check_manifest(manifest, job, anchors, where=names["manifest"])
     trust = check_device_trust(device_trust, job, m, anchors)
     cas = check_vendor_cas(vendors, named=job.job.vendors, what=names["vendors"])
-    return CheckedPackage(job, m, manifest, pca, trust, device_trust, cas)
+    named = check_provisioned_by(provisioned_by, job, anchors)
+    return CheckedPackage(job, m, manifest, pca, trust, device_trust, cas, named)
+
+
+def check_provisioned_by(
+    certificates: tuple[bytes, ...], job: VerifiedJob, anchors: Anchors
+) -> tuple[x509.Certificate, ...]:
+    """A "program" job's production CAs: exactly the certificates whose SHA-256 the
+    officer-signed job lists in ``provisioned_by``, in that order, each issued by the pinned
+    root (RFC 5280 §6.1.3 (a)(1)); its chips are identified by the device certificates these
+    CAs issued (formats/identity.py ProvisionedIdentityVerifier)."""
+    named = job.job.provisioned_by
+    got = tuple(hashlib.sha256(der).digest() for der in certificates)
+    if got != named:
+        raise JobError(
+            f"job {job.job.job_id}: the production-CA certificates given are not exactly the "
+            f"{len(named)} its provisioned_by names (in order)"
+        )
+    root_key = anchors.root.public_key()
+    out = []
+    for der in certificates:
+        ca = load_der(der)
+        algorithm = ca.signature_hash_algorithm
+        try:
+            if not isinstance(root_key, ec.EllipticCurvePublicKey) or algorithm is None:
+                raise ValueError("not ECDSA")
+            root_key.verify(ca.signature, ca.tbs_certificate_bytes, ec.ECDSA(algorithm))
+            if ca.issuer != anchors.root.subject:
+                raise ValueError("another issuer")
+        except Exception:
+            raise CertificateError(
+                f"job {job.job.job_id}: provisioned_by certificate "
+                f"{ca.subject.rfc4514_string()!r} is not issued by the OEM root"
+            ) from None
+        out.append(ca)
+    return tuple(out)
 
 
 @attrs.frozen
@@ -209,7 +254,16 @@ class OpenedJob:
 
     @property
     def production_ca_der(self) -> bytes:
+        """The job's production CA (DER); a :class:`JobError` for a "program" job."""
+        if self.package.production_ca is None:
+            raise JobError(f"job {self.job_id} is a 'program' job: it has no production CA")
         return self.package.production_ca.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def provisioned_by_ders(self) -> tuple[bytes, ...]:
+        """A "program" job's production CAs (DER, in its ``provisioned_by`` order)."""
+        cas = self.package.provisioned_by
+        return tuple(c.public_bytes(serialization.Encoding.DER) for c in cas)
 
     @property
     def vendor_ca_ders(self) -> tuple[bytes, ...]:
@@ -248,10 +302,20 @@ class OpenedJob:
                 min_threshold=anchors.officers.threshold,
             ).job.not_before
             job = check_job(signed, anchors, now=start)
-        pca_pem = work.read(f"{jdir}/production-ca.pem", "production CA")
-        pca_der = from_pem(pca_pem).public_bytes(serialization.Encoding.DER)
-        if hashlib.sha256(pca_der).digest() != job.job.production_ca_sha256():
-            raise JobError(f"{jdir}/production-ca.pem is not the production CA job {job_id} names")
+        pca_der = None
+        if job.job.production_ca is not None:  # a "program" job issues no certificate
+            pca_pem = work.read(f"{jdir}/production-ca.pem", "production CA")
+            pca_der = from_pem(pca_pem).public_bytes(serialization.Encoding.DER)
+            if hashlib.sha256(pca_der).digest() != job.job.production_ca_sha256():
+                raise JobError(
+                    f"{jdir}/production-ca.pem is not the production CA job {job_id} names"
+                )
+        provisioned_by = tuple(
+            from_pem(work.read(rel, "provisioned-by production CA")).public_bytes(
+                serialization.Encoding.DER
+            )
+            for rel in (L.provisioned_by_path(job_id, h) for h in job.job.provisioned_by)
+        )
         vendors = []
         for ca_id in job.job.vendors:
             rel = L.vendor_ca_path(job_id, ca_id)
@@ -264,6 +328,7 @@ class OpenedJob:
             device_trust=work.read(f"{jdir}/device-trust.bin", "device trust"),
             vendors=tuple(vendors),
             anchors=anchors,
+            provisioned_by=provisioned_by,
             where={"manifest": f"{jdir}/manifest.bin", "vendors": f"{jdir}/vendors/"},
         )
         path = None

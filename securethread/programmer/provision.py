@@ -126,7 +126,8 @@ def opened_run_config(opened: OpenedJob, *, workers: int, batch_size: int) -> Ru
     job, jdir = opened.job, L.job_dir(opened.job_id)
     devices = opened.work.path(f"{jdir}/devices")
     devices.mkdir(exist_ok=True)
-    pca_der = opened.production_ca_der
+    # a "program" job certifies nothing: no production CA; its chips' CAs instead
+    pca_der = opened.production_ca_der if job.job.production_ca is not None else b""
     programs = job.job.programs  # a "provision" job: no manifest, image or image key
     return RunConfig(
         job=job,
@@ -137,6 +138,8 @@ def opened_run_config(opened: OpenedJob, *, workers: int, batch_size: int) -> Ru
         certificates=str(devices),
         production_ca=pca_der,
         vendor_roots=opened.vendor_ca_ders,
+        provisioned_by=opened.provisioned_by_ders,
+        oem_root=opened.oem_root_der,
         sbm=StandardSbm(pca_der, opened.oem_root_der, opened.package.device_trust_bytes),
         labels=KeyLabels(
             production_ca=L.production_ca_label(opened.job_id),

@@ -1,0 +1,281 @@
+"""The fab demo: ``securethread demo --mode fab --devices N --workdir DIR`` (issue 20).
+
+Provisioning moves to the silicon vendor's fab; programming stays at the programming centre.
+The same programmer software runs at both sites, each with its own token, onboarded by the
+OEM the same way; the OEM issues the fab a *provision* job (targets, quota, a production CA in
+the fab's token, no image and no image key) and the programming centre a *program* job that
+names the provisioning job and carries the image, and at the end reconciles both ledgers
+together.  Every step is a ``securethread`` process of its own with only its party's files
+(the two-site demo's :class:`~securethread.demo._Sites`); files are carried between the
+parties' ``inbox/`` directories as a courier would::
+
+    DIR/oem/        the OEM's work directory (its SoftHSM tokens and PIN file)
+    DIR/fab/        the silicon vendor's appliance (``programmer --workdir``: its token, PIN,
+                    job store, transcript)
+    DIR/factory/    the programming centre's appliance (the same, its own token)
+    DIR/vendor/     the simulated fab's chips: its CA, and each part's OTP once the fab's
+                    line provisioned it (``otp/<uid>.bin``) -- the parts as they travel to
+                    the programming centre
+    DIR/courier/    a log of every file carried between the parties
+
+Both appliances run in direct mode (``programmer --workdir``), the simplest honest setup for
+chips that must carry their OTP from one site to the next (the two-site demo shows the
+appliance service and its stations).  The programming centre is also shown a chip the fab
+never provisioned: it is refused (it carries no OEM device certificate) and nothing is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from securethread.demo import (
+    OEM_NAME,
+    OFFICERS,
+    DemoStepError,
+    _Sites,
+    officer_pin_file,
+    prepare,
+)
+from securethread.errors import ConfigurationError
+
+__all__ = ["FabDemoResult", "run"]
+
+FAB = "fab-1"
+FACTORY = "factory-1"
+PROVISION_JOB = "lot-1-provision"
+PROGRAM_JOB = "lot-1-program"
+IMAGE_ID = "fw-sensor-1"
+DEVICE_CLASS = "sensor-v1"
+FIRST_UID = 0x5EC0_0000_0000_0000
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@attrs.frozen(kw_only=True)
+class FabDemoResult:
+    """What the fab demo did, party by party."""
+
+    ok: bool
+    workdir: str
+    devices: int
+    provisioned: int
+    fab_quota_used: int
+    licensed: int
+    programmed: int
+    factory_quota_used: int
+    blank_refused: int
+    reconciliation: dict[str, Any]
+    fab_image_keys: int
+    carried: tuple[str, ...]
+    elapsed_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["carried"] = list(self.carried)
+        out["mode"] = "fab"
+        return out
+
+    @property
+    def lines(self) -> list[str]:
+        r = self.reconciliation
+        return [
+            f"fab demo in {self.workdir} ({self.elapsed_s} s)",
+            f"  silicon vendor's appliance {FAB!r}: provision job {PROVISION_JOB}, "
+            f"{self.provisioned} chips identified against its vendor CA and certified "
+            f"(quota {self.fab_quota_used} of {self.devices}); image keys in its token: "
+            f"{self.fab_image_keys}",
+            f"  programming centre's appliance {FACTORY!r}: program job {PROGRAM_JOB}, "
+            f"{self.licensed} chips identified by their OEM device certificates, licensed and "
+            f"{self.programmed} programmed (quota {self.factory_quota_used} of {self.devices}); "
+            "no certificate issued",
+            f"  a chip the fab never provisioned: refused by the programming centre "
+            f"({self.blank_refused}), nothing counted",
+            f"  OEM joint reconciliation: {'yes' if r.get('reconciled') else 'NO'} -- "
+            f"{r.get('provisioned')} provisioned, {r.get('programmed')} programmed, "
+            f"{r.get('provisioned_not_programmed')} provisioned and not programmed",
+            f"  files carried between the sites: {len(self.carried)} (courier/log.txt)",
+        ]
+
+
+def _provision_spec(devices: int, vendor_ca: Path) -> str:
+    last = FIRST_UID + devices  # one more target than the quota: the blank chip below
+    return (
+        f'job_id = "{PROVISION_JOB}"\nprogrammer = "{FAB}"\nstage = "provision"\n'
+        f'device_class = "{DEVICE_CLASS}"\nquota = {devices}\nvendors = ["{vendor_ca}"]\n'
+        f'[targets]\nranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n[window]\ndays = 7\n'
+    )
+
+
+def _program_spec(devices: int) -> str:
+    last = FIRST_UID + devices
+    return (
+        f'job_id = "{PROGRAM_JOB}"\nprogrammer = "{FACTORY}"\nstage = "program"\n'
+        f'image = "{IMAGE_ID}"\nquota = {devices}\nprovisioned_by = ["{PROVISION_JOB}"]\n'
+        f'[targets]\nranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n[window]\ndays = 7\n'
+    )
+
+
+def _onboard(s: _Sites, root: Path, site: str, name: str, root_fp: str) -> None:
+    """A programmer installation onboarded by the OEM (the same for the fab and the factory)."""
+    s.run("programmer", "init", "--workdir", site, "--name", name)
+    enrol = s.run("programmer", "enrol", "--workdir", site)
+    request = s.carry(root / site / "outbox" / "enrolment-request.bin", "oem")
+    # The fingerprint travels out of band (read over the phone): the demo passes it on.
+    s.run("oem", "certify-programmer", "--workdir", "oem", str(request), "--fingerprint",
+          enrol["fingerprint"])  # fmt: skip
+    bundle = s.carry(root / "oem" / "outbox" / f"certificates-{name}.bin", site)
+    s.run("programmer", "install-certs", "--workdir", site, str(bundle), "--root-fingerprint",
+          root_fp)  # fmt: skip
+
+
+def _issue(s: _Sites, root: Path, spec: Path, *extra: str) -> None:
+    """The OEM prepares a job, each officer approves it in a process of their own, it issues."""
+    draft = s.run("oem", "issue-job", "--workdir", "oem", str(spec), *extra)
+    job_id = draft["job"]
+    for n in range(1, OFFICERS + 1):
+        s.run("oem", "approve-job", "--workdir", "oem", "--job", job_id, "--officer", str(n),
+              "--pin-file", str(officer_pin_file(root, n)), "--job-hash",
+              draft["job_sha256"])  # fmt: skip
+    s.run("oem", "issue-job", "--workdir", "oem", "--job", job_id)
+
+
+def run(
+    workdir: str | Path, devices: int, *, log: Callable[[str], None] | None = _stderr
+) -> FabDemoResult:
+    """Run the fab chain in ``workdir`` (made or reused as the two-site demo's)."""
+    if devices < 1:
+        raise ConfigurationError("--devices must be at least 1")
+    root = prepare(workdir)
+    t0 = time.monotonic()
+    s = _Sites(root, log)
+    oem = root / "oem"
+    officers = [f"{n}={officer_pin_file(root, n)}" for n in range(1, OFFICERS + 1)]
+    init = s.run(
+        "oem", "init", "--workdir", "oem", "--name", OEM_NAME,
+        *(arg for o in officers for arg in ("--officer-pin-file", o)),
+    )  # fmt: skip
+    root_fp = init["root_fingerprint"]
+    _onboard(s, root, "fab", FAB, root_fp)
+    _onboard(s, root, "factory", FACTORY, root_fp)
+    order = s.carry(oem / "root-ca.pem", "vendor")
+    s.run("vendor", "init", "--workdir", "vendor", "--oem-root", str(order))
+    vendor_ca = s.carry(root / "vendor" / "root-ca.pem", "oem")
+
+    # At the fab: a provision job -- a production CA in the fab's token, no image, no key.
+    s.run("programmer", "request-ca", "--workdir", "fab", "--job", PROVISION_JOB)
+    ca_request = s.carry(root / "fab" / "outbox" / f"production-ca-request-{PROVISION_JOB}.bin",
+                         "oem")  # fmt: skip
+    spec = oem / f"{PROVISION_JOB}.toml"
+    spec.write_text(_provision_spec(devices, vendor_ca))
+    _issue(s, root, spec, "--ca-request", str(ca_request))
+    package = s.carry(oem / "outbox" / f"job-{PROVISION_JOB}.bin", "fab")
+    s.run("programmer", "open-job", "--workdir", "fab", str(package))
+    fab_run = s.run("programmer", "provision", "--workdir", "fab", "--job", PROVISION_JOB,
+                    "--chips-from", "vendor", "--devices", str(devices),
+                    "--progress", "none")  # fmt: skip
+    s.run("programmer", "close-job", "--workdir", "fab", "--job", PROVISION_JOB)
+    fab_ledger = s.carry(root / "fab" / "outbox" / f"ledger-{PROVISION_JOB}.bin", "oem")
+
+    # At the OEM and the programming centre: the image, its key, a program job.
+    (oem / "firmware.bin").write_bytes(os.urandom(64 << 10))
+    s.run("oem", "master-image", "--workdir", "oem", str(oem / "firmware.bin"), "--image-id",
+          IMAGE_ID, "--version", "1.0.0", "--security-counter", "3", "--device-class",
+          DEVICE_CLASS)  # fmt: skip
+    sealed = oem / "outbox" / f"keys-{IMAGE_ID}-{FACTORY}.bin"
+    s.run("oem", "seal-keys", "--workdir", "oem", "--to", FACTORY, "--image", IMAGE_ID,
+          "--out", str(sealed))  # fmt: skip
+    keys = s.carry(sealed, "factory")
+    s.run("programmer", "open-keys", "--workdir", "factory", str(keys))
+    receipts = sorted((root / "factory" / "outbox").glob("key-receipt-*.bin"))
+    if not receipts:
+        raise DemoStepError("programmer open-keys wrote no key receipt")
+    s.run("oem", "confirm-keys", "--workdir", "oem", str(s.carry(receipts[-1], "oem")))
+    spec = oem / f"{PROGRAM_JOB}.toml"
+    spec.write_text(_program_spec(devices))
+    _issue(s, root, spec)  # no production-CA request: a program job certifies nothing
+    package = s.carry(oem / "outbox" / f"job-{PROGRAM_JOB}.bin", "factory")
+    image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
+    s.run("programmer", "open-job", "--workdir", "factory", str(package), "--image", str(image))
+    prog = s.run("programmer", "provision", "--workdir", "factory", "--job", PROGRAM_JOB,
+                 "--chips-from", "vendor", "--devices", str(devices),
+                 "--progress", "none")  # fmt: skip
+    blank = _expect_refused(s, "programmer", "provision", "--workdir", "factory", "--job",
+                            PROGRAM_JOB, "--chips-from", "vendor", "--first", str(devices),
+                            "--devices", "1", "--progress", "none")  # fmt: skip
+    s.run("programmer", "close-job", "--workdir", "factory", "--job", PROGRAM_JOB)
+    prog_ledger = s.carry(root / "factory" / "outbox" / f"ledger-{PROGRAM_JOB}.bin", "oem")
+
+    # The OEM reconciles both ledgers together.
+    rec = s.run("oem", "reconcile-joint", "--workdir", "oem", str(prog_ledger), "--job",
+                PROGRAM_JOB, "--provisioned", f"{PROVISION_JOB}={fab_ledger}")  # fmt: skip
+    image_keys = _image_keys(root / "fab")
+    ok = (
+        rec.get("reconciled") is True
+        and rec.get("programmed") == devices
+        and blank == 1
+        and image_keys == 0
+    )
+    return FabDemoResult(
+        ok=ok,
+        workdir=str(root),
+        devices=devices,
+        provisioned=int(fab_run.get("provisioned", 0)),
+        fab_quota_used=int(fab_run.get("quota_used", 0)),
+        licensed=int(prog.get("provisioned", 0)),
+        programmed=int(prog.get("programmed", 0)),
+        factory_quota_used=int(prog.get("quota_used", 0)),
+        blank_refused=blank,
+        reconciliation={k: rec.get(k) for k in (
+            "reconciled", "provisioned", "programmed", "provisioned_not_programmed")},
+        fab_image_keys=image_keys,
+        carried=tuple(s.carried),
+        elapsed_s=round(time.monotonic() - t0, 2),
+    )  # fmt: skip
+
+
+def _expect_refused(s: _Sites, party: str, *args: str) -> int:
+    """Run a step that must refuse its chips (exit 4) and count none: how many it refused."""
+    proc = s.start(party, *args)
+    out, err = proc.communicate(timeout=600)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    if proc.returncode != 4 or result.get("provisioned") != 0:
+        why = err.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise DemoStepError(f"the chip the fab never provisioned was not refused: {why[0]}")
+    return sum(int(n) for n in (result.get("refused") or {}).values())
+
+
+def _image_keys(site: Path) -> int:
+    """Image keys in an appliance's token (a fab's must hold none: it can mint, not license)."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from pkcs11 import ObjectClass\n"
+        "from securethread.programmer import layout as L\n"
+        "t = L.open_programmer(sys.argv[1]).open_token(L.TOKEN)\n"
+        "print(sum(s.startswith('image-') for s in t.labels(ObjectClass.SECRET_KEY)))\n"
+    )
+    from securethread.demo import child_env
+
+    proc = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True,
+                          text=True, env=child_env())  # fmt: skip
+    if proc.returncode != 0:
+        raise DemoStepError(f"cannot list the fab token's keys: {proc.stderr.strip()[-200:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":  # pragma: no cover - by hand: python -m securethread.demo.fab DIR N
+    result = run(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    print("\n".join(result.lines))
+    print(json.dumps(result.to_json(), sort_keys=True))

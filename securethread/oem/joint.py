@@ -1,0 +1,137 @@
+"""Joint reconciliation at the OEM: ``securethread oem reconcile-joint LEDGER --job PROG
+--provisioned JOB=LEDGER ...`` (issue 20).
+
+A "program" job's ledger (the programming centre's appliance) is reconciled together with the
+ledgers of the "provision" jobs whose chips it programmed (the silicon vendor's fab appliances),
+each against the job *this OEM* issued -- its own ``jobs/<job>/job.bin``, root, officer bundle,
+the certificates it issued to each appliance, each provisioning job's production CA and the
+programming job's manifest -- with every check of :mod:`securethread.formats.joint`.  The one
+report (JSON and text) is kept in ``jobs/<prog>/reconciliation.json`` and recorded in the
+transcript with the hash of every ledger it covers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from securethread.errors import ConfigurationError
+from securethread.formats import ledger
+from securethread.formats.job import ProductionJob, verify_job_signatures
+from securethread.formats.joint import (
+    JointReport,
+    ProvisionedDevices,
+    ProvisioningTap,
+    reconcile_program,
+)
+from securethread.formats.onboarding import OfficerBundle
+from securethread.formats.reconciliation import reconcile
+from securethread.oem import layout as L
+from securethread.oem.reconcile import _programmer_of
+from securethread.oem.registry import HashingReader
+from securethread.pki import from_pem
+from securethread.workdir import PartyDir, StepResult, open_file
+
+
+def _issued(work: PartyDir, job_id: str, officers: OfficerBundle) -> tuple[bytes, ProductionJob]:
+    jdir = L.job_dir(job_id)
+    work.require(f"{jdir}/job.bin", step=f"reconcile-joint {job_id}", needs=f"issue-job ({job_id})")
+    issued = work.read(f"{jdir}/job.bin", "issued job")
+    job = verify_job_signatures(
+        issued, officers=officers.public_keys(), min_threshold=officers.threshold
+    ).job
+    return issued, job
+
+
+def _certs(work: PartyDir, job: ProductionJob) -> dict[str, Any]:
+    """The certificates this OEM issued to the appliance the job names."""
+    pdir = L.programmer_dir(_programmer_of(work, job.programmer))
+    return {
+        "programmer_cert": from_pem(work.read(f"{pdir}/identity.pem", "programmer certificate")),
+        "ledger_cert": from_pem(work.read(f"{pdir}/ledger-signing.pem", "ledger certificate")),
+    }
+
+
+def reconcile_joint(
+    workdir: str | os.PathLike[str],
+    ledger_path: str | os.PathLike[str],
+    *,
+    job_id: str,
+    provisioned: Sequence[tuple[str, str | os.PathLike[str]]],
+) -> StepResult:
+    """Reconcile programming job ``job_id``'s ledger with the ledgers of the provisioning
+    jobs ``provisioned`` (``(job id, ledger path)`` pairs), as this OEM issued them."""
+    if not provisioned:
+        raise ConfigurationError(
+            "reconcile-joint needs the ledger of at least one provisioning job (--provisioned)"
+        )
+    work = L.open_oem(workdir)
+    jdir = L.job_dir(job_id)
+    root = from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
+    officers = OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), root.public_key())  # type: ignore[arg-type]
+    issued, job = _issued(work, job_id, officers)
+    work.refuse_done(f"{jdir}/reconciliation.json", step=f"reconcile-joint {job_id}")
+    devices = ProvisionedDevices(job.provisioned_by)
+    digests: dict[str, bytes] = {}
+    for prov_id, path in provisioned:
+        prov_issued, prov_job = _issued(work, prov_id, officers)
+        pca = from_pem(work.read(f"{L.job_dir(prov_id)}/production-ca.pem", "production CA"))
+        tap = ProvisioningTap()
+        src = open_file(path, "ledger")
+        hashed = HashingReader(src)
+        with src:
+            export_job, items = ledger.read_export(hashed)  # type: ignore[arg-type]
+            report = reconcile(
+                prov_issued,
+                export_job,
+                tap.watch(items),
+                officers=officers.public_keys(),
+                min_threshold=officers.threshold,
+                root_cert=root,
+                production_ca_cert=pca,
+                manifest=None,  # a provisioning job names no image
+                **_certs(work, prov_job),
+            )
+        devices.add(report, tap, job_stage=prov_job.stage, production_ca=pca)
+        digests[prov_id] = hashed.digest()
+    src = open_file(ledger_path, "ledger")
+    hashed = HashingReader(src)
+    with src:
+        export_job, items = ledger.read_export(hashed)  # type: ignore[arg-type]
+        program = reconcile_program(
+            issued,
+            export_job,
+            items,
+            officers=officers.public_keys(),
+            min_threshold=officers.threshold,
+            root_cert=root,
+            manifest=work.read(f"{L.image_dir(job.image()[0])}/manifest.bin", "manifest"),
+            provisioned=devices,
+            **_certs(work, job),
+        )
+    digests[job_id] = hashed.digest()
+    joint = JointReport(program=program, provisioning=tuple(devices.reports))
+    oem = work.open_token(L.TOKEN)
+    tx = work.transcript(oem.private_key(L.L_IDENTITY))
+    tx.append(
+        "joint-reconciliation",
+        artefacts={f"ledger-{j}": d for j, d in sorted(digests.items())},
+        details={
+            "job": job_id,
+            "provisioning": ",".join(j for j, _p in provisioned),
+            "licensed": program.licensed,
+            "programmed": program.programmed,
+            "quota_used": program.quota_used,
+        },
+    )
+    record = joint.to_json() | {"ledger_sha256": {j: d.hex() for j, d in digests.items()}}
+    text = json.dumps(record, sort_keys=True) + "\n"
+    written = [work.write(f"{jdir}/reconciliation.json", text.encode())]
+    return work.finish(
+        "oem reconcile-joint", written, [tx], {"job": job_id, **record, "lines": joint.human()}
+    )
+
+
+__all__ = ["reconcile_joint"]
