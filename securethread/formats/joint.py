@@ -46,7 +46,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securethread.errors import Error
 from securethread.formats import cbor, ledger
 from securethread.formats.boot import verify_recorded_boot_confirmation
-from securethread.formats.job import STAGE_PROGRAM, STAGE_PROVISION, job_hash, verify_job_signatures
+from securethread.formats.image import Manifest
+from securethread.formats.job import (
+    STAGE_PROGRAM,
+    STAGE_PROVISION,
+    ProductionJob,
+    job_hash,
+    verify_job_signatures,
+)
 from securethread.formats.reconciliation import (
     ReconciliationError,
     ReconciliationReport,
@@ -252,6 +259,8 @@ def reconcile_program(
         root_cert, programmer_cert, ledger_cert, at=at, expected="the job names"
     )
     image = _job_manifest(job, manifest)
+    if image is None:  # pragma: no cover - a "program" job names its image (job.py)
+        raise JointReconciliationError(f"job {job.job_id} names no manifest")
     reader = ledger.LedgerReader(job=verified.sha256, ledger_key=ledger_key)
     named = frozenset(job.provisioned_by)
     licensed: dict[str, tuple[int, bool]] = {}  # device id -> (slot, programmed)
@@ -286,7 +295,7 @@ def reconcile_program(
 
 def _licensed(
     rec: ledger.LedgerRecord,
-    job: Any,
+    job: ProductionJob,
     named: frozenset[bytes],
     provisioned: ProvisionedDevices,
     licensed: dict[str, tuple[int, bool]],
@@ -331,7 +340,7 @@ def _programmed(
     rec: ledger.LedgerRecord,
     provisioned: ProvisionedDevices,
     licensed: dict[str, tuple[int, bool]],
-    manifest: Any,
+    manifest: Manifest,
 ) -> None:
     device_id = rec.device_id
     known = licensed.get(device_id)
