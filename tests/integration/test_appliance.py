@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from securethread.demo import child_env
+from tests.integration.demo_support import DEVICES, demo_copy
 
 CLI = [sys.executable, "-m", "securethread.cli"]
 EXIT_CONFIG = 2
@@ -336,13 +337,10 @@ def factory(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     by an operator: RUN devices of a quota of QUOTA."""
     from securethread.demo import FIRST_UID, OFFICERS, job_spec, officer_pin_file
 
-    root = tmp_path_factory.mktemp("appliance-run") / "demo"
-    proc = cli("demo", "--devices", "2", "--workdir", str(root), "--json", timeout=900)
-    assert proc.returncode == 0, proc.stderr
+    root, summary = demo_copy(tmp_path_factory, "appliance-run")  # the session's, copied
     # the demo ran the factory as deployed: the appliance and two station processes
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["stations"] == 2 and summary["provisioned"] == summary["booted"] == 2
-    assert summary["reconciled"] and summary["appliance"]["jobs"][0]["quota_used"] == 2
+    assert summary["stations"] == 2 and summary["provisioned"] == summary["booted"] == DEVICES
+    assert summary["reconciled"] and summary["appliance"]["jobs"][0]["quota_used"] == DEVICES
     job = "kill-job"
     sock = root / "run" / "appliance.sock"
     app = ("--appliance", str(sock), "--outbox", str(root / "operator" / "outbox"))

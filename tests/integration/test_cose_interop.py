@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +30,15 @@ from pycose.messages.cosemessage import CoseMessage
 from pycose.messages.sign1message import Sign1Message
 from pycose.messages.signmessage import SignMessage
 
-from securethread.demo import child_env
 from securethread.formats import ledger
 from securethread.formats import transcript as tr
-
-DEVICES = 3
+from tests.integration.demo_support import DEVICES, demo_copy
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cose") / "demo"
-    cmd = [sys.executable, "-m", "securethread.cli", "demo", "--devices", str(DEVICES),
-           "--workdir", str(root), "--json"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
+    root, summary = demo_copy(tmp_path_factory, "cose")  # the session's demo world, copied
+    assert summary["ok"]
     return root
 
 

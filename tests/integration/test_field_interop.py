@@ -44,9 +44,9 @@ from cryptography.x509.oid import NameOID
 
 from securethread.demo import child_env
 from securethread.pki import from_pem, to_pem
+from tests.integration.demo_support import DEVICES, demo_copy
 from tests.integration.test_field_tls import _free_port, _need, _server_identity, _stop
 
-DEVICES = 4
 REVOKED = 2  # the device the production CA's CRL revokes
 JOB = "demo-job-1"
 TIMEOUT = 60.0
@@ -83,11 +83,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     from securethread.demo.line import SimulatedFab
 
-    base = tmp_path_factory.mktemp("interop")
-    demo = base / "demo"
-    proc = _cli("demo", "--devices", str(DEVICES), "--workdir", str(demo), "--json")
-    assert proc.returncode == 0, proc.stderr
-    d = base / "files"
+    demo, _summary = demo_copy(tmp_path_factory, "interop")  # the session's world, copied
+    d = demo.parent / "files"
     d.mkdir()
     oem, factory = demo / "oem", demo / "factory"
     pca = oem / "jobs" / JOB / "production-ca.pem"

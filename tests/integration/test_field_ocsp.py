@@ -53,8 +53,8 @@ from cryptography.x509.oid import NameOID
 from securethread.demo import FIRST_UID, JOB_ID, child_env
 from securethread.demo.line import SimulatedFab
 from securethread.formats import ledger
+from tests.integration.demo_support import DEVICES, demo_copy
 
-DEVICES = 4
 CLI = [sys.executable, "-m", "securethread.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 PEM = serialization.Encoding.PEM
@@ -139,10 +139,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("field-ocsp") / "demo"
-    proc = cli("demo", "--devices", str(DEVICES), "--workdir", str(root), "--json", timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    root, summary = demo_copy(tmp_path_factory, "field-ocsp")  # the session's world, copied
     # the demo installed the responder certificate open-job returned and ingested the ledger
     assert summary["registry"] == {"devices": DEVICES, "ingested": True}
     w = World(root)

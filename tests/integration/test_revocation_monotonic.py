@@ -23,6 +23,7 @@ from securethread.errors import FormatError, TokenRecordError
 from securethread.hsm.data import create_data, find_data
 from securethread.hsm.records import TokenRecord
 from securethread.hsm.token import Token
+from tests.integration.demo_support import DEVICES, demo_copy
 
 CLI = [sys.executable, "-m", "securethread.cli"]
 JOB = "demo-job-1"
@@ -37,9 +38,7 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("revocation") / "demo"
-    proc = cli("demo", "--devices", "4", "--workdir", str(root), "--json", timeout=900)
-    assert proc.returncode == 0, proc.stderr
+    root, _summary = demo_copy(tmp_path_factory, "revocation")  # the session's, copied
     fac = root / "factory"
     return {
         "root": root,
@@ -52,7 +51,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _devices(world: dict[str, Path]) -> list[Path]:
     certs = sorted((world["job"] / "devices").glob("*.pem"))
-    assert len(certs) == 4
+    assert len(certs) == DEVICES
     return certs
 
 

@@ -23,8 +23,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from securethread.demo import child_env
+from tests.integration.demo_support import DEVICES, demo_copy
 
-DEVICES = 6
 CLI = [sys.executable, "-m", "securethread.cli"]
 EXIT_CONFIG, EXIT_VERIFY = 2, 4
 
@@ -42,10 +42,7 @@ def cli(
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("two-sites") / "demo"
-    proc = cli("demo", "--devices", str(DEVICES), "--workdir", str(root), "--json", timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    root, summary = demo_copy(tmp_path_factory, "two-sites")  # the session's world, copied
     return {"root": root, "oem": root / "oem", "factory": root / "factory", "summary": summary}
 
 
