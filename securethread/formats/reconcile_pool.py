@@ -1,11 +1,12 @@
 """Reconciliation's signature checks, in worker processes.
 
-Per device, reconciliation's cost is two ECDSA verifications (the device certificate under the
-production CA, the boot confirmation under the device's key) and everything else: decoding,
-the order and uniqueness checks, the on-disk memory of devices.  The verifications need no
-state but the job's, so they can run elsewhere while the main process goes on: it hands each
-record's verification to a pool of worker processes in chunks, in record order, and collects
-the results in the same order.
+Per device, reconciliation's cost is its ECDSA verifications (the boot confirmation under the
+device's key; the device certificate under the production CA when every certificate signature
+is verified, :class:`~securethread.formats.reconciliation.CertificateSignatures`) and
+everything else: decoding, the order and uniqueness checks, the on-disk memory of devices.
+The verifications need no state but the job's, so they can run elsewhere while the main
+process goes on: it hands each record's verification to a pool of worker processes in chunks,
+in record order, and collects the results in the same order.
 
 The answer is the sequential one.  A record's own checks in the main process (order, quota,
 targets, duplicates, the certificate's form) come before its verification, as they do in one
@@ -15,7 +16,7 @@ before it is collected first, and the first that failed wins (its message is the
 validation gives, computed in the worker).
 
 :class:`Verifications` runs the checks in this process until the ledger has more than
-``threshold`` provisioned devices (small ledgers, most tests), then in ``workers`` forked
+``threshold`` verifications (small ledgers, most tests), then in ``workers`` forked
 processes; ``workers=1`` never starts a pool.
 """
 
@@ -43,7 +44,8 @@ __all__ = ["JobContext", "Verifications"]
 #: Records per chunk handed to a worker, and chunks in flight per worker (memory: constant).
 CHUNK = 256
 IN_FLIGHT = 4
-#: Provisioned devices before the pool starts (forking costs ~0.1 s a worker).
+#: Verifications (one or two per device) before the pool starts (forking costs ~0.1 s a
+#: worker).
 THRESHOLD = 4096
 _HASHES: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384()}
 
@@ -167,14 +169,13 @@ class Verifications:
         self._pool: ProcessPoolExecutor | None = None
         self._chunk: list[Task] = []
         self._pending: collections.deque[Future[tuple[int, str] | None]] = collections.deque()
-        self.devices = 0
+        self.tasks = 0
 
     def add(self, task: Task) -> None:
         """Verify ``task`` now (few devices, or one worker) or in a worker; a failure found
         now is raised now (nothing is pending before it)."""
-        if task[0] == "cert":
-            self.devices += 1
-        if self._pool is None and (self._workers == 1 or self.devices <= self._threshold):
+        self.tasks += 1
+        if self._pool is None and (self._workers == 1 or self.tasks <= self._threshold):
             if self._local is None:
                 self._local = _Checker(self._ctx)
             why = self._local.failure(task)

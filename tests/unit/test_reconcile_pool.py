@@ -13,7 +13,7 @@ import pytest
 from benchmarks.synth_ledger import SynthWorld, device_records, make_world
 from securethread.errors import LedgerError
 from securethread.formats import ledger, reconcile_pool
-from securethread.formats.reconciliation import reconcile
+from securethread.formats.reconciliation import CertificateSignatures, reconcile
 
 DEVICES = 24
 
@@ -43,10 +43,13 @@ def _items(w: SynthWorld, records: Sequence[ledger.PendingRecord]) -> list[tuple
 
 
 def _both(
-    w: SynthWorld, items: list[tuple[str, bytes]], monkeypatch: pytest.MonkeyPatch
+    w: SynthWorld,
+    items: list[tuple[str, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    signatures: CertificateSignatures = CertificateSignatures.COVERED,
 ) -> tuple[Any, Any]:
     """(one process, a pool of two from the first device): a report or (index, message)."""
-    args = w.reconcile_args()
+    args = w.reconcile_args() | {"certificate_signatures": signatures}
     issued = args.pop("issued_job")
 
     def run(workers: int) -> Any:
@@ -71,10 +74,11 @@ def _records(w: SynthWorld, change: Callable[[int, ledger.PendingRecord], Any] |
     return out
 
 
+@pytest.mark.parametrize("signatures", list(CertificateSignatures))
 def test_an_honest_ledger_gives_the_same_report(
-    world: SynthWorld, monkeypatch: pytest.MonkeyPatch
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch, signatures: CertificateSignatures
 ) -> None:
-    one, pool = _both(world, _items(world, _records(world)), monkeypatch)
+    one, pool = _both(world, _items(world, _records(world)), monkeypatch, signatures)
     assert one == pool and one.provisioned == one.programmed == DEVICES
 
 
@@ -110,19 +114,50 @@ def _outside_targets(slot_: int) -> Callable[[int, ledger.PendingRecord], Any]:
 
 
 @pytest.mark.parametrize(
-    "change, first",
+    "change, first, signatures",
     [
-        (_bad_boot({9}), 19),  # a worker's failure
-        (_bad_signature({6}), 12),  # a worker's failure, named by full validation
-        (_bad_boot({3, 15}), 7),  # two: the earlier
-        (_outside_targets(4), 8),  # the main process's failure
+        (_bad_boot({9}), 19, CertificateSignatures.COVERED),  # a worker's failure
+        (_bad_boot({9}), 19, CertificateSignatures.VERIFIED),
+        # a worker's failure, named by full validation
+        (_bad_signature({6}), 12, CertificateSignatures.VERIFIED),
+        (_bad_boot({3, 15}), 7, CertificateSignatures.COVERED),  # two: the earlier
+        (_outside_targets(4), 8, CertificateSignatures.COVERED),  # the main process's failure
+        (_outside_targets(4), 8, CertificateSignatures.VERIFIED),
     ],
 )
 def test_the_first_bad_record_is_the_same(
-    world: SynthWorld, monkeypatch: pytest.MonkeyPatch, change: Any, first: int
+    world: SynthWorld,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Any,
+    first: int,
+    signatures: CertificateSignatures,
 ) -> None:
-    one, pool = _both(world, _items(world, _records(world, change)), monkeypatch)
+    one, pool = _both(world, _items(world, _records(world, change)), monkeypatch, signatures)
     assert one == pool and one[0] == first, (one, pool)
+
+
+def test_a_certificate_signature_is_covered_by_the_ledger_by_default(
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A template-matched certificate whose production-CA signature does not verify, in a
+    # ledger its key signed: only the appliance (ledger key and production-CA key in one
+    # token) can record it, and it could sign it validly -- covered, it reconciles; with
+    # every signature verified it is named.  The first certificate is always verified.
+    base = _records(world)
+    bad = list(base)
+    bad[12] = _bad_signature({6})(6, base[12])  # device 6's provisioned record
+    items = _items(world, bad)
+    one, pool = _both(world, items, monkeypatch)
+    assert one == pool and one.provisioned == DEVICES
+    first = _items(world, _records(world, _bad_signature({0})))
+    one, pool = _both(world, first, monkeypatch)
+    assert one == pool and one[0] == 0 and "signature" in one[1], one
+    # the same certificate put in an honest ledger (not re-signed): the chain refuses it
+    at = [i for i, (tag, _raw) in enumerate(items) if tag == "r"][12]  # device 6's record
+    spliced = _items(world, base)
+    spliced[at] = items[at]
+    one, pool = _both(world, spliced, monkeypatch)
+    assert one == pool and one[0] == 12 and "altered" in one[1], one
 
 
 def test_a_worker_failure_before_a_main_process_failure_wins(
