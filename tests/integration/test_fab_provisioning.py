@@ -261,3 +261,26 @@ def test_stations_at_the_fab_provision_through_the_station_api(sites: dict[str, 
     rec = _json(_run("oem", "reconcile", "--workdir", str(sites["oem"]),
                      str(fab2 / "outbox/ledger-lot-b.bin"), "--job", "lot-b"))  # fmt: skip
     assert (rec["provisioned"], rec["programmed"]) == (3, 0)
+
+
+def test_a_program_job_names_provisioning_jobs_this_oem_issued(sites: dict[str, Path]) -> None:
+    """issue-job resolves a program spec's ``provisioned_by`` (a job id, or that job's
+    production-CA certificate) against the OEM's own records: a provisioning job it issued,
+    or one clear error (files only: no token is opened)."""
+    from securethread.errors import JobError
+    from securethread.oem import layout as OL
+    from securethread.oem.jobs import _provisioning_ca
+    from securethread.pki import cert_fingerprint
+
+    work = OL.open_oem(sites["oem"])
+    pca = from_pem((sites["oem"] / "jobs/lot-a/production-ca.pem").read_bytes())
+    for entry in ("lot-a", pca):  # the CA itself (or its hash, F1's first version) either way
+        found = _provisioning_ca(work, entry)
+        assert (found if isinstance(found, bytes) else cert_fingerprint(found)) == (
+            cert_fingerprint(pca)
+        )
+    with pytest.raises(JobError, match="this OEM issued no job 'lot-z'"):
+        _provisioning_ca(work, "lot-z")
+    vendor = from_pem((sites["vendor"] / "root-ca.pem").read_bytes())
+    with pytest.raises(JobError, match="is not a production CA this OEM's root certified"):
+        _provisioning_ca(work, vendor)
