@@ -251,7 +251,8 @@ def _issue(plan: _Plan, oem: Token, chips: Sequence[tuple[str, bytes, int]]) -> 
 
 
 def _worker(plan: _Plan, chips: Sequence[tuple[str, bytes, int]]) -> list[bytes]:
-    """A worker process: its own module load and login (SOFTHSM_NOTES: processes scale)."""
+    """A worker process: its own module load and login (docs/hsm.md: parallel work
+    belongs in worker processes)."""
     oem = L.open_oem(plan.workdir).open_token(L.TOKEN)
     return _issue(plan, oem, chips)
 

@@ -256,6 +256,17 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
         cost=4,
     )
     add("pem_certificate", from_pem)
+    from securethread.formats.lot import verify_lot
+    from securethread.formats.programming import Confirmations, verify_package
+    from tests.fuzz.world import FACTORY, LOT_ID
+
+    add("lot", lambda d: verify_lot(d, vendor_cas=[ctx["vendor"].root_certificate]))
+    add(
+        "programming_package",
+        lambda d: verify_package(d, oem_root=root, factory=FACTORY, lot_id=LOT_ID),
+        cost=2,
+    )
+    add("confirmations", Confirmations.from_bytes)
     add("pem_public_key", lambda d: untrusted.load_public_key_pem(d, what="public key"))
     return out
 

@@ -36,8 +36,16 @@ from securethread.formats.image import encrypt_image, sign_manifest
 from securethread.formats.job import ProductionJob, Targets, cosign_job, sign_job, verify_job
 from securethread.formats.jobpackage import JobPackage
 from securethread.formats.license import LicenseIssuer, open_license
+from securethread.formats.lot import LotManifest, sign_lot, verify_lot
 from securethread.formats.mcuboot import ImageVersion, build_image
 from securethread.formats.onboarding import CertificateBundle, EnrolmentRequest, OfficerBundle
+from securethread.formats.programming import (
+    Confirmations,
+    PackageChip,
+    ProgrammingPackage,
+    lot_job_hash,
+    sign_package,
+)
 from securethread.formats.transcript import CertEntry, KeyEntry, Transcript
 from securethread.keys.ecutil import curve_object, fingerprint, hash_for, point_of, spki_der
 from securethread.keys.policy import IMAGE_KEY, SIGNING, Curve, KeyPolicy
@@ -57,6 +65,8 @@ from securethread.programmer.store import UNGUARDED, SQLiteStore
 from tests.fuzz.mutate import Keyring
 
 JOB_ID = "fuzz-job"
+LOT_ID = "fuzz-lot"
+FACTORY = "fuzz-factory"
 DEVICE_CLASS = "sensor-v1"
 IMAGE_ID = "fw-main"
 CHUNK = 1024
@@ -406,6 +416,46 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     ]  # fmt: skip
     ctx.update(job_hash=job_hash, trust=trust, line_dir=tmp, vendors=job.vendors)
 
+    # Zero-secret programming: the vendor's lot manifest (one COSE_Sign1 by its CA), the
+    # OEM's programming package for one factory and lot (signed by the root), the factory's
+    # confirmations (the chips' own boot confirmations).
+    lot = sign_lot(
+        LotManifest.build(
+            lot_id=LOT_ID, device_class=DEVICE_CLASS, vendor_ca=vendor.root_certificate,
+            chips=[(c.device_id, c.public_key) for c in chips],
+        ),
+        vendor.private_key,
+    )  # fmt: skip
+    lot_sha = verify_lot(lot, vendor_cas=[vendor.root_certificate]).sha256
+    lot_job = lot_job_hash(
+        job_id=JOB_ID, factory=FACTORY, lot_sha256=lot_sha,
+        manifest_sha256=hashlib.sha256(manifest).digest(),
+        production_ca_sha256=hashlib.sha256(_der(pki.pca)).digest(),
+    )  # fmt: skip
+    lot_trust = sign_device_trust(
+        DeviceTrust(job_id=JOB_ID, job_sha256=lot_job, device_class=DEVICE_CLASS,
+                    firmware_signing_key=fw.public_key(), min_security_counter=2),
+        rk,
+    )  # fmt: skip
+    programming = ProgrammingPackage(
+        factory=FACTORY, lot_id=LOT_ID, lot_sha256=lot_sha, job_id=JOB_ID, job_sha256=lot_job,
+        image_id=IMAGE_ID, image_sha256=hashlib.sha256(image).digest(), manifest=manifest,
+        production_ca=_der(pki.pca), device_trust=lot_trust,
+        chips=tuple(sorted(
+            (PackageChip(c.device_id, fingerprint(c.public_key), _der(p.certificate), p.license)
+             for c, p in zip(chips, provisioned, strict=True)),
+            key=lambda e: e.device_id,
+        )),
+    )  # fmt: skip
+    seeds["lot"] = [lot]
+    seeds["programming_package"] = [sign_package(programming, rk)]
+    seeds["confirmations"] = [
+        Confirmations(
+            package_sha256=bytes(32), factory=FACTORY, lot_id=LOT_ID,
+            confirmations={chips[0].device_id: boots[0][2], chips[1].device_id: boots[1][2]},
+        ).to_bytes()
+    ]  # fmt: skip
+
     # A ceremony transcript (root, keys, certificates, artefacts).
     tpath = tmp / "oem.transcript"
     tx = Transcript(tpath, oem.private_key("id"), "oem", clock=lambda: t)
@@ -508,10 +558,14 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     signers = [rk, fw, *officers, prog.private_key("lic"), prog.private_key("ledger"),
                oem.private_key("id"), prog.private_key("id"),
                spare.private_key("e-id")]  # fmt: skip
+    vfp = fingerprint(vendor.private_key.public_key())  # the lot's signer, a software fab
     ring = Keyring(
-        {fingerprint(k.public_key()): k._key for k in signers},  # the software keys' raw keys
-        curve_orders={fingerprint(k.public_key()): _ORDERS[k.curve] for k in signers},
-        hashes={fingerprint(k.public_key()): hash_for(k.curve) for k in signers},
+        {fingerprint(k.public_key()): k._key for k in signers}  # the software keys' raw keys
+        | {vfp: vendor.private_key},
+        curve_orders={fingerprint(k.public_key()): _ORDERS[k.curve] for k in signers}
+        | {vfp: _ORDERS[Curve.P256]},
+        hashes={fingerprint(k.public_key()): hash_for(k.curve) for k in signers}
+        | {vfp: hashes.SHA256()},
         ledger_fp=fingerprint(prog.private_key("ledger").public_key()),
         ledger_job=job_hash,
     )
