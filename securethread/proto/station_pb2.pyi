@@ -31,7 +31,8 @@ Errors are gRPC status codes with one line of text naming what was wrong:
                        outside the job's targets)
   PERMISSION_DENIED    unknown or withdrawn station, or a session of another station
   FAILED_PRECONDITION  the job is not opened on this appliance, or closed
-  RESOURCE_EXHAUSTED   the job's quota is used up
+  RESOURCE_EXHAUSTED   the job's quota is used up; or (GetImage) this station's image limit
+                       (16 calls a minute, 2 streams at once: fetch the image once per job)
   DEADLINE_EXCEEDED    the answer came after the challenge expired
   ALREADY_EXISTS       the session was used already (a replay)
   UNAVAILABLE          the appliance is draining (stopping); try another appliance
@@ -171,7 +172,9 @@ class ProvisionResponse(_message.Message):
     certificate: _builtins.bytes
     """The device certificate, DER, issued by the job's production CA."""
     provisioning_data: _builtins.bytes
-    """The provisioning data for the chip's SBM (docs/device.md, provisioning data v2)."""
+    """The provisioning data for the chip's SBM (docs/device.md, provisioning data v2); empty
+    for a "program" job: the chip was provisioned at a fab and keeps that data.
+    """
     license: _builtins.bytes
     """The device's license: the image key wrapped to this chip's key, signed."""
     manifest: _builtins.bytes

@@ -237,7 +237,8 @@ class ApplianceClient:
         if prov.state == pb.ProvisionResponse.ALREADY_PROGRAMMED:
             return "already_done"
         try:
-            chip.provision(prov.provisioning_data)
+            if prov.provisioning_data:  # none for a "program" job: the chip has its fab's
+                chip.provision(prov.provisioning_data)
         except AlreadyProvisionedError:
             pass  # a recovered chip that kept what it was given the first time
         except Exception as exc:

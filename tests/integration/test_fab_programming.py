@@ -1,0 +1,223 @@
+"""Programming jobs on chips provisioned at a fab, and the OEM's joint reconciliation
+(issue 20), on real SoftHSM tokens with the real CLI, each step a process of its own.
+
+The module's world is ``demo --mode fab`` (securethread/demo/fab.py) run once with 5 chips:
+the OEM, the silicon vendor's appliance (a provision job), the programming centre's appliance
+(a program job naming it), the joint reconciliation.  On top of it: a second provisioning
+job ``lot-2`` at the same fab (one chip), and a second program job ``prog-2`` naming only the
+demo's provisioning job, for the bad inputs -- each refused with one line, nothing counted:
+a chip provisioned under a job the programming job does not name, a chip programmed twice, a
+blank chip, and returned ledgers that do not reconcile (a provisioning ledger of a job the
+programming job does not name, a programming ledger whose record names another certificate
+or production CA, re-signed with the programming appliance's own ledger key as its PIN holder
+could).  Replayed certificates and unknown CAs at identification: tests/unit/
+test_provisioned_identity.py; the joint checks one by one: tests/unit/
+test_joint_reconciliation.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securethread.demo import child_env
+from securethread.demo.fab import (
+    FAB,
+    FACTORY,
+    FIRST_UID,
+    IMAGE_ID,
+    PROGRAM_JOB,
+    PROVISION_JOB,
+    run,
+)
+from securethread.demo.line import SimulatedFab
+from securethread.formats import ledger
+from securethread.formats.identity import IdentificationResponse
+from securethread.pki import cert_fingerprint, from_pem
+
+DEVICES = 5
+CLI = [sys.executable, "-m", "securethread.cli"]
+EXIT_CONFIG, EXIT_VERIFY = 2, 4
+ROOT = Path(__file__).parents[2]
+
+
+def _run(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True,
+                          env=child_env(), cwd=root)  # fmt: skip
+    if ok:
+        assert proc.returncode == 0, (args, proc.stderr)
+    return proc
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def _issue(root: Path, spec: str, name: str, *extra: str) -> None:
+    path = root / "oem" / f"{name}.toml"
+    path.write_text(spec)
+    draft = _json(_run(root, "oem", "issue-job", "--workdir", "oem", str(path), *extra))
+    for n in (1, 2):
+        _run(root, "oem", "approve-job", "--workdir", "oem", "--job", name, "--officer", str(n),
+             "--pin-file", str(root / f"officer-{n}" / "pin"), "--job-hash",
+             draft["job_sha256"])  # fmt: skip
+    _run(root, "oem", "issue-job", "--workdir", "oem", "--job", name)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("fab") / "demo"
+    result = run(root, DEVICES, log=None)
+    assert result.ok, result.to_json()
+    last = FIRST_UID + DEVICES + 2
+    # lot-2: the same fab, another provisioning job, one chip (UID FIRST + DEVICES + 2).
+    _run(root, "programmer", "request-ca", "--workdir", "fab", "--job", "lot-2")
+    _issue(root, f'job_id = "lot-2"\nprogrammer = "{FAB}"\nstage = "provision"\n'
+                 f'device_class = "sensor-v1"\nquota = 1\n'
+                 f'vendors = ["{root / "vendor" / "root-ca.pem"}"]\n[targets]\n'
+                 f'ranges = [["{last:016x}", "{last:016x}"]]\n[window]\ndays = 1\n',
+           "lot-2", "--ca-request", str(root / "fab/outbox/production-ca-request-lot-2.bin"))
+    _run(root, "programmer", "open-job", "--workdir", "fab", "oem/outbox/job-lot-2.bin")
+    _run(root, "programmer", "provision", "--workdir", "fab", "--job", "lot-2", "--chips-from",
+         "vendor", "--devices", "1", "--progress", "none")  # fmt: skip
+    _run(root, "programmer", "close-job", "--workdir", "fab", "--job", "lot-2")
+    # prog-2: the same programming centre, naming only the demo's provisioning job.
+    _issue(root, f'job_id = "prog-2"\nprogrammer = "{FACTORY}"\nstage = "program"\n'
+                 f'image = "{IMAGE_ID}"\nquota = 3\nprovisioned_by = ["{PROVISION_JOB}"]\n'
+                 f'[targets]\nranges = [["{FIRST_UID:016x}", "{last:016x}"]]\n'
+                 '[window]\ndays = 1\n', "prog-2")  # fmt: skip
+    _run(root, "programmer", "open-job", "--workdir", "factory", "oem/outbox/job-prog-2.bin",
+         "--image", f"oem/outbox/image-{IMAGE_ID}.enc")  # fmt: skip
+    return {"root": root, "result": result}
+
+
+def _prog2(world: dict[str, Any], first: int, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run(world["root"], "programmer", "provision", "--workdir", "factory", "--job",
+                "prog-2", "--chips-from", "vendor", "--first", str(first), "--devices", "1",
+                "--progress", "none", ok=ok)  # fmt: skip
+
+
+def _records(path: Path) -> list[ledger.LedgerRecord]:
+    with open(path, "rb") as src:
+        _signed, items = ledger.read_export(src)
+        raws = [raw for tag, raw in items if tag == ledger.TAG_RECORD]
+    return [ledger.parse_record(raw, i) for i, raw in enumerate(raws)]
+
+
+def test_the_fab_demo_provisions_at_the_fab_programs_at_the_factory_and_reconciles(
+    world: dict[str, Any],
+) -> None:
+    root, result = world["root"], world["result"]
+    out = result.to_json()
+    assert out["mode"] == "fab" and out["ok"] is True
+    assert (out["provisioned"], out["licensed"], out["programmed"]) == (DEVICES,) * 3
+    assert (out["fab_quota_used"], out["factory_quota_used"]) == (DEVICES, DEVICES)
+    assert out["blank_refused"] == 1 and out["fab_image_keys"] == 0
+    assert out["reconciliation"] == {"reconciled": True, "provisioned": DEVICES,
+                                     "programmed": DEVICES, "provisioned_not_programmed": 0}
+    assert any("OEM joint reconciliation: yes" in line for line in result.lines)
+    # The programming ledger names each chip's fab certificate by hash; no certificate issued.
+    fab_ledger = root / "oem/inbox" / f"ledger-{PROVISION_JOB}.bin"
+    certs = {r.device_id: hashlib.sha256(r.body["cert"]).digest() for r in _records(fab_ledger)}
+    prog = _records(root / "oem/inbox" / f"ledger-{PROGRAM_JOB}.bin")
+    licensed = [r for r in prog if r.kind == ledger.KIND_LICENSED]
+    assert len(licensed) == DEVICES and len(prog) == 2 * DEVICES
+    pca = from_pem((root / "oem/jobs" / PROVISION_JOB / "production-ca.pem").read_bytes())
+    for r in licensed:
+        assert r.body["cert_sha256"] == certs[r.device_id]
+        assert r.body["production_ca"] == cert_fingerprint(pca)
+    assert not (root / "factory/jobs" / PROGRAM_JOB / "production-ca.pem").exists()
+    # A chip that left the fab answers with its OEM certificate, as the factory met it.
+    chip = SimulatedFab(root / "vendor").chip(FIRST_UID).open()
+    answer = IdentificationResponse.from_bytes(chip.identify(b"\x01" * 32))
+    assert hashlib.sha256(answer.device_certificate or b"").digest() == certs[chip.device_id]
+    # The programming appliance's PIN holder can license, never mint: no production-CA key.
+    code = (
+        "import json, sys\nfrom pkcs11 import ObjectClass\n"
+        "from securethread.programmer import layout as L\n"
+        "t = L.open_programmer(sys.argv[1]).open_token(L.TOKEN)\n"
+        "print(json.dumps({'secret': t.labels(ObjectClass.SECRET_KEY),"
+        " 'private': t.labels(ObjectClass.PRIVATE_KEY)}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(root / "factory")],
+                          capture_output=True, text=True, env=child_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    labels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not [k for k in labels["private"] if k.startswith("production-ca")], labels
+    assert f"image-{IMAGE_ID}" in " ".join(labels["secret"]), labels
+    report = json.loads((root / "oem/jobs" / PROGRAM_JOB / "reconciliation.json").read_text())
+    assert report["reconciled"] and set(report["ledger_sha256"]) == {PROGRAM_JOB, PROVISION_JOB}
+
+
+def test_the_programming_line_refuses_what_its_job_does_not_name(world: dict[str, Any]) -> None:
+    """One line each, nothing counted: a chip of a provisioning job the program job does not
+    name, a blank chip; a chip programmed twice is done, counted once."""
+    unnamed = _prog2(world, DEVICES + 2, ok=False)
+    assert unnamed.returncode == EXIT_VERIFY
+    line = _one_line(unnamed)
+    assert "UnknownProductionCAError" in line and "this programming job does not name" in line
+    assert _json(unnamed)["quota_used"] == 0
+    blank = _prog2(world, DEVICES + 1, ok=False)
+    assert blank.returncode == EXIT_VERIFY and "NotProvisionedChipError" in _one_line(blank)
+    assert _json(blank)["quota_used"] == 0
+    first = _json(_prog2(world, 0))
+    assert (first["provisioned"], first["programmed"], first["quota_used"]) == (1, 1, 1)
+    again = _json(_prog2(world, 0))
+    assert (again["provisioned"], again["already_done"], again["quota_used"]) == (0, 1, 1)
+
+
+def test_joint_reconciliation_refuses_ledgers_that_do_not_belong_together(
+    world: dict[str, Any],
+) -> None:
+    root = world["root"]
+    prog = root / "oem/inbox" / f"ledger-{PROGRAM_JOB}.bin"
+    fab = root / "oem/inbox" / f"ledger-{PROVISION_JOB}.bin"
+    lot2 = root / "fab/outbox/ledger-lot-2.bin"
+    before = (root / "oem/transcript.bin").read_bytes()
+
+    def joint(ledger_path: Path, *provisioned: str) -> str:
+        args = [a for p in provisioned for a in ("--provisioned", p)]
+        proc = _run(root, "oem", "reconcile-joint", "--workdir", "oem", str(ledger_path),
+                    "--job", PROGRAM_JOB, *args, ok=False)  # fmt: skip
+        assert proc.returncode in (EXIT_CONFIG, EXIT_VERIFY), proc.stderr
+        return _one_line(proc)
+
+    # Done already: the demo reconciled this job.
+    assert "already" in joint(prog, f"{PROVISION_JOB}={fab}")
+    (root / "oem/jobs" / PROGRAM_JOB / "reconciliation.json").rename(root / "done.json")
+    try:
+        line = joint(prog, f"{PROVISION_JOB}={fab}", f"lot-2={lot2}")
+        assert "lot-2" in line and "is not one the programming job names" in line, line
+        assert "--provisioned" in joint(prog)
+        # The programming appliance's PIN holder re-signs its ledger: record 0 names another
+        # certificate (a chip's certificate it replayed), or lot-2's production CA.
+        lot2_ca = from_pem((root / "oem/jobs/lot-2/production-ca.pem").read_bytes())
+        for field, value, why in (
+            ("cert_sha256", b"\x11" * 32, "is not the one provisioning job"),
+            ("production_ca", cert_fingerprint(lot2_ca), f"which job {PROGRAM_JOB} does not"),
+        ):
+            forged = root / f"forged-{field}.bin"
+            proc = subprocess.run(
+                [sys.executable, "-m", "tests.integration.resign_child", str(root / "factory"),
+                 str(prog), str(forged), "0", field, value.hex()],
+                capture_output=True, text=True, env=child_env(), cwd=ROOT,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            line = joint(forged, f"{PROVISION_JOB}={fab}")
+            assert "programming ledger record 0" in line and why in line, line
+        assert (root / "oem/transcript.bin").read_bytes() == before  # nothing recorded
+        assert not (root / "oem/jobs" / PROGRAM_JOB / "reconciliation.json").exists()
+    finally:
+        (root / "done.json").rename(root / "oem/jobs" / PROGRAM_JOB / "reconciliation.json")
