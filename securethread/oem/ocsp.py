@@ -32,6 +32,12 @@ an envelope the root signs (:mod:`securethread.formats.responder`), in the job p
 the programmer's open-job certifies it with the production-CA key and returns the
 certificate (``outbox/ocsp-responder-<job>.pem``); ``oem install-responder CERT --job J``
 checks and installs it (and, the first time, has the root certify ``ocsp-root``).
+
+A running ``oem ocsp`` picks up responders installed after it started, without a restart:
+it reloads them on SIGHUP, when a request names an issuer it does not know (at most once a
+second), and when the installed responder files change (checked every second).  A reload
+that fails (a file being replaced, a key not yet in the token) keeps the responders it had
+and says so in one stderr line.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ import binascii
 import datetime
 import hashlib
 import os
+import signal
+import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -242,14 +251,33 @@ class Responder:
         self._root_revocations = root_revocations
         self._production_cas = production_cas
         self._lock = threading.Lock()
-        self._by_id: dict[tuple[str, bytes, bytes], ResponderIdentity] = {}
-        for ident in identities:
-            for cert_id in ident.cert_ids():
-                self._by_id[cert_id] = ident
-        if not self._by_id:
+        self._by_id = self._index(identities)
+        #: Called (outside the lock) when a request names an issuer no identity answers for:
+        #: the server's reload of newly installed responders (:meth:`replace`).
+        self.on_unknown_issuer: Callable[[], None] | None = None
+
+    @staticmethod
+    def _index(
+        identities: Sequence[ResponderIdentity],
+    ) -> dict[tuple[str, bytes, bytes], ResponderIdentity]:
+        by_id = {cert_id: ident for ident in identities for cert_id in ident.cert_ids()}
+        if not by_id:
             raise ConfigurationError(
                 "no OCSP responder certificate is installed (oem install-responder)"
             )
+        return by_id
+
+    def replace(self, identities: Sequence[ResponderIdentity]) -> None:
+        """Answer from now on for ``identities`` (a job's responder installed, or one gone):
+        requests in flight finish with the identity they found."""
+        by_id = self._index(identities)
+        with self._lock:
+            self._by_id = by_id
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a response is signed: whoever else uses the token takes it too."""
+        return self._lock
 
     def respond(self, data: bytes, *, now: datetime.datetime | None = None) -> bytes:
         """The DER OCSPResponse for the DER OCSPRequest ``data`` (never raises on bad
@@ -260,7 +288,11 @@ class Responder:
             nonce = _nonce(req)
         except Exception:  # ValueError, cryptography's UnsupportedAlgorithm: not ours to parse
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        ident = self._by_id.get((algorithm, req.issuer_name_hash, req.issuer_key_hash))
+        cert_id = (algorithm, req.issuer_name_hash, req.issuer_key_hash)
+        ident = self._by_id.get(cert_id)
+        if ident is None and self.on_unknown_issuer is not None:
+            self.on_unknown_issuer()  # a job's responder installed since: reload, ask again
+            ident = self._by_id.get(cert_id)
         if ident is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         when = (now or datetime.datetime.now(datetime.UTC)).replace(microsecond=0)
@@ -474,10 +506,88 @@ class OcspServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], responder: Responder) -> None:
         super().__init__(address, _Handler)
         self.responder = responder
+        #: Run by serve_forever between requests (at most every poll interval).
+        self.between_requests: Callable[[], None] | None = None
+
+    def service_actions(self) -> None:
+        if self.between_requests is not None:
+            self.between_requests()
+
+
+class _Reloader:
+    """Reloads the installed responders into a running :class:`Responder`: on SIGHUP (the
+    handler only sets a flag), on a request about an unknown issuer (at most once a second)
+    and when the responder files changed (looked at once a second)."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, work: PartyDir, token: Any, responder: Responder) -> None:
+        self._work, self._token, self._responder = work, token, responder
+        self._hup = threading.Event()
+        self._mutex = threading.Lock()
+        self._stamp = self._files()
+        self._looked = time.monotonic()
+        self._tried = self._looked - self.INTERVAL  # the first unknown issuer reloads at once
+
+    def _files(self) -> tuple[tuple[str, int, int], ...]:
+        """(path, mtime, size) of every installed responder certificate."""
+        out = []
+        paths = [*self._work.path("jobs").glob("*/ocsp-responder.pem"),
+                 self._work.path(ROOT_RESPONDER)]  # fmt: skip
+        for p in sorted(paths):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((str(p), st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def hangup(self, _signum: int, _frame: Any) -> None:
+        self._hup.set()
+
+    def unknown_issuer(self) -> None:
+        now = time.monotonic()
+        if now - self._tried >= self.INTERVAL:
+            self._tried = now
+            self.reload("a request named an issuer not loaded")
+
+    def between_requests(self) -> None:
+        if self._hup.is_set():
+            self._hup.clear()
+            self.reload("SIGHUP")
+            return
+        now = time.monotonic()
+        if now - self._looked >= self.INTERVAL:
+            self._looked = now
+            if self._files() != self._stamp:
+                self.reload("responder files changed")
+
+    def reload(self, why: str) -> None:
+        with self._mutex:
+            stamp = self._files()
+            try:
+                with self._responder.lock:  # the token: not while a response is signed
+                    found = identities(self._work, self._token)
+                self._responder.replace(found)
+            except Error as exc:
+                print(f"oem ocsp: reload ({why}) failed, answering as before: {exc}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                return
+            self._stamp = stamp
+            jobs = sorted(i.job_id for i in found if i.job_id is not None)
+            print(f"oem ocsp: reloaded ({why}): responders for {len(jobs)} job(s)"
+                  f"{' and the root' if len(found) > len(jobs) else ''}",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 def open_responder(work: PartyDir, database: str | None) -> tuple[Responder, Registry]:
-    """The OEM's responder over its registry and token (the caller closes the registry)."""
+    """The OEM's responder over its registry and token (the caller closes the registry);
+    it reloads newly installed responders when a request names an unknown issuer."""
+    responder, registry, _reloader = _open(work, database)
+    return responder, registry
+
+
+def _open(work: PartyDir, database: str | None) -> tuple[Responder, Registry, _Reloader]:
     token = work.open_token(L.TOKEN)
     found = identities(work, token)
     registry = Registry.open(database_of(work, database))
@@ -492,7 +602,9 @@ def open_responder(work: PartyDir, database: str | None) -> tuple[Responder, Reg
     except BaseException:
         registry.close()
         raise
-    return responder, registry
+    reloader = _Reloader(work, token, responder)
+    responder.on_unknown_issuer = reloader.unknown_issuer
+    return responder, registry, reloader
 
 
 def serve(
@@ -503,9 +615,13 @@ def serve(
     database: str | None = None,
     ready: Callable[[tuple[str, int]], None] | None = None,
 ) -> None:
-    """``oem ocsp --listen HOST:PORT``: serve until interrupted (SIGINT, SIGTERM)."""
+    """``oem ocsp --listen HOST:PORT``: serve until interrupted (SIGINT, SIGTERM); SIGHUP
+    reloads the installed responders (so do new files and requests about new issuers)."""
     work = L.open_oem(workdir)
-    responder, registry = open_responder(work, database)
+    responder, registry, reloader = _open(work, database)
+    hup = None
+    if threading.current_thread() is threading.main_thread():
+        hup = signal.signal(signal.SIGHUP, reloader.hangup)
     try:
         try:
             server = OcspServer((host, port), responder)
@@ -513,10 +629,13 @@ def serve(
             raise ConfigurationError(
                 f"cannot listen on {host}:{port}: {exc.strerror or exc}"
             ) from None
+        server.between_requests = reloader.between_requests
         with server:
             if ready is not None:
                 ready(server.server_address[:2])  # type: ignore[arg-type]
             server.serve_forever(poll_interval=0.2)
     finally:
+        if hup is not None:
+            signal.signal(signal.SIGHUP, hup)
         registry.close()
 

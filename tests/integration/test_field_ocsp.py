@@ -32,6 +32,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import ssl
@@ -195,6 +196,68 @@ def test_openssl_ocsp_good_revoked_and_off_ledger(world: World) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0 and f"{world.pca}: good" in proc.stdout, proc.stderr
+
+
+def _ocsp_status(url: str, cert_path: Path, issuer_path: Path) -> str:
+    """The response status, or the certificate status of a successful response."""
+    from cryptography.x509 import ocsp
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    issuer = x509.load_pem_x509_certificate(issuer_path.read_bytes())
+    req = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+    try:
+        conn.request("POST", "/", req.public_bytes(serialization.Encoding.DER),
+                     {"Content-Type": "application/ocsp-request"})  # fmt: skip
+        resp = ocsp.load_der_ocsp_response(conn.getresponse().read())
+    finally:
+        conn.close()
+    if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return resp.response_status.name.lower()
+    return resp.certificate_status.name.lower()
+
+
+def test_a_responder_installed_after_the_server_started_is_answered(world: World) -> None:
+    # oem ocsp started before the job's responder was installed (a job issued later): it
+    # answers for the job once install-responder put it in, without a restart; SIGHUP
+    # reloads too and the server goes on serving
+    installed = world.oem / "jobs" / JOB_ID / "ocsp-responder.pem"
+    aside = world.files / "ocsp-responder-aside.pem"
+    shutil.move(installed, aside)
+    device = world.devices[3][0]
+    server = subprocess.Popen(
+        [*CLI, "oem", "ocsp", "--listen", "127.0.0.1:0", "--workdir", str(world.oem)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        assert line.startswith("listening on "), line + server.stderr.read()
+        url = f"http://127.0.0.1:{int(line.rsplit(':', 1)[1])}"
+        assert _ocsp_status(url, device, world.pca) == "unauthorized"  # not this job's, yet
+        ok("oem", "install-responder", str(aside), "--job", JOB_ID, "--workdir", str(world.oem))
+        deadline, status = time.monotonic() + 10, ""
+        while time.monotonic() < deadline:  # a reload is at most a second away
+            status = _ocsp_status(url, device, world.pca)
+            if status == "good":
+                break
+            time.sleep(0.2)
+        assert status == "good"
+        server.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert server.poll() is None  # SIGHUP reloads, it does not stop the server
+        assert _ocsp_status(url, device, world.pca) == "good"
+    finally:
+        if not installed.exists():
+            shutil.move(aside, installed)
+        server.terminate()
+        _out, err = server.communicate(timeout=30)
+    assert server.returncode == 143, err
+    assert "Traceback" not in err
+    assert "oem ocsp: reloaded (SIGHUP): responders for 1 job(s) and the root" in err, err
+    assert "reloaded (a request named an issuer not loaded)" in err or (
+        "reloaded (responder files changed)" in err
+    ), err
 
 
 # --- nginx ----------------------------------------------------------------------------------------
