@@ -309,3 +309,29 @@ def test_the_image_key_stays_sensitive_in_the_oem_token(world: World) -> None:
     for label in ("prelicense-license-signing", "prelicense-key-agreement", "lot-ca-lot-1"):
         assert a[label]["sensitive"] and not a[label]["extractable"], label
         assert a[label]["never-extractable"] and a[label]["local"], label
+
+
+def test_a_prelicensing_killed_before_its_package_is_done_again_with_the_same_ca(
+    world: World,
+) -> None:
+    """The state a kill between the lot's production CA and the package leaves (the CA's key
+    in the token, its certificate in ``lots/<lot>/``, no package): the next run reuses that
+    CA, issues the lot again and writes the package the factory flashes."""
+    r = world.root
+    _ok(r, "vendor", "lot", "--workdir", "vendor", "--lot-id", "lot-9", "--device-class",
+        "sensor-v1", "--devices", "2", "--first-uid", f"{FIRST + 900:016x}", "--out",
+        "lot9.bin")  # fmt: skip
+    args = ("oem", "prelicense", "--workdir", "oem", "lot9.bin", "--vendor-ca",
+            "vendor/root-ca.pem", "--image", "fw-1", "--factory", "factory-1")  # fmt: skip
+    first = _ok(r, *args)
+    ldir = r / "oem" / "lots" / "lot-9"
+    ca = (ldir / "production-ca.pem").read_bytes()
+    for name in ("package.bin", "prelicense.json"):
+        (ldir / name).unlink()
+    (r / "oem" / "outbox" / "package-lot-9.bin").unlink()
+    again = _ok(r, *args)
+    assert (ldir / "production-ca.pem").read_bytes() == ca
+    assert again["package_sha256"] != first["package_sha256"]  # new licenses (fresh nonces)
+    conf = world.flash_args("conf9.bin", first=FIRST + 900, devices=2, lot="lot-9",
+                            package="oem/outbox/package-lot-9.bin")  # fmt: skip
+    assert _ok(r, *conf, code=NO_PKCS11)["flashed"] == 2
