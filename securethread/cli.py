@@ -28,77 +28,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from securethread import __version__
+from securethread.errors import EXIT_CONFIG as EXIT_CONFIG
+from securethread.errors import EXIT_INTERNAL as EXIT_INTERNAL
+from securethread.errors import EXIT_OK as EXIT_OK
+from securethread.errors import EXIT_OS as EXIT_OS
+from securethread.errors import EXIT_VERIFY as EXIT_VERIFY
 from securethread.errors import (
     ConfigurationError,
     Error,
-    HSMError,
     QuotaExceededError,
-    StoreError,
-    VerificationError,
+    describe,
+    exit_code_for,
 )
+from securethread.errors import Interrupted as Interrupted
+
+# The exit-code map and the one-line description live in securethread.errors (the appliance
+# answers its operators with them too); the CLI's own names for them:
+exit_code = exit_code_for
+_describe = describe
 
 if TYPE_CHECKING:
     from securethread.workdir import StepResult
 
-EXIT_OK, EXIT_OS, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA, EXIT_STORE = range(7)
-EXIT_INTERNAL = 70
-EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
-
-
-class Interrupted(BaseException):
-    """The command was interrupted by SIGTERM (exit code 128 + the signal number).
-
-    Not an :class:`Exception`, like SIGINT's KeyboardInterrupt: a best-effort ``except
-    Exception`` on the way (a cleanup that may fail) cannot swallow the signal."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-def exit_code(exc: BaseException) -> int:
-    """The documented exit code for an exception (module docstring)."""
-    if isinstance(exc, Interrupted):
-        return exc.exit_code
-    signalled = getattr(exc, "exit_code", None)  # RunInterruptedError
-    if isinstance(exc, Error) and isinstance(signalled, int):
-        return signalled
-    if isinstance(exc, ConfigurationError):
-        return EXIT_CONFIG
-    if isinstance(exc, HSMError):
-        return EXIT_HSM
-    if isinstance(exc, QuotaExceededError):
-        return EXIT_QUOTA
-    if isinstance(exc, VerificationError):
-        return EXIT_VERIFY
-    if isinstance(exc, StoreError):
-        return EXIT_STORE
-    if isinstance(exc, Error):
-        return EXIT_OS
-    if isinstance(exc, KeyboardInterrupt):
-        return EXIT_SIGINT
-    if isinstance(exc, OSError):
-        return EXIT_OS
-    return EXIT_INTERNAL
-
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "Interrupted: stopped by SIGINT"
-    if isinstance(exc, Interrupted):
-        return f"Interrupted: {exc}"
-    if isinstance(exc, OSError) and not isinstance(exc, Error):
-        where = f" {exc.filename!r}" if exc.filename else ""
-        return f"OSError: {exc.strerror or exc}{where}"
-    if isinstance(exc, Error) and getattr(exc, "remote_type", None):
-        return _one_line(str(exc))  # the appliance's own line (operator_api.RemoteError)
-    if isinstance(exc, Error):
-        return f"{type(exc).__name__}: {_one_line(str(exc))}"
-    return f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); please report it"
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -689,9 +643,14 @@ def station_run(a: argparse.Namespace) -> int:
 
     if a.devices < 1 or a.first_device < 0 or a.first_device + a.devices > 1 << 64:
         raise ConfigurationError("--devices must be at least 1, --first-device 0..2^64-1")
+    if a.keep_flash is not None and Path(a.keep_flash).exists() and not Path(a.keep_flash).is_dir():
+        raise ConfigurationError(f"--keep-flash {a.keep_flash!r} is not a directory")
     creds = StationCredentials.from_files(cert=a.cert, key=a.key, ca=a.ca)
     fab = SimulatedFab(a.chips_from)
-    chips = SimulatedChips(fab, range(a.first_device, a.first_device + a.devices))
+    if a.keep_flash is not None:  # before any device: one that cannot be made is named now
+        Path(a.keep_flash).mkdir(parents=True, exist_ok=True)
+    chips = SimulatedChips(fab, range(a.first_device, a.first_device + a.devices),
+                           keep_flash=a.keep_flash)  # fmt: skip
     bar, close = progress_bar(a.devices, enabled=not a.json and sys.stderr.isatty())
     try:
         r = run_station(creds, a.appliance, job_id=a.job, chips=chips, parallel=a.parallel,
@@ -707,12 +666,15 @@ def station_run(a: argparse.Namespace) -> int:
         human.append(f"  {r.already_done} already provisioned and programmed (a resumed run)")
     human += [f"  refused: {n} {code}" for code, n in sorted(r.refused.items())]
     human += [f"  {note}" for note in r.notes[:5]]
+    if a.keep_flash is not None:
+        human.append(f"  installed images: {a.keep_flash}/<device_id>.img")
     problem: Error | None = None
     if r.quota_exhausted:
         problem = QuotaExceededError(f"job {r.job_id}: the quota is used up")
     elif r.refused:
         problem = DeviceRefusedError(f"{sum(r.refused.values())} device(s) refused")
-    machine = {"ok": problem is None, "step": "station run", **r.to_json()}
+    machine = {"ok": problem is None, "step": "station run", **r.to_json(),
+               "keep_flash": a.keep_flash}  # fmt: skip
     _emit(a, human, machine)
     if problem is not None:
         print(f"securethread: {_describe(problem)}", file=sys.stderr)
@@ -1319,6 +1281,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--parallel", type=int, default=4, help="sockets driven at once (default 4)"
+    )
+    c.add_argument(
+        "--keep-flash",
+        metavar="DIR",
+        help="write each chip's installed image (its flash, an MCUboot image) to "
+        "DIR/<device_id>.img once it is programmed (simulated chips only)",
     )
     cli_zero.add_station_commands(station, command)
 

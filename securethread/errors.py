@@ -9,9 +9,15 @@
 * :class:`QuotaExceededError` -- the job's quota is exhausted.
 
 ``ValueError``/``TypeError`` are reserved for programming errors inside the library.
+
+:func:`exit_code_for` and :func:`describe` turn any of them into the CLI's documented exit
+code and one line (docs/cli.md); they live here, not in the CLI, so the appliance answers its
+operators with the same codes without importing the CLI.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class Error(Exception):
@@ -216,3 +222,69 @@ class StoreRolledBackError(StoreGuardError):
 
 class QuotaMarkError(HSMError):
     """The quota mark in the token is unreadable or inconsistent."""
+
+
+# --- exit codes and one-line descriptions (docs/cli.md, "Exit codes") --------------------
+
+EXIT_OK, EXIT_OS, EXIT_CONFIG, EXIT_HSM, EXIT_VERIFY, EXIT_QUOTA, EXIT_STORE = range(7)
+EXIT_INTERNAL = 70
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+class Interrupted(BaseException):
+    """The command was interrupted by SIGTERM (exit code 128 + the signal number).
+
+    Not an :class:`Exception`, like SIGINT's KeyboardInterrupt: a best-effort ``except
+    Exception`` on the way (a cleanup that may fail) cannot swallow the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an exception: 2 configuration, 3 token, 4 verification,
+    5 quota, 6 store, 128 + N for signal N, 1 any other :class:`Error` or OS error, 70 a bug."""
+    if isinstance(exc, Interrupted):
+        return exc.exit_code
+    signalled = getattr(exc, "exit_code", None)  # RunInterruptedError, StationCallError
+    if isinstance(exc, Error) and isinstance(signalled, int):
+        return signalled
+    if isinstance(exc, ConfigurationError):
+        return EXIT_CONFIG
+    if isinstance(exc, HSMError):
+        return EXIT_HSM
+    if isinstance(exc, QuotaExceededError):
+        return EXIT_QUOTA
+    if isinstance(exc, VerificationError):
+        return EXIT_VERIFY
+    if isinstance(exc, StoreError):
+        return EXIT_STORE
+    if isinstance(exc, Error):
+        return EXIT_OS
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(exc, OSError):
+        return EXIT_OS
+    return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def describe(exc: BaseException) -> str:
+    """The one stderr line for an exception: its type and message; anything not raised on
+    purpose (not an :class:`Error` or OS error) is named an internal error."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted: stopped by SIGINT"
+    if isinstance(exc, Interrupted):
+        return f"Interrupted: {exc}"
+    if isinstance(exc, OSError) and not isinstance(exc, Error):
+        where = f" {exc.filename!r}" if exc.filename else ""
+        return f"OSError: {exc.strerror or exc}{where}"
+    if isinstance(exc, Error) and getattr(exc, "remote_type", None):
+        return _one_line(str(exc))  # the appliance's own line (operator_api.RemoteError)
+    if isinstance(exc, Error):
+        return f"{type(exc).__name__}: {_one_line(str(exc))}"
+    return f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); please report it"

@@ -10,6 +10,9 @@ It plays every party on one machine the way they are deployed on several::
     DIR/operator/   the operator's outbox: what the appliance's steps returned
     DIR/vendor/     the simulated silicon vendor (software CA; burns the OEM root's hash)
     DIR/courier/    a log of every file carried between the parties
+    DIR/station-K/  station K's key and certificates (``securethread station run``)
+    DIR/flash/      the installed image of each chip station 1 programmed, ``<device>.img``
+                    (its simulated flash, an MCUboot image: ``imgtool verify`` reads it)
 
 The programming centre runs as deployed: one ``securethread appliance serve`` process
 alone holds its token's PIN and state; every programmer step is an operator's
@@ -46,12 +49,14 @@ OFFICERS = 2  # oem init's default: two officers, both sign every job
 PARTS = (
     "oem", "factory", "vendor", "courier", "operator", "run",
     "fab",  # the silicon vendor's appliance (demo --mode fab)
+    "flash",  # station-1's chips' installed images
     *(f"officer-{n}" for n in range(1, OFFICERS + 1)),
 )  # fmt: skip
 SOCKET = "run/appliance.sock"  # relative to the demo directory: sun_path holds 108 bytes
 OEM_NAME = "demo-oem"
 FACTORY_NAME = "factory-1"
 JOB_ID = "demo-job-1"
+FLASH_DIR = "flash"  # the first station's chips' installed images, <device_id>.img
 IMAGE_ID = "fw-sensor-1"
 DEVICE_CLASS = "sensor-v1"
 FIRST_UID = 0x5EC0_0000_0000_0000
@@ -90,18 +95,24 @@ def prepare(workdir: str | os.PathLike[str]) -> Path:
                 f"{str(root)!r} is not empty and was not created by securethread demo; "
                 "refusing to touch it"
             )
-        unexpected = sorted(p.name for p in root.iterdir() if p.name not in (*PARTS, DEMO_MARKER))
+        unexpected = sorted(p.name for p in root.iterdir()
+                            if p.name not in (*PARTS, DEMO_MARKER) and not _station_dir(p.name))
         if unexpected:
             raise ConfigurationError(
                 f"{str(root)!r} holds files the demo did not create ({', '.join(unexpected)}); "
                 "refusing to touch it"
             )
-        for part in PARTS:
+        for part in [*PARTS, *(p.name for p in root.iterdir() if _station_dir(p.name))]:
             shutil.rmtree(root / part, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("created by securethread demo\n")
     (root / "courier").mkdir()
     return root
+
+
+def _station_dir(name: str) -> bool:
+    """``station-K``: a station's directory (:func:`_run_stations`)."""
+    return name.startswith("station-") and name[len("station-"):].isdigit()
 
 
 class _Sites:
@@ -382,6 +393,7 @@ def _with_appliance(
         "devices": devices,
         "workers": workers,
         "stations": stations,
+        "flash": str(root / FLASH_DIR) if stations else None,
         "appliance": {"socket": str(root / SOCKET), "state": str(fac),
                       "jobs": status.get("jobs")},  # fmt: skip
         "provisioned": prov.get("provisioned"),
@@ -408,6 +420,11 @@ def _with_appliance(
         f"  line: {stations} station process(es) over the station API on {station_api}"
         if stations
         else "  line: the appliance's in-process line (programmer provision --appliance)",
+        *(
+            [f"  installed images of station-1's chips (imgtool verify): {root / FLASH_DIR}"]
+            if stations
+            else []
+        ),
         f"  job {JOB_ID}: {prov.get('provisioned')} provisioned, {prov.get('booted')} booted "
         f"({prov.get('devices_per_s')} devices/s), "
         f"quota {rec.get('quota_used')} of {rec.get('quota')}; approved by officers "
@@ -440,10 +457,12 @@ def _run_stations(
         s.run("programmer", "add-station", *app, str(d / "station.csr"), "--name", name)
         for f in (f"station-{name}.pem", "station-ca.pem"):
             shutil.copyfile(root / "operator" / "outbox" / f, d / f)
+        # the first station keeps its chips' installed images, for imgtool (docs/station.md)
+        keep = ("--keep-flash", str(root / FLASH_DIR)) if k == 1 else ()
         args = ("run", "--appliance", api, "--cert", str(d / f"station-{name}.pem"),
                 "--key", str(d / "key.pem"), "--ca", str(d / "station-ca.pem"),
                 "--job", JOB_ID, "--chips-from", str(root / "vendor"),
-                "--devices", str(share[k - 1]), "--first-device", str(first))  # fmt: skip
+                "--devices", str(share[k - 1]), "--first-device", str(first), *keep)  # fmt: skip
         first += share[k - 1]
         args_of.append(args)
         procs.append(s.start("station", *args))

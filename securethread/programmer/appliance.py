@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from securethread.errors import ConfigurationError, Error
+from securethread.errors import ConfigurationError, Error, describe, exit_code_for
 from securethread.formats.job import Targets
 from securethread.programmer import layout as L
 from securethread.programmer.operator_api import (
@@ -411,17 +411,15 @@ class _StoppingError(ConfigurationError):
 
 
 def _error_answer(exc: BaseException) -> Answer:
-    from securethread.cli import _describe, exit_code
-
     payload: dict[str, Any] = {}
     partial = getattr(exc, "result", None)
     if partial is not None and hasattr(partial, "to_json"):
         payload = dict(partial.to_json())
-    line = _describe(exc)
+    line = describe(exc)
     return Answer(
         False,
         payload,
-        error={"type": type(exc).__name__, "message": line, "exit_code": exit_code(exc)},
+        error={"type": type(exc).__name__, "message": line, "exit_code": exit_code_for(exc)},
     )
 
 
@@ -587,10 +585,8 @@ def _answer(app: Appliance, result: StepResult, extra: Iterable[tuple[str, bytes
     problem = result.problem
     error = None
     if problem is not None:
-        from securethread.cli import _describe, exit_code
-
-        error = {"type": type(problem).__name__, "message": _describe(problem),
-                 "exit_code": exit_code(problem)}  # fmt: skip
+        error = {"type": type(problem).__name__, "message": describe(problem),
+                 "exit_code": exit_code_for(problem)}  # fmt: skip
     return Answer(problem is None, payload, error=error, files=files)
 
 

@@ -10,6 +10,9 @@
 * ``imgtool create``'s unsigned image is signed in the token (``master-image --mcuboot``) and
   installed; imgtool verifies the result.  ``oem master-image`` refuses bad MCUboot input and
   options with one stderr line and its exit code, leaving no image behind.
+* A demo device's installed image (``securethread demo``'s first station keeps its chips'
+  flash, ``station run --keep-flash``) passes ``imgtool verify`` with the OEM's
+  firmware-signing public key and ``imgtool dumpinfo``, and carries the demo's firmware.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from imgtool import keys as imgtool_keys
 
-from securethread.demo import child_env
+from securethread.demo import FIRST_UID, child_env
 from securethread.formats.image import master_image, verify_manifest
 from securethread.formats.license import LicenseIssuer
 from securethread.formats.mcuboot import (
@@ -38,6 +41,7 @@ from securethread.formats.mcuboot import (
     verify_image,
 )
 from tests.integration import test_mastering as tm
+from tests.integration.demo_support import DEVICES, demo_copy
 
 plant = tm.plant  # the key ceremony and onboarding on the session's OEM and programmer tokens
 
@@ -253,3 +257,43 @@ def test_master_image_signs_an_unsigned_mcuboot_image(
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["image"] == "fw-ok"
     assert any((oem_dir / "images").rglob("manifest.bin"))
+
+
+# --- a demo device's installed image (issue 21): the session's demo world ------------------
+
+
+@pytest.fixture(scope="module")
+def demo_flash(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The session's demo world (tests/integration/demo_support.py), copied: its first
+    station ran with ``--keep-flash``, so each chip it programmed left its flash behind."""
+    root, summary = demo_copy(tmp_path_factory, "mcuboot-demo")
+    assert summary["ok"] and summary["stations"] >= 1
+    return {"root": root, "summary": summary}
+
+
+def test_imgtool_verifies_a_demo_devices_installed_image(demo_flash: dict[str, Any]) -> None:
+    root, summary = demo_flash["root"], demo_flash["summary"]
+    flash = Path(summary["flash"])
+    assert flash == root / "flash"
+    # station 1 drove the first share of the chips, from the demo's first UID
+    stations = summary["stations"]
+    share = DEVICES // stations + (1 if DEVICES % stations else 0)
+    expected = {f"{FIRST_UID + i:016x}.img" for i in range(share)}
+    assert {p.name for p in flash.iterdir()} == expected
+    key = root / "oem" / "firmware-signing.pem"  # the OEM's firmware-signing public key
+    firmware = (root / "oem" / "firmware.bin").read_bytes()
+    for image in sorted(flash.iterdir()):
+        proc = imgtool("verify", "-k", key, image)
+        assert "Image was correctly validated" in proc.stdout, proc.stdout
+        assert "Image version: 1.0.0+0" in proc.stdout
+        out = imgtool("dumpinfo", image).stdout
+        for line in (f"img_size:           {hex(len(firmware))}", "type: KEYHASH (0x1)",
+                     "type: ECDSASIG (0x22)", "data: 0x03 0x00 0x00 0x00"):  # fmt: skip
+            assert line in out, line  # the demo masters version 1.0.0, security counter 3
+        parsed = parse_image(image.read_bytes())
+        data = image.read_bytes()
+        assert data[parsed.header_size : parsed.header_size + parsed.image_size] == firmware
+    # and a flipped payload byte of one of them is refused by imgtool
+    bad = _flipped(sorted(flash.iterdir())[0], 0x200 + 7, root / "bad.img")
+    proc = imgtool("verify", "-k", key, bad, ok=False)
+    assert proc.returncode != 0 and "Image has an invalid hash" in proc.stdout + proc.stderr

@@ -22,7 +22,7 @@ def _imports(path: Path, package: list[str] | None = None) -> set[str]:
     """Absolute names of every module ``path`` imports (relative imports resolved)."""
     if package is None:
         package = list(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
-    out = set()
+    out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
@@ -57,6 +57,19 @@ def test_a_role_package_never_imports_another_role(role: str) -> None:
             other = _role_of(mod)
             if other is not None and other != role:
                 bad.append(f"{f.relative_to(PKG.parent)} imports {mod}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_role_package_never_imports_the_cli_or_the_demo(role: str) -> None:
+    """The CLI and the demo know every party; a role that needs the exit codes takes them
+    from securethread.errors (exit_code_for, describe)."""
+    bad = [
+        f"{f.relative_to(PKG.parent)} imports {mod}"
+        for f in _files(role)
+        for mod in _imports(f)
+        if mod.split(".")[:2] in (["securethread", "demo"], ["securethread", "cli"])
+    ]
     assert not bad, "\n".join(bad)
 
 

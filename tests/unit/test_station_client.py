@@ -8,8 +8,10 @@ import datetime
 import io
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from cryptography import x509
@@ -17,7 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from securethread.errors import ConfigurationError, VerificationError
+from securethread.errors import ConfigurationError, RollbackError, VerificationError
+from securethread.station.adapters import SimulatedChips
 from securethread.station.client import (
     StationCredentials,
     StationResult,
@@ -117,3 +120,74 @@ def test_result_figures() -> None:
                       programmed=8, already_done=2, refused={}, notes=(), elapsed_s=2.0,
                       p50_ms=1.0, p99_ms=2.0, quota_exhausted=False)  # fmt: skip
     assert r.devices_per_s == 4.0 and r.to_json()["appliances"] == ["a:1"]
+
+
+class _Chip:
+    """A chip as the station sees it (identify, provision, program) with readable flash; its
+    SBM's checks are tests/unit/test_device.py's: here only when the image is kept."""
+
+    device_id = "5ec0000000000007"
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+        self.flash: bytes | None = None
+
+    def identify(self, challenge: bytes) -> bytes:
+        return challenge
+
+    def provision(self, data: bytes) -> None:
+        pass
+
+    def program(self, manifest: bytes, image: BinaryIO, license: bytes, nonce: bytes) -> bytes:
+        if self.refuse:
+            raise RollbackError("image counter below the fuses")
+        self.flash = b"installed:" + image.read()
+        return b"boot:" + nonce
+
+
+class _Fab:
+    def __init__(self, chip: _Chip) -> None:
+        self._chip = chip
+
+    def chip(self, uid: int) -> _Fab:
+        return self
+
+    @property
+    def device_id(self) -> str:
+        return self._chip.device_id
+
+    def open(self) -> _Chip:
+        return self._chip
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_keep_flash_writes_the_installed_image_only_once_programmed(
+    tmp_path: Path, refuse: bool
+) -> None:
+    chip = _Chip(refuse)
+    [(label, open_chip)] = list(SimulatedChips(_Fab(chip), [7], keep_flash=tmp_path / "flash"))
+    port = open_chip()
+    assert label == "0000000000000007" and port.identify(b"c") == b"c"
+    if refuse:
+        with pytest.raises(RollbackError):
+            port.program(b"m", io.BytesIO(b"fw"), b"l", b"n")
+        assert not (tmp_path / "flash").exists()  # a refused image leaves nothing behind
+    else:
+        assert port.program(b"m", io.BytesIO(b"fw"), b"l", b"n") == b"boot:n"
+        assert (tmp_path / "flash" / f"{chip.device_id}.img").read_bytes() == b"installed:fw"
+    [(_, plain)] = list(SimulatedChips(_Fab(chip), [7]))
+    assert plain() is chip  # without keep_flash the chip is driven as it is
+
+
+def test_station_run_refuses_a_keep_flash_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "securethread.cli", "station", "run", "--appliance",
+         "127.0.0.1:1", "--cert", "c.pem", "--key", "k.pem", "--ca", "ca.pem", "--job", "j",
+         "--chips-from", str(tmp_path / "vendor"), "--devices", "1",
+         "--keep-flash", str(tmp_path / "taken")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--keep-flash" in proc.stderr
+    assert "Traceback" not in proc.stderr and (tmp_path / "taken").read_text() == "not a directory"
