@@ -60,7 +60,11 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
     from securethread.device.sbm import verify_boot_confirmation as _verify_boot
     from securethread.formats import cbor, envelope, ledger
     from securethread.formats.device_trust import verify_device_trust
-    from securethread.formats.identity import IdentityVerifier, check_vendor_cas
+    from securethread.formats.identity import (
+        IdentityVerifier,
+        ProvisionedIdentityVerifier,
+        check_vendor_cas,
+    )
     from securethread.formats.image import ImageHeader, decrypt_image, verify_manifest
     from securethread.formats.job import verify_job
     from securethread.formats.jobpackage import JobPackage
@@ -146,6 +150,12 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
 
     add("reconciliation", reconciliation, cost=8, xfail=ledger_bug)
     add("identification", lambda d: identity.verify(d, challenge=ctx["challenge"]), cost=2)
+    provisioned = ProvisionedIdentityVerifier([pki.pca], root)  # a program job's verifier
+    add(
+        "provisioned_identification",
+        lambda d: provisioned.verify(d, challenge=ctx["challenge"]),
+        cost=3,
+    )
 
     def job_package(d: bytes) -> None:
         package = JobPackage.from_bytes(d)

@@ -28,7 +28,7 @@ NAMES = sorted(
     "transcript oem_hello programmer_hello oem_finish programmer_finish transfer transfer_ack "
     "sealed_package certificate device_certificate csr spki pkcs11_uri inspect "
     "enrolment_request certificate_bundle pem_certificate pem_public_key mcuboot_image "
-    "lot programming_package confirmations".split()
+    "lot programming_package confirmations provisioned_identification".split()
 )
 
 

@@ -366,6 +366,9 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     first = provisioned[0]
     device_cert_der = _der(first.certificate)
     seeds["provisioning"] = [packager(device_cert_der)]
+    # A provisioned chip answers with its OEM device certificate too (a program job's view).
+    seeds["identification"].append(chips[0].identify(challenge))
+    seeds["provisioned_identification"] = seeds["identification"][-1:]
     seeds["license"] = [p.license for p in provisioned[:2]]
     boots: list[tuple[str, bytes, bytes]] = []
 
@@ -406,7 +409,12 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         kind=ledger.KIND_PROVISIONED, slot=0, device_id="0000000000000001", time=t,
         cert=b"\x30\x00", vendor_ca=b"\x0a" * 32,
     ).encode(job=job_hash, seq=0, prev=job_hash)  # fmt: skip
-    seeds["ledger_record"] = records[:1] + records[-1:] + [fab_record]
+    # ... and a program job's counted record (ledger.LicensedRecord)
+    licensed_record = ledger.PendingRecord(
+        kind=ledger.KIND_LICENSED, slot=0, device_id="0000000000000001", time=t,
+        license_sha256=b"\x01" * 32, cert_sha256=b"\x02" * 32, production_ca=b"\x03" * 32,
+    ).encode(job=job_hash, seq=0, prev=job_hash)  # fmt: skip
+    seeds["ledger_record"] = records[:1] + records[-1:] + [fab_record, licensed_record]
     seeds["device_trust"] = [trust]
     seeds["job_package"] = [
         JobPackage(
