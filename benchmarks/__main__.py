@@ -114,11 +114,11 @@ def bench_provision(work: Path, n: int, reps: int, floor_n: int, scaling: list[i
     peers = []
     for r in range(reps):
         log(f"peer rep {r + 1}/{reps}: {peer_n} certs")
-        out = subprocess.run(
+        peer = subprocess.run(
             [sys.executable, "-m", "benchmarks.provision", "peer", str(work), str(peer_n)],
             env=P.clean_env(), cwd=P.ROOT, check=True, capture_output=True, text=True,
         )  # fmt: skip
-        peers.append(json.loads(out.stdout.strip().splitlines()[-1])["peer_devices_per_s"])
+        peers.append(json.loads(peer.stdout.strip().splitlines()[-1])["peer_devices_per_s"])
     dps = statistics.median(one)
     fl = statistics.median(floors)
     pr = statistics.median(peers)

@@ -18,10 +18,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from softhsm_config import ensure_tokens  # noqa: E402
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 def main() -> None:
@@ -35,7 +39,7 @@ def main() -> None:
         pins = {t: (secrets.token_hex(8), secrets.token_hex(8)) for t in ("oem", "programmer")}
         ensure_tokens(tmp, pins.keys(), pins=pins).activate()
 
-        from securethread.channel.handshake import OemChannel, ProgrammerChannel
+        from securethread.channel.handshake import ChannelSession, OemChannel, ProgrammerChannel
         from securethread.channel.transfer import (
             KeyReceiver,
             KeySender,
@@ -43,7 +47,7 @@ def main() -> None:
             open_package,
             seal_package,
         )
-        from securethread.hsm import IMAGE_KEY, open_token
+        from securethread.hsm import IMAGE_KEY, HsmPrivateKey, Token, open_token
         from securethread.pki import (
             EnclavePurpose,
             certify_enclave,
@@ -56,7 +60,14 @@ def main() -> None:
         root = create_root_ca(oem, label="root")
         root_key = oem.private_key("root")
 
-        def enclave(tok, label, name, purpose, role, signer=None):  # type: ignore[no-untyped-def]
+        def enclave(
+            tok: Token,
+            label: str,
+            name: str,
+            purpose: EnclavePurpose,
+            role: str,
+            signer: HsmPrivateKey | None = None,
+        ) -> x509.Certificate:
             csr = create_enclave_csr(
                 tok, label=label, enclave_name=name, purpose=purpose, signer=signer
             )
@@ -83,7 +94,7 @@ def main() -> None:
         )
         oem_id, prog_id = oem.private_key("oem-id"), prog.private_key("prog-id")
 
-        def handshake():  # type: ignore[no-untyped-def]
+        def handshake() -> tuple[ChannelSession, ChannelSession]:
             o = OemChannel(
                 oem,
                 identity_key=oem_id,

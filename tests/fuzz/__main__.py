@@ -48,12 +48,12 @@ def _fuzz(target: Target, n: int, seed: int, corpus: list[bytes], ring: object, 
             where = f"{Path(frame.filename).name}:{frame.lineno}"
             sites[f"{type(outcome.error).__name__} at {where}"] += 1
         if outcome.error is not None and len(bugs) < _KEEP:
-            exc = outcome.error
+            bug = outcome.error
             save.mkdir(parents=True, exist_ok=True)
             path = save / f"{target.name}-{seed}-{i}.bin"
             path.write_bytes(data)
-            tb = "".join(traceback.format_exception(exc)[-3:]).strip().replace("\n", " | ")
-            bugs.append(f"{type(exc).__name__}: {str(exc)[:120]} ({path}) {tb[-300:]}")
+            tb = "".join(traceback.format_exception(bug)[-3:]).strip().replace("\n", " | ")
+            bugs.append(f"{type(bug).__name__}: {str(bug)[:120]} ({path}) {tb[-300:]}")
         now = time.monotonic()
         if progress and now - last > 30:
             last = now

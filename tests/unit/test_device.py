@@ -7,6 +7,7 @@ the token path is in tests/integration/test_mastering.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -199,6 +200,8 @@ def make_world() -> World:
         purpose=P.LICENSE_SIGNING,
         role="programmer",
     )
+    ident_key = ident.public_key()
+    assert isinstance(ident_key, ec.EllipticCurvePublicKey)
     ka_csr = create_enclave_csr(
         prog,
         label="ka",
@@ -213,7 +216,7 @@ def make_world() -> World:
         enclave_name="prog1",
         purpose=P.KEY_AGREEMENT,
         role="programmer",
-        proof_key=ident.public_key(),
+        proof_key=ident_key,
     )
     pca_csr = create_production_ca_csr(prog, label="pca", job_id=JOB)
     pca_cert = certify_production_ca(
@@ -395,7 +398,7 @@ def test_not_provisioned_device_programs_nothing(world: World, firmware) -> None
 class _Boom(io.BytesIO):
     """An image stream that fails the test if anyone reads it."""
 
-    def read(self, *a: Any) -> bytes:  # type: ignore[override]
+    def read(self, *a: Any) -> bytes:
         raise AssertionError("the SBM read the image before verifying the manifest/license")
 
 
@@ -416,7 +419,8 @@ def test_every_manifest_bit_refused(world: World, firmware) -> None:  # type: ig
     lic = world.issuer(m).issue(dev.device_id, dev.public_key)
     for pos in range(0, len(signed), 3):
         bad = _flip(signed, pos)
-        _refused(dev, ImageError, lambda bad=bad: dev.program(bad, _Boom(), lic, nonce=bytes(16)))
+        attempt = functools.partial(dev.program, bad, _Boom(), lic, nonce=bytes(16))
+        _refused(dev, ImageError, attempt)
 
 
 def _program(dev: SimulatedDevice, world: World, signed: bytes, blob: bytes, m: Manifest) -> bytes:
@@ -443,7 +447,7 @@ def test_tampered_image_refused(world: World, firmware) -> None:  # type: ignore
     ]
     for exc, bad in cases:
         _refused(
-            dev, exc, lambda bad=bad: dev.program(signed, io.BytesIO(bad), lic, nonce=bytes(16))
+            dev, exc, functools.partial(dev.program, signed, io.BytesIO(bad), lic, nonce=bytes(16))
         )
     assert dev.flash is None
 
