@@ -393,6 +393,10 @@ class HashingReader:
 
 
 _PROVISIONED = ledger.KIND_PROVISIONED.encode()
+#: The canonical CBOR of the key "kind" with the text value "provisioned" (RFC 8949 §3.1:
+#: text heads 0x60 + length): every provisioned record holds these bytes, so a record
+#: without them is of another kind and is skipped without a walk.
+_PROVISIONED_PAIR = b"\x64kind" + bytes([0x60 + len(_PROVISIONED)]) + _PROVISIONED
 
 
 def _provisioned_fields(raw: bytes) -> dict[bytes, Any] | None:
@@ -624,6 +628,8 @@ class Registry:
         for tag, payload in items:
             if tag == ledger.TAG_RECORD:
                 records += 1
+                if _PROVISIONED_PAIR not in payload:
+                    continue  # another kind: programmed records give the registry nothing
                 body = _provisioned_fields(payload)
                 if body is None:
                     continue

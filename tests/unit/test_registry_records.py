@@ -54,3 +54,12 @@ def test_what_is_not_a_flat_record_is_a_format_error(
 ) -> None:
     with pytest.raises(FormatError):
         _provisioned_fields(mangle(records[0]))  # type: ignore[operator]
+
+
+def test_the_kind_pair_tells_provisioned_records_from_the_others(records: list[bytes]) -> None:
+    # ingest skips a record without these bytes unwalked: every provisioned record has them
+    from securethread.oem.registry import _PROVISIONED_PAIR
+
+    for raw in records:
+        provisioned = ledger.parse_record(raw, 0).kind == ledger.KIND_PROVISIONED
+        assert (_PROVISIONED_PAIR in raw) == provisioned
