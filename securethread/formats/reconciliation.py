@@ -81,6 +81,7 @@ from securethread.pki import (
     validate_enclave_certificate,
 )
 from securethread.pki.fastcheck import DeviceTemplate, Matched
+from securethread.pki.serial import serial_from_tag
 
 PROGRAMMER_ROLE = "programmer"
 
@@ -382,6 +383,7 @@ class _RecordChecks:
         self.manifest = manifest
         self.identity = verified.sha256
         self.tag = job_tag(verified.sha256)
+        self._serial_base = serial_from_tag(self.tag, 0)  # | slot: the slot's serial
         self.vendors = frozenset(verified.job.vendors)
         self.seen = SeenDevices()
         # The signature verifications, in worker processes for a large ledger
@@ -490,6 +492,10 @@ class _RecordChecks:
         """No chip key twice; the serial unique and encoding this job and the record's slot."""
         if self.seen.has_point(point):
             raise _bad(rec, "chip key already certified for another device")
+        if serial == self._serial_base | rec.slot:  # this job's tag, this record's slot
+            if self.seen.has_slot(rec.slot):
+                raise _bad(rec, f"serial {serial:#x} appears twice")
+            return
         parsed = parse_device_serial(serial)
         # Every serial seen encodes this job and its record's slot (checked below), so a
         # serial seen before is this job's tag with a slot seen before.

@@ -113,6 +113,36 @@ def _outside_targets(slot_: int) -> Callable[[int, ledger.PendingRecord], Any]:
     return change
 
 
+def _serial_of_slot(
+    w: SynthWorld, slot_: int, other: int
+) -> Callable[[int, ledger.PendingRecord], Any]:
+    """Slot ``slot_``'s certificate issued with slot ``other``'s serial (same key, same id)."""
+
+    def change(slot: int, rec: ledger.PendingRecord) -> Any:
+        if slot == slot_ and rec.kind == ledger.KIND_PROVISIONED:
+            from cryptography import x509
+            from cryptography.hazmat.primitives import serialization
+
+            key = x509.load_der_x509_certificate(rec.cert).public_key()
+            cert = w.issuer.issue(key, rec.device_id, other)  # type: ignore[arg-type]
+            return attrs.evolve(rec, cert=cert.public_bytes(serialization.Encoding.DER))
+        return rec
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "slot, other, why",
+    [(10, 4, "appears twice"), (10, 22, "does not encode this job and slot 10")],
+)
+def test_a_serial_seen_before_or_of_another_slot_is_named(
+    world: SynthWorld, monkeypatch: pytest.MonkeyPatch, slot: int, other: int, why: str
+) -> None:
+    change = _serial_of_slot(world, slot, other)
+    one, pool = _both(world, _items(world, _records(world, change)), monkeypatch)
+    assert one == pool and one[0] == 2 * slot and why in one[1], one
+
+
 @pytest.mark.parametrize(
     "change, first, signatures",
     [
