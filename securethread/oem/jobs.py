@@ -72,6 +72,7 @@ from securethread.oem import layout as L
 from securethread.oem.jobspec import JobSpec, load_job_spec
 from securethread.oem.ocsp import make_responder_request
 from securethread.oem.ocsp import request_file as ocsp_request_file
+from securethread.oem.revoke import revoked_by_root
 from securethread.pki import (
     cert_fingerprint,
     certify_production_ca,
@@ -160,6 +161,12 @@ def prepare_job(
         )
 
     oem = work.open_token(L.TOKEN)
+    for ca in provisioning_cas:  # a program job names no CA the root revoked
+        if revoked_by_root(oem, ca):
+            raise JobError(
+                f"provisioned_by: the production CA of job {job_id_of(ca)!r} was revoked by "
+                "this OEM's root (oem revoke): its devices are not to be programmed"
+            )
     root_key = oem.private_key(L.L_ROOT)
     root = oem.certificate(L.L_ROOT)
     officers = OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), root.public_key())  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from securethread.errors import ConfigurationError
 from securethread.formats import ledger
 from securethread.formats.job import ProductionJob, verify_job_signatures
 from securethread.formats.joint import (
+    JointReconciliationError,
     JointReport,
     ProvisionedDevices,
     ProvisioningTap,
@@ -31,6 +32,7 @@ from securethread.formats.reconciliation import reconcile
 from securethread.oem import layout as L
 from securethread.oem.reconcile import _programmer_of
 from securethread.oem.registry import HashingReader
+from securethread.oem.revoke import revoked_by_root
 from securethread.pki import from_pem
 from securethread.workdir import PartyDir, StepResult, open_file
 
@@ -75,9 +77,15 @@ def reconcile_joint(
     work.refuse_done(f"{jdir}/reconciliation.json", step=f"reconcile-joint {job_id}")
     devices = ProvisionedDevices(job.provisioned_by)
     digests: dict[str, bytes] = {}
+    oem = work.open_token(L.TOKEN)
     for prov_id, path in provisioned:
         prov_issued, prov_job = _issued(work, prov_id, officers)
         pca = from_pem(work.read(f"{L.job_dir(prov_id)}/production-ca.pem", "production CA"))
+        if revoked_by_root(oem, pca):
+            raise JointReconciliationError(
+                f"provisioning job {prov_id}'s production CA was revoked by this OEM's root: "
+                "its devices do not reconcile"
+            )
         tap = ProvisioningTap()
         src = open_file(path, "ledger")
         hashed = HashingReader(src)
@@ -113,7 +121,6 @@ def reconcile_joint(
         )
     digests[job_id] = hashed.digest()
     joint = JointReport(program=program, provisioning=tuple(devices.reports))
-    oem = work.open_token(L.TOKEN)
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(
         "joint-reconciliation",

@@ -55,6 +55,16 @@ def root_record(token: Token) -> TokenRecord[bytes]:
     )
 
 
+def revoked_by_root(token: Token, cert: x509.Certificate) -> bool:
+    """Whether the root's last CRL (the token's record, not a file) lists ``cert``, a
+    production CA the root issued (RFC 5280 §5.3: by serial; the CRL is the root's own)."""
+    current = root_record(token).read()
+    if current is None:
+        return False
+    crl = x509.load_der_x509_crl(current.value)
+    return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+
+
 def revoke(
     workdir: str | os.PathLike[str],
     *,

@@ -221,3 +221,26 @@ def test_joint_reconciliation_refuses_ledgers_that_do_not_belong_together(
         assert not (root / "oem/jobs" / PROGRAM_JOB / "reconciliation.json").exists()
     finally:
         (root / "done.json").rename(root / "oem/jobs" / PROGRAM_JOB / "reconciliation.json")
+
+
+def test_a_revoked_provisioning_ca_is_named_by_no_program_job_and_reconciles_nothing(
+    world: dict[str, Any],
+) -> None:
+    """The OEM revokes lot-2's production CA (oem revoke): a program job naming lot-2 is
+    refused at issue-job, and lot-2's ledger at joint reconciliation, one line each."""
+    root = world["root"]
+    _run(root, "oem", "revoke", "--workdir", "oem", "--job", "lot-2", "--out", "lot-2.crl")
+    spec = root / "oem" / "prog-3.toml"
+    spec.write_text(f'job_id = "prog-3"\nprogrammer = "{FACTORY}"\nstage = "program"\n'
+                    f'image = "{IMAGE_ID}"\nquota = 1\nprovisioned_by = ["lot-2"]\n'
+                    f'[targets]\nranges = [["{FIRST_UID:016x}", "{FIRST_UID:016x}"]]\n'
+                    '[window]\ndays = 1\n')  # fmt: skip
+    proc = _run(root, "oem", "issue-job", "--workdir", "oem", str(spec), ok=False)
+    assert proc.returncode in (EXIT_CONFIG, EXIT_VERIFY), proc.stderr
+    assert "was revoked by this OEM's root" in _one_line(proc)
+    assert not (root / "oem/jobs/prog-3/draft.bin").exists()
+    proc = _run(root, "oem", "reconcile-joint", "--workdir", "oem",
+                f"oem/inbox/ledger-{PROGRAM_JOB}.bin", "--job", "prog-2", "--provisioned",
+                "lot-2=fab/outbox/ledger-lot-2.bin", ok=False)  # fmt: skip
+    assert proc.returncode in (EXIT_CONFIG, EXIT_VERIFY), proc.stderr
+    assert "revoked by this OEM's root" in _one_line(proc)
