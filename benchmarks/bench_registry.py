@@ -5,15 +5,23 @@ For each size (full: 100,000 and 1,000,000 devices; quick: 10,000 and 100,000) a
 ledger is synthesised with software keys (:mod:`benchmarks.synth_ledger`: real formats, a
 device certificate and a boot confirmation per device, two records per device), then each
 phase runs in a fresh process of its own, which reports its wall time and its peak RSS
-(``ru_maxrss``):
+(``VmHWM``) and CPU time (the main process's, and the reconcile pool's workers'):
 
-reconcile     ``audit reconcile`` of the ledger file (every check, streaming), devices/s
+reconcile     ``audit reconcile`` of the ledger file (every check, streaming; the production
+              CA's signature of a template-matched certificate covered by the ledger, the
+              default), devices/s
 ingest        ``Registry.ingest`` of the reconciled ledger into a new SQLite file, and into a
               new database of a PostgreSQL server (one this benchmark starts with initdb in a
               temporary directory unless ``--pg-url`` names one), records/s
 ocsp          after the largest SQLite ingest: the OCSP responder over HTTP on 127.0.0.1,
               its key in a SoftHSM token (as ``oem ocsp`` signs), one client posting requests
               for random ledgered serials one after another; responses/s
+
+Beside the wall-clock rates each phase reports its CPU time per device or record and the
+load average when it started: on a shared machine the wall-clock rate moves 2-3x with the
+others' load, the CPU time much less.  ``cpu_bound_devices_per_s`` is what reconcile's CPU
+seconds would allow on all this machine's cores with nothing else running (an estimate, not
+a measurement).
 
 Targets (issue 19): ingest >= 50,000 records/s on SQLite, reconcile >= 10,000 devices/s,
 peak RSS of each phase the same at both sizes within 10 %.
@@ -54,10 +62,19 @@ def _maxrss_mib() -> float:
 # --- the phases, each in its own process --------------------------------------------------------
 
 
+def _cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its reaped children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def phase_reconcile(d: Path) -> dict[str, Any]:
     from securethread.audit.files import reconcile_files
 
     pub = json.loads((d / "public.json").read_text())
+    load = os.getloadavg()[0]
+    c0 = _cpu()
     t = time.perf_counter()
     report = reconcile_files(
         d / "ledger.bin",
@@ -70,8 +87,10 @@ def phase_reconcile(d: Path) -> dict[str, Any]:
         manifest=pub["manifest"],
     )
     s = time.perf_counter() - t
+    c1 = _cpu()  # the pool's workers are reaped by now: their CPU is the children's
     return {"seconds": s, "devices": report["provisioned"], "records": report["records"],
-            "maxrss_mib": _maxrss_mib()}  # fmt: skip
+            "maxrss_mib": _maxrss_mib(), "cpu_main_s": c1[0] - c0[0],
+            "cpu_workers_s": c1[1] - c0[1], "load_before": load}  # fmt: skip
 
 
 def _registry_job(d: Path) -> tuple[Any, bytes]:
@@ -95,13 +114,16 @@ def phase_ingest(d: Path, database: str) -> dict[str, Any]:
     from securethread.oem.registry import Registry
 
     job, digest = _registry_job(d)
+    load = os.getloadavg()[0]
     with Registry.open(database) as reg, open(d / "ledger.bin", "rb") as src:
+        c0 = _cpu()[0]
         t = time.perf_counter()
         report = reg.ingest(src, job=job, ledger_sha256=digest)
         s = time.perf_counter() - t
+        cpu = _cpu()[0] - c0
         assert report.ingested and reg.counts()["devices"] == report.devices
     return {"seconds": s, "devices": report.devices, "records": report.records,
-            "maxrss_mib": _maxrss_mib()}  # fmt: skip
+            "maxrss_mib": _maxrss_mib(), "cpu_s": cpu, "load_before": load}  # fmt: skip
 
 
 class _SoftKey:
@@ -277,26 +299,62 @@ def _new_pg_database(url: str) -> str:
     return fresh_database(url)
 
 
-def run(sizes: list[int], *, pg_url: str | None, pg: bool, ocsp_n: int, log: Any) -> dict[str, Any]:
+def _ingest_point(r: dict[str, Any]) -> dict[str, Any]:
+    return {"records_per_s": round(r["records"] / r["seconds"]),
+            "devices_per_s": round(r["devices"] / r["seconds"]),
+            "seconds": round(r["seconds"], 2), "maxrss_mib": r["maxrss_mib"],
+            "records_per_cpu_s": round(r["records"] / r["cpu_s"]),
+            "load_before": round(r["load_before"], 2)}  # fmt: skip
+
+
+def run(
+    sizes: list[int],
+    *,
+    pg_url: str | None,
+    pg: bool,
+    ocsp_n: int,
+    log: Any,
+    keep: Path | None = None,
+) -> dict[str, Any]:
+    """Every phase at every size; ``keep``: ledgers are kept in ``keep/<n>`` and a ledger
+    found there is used instead of synthesising one (the 1,000,000-device one takes
+    minutes)."""
     points: list[dict[str, Any]] = []
     ocsp_result: dict[str, Any] | None = None
     with _postgres(pg_url, pg) as server:
         for n in sizes:
-            d = Path(tempfile.mkdtemp(prefix=f"bench-registry-{n}-"))
+            if keep is None:
+                d = Path(tempfile.mkdtemp(prefix=f"bench-registry-{n}-"))
+            else:
+                d = keep / str(n)
+                d.mkdir(parents=True, exist_ok=True)
             try:
                 log(f"{n} devices")
-                point: dict[str, Any] = {"devices": n, "synth_s": round(synthesise(n, d, log), 1)}
+                reuse = keep is not None and (d / "serials.json").is_file()
+                point: dict[str, Any] = {
+                    "devices": n,
+                    "synth_s": None if reuse else round(synthesise(n, d, log), 1),
+                }
+                if reuse:
+                    log(f"  the ledger synthesised before in {d}")
                 r = _child("reconcile", str(d))
+                cpu_us = (r["cpu_main_s"] + r["cpu_workers_s"]) / r["devices"] * 1e6
                 point["reconcile"] = {"devices_per_s": round(r["devices"] / r["seconds"], 1),
                                       "seconds": round(r["seconds"], 1),
-                                      "maxrss_mib": r["maxrss_mib"]}  # fmt: skip
+                                      "maxrss_mib": r["maxrss_mib"],
+                                      "cpu_us_per_device": round(cpu_us, 1),
+                                      "main_cpu_us_per_device":
+                                          round(r["cpu_main_s"] / r["devices"] * 1e6, 1),
+                                      "cpu_bound_devices_per_s": round(
+                                          (os.cpu_count() or 1) * 1e6 / cpu_us),
+                                      "load_before": round(r["load_before"], 2)}  # fmt: skip
                 log(f"  reconcile: {point['reconcile']}")
                 db = str(d / "registry.sqlite")
+                for old in (db, db + "-wal", db + "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(old)
                 r = _child("ingest", str(d), db)
-                point["ingest_sqlite"] = {"records_per_s": round(r["records"] / r["seconds"]),
-                                          "devices_per_s": round(r["devices"] / r["seconds"]),
-                                          "seconds": round(r["seconds"], 2),
-                                          "maxrss_mib": r["maxrss_mib"]}  # fmt: skip
+                point["ingest_sqlite"] = _ingest_point(r)
                 log(f"  ingest SQLite: {point['ingest_sqlite']}")
                 if n == max(sizes):
                     r = _child("ocsp", str(d), db, str(ocsp_n))
@@ -308,15 +366,12 @@ def run(sizes: list[int], *, pg_url: str | None, pg: bool, ocsp_n: int, log: Any
                     log(f"  OCSP: {ocsp_result}")
                 if server is not None:
                     r = _child("ingest", str(d), _new_pg_database(server))
-                    point["ingest_postgresql"] = {
-                        "records_per_s": round(r["records"] / r["seconds"]),
-                        "devices_per_s": round(r["devices"] / r["seconds"]),
-                        "seconds": round(r["seconds"], 2), "maxrss_mib": r["maxrss_mib"],
-                    }  # fmt: skip
+                    point["ingest_postgresql"] = _ingest_point(r)
                     log(f"  ingest PostgreSQL: {point['ingest_postgresql']}")
                 points.append(point)
             finally:
-                shutil.rmtree(d, ignore_errors=True)
+                if keep is None:
+                    shutil.rmtree(d, ignore_errors=True)
     out: dict[str, Any] = {"points": points, "ocsp": ocsp_result}
     small, large = points[0], points[-1]
 
@@ -357,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     ap.add_argument("--ocsp-requests", type=int, default=2000)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--keep", type=Path, help="keep (and reuse) the ledgers in DIR/<devices>")
     a = ap.parse_args(argv)
     if a.sizes:
         sizes = [int(s) for s in a.sizes.split(",")]
@@ -367,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    r = run(sizes, pg_url=a.pg_url, pg=not a.no_pg, ocsp_n=a.ocsp_requests, log=log)
+    r = run(sizes, pg_url=a.pg_url, pg=not a.no_pg, ocsp_n=a.ocsp_requests, log=log,
+            keep=a.keep)  # fmt: skip
     r["elapsed_s"] = round(time.perf_counter() - t0, 1)
     if a.json:
         print(json.dumps(r))
