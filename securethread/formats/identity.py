@@ -217,10 +217,10 @@ def check_vendor_cas(
     found: dict[bytes, x509.Certificate] = {}
     for i, der in enumerate(certificates):
         try:
-            cert = untrusted.load_certificate(der, what=f"{what} {i}")
+            cert, key = untrusted.load_certificate_with_key(der, what=f"{what} {i}")
         except FormatError as exc:
             raise VendorCAError(str(exc)) from None
-        ca_id = vendor_ca_id(cert)
+        ca_id = fingerprint(key)  # vendor_ca_id, of the key the loader checked
         who = f"{what} {i} ({cert.subject.rfc4514_string()}, key {ca_id.hex()[:16]})"
         if ca_id not in named:
             raise VendorCAError(f"{who} is not a vendor CA the job names")
@@ -291,8 +291,9 @@ class IdentityVerifier:
                 f"device {r.device_id}: response answers another challenge (stale or replayed)"
             )
         try:
-            # Every field read below (issuer, key, extensions, subject CN) is parsed here.
-            cert = untrusted.load_certificate(
+            # Every field read below (issuer, key, extensions, subject CN) is parsed here;
+            # the key comes back as the loader checked it (P-256).
+            cert, key = untrusted.load_certificate_with_key(
                 r.vendor_certificate,
                 what=f"device {r.device_id}: vendor certificate",
                 curves=(Curve.P256,),
@@ -308,8 +309,6 @@ class IdentityVerifier:
         vendor_ca = self._check_vendor_cert(cert, candidates, r.device_id, at)
         # The answering key must be the certified key byte for byte; the certificate's
         # parsed key is then the one to verify with (no second parse of the same SPKI).
-        key = cert.public_key()
-        assert isinstance(key, ec.EllipticCurvePublicKey)  # P-256: checked by the loader
         if spki_der(key) != r.public_key:
             self._check_answering_key(r)  # a malformed or non-P-256 key is reported as such
             raise KeyMismatchError(
@@ -458,7 +457,7 @@ class ProvisionedIdentityVerifier:
                 "programming job does not name"
             )
         try:
-            cert = untrusted.load_certificate(
+            cert, key = untrusted.load_certificate_with_key(
                 r.device_certificate, what=f"{who}: device certificate", curves=(Curve.P256,)
             )
         except FormatError as exc:
@@ -470,8 +469,6 @@ class ProvisionedIdentityVerifier:
         ids = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
         if len(ids) != 1 or ids[0].value != r.device_id:
             raise DeviceIdMismatchError(f"{who}: OEM device certificate is for another device id")
-        key = cert.public_key()
-        assert isinstance(key, ec.EllipticCurvePublicKey)  # P-256: checked by the loader
         if spki_der(key) != r.public_key:
             IdentityVerifier._check_answering_key(r)
             raise KeyMismatchError(

@@ -50,7 +50,9 @@ __all__ = [
     "guard",
     "load_certificate",
     "load_certificate_pem",
+    "load_certificate_with_key",
     "load_csr",
+    "load_csr_with_key",
     "load_public_key",
     "load_public_key_pem",
     "pem_der",
@@ -190,7 +192,9 @@ def _force_extensions(extensions: x509.Extensions) -> None:
         ext.critical  # noqa: B018
 
 
-def _force_certificate(cert: x509.Certificate, what: str, curves: Collection[Curve]) -> None:
+def _force_certificate(
+    cert: x509.Certificate, what: str, curves: Collection[Curve]
+) -> ec.EllipticCurvePublicKey:
     with guard(what):
         cert.version  # noqa: B018 - InvalidVersion
         serial = cert.serial_number
@@ -213,7 +217,7 @@ def _force_certificate(cert: x509.Certificate, what: str, curves: Collection[Cur
             f"{what}: serial number of {octets} octets, over the {MAX_SERIAL_OCTETS} "
             "RFC 5280 allows"
         )
-    check_key(key, what=what, curves=curves)
+    return check_key(key, what=what, curves=curves)
 
 
 def load_certificate(
@@ -225,12 +229,20 @@ def load_certificate(
     does not parse) or UnsupportedKeyError (not EC on ``curves``); ``what`` names the
     certificate in the message ("license signer certificate", ...).
     """
+    return load_certificate_with_key(data, what=what, curves=curves)[0]
+
+
+def load_certificate_with_key(
+    data: object, *, what: str = "certificate", curves: Collection[Curve] = ALL_CURVES
+) -> tuple[x509.Certificate, ec.EllipticCurvePublicKey]:
+    """:func:`load_certificate`, and the certificate's key as it checked it (EC on
+    ``curves``), so a caller needs no second, unchecked ``cert.public_key()``."""
     raw = _raw(data, what)
     cert = _guarded(what, lambda: x509.load_der_x509_certificate(raw))
-    _force_certificate(cert, what, curves)
+    key = _force_certificate(cert, what, curves)
     if _guarded(what, lambda: cert.public_bytes(serialization.Encoding.DER)) != raw:
         raise MalformedCertificateError(f"{what}: DER is not in canonical encoding")
-    return cert
+    return cert, key
 
 
 def load_certificate_pem(
@@ -251,6 +263,13 @@ def load_csr(
     that the signature can be evaluated (not that it verifies: issuance decides against
     which key, see pki.issue).
     """
+    return load_csr_with_key(data, what=what, curves=curves)[0]
+
+
+def load_csr_with_key(
+    data: object, *, what: str = "certificate request", curves: Collection[Curve] = ALL_CURVES
+) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
+    """:func:`load_csr`, and the requested key as it checked it (EC on ``curves``)."""
     raw = _raw(data, what)
     if raw.lstrip().startswith(b"-----BEGIN"):  # RFC 7468 §7 names both labels
         raw = pem_der(raw, ("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST"), what=what)
@@ -265,13 +284,12 @@ def load_csr(
         csr.signature_algorithm_parameters  # noqa: B018
         csr.tbs_certrequest_bytes  # noqa: B018
         csr.signature  # noqa: B018
-        key = csr.public_key()
-        check_key(key, what=what, curves=curves)
+        key = check_key(csr.public_key(), what=what, curves=curves)
         csr.is_signature_valid  # noqa: B018 - UnsupportedAlgorithm / InternalError
         der = csr.public_bytes(serialization.Encoding.DER)
     if der != raw:
         raise MalformedCertificateError(f"{what}: DER is not in canonical encoding")
-    return csr
+    return csr, key
 
 
 def load_public_key_pem(

@@ -37,10 +37,12 @@ from securethread.workdir import PartyDir, file_sha256
 
 @attrs.frozen
 class Anchors:
-    """What this programmer trusts a job package under: the pinned OEM root, the officer
-    bundle it signed, the firmware-signing key, and this enclave's identity."""
+    """What this programmer trusts a job package under: the pinned OEM root and its key
+    (checked EC once, here), the officer bundle it signed, the firmware-signing key, and
+    this enclave's identity."""
 
     root: x509.Certificate
+    root_key: ec.EllipticCurvePublicKey
     officers: OfficerBundle
     firmware_key: ec.EllipticCurvePublicKey
     identity: x509.Certificate
@@ -53,6 +55,7 @@ class Anchors:
             raise CertificateError("expected an EC public key")
         return cls(
             root=root,
+            root_key=key,
             officers=OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), key),
             firmware_key=load_spki(
                 work.read(L.FIRMWARE_KEY, "firmware-signing key"), what="firmware-signing key"
@@ -121,12 +124,11 @@ def check_production_ca(der: bytes, job: VerifiedJob, anchors: Anchors) -> x509.
         )
     pca = load_der(der)
     root = anchors.root
-    root_key = root.public_key()
     algorithm = pca.signature_hash_algorithm
-    if not isinstance(root_key, ec.EllipticCurvePublicKey) or algorithm is None:
+    if algorithm is None:
         raise CertificateError("the job's production-CA certificate is not signed by the OEM root")
     try:
-        root_key.verify(pca.signature, pca.tbs_certificate_bytes, ec.ECDSA(algorithm))
+        anchors.root_key.verify(pca.signature, pca.tbs_certificate_bytes, ec.ECDSA(algorithm))
     except Exception:
         raise CertificateError(
             "the job's production-CA certificate is not signed by the OEM root"
@@ -200,15 +202,14 @@ def check_provisioned_by(
             f"job {job.job.job_id}: the production-CA certificates given are not exactly the "
             f"{len(named)} its provisioned_by names (in order)"
         )
-    root_key = anchors.root.public_key()
     out = []
     for der in certificates:
         ca = load_der(der)
         algorithm = ca.signature_hash_algorithm
         try:
-            if not isinstance(root_key, ec.EllipticCurvePublicKey) or algorithm is None:
+            if algorithm is None:
                 raise ValueError("not ECDSA")
-            root_key.verify(ca.signature, ca.tbs_certificate_bytes, ec.ECDSA(algorithm))
+            anchors.root_key.verify(ca.signature, ca.tbs_certificate_bytes, ec.ECDSA(algorithm))
             if ca.issuer != anchors.root.subject:
                 raise ValueError("another issuer")
         except Exception:

@@ -65,7 +65,6 @@ from securethread.errors import (
     AlreadyProvisionedError,
     ConfigurationError,
     Error,
-    FormatError,
     HSMError,
     JobError,
     QuotaExceededError,
@@ -254,12 +253,11 @@ def add_station(
     token (``token``, else the work directory's programmer token opened here).  A name
     that is in the list (even withdrawn) is refused: a withdrawn name never comes back."""
     check_name("station name", name)
-    csr = untrusted.load_csr(csr_pem, what="station certificate request", curves=(Curve.P256,))
+    csr, key = untrusted.load_csr_with_key(
+        csr_pem, what="station certificate request", curves=(Curve.P256,)
+    )
     if not csr.is_signature_valid:
         raise VerificationError("station certificate request: the signature does not verify")
-    key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):  # load_csr admitted EC keys only
-        raise FormatError("station certificate request: not an EC key")
     registry = _read_registry(work)
     if name in registry:
         state = "withdrawn" if registry[name].get("removed") else "certified"

@@ -28,6 +28,8 @@ from securethread.pki.untrusted import (
     guard,
     load_certificate,
     load_certificate_pem,
+    load_certificate_with_key,
+    load_csr_with_key,
     load_public_key,
     load_public_key_pem,
     pem_der,
@@ -212,6 +214,22 @@ def test_compressed_point_spki_is_not_canonical() -> None:
     )
     with pytest.raises(MalformedCertificateError, match="not canonical"):
         load_public_key(compressed)
+
+
+def test_the_with_key_loaders_return_the_key_they_checked() -> None:
+    """Validators return what they proved: the certificate's (the request's) key, typed EC
+    and on the curves asked for, so a caller needs no ``isinstance`` of its own."""
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    cert, key = load_certificate_with_key(_cert(p256.public_key()), curves=(Curve.P256,))
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key == p256.public_key()
+    assert key == cert.public_key()
+    csr, csr_key = load_csr_with_key(_csr(p256).public_bytes(DER), curves=(Curve.P256,))
+    assert csr_key == p256.public_key() == csr.public_key()
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    with pytest.raises(UnsupportedKeyError, match="secp384r1, not on P256"):
+        load_certificate_with_key(_cert(p384.public_key()), what="c", curves=(Curve.P256,))
+    with pytest.raises(UnsupportedKeyError, match="secp384r1, not on P256"):
+        load_csr_with_key(_csr(p384).public_bytes(DER), what="r", curves=(Curve.P256,))
 
 
 def _csr(key: Any, *, duplicate: bool = False) -> x509.CertificateSigningRequest:
