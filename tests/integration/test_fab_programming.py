@@ -178,6 +178,30 @@ def test_the_programming_line_refuses_what_its_job_does_not_name(world: dict[str
     assert (again["provisioned"], again["already_done"], again["quota_used"]) == (0, 1, 1)
 
 
+def test_a_station_programs_a_provisioned_chip_through_the_station_api(
+    world: dict[str, Any],
+) -> None:
+    """The station API (gRPC, mTLS) for a program job: no provisioning data is released (the
+    chip keeps its fab's), the chip is licensed and programmed; a blank chip is refused."""
+    from tests.integration.station_world import ServerProcess, add_station, last_json
+
+    root = world["root"]
+    files = add_station({"tmp": root.parent, "factory": root / "factory"}, "station-1")
+    server = ServerProcess(root / "factory")
+    try:
+        common = ["station", "run", "--appliance", server.target, "--cert", files["cert"],
+                  "--key", files["key"], "--ca", files["ca"], "--job", "prog-2",
+                  "--chips-from", str(root / "vendor"), "--devices", "1"]  # fmt: skip
+        ok = _run(root, *common, "--first-device", str(FIRST_UID + 1))
+        out = last_json(ok)
+        assert (out["provisioned"], out["programmed"]) == (1, 1), out
+        blank = _run(root, *common, "--first-device", str(FIRST_UID + DEVICES + 1), ok=False)
+        assert blank.returncode == EXIT_VERIFY, blank.stderr
+        assert "NotProvisionedChipError" in blank.stdout + blank.stderr
+    finally:
+        server.stop()  # SIGTERM: drains, exits 0
+
+
 def test_joint_reconciliation_refuses_ledgers_that_do_not_belong_together(
     world: dict[str, Any],
 ) -> None:
