@@ -12,6 +12,14 @@ Per batch of devices::
       -> keep the device certificates (the archive: files written atomically)
       -> release certificate and trust anchors to the device
 
+The job's stage changes two steps (``job.stage``, docs/formats.md "Job stages"): a "provision"
+job (the silicon vendor's fab) licenses nothing and programs nothing; a "program" job (the
+programming centre, chips provisioned at a fab) identifies each chip by the OEM device
+certificate it carries, under a production CA its ``provisioned_by`` names
+(:class:`~securethread.formats.identity.ProvisionedIdentityVerifier`), issues no certificate
+and releases no provisioning data (:meth:`ProductionLine._license_provisioned`: a "licensed"
+record naming the chip's certificate by its hash), then programs as any job.
+
 Nothing leaves for a device before its slot and its ledger record are on disk.  Slots the
 batch does not use go back to the store (a refused device, a duplicate, a failure); if the
 process dies, the run's end reclaims them (or, the leader killed, the next run burns them:
