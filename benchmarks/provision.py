@@ -30,6 +30,7 @@ import pickle
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -471,23 +472,30 @@ def markcost(work: Path, n: int, reps: int, batch: int, block: int = 0) -> dict[
     }
 
 
-#: The profile's stage for every cbor.encode/decode call (nested inside the other stages).
+#: The profile's stage for every CBOR encode/decode (nested inside the other stages).
 CBOR_STAGE = "CBOR encode/decode (nested)"
 
 
 class _Timer:
-    """Accumulates wall time per stage name (perf_counter; ~0.1 us per call)."""
+    """Accumulates wall time per stage name (perf_counter; ~0.1 us per call).  A call
+    inside another call of the same stage (in the same thread) is not counted again."""
 
     def __init__(self) -> None:
         self.s: dict[str, float] = {}
+        self._active = threading.local()
 
     def wrap(self, name: str, fn: Any) -> Any:
         def timed(*a: Any, **k: Any) -> Any:
+            active: set[str] = self._active.__dict__.setdefault("names", set())
+            if name in active:
+                return fn(*a, **k)
+            active.add(name)
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
+                active.discard(name)
 
         return timed
 
@@ -544,11 +552,18 @@ def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
     line._packager = timer.wrap("release (packaging)", line._packager)
     # Every CBOR encode/decode of the line, wherever it runs (nested in the stages above):
     # the codec's share of a device's time (issue 21: cbor2 instead of a home-made codec).
+    # Both the strict layer (cbor.encode/decode with their walks) and cbor2 itself, which
+    # hot paths call directly (Sig_structures, COSE frames, cbor.Template, the ledger's
+    # one-pass record check); a cbor2 call inside cbor.encode counts once.
+    import cbor2
+
     from securethread.formats import cbor as cbor_mod
 
-    codec = (cbor_mod.encode, cbor_mod.decode)
-    cbor_mod.encode = timer.wrap(CBOR_STAGE, codec[0])
-    cbor_mod.decode = timer.wrap(CBOR_STAGE, codec[1])
+    patched = [(cbor_mod, "encode"), (cbor_mod, "decode"), (cbor_mod, "decode_matching"),
+               (cbor2, "dumps"), (cbor2, "loads")]  # fmt: skip
+    codec = [(mod, name, getattr(mod, name)) for mod, name in patched]
+    for mod, name, fn in codec:
+        setattr(mod, name, timer.wrap(CBOR_STAGE, fn))
     ports = [WirePort(c.open()) for c in chips[:n]]
     for p in ports:
         p.identify = timer.wrap("device answers (simulated chip)", p.identify)  # type: ignore[method-assign]
@@ -556,7 +571,8 @@ def profile(work: Path, n: int, batch: int) -> dict[str, Any]:
     try:
         list(line.provision(ports))
     finally:
-        cbor_mod.encode, cbor_mod.decode = codec
+        for mod, name, fn in codec:
+            setattr(mod, name, fn)
     total = time.perf_counter() - t
     stages = {k: round(v / n * 1e6, 1) for k, v in sorted(timer.s.items(), key=lambda kv: -kv[1])}
     top_level = ("identity verification", "device answers (simulated chip)", "certificate",

@@ -163,6 +163,20 @@ def signed_bytes(kind: str, body: bytes, key: ec.EllipticCurvePublicKey) -> byte
     return sig_structure1(protected_sign1(kind, key), body)
 
 
+#: Tag 18 (COSE_Sign1, RFC 9052 §2) and a 4-element array, heads in their one short form.
+_SIGN1_HEAD = b"\xd2\x84"
+_EMPTY_MAP = b"\xa0"
+
+
+def sign1_frame(protected: bytes, payload: bytes, signature: bytes) -> bytes:
+    """The tagged COSE_Sign1 ``18([protected, {}, payload, signature])`` in deterministic
+    CBOR, written directly (its parts are byte strings: nothing to order)."""
+    return b"".join(
+        (_SIGN1_HEAD, cbor2.dumps(_bstr(protected)), _EMPTY_MAP, cbor2.dumps(_bstr(payload)),
+         cbor2.dumps(_bstr(signature)))
+    )  # fmt: skip
+
+
 def content_hash(protected: bytes, payload: bytes) -> bytes:
     """SHA-256 of ``CBOR([protected, payload])``: a signed content's identity."""
     return hashlib.sha256(cbor2.dumps([_bstr(protected), _bstr(payload)])).digest()
@@ -247,7 +261,7 @@ def seal(kind: str, body: Mapping[str, Any], signers: Iterable[PrivateKey]) -> b
         public = keys[0].public_key()
         prot = protected_sign1(kind, public)
         sig = sign(keys[0], sig_structure1(prot, payload))
-        return cbor.encode(cbor2.CBORTag(cbor.TAG_COSE_SIGN1, [prot, {}, payload, sig]))
+        return sign1_frame(prot, payload, sig)
     body_prot = protected_body(kind)
     entries = sorted((_signature_entry(k, body_prot, payload) for k in keys), key=lambda e: e[0])
     if any(a[0] == b[0] for a, b in zip(entries, entries[1:], strict=False)):
@@ -338,8 +352,7 @@ def protected_header(kind: str, alg: int, kid: bytes) -> bytes:
 
 def sign1_message(kind: str, alg: int, kid: bytes, payload: bytes, signature: bytes) -> bytes:
     """A COSE_Sign1 of ``kind`` from its parts (a signature made over :func:`signed_bytes`)."""
-    prot = protected_header(kind, alg, kid)
-    return cbor.encode(cbor2.CBORTag(cbor.TAG_COSE_SIGN1, [prot, {}, payload, signature]))
+    return sign1_frame(protected_header(kind, alg, kid), payload, signature)
 
 
 #: Protected headers already parsed and found well formed (they repeat: one per signer and

@@ -32,7 +32,6 @@ import os
 from typing import Any
 
 import attrs
-from cbor2 import CBORTag
 from cryptography import x509
 from cryptography.hazmat.primitives import keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,6 +50,7 @@ from securethread.formats.envelope import (
     open_envelope,
     protected_sign1,
     sig_structure1,
+    sign1_frame,
 )
 from securethread.formats.envelope import sign as envelope_sign
 from securethread.formats.identity import DEVICE_ID_RE, check_device_id
@@ -204,10 +204,13 @@ class LicenseIssuer:
         self._image_key = image_key
         # The COSE_Sign1 protected header is the same for every license of this signer.
         self._protected = protected_sign1(LICENSE_KIND, sign_pub, fingerprint(sign_pub))
-        self._cert_cbor = cbor.pre_encode(
-            signing_certificate.public_bytes(serialization.Encoding.DER)
-        )
-        self._body = self._template.to_body()  # per device: device id, nonce, wrapped key
+        # Per device only the device id, nonce, wrapped key and envelope change: the maps'
+        # other keys and values are encoded once (cbor.Template, the same bytes).
+        body = self._template.to_body()
+        varying = ("device_id", "nonce", "wrapped_key")
+        self._body = cbor.Template({k: v for k, v in body.items() if k not in varying}, varying)
+        cert = signing_certificate.public_bytes(serialization.Encoding.DER)
+        self._container = cbor.Template({"v": VERSION, "certificate": cert}, ("envelope",))
 
     def issue(self, device_id: str, device_public_key: ec.EllipticCurvePublicKey) -> bytes:
         """A signed license wrapping the image key to ``device_public_key`` (P-256)."""
@@ -225,14 +228,11 @@ class LicenseIssuer:
         wrapped = self._ka_key.agree_and_wrap(device_public_key, info, self._image_key)
         if len(wrapped) != 40:  # RFC 5649 of a 32-byte key; the template checked the rest
             raise LicenseFormatError("license: wrapped key must be 40 bytes")
-        body = cbor.encode(
-            {**self._body, "device_id": device_id, "nonce": nonce, "wrapped_key": wrapped}
-        )
+        body = self._body.fill(device_id, nonce, wrapped)
         # envelope.seal with the protected header built once (same bytes, same checks):
         # COSE_Sign1 (RFC 9052 §4.2) over Sig_structure ["Signature1", protected, h'', body].
         sig = envelope_sign(self._signing_key, sig_structure1(self._protected, body))  # low-s
-        envelope = cbor.encode(CBORTag(cbor.TAG_COSE_SIGN1, [self._protected, {}, body, sig]))
-        return cbor.encode({"v": VERSION, "certificate": self._cert_cbor, "envelope": envelope})
+        return self._container.fill(sign1_frame(self._protected, body, sig))
 
 
 def _aes_ecb(key: bytes, data: bytes) -> bytes:

@@ -121,12 +121,14 @@ class ProvisioningData:
             )
         if not hmac.compare_digest(trust.job_sha256, job_sha256):
             raise ProvisioningError(f"device trust names another signed job {trust.job_id!r}")
-        constant = {k: cbor.pre_encode(v) for k, v in fields.encode(proto).items()}
+        constant = fields.encode(proto)
+        del constant["device_certificate"]
+        template = cbor.Template(constant, ("device_certificate",))
 
         def package(device_certificate_der: bytes) -> bytes:
             if type(device_certificate_der) is not bytes:
                 raise ProvisioningFormatError("provisioning data: device certificate not DER")
-            return cbor.encode({**constant, "device_certificate": device_certificate_der})
+            return template.fill(device_certificate_der)
 
         return package
 

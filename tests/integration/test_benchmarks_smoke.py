@@ -54,6 +54,8 @@ def test_profile_accounts_for_each_stage(work: Path) -> None:
     for stage in ("token calls", "identity verification", "certificate", "license", "store"):
         assert stages[stage] > 0, stage
     assert stages["token calls"] < stages["certificate"] + stages["license"] + stages["store"]
+    # CBOR is timed once per call however deep (cbor.encode calling cbor2.dumps): a share.
+    assert 0 < prof["cbor_share_percent"] < 50
     assert prof["cprofile_top_tottime"]
 
 

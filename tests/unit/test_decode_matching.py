@@ -303,3 +303,30 @@ def test_decode_matching_limits() -> None:
     assert cbor.decode_matching(bytearray(raw), match, max_size=64) is None  # type: ignore[arg-type]
     assert cbor.decode_matching(b"", match, max_size=64) is None
     assert cbor.decode_matching(b"\x81" * 100 + b"\x00", match, max_size=1000) is None
+
+
+# --- cbor.Template: a map encoded once with some values left open ---------------------------
+
+
+def test_template_fills_to_the_canonical_encoding() -> None:
+    rng = random.Random(9)
+    for n in (1, 3, 22, 23, 24, 30, 300):
+        keys = [rng.choice(["k", "é", "水", "kk"]) + str(i) for i in range(n)]
+        m: dict[str, Any] = {k: rng.choice([rng.randrange(-(1 << 64), 1 << 64), b"x" * i, "t"])
+                             for i, k in enumerate(keys)}  # fmt: skip
+        open_keys = tuple(rng.sample(keys, min(3, n)))
+        choices: list[bytes | str] = [b"", b"y" * rng.choice((1, 23, 24, 300)), "é" * 30]
+        values = tuple(rng.choice(choices) for _ in open_keys)
+        t = cbor.Template({k: v for k, v in m.items() if k not in open_keys}, open_keys)
+        assert t.fill(*values) == cbor.encode({**m, **dict(zip(open_keys, values, strict=True))})
+
+
+def test_template_refuses_what_encode_would_not_write() -> None:
+    with pytest.raises(TypeError, match="open twice"):
+        cbor.Template({"a": 1}, ("a",))
+    t = cbor.Template({"a": 1}, ("b", "c"))
+    with pytest.raises(TypeError, match="expected 2 values"):
+        t.fill(b"x")
+    for bad in (1, 1.5, bytearray(b"x"), None, [b"x"]):
+        with pytest.raises(TypeError, match="cannot fill in"):
+            t.fill(b"x", bad)  # type: ignore[arg-type]
