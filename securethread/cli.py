@@ -701,14 +701,27 @@ def vendor_init(a: argparse.Namespace) -> int:
 
 
 def demo(a: argparse.Namespace) -> int:
+    log = None if a.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    if a.mode != "line":
+        if a.workers is not None or a.stations is not None:
+            raise ConfigurationError(f"--workers and --stations are for --mode line, not {a.mode}")
+        # Where provisioning happens (README): at the vendor's fab, or zero-secret from a lot.
+        if a.mode == "fab":
+            from securethread.demo import fab as chain
+        else:
+            from securethread.demo import zero_secret as chain
+        result = chain.run(a.workdir, a.devices, log=log)
+        _emit(a, result.lines, {"ok": result.ok, **result.to_json()})
+        return EXIT_OK if result.ok else EXIT_VERIFY
+
     from securethread.demo import run_demo
 
     summary = run_demo(
         a.workdir,
         devices=a.devices,
-        workers=a.workers,
-        stations=a.stations,
-        log=None if a.json else (lambda m: print(m, file=sys.stderr, flush=True)),
+        workers=1 if a.workers is None else a.workers,
+        stations=2 if a.stations is None else a.stations,
+        log=log,
     )
     _emit(
         a,
@@ -1312,15 +1325,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--devices", type=int, default=100, help="devices to produce (default 100)")
     c.add_argument(
+        "--mode",
+        choices=("line", "fab", "zero-secret"),
+        default="line",
+        help="where provisioning happens: 'line' (default) at the programming centre's "
+        "appliance; 'fab' at the silicon vendor's appliance, programming at the factory; "
+        "'zero-secret' from the vendor's signed lot, no token at the factory",
+    )
+    c.add_argument(
         "--workers",
         type=int,
-        default=1,
+        default=None,
         help="worker processes of the in-process line (--stations 0; default 1)",
     )
     c.add_argument(
         "--stations",
         type=int,
-        default=2,
+        default=None,
         help="station processes sharing the job over the station API (default 2; 0: the "
         "appliance's in-process line)",
     )
