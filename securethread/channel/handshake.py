@@ -40,7 +40,7 @@ from securethread.errors import (
     FormatError,
     ReplayError,
 )
-from securethread.formats import cbor
+from securethread.formats import cbor, fields
 from securethread.keys.ecutil import public_from_point, verify_signature
 from securethread.keys.policy import (
     EPHEMERAL_AGREEMENT,
@@ -120,114 +120,86 @@ def _other(role: str) -> str:
 # --- value objects --------------------------------------------------------------------------
 
 
-def _bytes_of(size: int | None = None, *, max_size: int | None = None) -> Callable[..., None]:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, bytes):
-            raise FormatError(f"{attribute.name}: expected bytes")
-        if size is not None and len(value) != size:
-            raise FormatError(f"{attribute.name}: {len(value)} bytes, expected {size}")
-        if max_size is not None and not 0 < len(value) <= max_size:
-            raise FormatError(f"{attribute.name}: {len(value)} bytes, limit {max_size}")
+@attrs.frozen
+class _Role(fields.Rule):
+    """The sender's role: on the wire the message ``type``, ``"<role>-<suffix>"``."""
 
-    return check
+    suffix: str
 
+    def problem(self, value: Any) -> str | None:
+        return None if value in ROLES else f"names an unknown role {value!r}"
 
-def _role_check(_inst: object, _attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in ROLES:
-        raise FormatError(f"unknown role {value!r}")
+    def to_cbor(self, value: Any) -> Any:
+        return f"{value}-{self.suffix}"
 
-
-def _point_check(_inst: object, _attribute: attrs.Attribute[Any], value: object) -> None:
-    _bytes_of(P256_POINT_SIZE)(_inst, _attribute, value)
-    assert isinstance(value, bytes)
-    public_from_point(Curve.P256, value)  # InvalidPointError if not on P-256 (SP 800-56A §5.6.2.3)
+    def from_cbor(self, raw: Any) -> Any:
+        tail = f"-{self.suffix}"
+        return raw[: -len(tail)] if type(raw) is str and raw.endswith(tail) else raw
 
 
+def _check_point(point: bytes) -> None:
+    public_from_point(Curve.P256, point)  # InvalidPointError if not on P-256 (SP 800-56A §5.6.2.3)
+
+
+@fields.body("hello")
 @attrs.frozen(kw_only=True)
 class Hello:
     """First message of each side: who I am, a fresh nonce and an ephemeral P-256 key."""
 
-    role: str = attrs.field(validator=_role_check)
-    nonce: bytes = attrs.field(validator=_bytes_of(NONCE_SIZE))
-    ephemeral: bytes = attrs.field(validator=_point_check)
-    certificate: bytes = attrs.field(validator=_bytes_of(max_size=MAX_CERT_SIZE))
-    derivation: str = attrs.field()
+    role: str = fields.custom("type", _Role("hello"))
+    nonce: bytes = fields.byte_string("nonce", size=NONCE_SIZE)
+    ephemeral: bytes = fields.byte_string("eph", size=P256_POINT_SIZE)  # uncompressed SEC1
+    certificate: bytes = fields.byte_string("cert", min_len=1, max_len=MAX_CERT_SIZE)
+    derivation: str = fields.text("derivation", min_len=0, max_len=64)
     #: The programmer echoes the OEM's nonce, so a Hello from an older session is refused
-    #: at once; ``None`` in the OEM's Hello.
-    peer_nonce: bytes | None = attrs.field(default=None)
+    #: at once; ``None`` in the OEM's Hello (the key left out).
+    peer_nonce: bytes | None = fields.byte_string(
+        "peer_nonce", size=NONCE_SIZE, absent=fields.Absent.OMIT
+    )
+    version: int = fields.version(VERSION)
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.derivation, str) or len(self.derivation) > 64:
-            raise FormatError("hello: derivation must be a short text string")
+        _check_point(self.ephemeral)
         if self.role == ROLE_OEM and self.peer_nonce is not None:
             raise FormatError("oem hello: carries a peer nonce")
-        if self.role == ROLE_PROGRAMMER:
-            if not isinstance(self.peer_nonce, bytes) or len(self.peer_nonce) != NONCE_SIZE:
-                raise FormatError(f"programmer hello: peer_nonce must be {NONCE_SIZE} bytes")
+        if self.role == ROLE_PROGRAMMER and self.peer_nonce is None:
+            raise FormatError(f"programmer hello: peer_nonce must be {NONCE_SIZE} bytes")
 
     @property
     def type(self) -> str:
         return f"{self.role}-hello"
 
     def to_bytes(self) -> bytes:
-        m: dict[str, Any] = {
-            "v": VERSION,
-            "type": self.type,
-            "nonce": self.nonce,
-            "eph": self.ephemeral,
-            "cert": self.certificate,
-            "derivation": self.derivation,
-        }
-        if self.peer_nonce is not None:
-            m["peer_nonce"] = self.peer_nonce
-        return cbor.encode(m)
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_bytes(cls, data: bytes, *, role: str) -> Hello:
         m = _decode(data, what=f"{role} hello", max_size=MAX_HELLO_SIZE, type_=f"{role}-hello")
-        keys = {"v", "type", "nonce", "eph", "cert", "derivation"}
-        if role == ROLE_PROGRAMMER:
-            keys.add("peer_nonce")
-        _exact_keys(m, keys, f"{role} hello")
-        return cls(
-            role=role,
-            nonce=m["nonce"],
-            ephemeral=m["eph"],
-            certificate=m["cert"],
-            derivation=m["derivation"],
-            peer_nonce=m.get("peer_nonce"),
-        )
+        return fields.decode(cls, m)
 
 
+@fields.body("finish")
 @attrs.frozen(kw_only=True)
 class Finish:
     """Second message of each side: transcript signature and key confirmation."""
 
-    role: str = attrs.field(validator=_role_check)
-    session_id: bytes = attrs.field(validator=_bytes_of(SESSION_ID_SIZE))
-    signature: bytes = attrs.field(validator=_bytes_of(max_size=MAX_SIGNATURE_SIZE))
-    confirm: bytes = attrs.field(validator=_bytes_of(CONFIRM_SIZE))
+    role: str = fields.custom("type", _Role("finish"))
+    session_id: bytes = fields.byte_string("sid", size=SESSION_ID_SIZE)
+    signature: bytes = fields.byte_string("sig", min_len=1, max_len=MAX_SIGNATURE_SIZE)
+    confirm: bytes = fields.byte_string("confirm", size=CONFIRM_SIZE)
+    version: int = fields.version(VERSION)
 
     @property
     def type(self) -> str:
         return f"{self.role}-finish"
 
     def to_bytes(self) -> bytes:
-        return cbor.encode(
-            {
-                "v": VERSION,
-                "type": self.type,
-                "sid": self.session_id,
-                "sig": self.signature,
-                "confirm": self.confirm,
-            }
-        )
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_bytes(cls, data: bytes, *, role: str) -> Finish:
         m = _decode(data, what=f"{role} finish", max_size=MAX_FINISH_SIZE, type_=f"{role}-finish")
-        _exact_keys(m, {"v", "type", "sid", "sig", "confirm"}, f"{role} finish")
-        return cls(role=role, session_id=m["sid"], signature=m["sig"], confirm=m["confirm"])
+        return fields.decode(cls, m)
 
 
 def message_type(data: bytes, *, max_size: int = MAX_HELLO_SIZE) -> str:
@@ -247,11 +219,6 @@ def _decode(data: bytes, *, what: str, max_size: int, type_: str) -> dict[str, A
     if m.get("type") != type_:
         raise ChannelStateError(f"expected a {type_!r} message, got {m.get('type')!r}")
     return m
-
-
-def _exact_keys(m: dict[str, Any], keys: set[str], what: str) -> None:
-    if set(m) != keys:
-        raise FormatError(f"{what}: unexpected fields {sorted(set(m) ^ keys)}")
 
 
 @attrs.frozen(kw_only=True)

@@ -104,16 +104,6 @@ def key_check_value(key: SecretKey) -> bytes:
     return key.cmac(_KCV_BLOCK)[:KCV_SIZE]
 
 
-def _check_bytes(value: object, what: str, *, size: int | None = None, limit: int = 0) -> bytes:
-    if not isinstance(value, bytes):
-        raise FormatError(f"{what}: expected bytes")
-    if size is not None and len(value) != size:
-        raise FormatError(f"{what}: {len(value)} bytes, expected {size}")
-    if limit and len(value) > limit:
-        raise FormatError(f"{what}: {len(value)} bytes, limit {limit}")
-    return value
-
-
 @attrs.frozen
 class _Label(fields.Rule):
     """A PKCS#11 label: text of 1..MAX_LABEL bytes in UTF-8 (CKA_LABEL is bytes)."""
@@ -151,14 +141,15 @@ class WrappedEntry:
         return fields.decode(cls, m)
 
 
-def _entries_from(value: object, what: str) -> tuple[WrappedEntry, ...]:
-    if not isinstance(value, list) or not 0 < len(value) <= MAX_ENTRIES:
-        raise FormatError(f"{what}: needs 1..{MAX_ENTRIES} entries")
-    entries = tuple(WrappedEntry.from_cbor(e) for e in value)
+def _entries(key: str) -> Any:
+    """1..MAX_ENTRIES wrapped entries (the labels checked distinct by :func:`_distinct`)."""
+    return fields.list_of(key, fields.body_rule(WrappedEntry), min_len=1, max_len=MAX_ENTRIES)
+
+
+def _distinct(entries: Sequence[WrappedEntry], what: str) -> None:
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise FormatError(f"{what}: a label appears twice")
-    return entries
 
 
 @fields.body("acknowledgement entry")
@@ -267,65 +258,74 @@ def _commit_entries(
 # --- online transfer over a channel session --------------------------------------------------
 
 
+_SID_SIZE = 16  # the channel's session id (handshake.SESSION_ID_SIZE)
+_MAC_SIZE = 16  # AES-CMAC, SP 800-38B §6.2
+_DIGEST_SIZE = 32  # SHA-256
+_SEQUENCE_MAX = (1 << 32) - 1
+
+
+@fields.body("transfer body")
 @attrs.frozen(kw_only=True)
 class TransferMessage:
     """Body of a transfer: bound to the session id, ordered by ``sequence``."""
 
-    session_id: bytes = attrs.field(validator=lambda _i, _a, v: _check_bytes(v, "sid", size=16))
-    sequence: int
-    transfer_id: bytes = attrs.field(
-        validator=lambda _i, _a, v: _check_bytes(v, "transfer_id", size=ID_SIZE)
-    )
-    entries: tuple[WrappedEntry, ...]
+    session_id: bytes = fields.byte_string("sid", size=_SID_SIZE)
+    sequence: int = fields.integer("seq", hi=_SEQUENCE_MAX)
+    transfer_id: bytes = fields.byte_string("transfer_id", size=ID_SIZE)
+    entries: tuple[WrappedEntry, ...] = _entries("entries")
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.sequence, int) or isinstance(self.sequence, bool):
-            raise FormatError("transfer: sequence must be an integer")
-        if not 0 <= self.sequence < 1 << 32:
-            raise FormatError("transfer: sequence out of range")
+        _distinct(self.entries, "transfer")
 
     def body_bytes(self) -> bytes:
-        return cbor.encode(
-            {
-                "sid": self.session_id,
-                "seq": self.sequence,
-                "transfer_id": self.transfer_id,
-                "entries": [e.to_cbor() for e in self.entries],
-            }
-        )
+        return cbor.encode(fields.encode(self))
 
     @classmethod
     def from_body(cls, body: bytes) -> TransferMessage:
         m = cbor.decode(body, what="transfer body", max_size=MAX_TRANSFER_SIZE)
-        if not isinstance(m, dict) or set(m) != {"sid", "seq", "transfer_id", "entries"}:
-            raise FormatError("transfer body: malformed")
-        return cls(
-            session_id=m["sid"],
-            sequence=m["seq"],
-            transfer_id=m["transfer_id"],
-            entries=_entries_from(m["entries"], "transfer"),
-        )
+        return fields.decode(cls, m)
+
+
+@fields.body("key transfer")
+@attrs.frozen(kw_only=True)
+class TransferFrame:
+    """The outer key-transfer message: the body's bytes and their MAC under the session.
+    Nothing in it is acted on before the MAC verifies, except refusing a session id that
+    is not ours (S2)."""
+
+    message: str = fields.constant("type", TRANSFER_TYPE)
+    session_id: bytes = fields.byte_string("sid", size=_SID_SIZE)
+    body: bytes = fields.byte_string("body", max_len=MAX_TRANSFER_SIZE)
+    mac: bytes = fields.byte_string("mac", size=_MAC_SIZE)
+    version: int = fields.version(VERSION)
+
+    def to_bytes(self) -> bytes:
+        return cbor.encode(fields.encode(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TransferFrame:
+        m = cbor.decode(data, what="key transfer", max_size=MAX_TRANSFER_SIZE)
+        return fields.decode(cls, m)
 
 
 def _mac_input(body: bytes) -> bytes:
     return _MAC_LABEL + body
 
 
-def _split_transfer(data: bytes) -> tuple[bytes, bytes, bytes]:
-    """Outer layer: ``{"v", "type", "sid", "body", "mac"}``; nothing in it is acted on
-    before the MAC verifies, except refusing a session id that is not ours."""
-    outer = cbor.decode(data, what="key transfer", max_size=MAX_TRANSFER_SIZE)
-    if not isinstance(outer, dict) or set(outer) != {"v", "type", "sid", "body", "mac"}:
-        raise FormatError("key transfer: malformed")
-    if not cbor.is_version(outer["v"], VERSION):
-        raise FormatError(f"key transfer: unsupported version {outer['v']!r}")
-    if outer["type"] != TRANSFER_TYPE:
-        raise FormatError(f"expected a key transfer, got {outer['type']!r}")
-    return (
-        _check_bytes(outer["sid"], "sid", size=16),
-        _check_bytes(outer["body"], "body"),
-        _check_bytes(outer["mac"], "mac", size=16),
+@fields.body("acknowledgement")
+@attrs.frozen(kw_only=True)
+class Acknowledgement:
+    """Body of the programmer's signed acknowledgement (envelope ``key-transfer-ack``): the
+    transfer it checked, the SHA-256 of that message, and what each key will be."""
+
+    session_id: bytes = fields.byte_string("sid", size=_SID_SIZE)
+    sequence: int = fields.integer("seq", hi=_SEQUENCE_MAX)
+    transfer_id: bytes = fields.byte_string("transfer_id", size=ID_SIZE)
+    digest: bytes = fields.byte_string("digest", size=_DIGEST_SIZE)
+    keys: tuple[ImportedKey, ...] = fields.list_of(
+        "keys", fields.body_rule(ImportedKey), min_len=1, max_len=MAX_ENTRIES
     )
+    version: int = fields.version(VERSION)
 
 
 def _commit_mac_input(label: bytes, sid: bytes, transfer_id: bytes, ack_digest: bytes) -> bytes:
@@ -334,42 +334,47 @@ def _commit_mac_input(label: bytes, sid: bytes, transfer_id: bytes, ack_digest: 
     return label + cbor.encode([sid, transfer_id, ack_digest])
 
 
+@fields.body("key transfer commit")
+@attrs.frozen(kw_only=True)
+class CommitMessage:
+    """The OEM's commit (``key-transfer-commit``) or the programmer's confirmation
+    (``key-transfer-committed``): bound to the session, the transfer and the SHA-256 of
+    the signed acknowledgement, MAC'd under the session with a label of its own type."""
+
+    message: str = fields.text("type", max_len=32, pattern=f"{COMMIT_TYPE}|{COMMITTED_TYPE}")
+    session_id: bytes = fields.byte_string("sid", size=_SID_SIZE)
+    transfer_id: bytes = fields.byte_string("transfer_id", size=ID_SIZE)
+    ack: bytes = fields.byte_string("ack", size=_DIGEST_SIZE)
+    mac: bytes = fields.byte_string("mac", size=_MAC_SIZE)
+    version: int = fields.version(VERSION)
+
+    def mac_input(self) -> bytes:
+        return _commit_mac_input(
+            _COMMIT_LABELS[self.message], self.session_id, self.transfer_id, self.ack
+        )
+
+
 def _commit_message(type_: str, session: ChannelSession, transfer_id: bytes, ack: bytes) -> bytes:
-    return cbor.encode(
-        {
-            "v": VERSION,
-            "type": type_,
-            "sid": session.session_id,
-            "transfer_id": transfer_id,
-            "ack": ack,
-            "mac": session.mac_key.cmac(
-                _commit_mac_input(_COMMIT_LABELS[type_], session.session_id, transfer_id, ack)
-            ),
-        }
-    )
+    unsigned = CommitMessage(
+        message=type_, session_id=session.session_id, transfer_id=transfer_id, ack=ack,
+        mac=bytes(_MAC_SIZE),
+    )  # fmt: skip
+    signed = attrs.evolve(unsigned, mac=session.mac_key.cmac(unsigned.mac_input()))
+    return cbor.encode(fields.encode(signed))
 
 
 def _verify_commit_message(
     data: bytes, type_: str, session: ChannelSession, transfer_id: bytes, ack: bytes
 ) -> None:
     """Check a commit (or committed) message: session, transfer, ack digest and MAC."""
-    m = cbor.decode(data, what=type_, max_size=MAX_COMMIT_SIZE)
-    if not isinstance(m, dict) or set(m) != {"v", "type", "sid", "transfer_id", "ack", "mac"}:
-        raise FormatError(f"{type_}: malformed")
-    if not cbor.is_version(m["v"], VERSION):
-        raise FormatError(f"{type_}: unsupported version {m['v']!r}")
-    if m["type"] != type_:
-        raise FormatError(f"expected a {type_!r} message, got {m['type']!r}")
-    sid = _check_bytes(m["sid"], "sid", size=16)
-    tid = _check_bytes(m["transfer_id"], "transfer_id", size=ID_SIZE)
-    digest = _check_bytes(m["ack"], "ack digest", size=32)
-    mac = _check_bytes(m["mac"], "mac", size=16)
-    if not hmac.compare_digest(sid, session.session_id):
+    m = fields.decode(CommitMessage, cbor.decode(data, what=type_, max_size=MAX_COMMIT_SIZE))
+    if m.message != type_:
+        raise FormatError(f"expected a {type_!r} message, got {m.message!r}")
+    if not hmac.compare_digest(m.session_id, session.session_id):
         raise ReplayError(f"{type_} belongs to another session")
-    expected = session.mac_key.cmac(_commit_mac_input(_COMMIT_LABELS[type_], sid, tid, digest))
-    if not hmac.compare_digest(mac, expected):
+    if not hmac.compare_digest(m.mac, session.mac_key.cmac(m.mac_input())):
         raise ChannelError(f"{type_}: MAC does not verify under this session")
-    if not hmac.compare_digest(tid, transfer_id) or not hmac.compare_digest(digest, ack):
+    if not hmac.compare_digest(m.transfer_id, transfer_id) or not hmac.compare_digest(m.ack, ack):
         raise ConfirmationError(f"{type_} is for another transfer or acknowledgement")
 
 
@@ -423,15 +428,9 @@ class KeySender:
             entries=entries,
         )
         body = msg.body_bytes()
-        data = cbor.encode(
-            {
-                "v": VERSION,
-                "type": TRANSFER_TYPE,
-                "sid": s.session_id,
-                "body": body,
-                "mac": s.mac_key.cmac(_mac_input(body)),
-            }
-        )
+        data = TransferFrame(
+            session_id=s.session_id, body=body, mac=s.mac_key.cmac(_mac_input(body))
+        ).to_bytes()
         if len(data) > MAX_TRANSFER_SIZE:
             raise ValueError("too many keys for one transfer message")
         s.next_send_sequence += 1
@@ -441,30 +440,22 @@ class KeySender:
     def verify_ack(self, data: bytes) -> TransferRecord:
         """Check the programmer's signed acknowledgement against what was sent."""
         s = self.session
-        body = envelope.open_envelope(
-            data, kind=ACK_KIND, keys=s.peer_public_key, max_size=MAX_ACK_SIZE
+        ack = fields.decode(
+            Acknowledgement,
+            envelope.open_envelope(
+                data, kind=ACK_KIND, keys=s.peer_public_key, max_size=MAX_ACK_SIZE
+            ),
         )
-        if (
-            set(body) != {"v", "sid", "seq", "transfer_id", "digest", "keys"}
-            or not cbor.is_version(body["v"], VERSION)
-        ):
-            raise FormatError("acknowledgement: malformed")
-        if not isinstance(body["sid"], bytes) or not hmac.compare_digest(body["sid"], s.session_id):
+        if not hmac.compare_digest(ack.session_id, s.session_id):
             raise WrongRecipientError("acknowledgement belongs to another session")
-        pending = (
-            self._pending.get(body["transfer_id"])
-            if isinstance(body["transfer_id"], bytes)
-            else None
-        )
+        pending = self._pending.get(ack.transfer_id)
         if pending is None:
             raise ReplayError("acknowledgement for an unknown or already acknowledged transfer")
         digest, msg = pending
-        if not isinstance(body["digest"], bytes) or not hmac.compare_digest(body["digest"], digest):
+        if not hmac.compare_digest(ack.digest, digest):
             raise ConfirmationError("acknowledgement is for a different transfer message")
-        if not isinstance(body["keys"], list):
-            raise FormatError("acknowledgement: keys is not a list")
-        got = tuple(ImportedKey.from_cbor(k) for k in body["keys"])
-        if got != tuple(ImportedKey.of(e) for e in msg.entries) or body["seq"] != msg.sequence:
+        got = ack.keys
+        if got != tuple(ImportedKey.of(e) for e in msg.entries) or ack.sequence != msg.sequence:
             raise ConfirmationError("acknowledged keys differ from the keys sent")
         del self._pending[msg.transfer_id]
         record = TransferRecord(
@@ -545,13 +536,13 @@ class KeyReceiver:
         s.require_open()
         if self._staged is not None:
             raise ChannelError("key transfer: the previous transfer awaits its commit")
-        sid, body, mac = _split_transfer(data)
-        if not hmac.compare_digest(sid, s.session_id):
+        frame = TransferFrame.from_bytes(data)
+        if not hmac.compare_digest(frame.session_id, s.session_id):
             raise ReplayError("key transfer belongs to another (older) session")
         # S2: authenticate before parsing the body (CMAC in the token, constant-time compare).
-        if not hmac.compare_digest(mac, s.mac_key.cmac(_mac_input(body))):
+        if not hmac.compare_digest(frame.mac, s.mac_key.cmac(_mac_input(frame.body))):
             raise ChannelError("key transfer: MAC does not verify under this session")
-        msg = TransferMessage.from_body(body)
+        msg = TransferMessage.from_body(frame.body)
         if not hmac.compare_digest(msg.session_id, s.session_id):
             raise ReplayError("key transfer belongs to another session")
         if msg.sequence < s.next_receive_sequence:
@@ -565,18 +556,14 @@ class KeyReceiver:
         s.next_receive_sequence += 1
         copies = _stage_entries(s.backend, s.wrap_key, msg.entries)
         try:
-            ack = envelope.seal(
-                ACK_KIND,
-                {
-                    "v": VERSION,
-                    "sid": s.session_id,
-                    "seq": msg.sequence,
-                    "transfer_id": msg.transfer_id,
-                    "digest": hashlib.sha256(data).digest(),
-                    "keys": [ImportedKey.of(e).to_cbor() for e in msg.entries],
-                },
-                [s.identity_key],
+            body = Acknowledgement(
+                session_id=s.session_id,
+                sequence=msg.sequence,
+                transfer_id=msg.transfer_id,
+                digest=hashlib.sha256(data).digest(),
+                keys=tuple(ImportedKey.of(e) for e in msg.entries),
             )
+            ack = envelope.seal(ACK_KIND, fields.encode(body), [s.identity_key])
         except BaseException:
             _destroy_quietly(copies)
             raise
@@ -684,72 +671,33 @@ def _kek_input(
     return hashlib.sha256(_KEK_LABEL + fixed).digest()
 
 
-def _fp_field(name: str) -> Any:
-    return attrs.field(validator=lambda _i, _a, v: _check_bytes(v, name, size=32))
-
-
+@fields.body("package")
 @attrs.frozen(kw_only=True)
 class SealedPackage:
     """Body of a sealed package (inside a signed ``sealed-key-package`` envelope)."""
 
-    package_id: bytes = attrs.field(
-        validator=lambda _i, _a, v: _check_bytes(v, "package_id", size=ID_SIZE)
-    )
-    recipient: bytes = _fp_field("recipient")  # SHA-256 of the programmer's KA certificate
-    programmer: bytes = _fp_field("programmer")  # SHA-256 of its identity certificate
-    sender_certificate: bytes = attrs.field(
-        validator=lambda _i, _a, v: _check_bytes(v, "sender_cert", limit=8192)
-    )
-    ephemeral: bytes = attrs.field(validator=lambda _i, _a, v: _check_bytes(v, "eph", size=65))
-    derivation: str
-    created: int
-    entries: tuple[WrappedEntry, ...]
+    package_id: bytes = fields.byte_string("package_id", size=ID_SIZE)
+    recipient: bytes = fields.byte_string("recipient", size=_DIGEST_SIZE)  # the KA cert's SHA-256
+    programmer: bytes = fields.byte_string("programmer", size=_DIGEST_SIZE)  # identity cert's
+    sender_certificate: bytes = fields.byte_string("sender_cert", max_len=8192)
+    ephemeral: bytes = fields.byte_string("eph", size=65)  # uncompressed P-256 point
+    derivation: str = fields.text("derivation", min_len=0, max_len=64)
+    created: int = fields.integer("created", lo=-(1 << 64))  # unix time
+    entries: tuple[WrappedEntry, ...] = _entries("entries")
+    version: int = fields.version(VERSION)
 
     def __attrs_post_init__(self) -> None:
         public_from_point(Curve.P256, self.ephemeral)  # InvalidPointError
         if self.derivation != DERIVATION_CKD_NULL_ECB:
             raise FormatError(f"package: unsupported derivation {self.derivation!r}")
-        if not isinstance(self.created, int) or isinstance(self.created, bool):
-            raise FormatError("package: created must be an integer")
+        _distinct(self.entries, "package")
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
-            "v": VERSION,
-            "package_id": self.package_id,
-            "recipient": self.recipient,
-            "programmer": self.programmer,
-            "sender_cert": self.sender_certificate,
-            "eph": self.ephemeral,
-            "derivation": self.derivation,
-            "created": self.created,
-            "entries": [e.to_cbor() for e in self.entries],
-        }
+        return fields.encode(self)
 
     @classmethod
     def from_cbor(cls, m: Mapping[str, Any]) -> SealedPackage:
-        keys = {
-            "v",
-            "package_id",
-            "recipient",
-            "programmer",
-            "sender_cert",
-            "eph",
-            "derivation",
-            "created",
-            "entries",
-        }
-        if set(m) != keys or not cbor.is_version(m["v"], VERSION):
-            raise FormatError("package: malformed or unsupported version")
-        return cls(
-            package_id=m["package_id"],
-            recipient=m["recipient"],
-            programmer=m["programmer"],
-            sender_certificate=m["sender_cert"],
-            ephemeral=m["eph"],
-            derivation=m["derivation"],
-            created=m["created"],
-            entries=_entries_from(m["entries"], "package"),
-        )
+        return fields.decode(cls, m)
 
 
 def _cert_fp(cert: x509.Certificate) -> bytes:
@@ -849,54 +797,40 @@ def _read_package(
     return SealedPackage.from_cbor(body), sender_cert
 
 
+@fields.body("package receipt")
 @attrs.frozen(kw_only=True)
-class PackageReceipt:
+class ReceiptBody:
+    """Body of a receipt (envelope ``sealed-key-package-receipt``)."""
+
+    package_id: bytes = fields.byte_string("package_id", size=ID_SIZE)
+    package_digest: bytes = fields.byte_string("package", size=_DIGEST_SIZE)  # the file's
+    sender: bytes = fields.byte_string("sender", size=_DIGEST_SIZE)  # OEM identity cert's
+    programmer: bytes = fields.byte_string("programmer", size=_DIGEST_SIZE)  # identity cert's
+    recipient: bytes = fields.byte_string("recipient", size=_DIGEST_SIZE)  # its KA cert's
+    opened: int = fields.integer("opened", lo=-(1 << 64))  # unix time
+    keys: tuple[ImportedKey, ...] = fields.list_of(
+        "keys", fields.body_rule(ImportedKey), min_len=1, max_len=MAX_ENTRIES
+    )
+    version: int = fields.version(VERSION)
+
+
+@attrs.frozen(kw_only=True)
+class PackageReceipt(ReceiptBody):
     """The programmer's signed statement of what a sealed package put into its token.
 
     ``signed`` is the artefact (envelope ``sealed-key-package-receipt``, signed by the
     programmer's identity key) the OEM checks offline with :func:`verify_receipt`.
     """
 
-    package_id: bytes
-    package_digest: bytes  # SHA-256 of the sealed package file
-    sender: bytes  # SHA-256 of the OEM identity certificate
-    programmer: bytes  # SHA-256 of the programmer identity certificate
-    recipient: bytes  # SHA-256 of the programmer key-agreement certificate
-    opened: int  # unix time
-    keys: tuple[ImportedKey, ...]
-    signed: bytes
+    signed: bytes = b""
 
     def body(self) -> dict[str, Any]:
-        return {
-            "v": VERSION,
-            "package_id": self.package_id,
-            "package": self.package_digest,
-            "sender": self.sender,
-            "programmer": self.programmer,
-            "recipient": self.recipient,
-            "opened": self.opened,
-            "keys": [k.to_cbor() for k in self.keys],
-        }
+        return fields.encode(self)  # the ReceiptBody fields: ``signed`` is not in the body
 
     @classmethod
     def from_body(cls, m: Mapping[str, Any], signed: bytes) -> PackageReceipt:
-        fields = {"v", "package_id", "package", "sender", "programmer", "recipient", "opened"}
-        if set(m) != fields | {"keys"} or not cbor.is_version(m["v"], VERSION):
-            raise FormatError("package receipt: malformed or unsupported version")
-        if not isinstance(m["opened"], int) or isinstance(m["opened"], bool):
-            raise FormatError("package receipt: opened must be an integer")
-        if not isinstance(m["keys"], list) or not 0 < len(m["keys"]) <= MAX_ENTRIES:
-            raise FormatError(f"package receipt: needs 1..{MAX_ENTRIES} keys")
-        return cls(
-            package_id=_check_bytes(m["package_id"], "package_id", size=ID_SIZE),
-            package_digest=_check_bytes(m["package"], "package digest", size=32),
-            sender=_check_bytes(m["sender"], "sender", size=32),
-            programmer=_check_bytes(m["programmer"], "programmer", size=32),
-            recipient=_check_bytes(m["recipient"], "recipient", size=32),
-            opened=m["opened"],
-            keys=tuple(ImportedKey.from_cbor(k) for k in m["keys"]),
-            signed=signed,
-        )
+        body = fields.decode(ReceiptBody, m)
+        return cls(**attrs.asdict(body, recurse=False), signed=signed)
 
 
 def open_package(
@@ -937,7 +871,6 @@ def open_package(
         recipient=recipient,
         opened=int(time.time()),
         keys=tuple(ImportedKey.of(e) for e in pkg.entries),
-        signed=b"",
     )
     z = kek = None
     try:

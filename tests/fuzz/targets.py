@@ -7,6 +7,7 @@ outcomes are a return or a :class:`securethread.Error`; anything else is a bug.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,12 @@ def run_one(target: Target, data: bytes) -> Outcome:
 
 def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target per artefact
     from securethread.audit.inspect import describe
-    from securethread.channel.transfer import KeyReceiver, KeySender, MemoryPackageRegistry
+    from securethread.channel.transfer import (
+        KeyReceiver,
+        KeySender,
+        MemoryPackageRegistry,
+        verify_receipt,
+    )
     from securethread.channel.transfer import open_package as _open_package
     from securethread.device.sbm import ProvisioningData, SimulatedDevice
     from securethread.device.sbm import verify_boot_confirmation as _verify_boot
@@ -215,12 +221,33 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
         sender.send([TRANSFER_LABEL])
         sender.verify_ack(d)
 
+    def transfer_commit(d: bytes) -> None:
+        _so, sp = channel.established()
+        receiver = KeyReceiver(sp)
+        receiver.receive(s["transfer"][0])
+        # Staged as after the recorded acknowledgement, which the recorded commit names
+        # (an acknowledgement's ECDSA signature differs on every run).
+        staged = receiver._staged
+        assert staged is not None
+        recorded = hashlib.sha256(s["transfer_ack"][0]).digest()
+        receiver._staged = attrs.evolve(staged, ack_digest=recorded)
+        receiver.commit(d)
+
+    def transfer_committed(d: bytes) -> None:
+        so, _sp = channel.established()
+        sender = KeySender(so)
+        sender.send([TRANSFER_LABEL])
+        sender.commit(sender.verify_ack(s["transfer_ack"][0]))
+        sender.verify_committed(d)
+
     add("oem_hello", oem_hello, cost=6)
     add("programmer_hello", programmer_hello, cost=6)
     add("oem_finish", oem_finish, cost=8)
     add("programmer_finish", programmer_finish, cost=10)
     add("transfer", transfer, cost=12)
     add("transfer_ack", transfer_ack, cost=12)
+    add("transfer_commit", transfer_commit, cost=14)
+    add("transfer_committed", transfer_committed, cost=14)
 
     def sealed_package(d: bytes) -> None:
         receipt = _open_package(
@@ -232,6 +259,13 @@ def make_targets(w: World) -> dict[str, Target]:  # noqa: PLR0915 - one target p
             pki.prog.destroy(key.label)
 
     add("sealed_package", sealed_package, cost=4, xfail=_wrapped_entry_bug())
+    add(
+        "package_receipt",
+        lambda d: verify_receipt(
+            d, package=s["sealed_package"][0], programmer_cert=pki.prog_id, root_cert=root
+        ),
+        cost=4,
+    )
 
     def certificate(d: bytes) -> None:
         cert = untrusted.load_certificate(d, what="certificate")

@@ -24,6 +24,8 @@ from securethread.channel.handshake import ChannelSession, OemChannel, Programme
 from securethread.channel.transfer import (
     KeyReceiver,
     KeySender,
+    MemoryPackageRegistry,
+    open_package,
     seal_package,
 )
 from securethread.device.sbm import ProvisioningData, verify_boot_confirmation
@@ -484,11 +486,15 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
     m4 = p.receive_finish(m3)
     o.receive_finish(m4)
     so, sp = channel.established()
-    transfer = KeySender(so).send([TRANSFER_LABEL])
-    ack = KeyReceiver(sp).receive(transfer)
+    sender, receiver = KeySender(so), KeyReceiver(sp)
+    transfer = sender.send([TRANSFER_LABEL])
+    ack = receiver.receive(transfer)
+    commit = sender.commit(sender.verify_ack(ack))
+    committed = receiver.commit(commit)
     seeds.update(
         oem_hello=[m1], programmer_hello=[m2], oem_finish=[m3], programmer_finish=[m4],
-        transfer=[transfer], transfer_ack=[ack],
+        transfer=[transfer], transfer_ack=[ack], transfer_commit=[commit],
+        transfer_committed=[committed],
     )  # fmt: skip
     ctx["channel"] = channel
 
@@ -499,6 +505,14 @@ def build() -> World:  # noqa: PLR0915 - one straight line of artefact making
         expected_programmer=pki.prog_id, recipient_cert=pki.ka, root_cert=pki.root,
     )  # fmt: skip
     seeds["sealed_package"] = [package]
+    receipt = open_package(
+        package, backend=prog, ka_key=prog.private_key("ka"), ka_cert=pki.ka,
+        identity_key=prog.private_key("id"), identity_cert=pki.prog_id, root_cert=pki.root,
+        registry=MemoryPackageRegistry(),
+    )  # fmt: skip
+    for key in receipt.keys:  # the receiver's backend stays as it was
+        prog.destroy(key.label)
+    seeds["package_receipt"] = [receipt.signed]
 
     # Certificates, CSRs, keys, URIs.
     seeds["certificate"] = [_der(c) for c in (pki.lic, pki.prog_id, pki.pca)] + _odd_certificates(
