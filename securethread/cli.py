@@ -80,6 +80,8 @@ def _step(args: argparse.Namespace, result: StepResult, lines: Sequence[str] = (
             "exit_code": exit_code(result.problem),
         }
     _emit(args, human, machine)
+    sys.stdout.flush()
+    result.delivered()  # printed: a second run is refused as done from now on
     if result.problem is not None:
         print(f"securethread: {_describe(result.problem)}", file=sys.stderr)
         return exit_code(result.problem)

@@ -9,11 +9,15 @@ things (docs/design.md, "Deployment")::
     <dir>/transcript.bin     the party's signed, hash-chained ceremony transcript
     <dir>/minutes.txt        each step's transcript anchor (record number and hash)
     <dir>/outbox/            artefacts this party sends to another one
+    <dir>/undelivered/       a finished step's result until its caller had it (JSON)
 
 Everything that arrives from another party is given to a step as a file argument and
 verified there; nothing here trusts a file it did not write itself.  Steps record what
 they did as *state files*: a step refuses to run before the steps it needs, or twice,
-before it changes anything (:class:`StepOrderError`).
+before it changes anything (:class:`StepOrderError`).  A step records its result in
+``undelivered/`` before it writes the state file that marks it done, and the CLI removes the
+record once it printed the result: a step killed after its last write but before its answer
+reached the caller answers a second run with that result instead of refusing it as done.
 
 This module knows nothing about either party's steps: :mod:`securethread.oem` and
 :mod:`securethread.programmer` build on it.
@@ -52,6 +56,7 @@ HSM_DIR = "hsm"
 OUTBOX = "outbox"
 TRANSCRIPT = "transcript.bin"
 MINUTES = "minutes.txt"
+UNDELIVERED = "undelivered"
 PARTIES = ("oem", "programmer")
 
 #: The token directory this process activated (the PKCS#11 module reads its config once).
@@ -92,6 +97,25 @@ class StepResult:
     anchors: tuple[Anchor, ...] = ()
     details: Mapping[str, Any] = attrs.field(factory=dict)
     problem: Error | None = None
+    #: the record of this result in ``undelivered/``, kept until the caller had it
+    record: Path | None = attrs.field(default=None, eq=False)
+
+    def delivered(self) -> None:
+        """The caller has this result: from now on a second run is refused as done."""
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], record: Path) -> StepResult:
+        """The result :meth:`to_json` gave (read back from its ``undelivered/`` record)."""
+        known = ("step", "workdir", "written", "anchors")
+        anchors = tuple(
+            Anchor(enclave, int(a["seq"]), bytes.fromhex(a["head"]))
+            for enclave, a in data["anchors"].items()
+        )
+        details = {k: v for k, v in data.items() if k not in known}
+        return cls(data["step"], Path(data["workdir"]), tuple(data["written"]), anchors,
+                   details, record=record)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -224,6 +248,21 @@ class PartyDir:
         (root / OUTBOX).mkdir(exist_ok=True)
         return cls(root, party, name)
 
+    @classmethod
+    def undelivered_init(
+        cls, workdir: str | os.PathLike[str], party: str, name: str
+    ) -> StepResult | None:
+        """The result of the ``init`` that made ``workdir`` ``party`` ``name``'s directory
+        if it was killed before that result reached its caller (else None: :meth:`create`
+        decides)."""
+        root = Path(workdir).resolve()
+        if not (root / MARKER).is_file():
+            return None
+        marker = _read_marker(root)
+        if marker["party"] != party or marker["name"] != name:
+            return None
+        return cls(root, party, name).undelivered("init")
+
     def mark_created(self) -> None:
         """Write the marker: the last thing ``init`` does (a crashed init can be redone
         after deleting the directory; the marker never names a half-made one)."""
@@ -290,6 +329,43 @@ class PartyDir:
         """Refuse ``step`` if its state file ``rel`` exists (it was done already)."""
         if self.exists(rel):
             raise StepOrderError(f"{step} was already done in {self.root} ({rel} exists)")
+
+    def done_before(self, rel: str, *, step: str) -> StepResult | None:
+        """``step``'s earlier result if its state file ``rel`` exists but that result never
+        reached its caller (the run was killed after its last write); refuse ``step`` if it
+        was done and delivered; None if it was not done."""
+        if not self.exists(rel):
+            return None
+        earlier = self.undelivered(step)
+        if earlier is None:
+            raise StepOrderError(f"{step} was already done in {self.root} ({rel} exists)")
+        return earlier
+
+    def _record_path(self, step: str) -> Path:
+        return self.root / UNDELIVERED / (hashlib.sha256(step.encode()).hexdigest()[:32] + ".json")
+
+    def undelivered(self, step: str) -> StepResult | None:
+        """The result ``step`` recorded with :meth:`pending` and its caller never had."""
+        path = self._record_path(step)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(read_file(path, "step result record", limit=1 << 20))
+            if data.get("record_of") != step:
+                raise ValueError("another step's record")
+            return StepResult.from_json(data["result"], path)
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise FormatError(f"{str(path)!r} is damaged") from None
+
+    def pending(self, step: str, result: StepResult) -> StepResult:
+        """Record ``result`` as ``step``'s answer until the caller had it (see
+        :meth:`StepResult.delivered`); call it before writing the state file that marks
+        ``step`` done, so that a done step always has its answer or gave it."""
+        path = self._record_path(step)
+        path.parent.mkdir(exist_ok=True)
+        record = {"record_of": step, "result": result.to_json()}
+        write_atomic(path, json.dumps(record, sort_keys=True, default=str).encode(), mode=0o600)
+        return attrs.evolve(result, record=path)
 
     # tokens and PINs
 

@@ -66,6 +66,9 @@ def init(
         raise ConfigurationError(
             f"--threshold must be 1..{officers} (the officers), got {threshold}"
         )
+    earlier = PartyDir.undelivered_init(workdir, L.PARTY, name)
+    if earlier is not None:  # killed after it made the directory, before its answer
+        return earlier
     plan = _officer_pins(Path(workdir).resolve(), officers, officer_pin_files or {}, officer_pin)
     work = PartyDir.create(workdir, L.PARTY, name)
     for path, pin in plan.new_files.items():
@@ -125,8 +128,7 @@ def init(
     written.append(work.write(L.FIRMWARE_KEY, fw_pem))
     written.append(work.write(L.IDENTITY, to_pem(identity)))
     written.append(work.write(L.ROOT_CA, to_pem(root)))
-    work.mark_created()  # last: a crash before this leaves a directory init refuses to reuse
-    return work.finish(
+    result = work.finish(
         "oem init",
         written,
         [tx],
@@ -138,6 +140,9 @@ def init(
             "officer_pins": plan.sources,
         },
     )
+    result = work.pending("init", result)  # its answer, until the caller had it
+    work.mark_created()  # last: a crash before this leaves a directory init refuses to reuse
+    return result
 
 
 @attrs.frozen

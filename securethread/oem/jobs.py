@@ -494,6 +494,9 @@ def approve_job(
     work = L.open_oem(workdir)
     step = f"approve-job {job_id}"
     work.require(L.job_draft(job_id), step=step, needs=f"issue-job SPEC ({job_id})")
+    if type(officer) is int and work.exists(L.job_approval(job_id, officer)):
+        if (answer := work.undelivered(f"{step} officer {officer}")) is not None:
+            return answer  # killed after its approval was written, before its answer
     if work.exists(f"{L.job_dir(job_id)}/job.bin"):
         raise StepOrderError(f"job {job_id!r} was issued already: there is nothing to approve")
     draft = read_draft(work, job_id)
@@ -523,12 +526,14 @@ def approve_job(
         )
     approval = sign_job(draft.job, [key])
     check_approval(approval, draft_sha256=draft.sha256, officer=officer, key=key.public_key())
-    written = [work.write(L.job_approval(job_id, officer), approval)]
     done = sorted([*earlier, officer])
     details = _draft_details(draft, done)
     details["officer"] = officer
     details["ready"] = len(done) >= draft.job.threshold
-    return work.finish("oem approve-job", written, (), details)
+    result = work.finish("oem approve-job", [L.job_approval(job_id, officer)], (), details)
+    result = work.pending(f"{step} officer {officer}", result)
+    work.write(L.job_approval(job_id, officer), approval)  # last: marks the approval done
+    return result
 
 
 def officer_pin(
@@ -571,10 +576,13 @@ def issue_job(workdir: str | os.PathLike[str], job_id: str) -> StepResult:
     step = f"issue-job --job {job_id}"
     work.require(L.job_draft(job_id), step=step, needs=f"issue-job SPEC ({job_id})")
     if work.exists(f"{jdir}/job.bin"):
+        answer = work.undelivered(step)  # the answer of a run killed before it gave it
         if not work.exists(f"outbox/job-{job_id}.bin"):
             recorded = read_draft(work, job_id).job
             written = _write_package(work, job_id, recorded.image_id)
-            return work.finish("oem issue-job", written, (), {"job": job_id})
+            return answer or work.finish("oem issue-job", written, (), {"job": job_id})
+        if answer is not None:
+            return answer
         raise StepOrderError(f"job {job_id!r} was issued already ({jdir}/job.bin exists)")
     draft = read_draft(work, job_id)
     found = approvals(work, draft)
@@ -617,11 +625,10 @@ def issue_job(workdir: str | os.PathLike[str], job_id: str) -> StepResult:
             "approvals": ",".join(L.officer_token(n) for n in found),
         },
     )
-    written = [work.write(f"{jdir}/job.bin", signed)]  # issued: recorded before it leaves
-    written += _write_package(work, job_id, draft.job.image_id)
-    return work.finish(
+    image = [f"outbox/image-{draft.job.image_id}.enc"] if draft.job.image_id is not None else []
+    result = work.finish(
         "oem issue-job",
-        written,
+        [f"{jdir}/job.bin", *image, f"outbox/job-{job_id}.bin"],  # what _write_package writes
         [tx],
         {
             "job": job_id,
@@ -636,6 +643,10 @@ def issue_job(workdir: str | os.PathLike[str], job_id: str) -> StepResult:
             ),
         },
     )
+    result = work.pending(step, result)  # before job.bin: a done step has its answer
+    work.write(f"{jdir}/job.bin", signed)  # issued: recorded before it leaves
+    _write_package(work, job_id, draft.job.image_id)
+    return result
 
 
 def _vendor_file(jdir: str, cert: x509.Certificate) -> str:

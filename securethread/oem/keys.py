@@ -59,7 +59,9 @@ def send_keys(
     work = L.open_oem(workdir)
     pdir = L.programmer_dir(to)
     expected = _programmer_cert(work, to, "identity")
-    work.refuse_done(f"{pdir}/keys-{image}.ack", step=f"send-keys {image} to {to}")
+    step = f"send-keys {image} to {to}"
+    if (earlier := work.done_before(f"{pdir}/keys-{image}.ack", step=step)) is not None:
+        return earlier
     oem = work.open_token(L.TOKEN)
     label = _image_key(work, oem, image)
     result = send_key_session(
@@ -83,13 +85,15 @@ def send_keys(
         },
         details={"programmer": to, "image": image, "session": result.record.session_id.hex()},
     )
-    written = [work.write(f"{pdir}/keys-{image}.ack", result.record.ack)]
-    return work.finish(
+    done = work.finish(
         "oem send-keys",
-        written,
+        [f"{pdir}/keys-{image}.ack"],
         [tx],
         {"programmer": to, "image": image, "session": result.record.session_id.hex()},
     )
+    done = work.pending(step, done)
+    work.write(f"{pdir}/keys-{image}.ack", result.record.ack)  # last: marks the keys sent
+    return done
 
 
 def seal_keys(

@@ -50,7 +50,9 @@ def master_image(
     ``major[.minor[.revision[+build]]]``."""
     work = L.open_oem(workdir)
     idir = L.image_dir(image_id)
-    work.refuse_done(f"{idir}/manifest.bin", step=f"master-image {image_id}")
+    step = f"master-image {image_id}"
+    if (earlier := work.done_before(f"{idir}/manifest.bin", step=step)) is not None:
+        return earlier
     image_mod.check_name("device class", device_class)
     image_mod.check_name("image version", version)
     try:
@@ -127,10 +129,12 @@ def master_image(
         },
         details={"image": image_id, "version": version, "security_counter": security_counter},
     )
-    written = [f"{idir}/image.enc", work.write(f"{idir}/manifest.bin", manifest)]
-    return work.finish(
+    result = work.finish(
         "oem master-image",
-        written,
+        [f"{idir}/image.enc", f"{idir}/manifest.bin"],
         [tx],
         {"image": image_id, "image_bytes": image_path.stat().st_size},
     )
+    result = work.pending(step, result)
+    work.write(f"{idir}/manifest.bin", manifest)  # last: marks the image mastered
+    return result

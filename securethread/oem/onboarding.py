@@ -42,7 +42,9 @@ def certify_programmer(
         )
     name = check_name("programmer name", req.name)
     pdir = L.programmer_dir(name)
-    work.refuse_done(f"{pdir}/identity.pem", step=f"certify-programmer {name}")
+    step = f"certify-programmer {name}"
+    if (earlier := work.done_before(f"{pdir}/identity.pem", step=step)) is not None:
+        return earlier
     for purpose in PURPOSES:
         req.csr(purpose)  # every CSR parses before anything is signed
 
@@ -80,8 +82,13 @@ def certify_programmer(
         details={"programmer": name},
     )
     written.append(work.write(f"{pdir}/enrolment-request.bin", raw))
-    for purpose in reversed(PURPOSES):  # identity.pem last: it marks the programmer certified
+    for purpose in reversed(PURPOSES[1:]):
         written.append(work.write(f"{pdir}/{purpose}.pem", to_pem(certs[purpose])))
-    return work.finish(
+    written.append(f"{pdir}/identity.pem")
+    result = work.finish(
         "oem certify-programmer", written, [tx], {"programmer": name, "bundle": written[0]}
     )
+    result = work.pending(step, result)
+    # identity.pem last: it marks the programmer certified
+    work.write(f"{pdir}/identity.pem", to_pem(certs["identity"]))
+    return result

@@ -31,7 +31,9 @@ def reconcile(
     work = L.open_oem(workdir)
     jdir = L.job_dir(job_id)
     work.require(f"{jdir}/job.bin", step=f"reconcile {job_id}", needs=f"issue-job ({job_id})")
-    work.refuse_done(f"{jdir}/reconciliation.json", step=f"reconcile {job_id}")
+    step = f"reconcile {job_id}"
+    if (earlier := work.done_before(f"{jdir}/reconciliation.json", step=step)) is not None:
+        return earlier
     issued = work.read(f"{jdir}/job.bin", "issued job")
     root = from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
     officers = OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), root.public_key())  # type: ignore[arg-type]
@@ -76,14 +78,16 @@ def reconcile(
     )
     record = json.loads(report.to_json()) | {"ledger_sha256": ledger_sha256.hex()}
     text = json.dumps(record, sort_keys=True) + "\n"
-    written = [work.write(f"{jdir}/reconciliation.json", text.encode())]
-    return work.finish(
+    result = work.finish(
         "oem reconcile",
-        written,
+        [f"{jdir}/reconciliation.json"],
         [tx],
         {"job": job_id, "reconciled": True, **attrs.asdict(report),
          "ledger_sha256": ledger_sha256.hex()},  # fmt: skip
     )
+    result = work.pending(step, result)
+    work.write(f"{jdir}/reconciliation.json", text.encode())  # last: marks the step done
+    return result
 
 
 def _programmer_of(work: object, fingerprint: bytes) -> str:

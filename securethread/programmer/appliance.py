@@ -364,6 +364,8 @@ class Appliance:
             self._log_operation(peer, request.command, answer.ok, signed=True)
         with contextlib.closing(conn), contextlib.suppress(OSError):
             send_answer(conn, answer)
+            if answer.delivered is not None:  # sent: a second run is refused as done
+                answer.delivered()
 
     def _log_operation(
         self, peer: tuple[int, int, int], command: str, ok: bool, *, signed: bool = False
@@ -587,7 +589,7 @@ def _answer(app: Appliance, result: StepResult, extra: Iterable[tuple[str, bytes
     if problem is not None:
         error = {"type": type(problem).__name__, "message": describe(problem),
                  "exit_code": exit_code_for(problem)}  # fmt: skip
-    return Answer(problem is None, payload, error=error, files=files)
+    return Answer(problem is None, payload, error=error, files=files, delivered=result.delivered)
 
 
 def _op_enrol(app: Appliance, conn: socket.socket, o: _Options, s: Path) -> Answer:

@@ -23,6 +23,7 @@ from securethread.keys import fingerprint, spki_der
 from securethread.pki import EnclavePurpose, create_enclave_csr, install_certificate
 from securethread.programmer import layout as L
 from securethread.workdir import (
+    TRANSCRIPT,
     PartyDir,
     StepResult,
     check_name,
@@ -42,21 +43,32 @@ _PURPOSE = {
 def init(workdir: str | os.PathLike[str], *, name: str) -> StepResult:
     """Create the programming centre ``name``'s work directory and its token."""
     check_name("programmer name", name)
+    earlier = PartyDir.undelivered_init(workdir, L.PARTY, name)
+    if earlier is not None:  # killed after it made the directory, before its answer
+        return earlier
     work = PartyDir.create(workdir, L.PARTY, name)
     work.init_tokens([L.TOKEN])
+    result = work.finish(
+        "programmer init", ["hsm/softhsm2.conf", "pins"], (), {"programmer": name}
+    )
+    result = work.pending("init", result)
     work.mark_created()
-    return work.finish("programmer init", ["hsm/softhsm2.conf", "pins"], (), {"programmer": name})
+    return result
 
 
 def enrol(workdir: str | os.PathLike[str]) -> StepResult:
     """Generate the enclave's keys in its token and write the enrolment request."""
     work = L.open_programmer(workdir)
-    work.refuse_done(L.ENROLMENT, step="enrol")
+    if (earlier := work.done_before(L.ENROLMENT, step="enrol")) is not None:
+        return earlier
     token = work.open_token(L.TOKEN)
     # Keys left by an enrol that was killed before writing its request are this step's own
     # (their labels are reserved for it): remove them and start again.
     for label in L.LABELS.values():
         token.destroy(label)
+    # enrol starts the transcript: one left without the request is that killed run's, its
+    # records signed by the identity key just destroyed (a new one would not verify them).
+    work.path(TRANSCRIPT).unlink(missing_ok=True)
     identity_csr = create_enclave_csr(
         token, label=L.L_IDENTITY, enclave_name=work.name, purpose=EnclavePurpose.IDENTITY
     )
@@ -80,11 +92,13 @@ def enrol(workdir: str | os.PathLike[str]) -> StepResult:
         keys=[KeyEntry.from_key(token.private_key(L.LABELS[p])) for p in PURPOSES],
         details={"programmer": work.name},
     )
-    written = [work.write(L.ENROLMENT, sealed)]
     fp = fingerprint(identity.public_key()).hex()
-    return work.finish(
-        "programmer enrol", written, [tx], {"programmer": work.name, "fingerprint": fp}
+    result = work.finish(
+        "programmer enrol", [L.ENROLMENT], [tx], {"programmer": work.name, "fingerprint": fp}
     )
+    result = work.pending("enrol", result)  # before the file that marks enrol done
+    work.write(L.ENROLMENT, sealed)
+    return result
 
 
 def install_certs(
@@ -93,7 +107,8 @@ def install_certs(
     """Install the OEM's certificate bundle, pinned by ``root_fingerprint`` (hex)."""
     work = L.open_programmer(workdir)
     work.require(L.ENROLMENT, step="install-certs", needs="enrol")
-    work.refuse_done(L.cert_path("identity"), step="install-certs")
+    if (earlier := work.done_before(L.cert_path("identity"), step="install-certs")) is not None:
+        return earlier
     bundle = CertificateBundle.open(
         read_file(bundle_path, "certificate bundle", limit=256 << 10),
         root_fingerprint=parse_fingerprint(root_fingerprint),
@@ -135,9 +150,13 @@ def install_certs(
         certificates=[CertEntry.from_certificate(c) for c in [root, *certs.values()]],
         details={"programmer": work.name},
     )
-    for purpose in reversed(PURPOSES):  # identity.pem last: marks the step done
+    for purpose in reversed(PURPOSES[1:]):
         written.append(work.write(L.cert_path(purpose), to_pem(certs[purpose])))
-    return work.finish("programmer install-certs", written, [tx], {"programmer": work.name})
+    written.append(L.cert_path("identity"))
+    result = work.finish("programmer install-certs", written, [tx], {"programmer": work.name})
+    result = work.pending("install-certs", result)
+    work.write(L.cert_path("identity"), to_pem(certs["identity"]))  # last: marks the step done
+    return result
 
 
 def _pem_of(der: bytes) -> bytes:

@@ -66,7 +66,9 @@ def request_ca(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
     check_job_id(job_id)
     work.require(L.cert_path("identity"), step="request-ca", needs="install-certs")
     jdir = L.job_dir(job_id)
-    work.refuse_done(f"{jdir}/production-ca.csr", step=f"request-ca {job_id}")
+    step = f"request-ca {job_id}"
+    if (earlier := work.done_before(f"{jdir}/production-ca.csr", step=step)) is not None:
+        return earlier
     token = work.open_token(L.TOKEN)
     label = L.production_ca_label(job_id)
     # A job this token opened keeps its production-CA key, whatever files were deleted.
@@ -85,8 +87,11 @@ def request_ca(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
         details={"job": job_id},
     )
     out = work.write(f"outbox/production-ca-request-{job_id}.bin", request)
-    written = [out, work.write(f"{jdir}/production-ca.csr", der)]
-    return work.finish("programmer request-ca", written, [tx], {"job": job_id, "request": out})
+    written = [out, f"{jdir}/production-ca.csr"]
+    result = work.finish("programmer request-ca", written, [tx], {"job": job_id, "request": out})
+    result = work.pending(step, result)
+    work.write(f"{jdir}/production-ca.csr", der)  # last: marks the step done
+    return result
 
 
 # --- opening a job ------------------------------------------------------------------------------
@@ -146,6 +151,12 @@ def open_job(
         )
     if work.exists(f"{jdir}/job.bin"):
         opened = verified_job(work, work.read(f"{jdir}/job.bin", "job"), now=job.job.not_before)
+        earlier = work.undelivered(f"open-job {job_id}")
+        if opened.sha256 == job.sha256 and earlier is not None:
+            # Killed after job.bin, before its answer: finish the token's mark, answer.
+            if job.job.production_ca is not None:
+                mark_opened(work, work.open_token(L.TOKEN), job_id)
+            return earlier
         if opened.sha256 == job.sha256:
             raise JobError(
                 f"job {job_id} is already open here (the same signed job, framed differently "
@@ -210,15 +221,18 @@ def open_job(
     # (a "program" job issues no certificate: nothing of its own to revoke).
     if pca is not None:
         written.extend(first_crl(work, token, job))
-    written.append(work.write(f"{jdir}/job.bin", job.signed))  # last: marks the job open
-    if pca is not None:  # a "program" job has no CRL to anchor: its quota mark guards it
-        mark_opened(work, token, job_id)  # ... and the token: it never opens again here
-    return work.finish(
+    written.append(f"{jdir}/job.bin")
+    result = work.finish(
         "programmer open-job",
         written,
         [tx],
         {"job": job_id, "quota": job.job.quota, "job_sha256": job.sha256.hex()},
     )
+    result = work.pending(f"open-job {job_id}", result)
+    work.write(f"{jdir}/job.bin", job.signed)  # last: marks the job open
+    if pca is not None:  # a "program" job has no CRL to anchor: its quota mark guards it
+        mark_opened(work, token, job_id)  # ... and the token: it never opens again here
+    return result
 
 
 def _take_image(
@@ -313,7 +327,8 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
     ledger_rel, out_rel = f"{jdir}/ledger.bin", f"outbox/ledger-{job_id}.bin"
     work.require(f"{jdir}/job.bin", step=f"close-job {job_id}", needs=f"open-job ({job_id})")
     if work.exists(ledger_rel) and work.exists(out_rel):
-        work.refuse_done(ledger_rel, step=f"close-job {job_id}")
+        if (earlier := work.done_before(ledger_rel, step=f"close-job {job_id}")) is not None:
+            return earlier
     # The opened job verified once (opened.py), at its own start: a job closes after its
     # window; the image is not needed to close it.
     opened = OpenedJob.verify(work, job_id, step="close-job", within_window=False, image=False)
@@ -363,8 +378,7 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
         artefacts={"ledger": file_sha256(work.path(ledger_rel))},
         details={"job": job_id, "provisioned": summary.provisioned},
     )
-    copy_atomic(work.path(ledger_rel), work.path(out_rel))  # last: marks the step done
-    return work.finish(
+    result = work.finish(
         "programmer close-job",
         [ledger_rel, out_rel],
         [tx],
@@ -377,6 +391,9 @@ def close_job(workdir: str | os.PathLike[str], *, job_id: str) -> StepResult:
             "quota_used": summary.close.quota_used if summary.close is not None else None,
         },
     )
+    result = work.pending(f"close-job {job_id}", result)
+    copy_atomic(work.path(ledger_rel), work.path(out_rel))  # last: marks the step done
+    return result
 
 
 def _fsync_dir(path: Path) -> None:

@@ -81,6 +81,8 @@ class Answer:
     lines: Sequence[str] = ()
     error: Mapping[str, Any] | None = None
     files: Sequence[tuple[str, bytes]] = ()
+    #: called once the answer was sent (the step's result record is then dropped)
+    delivered: Callable[[], None] | None = attrs.field(default=None, eq=False)
 
 
 # --- frames ---------------------------------------------------------------------------------------

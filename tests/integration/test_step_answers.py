@@ -1,0 +1,195 @@
+"""A step killed after its last write but before it printed answers the next run.
+
+A step marks itself done with a state file (a second run is refused: exit 2, "already
+done").  A run SIGKILLed between that write and its answer used to leave a step that was done
+but whose caller never had the result -- the redo was refused (test_step_kills flaked on
+it).  Each step now records its result (``undelivered/``) before the state file and the CLI
+drops the record once it printed: the redo prints the earlier result, byte for byte the JSON
+the killed run would have printed, and only a run after that is refused.
+
+Each step kind runs once in a process that SIGKILLs itself at the instant it would print
+(after every write of the step), then through the real command twice.  Real CLI processes,
+real SoftHSM tokens in each party's own work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securethread.demo import child_env
+from securethread.demo.line import create_vendor
+
+CLI = [sys.executable, "-m", "securethread.cli"]
+EXIT_CONFIG, EXIT_VERIFY = 2, 4
+
+# The command's own main(), with the one change of a kill where it would print its answer:
+# the JSON it would have printed goes to a file of the test's instead.
+_KILLED_BEFORE_PRINTING = """
+import json, os, signal, sys
+import securethread.cli as cli
+
+def _emit(args, human, machine):
+    with open(os.environ["ANSWER_FILE"], "w") as f:
+        json.dump(machine, f, sort_keys=True, default=str)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+cli._emit = _emit
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True,
+                          env=child_env(), timeout=300)  # fmt: skip
+
+
+def _killed_before_printing(tmp: Path, *args: str) -> dict[str, Any]:
+    """Run the step; it is killed once everything is written, before its answer is out."""
+    answer = tmp / f"answer-{len(list(tmp.glob('answer-*')))}.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_BEFORE_PRINTING, *args, "--json"],
+        capture_output=True, text=True, env={**child_env(), "ANSWER_FILE": str(answer)},
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -9 and proc.stdout == "", (proc.returncode, proc.stderr)
+    result: dict[str, Any] = json.loads(answer.read_text())
+    assert result["ok"], result
+    return result
+
+
+class Chain:
+    """Both sites, each step's answer lost once: ``steps`` maps a step to (args, answer)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.oem, self.fac = tmp / "oem", tmp / "factory"
+        self.steps: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
+
+    def lost(self, step: str, *args: str) -> dict[str, Any]:
+        answer = _killed_before_printing(self.tmp, *args)
+        self.steps[step] = (args, answer)
+        return answer
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    c = Chain(tmp_path_factory.mktemp("step-answers"))
+    pin = c.tmp / "officer-1" / "pin"
+    init = c.lost("oem init", "oem", "init", "--workdir", str(c.oem), "--name", "acme",
+                  "--officers", "1", "--threshold", "1", "--officer-pin-file", f"1={pin}")
+    c.lost("programmer init", "programmer", "init", "--workdir", str(c.fac), "--name", "f-1")
+    enrol = c.lost("enrol", "programmer", "enrol", "--workdir", str(c.fac))
+    c.lost("certify-programmer", "oem", "certify-programmer", "--workdir", str(c.oem),
+           str(c.fac / "outbox" / "enrolment-request.bin"), "--fingerprint", enrol["fingerprint"])
+    c.lost("install-certs", "programmer", "install-certs", "--workdir", str(c.fac),
+           str(c.oem / "outbox" / "certificates-f-1.bin"), "--root-fingerprint",
+           init["root_fingerprint"])  # fmt: skip
+    firmware = c.tmp / "fw.bin"
+    firmware.write_bytes(os.urandom(4096))
+    c.lost("master-image", "oem", "master-image", "--workdir", str(c.oem), str(firmware),
+           "--image-id", "fw", "--version", "1", "--security-counter", "1",
+           "--device-class", "c")  # fmt: skip
+    receiver = subprocess.Popen(
+        [*CLI, "programmer", "receive-keys", "--workdir", str(c.fac), "--listen", "127.0.0.1:0",
+         "--timeout", "120", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        assert receiver.stderr is not None
+        line = receiver.stderr.readline()
+        assert line.startswith("listening on "), line
+        c.lost("send-keys", "oem", "send-keys", "--workdir", str(c.oem), "--to", "f-1",
+               "--image", "fw", "--connect", line.strip().rpartition(" ")[2])  # fmt: skip
+        _out, err = receiver.communicate(timeout=120)
+        assert receiver.returncode == 0, err
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.communicate()
+    c.lost("request-ca", "programmer", "request-ca", "--workdir", str(c.fac), "--job", "j")
+    create_vendor(c.tmp / "vendor", oem_root=c.oem / "root-ca.pem")  # the fab the job names
+    spec = c.tmp / "j.toml"
+    spec.write_text(
+        'job_id = "j"\nprogrammer = "f-1"\nimage = "fw"\nquota = 2\n'
+        f'vendors = ["{c.tmp / "vendor" / "root-ca.pem"}"]\n[targets]\n'
+        'ranges = [["5ec0000000000000", "5ec0000000000001"]]\n[window]\ndays = 1\n'
+    )
+    draft = _cli("oem", "issue-job", "--workdir", str(c.oem), str(spec), "--ca-request",
+                 str(c.fac / "outbox" / "production-ca-request-j.bin"))  # fmt: skip
+    assert draft.returncode == 0, draft.stderr
+    c.lost("approve-job", "oem", "approve-job", "--workdir", str(c.oem), "--job", "j",
+           "--officer", "1", "--pin-file", str(pin))  # fmt: skip
+    c.lost("issue-job --job", "oem", "issue-job", "--workdir", str(c.oem), "--job", "j")
+    c.lost("open-job", "programmer", "open-job", "--workdir", str(c.fac),
+           str(c.oem / "outbox" / "job-j.bin"), "--image", str(c.oem / "outbox" / "image-fw.enc"))
+    prov = _cli("programmer", "provision", "--workdir", str(c.fac), "--job", "j", "--chips-from",
+                str(c.tmp / "vendor"), "--devices", "2", "--progress", "none")  # fmt: skip
+    assert prov.returncode == 0, prov.stderr
+    c.lost("close-job", "programmer", "close-job", "--workdir", str(c.fac), "--job", "j")
+    c.lost("reconcile", "oem", "reconcile", "--workdir", str(c.oem),
+           str(c.fac / "outbox" / "ledger-j.bin"), "--job", "j")  # fmt: skip
+    return c
+
+
+def _state(*dirs: Path) -> dict[str, bytes]:
+    """Every file but the tokens' own (SoftHSM rewrites a token file at each login)."""
+    return {
+        str(p): p.read_bytes()
+        for d in dirs
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and "/hsm/" not in str(p)
+    }
+
+
+STEPS = ["oem init", "programmer init", "enrol", "certify-programmer", "install-certs",
+         "master-image", "send-keys", "request-ca", "approve-job", "issue-job --job", "open-job",
+         "close-job", "reconcile"]  # fmt: skip
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_step_killed_before_its_answer_answers_the_next_run(chain: Chain, step: str) -> None:
+    args, lost = chain.steps[step]
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == lost  # the answer it lost
+    # Answered once: from now on the step is done, refused as before, and nothing changes.
+    before = _state(chain.oem, chain.fac)
+    twice = _cli(*args)
+    lines = twice.stderr.strip().splitlines()
+    # a job opens once: a second open-job is a verification refusal (exit 4, docs/cli.md)
+    code = EXIT_VERIFY if step == "open-job" else EXIT_CONFIG
+    assert twice.returncode == code and len(lines) == 1, twice.stderr
+    assert any(w in lines[0] for w in ("already", "init was run")), lines[0]
+    assert _state(chain.oem, chain.fac) == before
+
+
+def test_an_answered_step_is_refused_at_once(tmp_path: Path) -> None:
+    """The record lives only until the answer is out: a step that printed keeps none."""
+    work = tmp_path / "factory"
+    first = _cli("programmer", "init", "--workdir", str(work), "--name", "f-2")
+    assert first.returncode == 0, first.stderr
+    assert not any((work / "undelivered").iterdir())
+    again = _cli("programmer", "init", "--workdir", str(work), "--name", "f-2")
+    assert again.returncode == EXIT_CONFIG and "init was run" in again.stderr
+
+
+def test_a_damaged_record_is_one_line(tmp_path: Path) -> None:
+    """A record that is not a step's result: one line naming the file (FormatError, exit 4),
+    and nothing changed."""
+    work = tmp_path / "factory"
+    _killed_before_printing(tmp_path, "programmer", "init", "--workdir", str(work), "--name", "f-3")
+    (record,) = (work / "undelivered").iterdir()
+    record.write_text('{"record_of": "init", "result": {"step": 1}}')
+    before = _state(work)
+    proc = _cli("programmer", "init", "--workdir", str(work), "--name", "f-3")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == EXIT_VERIFY and len(lines) == 1 and "damaged" in lines[0], proc.stderr
+    assert str(record) in lines[0]
+    assert _state(work) == before
