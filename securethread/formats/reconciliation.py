@@ -410,7 +410,7 @@ class _RecordChecks:
         # The first device certificate that passed full validation, as a template that
         # later ones of the job are compared with (pki.fastcheck), and its record's time.
         self._template: DeviceTemplate | None = None
-        self._template_t = 0
+        self._template_times = (1.0, 0.0)  # (first, last) record time it answers for
         self._windows = tuple(
             (c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp())
             for c in (root, pca)
@@ -480,8 +480,7 @@ class _RecordChecks:
                 self._unique(rec, point, cert.serial_number)
                 self._validate(cert, rec.time)
                 if self._template is None:
-                    self._template = DeviceTemplate.learn(cert, self.pca, device_id=device_id)
-                    self._template_t = rec.time
+                    self._learn(cert, device_id, rec.time)
         except LedgerError:
             raise
         except Error as exc:
@@ -504,6 +503,17 @@ class _RecordChecks:
         if parsed.job_tag != self.tag or parsed.sequence != rec.slot:
             raise _bad(rec, f"serial does not encode this job and slot {rec.slot}")
 
+    def _learn(self, cert: x509.Certificate, device_id: str, t: int) -> None:
+        """Keep ``cert`` (validated in full at ``t``) as the template, with the times at
+        which it gives the answer validation at ``t`` gave: inside every validity period of
+        the chain, as ``t`` is (:meth:`_matched`)."""
+        tpl = DeviceTemplate.learn(cert, self.pca, device_id=device_id)
+        self._template = tpl
+        if tpl is not None:
+            spans = (*self._windows, (tpl.not_before, tpl.not_after))
+            lo, hi = max(nb for nb, _na in spans), min(na for _nb, na in spans)
+            self._template_times = (lo, hi) if lo <= t <= hi else (1.0, 0.0)  # else: none
+
     def _matched(self, rec: ledger.LedgerRecord) -> Matched | None:
         """The record's certificate through the template of the first certificate that
         passed full validation (:mod:`securethread.pki.fastcheck`), when it matches, names
@@ -513,10 +523,9 @@ class _RecordChecks:
         tpl = self._template
         if tpl is None:
             return None
-        t, t0 = rec.time, self._template_t
-        for nb, na in self._windows + ((tpl.not_before, tpl.not_after),):
-            if not (nb <= t <= na and nb <= t0 <= na):
-                return None
+        lo, hi = self._template_times
+        if not lo <= rec.time <= hi:
+            return None
         # the point and the signature: checked in self.verifications when every signature
         # is verified; else the point here, the signature covered by the ledger
         m = tpl.unsigned(rec.body["cert"])

@@ -17,10 +17,10 @@ Speed (six statements per device cost ~40 us): new devices and programmed marks 
 in memory for at most :data:`BATCH` devices and written with one ``executemany`` each;
 the batch written last stays in memory too (a device's programmed record usually follows
 its provisioned one closely).  Questions about older devices go to a fixed-size Bloom
-filter first (:class:`_Filter`: no false "no"; a "maybe" asks the table), so an honest
-ledger asks SQLite almost nothing.  Memory: two batches and the filter's 4 MiB, whatever
-the job's size; past ~3 million devices the filter says "maybe" more often and the table
-answers (slower, never wrong).
+filter per column first (:class:`_Filter`: no false "no"; a "maybe" asks the table), so an
+honest ledger asks SQLite almost nothing.  Memory: two batches and the filters' 6 MiB,
+whatever the job's size; past a few million devices the filters say "maybe" more often and
+the table answers (slower, never wrong).
 """
 
 from __future__ import annotations
@@ -36,28 +36,28 @@ BATCH = 4096
 
 
 class _Filter:
-    """A Bloom filter over (kind, value) keys: ``maybe`` is False only for a key never
-    added.  Two bit positions per key from Python's hash (SipHash for str/bytes, randomised
-    per process: an attacker cannot choose keys that collide), 2**25 bits: about 2.7 % of
-    answers are a false "maybe" at 3,000,000 keys (1,000,000 devices)."""
+    """A Bloom filter of one column's values: ``maybe`` is False only for a value never
+    added.  Two bit positions per value from Python's hash (SipHash for str and bytes,
+    randomised per process: an attacker cannot choose values that collide; an int is its own
+    hash, so slots below 2**24 fill a plain bitmap), 2**24 bits: about 1.3 % of answers are
+    a false "maybe" at 1,000,000 values."""
 
-    BITS = 1 << 25
+    BITS = 1 << 24
+    MASK = BITS - 1
 
     def __init__(self) -> None:
         self._bits = bytearray(self.BITS >> 3)
 
-    def _at(self, key: object) -> tuple[int, int]:
-        h = hash(key) & 0xFFFFFFFFFFFFFFFF
-        return h & (self.BITS - 1), (h >> 32) & (self.BITS - 1)
+    def add(self, value: object) -> None:
+        h, bits = hash(value), self._bits
+        a, b = h & self.MASK, (h >> 32) & self.MASK
+        bits[a >> 3] |= 1 << (a & 7)
+        bits[b >> 3] |= 1 << (b & 7)
 
-    def add(self, key: object) -> None:
-        for i in self._at(key):
-            self._bits[i >> 3] |= 1 << (i & 7)
-
-    def maybe(self, key: object) -> bool:
-        a, b = self._at(key)
-        bits = self._bits
-        return bool(bits[a >> 3] & (1 << (a & 7))) and bool(bits[b >> 3] & (1 << (b & 7)))
+    def maybe(self, value: object) -> bool:
+        h, bits = hash(value), self._bits
+        a, b = h & self.MASK, (h >> 32) & self.MASK
+        return bool(bits[a >> 3] >> (a & 7) & 1 and bits[b >> 3] >> (b & 7) & 1)
 
 
 class SeenDevices:
@@ -78,7 +78,7 @@ class SeenDevices:
             " point BLOB NOT NULL UNIQUE, programmed INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
         )
         self._db.execute("BEGIN")  # one transaction: nothing is ever committed to disk
-        self._filter = _Filter()
+        self._filters = {c: _Filter() for c in ("device_id", "slot", "point")}
         # not yet in the table: device -> (slot, point); their slots and points
         self._new: dict[str, tuple[int, bytes]] = {}
         self._new_slots: set[int] = set()
@@ -88,7 +88,7 @@ class SeenDevices:
         self._marks: set[str] = set()  # programmed, not yet written
 
     def _has(self, column: str, value: object) -> bool:
-        if not self._filter.maybe((column, value)):
+        if not self._filters[column].maybe(value):
             return False
         q = f"SELECT 1 FROM seen WHERE {column} = ?"  # noqa: S608 - our three column names
         return self._db.execute(q, (value,)).fetchone() is not None
@@ -111,10 +111,10 @@ class SeenDevices:
         self._new[device_id] = (slot, point)
         self._new_slots.add(slot)
         self._new_points.add(point)
-        f = self._filter
-        f.add(("device_id", device_id))
-        f.add(("slot", slot))
-        f.add(("point", point))
+        f = self._filters
+        f["device_id"].add(device_id)
+        f["slot"].add(slot)
+        f["point"].add(point)
         if len(self._new) >= BATCH:
             self._write()
 
@@ -127,7 +127,7 @@ class SeenDevices:
         recent = self._recent.get(device_id)
         if recent is not None:
             return recent[0], recent[1], recent[2] or marked
-        if not self._filter.maybe(("device_id", device_id)):
+        if not self._filters["device_id"].maybe(device_id):
             return None
         row = self._db.execute(
             "SELECT slot, point, programmed FROM seen WHERE device_id = ?", (device_id,)
