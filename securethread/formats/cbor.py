@@ -441,6 +441,44 @@ def decode_matching(
     return (value, body) if cbor2.dumps(value) == data else None
 
 
+_SIGN1_HEAD = b"\xd2\x84"  # tag 18 (COSE_Sign1, RFC 9052 §2), array of 4
+
+
+def decode_sign1(data: bytes, *, max_size: int) -> tuple[bytes, bytes, bytes] | None:
+    """The protected header, payload and signature of ``data`` if it is exactly the
+    canonical encoding of a tagged COSE_Sign1 ``18([bstr, {}, bstr, bstr])``, else ``None``
+    (then :func:`decode` with ``cose_tag=True`` names the problem).  It accepts nothing
+    decode refuses: the same strict cbor2 options, and the bytes written again from the
+    three strings must be ``data`` itself (shortest heads, no trailing bytes)."""
+    if type(data) is not bytes or len(data) > max_size or data[:2] != _SIGN1_HEAD:
+        return None
+    try:
+        value = cbor2.loads(
+            data,
+            tag_hook=_tag_cose,
+            semantic_decoders=_REFUSE_BUILTIN,
+            max_depth=MAX_DEPTH + 1,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        )
+    except (cbor2.CBORError, _Refused, RecursionError, ValueError, OverflowError):
+        return None
+    if type(value) is not cbor2.CBORTag or value.tag != TAG_COSE_SIGN1:
+        return None
+    parts = value.value
+    if type(parts) not in (list, tuple) or len(parts) != 4:
+        return None
+    prot, unprot, payload, sig = parts
+    if type(prot) is not bytes or type(payload) is not bytes or type(sig) is not bytes:
+        return None
+    if type(unprot) not in (dict, cbor2.frozendict) or unprot:
+        return None
+    again = b"".join(
+        (_SIGN1_HEAD, cbor2.dumps(prot), b"\xa0", cbor2.dumps(payload), cbor2.dumps(sig))
+    )
+    return (prot, payload, sig) if again == data else None
+
+
 def is_version(value: object, expected: int) -> bool:
     """``value`` is the integer ``expected``: the one check of every format's version field.
 

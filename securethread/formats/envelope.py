@@ -412,8 +412,12 @@ def _peek_ctype(value: Any) -> str | None:
 
 def _parse(data: bytes, kind: str, max_size: int) -> _Message:
     """The message of ``kind``, checked for tag, shape, exact types and canonical order."""
-    outer = cbor.decode(data, what=kind, max_size=max_size, cose_tag=True)
     want = cbor.TAG_COSE_SIGN if kind in MULTI_SIGNER_KINDS else cbor.TAG_COSE_SIGN1
+    if want == cbor.TAG_COSE_SIGN1:
+        parts = cbor.decode_sign1(data, max_size=max_size)  # one pass when well formed
+        if parts is not None:
+            return _sign1(kind, *parts)
+    outer = cbor.decode(data, what=kind, max_size=max_size, cose_tag=True)
     if type(outer) is not cbor2.CBORTag:
         raise FormatError(f"{kind}: not a COSE message (tag {want} expected)")
     if outer.tag != want:
@@ -430,12 +434,9 @@ def _parse(data: bytes, kind: str, max_size: int) -> _Message:
     if type(payload) is not bytes:
         raise FormatError(f"{kind}: payload is not a byte string (detached payloads refused)")
     if want == cbor.TAG_COSE_SIGN1:
-        hdr = _header(prot, kind, _SIGN1_KEYS, "protected header")
-        _check_body_header(hdr, kind)
-        kid, alg = _signer(hdr, kind)
         if type(last) is not bytes:
             raise FormatError(f"{kind}: malformed signature")
-        return _Message(True, prot, payload, (kid,), (alg,), (), (last,))
+        return _sign1(kind, prot, payload, last)
     _check_body_header(_header(prot, kind, _BODY_KEYS, "protected header"), kind)
     if type(last) is not list:
         raise FormatError(f"{kind}: malformed signature list")
@@ -467,6 +468,13 @@ def _parse(data: bytes, kind: str, max_size: int) -> _Message:
                 f"{kind}: signatures are not in canonical order (ascending key id)"
             )
     return _Message(False, prot, payload, tuple(kids), tuple(algs), tuple(sprots), tuple(sigs))
+
+
+def _sign1(kind: str, prot: bytes, payload: bytes, signature: bytes) -> _Message:
+    hdr = _header(prot, kind, _SIGN1_KEYS, "protected header")
+    _check_body_header(hdr, kind)
+    kid, alg = _signer(hdr, kind)
+    return _Message(True, prot, payload, (kid,), (alg,), (), (signature,))
 
 
 def content_id(data: bytes, *, kind: str, max_size: int = DEFAULT_MAX_SIZE) -> bytes:

@@ -26,6 +26,7 @@ NAMES = sorted(
     "ledger_record "
     "ledger_export reconciliation identification provisioning device_trust boot_confirmation "
     "transcript oem_hello programmer_hello oem_finish programmer_finish transfer transfer_ack "
+    "transfer_commit transfer_committed package_receipt "
     "sealed_package certificate device_certificate csr spki pkcs11_uri inspect "
     "enrolment_request certificate_bundle pem_certificate pem_public_key mcuboot_image "
     "lot programming_package confirmations provisioned_identification".split()

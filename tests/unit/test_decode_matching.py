@@ -10,6 +10,7 @@ import struct
 from typing import Any
 
 import attrs
+import cbor2
 import pytest
 
 from securethread.errors import Error, FormatError, LedgerError
@@ -330,3 +331,61 @@ def test_template_refuses_what_encode_would_not_write() -> None:
     for bad in (1, 1.5, bytearray(b"x"), None, [b"x"]):
         with pytest.raises(TypeError, match="cannot fill in"):
             t.fill(b"x", bad)  # type: ignore[arg-type]
+
+
+# --- cbor.decode_sign1: the envelope's one pass over a COSE_Sign1 ---------------------------
+
+
+def _sign1_the_long_way(data: bytes) -> tuple[bytes, bytes, bytes] | None:
+    try:
+        outer = cbor.decode(data, max_size=1 << 16, cose_tag=True)
+    except FormatError:
+        return None
+    if not isinstance(outer, cbor2.CBORTag) or outer.tag != cbor.TAG_COSE_SIGN1:
+        return None
+    if type(outer.value) is not list or len(outer.value) != 4:
+        return None
+    prot, unprot, payload, sig = outer.value
+    if unprot != {} or not all(type(x) is bytes for x in (prot, payload, sig)):
+        return None
+    return prot, payload, sig
+
+
+def test_decode_sign1_accepts_only_what_decode_accepts() -> None:
+    from securethread.formats import envelope
+
+    frames = [envelope.sign1_frame(b"\xa1\x01\x26" * k, b"p" * n, b"s" * 64)
+              for k, n in ((1, 0), (1, 23), (8, 24), (100, 300))]  # fmt: skip
+    for frame in frames:
+        assert cbor.decode_sign1(frame, max_size=1 << 16) == _sign1_the_long_way(frame)
+        assert cbor.decode_sign1(frame, max_size=len(frame) - 1) is None
+        assert cbor.decode_sign1(frame + b"\x00", max_size=1 << 16) is None  # trailing
+    prot, payload, sig = b"\xa0", b"body", b"s" * 64
+    bad = [
+        b"\xd8\x12\x84" + cbor.encode(prot) + b"\xa0" + cbor.encode(payload) + cbor.encode(sig),
+        b"\xd2\x84\x58\x01\xa0\xa0" + cbor.encode(payload) + cbor.encode(sig),  # long head
+        b"\xd2\x84" + cbor.encode(prot) + b"\xa1\x01\x01" + cbor.encode(payload) + cbor.encode(sig),
+        b"\xd2\x84" + cbor.encode(prot) + b"\xa0\xd2\x44body" + cbor.encode(sig),  # nested tag
+        b"\xd8\x62\x84" + cbor.encode(prot) + b"\xa0" + cbor.encode(payload) + cbor.encode(sig),
+        b"\xd2\x83" + cbor.encode(prot) + b"\xa0" + cbor.encode(payload),
+    ]
+    for data in bad:
+        assert cbor.decode_sign1(data, max_size=1 << 16) is None
+    rng = random.Random(18)
+    accepted = 0
+    for _ in range(20_000):
+        raw = bytearray(rng.choice(frames))
+        for _ in range(rng.randrange(1, 4)):
+            pos = rng.randrange(len(raw))
+            op = rng.randrange(3)
+            if op == 0:
+                raw[pos] = rng.randrange(256)
+            elif op == 1:
+                del raw[pos]
+            else:
+                raw.insert(pos, rng.randrange(256))
+        data = bytes(raw)
+        fast = cbor.decode_sign1(data, max_size=1 << 16)
+        assert fast == _sign1_the_long_way(data), data.hex()
+        accepted += fast is not None
+    assert accepted > 100
