@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/python -m ruff check securethread softhsm_config tests benchmarks
-exec .venv/bin/python -m pytest -q "$@"
+# Two pytest-xdist workers (SECURETHREAD_TEST_WORKERS; 0 runs in this process), each taking
+# whole modules (--dist loadfile): a module's fixtures (worlds, servers) are built once, on
+# one worker; the session's demo world is built once for both (tests/integration/demo_support.py).
+exec .venv/bin/python -m pytest -q -n "${SECURETHREAD_TEST_WORKERS:-2}" --dist loadfile "$@"

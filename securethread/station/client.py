@@ -260,6 +260,10 @@ class ApplianceClient:
 
 def _unavailable(text: str) -> str:
     low = text.lower()
+    # An appliance stopped or killed during the handshake resets the connection ("Handshake
+    # read failed (recvmsg:Connection reset by peer)"): not reachable, not a certificate fault.
+    if "connection reset" in low or "connection refused" in low:
+        return f"not reachable (the connection was refused or reset: is it running?): {text}"
     if "handshake" in low or "certificate" in low or "ssl" in low or "tls" in low:
         return ("the TLS handshake failed (is this station's certificate one this appliance "
                 f"issued, and --ca its station CA?): {text}")  # fmt: skip

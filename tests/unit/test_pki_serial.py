@@ -76,7 +76,9 @@ def test_job_identity_of_the_wrong_type_is_a_programming_error(identity: object)
         1 << (8 * 17),  # 18 octets
         0x01 << (8 * 16),  # version 1 (tag from the job id): no longer issued
         0x03 << (8 * 16),  # unknown version
-        random_serial(),  # CA/enclave serials are never device serials
+        # CA/enclave serials are never device serials (a fresh one each run, under a fixed
+        # id: pytest-xdist workers must collect the same ids)
+        pytest.param(random_serial(), id="random-ca-serial"),
     ],
 )
 def test_parse_refuses_non_device_serials(serial: int) -> None:

@@ -25,6 +25,7 @@ from securethread.station.client import (
     StationCredentials,
     StationResult,
     _percentile,
+    _unavailable,
     keygen,
     progress_bar,
 )
@@ -191,3 +192,24 @@ def test_station_run_refuses_a_keep_flash_that_is_a_file(tmp_path: Path) -> None
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.count("\n") == 1 and "--keep-flash" in proc.stderr
     assert "Traceback" not in proc.stderr and (tmp_path / "taken").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    ("grpc_text", "tls"),
+    [
+        # the appliance killed during a reconnection's handshake (seen under load)
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+         "Handshake read failed (recvmsg:Connection reset by peer (104))", False),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+         "Connection refused", False),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+         "Ssl handshake failed: SSL_ERROR_SSL: error:1000007d:SSL routines:"
+         "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED", True),
+    ],
+)
+def test_a_reset_during_the_handshake_is_an_unreachable_appliance(
+    grpc_text: str, tls: bool
+) -> None:
+    """Only a certificate fault is reported as the TLS handshake failing (exit 4); an
+    appliance that went away mid-handshake is not reachable (exit 1, run again)."""
+    assert ("TLS handshake failed" in _unavailable(grpc_text)) is tls
