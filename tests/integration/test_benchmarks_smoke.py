@@ -63,7 +63,7 @@ def test_ledger_benchmark_streams_and_reports_peaks(tmp_path: Path) -> None:
     r = suite.bench_ledger([100, 300], 2, tmp_path, lambda _msg: None)
     assert r["records"] == 300
     assert [p["records"] for p in r["peak_memory"]] == [100, 300]
-    assert r["records_per_s"]["runs"] == 2
+    assert r["records_per_s"]["runs"] == 2 and r["records_per_cpu_s"]["runs"] == 2
     assert not list(tmp_path.iterdir())  # export files removed
 
 
