@@ -196,13 +196,16 @@ def reconcile_files(
     ledger_cert: str | os.PathLike[str],
     production_ca: str | os.PathLike[str],
     manifest: str | os.PathLike[str] | None = None,
+    every_signature: bool = False,
 ) -> dict[str, Any]:
     """Reconcile a ledger export against the job as the OEM issued it, from public files:
     the signed job, the OEM root, the officer bundle it signed, the programmer's identity
     and ledger certificates, the job's production CA and (for boot confirmations) the
-    signed manifest; raises naming the first problem."""
+    signed manifest; raises naming the first problem.  ``every_signature``: verify the
+    production CA's signature of every device certificate, also those the ledger covers
+    (:class:`~securethread.formats.reconciliation.CertificateSignatures`)."""
     from securethread.formats.onboarding import OfficerBundle
-    from securethread.formats.reconciliation import reconcile_export
+    from securethread.formats.reconciliation import CertificateSignatures, reconcile_export
 
     root_cert = load_certificate_file(root, "OEM root certificate")
     bundle = OfficerBundle.open(
@@ -221,6 +224,9 @@ def reconcile_files(
             ledger_cert=load_certificate_file(ledger_cert, "ledger certificate"),
             production_ca_cert=load_certificate_file(production_ca, "production-CA certificate"),
             manifest=read_file(manifest, "manifest", limit=64 << 10),
+            certificate_signatures=CertificateSignatures.VERIFIED
+            if every_signature
+            else CertificateSignatures.COVERED,
         )
     import attrs
 

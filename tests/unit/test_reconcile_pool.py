@@ -4,7 +4,11 @@ the main process, the ledger reader or a worker finds it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -222,3 +226,29 @@ def test_a_reader_failure_after_a_worker_failure_reports_the_worker_failure(
     items[cut] = ("c", items[cut][1][:-1] + bytes([items[cut][1][-1] ^ 1]))  # a bad checkpoint
     one, pool = _both(world, items, monkeypatch)
     assert one == pool and one[0] == 3 and "boot confirmation" in one[1]
+
+
+def test_audit_reconcile_every_signature_verifies_what_the_ledger_covers(
+    world: SynthWorld, tmp_path: Path
+) -> None:
+    # `securethread audit reconcile` accepts a re-signed ledger whose device 6 carries a
+    # template-matched certificate with a bad production-CA signature (covered by the ledger,
+    # the default); with --every-signature it names record 12 (exit 4, one line)
+    base = _records(world)
+    bad = list(base)
+    bad[12] = _bad_signature({6})(6, base[12])
+    files = world.write_public_files(tmp_path / "public")
+    export = tmp_path / "ledger.bin"
+    with open(export, "wb") as out:
+        ledger.write_export(out, world.job_signed, _items(world, bad))
+    args = [sys.executable, "-m", "securethread.cli", "audit", "reconcile", str(export)]
+    for name in ("job", "root", "officers", "programmer_cert", "ledger_cert", "production_ca",
+                 "manifest"):  # fmt: skip
+        args += [f"--{name.replace('_', '-')}", files[name]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTHSM")}
+    covered = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert covered.returncode == 0, covered.stderr
+    every = subprocess.run([*args, "--every-signature"], capture_output=True, text=True,
+                           env=env, timeout=120)  # fmt: skip
+    assert every.returncode == 4, every.stderr
+    assert len(every.stderr.strip().splitlines()) == 1 and "ledger record 12" in every.stderr
