@@ -709,10 +709,9 @@ def demo(a: argparse.Namespace) -> int:
         if a.workers is not None or a.stations is not None:
             raise ConfigurationError(f"--workers and --stations are for --mode line, not {a.mode}")
         # Where provisioning happens (README): at the vendor's fab, or zero-secret from a lot.
-        if a.mode == "fab":
-            from securethread.demo import fab as chain
-        else:
-            from securethread.demo import zero_secret as chain
+        from securethread.demo import fab, zero_secret
+
+        chain = fab if a.mode == "fab" else zero_secret
         result = chain.run(a.workdir, a.devices, log=log)
         _emit(a, result.lines, {"ok": result.ok, **result.to_json()})
         return EXIT_OK if result.ok else EXIT_VERIFY
