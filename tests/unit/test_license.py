@@ -233,7 +233,8 @@ def test_malformed_container_fields(world: World, image) -> None:  # type: ignor
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("v", 1), ("v", 3), ("device_id", "XYZ"), ("nonce", b"short"), ("wrapped_key", bytes(41)), ("x", 1)],
+    [("v", 1), ("v", 3), ("device_id", "XYZ"), ("nonce", b"short"), ("wrapped_key", bytes(41)),
+     ("x", 1)],  # fmt: skip
 )
 def test_signed_but_malformed_body(world: World, image, field: str, value: object) -> None:  # type: ignore[no-untyped-def]
     _, _, m = image
