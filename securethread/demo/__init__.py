@@ -40,7 +40,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import attrs
 
 from securethread.errors import ConfigurationError, Error
 
@@ -123,6 +125,11 @@ class _Sites:
         self.log = log or (lambda _m: None)
         self.env = child_env()
         self.carried: list[str] = []
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since the chain started, as the summaries print them."""
+        return round(time.monotonic() - self.t0, 2)
 
     def run(self, party: str, *args: str) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "securethread.cli", party, *args, "--json"]
@@ -187,11 +194,19 @@ class _Sites:
     def _result(
         self, party: str, args: Sequence[str], code: int, out: str, err: str
     ) -> dict[str, Any]:
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+        result = _answer(out)
         if code != 0:
-            why = err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
-            raise DemoStepError(f"{party} {' '.join(args[:1])} failed: {why}")
+            raise DemoStepError(f"{party} {' '.join(args[:1])} failed: {_why(code, err)}")
+        return result
+
+    def expect_refused(self, party: str, *args: str, counted: str, what: str) -> dict[str, Any]:
+        """Run a step that must refuse every chip it is given: exit 4 (verification) with
+        ``counted`` 0 in its answer, else :class:`DemoStepError` naming ``what``; the answer."""
+        proc = self.start(party, *args)
+        out, err = proc.communicate(timeout=600)
+        result = _answer(out)
+        if proc.returncode != 4 or result.get(counted) != 0:
+            raise DemoStepError(f"{what} not refused: {_why(proc.returncode, err)}")
         return result
 
     def carry(self, src: Path, to: str) -> Path:
@@ -205,6 +220,93 @@ class _Sites:
         with open(self.root / "courier" / "log.txt", "a") as f:
             f.write(rel + "\n")
         return dst
+
+    # The steps every chain begins with, the same for each mode.
+
+    def oem_init(self) -> str:
+        """flow 1: ``oem init`` with the demo's officers, each new PIN in that officer's own
+        file only; the root fingerprint (read to the other parties over the phone)."""
+        officers = [f"{n}={officer_pin_file(self.root, n)}" for n in range(1, OFFICERS + 1)]
+        init = self.run(
+            "oem", "init", "--workdir", "oem", "--name", OEM_NAME,
+            *(arg for o in officers for arg in ("--officer-pin-file", o)),
+        )  # fmt: skip
+        return str(init["root_fingerprint"])
+
+    def vendor_ca(self) -> Path:
+        """The silicon vendor takes the OEM's order (chips burnt with the OEM root's hash);
+        its device-identity CA goes to the OEM, who names it in what it issues (the line
+        accepts chips of the fabs the OEM signed for, never one the operator brings): the
+        OEM's copy."""
+        order = self.carry(self.root / "oem" / "root-ca.pem", "vendor")
+        self.run("vendor", "init", "--workdir", "vendor", "--oem-root", str(order))
+        return self.carry(self.root / "vendor" / "root-ca.pem", "oem")
+
+    def master_image(self, size: int) -> None:
+        """flow 3 at the OEM: ``size`` random bytes of firmware mastered as image
+        :data:`IMAGE_ID` for :data:`DEVICE_CLASS`."""
+        firmware = self.root / "oem" / "firmware.bin"
+        firmware.write_bytes(os.urandom(size))
+        self.run(
+            "oem", "master-image", "--workdir", "oem", str(firmware), "--image-id", IMAGE_ID,
+            "--version", "1.0.0", "--security-counter", "3", "--device-class", DEVICE_CLASS,
+        )  # fmt: skip
+
+    def issue_job(self, spec: Path, *extra: str) -> dict[str, Any]:
+        """flow 6 at the OEM: the job of ``spec`` drafted, approved by each officer in a
+        process of their own with only their own PIN file (M-of-N), issued; the answer of
+        the issuing ``issue-job``."""
+        draft = self.run("oem", "issue-job", "--workdir", "oem", str(spec), *extra)
+        job_id = draft["job"]
+        for n in range(1, OFFICERS + 1):
+            self.run(
+                "oem", "approve-job", "--workdir", "oem", "--job", job_id, "--officer", str(n),
+                "--pin-file", str(officer_pin_file(self.root, n)), "--job-hash",
+                draft["job_sha256"],
+            )  # fmt: skip
+        return self.run("oem", "issue-job", "--workdir", "oem", "--job", job_id)
+
+
+def _answer(out: str) -> dict[str, Any]:
+    """A step's ``--json`` answer: the last JSON line of its output (none: empty)."""
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _why(code: int, err: str) -> str:
+    """A failed step's reason: the last line it printed on stderr, or its exit code."""
+    return err.strip().splitlines()[-1] if err.strip() else f"exit code {code}"
+
+
+def log_stderr(message: str) -> None:
+    """The chains' default log: each step's command line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def begin(
+    mode: str, workdir: str | os.PathLike[str], devices: int, log: Callable[[str], None] | None
+) -> _Sites:
+    """Chain ``mode`` starts: ``devices`` checked, then ``workdir`` prepared
+    (:func:`prepare`: nothing is made for a refused count) and its parties' runner."""
+    if devices < 1:
+        raise ConfigurationError(f"--devices must be at least 1 (--mode {mode})")
+    return _Sites(prepare(workdir), log)
+
+
+@attrs.frozen(kw_only=True)
+class ModeResult:
+    """What a mode's chain did (``demo --mode fab|zero-secret``): these fields and its own."""
+
+    MODE: ClassVar[str]
+
+    ok: bool
+    workdir: str
+    devices: int
+    carried: tuple[str, ...]
+    elapsed_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self) | {"carried": list(self.carried), "mode": self.MODE}
 
 
 def job_spec(
@@ -252,14 +354,7 @@ def run_demo(
 
     # flow 1 and 2: the OEM's ceremony (each officer's new PIN goes to that officer's own
     # file only); the factory enrols; certificates go back.
-    officers = [
-        f"{n}={officer_pin_file(root, n)}" for n in range(1, OFFICERS + 1)
-    ]
-    init = s.run(
-        "oem", "init", "--workdir", "oem", "--name", OEM_NAME,
-        *(arg for o in officers for arg in ("--officer-pin-file", o)),
-    )  # fmt: skip
-    root_fp = init["root_fingerprint"]
+    root_fp = s.oem_init()
     s.run("appliance", "init", "--state", "factory", "--name", FACTORY_NAME)
     appliance, station_api = s.start_appliance(stations=stations > 0)
     try:
@@ -298,20 +393,11 @@ def _with_appliance(
         root_fp,
     )
 
-    # The silicon vendor takes the OEM's order: chips burnt with the OEM root's hash.
-    vendor_root = s.carry(oem / "root-ca.pem", "vendor")
-    s.run("vendor", "init", "--workdir", "vendor", "--oem-root", str(vendor_root))
-    # The vendor's device-identity CA goes to the OEM, who names it in the job: the line
-    # accepts chips of the fabs the OEM signed for, never one the operator brings.
-    vendor_ca = s.carry(root / "vendor" / "root-ca.pem", "oem")
+    # The silicon vendor takes the OEM's order; its CA goes to the OEM, who names it in the job.
+    vendor_ca = s.vendor_ca()
 
     # flow 3: mastering at the OEM.
-    (oem / "firmware.bin").write_bytes(os.urandom(firmware_size))
-    s.run(
-        "oem", "master-image", "--workdir", "oem", str(oem / "firmware.bin"),
-        "--image-id", IMAGE_ID,
-        "--version", "1.0.0", "--security-counter", "3", "--device-class", DEVICE_CLASS,
-    )  # fmt: skip
+    s.master_image(firmware_size)
 
     # flows 4-5: the key channel over TCP on 127.0.0.1.
     args = ("receive-keys", *app, "--listen", "127.0.0.1:0", "--timeout", "60")
@@ -328,16 +414,8 @@ def _with_appliance(
     ca_request = s.carry(ops / f"production-ca-request-{JOB_ID}.bin", "oem")
     spec = oem / f"{JOB_ID}.toml"
     spec.write_text(job_spec(devices, devices, vendor=str(vendor_ca)))
-    draft = s.run(
-        "oem", "issue-job", "--workdir", "oem", str(spec), "--ca-request", str(ca_request)
-    )  # fmt: skip
     # M-of-N: each officer approves in a process of their own, with their own PIN file only.
-    for n in range(1, OFFICERS + 1):
-        s.run(
-            "oem", "approve-job", "--workdir", "oem", "--job", JOB_ID, "--officer", str(n),
-            "--pin-file", str(officer_pin_file(root, n)), "--job-hash", draft["job_sha256"],
-        )  # fmt: skip
-    issued = s.run("oem", "issue-job", "--workdir", "oem", "--job", JOB_ID)
+    issued = s.issue_job(spec, "--ca-request", str(ca_request))
     package = s.carry(oem / "outbox" / f"job-{JOB_ID}.bin", "factory")
     image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
     s.run("programmer", "open-job", *app, str(package), "--image", str(image))

@@ -6,8 +6,9 @@ OEM the same way; the OEM issues the fab a *provision* job (targets, quota, a pr
 the fab's token, no image and no image key) and the programming centre a *program* job that
 names the provisioning job and carries the image, and at the end reconciles both ledgers
 together.  Every step is a ``securethread`` process of its own with only its party's files
-(the two-site demo's :class:`~securethread.demo._Sites`); files are carried between the
-parties' ``inbox/`` directories as a courier would::
+(the two-site demo's :class:`~securethread.demo._Sites`, whose first steps -- the OEM's
+ceremony, the vendor's order, mastering, M-of-N issue -- every chain shares); files are
+carried between the parties' ``inbox/`` directories as a courier would::
 
     DIR/oem/        the OEM's work directory (its SoftHSM tokens and PIN file)
     DIR/fab/        the silicon vendor's appliance (``programmer --workdir``: its token, PIN,
@@ -27,24 +28,23 @@ never provisioned: it is refused (it carries no OEM device certificate) and noth
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
-from securethread.demo import (
-    OEM_NAME,
-    OFFICERS,
+from securethread.demo import (  # the demo's image, device class and chip UIDs
+    DEVICE_CLASS,
+    FIRST_UID,
+    IMAGE_ID,
     DemoStepError,
+    ModeResult,
     _Sites,
-    officer_pin_file,
-    prepare,
+    begin,
+    log_stderr,
 )
-from securethread.errors import ConfigurationError
 
 __all__ = ["FabDemoResult", "run"]
 
@@ -52,22 +52,14 @@ FAB = "fab-1"
 FACTORY = "factory-1"
 PROVISION_JOB = "lot-1-provision"
 PROGRAM_JOB = "lot-1-program"
-IMAGE_ID = "fw-sensor-1"
-DEVICE_CLASS = "sensor-v1"
-FIRST_UID = 0x5EC0_0000_0000_0000
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @attrs.frozen(kw_only=True)
-class FabDemoResult:
+class FabDemoResult(ModeResult):
     """What the fab demo did, party by party."""
 
-    ok: bool
-    workdir: str
-    devices: int
+    MODE: ClassVar[str] = "fab"
+
     provisioned: int
     fab_quota_used: int
     licensed: int
@@ -76,14 +68,6 @@ class FabDemoResult:
     blank_refused: int
     reconciliation: dict[str, Any]
     fab_image_keys: int
-    carried: tuple[str, ...]
-    elapsed_s: float
-
-    def to_json(self) -> dict[str, Any]:
-        out = attrs.asdict(self)
-        out["carried"] = list(self.carried)
-        out["mode"] = "fab"
-        return out
 
     @property
     def lines(self) -> list[str]:
@@ -138,38 +122,17 @@ def _onboard(s: _Sites, root: Path, site: str, name: str, root_fp: str) -> None:
           root_fp)  # fmt: skip
 
 
-def _issue(s: _Sites, root: Path, spec: Path, *extra: str) -> None:
-    """The OEM prepares a job, each officer approves it in a process of their own, it issues."""
-    draft = s.run("oem", "issue-job", "--workdir", "oem", str(spec), *extra)
-    job_id = draft["job"]
-    for n in range(1, OFFICERS + 1):
-        s.run("oem", "approve-job", "--workdir", "oem", "--job", job_id, "--officer", str(n),
-              "--pin-file", str(officer_pin_file(root, n)), "--job-hash",
-              draft["job_sha256"])  # fmt: skip
-    s.run("oem", "issue-job", "--workdir", "oem", "--job", job_id)
-
-
 def run(
-    workdir: str | Path, devices: int, *, log: Callable[[str], None] | None = _stderr
+    workdir: str | Path, devices: int, *, log: Callable[[str], None] | None = log_stderr
 ) -> FabDemoResult:
     """Run the fab chain in ``workdir`` (made or reused as the two-site demo's)."""
-    if devices < 1:
-        raise ConfigurationError("--devices must be at least 1")
-    root = prepare(workdir)
-    t0 = time.monotonic()
-    s = _Sites(root, log)
+    s = begin(FabDemoResult.MODE, workdir, devices, log)
+    root = s.root
     oem = root / "oem"
-    officers = [f"{n}={officer_pin_file(root, n)}" for n in range(1, OFFICERS + 1)]
-    init = s.run(
-        "oem", "init", "--workdir", "oem", "--name", OEM_NAME,
-        *(arg for o in officers for arg in ("--officer-pin-file", o)),
-    )  # fmt: skip
-    root_fp = init["root_fingerprint"]
+    root_fp = s.oem_init()
     _onboard(s, root, "fab", FAB, root_fp)
     _onboard(s, root, "factory", FACTORY, root_fp)
-    order = s.carry(oem / "root-ca.pem", "vendor")
-    s.run("vendor", "init", "--workdir", "vendor", "--oem-root", str(order))
-    vendor_ca = s.carry(root / "vendor" / "root-ca.pem", "oem")
+    vendor_ca = s.vendor_ca()
 
     # At the fab: a provision job -- a production CA in the fab's token, no image, no key.
     s.run("programmer", "request-ca", "--workdir", "fab", "--job", PROVISION_JOB)
@@ -177,7 +140,7 @@ def run(
                          "oem")  # fmt: skip
     spec = oem / f"{PROVISION_JOB}.toml"
     spec.write_text(_provision_spec(devices, vendor_ca))
-    _issue(s, root, spec, "--ca-request", str(ca_request))
+    s.issue_job(spec, "--ca-request", str(ca_request))
     package = s.carry(oem / "outbox" / f"job-{PROVISION_JOB}.bin", "fab")
     s.run("programmer", "open-job", "--workdir", "fab", str(package))
     fab_run = s.run("programmer", "provision", "--workdir", "fab", "--job", PROVISION_JOB,
@@ -187,10 +150,7 @@ def run(
     fab_ledger = s.carry(root / "fab" / "outbox" / f"ledger-{PROVISION_JOB}.bin", "oem")
 
     # At the OEM and the programming centre: the image, its key, a program job.
-    (oem / "firmware.bin").write_bytes(os.urandom(64 << 10))
-    s.run("oem", "master-image", "--workdir", "oem", str(oem / "firmware.bin"), "--image-id",
-          IMAGE_ID, "--version", "1.0.0", "--security-counter", "3", "--device-class",
-          DEVICE_CLASS)  # fmt: skip
+    s.master_image(64 << 10)
     sealed = oem / "outbox" / f"keys-{IMAGE_ID}-{FACTORY}.bin"
     s.run("oem", "seal-keys", "--workdir", "oem", "--to", FACTORY, "--image", IMAGE_ID,
           "--out", str(sealed))  # fmt: skip
@@ -202,16 +162,19 @@ def run(
     s.run("oem", "confirm-keys", "--workdir", "oem", str(s.carry(receipts[-1], "oem")))
     spec = oem / f"{PROGRAM_JOB}.toml"
     spec.write_text(_program_spec(devices))
-    _issue(s, root, spec)  # no production-CA request: a program job certifies nothing
+    s.issue_job(spec)  # no production-CA request: a program job certifies nothing
     package = s.carry(oem / "outbox" / f"job-{PROGRAM_JOB}.bin", "factory")
     image = s.carry(oem / "outbox" / f"image-{IMAGE_ID}.enc", "factory")
     s.run("programmer", "open-job", "--workdir", "factory", str(package), "--image", str(image))
     prog = s.run("programmer", "provision", "--workdir", "factory", "--job", PROGRAM_JOB,
                  "--chips-from", "vendor", "--devices", str(devices),
                  "--progress", "none")  # fmt: skip
-    blank = _expect_refused(s, "programmer", "provision", "--workdir", "factory", "--job",
-                            PROGRAM_JOB, "--chips-from", "vendor", "--first", str(devices),
-                            "--devices", "1", "--progress", "none")  # fmt: skip
+    refused = s.expect_refused(
+        "programmer", "provision", "--workdir", "factory", "--job", PROGRAM_JOB, "--chips-from",
+        "vendor", "--first", str(devices), "--devices", "1", "--progress", "none",
+        counted="provisioned", what="the chip the fab never provisioned was",
+    )  # fmt: skip
+    blank = sum(int(n) for n in (refused.get("refused") or {}).values())
     s.run("programmer", "close-job", "--workdir", "factory", "--job", PROGRAM_JOB)
     prog_ledger = s.carry(root / "factory" / "outbox" / f"ledger-{PROGRAM_JOB}.bin", "oem")
 
@@ -239,20 +202,8 @@ def run(
             "reconciled", "provisioned", "programmed", "provisioned_not_programmed")},
         fab_image_keys=image_keys,
         carried=tuple(s.carried),
-        elapsed_s=round(time.monotonic() - t0, 2),
+        elapsed_s=s.elapsed(),
     )  # fmt: skip
-
-
-def _expect_refused(s: _Sites, party: str, *args: str) -> int:
-    """Run a step that must refuse its chips (exit 4) and count none: how many it refused."""
-    proc = s.start(party, *args)
-    out, err = proc.communicate(timeout=600)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
-    if proc.returncode != 4 or result.get("provisioned") != 0:
-        why = err.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        raise DemoStepError(f"the chip the fab never provisioned was not refused: {why[0]}")
-    return sum(int(n) for n in (result.get("refused") or {}).values())
 
 
 def _image_keys(site: Path) -> int:

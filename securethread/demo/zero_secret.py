@@ -18,48 +18,38 @@ front of the flasher and get nothing (the package has no entry for their keys).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
-from securethread.demo import (
+from securethread.demo import (  # the demo's image, device class and chip UIDs
+    DEVICE_CLASS,
+    FIRST_UID,
+    IMAGE_ID,
     OEM_NAME,
-    OFFICERS,
-    DemoStepError,
-    _Sites,
-    officer_pin_file,
-    prepare,
+    ModeResult,
+    begin,
+    log_stderr,
 )
-from securethread.errors import ConfigurationError
 
 __all__ = ["ZeroSecretDemoResult", "run"]
 
 FACTORY = "factory-1"
 LOT_ID = "lot-1"
-IMAGE_ID = "fw-sensor-1"
-DEVICE_CLASS = "sensor-v1"
-FIRST_UID = 0x5EC0_0000_0000_0000
 OUTSIDE = 2  # chips beyond the lot the factory tries to flash
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 @attrs.frozen(kw_only=True)
-class ZeroSecretDemoResult:
+class ZeroSecretDemoResult(ModeResult):
     """What the zero-secret demo did, party by party."""
 
-    ok: bool
-    workdir: str
+    MODE: ClassVar[str] = "zero-secret"
+
     lot: str
-    devices: int
     prelicensed: int
     flashed: int
     outside_refused: int
@@ -68,14 +58,6 @@ class ZeroSecretDemoResult:
     prelicense_s: float
     flash_devices_per_s: float | None
     transcript_records: int
-    carried: tuple[str, ...]
-    elapsed_s: float
-
-    def to_json(self) -> dict[str, Any]:
-        out = attrs.asdict(self)
-        out["carried"] = list(self.carried)
-        out["mode"] = "zero-secret"
-        return out
 
     @property
     def lines(self) -> list[str]:
@@ -97,27 +79,17 @@ class ZeroSecretDemoResult:
 
 
 def run(
-    workdir: str | Path, devices: int, *, log: Callable[[str], None] | None = _stderr
+    workdir: str | Path, devices: int, *, log: Callable[[str], None] | None = log_stderr
 ) -> ZeroSecretDemoResult:
     """Run the zero-secret chain in ``workdir`` (made or reused as the two-site demo's)."""
-    if devices < 1:
-        raise ConfigurationError("--devices must be at least 1")
-    root = prepare(workdir)
-    t0 = time.monotonic()
-    s = _Sites(root, log)
+    s = begin(ZeroSecretDemoResult.MODE, workdir, devices, log)
+    root = s.root
     oem, factory = root / "oem", root / "factory"
     factory.mkdir(exist_ok=True)
-    officers = [f"{n}={officer_pin_file(root, n)}" for n in range(1, OFFICERS + 1)]
-    init = s.run(
-        "oem", "init", "--workdir", "oem", "--name", OEM_NAME,
-        *(arg for o in officers for arg in ("--officer-pin-file", o)),
-    )  # fmt: skip
-    fingerprint = init["root_fingerprint"]  # read to the factory over the phone
+    fingerprint = s.oem_init()  # read to the factory over the phone
 
     # The vendor takes the OEM's order and ships a signed lot manifest; its CA goes to the OEM.
-    order = s.carry(oem / "root-ca.pem", "vendor")
-    s.run("vendor", "init", "--workdir", "vendor", "--oem-root", str(order))
-    vendor_ca = s.carry(root / "vendor" / "root-ca.pem", "oem")
+    vendor_ca = s.vendor_ca()
     lot_file = root / "vendor" / "outbox" / f"lot-{LOT_ID}.bin"
     lot_file.parent.mkdir(parents=True, exist_ok=True)
     s.run("vendor", "lot", "--workdir", "vendor", "--lot-id", LOT_ID, "--device-class",
@@ -126,10 +98,7 @@ def run(
     lot = s.carry(lot_file, "oem")
 
     # The OEM masters the image and pre-licenses the lot in its own token.
-    (oem / "firmware.bin").write_bytes(os.urandom(64 << 10))
-    s.run("oem", "master-image", "--workdir", "oem", str(oem / "firmware.bin"), "--image-id",
-          IMAGE_ID, "--version", "1.0.0", "--security-counter", "3", "--device-class",
-          DEVICE_CLASS)  # fmt: skip
+    s.master_image(64 << 10)
     t1 = time.monotonic()
     pre = s.run("oem", "prelicense", "--workdir", "oem", str(lot), "--vendor-ca",
                 str(vendor_ca), "--image", IMAGE_ID, "--factory", FACTORY)  # fmt: skip
@@ -146,10 +115,10 @@ def run(
               "--chips-from", "vendor", "--out", str(confirmations)]  # fmt: skip
     flashed = s.run("station", *common, "--devices", str(devices),
                     "--first-uid", f"{FIRST_UID:016x}")  # fmt: skip
-    outside = _expect_refused(
-        s, "station", *common, "--devices", str(OUTSIDE),
-        "--first-uid", f"{FIRST_UID + devices:016x}",
-    )  # fmt: skip
+    outside = len(s.expect_refused(
+        "station", *common, "--devices", str(OUTSIDE), "--first-uid",
+        f"{FIRST_UID + devices:016x}", counted="flashed", what="the chips beyond the lot were",
+    ).get("refused", []))  # fmt: skip
 
     # Back at the OEM: reconcile, and an auditor verifies the OEM's transcript offline.
     returned = s.carry(confirmations, "oem")
@@ -176,20 +145,8 @@ def run(
         flash_devices_per_s=flashed.get("devices_per_s"),
         transcript_records=int(tx.get("records", 0)),
         carried=tuple(s.carried),
-        elapsed_s=round(time.monotonic() - t0, 2),
+        elapsed_s=s.elapsed(),
     )
-
-
-def _expect_refused(s: _Sites, party: str, *args: str) -> int:
-    """Run a step that must refuse its chips (exit 4): how many it refused."""
-    proc = s.start(party, *args)
-    out, err = proc.communicate(timeout=600)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
-    if proc.returncode != 4 or result.get("flashed") != 0:
-        why = err.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        raise DemoStepError(f"the chips beyond the lot were not refused: {why[0]}")
-    return len(result.get("refused", []))
 
 
 if __name__ == "__main__":  # pragma: no cover - by hand: python -m securethread.demo.zero_secret

@@ -41,11 +41,12 @@ def test_zero_secret_mode_runs_the_lot_chain_and_reports_it(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("mode", ["fab", "zero-secret"])
 def test_each_mode_reaches_its_own_chain(mode: str, tmp_path: Path) -> None:
-    """--devices 0 is refused by the mode's own chain (its message), before anything is made."""
+    """--devices 0 is refused by the mode's own chain (its message names the mode), before
+    anything is made."""
     proc = _demo("--mode", mode, "--devices", "0", "--workdir", str(tmp_path / "d"))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "securethread demo: ConfigurationError: --devices must be at least 1"
+        f"securethread demo: ConfigurationError: --devices must be at least 1 (--mode {mode})"
     ], proc.stderr
     assert not (tmp_path / "d").exists()
 
