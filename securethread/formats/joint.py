@@ -15,19 +15,23 @@ own records, never against what the exports carry:
   programming job names in ``provisioned_by``;
 * the programming ledger (:func:`reconcile_program`): the issued job under the officers at
   the OEM's M-of-N floor and the export carrying the same job; the ledger key of the
-  programming appliance the job names; the manifest the job names; chain, checkpoints and
-  close record (:class:`~securethread.formats.ledger.LedgerReader`), the close record's quota
-  the job's; per "licensed" record: time inside the job window, slot < quota, count <= quota,
-  the device inside the job's targets and met once, its production CA one the job names and
+  programming appliance the job names; the manifest the job names (each by the very code of
+  single-ledger reconciliation); chain, checkpoints and close record
+  (:class:`~securethread.formats.ledger.LedgerReader`), the close record's quota the job's;
+  per "licensed" record: time inside the job window, slot < quota, count <= quota, the
+  device inside the job's targets and met once, its production CA one the job names and
   one of the provisioning ledgers given, the device in that ledger with the certificate whose
   SHA-256 the record names; per "programmed" record: after the device's "licensed" record
   (same slot), once, its boot confirmation signed by the key that certificate certifies and
   reporting this device and the job's image (:mod:`securethread.formats.boot`).
 
-Any failure raises a :class:`JointReconciliationError` (a
-:class:`~securethread.formats.reconciliation.ReconciliationError`) naming the ledger and the
-first bad record.  Memory: the provisioning ledgers' certificates are kept (about 0.7 KiB per
-device) while the programming ledger streams.
+Any failure raises a :class:`~securethread.formats.reconciliation.ReconciliationError`: the
+checks shared with single-ledger reconciliation raise its own classes
+(:class:`~securethread.formats.reconciliation.WrongJobError`,
+:class:`~securethread.formats.reconciliation.LedgerSignerError`, ...), the joint checks a
+:class:`JointReconciliationError` naming the ledger and the first bad record.  Memory: the
+provisioning ledgers' certificates are kept (about 0.7 KiB per device) while the programming
+ledger streams.
 """
 
 from __future__ import annotations
@@ -47,19 +51,14 @@ from securethread.errors import Error
 from securethread.formats import cbor, ledger
 from securethread.formats.boot import verify_recorded_boot_confirmation
 from securethread.formats.image import Manifest
-from securethread.formats.job import (
-    STAGE_PROGRAM,
-    STAGE_PROVISION,
-    ProductionJob,
-    job_hash,
-    verify_job_signatures,
-)
+from securethread.formats.job import STAGE_PROGRAM, STAGE_PROVISION, ProductionJob
 from securethread.formats.reconciliation import (
     ReconciliationError,
     ReconciliationReport,
-    WrongJobError,
     _job_manifest,
-    ledger_signer,
+    closed_at_quota,
+    job_ledger_signer,
+    verify_returned_job,
 )
 from securethread.keys.ecutil import spki_der
 from securethread.pki import cert_fingerprint, device_id_of, untrusted
@@ -162,10 +161,7 @@ class ProvisionedDevices:
 
 
 def _certified_key(der: bytes, device_id: str) -> ec.EllipticCurvePublicKey:
-    cert = untrusted.load_certificate(der, what=f"device {device_id}: certificate")
-    key = cert.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)  # untrusted: EC keys only
-    return key
+    return untrusted.load_certificate_with_key(der, what=f"device {device_id}: certificate")[1]
 
 
 @attrs.frozen
@@ -239,25 +235,13 @@ def reconcile_program(
 ) -> ProgramReport:
     """Verify a "program" job's returned ledger against the job the OEM issued and the
     provisioning ledgers already reconciled into ``provisioned`` (module docstring)."""
-    verified = verify_job_signatures(issued_job, officers=officers, min_threshold=min_threshold)
+    verified = verify_returned_job(
+        issued_job, export_job, officers=officers, min_threshold=min_threshold
+    )
     job = verified.job
     if job.stage != STAGE_PROGRAM:
         raise JointReconciliationError(f"job {job.job_id} is a {job.stage!r} job, not 'program'")
-    try:
-        same = hmac.compare_digest(job_hash(export_job), verified.sha256)
-    except Error as exc:
-        raise WrongJobError(f"the ledger export's job is malformed: {exc}") from None
-    if not same:
-        raise WrongJobError(
-            f"the ledger export carries another job than job {job.job_id} the OEM issued"
-        )
-    if not hmac.compare_digest(cert_fingerprint(programmer_cert), job.programmer):
-        raise JointReconciliationError(
-            f"the programmer certificate given is not the enclave job {job.job_id} names"
-        )
-    enclave, ledger_key = ledger_signer(
-        root_cert, programmer_cert, ledger_cert, at=at, expected="the job names"
-    )
+    enclave, ledger_key = job_ledger_signer(job, root_cert, programmer_cert, ledger_cert, at=at)
     image = _job_manifest(job, manifest)
     if image is None:  # pragma: no cover - a "program" job names its image (job.py)
         raise JointReconciliationError(f"job {job.job_id} names no manifest")
@@ -273,12 +257,7 @@ def reconcile_program(
             _programmed(rec, provisioned, licensed, image)
         else:
             raise _bad(rec, f"a {rec.kind!r} record in a 'program' job's ledger")
-    close = reader.close
-    assert close is not None  # LedgerReader.records raises if the ledger is not closed
-    if close.quota != job.quota:
-        raise JointReconciliationError(
-            f"ledger close record states a quota of {close.quota}, the job's is {job.quota}"
-        )
+    close = closed_at_quota(reader, job)
     return ProgramReport(
         job_id=job.job_id,
         job_sha256=verified.sha256.hex(),
@@ -350,12 +329,14 @@ def _programmed(
         raise _bad(rec, f"device {device_id} programmed twice")
     der = provisioned.devices[device_id].certificate
     try:
-        cert = untrusted.load_certificate(der, what=f"device {device_id}: certificate")
+        cert, key = untrusted.load_certificate_with_key(
+            der, what=f"device {device_id}: certificate"
+        )
         if device_id_of(cert) != device_id:
             raise _bad(rec, f"device {device_id}'s certificate names another device")
         verify_recorded_boot_confirmation(
             rec.body["boot"],
-            device_public_key=_certified_key(der, device_id),
+            device_public_key=key,
             device_id=device_id,
             manifest=manifest,
         )

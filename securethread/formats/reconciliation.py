@@ -179,16 +179,10 @@ def reconcile(
     :mod:`securethread.formats.reconcile_pool`), the same answer as one process.
     ``certificate_signatures``: see :class:`CertificateSignatures`.
     """
-    verified = verify_job_signatures(issued_job, officers=officers, min_threshold=min_threshold)
-    try:
-        same = hmac.compare_digest(job_hash(export_job), verified.sha256)
-    except Error as exc:
-        raise WrongJobError(f"the ledger export's job is malformed: {exc}") from None
-    if not same:
-        raise WrongJobError(
-            f"the ledger export carries another job than job {verified.job.job_id} the OEM issued"
-        )
-    enclave, ledger_key = _ledger_signer(
+    verified = verify_returned_job(
+        issued_job, export_job, officers=officers, min_threshold=min_threshold
+    )
+    enclave, ledger_key = job_ledger_signer(
         verified.job, root_cert, programmer_cert, ledger_cert, at=at
     )
     _check_production_ca(verified.job, production_ca_cert)
@@ -204,13 +198,7 @@ def reconcile(
             check.verifications.before(exc)  # a failure of an earlier record comes first
             raise
         check.verifications.finish()
-    close = reader.close
-    assert close is not None  # LedgerReader.records raises if the ledger is not closed
-    if close.quota != verified.job.quota:
-        raise ReconciliationError(
-            f"ledger close record states a quota of {close.quota}, "
-            f"the job's is {verified.job.quota}"
-        )
+    close = closed_at_quota(reader, verified.job)
     return ReconciliationReport(
         job_id=verified.job.job_id,
         job_sha256=verified.sha256.hex(),
@@ -261,10 +249,45 @@ def reconcile_export(
     )
 
 
-# --- what is checked before the first record ------------------------------------------------
+# --- what is checked before the first record and after the last -------------------------------
+# (shared with joint reconciliation, securethread.formats.joint.reconcile_program)
 
 
-def _ledger_signer(
+def verify_returned_job(
+    issued_job: bytes,
+    export_job: bytes,
+    *,
+    officers: Mapping[bytes, ec.EllipticCurvePublicKey] | Iterable[ec.EllipticCurvePublicKey],
+    min_threshold: int,
+) -> VerifiedJob:
+    """The job the OEM issued (``issued_job``, from its own records) verified under its
+    officers at the M-of-N floor, once the ledger export's job is that same job (its
+    identity, :func:`~securethread.formats.job.job_hash`); else :class:`WrongJobError`."""
+    verified = verify_job_signatures(issued_job, officers=officers, min_threshold=min_threshold)
+    try:
+        same = hmac.compare_digest(job_hash(export_job), verified.sha256)
+    except Error as exc:
+        raise WrongJobError(f"the ledger export's job is malformed: {exc}") from None
+    if not same:
+        raise WrongJobError(
+            f"the ledger export carries another job than job {verified.job.job_id} the OEM issued"
+        )
+    return verified
+
+
+def closed_at_quota(reader: ledger.LedgerReader, job: ProductionJob) -> ledger.CloseRecord:
+    """The close record of a ledger ``reader`` read to its end, once it states the job's
+    quota."""
+    close = reader.close
+    assert close is not None  # LedgerReader.records raises if the ledger is not closed
+    if close.quota != job.quota:
+        raise ReconciliationError(
+            f"ledger close record states a quota of {close.quota}, the job's is {job.quota}"
+        )
+    return close
+
+
+def job_ledger_signer(
     job: ProductionJob,
     root: x509.Certificate,
     programmer_cert: x509.Certificate,
