@@ -71,6 +71,7 @@ __all__ = [
     "check_vendor_cas",
     "new_challenge",
     "pop_payload",
+    "verify_proof_of_possession",
     "production_ca_id",
     "vendor_ca_id",
     "verify_identification",
@@ -153,6 +154,20 @@ def new_challenge() -> bytes:
 def pop_payload(challenge: bytes, device_id: str, public_key_der: bytes) -> bytes:
     """The exact bytes the device signs to prove possession of its key."""
     return cbor.encode([_DOMAIN, VERSION, challenge, device_id, public_key_der])
+
+
+def verify_proof_of_possession(
+    r: IdentificationResponse, key: ec.EllipticCurvePublicKey, challenge: bytes
+) -> None:
+    """The answer's signature over :func:`pop_payload` verifies under ``key``, the key the
+    caller trusts for this chip and found equal to the answering key; else
+    :class:`ProofOfPossessionError`."""
+    try:
+        key.verify(r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256)
+    except InvalidSignature:
+        raise ProofOfPossessionError(
+            f"device {r.device_id}: proof of possession does not verify"
+        ) from None
 
 
 @fields.body("identification response", error=IdentificationFormatError)
@@ -314,14 +329,7 @@ class IdentityVerifier:
             raise KeyMismatchError(
                 f"device {r.device_id}: answering key is not the vendor-certified key"
             )
-        try:
-            key.verify(
-                r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256
-            )
-        except InvalidSignature:
-            raise ProofOfPossessionError(
-                f"device {r.device_id}: proof of possession does not verify"
-            ) from None
+        verify_proof_of_possession(r, key, challenge)
         return DeviceIdentity(r.device_id, key, cert, vendor_ca)
 
     @staticmethod
@@ -475,10 +483,5 @@ class ProvisionedIdentityVerifier:
                 f"{who}: answering key is not the key its OEM device certificate certifies "
                 "(a certificate replayed from another chip)"
             )
-        try:
-            key.verify(
-                r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256
-            )
-        except InvalidSignature:
-            raise ProofOfPossessionError(f"{who}: proof of possession does not verify") from None
+        verify_proof_of_possession(r, key, challenge)
         return ProvisionedIdentity(r.device_id, key, r.device_certificate, ca_id)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from cryptography import x509
 
 from securethread.errors import ConfigurationError
 from securethread.formats import ledger
@@ -29,6 +31,7 @@ from securethread.formats.joint import (
 )
 from securethread.formats.onboarding import OfficerBundle
 from securethread.formats.reconciliation import reconcile
+from securethread.hsm import Token
 from securethread.oem import layout as L
 from securethread.oem.reconcile import _programmer_of
 from securethread.oem.registry import HashingReader
@@ -47,6 +50,22 @@ def _issued(work: PartyDir, job_id: str, officers: OfficerBundle) -> tuple[bytes
     return issued, job
 
 
+_T = TypeVar("_T")
+
+
+def _read_ledger(
+    path: str | os.PathLike[str], check: Callable[[bytes, Iterator[tuple[str, bytes]]], _T]
+) -> tuple[_T, bytes]:
+    """``check(export_job, items)`` over the ledger export at ``path``, streamed; its answer
+    and the SHA-256 of the very bytes it verified (what the transcript records)."""
+    src = open_file(path, "ledger")
+    hashed = HashingReader(src)
+    with src:
+        export_job, items = ledger.read_export(hashed)  # type: ignore[arg-type]  # read() only
+        answer = check(export_job, items)
+    return answer, hashed.digest()
+
+
 def _certs(work: PartyDir, job: ProductionJob) -> dict[str, Any]:
     """The certificates this OEM issued to the appliance the job names."""
     pdir = L.programmer_dir(_programmer_of(work, job.programmer))
@@ -54,6 +73,43 @@ def _certs(work: PartyDir, job: ProductionJob) -> dict[str, Any]:
         "programmer_cert": from_pem(work.read(f"{pdir}/identity.pem", "programmer certificate")),
         "ledger_cert": from_pem(work.read(f"{pdir}/ledger-signing.pem", "ledger certificate")),
     }
+
+
+def _add_provisioning(
+    work: PartyDir,
+    oem: Token,
+    root: x509.Certificate,
+    officers: OfficerBundle,
+    devices: ProvisionedDevices,
+    prov_id: str,
+    path: str | os.PathLike[str],
+) -> bytes:
+    """Provisioning job ``prov_id``'s ledger at ``path`` reconciled on its own (unless the
+    root revoked its production CA), its chips added to ``devices``; the ledger's SHA-256."""
+    prov_issued, prov_job = _issued(work, prov_id, officers)
+    pca = from_pem(work.read(f"{L.job_dir(prov_id)}/production-ca.pem", "production CA"))
+    if revoked_by_root(oem, pca):
+        raise JointReconciliationError(
+            f"provisioning job {prov_id}'s production CA was revoked by this OEM's root: "
+            "its devices do not reconcile"
+        )
+    tap = ProvisioningTap()
+    report, digest = _read_ledger(
+        path,
+        lambda export_job, items: reconcile(
+            prov_issued,
+            export_job,
+            tap.watch(items),
+            officers=officers.public_keys(),
+            min_threshold=officers.threshold,
+            root_cert=root,
+            production_ca_cert=pca,
+            manifest=None,  # a provisioning job names no image
+            **_certs(work, prov_job),
+        ),
+    )
+    devices.add(report, tap, job_stage=prov_job.stage, production_ca=pca)
+    return digest
 
 
 def reconcile_joint(
@@ -79,47 +135,22 @@ def reconcile_joint(
     digests: dict[str, bytes] = {}
     oem = work.open_token(L.TOKEN)
     for prov_id, path in provisioned:
-        prov_issued, prov_job = _issued(work, prov_id, officers)
-        pca = from_pem(work.read(f"{L.job_dir(prov_id)}/production-ca.pem", "production CA"))
-        if revoked_by_root(oem, pca):
-            raise JointReconciliationError(
-                f"provisioning job {prov_id}'s production CA was revoked by this OEM's root: "
-                "its devices do not reconcile"
-            )
-        tap = ProvisioningTap()
-        src = open_file(path, "ledger")
-        hashed = HashingReader(src)
-        with src:
-            export_job, items = ledger.read_export(hashed)  # type: ignore[arg-type]
-            report = reconcile(
-                prov_issued,
-                export_job,
-                tap.watch(items),
-                officers=officers.public_keys(),
-                min_threshold=officers.threshold,
-                root_cert=root,
-                production_ca_cert=pca,
-                manifest=None,  # a provisioning job names no image
-                **_certs(work, prov_job),
-            )
-        devices.add(report, tap, job_stage=prov_job.stage, production_ca=pca)
-        digests[prov_id] = hashed.digest()
-    src = open_file(ledger_path, "ledger")
-    hashed = HashingReader(src)
-    with src:
-        export_job, items = ledger.read_export(hashed)  # type: ignore[arg-type]
-        program = reconcile_program(
+        digests[prov_id] = _add_provisioning(work, oem, root, officers, devices, prov_id, path)
+    manifest = work.read(f"{L.image_dir(job.image()[0])}/manifest.bin", "manifest")
+    program, digests[job_id] = _read_ledger(
+        ledger_path,
+        lambda export_job, items: reconcile_program(
             issued,
             export_job,
             items,
             officers=officers.public_keys(),
             min_threshold=officers.threshold,
             root_cert=root,
-            manifest=work.read(f"{L.image_dir(job.image()[0])}/manifest.bin", "manifest"),
+            manifest=manifest,
             provisioned=devices,
             **_certs(work, job),
-        )
-    digests[job_id] = hashed.digest()
+        ),
+    )
     joint = JointReport(program=program, provisioning=tuple(devices.reports))
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     tx.append(

@@ -29,8 +29,6 @@ from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securethread.errors import (
@@ -45,9 +43,8 @@ from securethread.formats.identity import (
     ChallengeMismatchError,
     IdentificationResponse,
     KeyMismatchError,
-    ProofOfPossessionError,
     new_challenge,
-    pop_payload,
+    verify_proof_of_possession,
 )
 from securethread.formats.programming import (
     MAX_PACKAGE_SIZE,
@@ -65,7 +62,6 @@ from securethread.workdir import read_file, write_atomic
 
 __all__ = ["FlashResult", "NotInLotError", "flash_package", "open_package"]
 
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 #: Confirmations are written to ``--out`` after this many newly flashed chips, and at the end.
 SAVE_EVERY = 256
 
@@ -198,21 +194,12 @@ class _Flasher:
             raise NotInLotError(
                 f"device {r.device_id}: its key belongs to chip {entry.device_id} of the lot"
             )
-        cert = untrusted.load_certificate(
+        _cert, key = untrusted.load_certificate_with_key(
             entry.certificate, what=f"device {r.device_id} certificate", curves=(Curve.P256,)
         )
-        key = cert.public_key()
-        assert isinstance(key, ec.EllipticCurvePublicKey)  # P-256: checked by the loader
         if spki_der(key) != r.public_key:
             raise KeyMismatchError(f"device {r.device_id}: answering key is not the lot's key")
-        try:
-            key.verify(
-                r.signature, pop_payload(challenge, r.device_id, r.public_key), _ECDSA_SHA256
-            )
-        except InvalidSignature:
-            raise ProofOfPossessionError(
-                f"device {r.device_id}: proof of possession does not verify"
-            ) from None
+        verify_proof_of_possession(r, key, challenge)
         return entry, key
 
     def flash(self, port: ChipPort, entry: PackageChip, key: ec.EllipticCurvePublicKey) -> bytes:
