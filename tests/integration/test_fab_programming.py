@@ -26,60 +26,37 @@ from typing import Any
 
 import pytest
 
-from securethread.demo import child_env
-from securethread.demo.fab import (
-    FAB,
-    FACTORY,
-    FIRST_UID,
-    IMAGE_ID,
-    PROGRAM_JOB,
-    PROVISION_JOB,
-    run,
-)
+from securethread.demo import FIRST_UID, IMAGE_ID, child_env
+from securethread.demo import fab as fab_demo
+from securethread.demo.fab import FAB, FACTORY, PROGRAM_JOB, PROVISION_JOB
 from securethread.demo.line import SimulatedFab
 from securethread.formats import ledger
 from securethread.formats.identity import IdentificationResponse
 from securethread.pki import cert_fingerprint, from_pem
+from tests.integration.fab_support import EXIT_CONFIG, EXIT_VERIFY, issue_job, run, token_labels
+from tests.integration.fab_support import answer as _json
+from tests.integration.fab_support import one_line as _one_line
 
 DEVICES = 5
-CLI = [sys.executable, "-m", "securethread.cli"]
-EXIT_CONFIG, EXIT_VERIFY = 2, 4
 ROOT = Path(__file__).parents[2]
 
 
 def _run(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True,
-                          env=child_env(), cwd=root)  # fmt: skip
-    if ok:
-        assert proc.returncode == 0, (args, proc.stderr)
-    return proc
-
-
-def _json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+    """:func:`~tests.integration.fab_support.run` in the demo's directory (relative paths)."""
+    return run(*args, ok=ok, cwd=root)
 
 
 def _issue(root: Path, spec: str, name: str, *extra: str) -> None:
     path = root / "oem" / f"{name}.toml"
     path.write_text(spec)
-    draft = _json(_run(root, "oem", "issue-job", "--workdir", "oem", str(path), *extra))
-    for n in (1, 2):
-        _run(root, "oem", "approve-job", "--workdir", "oem", "--job", name, "--officer", str(n),
-             "--pin-file", str(root / f"officer-{n}" / "pin"), "--job-hash",
-             draft["job_sha256"])  # fmt: skip
-    _run(root, "oem", "issue-job", "--workdir", "oem", "--job", name)
+    pins = [root / f"officer-{n}" / "pin" for n in (1, 2)]
+    issue_job(Path("oem"), path, pins, *extra, cwd=root)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("fab") / "demo"
-    result = run(root, DEVICES, log=None)
+    result = fab_demo.run(root, DEVICES, log=None)
     assert result.ok, result.to_json()
     last = FIRST_UID + DEVICES + 2
     # lot-2: the same fab, another provisioning job, one chip (UID FIRST + DEVICES + 2).
@@ -144,17 +121,7 @@ def test_the_fab_demo_provisions_at_the_fab_programs_at_the_factory_and_reconcil
     answer = IdentificationResponse.from_bytes(chip.identify(b"\x01" * 32))
     assert hashlib.sha256(answer.device_certificate or b"").digest() == certs[chip.device_id]
     # The programming appliance's PIN holder can license, never mint: no production-CA key.
-    code = (
-        "import json, sys\nfrom pkcs11 import ObjectClass\n"
-        "from securethread.programmer import layout as L\n"
-        "t = L.open_programmer(sys.argv[1]).open_token(L.TOKEN)\n"
-        "print(json.dumps({'secret': t.labels(ObjectClass.SECRET_KEY),"
-        " 'private': t.labels(ObjectClass.PRIVATE_KEY)}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(root / "factory")],
-                          capture_output=True, text=True, env=child_env())  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    labels = json.loads(proc.stdout.strip().splitlines()[-1])
+    labels = token_labels(root / "factory")
     assert not [k for k in labels["private"] if k.startswith("production-ca")], labels
     assert f"image-{IMAGE_ID}" in " ".join(labels["secret"]), labels
     report = json.loads((root / "oem/jobs" / PROGRAM_JOB / "reconciliation.json").read_text())

@@ -16,7 +16,6 @@ fab's own ledger key, as its PIN holder could) claiming a chip another fab made.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,44 +31,22 @@ from securethread.formats import cbor, ledger
 from securethread.formats.identity import vendor_ca_id
 from securethread.formats.jobpackage import JobPackage
 from securethread.pki import from_pem
+from tests.integration.fab_support import (
+    CLI,
+    EXIT_CONFIG,
+    EXIT_VERIFY,
+    issue_job,
+    oem_init,
+    onboard,
+    token_labels,
+)
+from tests.integration.fab_support import answer as _json
+from tests.integration.fab_support import files as _files
+from tests.integration.fab_support import one_line as _one_line
+from tests.integration.fab_support import run as _run
 
-CLI = [sys.executable, "-m", "securethread.cli"]
 FIRST = 0x5EC0_0000_0000_0000
 QUOTA = 8
-EXIT_CONFIG, EXIT_VERIFY = 2, 4
-
-
-def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True,
-                          env=child_env())  # fmt: skip
-    if ok:
-        assert proc.returncode == 0, (args, proc.stderr)
-    return proc
-
-
-def _json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
-def _files(d: Path) -> list[tuple[str, int]]:
-    return sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*")
-                  if p.is_file() and "hsm" not in p.parts)  # fmt: skip
-
-
-def _onboard(oem: Path, fab: Path, name: str, root_fingerprint: str) -> None:
-    _run("programmer", "init", "--workdir", str(fab), "--name", name)
-    fp = _json(_run("programmer", "enrol", "--workdir", str(fab)))["fingerprint"]
-    _run("oem", "certify-programmer", "--workdir", str(oem),
-         str(fab / "outbox/enrolment-request.bin"), "--fingerprint", fp)  # fmt: skip
-    _run("programmer", "install-certs", "--workdir", str(fab),
-         str(oem / f"outbox/certificates-{name}.bin"), "--root-fingerprint",
-         root_fingerprint)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +57,9 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("fab")
     oem, fab = tmp / "oem", tmp / "fab-1"
     pins = [tmp / f"officer-{n}" / "pin" for n in (1, 2)]
-    init = _json(_run("oem", "init", "--workdir", str(oem), "--name", "acme",
-                      "--officer-pin-file", f"1={pins[0]}", "--officer-pin-file",
-                      f"2={pins[1]}"))  # fmt: skip
-    _onboard(oem, fab, "fab-1", init["root_fingerprint"])
-    _onboard(oem, tmp / "fab-2", "fab-2", init["root_fingerprint"])
+    root_fingerprint = oem_init(oem, pins)
+    onboard(oem, fab, "fab-1", root_fingerprint)
+    onboard(oem, tmp / "fab-2", "fab-2", root_fingerprint)
     for vendor in ("vendor", "rogue"):
         _run("vendor", "init", "--workdir", str(tmp / vendor), "--oem-root",
              str(oem / "root-ca.pem"))  # fmt: skip
@@ -109,12 +84,8 @@ def _issue(sites: dict[str, Path], job: str, where: str, name: str) -> dict[str,
         f'ranges = [["{FIRST:016x}", "{FIRST + 15:016x}"]]\n[window]\ndays = 1\n'
     )
     # No master-image, no key delivery: a provision job needs neither.
-    _run("oem", "issue-job", "--workdir", str(oem), str(tmp / f"{job}.toml"), "--ca-request",
-         str(sites[where] / f"outbox/production-ca-request-{job}.bin"))  # fmt: skip
-    for n in (1, 2):
-        _run("oem", "approve-job", "--workdir", str(oem), "--job", job, "--officer", str(n),
-             "--pin-file", str(sites[f"pin-{n}"]))  # fmt: skip
-    return _json(_run("oem", "issue-job", "--workdir", str(oem), "--job", job))
+    return issue_job(oem, tmp / f"{job}.toml", [sites["pin-1"], sites["pin-2"]], "--ca-request",
+                     str(sites[where] / f"outbox/production-ca-request-{job}.bin"))  # fmt: skip
 
 
 def _open(sites: dict[str, Path], where: str, package: Path, *extra: str,
@@ -210,18 +181,7 @@ def test_the_fab_provisions_chips_and_the_oem_reconciles_its_ledger(
 
     # The fab's PIN holder can mint certificates (the production-CA key) but not licenses:
     # no image key was ever delivered to its token.
-    code = (
-        "import json, sys\n"
-        "from pkcs11 import ObjectClass\n"
-        "from securethread.programmer import layout as L\n"
-        "t = L.open_programmer(sys.argv[1]).open_token(L.TOKEN)\n"
-        "print(json.dumps({'secret': t.labels(ObjectClass.SECRET_KEY),"
-        " 'private': t.labels(ObjectClass.PRIVATE_KEY)}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(fab)], capture_output=True,
-                          text=True, env=child_env())  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    labels = json.loads(proc.stdout.strip().splitlines()[-1])
+    labels = token_labels(fab)
     assert not [s for s in labels["secret"] if s.startswith("image-")], labels
     assert "production-ca-lot-a" in labels["private"], labels
 

@@ -37,11 +37,14 @@ from securethread.pki import from_pem
 from securethread.programmer import runner
 from securethread.programmer.line import Refused
 from securethread.programmer.store import UNGUARDED, SQLiteStore
+from tests.integration.fab_support import EXIT_CONFIG, EXIT_VERIFY, issue_job, oem_init, onboard
+from tests.integration.fab_support import answer as _json
+from tests.integration.fab_support import files as _files
+from tests.integration.fab_support import one_line as _one_line
+from tests.integration.fab_support import run as _run
 from tests.integration.line_support import DEVICE_BASE, World, ledger_view
 
-CLI = [sys.executable, "-m", "securethread.cli"]
 QUOTA = 20
-EXIT_CONFIG, EXIT_VERIFY = 2, 4
 
 
 def _der(cert: Any) -> bytes:
@@ -151,31 +154,6 @@ def test_the_line_refuses_an_unnamed_vendor_whatever_identifier_it_is_given(
 # --- the CLI: two sites by hand, a second fab nobody named ------------------------------------
 
 
-_env = child_env
-
-
-def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True, env=_env())
-    if ok:
-        assert proc.returncode == 0, (args, proc.stderr)
-    return proc
-
-
-def _json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
-def _files(d: Path) -> list[tuple[str, int]]:
-    return sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*")
-                  if p.is_file() and "hsm" not in p.parts)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An OEM whose job names the genuine fab; a programming centre up to request-ca; a
@@ -183,16 +161,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("vendor-cli")
     oem, fac = tmp / "oem", tmp / "factory"
     pins = [tmp / f"officer-{n}" / "pin" for n in (1, 2)]
-    init = _json(_run("oem", "init", "--workdir", str(oem), "--name", "acme",
-                      "--officer-pin-file", f"1={pins[0]}", "--officer-pin-file",
-                      f"2={pins[1]}"))  # fmt: skip
-    _run("programmer", "init", "--workdir", str(fac), "--name", "f-1")
-    fp = _json(_run("programmer", "enrol", "--workdir", str(fac)))["fingerprint"]
-    _run("oem", "certify-programmer", "--workdir", str(oem),
-         str(fac / "outbox/enrolment-request.bin"), "--fingerprint", fp)  # fmt: skip
-    _run("programmer", "install-certs", "--workdir", str(fac),
-         str(oem / "outbox/certificates-f-1.bin"), "--root-fingerprint",
-         init["root_fingerprint"])  # fmt: skip
+    onboard(oem, fac, "f-1", oem_init(oem, pins))
     (tmp / "fw.bin").write_bytes(os.urandom(8 << 10))
     _run("oem", "master-image", "--workdir", str(oem), str(tmp / "fw.bin"), "--image-id", "fw",
          "--version", "1", "--security-counter", "1", "--device-class", "c")  # fmt: skip
@@ -211,12 +180,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         f'vendors = ["{tmp / "vendor" / "root-ca.pem"}"]\n[targets]\n'
         f'ranges = [["5ec0000000000000", "{last:016x}"]]\n[window]\ndays = 1\n'
     )
-    _run("oem", "issue-job", "--workdir", str(oem), str(tmp / "j.toml"), "--ca-request",
-         str(fac / "outbox/production-ca-request-j.bin"))  # fmt: skip
-    for n in (1, 2):
-        _run("oem", "approve-job", "--workdir", str(oem), "--job", "j", "--officer", str(n),
-             "--pin-file", str(pins[n - 1]))  # fmt: skip
-    _run("oem", "issue-job", "--workdir", str(oem), "--job", "j")
+    issue_job(oem, tmp / "j.toml", pins, "--ca-request",
+              str(fac / "outbox/production-ca-request-j.bin"))  # fmt: skip
     return {"tmp": tmp, "oem": oem, "factory": fac, "vendor": tmp / "vendor",
             "rogue": tmp / "rogue"}  # fmt: skip
 
@@ -303,7 +268,7 @@ def test_the_python_api_refuses_the_chips_of_a_fab_the_oem_never_named(
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(sites["factory"]), str(sites["rogue"])],
-        capture_output=True, text=True, env=_env(),
+        capture_output=True, text=True, env=child_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
