@@ -65,6 +65,21 @@ def _emit(args: argparse.Namespace, human: str | Sequence[str], machine: dict[st
         print(human if isinstance(human, str) else "\n".join(human))
 
 
+def _finish(
+    args: argparse.Namespace,
+    human: Sequence[str],
+    machine: dict[str, Any],
+    problem: Error | None,
+) -> int:
+    """Print a run's result; its ``problem`` (devices refused, quota used up), if any, is
+    its one stderr line and sets the exit code."""
+    _emit(args, human, {"ok": problem is None, **machine})
+    if problem is not None:
+        print(f"securethread: {_describe(problem)}", file=sys.stderr)
+        return exit_code(problem)
+    return EXIT_OK
+
+
 def _step(args: argparse.Namespace, result: StepResult, lines: Sequence[str] = ()) -> int:
     """Print a step's result; its ``problem`` (devices refused, quota) sets the exit code."""
     human = [f"{result.step}: done in {result.workdir}", *lines]
@@ -676,13 +691,8 @@ def station_run(a: argparse.Namespace) -> int:
         problem = QuotaExceededError(f"job {r.job_id}: the quota is used up")
     elif r.refused:
         problem = DeviceRefusedError(f"{sum(r.refused.values())} device(s) refused")
-    machine = {"ok": problem is None, "step": "station run", **r.to_json(),
-               "keep_flash": a.keep_flash}  # fmt: skip
-    _emit(a, human, machine)
-    if problem is not None:
-        print(f"securethread: {_describe(problem)}", file=sys.stderr)
-        return exit_code(problem)
-    return EXIT_OK
+    return _finish(a, human, {"step": "station run", **r.to_json(), "keep_flash": a.keep_flash},
+                   problem)  # fmt: skip
 
 
 # --- the simulated silicon vendor ---------------------------------------------------------------

@@ -9,7 +9,6 @@ and :mod:`securethread.station.flash`; the ``add_*`` functions hang them under t
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from securethread import cli as C
@@ -50,14 +49,14 @@ def vendor_lot(a: argparse.Namespace) -> int:
     )
     write_atomic(Path(a.out), data)
     digest = content_id(data, kind=LOT_KIND, max_size=MAX_LOT_SIZE).hex()
-    C._emit(
+    return C._finish(
         a,
         [f"vendor lot: lot {a.lot_id} of {len(uids)} chips ({uids[0]:016x}..{uids[-1]:016x}), "
          f"signed by the fab's CA: {a.out}", f"  lot SHA-256 (content id): {digest}"],  # fmt: skip
-        {"ok": True, "step": "vendor lot", "lot": a.lot_id, "chips": len(uids), "out": a.out,
+        {"step": "vendor lot", "lot": a.lot_id, "chips": len(uids), "out": a.out,
          "lot_sha256": digest},  # fmt: skip
+        None,
     )
-    return C.EXIT_OK
 
 
 def add_vendor_commands(vendor: Any, command: Any) -> None:
@@ -164,11 +163,7 @@ def station_flash_package(a: argparse.Namespace) -> int:
         *(f"  refused {d}: {why}" for d, why in r.refused[:10]),
     ]
     problem = DeviceRefusedError(f"{len(r.refused)} chip(s) refused") if r.refused else None
-    C._emit(a, human, {"ok": problem is None, "step": "station flash-package", **r.to_json()})
-    if problem is not None:
-        print(f"securethread: {C._describe(problem)}", file=sys.stderr)
-        return C.exit_code(problem)
-    return C.EXIT_OK
+    return C._finish(a, human, {"step": "station flash-package", **r.to_json()}, problem)
 
 
 def add_station_commands(station: Any, command: Any) -> None:
