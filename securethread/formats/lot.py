@@ -120,6 +120,21 @@ def _on_p256(point: bytes) -> bool:
     return x < _P and y < _P and (y * y - (x * x * x - 3 * x + _B)) % _P == 0
 
 
+def split_body(
+    body: Any, field: str, *, what: str, error: type[FormatError]
+) -> tuple[dict[str, Any], Any]:
+    """A body made of a header (a :func:`~securethread.formats.fields.body` class) and one
+    list ``field`` decoded on its own (a lot's chips, a package's, confirmations): the
+    header's map and the raw ``field``, once ``body`` is a map holding it; else ``error``."""
+    if type(body) is not dict:
+        raise error(f"{what}: must be a CBOR map")
+    rest = dict(body)
+    if field not in rest:
+        raise error(f"{what}: missing field {field!r}")
+    raw = rest.pop(field)
+    return rest, raw
+
+
 @attrs.frozen
 class LotChip:
     """One chip of a verified lot: its UID, its key as a checked SEC1 point, the key's id
@@ -202,12 +217,7 @@ class LotManifest:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> LotManifest:
         """Strict decode of a (verified) body: the header's fields, then every chip."""
-        if type(body) is not dict:
-            raise LotFormatError("lot manifest: must be a CBOR map")
-        rest = dict(body)
-        if "chips" not in rest:
-            raise LotFormatError("lot manifest: missing field 'chips'")
-        chips = rest.pop("chips")
+        rest, chips = split_body(body, "chips", what="lot manifest", error=LotFormatError)
         header = fields.decode(_LotHeader, rest)
         return cls._from(header, _decode_chips(chips))
 

@@ -52,7 +52,7 @@ from securethread.formats.identity import DEVICE_ID_RE
 from securethread.formats.image import NAME_RE, Manifest, verify_manifest
 from securethread.formats.job import JOB_ID_RE
 from securethread.formats.license import MAX_LICENSE_SIZE
-from securethread.formats.lot import MAX_LOT_CHIPS
+from securethread.formats.lot import MAX_LOT_CHIPS, split_body
 from securethread.keys.protocol import PrivateKey
 from securethread.pki import untrusted
 
@@ -188,12 +188,7 @@ class ProgrammingPackage:
 
     @classmethod
     def from_body(cls, body: Any) -> ProgrammingPackage:
-        if type(body) is not dict:
-            raise PackageFormatError("programming package: must be a CBOR map")
-        rest = dict(body)
-        if "chips" not in rest:
-            raise PackageFormatError("programming package: missing field 'chips'")
-        raw = rest.pop("chips")
+        rest, raw = split_body(body, "chips", what="programming package", error=PackageFormatError)
         header = fields.decode(_Header, rest)
         chips = _check_chips(raw)
         kw = {a.name: getattr(header, a.name) for a in attrs.fields(_Header) if a.name != "version"}
@@ -377,10 +372,10 @@ class Confirmations:
             raw = cbor.decode(data, what="confirmations", max_size=MAX_CONFIRMATIONS_SIZE)
         except FormatError as exc:
             raise ConfirmationsFormatError(str(exc)) from None
-        if type(raw) is not dict or "confirmations" not in raw:
-            raise ConfirmationsFormatError("confirmations: missing field 'confirmations'")
-        rest = dict(raw)
-        entries = _check_confirmations(rest.pop("confirmations"))
+        rest, listed = split_body(
+            raw, "confirmations", what="confirmations", error=ConfirmationsFormatError
+        )
+        entries = _check_confirmations(listed)
         header = fields.decode(_ConfirmationsHeader, rest)
         return cls(
             package_sha256=header.package_sha256,

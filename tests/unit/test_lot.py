@@ -249,3 +249,23 @@ def test_the_package_chip_list_is_strict() -> None:
             _check_chips(bad)
     with pytest.raises(PackageFormatError, match="missing field 'chips'"):
         ProgrammingPackage.from_body({"v": 1})
+
+
+@pytest.mark.parametrize(
+    ("decode", "error", "what", "field"),
+    [
+        (LotManifest.from_body, LotFormatError, "lot manifest", "chips"),
+        (ProgrammingPackage.from_body, PackageFormatError, "programming package", "chips"),
+        (lambda b: Confirmations.from_bytes(cbor.encode(b)), ConfirmationsFormatError,
+         "confirmations", "confirmations"),
+    ],  # fmt: skip
+    ids=["lot", "package", "confirmations"],
+)
+def test_each_body_with_a_list_is_a_map_holding_that_list(
+    decode: Any, error: type[Error], what: str, field: str
+) -> None:
+    """Not a map, or a map without its list: that format's own error, naming the field."""
+    with pytest.raises(error, match=f"^{what}: must be a CBOR map$"):
+        decode([1, 2])
+    with pytest.raises(error, match=f"^{what}: missing field '{field}'$"):
+        decode({"v": 1})
