@@ -480,11 +480,11 @@ def reconcile_lot(
     factory = _recorded_factory(work, ldir)
     package = verify_package(pkg_bytes, oem_root=root, factory=factory, lot_id=lot_id)
     conf = Confirmations.from_bytes(read_file(confirmations, "confirmations", limit=1 << 30))
-    if conf.package_sha256 != package.sha256 or conf.lot_id != lot_id:
+    if (conf.package_sha256, conf.lot_id, conf.factory) != (package.sha256, lot_id, factory):
         raise VerificationError(
             f"the confirmations are for package {conf.package_sha256.hex()[:16]}… of lot "
-            f"{conf.lot_id!r}, not the package this OEM issued for lot {lot_id!r} "
-            f"({package.sha256.hex()[:16]}…)"
+            f"{conf.lot_id!r} at factory {conf.factory!r}, not the package this OEM issued "
+            f"for lot {lot_id!r} at {factory!r} ({package.sha256.hex()[:16]}…)"
         )
     licensed = {c.device_id for c in package.package.chips}
     confirmed, refused = [], []

@@ -149,6 +149,28 @@ def test_a_factory_without_a_token_flashes_the_lot_and_the_oem_reconciles(world:
     assert report["confirmed"] == 4
 
 
+@pytest.mark.parametrize("field", ["package_sha256", "lot_id", "factory"])
+def test_confirmations_of_another_package_lot_or_factory_are_refused(
+    world: World, tmp_path: Path, field: str
+) -> None:
+    """reconcile-lot: a confirmations file naming another package, lot or factory than the
+    package this OEM issued is refused with one line (exit 4); the OEM's files stay as they
+    were."""
+    right = {"package_sha256": bytes.fromhex(world.pre["package_sha256"]),
+             "lot_id": "lot-1", "factory": "factory-1"}  # fmt: skip
+    wrong = {"package_sha256": b"\x01" * 32, "lot_id": "lot-2", "factory": "factory-2"}
+    conf = tmp_path / "conf.bin"
+    conf.write_bytes(
+        Confirmations(**{**right, field: wrong[field]}, confirmations={}).to_bytes()  # type: ignore[arg-type]
+    )
+    before = {p: p.read_bytes() for p in (world.root / "oem").rglob("*") if p.is_file()}
+    _refused(world.root, "oem", "reconcile-lot", "--workdir", "oem", str(conf), "--lot",
+             "lot-1", exit_code=EXIT_VERIFY,
+             match="not the package this OEM issued for lot 'lot-1' at 'factory-1'")  # fmt: skip
+    after = {p: p.read_bytes() for p in (world.root / "oem").rglob("*") if p.is_file()}
+    assert after == before
+
+
 class _Chips:
     """Chips opened once and kept, so the test can look at them after the flasher."""
 
