@@ -28,6 +28,7 @@ never provisioned: it is refused (it carries no OEM device certificate) and noth
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from securethread.demo import (  # the demo's image, device class and chip UIDs
     ModeResult,
     _Sites,
     begin,
+    child_env,
     log_stderr,
 )
 
@@ -207,9 +209,8 @@ def run(
 
 
 def _image_keys(site: Path) -> int:
-    """Image keys in an appliance's token (a fab's must hold none: it can mint, not license)."""
-    import subprocess
-
+    """Image keys in an appliance's token (a fab's must hold none: it can mint, not license),
+    counted by a process of its own (its own module load and login, as the party's steps)."""
     code = (
         "import sys\n"
         "from pkcs11 import ObjectClass\n"
@@ -217,8 +218,6 @@ def _image_keys(site: Path) -> int:
         "t = L.open_programmer(sys.argv[1]).open_token(L.TOKEN)\n"
         "print(sum(s.startswith('image-') for s in t.labels(ObjectClass.SECRET_KEY)))\n"
     )
-    from securethread.demo import child_env
-
     proc = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True,
                           text=True, env=child_env())  # fmt: skip
     if proc.returncode != 0:
