@@ -80,6 +80,11 @@ _TOP = {
 }  # fmt: skip
 MAX_VENDOR_FILE = 64 << 10
 _TABLES = {"targets", "window", "certificate"}
+#: The keys of a ``[certificate]`` table: a job spec's, or ``oem prelicense --profile``'s.
+CERTIFICATE_KEYS = frozenset(
+    {"organisation", "product", "common_name", "not_after", "uri", "crl_url", "ocsp_url",
+     "oem_arc"}
+)  # fmt: skip
 
 
 class JobSpecError(ConfigurationError):
@@ -110,23 +115,7 @@ class JobSpec:
     def device_profile(self, *, default_organisation: str) -> DeviceProfile:
         """The job's device certificate profile ([certificate]; organisation defaults to
         the OEM's name)."""
-        c = self.certificate
-        kwargs: dict[str, Any] = {"organisation": c.get("organisation", default_organisation)}
-        if "product" in c:
-            kwargs["product"] = c["product"]
-        if "common_name" in c:
-            kwargs["common_name_template"] = c["common_name"]
-        if "not_after" in c:
-            kwargs["not_after"] = c["not_after"].replace(microsecond=0)
-        if "uri" in c:
-            kwargs["uri_template"] = c["uri"]
-        for key in ("crl_url", "ocsp_url", "oem_arc"):
-            if key in c:
-                kwargs[key] = c[key]
-        try:
-            return DeviceProfile(**kwargs)
-        except Error as exc:
-            raise JobSpecError(f"[certificate]: {exc}") from None
+        return device_profile(self.certificate, default_organisation=default_organisation)
 
     def window(self, now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
         """The job's validity window, to the second, UTC."""
@@ -154,6 +143,39 @@ def load_job_spec(path: str | os.PathLike[str]) -> JobSpec:
         return _parse(doc, p.parent)
     except FormatError as exc:
         raise JobSpecError(f"job spec {str(p)!r}: {exc}") from None
+
+
+def certificate_table(doc: Mapping[str, Any], *, required: bool) -> dict[str, Any]:
+    """The ``[certificate]`` table of a TOML document, checked: :data:`CERTIFICATE_KEYS`
+    only, each a string but ``not_after`` (a date-time)."""
+    certificate = dict(_table(doc, "certificate", set(CERTIFICATE_KEYS), required=required))
+    for key, value in certificate.items():
+        if key == "not_after":
+            certificate[key] = _time(value, "certificate.not_after")
+        elif not isinstance(value, str):
+            raise JobSpecError(f"certificate.{key} must be a string")
+    return certificate
+
+
+def device_profile(c: Mapping[str, Any], *, default_organisation: str) -> DeviceProfile:
+    """The device certificate profile of a checked ``[certificate]`` table
+    (:func:`certificate_table`); organisation defaults to ``default_organisation``."""
+    kwargs: dict[str, Any] = {"organisation": c.get("organisation", default_organisation)}
+    if "product" in c:
+        kwargs["product"] = c["product"]
+    if "common_name" in c:
+        kwargs["common_name_template"] = c["common_name"]
+    if "not_after" in c:
+        kwargs["not_after"] = c["not_after"].replace(microsecond=0)
+    if "uri" in c:
+        kwargs["uri_template"] = c["uri"]
+    for key in ("crl_url", "ocsp_url", "oem_arc"):
+        if key in c:
+            kwargs[key] = c[key]
+    try:
+        return DeviceProfile(**kwargs)
+    except Error as exc:
+        raise JobSpecError(f"[certificate]: {exc}") from None
 
 
 def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
@@ -184,28 +206,7 @@ def _parse(doc: Mapping[str, Any], base: Path) -> JobSpec:
         raise JobSpecError("window: give days or not_after, not both")
     if days is None and "not_after" not in window:
         raise JobSpecError("window: days or not_after is required")
-    certificate = dict(
-        _table(
-            doc,
-            "certificate",
-            {
-                "organisation",
-                "product",
-                "common_name",
-                "not_after",
-                "uri",
-                "crl_url",
-                "ocsp_url",
-                "oem_arc",
-            },
-            required=False,
-        )
-    )
-    for key, value in certificate.items():
-        if key == "not_after":
-            certificate[key] = _time(value, "certificate.not_after")
-        elif not isinstance(value, str):
-            raise JobSpecError(f"certificate.{key} must be a string")
+    certificate = certificate_table(doc, required=False)
     return JobSpec(
         job_id=check_job_id(doc["job_id"]),
         programmer=check_name("programmer", doc["programmer"]),

@@ -42,7 +42,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 
-from securethread.errors import ConfigurationError, Error, FormatError, JobError, VerificationError
+from securethread.errors import ConfigurationError, FormatError, JobError, VerificationError
 from securethread.formats.boot import BootConfirmationError, verify_recorded_boot_confirmation
 from securethread.formats.device_trust import DeviceTrust, sign_device_trust
 from securethread.formats.identity import check_vendor_cas, vendor_ca_id
@@ -60,7 +60,7 @@ from securethread.formats.programming import (
 from securethread.formats.transcript import CertEntry, KeyEntry
 from securethread.hsm import Token
 from securethread.oem import layout as L
-from securethread.oem.jobspec import JobSpecError, _table, _time
+from securethread.oem.jobspec import JobSpecError, certificate_table, device_profile
 from securethread.pki import (
     DeviceCertificateIssuer,
     DeviceProfile,
@@ -87,10 +87,6 @@ __all__ = ["L_KEY_AGREEMENT", "L_LICENSE_SIGNING", "LotReport", "prelicense", "r
 
 L_LICENSE_SIGNING = "prelicense-license-signing"
 L_KEY_AGREEMENT = "prelicense-key-agreement"
-_CERT_KEYS = {
-    "organisation", "product", "common_name", "not_after", "uri", "crl_url", "ocsp_url",
-    "oem_arc",
-}  # fmt: skip
 #: At most this many chips per task handed to a worker process (each task opens the token).
 _CHUNK = 2000
 
@@ -119,8 +115,8 @@ def _vendor(path: str | os.PathLike[str]) -> x509.Certificate:
 
 
 def _profile(path: str | os.PathLike[str] | None, organisation: str) -> DeviceProfile:
-    """The device certificate profile: the ``[certificate]`` table of a TOML file, as in a
-    job spec (docs/cli.md); without a file, the OEM's name as organisation."""
+    """The device certificate profile: the ``[certificate]`` table of a TOML file, checked
+    as a job spec's (docs/cli.md); without a file, the OEM's name as organisation."""
     c: dict[str, Any] = {}
     if path is not None:
         raw = read_file(path, "certificate profile", limit=1 << 20)
@@ -130,21 +126,8 @@ def _profile(path: str | os.PathLike[str] | None, organisation: str) -> DevicePr
             raise JobSpecError(f"profile {os.fspath(path)!r} is not valid TOML: {exc}") from None
         if set(doc) - {"certificate"}:
             raise JobSpecError(f"profile {os.fspath(path)!r}: only a [certificate] table")
-        c = dict(_table(doc, "certificate", _CERT_KEYS))
-    kw: dict[str, Any] = {"organisation": c.get("organisation", organisation)}
-    names = {"common_name": "common_name_template", "uri": "uri_template"}
-    for key, value in c.items():
-        if key == "organisation":
-            continue
-        if key == "not_after":
-            value = _time(value, "certificate.not_after").replace(microsecond=0)
-        elif not isinstance(value, str):
-            raise JobSpecError(f"certificate.{key} must be a string")
-        kw[names.get(key, key)] = value
-    try:
-        return DeviceProfile(**kw)
-    except Error as exc:
-        raise JobSpecError(f"[certificate]: {exc}") from None
+        c = certificate_table(doc, required=True)
+    return device_profile(c, default_organisation=organisation)
 
 
 # --- the OEM's licensing enclave --------------------------------------------------------------

@@ -3,6 +3,7 @@ reach the job's DeviceProfile; a bad value is one clear JobSpecError (exit 2).""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,33 @@ def test_a_bad_certificate_entry_is_one_clear_error(
     with pytest.raises(ConfigurationError, match=why) as exc:
         load_job_spec(_spec(tmp_path, certificate)).device_profile(default_organisation="Acme")
     assert "\n" not in str(exc.value)
+
+
+def test_prelicense_reads_its_profile_file_as_a_job_specs_table(tmp_path: Path) -> None:
+    """``oem prelicense --profile``: the same [certificate] table and checks as a job spec
+    (one parser, :func:`securethread.oem.jobspec.certificate_table`); no file: the OEM's name."""
+    from securethread.oem.prelicense import _profile
+
+    table = (
+        'product = "s1"\ncommon_name = "dev-{device_id}"\n'
+        'not_after = 2040-01-01T00:00:00.5Z\noem_arc = "1.3.6.1.4.1.32473.9"\n'
+    )
+    p = tmp_path / "profile.toml"
+    p.write_text("[certificate]\n" + table)
+    spec = load_job_spec(_spec(tmp_path, table))
+    profile = _profile(p, "Acme")
+    assert profile == spec.device_profile(default_organisation="Acme")
+    assert profile.not_after is not None and profile.not_after.microsecond == 0
+    assert _profile(None, "Acme") == DeviceProfile(organisation="Acme")
+    for text, why in (
+        ("[certificate]\nuri = 7\n", "certificate.uri must be a string"),
+        ('[certificate]\nurl = "x"\n', "unknown key"),
+        ('[window]\ndays = 1\n[certificate]\nproduct = "s1"\n', "only a [certificate] table"),
+        ("", "[certificate] must be a table"),
+        ("[certificate\n", "is not valid TOML"),
+        ('[certificate]\noem_arc = "2.25.1"\n', "1.3.6.1.4.1"),
+    ):
+        p.write_text(text)
+        with pytest.raises(ConfigurationError, match=re.escape(why)) as exc:
+            _profile(p, "Acme")
+        assert "\n" not in str(exc.value)
