@@ -49,7 +49,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securethread.errors import ConfigurationError, Error, FormatError, LedgerError, StoreError
+from securethread.errors import (
+    ConfigurationError,
+    Error,
+    FormatError,
+    LedgerError,
+    StoreError,
+    VerificationError,
+)
 from securethread.formats import ledger
 from securethread.formats.job import job_hash
 from securethread.workdir import StepOrderError, StepResult, open_file
@@ -619,6 +626,23 @@ class Registry:
         must count what was read, which also catches a file that is not a ledger export.
         """
         hashed = HashingReader(src)
+        try:
+            return self._stream_records(hashed, job, ca_id, ledger_sha256)
+        except LedgerMismatchError:
+            raise
+        except (VerificationError, ValueError, KeyError, TypeError, IndexError) as exc:
+            # The reconciled ledger parsed and verified in full, so bytes that do not (a
+            # flipped byte in CBOR structure, in a record's keys read without a full decode,
+            # in a certificate's DER, in the close record's signature) are another file: the
+            # same answer wherever the change lies, before the hash at the end could say so.
+            raise LedgerMismatchError(
+                f"the ledger is not the one reconciled for job {job.job_id} "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            ) from exc
+
+    def _stream_records(
+        self, hashed: HashingReader, job: RegistryJob, ca_id: int, ledger_sha256: bytes
+    ) -> ledger.CloseRecord:
         export_job, items = ledger.read_export(hashed)  # type: ignore[arg-type]
         if not hmac.compare_digest(job_hash(export_job), job.job_sha256):
             raise LedgerMismatchError(f"the ledger is not job {job.job_id}'s")

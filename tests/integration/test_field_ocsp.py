@@ -459,6 +459,28 @@ def _tree(d: Path) -> dict[str, str]:
     }  # fmt: skip
 
 
+def test_a_ledger_changed_anywhere_is_not_the_reconciled_one(
+    world: World, tmp_path: Path
+) -> None:
+    """A byte flipped anywhere -- CBOR structure, a certificate's DER, a signature, the close
+    record -- is one LedgerMismatchError, never a parse error of its own or a crash, and the
+    registry stores nothing (ingest streams: the change can be met before the hash is)."""
+    from securethread.oem.registry import LedgerMismatchError, ingest_ledger
+
+    original = world.ledger.read_bytes()
+    db = tmp_path / "flips.sqlite"
+    positions = sorted({*range(0, len(original), max(1, len(original) // 61)), len(original) - 1})
+    for at in positions:
+        data = bytearray(original)
+        data[at] ^= 0x04
+        tampered = tmp_path / "flipped.bin"
+        tampered.write_bytes(bytes(data))
+        with pytest.raises(LedgerMismatchError, match="not the one reconciled|not job"):
+            ingest_ledger(world.oem, tampered, job_id=JOB_ID, database=str(db))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 0
+
+
 def test_bad_input_is_one_line_and_changes_nothing(world: World, tmp_path: Path) -> None:
     before = _tree(world.oem)
     data = bytearray(world.ledger.read_bytes())
