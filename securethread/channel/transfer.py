@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ from securethread.errors import (
     ConfirmationError,
     DuplicateObjectError,
     FormatError,
+    KeyPolicyError,
     ReplayError,
 )
 from securethread.formats import cbor, envelope, fields
@@ -199,10 +200,44 @@ def _wrap_entries(
     return tuple(out)
 
 
-def _check_free(backend: KeyBackend, entries: Sequence[WrappedEntry]) -> None:
+def _check_free(
+    backend: KeyBackend, entries: Sequence[WrappedEntry], present: frozenset[str] = frozenset()
+) -> None:
     for e in entries:
-        if backend.has_key(e.label):
+        if e.label not in present and backend.has_key(e.label):
             raise DuplicateObjectError(f"{backend.name!r} already has a key {e.label!r}")
+
+
+def _already_imported(
+    backend: KeyBackend, rewrap: SecretKey, entries: Sequence[WrappedEntry]
+) -> frozenset[str]:
+    """The labels of ``entries`` whose key the token already holds: the very same key, as
+    an earlier import of the same package stored it (a run killed after it stored the keys,
+    before it recorded the package).
+
+    The programmer's copy has no usage (:data:`PROGRAMMER_IMAGE_KEY`), so the token cannot
+    compute its key check value; instead it is wrapped again under ``rewrap``, a wrapping copy
+    of the package's own KEK: AES-KWP is deterministic (RFC 5649 §4.1, fixed AIV), so the same
+    40 bytes as the entry's mean the same key under the same KEK.  A key with the label and
+    another value, another id, another policy, or one that cannot be wrapped (not
+    transferable) cannot be told from someone else's: :class:`DuplicateObjectError`.
+    """
+    present = set()
+    for e in entries:
+        if not backend.has_key(e.label):
+            continue
+        key = backend.secret_key(e.label)
+        try:
+            same = hmac.compare_digest(key.key_id, e.key_id) and hmac.compare_digest(
+                rewrap.wrap(key), e.wrapped
+            )
+            key.policy_report().check(transferable=e.transferable)  # S1, as the import sets it
+        except KeyPolicyError:
+            same = False
+        if not same:
+            raise DuplicateObjectError(f"{backend.name!r} already has a key {e.label!r}")
+        present.add(e.label)
+    return frozenset(present)
 
 
 def _destroy_quietly(keys: Sequence[SecretKey]) -> None:
@@ -214,15 +249,19 @@ def _destroy_quietly(keys: Sequence[SecretKey]) -> None:
 
 
 def _stage_entries(
-    backend: KeyBackend, kek: SecretKey, entries: Sequence[WrappedEntry]
+    backend: KeyBackend,
+    kek: SecretKey,
+    entries: Sequence[WrappedEntry],
+    present: frozenset[str] = frozenset(),
 ) -> list[SecretKey]:
     """Unwrap every entry as a *session* object and check its key check value.
 
     Nothing persistent is created: the copies prove that the wrapped bytes open under
     ``kek`` (RFC 5649 §3 integrity check) to the key the OEM meant (KCV), and the caller
     destroys them.  The persistent keys come later from the same bytes (:func:`_commit_entries`).
+    Labels in ``present`` hold these very keys already (:func:`_already_imported`).
     """
-    _check_free(backend, entries)
+    _check_free(backend, entries, present)
     staged: list[SecretKey] = []
     try:
         for e in entries:
@@ -237,14 +276,20 @@ def _stage_entries(
 
 
 def _commit_entries(
-    backend: KeyBackend, kek: SecretKey, entries: Sequence[WrappedEntry]
+    backend: KeyBackend,
+    kek: SecretKey,
+    entries: Sequence[WrappedEntry],
+    present: frozenset[str] = frozenset(),
 ) -> tuple[ImportedKey, ...]:
     """Unwrap every entry into the token as a persistent key, or none: on any failure the
-    ones already stored go."""
-    _check_free(backend, entries)
+    ones already stored go.  Labels in ``present`` hold these very keys already
+    (:func:`_already_imported`): kept, not stored again."""
+    _check_free(backend, entries, present)
     done: list[str] = []
     try:
         for e in entries:
+            if e.label in present:
+                continue
             key = kek.unwrap(e.wrapped, label=e.label, key_id=e.key_id, policy=e.policy)
             done.append(e.label)
             key.policy_report().check(transferable=e.transferable)  # S1
@@ -844,12 +889,18 @@ def open_package(
     root_cert: x509.Certificate,
     registry: PackageRegistry,
     at: datetime | None = None,
+    answer: Callable[[PackageReceipt], None] | None = None,
 ) -> PackageReceipt:
     """Verify a sealed package (signature, OEM chain, recipient, freshness), import it and
     return the receipt signed with ``identity_key``.
 
     Refused with :class:`WrongRecipientError` if it names another programmer identity or
-    key-agreement key; nothing is stored unless every key checks out.
+    key-agreement key; nothing is stored unless every key checks out.  ``answer`` gets the
+    receipt once the keys are stored and before the package is recorded as imported: a
+    caller keeps its result there, so that a run stopped at any instant either recorded
+    nothing, or left keys a new run recognises as this package's own (the same label and
+    value: kept, not refused), or left its answer.  A failure after the keys are stored
+    leaves them for that new run.
     """
     if ka_cert.public_key() != ka_key.public_key():
         raise ConfigurationError("ka_cert does not certify ka_key")
@@ -875,25 +926,37 @@ def open_package(
     z = kek = None
     try:
         z = ka_key.derive_aes(public_from_point(Curve.P256, pkg.ephemeral), policy=TEMP_DERIVE)
-        kek = z.derive_ecb(
-            _kek_input(pkg.package_id, recipient, pkg.ephemeral, receipt.sender, programmer),
-            policy=TEMP_UNWRAP,
-        )
-        # Checked in session objects first (key check values), then stored all-or-nothing.
-        _destroy_quietly(_stage_entries(backend, kek, pkg.entries))
+        kek_input = _kek_input(pkg.package_id, recipient, pkg.ephemeral, receipt.sender, programmer)
+        kek = z.derive_ecb(kek_input, policy=TEMP_UNWRAP)
+        # Checked in session objects first (key check values), then stored all-or-nothing;
+        # keys an earlier run of this package stored are recognised, not stored again.
+        present = _earlier_keys(backend, z, kek_input, pkg.entries)
+        _destroy_quietly(_stage_entries(backend, kek, pkg.entries, present))
         signed = envelope.seal(RECEIPT_KIND, receipt.body(), [identity_key])
-        keys = _commit_entries(backend, kek, pkg.entries)
+        _commit_entries(backend, kek, pkg.entries, present)
     finally:
         for k in (kek, z):
             if k is not None:
                 k.destroy()
+    receipt = attrs.evolve(receipt, signed=signed)
+    if answer is not None:
+        answer(receipt)
+    registry.record(pkg.package_id)  # last: from now on the package is refused as a replay
+    return receipt
+
+
+def _earlier_keys(
+    backend: KeyBackend, z: SecretKey, kek_input: bytes, entries: Sequence[WrappedEntry]
+) -> frozenset[str]:
+    """:func:`_already_imported` with a wrapping copy of the package KEK (derived from ``z``
+    like the unwrapping one, SP 800-56C), made only if a label is taken."""
+    if not any(backend.has_key(e.label) for e in entries):
+        return frozenset()
+    rewrap = z.derive_ecb(kek_input, policy=TEMP_WRAP)
     try:
-        registry.record(pkg.package_id)
-    except BaseException:
-        for imported in keys:
-            backend.destroy(imported.label)
-        raise
-    return attrs.evolve(receipt, signed=signed)
+        return _already_imported(backend, rewrap, entries)
+    finally:
+        rewrap.destroy()
 
 
 def verify_receipt(

@@ -5,7 +5,8 @@
   acknowledgement and sent its commit (docs/channel.md) -- a connection dropped anywhere
   leaves the token as it was, and the step can be run again.
 * ``programmer open-keys PACKAGE`` opens a package sealed to this enclave's key-agreement
-  key and writes a receipt signed by the identity key to the outbox, for the OEM.
+  key and writes a receipt signed by the identity key to the outbox, for the OEM; killed at
+  any instant, it is run again (see :func:`open_keys`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import hashlib
 import os
 from collections.abc import Callable
 
-from securethread.channel.transfer import TokenPackageRegistry, open_package
+from securethread.channel.transfer import PackageReceipt, TokenPackageRegistry, open_package
 from securethread.channel.transport import serve_key_session
+from securethread.errors import FormatError
 from securethread.formats.transcript import KeyEntry
 from securethread.pki import from_pem
 from securethread.programmer import layout as L
@@ -64,13 +66,59 @@ def receive_keys(
 
 
 def open_keys(workdir: str | os.PathLike[str], package_path: str | os.PathLike[str]) -> StepResult:
-    """Open a sealed key package; write the signed receipt to the outbox."""
+    """Open a sealed key package; write the signed receipt to the outbox.
+
+    The token marks a package imported (:class:`TokenPackageRegistry`) only after this step
+    recorded its result (``undelivered/``): a run killed after that answers the next run with
+    it, and a run killed after the keys were stored but before its result is redone with
+    those keys (:func:`open_package`).
+    """
     work = L.open_programmer(workdir)
     work.require(L.cert_path("identity"), step="open-keys", needs="install-certs")
     data = read_file(package_path, "sealed key package", limit=1 << 20)
+    digest = hashlib.sha256(data).digest()
+    step = f"programmer open-keys {digest.hex()}"
     token = work.open_token(L.TOKEN)
+    registry = TokenPackageRegistry(token)
+    if (earlier := work.undelivered(step)) is not None:
+        # Killed after its answer was recorded: finish the token's mark if the kill came
+        # first, and answer.
+        try:
+            package_id = bytes.fromhex(earlier.details["package"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{str(earlier.record)!r} is damaged") from None
+        if not registry.seen(package_id):
+            registry.record(package_id)
+        return earlier
     identity = token.private_key(L.L_IDENTITY)
-    receipt = open_package(
+    results: list[StepResult] = []
+
+    def answer(receipt: PackageReceipt) -> None:
+        labels = [k.label for k in receipt.keys]
+        tx = work.transcript(identity)
+        last = tx.last
+        if not (  # a run killed after this record: one record per import, not two
+            last is not None
+            and last.operation == "key-import"
+            and dict(last.artefacts).get("sealed-package") == digest
+        ):
+            tx.append(
+                "key-import",
+                keys=[KeyEntry.from_key(token.secret_key(label)) for label in labels],
+                artefacts={"sealed-package": digest},
+                details={"package": receipt.package_id.hex(), "via": "sealed-package"},
+            )
+        out = work.write(f"outbox/key-receipt-{receipt.package_id.hex()}.bin", receipt.signed)
+        written = [out, *(work.write(f"keys/{label}.ack", receipt.signed) for label in labels)]
+        result = work.finish(
+            "programmer open-keys",
+            written,
+            [tx],
+            {"keys": labels, "receipt": out, "package": receipt.package_id.hex()},
+        )
+        results.append(work.pending(step, result))
+
+    open_package(
         data,
         backend=token,
         ka_key=token.private_key(L.L_KA),
@@ -78,16 +126,7 @@ def open_keys(workdir: str | os.PathLike[str], package_path: str | os.PathLike[s
         identity_key=identity,
         identity_cert=token.certificate(L.L_IDENTITY),
         root_cert=from_pem(work.read(L.ROOT_CA, "OEM root certificate")),
-        registry=TokenPackageRegistry(token),
+        registry=registry,
+        answer=answer,
     )
-    labels = [k.label for k in receipt.keys]
-    tx = work.transcript(identity)
-    tx.append(
-        "key-import",
-        keys=[KeyEntry.from_key(token.secret_key(label)) for label in labels],
-        artefacts={"sealed-package": hashlib.sha256(data).digest()},
-        details={"package": receipt.package_id.hex(), "via": "sealed-package"},
-    )
-    out = work.write(f"outbox/key-receipt-{receipt.package_id.hex()}.bin", receipt.signed)
-    written = [out, *(work.write(f"keys/{label}.ack", receipt.signed) for label in labels)]
-    return work.finish("programmer open-keys", written, [tx], {"keys": labels, "receipt": out})
+    return results[0]

@@ -10,10 +10,15 @@ the killed run would have printed, and only a run after that is refused.
 Each step kind runs once in a process that SIGKILLs itself at the instant it would print
 (after every write of the step), then through the real command twice.  Real CLI processes,
 real SoftHSM tokens in each party's own work directory.
+
+``programmer open-keys`` marks itself done in the token (the package registry), after its
+answer; it is also killed at each instant before that: keys stored, answer written, answer
+recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -25,9 +30,11 @@ import pytest
 
 from securethread.demo import child_env
 from securethread.demo.line import create_vendor
+from securethread.formats.transcript import verify_transcript
+from securethread.pki import from_pem
 
 CLI = [sys.executable, "-m", "securethread.cli"]
-EXIT_CONFIG, EXIT_VERIFY = 2, 4
+EXIT_CONFIG, EXIT_TOKEN, EXIT_VERIFY = 2, 3, 4
 
 # The command's own main(), with the one change of a kill where it would print its answer:
 # the JSON it would have printed goes to a file of the test's instead.
@@ -41,6 +48,36 @@ def _emit(args, human, machine):
     os.kill(os.getpid(), signal.SIGKILL)
 
 cli._emit = _emit
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+# The command's own main(), SIGKILLed at one instant of open-keys (KILL_AT) before it
+# would print: the patches are this test's, in its own process.
+_KILLED_IN_OPEN_KEYS = """
+import os, signal, sys
+import securethread.cli as cli
+from securethread import workdir
+from securethread.channel import transfer
+
+def die(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+where = os.environ["KILL_AT"]
+if where == "keys stored":  # the keys are in the token, nothing else written
+    commit = transfer._commit_entries
+
+    def _commit_entries(*args, **kwargs):
+        commit(*args, **kwargs)
+        die()
+
+    transfer._commit_entries = _commit_entries
+elif where == "answer written":  # transcript, receipt and minutes written, not recorded
+    workdir.PartyDir.pending = die
+elif where == "answer recorded":  # recorded in undelivered/, the token's mark not made
+    transfer.TokenPackageRegistry.record = die
+else:
+    raise SystemExit("unknown KILL_AT " + where)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -96,6 +133,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     c.lost("master-image", "oem", "master-image", "--workdir", str(c.oem), str(firmware),
            "--image-id", "fw", "--version", "1", "--security-counter", "1",
            "--device-class", "c")  # fmt: skip
+    c.lost("open-keys", "programmer", "open-keys", "--workdir", str(c.fac),
+           str(_sealed(c, "k-print")))  # fmt: skip
     receiver = subprocess.Popen(
         [*CLI, "programmer", "receive-keys", "--workdir", str(c.fac), "--listen", "127.0.0.1:0",
          "--timeout", "120", "--json"],
@@ -138,6 +177,32 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     return c
 
 
+def _sealed(c: Chain, image: str) -> Path:
+    """A package sealing the key of a new image ``image`` to f-1 (``oem seal-keys``)."""
+    firmware = c.tmp / f"{image}.bin"
+    firmware.write_bytes(os.urandom(1024))
+    for args in (
+        ("master-image", "--workdir", str(c.oem), str(firmware), "--image-id", image,
+         "--version", "1", "--security-counter", "1", "--device-class", "c"),
+        ("seal-keys", "--workdir", str(c.oem), "--to", "f-1", "--image", image, "--out",
+         str(c.tmp / f"{image}.sealed")),
+    ):  # fmt: skip
+        proc = _cli("oem", *args)
+        assert proc.returncode == 0, proc.stderr
+    return c.tmp / f"{image}.sealed"
+
+
+def _key_imports(c: Chain, package: Path) -> int:
+    """How many records of the factory's (verified) transcript import ``package``."""
+    identity = from_pem((c.fac / "certs" / "identity.pem").read_bytes()).public_key()
+    summary = verify_transcript(c.fac / "transcript.bin", public_key=identity)  # type: ignore[arg-type]
+    digest = hashlib.sha256(package.read_bytes()).digest()
+    return sum(
+        r.operation == "key-import" and dict(r.artefacts).get("sealed-package") == digest
+        for r in summary.records
+    )
+
+
 def _state(*dirs: Path) -> dict[str, bytes]:
     """Every file but the tokens' own (SoftHSM rewrites a token file at each login)."""
     return {
@@ -149,8 +214,8 @@ def _state(*dirs: Path) -> dict[str, bytes]:
 
 
 STEPS = ["oem init", "programmer init", "enrol", "certify-programmer", "install-certs",
-         "master-image", "send-keys", "request-ca", "approve-job", "issue-job --job", "open-job",
-         "close-job", "reconcile"]  # fmt: skip
+         "master-image", "open-keys", "send-keys", "request-ca", "approve-job", "issue-job --job",
+         "open-job", "close-job", "reconcile"]  # fmt: skip
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -163,11 +228,85 @@ def test_a_step_killed_before_its_answer_answers_the_next_run(chain: Chain, step
     before = _state(chain.oem, chain.fac)
     twice = _cli(*args)
     lines = twice.stderr.strip().splitlines()
-    # a job opens once: a second open-job is a verification refusal (exit 4, docs/cli.md)
-    code = EXIT_VERIFY if step == "open-job" else EXIT_CONFIG
+    # a job opens once, a package imports once: a second open-job or open-keys is a
+    # verification refusal (exit 4, docs/cli.md)
+    code = EXIT_VERIFY if step in ("open-job", "open-keys") else EXIT_CONFIG
     assert twice.returncode == code and len(lines) == 1, twice.stderr
     assert any(w in lines[0] for w in ("already", "init was run")), lines[0]
     assert _state(chain.oem, chain.fac) == before
+
+
+@pytest.mark.parametrize("kill_at", ["keys stored", "answer written", "answer recorded"])
+def test_open_keys_killed_before_its_answer_is_out_answers_the_next_run(
+    chain: Chain, kill_at: str
+) -> None:
+    """Killed with the keys in the token (no answer), with its answer written but not
+    recorded, or recorded but the token's import mark not made: the next run answers with
+    the receipt (the OEM verifies it), the transcript holds one import of the package, and
+    the run after is refused as a replay, nothing changed."""
+    package = _sealed(chain, "k-" + kill_at.replace(" ", "-"))
+    args = ("programmer", "open-keys", "--workdir", str(chain.fac), str(package))
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_OPEN_KEYS, *args, "--json"],
+        capture_output=True, text=True, env={**child_env(), "KILL_AT": kill_at}, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9 and killed.stdout == "", (killed.returncode, killed.stderr)
+    step = f"programmer open-keys {hashlib.sha256(package.read_bytes()).hexdigest()}"
+    records = [r for r in (chain.fac / "undelivered").iterdir()
+               if json.loads(r.read_text())["record_of"] == step]  # fmt: skip
+    assert len(records) == (kill_at == "answer recorded")
+    recorded = [json.loads(r.read_text())["result"] for r in records]
+
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr
+    answer = json.loads(again.stdout.strip().splitlines()[-1])
+    if recorded:  # the answer the killed run had recorded, as it would have printed it
+        assert answer == {"ok": True, **recorded[0]}
+    assert answer["ok"] and answer["keys"] == [f"image-{package.stem}"]
+    assert not any(r.exists() for r in records)  # answered: the record is gone
+    confirmed = _cli("oem", "confirm-keys", "--workdir", str(chain.oem),
+                     str(chain.fac / answer["receipt"]))  # fmt: skip
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert _key_imports(chain, package) == 1
+
+    before = _state(chain.oem, chain.fac)
+    twice = _cli(*args)
+    lines = twice.stderr.strip().splitlines()
+    assert twice.returncode == EXIT_VERIFY and len(lines) == 1, twice.stderr
+    assert "already imported" in lines[0], lines[0]
+    assert _state(chain.oem, chain.fac) == before
+
+
+# Puts a key of the package's label and id, with the programmer's policy, but another value
+# into the factory token.
+_ANOTHER_KEY = """
+import sys
+from securethread.formats import envelope
+from securethread.keys.policy import PROGRAMMER_IMAGE_KEY
+from securethread.programmer import layout as L
+
+_kind, body, _signers = envelope.peek_body(open(sys.argv[2], "rb").read())
+(entry,) = body["entries"]
+work = L.open_programmer(sys.argv[1])
+work.open_token(L.TOKEN).generate_aes(entry["label"], policy=PROGRAMMER_IMAGE_KEY,
+                                      key_id=entry["key_id"])
+"""
+
+
+def test_open_keys_refuses_a_key_of_its_label_with_another_value(chain: Chain) -> None:
+    """Only the package's own key is taken for an earlier run's: the same label (and id
+    and policy) with another value is refused, one line, nothing written."""
+    package = _sealed(chain, "k-taken")
+    made = subprocess.run([sys.executable, "-c", _ANOTHER_KEY, str(chain.fac), str(package)],
+                          capture_output=True, text=True, env=child_env(), timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    before = _state(chain.oem, chain.fac)
+    for _ in range(2):  # refused, and refused again: nothing was recorded
+        proc = _cli("programmer", "open-keys", "--workdir", str(chain.fac), str(package))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == EXIT_TOKEN and len(lines) == 1, proc.stderr
+        assert "already has a key 'image-k-taken'" in lines[0], lines[0]
+        assert _state(chain.oem, chain.fac) == before
 
 
 def test_an_answered_step_is_refused_at_once(tmp_path: Path) -> None:
