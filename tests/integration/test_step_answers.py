@@ -28,10 +28,25 @@ from typing import Any
 
 import pytest
 
+from securethread.channel.transfer import (
+    PackageReceipt,
+    TokenPackageRegistry,
+    open_package,
+    seal_package,
+    verify_receipt,
+)
 from securethread.demo import child_env
 from securethread.demo.line import create_vendor
+from securethread.errors import DuplicateObjectError, ReplayError
+from securethread.formats import envelope
 from securethread.formats.transcript import verify_transcript
+from securethread.hsm import Token
 from securethread.pki import from_pem
+from tests.integration import test_channel as _channel_tests
+from tests.integration.test_channel import Pki
+from tests.integration.test_transfer import image_keys
+
+pki = _channel_tests.pki  # the session-scoped PKI fixture of the channel tests
 
 CLI = [sys.executable, "-m", "securethread.cli"]
 EXIT_CONFIG, EXIT_TOKEN, EXIT_VERIFY = 2, 3, 4
@@ -307,6 +322,62 @@ def test_open_keys_refuses_a_key_of_its_label_with_another_value(chain: Chain) -
         assert proc.returncode == EXIT_TOKEN and len(lines) == 1, proc.stderr
         assert "already has a key 'image-k-taken'" in lines[0], lines[0]
         assert _state(chain.oem, chain.fac) == before
+
+
+class _Stopped(Exception):
+    """The caller's answer failed (a full disk, say) after the keys were stored."""
+
+
+def _stop(_receipt: PackageReceipt) -> None:
+    raise _Stopped
+
+
+def test_open_package_stopped_after_storing_takes_its_own_keys_only(
+    pki: Pki, oem: Token, programmer: Token
+) -> None:
+    """open_package stopped between storing the keys and recording the package (here its
+    ``answer`` fails) leaves the keys; the next import takes exactly those keys -- also when
+    only some were stored -- and records the package.  A key that is not transferable cannot
+    be compared (it cannot be wrapped): refused, the package not recorded."""
+    ident, ka = pki.programmer, pki.programmer_ka
+
+    def seal(labels: list[str], transferable: bool) -> bytes:
+        return seal_package(
+            oem, labels, identity_key=oem.private_key(pki.oem.identity), identity_cert=pki.oem.cert,
+            expected_programmer=ident.cert, recipient_cert=ka.cert, root_cert=pki.root,
+            transferable=transferable,
+        )  # fmt: skip
+
+    def open_(data: bytes, registry: TokenPackageRegistry, **kw: object) -> PackageReceipt:
+        return open_package(
+            data, backend=programmer, ka_key=programmer.private_key(ka.identity),
+            ka_cert=ka.cert, identity_key=programmer.private_key(ident.identity),
+            identity_cert=ident.cert, root_cert=pki.root, registry=registry, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    registry = TokenPackageRegistry(programmer)
+    labels = image_keys(oem, 2)
+    data = seal(labels, True)
+    with pytest.raises(_Stopped):
+        open_(data, registry, answer=_stop)
+    assert all(programmer.has_key(lb) for lb in labels)
+    programmer.destroy(labels[1])  # a kill in the middle of storing them: one is there
+    answered: list[PackageReceipt] = []
+    receipt = open_(data, registry, answer=answered.append)
+    assert answered == [receipt] and registry.seen(receipt.package_id)
+    assert all(programmer.has_key(lb) for lb in labels)
+    verify_receipt(receipt.signed, package=data, programmer_cert=ident.cert, root_cert=pki.root)
+    with pytest.raises(ReplayError, match="already imported"):
+        open_(data, registry)
+
+    kept = image_keys(oem, 1)
+    data = seal(kept, False)
+    with pytest.raises(_Stopped):
+        open_(data, registry, answer=_stop)
+    with pytest.raises(DuplicateObjectError, match=kept[0]):
+        open_(data, registry)
+    assert programmer.has_key(kept[0])  # the earlier run's, left as it was
+    assert not registry.seen(envelope.peek_body(data)[1]["package_id"])
 
 
 def test_an_answered_step_is_refused_at_once(tmp_path: Path) -> None:
