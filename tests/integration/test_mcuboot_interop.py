@@ -233,14 +233,15 @@ def test_master_image_refuses_bad_input(
     (tmp / "empty.bin").write_bytes(b"")
     path = {"raw": installed["firmware"], "unsigned": unsigned, "empty": tmp / "empty.bin"}
     # defaults first: argparse takes the last of a repeated option
-    proc = _cli("oem", "master-image", "--workdir", oem_dir, path[source], "--image-id", "bad",
+    # an image id with letters no hex digit has: the token's UUID-named files never match it
+    proc = _cli("oem", "master-image", "--workdir", oem_dir, path[source], "--image-id", "refused",
                 "--device-class", "c", "--version", "1", "--security-counter", "3",
                 *extra)  # fmt: skip
     assert proc.returncode == code, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     # refused before the token was touched: no image directory, no image key to reuse
-    assert not list(oem_dir.rglob("*bad*")), list(oem_dir.rglob("*bad*"))
+    assert not list(oem_dir.rglob("*refused*")), list(oem_dir.rglob("*refused*"))
 
 
 def test_master_image_signs_an_unsigned_mcuboot_image(
