@@ -3,9 +3,12 @@
 Per device (``securethread/proto/station.proto``): Challenge -> the chip signs it ->
 Provision -> the chip takes its provisioning data and programs the image with its license
 -> Confirm with the chip's boot confirmation.  The image is fetched once per appliance and
-job (GetImage).  Calls go over mutual TLS (the station's own key and the certificate the
-appliance issued for it; the appliance checked under the station CA and by the name
-``securethread-appliance`` in its certificate, whatever address is dialled).
+job (GetImage).  Once the appliance answered a device's Provision, the station asks for
+the challenge of a chip still to come (one per chip, never more), so that round trip runs
+while the chip in hand programs rather than in the next chip's time.  Calls go over
+mutual TLS (the station's own key and the certificate the appliance issued for it; the
+appliance checked under the station CA and by the name ``securethread-appliance`` in its
+certificate, whatever address is dialled).
 
 Several appliances: each device goes to the next reachable one (client-side round-robin, as
 opentitan-provisioning's stations do); one that does not answer is skipped for a while.  A
@@ -16,6 +19,7 @@ open) or no appliance left ends the run with :class:`StationCallError`, one line
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import math
@@ -180,6 +184,9 @@ class ApplianceClient:
         self._stub = pb_grpc.StationServiceStub(self._channel)
         self._images: dict[str, bytes] = {}
         self._image_lock = threading.Lock()
+        # Challenges asked for ahead, per job: (when asked, the call in flight).
+        self._ahead: dict[str, collections.deque[tuple[float, Any]]] = {}
+        self._ahead_lock = threading.Lock()
 
     def close(self) -> None:
         self._channel.close()
@@ -212,17 +219,51 @@ class ApplianceClient:
                 data = self._images[job_id] = buf.getvalue()
             return data
 
-    def device(self, job_id: str, open_chip: ChipFactory) -> str:
+    def ask_ahead(self, job_id: str) -> None:
+        """Ask now for the challenge of this job's next device, without waiting: its round
+        trip overlaps the chip in hand's programming instead of delaying the next chip."""
+        call = self._stub.Challenge.future(pb.ChallengeRequest(job_id=job_id),
+                                           timeout=_CALL_TIMEOUT_S)  # fmt: skip
+        with self._ahead_lock:
+            self._ahead.setdefault(job_id, collections.deque()).append((time.monotonic(), call))
+
+    def ahead(self, job_id: str) -> int:
+        """Challenges asked ahead for ``job_id`` and not yet taken by a device."""
+        with self._ahead_lock:
+            return len(self._ahead.get(job_id, ()))
+
+    def _challenge(self, job_id: str) -> Any:
+        """A challenge asked ahead if one is at hand with at least half its lifetime left
+        (a chip slow to answer is not then refused as late), else a fresh one.  One that
+        failed or aged is dropped (the appliance forgets it when it expires); the fresh
+        call's failure is the one reported."""
+        with self._ahead_lock:
+            queue = self._ahead.get(job_id)
+            asked, call = queue.popleft() if queue else (0.0, None)
+        if call is not None:
+            try:
+                ch = call.result()
+            except grpc.RpcError:
+                pass
+            else:
+                if time.monotonic() - asked < ch.expires_in_s / 2:
+                    return ch
+        try:
+            return self._stub.Challenge(pb.ChallengeRequest(job_id=job_id),
+                                        timeout=_CALL_TIMEOUT_S)  # fmt: skip
+        except grpc.RpcError as exc:
+            raise self._fail(exc, "Challenge", counted=False) from None
+
+    def device(self, job_id: str, open_chip: ChipFactory,
+               next_chip: Callable[[ApplianceClient], None] | None = None) -> str:  # fmt: skip
         """One device through the API; returns ``provisioned``, ``recovered`` or
         ``already_done``, or raises :class:`_DeviceRefused` (the device's refusal),
         :class:`_Unreachable` (nothing counted: try another appliance) or
-        :class:`StationCallError` (the station's)."""
+        :class:`StationCallError` (the station's).  ``next_chip`` is called once the
+        appliance answered Provision (to :meth:`ask_ahead` for a chip still to come)."""
         image = self.image(job_id)
         chip = open_chip()
-        try:
-            ch = self._stub.Challenge(pb.ChallengeRequest(job_id=job_id), timeout=_CALL_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise self._fail(exc, "Challenge", counted=False) from None
+        ch = self._challenge(job_id)
         try:
             answer = chip.identify(ch.challenge)
         except Exception as exc:
@@ -234,6 +275,8 @@ class ApplianceClient:
             # The appliance may have counted it before it went away: never retried elsewhere;
             # a later run against it recovers the device (RECOVERED, no second count).
             raise self._fail(exc, "Provision", counted=True) from None
+        if next_chip is not None:
+            next_chip(self)
         if prov.state == pb.ProvisionResponse.ALREADY_PROGRAMMED:
             return "already_done"
         try:
@@ -378,9 +421,19 @@ def run_station(
     lock = threading.Lock()
     stop = threading.Event()
     t0 = time.perf_counter()
+    unstarted = [len(chips)]  # chips no socket has begun
+
+    def next_chip(client: ApplianceClient) -> None:
+        # One challenge asked ahead per chip still to come, at most: none is left over at
+        # the end of a run (an unanswered challenge holds the job open until it expires).
+        with lock:
+            if not stop.is_set() and unstarted[0] > sum(c.ahead(job_id) for c in clients):
+                client.ask_ahead(job_id)
 
     def one(label: str, open_chip: ChipFactory) -> None:
         tried: set[int] = set()
+        with lock:
+            unstarted[0] -= 1
         while not stop.is_set():
             picked = balancer.pick(tried)
             if picked is None:
@@ -394,7 +447,7 @@ def run_station(
                 # fetched once per appliance and job, is not any one device's.
                 client.image(job_id)
                 started = time.perf_counter()
-                outcome = client.device(job_id, open_chip)
+                outcome = client.device(job_id, open_chip, next_chip)
             except _Unreachable as exc:
                 balancer.down(i, str(exc))
                 tried.add(i)

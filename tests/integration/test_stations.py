@@ -128,6 +128,56 @@ def test_a_station_programs_its_chips_and_a_rerun_says_they_were_done(
     assert c["provisioned"] == c["programmed"] == c["distinct_provisioned"] == 20
 
 
+def test_challenges_asked_ahead_are_one_per_chip_to_come_and_fresh(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A station asks for the next chip's challenge while the chip in hand programs: one per
+    chip still to come (every challenge it asked for is answered, none left over holding the
+    job open), and one with less than half its lifetime left is replaced by a fresh one."""
+    from securethread.station import SimulatedChips, StationCredentials, run_station
+    from securethread.station.client import ApplianceClient, StationCallError
+
+    asked: list[str] = []
+    made: list[ApplianceClient] = []
+    real_ask, real_init = ApplianceClient.ask_ahead, ApplianceClient.__init__
+
+    def ask(self: ApplianceClient, job_id: str) -> None:
+        asked.append(job_id)
+        real_ask(self, job_id)
+
+    def init(self: ApplianceClient, *a: Any) -> None:
+        real_init(self, *a)
+        made.append(self)
+
+    monkeypatch.setattr(ApplianceClient, "ask_ahead", ask)
+    monkeypatch.setattr(ApplianceClient, "__init__", init)
+    f = world["files"]["s1"]
+    creds = StationCredentials.from_files(cert=f["cert"], key=f["key"], ca=f["ca"])
+    chips = SimulatedChips(SimulatedFab(world["vendor"]), range(FIRST_UID + 700, FIRST_UID + 712))
+    before = _counts(world["factory"], "j")
+    r = run_station(creds, [world["server"].target], job_id="j", chips=chips, parallel=3)
+    assert (r.provisioned, r.programmed, r.refused) == (12, 12, {})
+    # 12 chips: the first of each of the 3 sockets asks at once, at most the 9 others
+    # ahead; each asked ahead was taken by a chip
+    assert 1 <= len(asked) <= 9 and made and made[0].ahead("j") == 0
+    after = _counts(world["factory"], "j")
+    assert after["provisioned"] - before["provisioned"] == 12 == after["programmed"] - before[
+        "programmed"]  # fmt: skip
+
+    client = ApplianceClient(world["server"].target, creds)
+    try:
+        client.ask_ahead("j")
+        stale = client._ahead["j"][0][1].result()
+        time.sleep(TTL / 2 + 0.2)  # past half its lifetime: not handed to a chip
+        fresh = client._challenge("j")
+        assert fresh.session != stale.session and client.ahead("j") == 0
+        client.ask_ahead("no-such-job")  # an ahead call that failed: the fresh one's error
+        with pytest.raises(StationCallError, match="refused Challenge"):
+            client._challenge("no-such-job")
+    finally:
+        client.close()
+
+
 # --- who may call ------------------------------------------------------------------------------
 
 
