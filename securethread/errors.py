@@ -269,6 +269,15 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
+def name_exception(exc: BaseException, limit: int = 200) -> str:
+    """One printable line naming an exception raised by untrusted input (a chip, a station,
+    a file): its type and at most ``limit`` characters of its message."""
+    text = "".join(c if c.isprintable() else "?" for c in str(exc))
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

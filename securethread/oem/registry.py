@@ -56,6 +56,7 @@ from securethread.errors import (
     LedgerError,
     StoreError,
     VerificationError,
+    name_exception,
 )
 from securethread.formats import ledger
 from securethread.formats.job import job_hash
@@ -637,7 +638,7 @@ class Registry:
             # same answer wherever the change lies, before the hash at the end could say so.
             raise LedgerMismatchError(
                 f"the ledger is not the one reconciled for job {job.job_id} "
-                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+                f"({name_exception(exc)})"
             ) from exc
 
     def _stream_records(

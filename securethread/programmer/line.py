@@ -62,6 +62,7 @@ from securethread.errors import (
     QuotaExceededError,
     StoreError,
     VerificationError,
+    name_exception,
 )
 from securethread.formats import ledger
 from securethread.formats.identity import (
@@ -114,12 +115,7 @@ class ProgrammingError(DeviceRefusedError):
     """Programming a device failed in a way its SBM did not report as a refusal."""
 
 
-def describe(exc: BaseException, limit: int = 200) -> str:
-    """One printable line naming an exception raised by untrusted input."""
-    text = "".join(c if c.isprintable() else "?" for c in str(exc))
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+describe = name_exception  # one line naming an exception of untrusted input
 
 
 # --- what the pipeline talks to ----------------------------------------------------------------

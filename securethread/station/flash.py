@@ -37,6 +37,7 @@ from securethread.errors import (
     Error,
     ImageError,
     VerificationError,
+    name_exception,
 )
 from securethread.formats.boot import verify_boot_confirmation
 from securethread.formats.identity import (
@@ -218,11 +219,6 @@ class _Flasher:
         return conf
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def flash_package(
     package: str | os.PathLike[str],
     *,
@@ -266,7 +262,7 @@ def flash_package(
         except Exception as exc:  # whatever a chip makes fail is that chip's refusal
             if isinstance(exc, Error) and not isinstance(exc, VerificationError):
                 raise  # configuration or OS trouble stops the run
-            refused.append((getattr(exc, "device_id", None) or label, _describe(exc)))
+            refused.append((getattr(exc, "device_id", None) or label, name_exception(exc)))
             if progress is not None:
                 progress(label, "refused")
             continue
