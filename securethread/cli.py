@@ -656,6 +656,7 @@ def station_keygen(a: argparse.Namespace) -> int:
 def station_run(a: argparse.Namespace) -> int:
     from securethread.demo.line import SimulatedFab
     from securethread.errors import DeviceRefusedError
+    from securethread.heap import freeze_startup_heap
     from securethread.station import SimulatedChips, StationCredentials, run_station
     from securethread.station.client import progress_bar
 
@@ -670,6 +671,7 @@ def station_run(a: argparse.Namespace) -> int:
     chips = SimulatedChips(fab, range(a.first_device, a.first_device + a.devices),
                            keep_flash=a.keep_flash)  # fmt: skip
     bar, close = progress_bar(a.devices, enabled=not a.json and sys.stderr.isatty())
+    freeze_startup_heap()  # a run is long: collections walk only what devices allocate
     try:
         r = run_station(creds, a.appliance, job_id=a.job, chips=chips, parallel=a.parallel,
                         progress=bar)  # fmt: skip

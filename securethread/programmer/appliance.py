@@ -41,6 +41,7 @@ import attrs
 
 from securethread.errors import ConfigurationError, Error, describe, exit_code_for
 from securethread.formats.job import Targets
+from securethread.heap import freeze_startup_heap
 from securethread.programmer import layout as L
 from securethread.programmer.operator_api import (
     Answer,
@@ -257,6 +258,7 @@ class Appliance:
                 self._stations = _start_stations(self, self.stations_listen)
             threading.Thread(target=self._accept, name="operators", daemon=True).start()
             self.log(f"appliance {work.name!r} serving {str(self.socket_path)!r}")
+            freeze_startup_heap()
             if ready is not None:
                 ready(self)
             while not self._stop.is_set():

@@ -73,6 +73,7 @@ from securethread.errors import (
 )
 from securethread.formats.identity import IdentificationResponse
 from securethread.formats.transcript import CertEntry
+from securethread.heap import freeze_startup_heap
 from securethread.hsm import PinCallback
 from securethread.hsm.token import Token
 from securethread.keys import SIGNING, Curve
@@ -829,82 +830,133 @@ class _Servicer(pb_grpc.StationServiceServicer):
         self._s._seen[name] = time.monotonic()
         return name
 
-    def Challenge(
-        self, request: pb.ChallengeRequest, context: grpc.ServicerContext
-    ) -> pb.ChallengeResponse:
-        station = self._station(context)
+    # The three per-device calls, as functions of (station, request) raising _Call: the
+    # unary handlers end the call with it, Socket answers it as a Refusal and goes on.
+
+    def _challenge(self, station: str, request: pb.ChallengeRequest) -> pb.ChallengeResponse:
         sid = secrets.token_bytes(16)
         challenge = secrets.token_bytes(32)
         ttl = self._s.challenge_ttl_s
         for _attempt in range(3):  # a job released (idle) just now is opened again
-            try:
-                if self._s._draining:
-                    raise _Call(grpc.StatusCode.UNAVAILABLE,
-                                "the appliance is draining (stopping)")  # fmt: skip
-                job = self._s._job(request.job_id)
-            except _Call as call:
-                _abort(context, call)
+            if self._s._draining:
+                raise _Call(grpc.StatusCode.UNAVAILABLE, "the appliance is draining (stopping)")
+            job = self._s._job(request.job_id)
             with self._s._lock:
                 if not job.retired:
                     self._s._sessions[sid] = _Session(job, station, challenge,
                                                       time.monotonic() + ttl)  # fmt: skip
                     break
         else:
-            _abort(context, _Call(grpc.StatusCode.UNAVAILABLE, "the job is being released"))
+            raise _Call(grpc.StatusCode.UNAVAILABLE, "the job is being released")
         return pb.ChallengeResponse(session=sid, challenge=challenge,
                                     expires_in_s=max(1, int(ttl)))  # fmt: skip
 
-    def _session(self, sid: bytes, station: str, context: grpc.ServicerContext) -> _Session:
+    def _session(self, sid: bytes, station: str) -> _Session:
         session = self._s._sessions.get(sid)
         if session is None:
-            _abort(context, _Call(grpc.StatusCode.INVALID_ARGUMENT,
-                                  "unknown session (ask for a challenge first)"))  # fmt: skip
+            raise _Call(grpc.StatusCode.INVALID_ARGUMENT,
+                        "unknown session (ask for a challenge first)")  # fmt: skip
         if session.station != station:
-            _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED,
-                                  "this session belongs to another station"))  # fmt: skip
+            raise _Call(grpc.StatusCode.PERMISSION_DENIED,
+                        "this session belongs to another station")  # fmt: skip
         return session
 
-    def Provision(
-        self, request: pb.ProvisionRequest, context: grpc.ServicerContext
-    ) -> pb.ProvisionResponse:
-        station = self._station(context)
+    def _provision(self, station: str, request: pb.ProvisionRequest) -> pb.ProvisionResponse:
         if len(request.chip_answer) > 16 << 10:
-            _abort(context, _Call(grpc.StatusCode.INVALID_ARGUMENT, "chip answer too large"))
+            raise _Call(grpc.StatusCode.INVALID_ARGUMENT, "chip answer too large")
         with self._s._lock:
-            session = self._session(request.session, station, context)
+            session = self._session(request.session, station)
             if session.used:
-                _abort(context, _Call(grpc.StatusCode.ALREADY_EXISTS,
-                                      "this session's challenge was answered already (replay)"))
+                raise _Call(grpc.StatusCode.ALREADY_EXISTS,
+                            "this session's challenge was answered already (replay)")
             session.used = True  # one answer per challenge, whatever happens next
             late = time.monotonic() > session.expires
             session.waiting = not late
         if late:
-            _abort(context, _Call(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  "the challenge expired before the chip's answer came"))
+            raise _Call(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "the challenge expired before the chip's answer came")
         try:
-            response = self._wait(session.job.submit("provision", session, request.chip_answer),
-                                  context)  # fmt: skip
+            response = self._wait(session.job.submit("provision", session, request.chip_answer))
         finally:
             session.waiting = False
         assert isinstance(response, pb.ProvisionResponse)
         return response
 
+    def _confirm(self, station: str, request: pb.ConfirmRequest) -> pb.ConfirmResponse:
+        if len(request.boot) > 16 << 10:
+            raise _Call(grpc.StatusCode.INVALID_ARGUMENT, "boot confirmation too large")
+        with self._s._lock:
+            session = self._session(request.session, station)
+            if session.provisioned is None:
+                raise _Call(grpc.StatusCode.FAILED_PRECONDITION,
+                            "nothing was provisioned in this session")  # fmt: skip
+            if session.confirmed:
+                return pb.ConfirmResponse(programmed=False)
+        response = self._wait(session.job.submit("confirm", session, request.boot))
+        assert isinstance(response, pb.ConfirmResponse)
+        return response
+
+    def _wait(self, fut: Future[Any]) -> Any:
+        try:
+            return fut.result(timeout=300)
+        except FutureTimeout:
+            raise _Call(grpc.StatusCode.UNAVAILABLE, "the appliance is overloaded") from None
+
+    def Challenge(
+        self, request: pb.ChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.ChallengeResponse:
+        try:
+            return self._challenge(self._station(context), request)
+        except _Call as call:
+            _abort(context, call)
+
+    def Provision(
+        self, request: pb.ProvisionRequest, context: grpc.ServicerContext
+    ) -> pb.ProvisionResponse:
+        try:
+            return self._provision(self._station(context), request)
+        except _Call as call:
+            _abort(context, call)
+
     def Confirm(
         self, request: pb.ConfirmRequest, context: grpc.ServicerContext
     ) -> pb.ConfirmResponse:
-        station = self._station(context)
-        if len(request.boot) > 16 << 10:
-            _abort(context, _Call(grpc.StatusCode.INVALID_ARGUMENT, "boot confirmation too large"))
-        with self._s._lock:
-            session = self._session(request.session, station, context)
-            if session.provisioned is None:
-                _abort(context, _Call(grpc.StatusCode.FAILED_PRECONDITION,
-                                      "nothing was provisioned in this session"))  # fmt: skip
-            if session.confirmed:
-                return pb.ConfirmResponse(programmed=False)
-        response = self._wait(session.job.submit("confirm", session, request.boot), context)
-        assert isinstance(response, pb.ConfirmResponse)
-        return response
+        try:
+            return self._confirm(self._station(context), request)
+        except _Call as call:
+            _abort(context, call)
+
+    def Socket(
+        self, request_iterator: Iterator[pb.SocketRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.SocketResponse]:
+        """The three calls as messages of one stream, answered in order.  The station is
+        checked on every message (a withdrawn one is refused mid-stream and the stream
+        ends); the challenges the stream asked for and left unanswered die with it."""
+        asked: set[bytes] = set()
+        try:
+            for request in request_iterator:
+                station = self._station(context)
+                kind = request.WhichOneof("call")
+                try:
+                    if kind == "challenge":
+                        ch = self._challenge(station, request.challenge)
+                        asked.add(ch.session)
+                        yield pb.SocketResponse(challenge=ch)
+                    elif kind == "provision":
+                        asked.discard(request.provision.session)
+                        yield pb.SocketResponse(provision=self._provision(station,
+                                                                          request.provision))
+                    elif kind == "confirm":
+                        yield pb.SocketResponse(confirm=self._confirm(station, request.confirm))
+                    else:
+                        raise _Call(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "a socket request must carry a challenge, provision or "
+                                    "confirm call")  # fmt: skip
+                except _Call as call:
+                    yield pb.SocketResponse(refusal=pb.Refusal(code=call.code.value[0],
+                                                               message=call.message))  # fmt: skip
+        finally:  # ended, broken or cancelled: its unanswered challenges hold nothing
+            self._s.forget_unanswered(asked)
 
     def GetImage(
         self, request: pb.ImageRequest, context: grpc.ServicerContext
@@ -931,14 +983,6 @@ class _Servicer(pb_grpc.StationServiceServicer):
         with open(job.config.image, "rb") as f:
             while chunk := f.read(IMAGE_CHUNK):
                 yield pb.ImageChunk(data=chunk)
-
-    def _wait(self, fut: Future[Any], context: grpc.ServicerContext) -> Any:
-        try:
-            return fut.result(timeout=300)
-        except _Call as call:
-            _abort(context, call)
-        except FutureTimeout:
-            _abort(context, _Call(grpc.StatusCode.UNAVAILABLE, "the appliance is overloaded"))
 
 
 class StationServer:
@@ -999,6 +1043,15 @@ class StationServer:
         if session.used:
             return session.waiting
         return now < session.expires
+
+    def forget_unanswered(self, sessions: set[bytes]) -> None:
+        """Drop the challenges of ``sessions`` that were never answered (a Socket stream
+        ended): they can no longer be answered on it, and need not hold their job."""
+        with self._lock:
+            for sid in sessions:
+                session = self._sessions.get(sid)
+                if session is not None and not session.used:
+                    del self._sessions[sid]
 
     def _reap(self) -> None:
         """Forget dead sessions; release jobs idle for ``idle_s`` (close-job, or a run of
@@ -1192,6 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
     except Error as exc:
         print(f"error: {describe(exc)}", file=sys.stderr)
         return 2
+    freeze_startup_heap()
     print(json.dumps({"port": server.port, "listen": server.listen}), flush=True)
     while not stop.wait(0.5):
         pass

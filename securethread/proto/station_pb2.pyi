@@ -25,6 +25,12 @@ Per device:
   Confirm(session, boot)     -> programmed (recorded in the ledger)
 and once per job: GetImage(job) -> the encrypted image, streamed.
 
+The same three calls can go as messages over one stream per socket (Socket): the reference
+station does so.  A device then costs two round trips (answer -> release, boot -> recorded),
+the next chip's Challenge is written right behind the last one's Confirm and is answered
+while that chip programs, and the challenges a stream asked for and never answered die with
+the stream instead of holding the job until they expire.
+
 Errors are gRPC status codes with one line of text naming what was wrong:
   INVALID_ARGUMENT     malformed request, unknown session, an answer that does not verify
                        (another challenge, a vendor the job does not name, a device
@@ -287,3 +293,95 @@ class ConfirmResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConfirmResponse: _TypeAlias = ConfirmResponse  # noqa: Y015
+
+@_typing.final
+class SocketRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    PROVISION_FIELD_NUMBER: _builtins.int
+    CONFIRM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def challenge(self) -> Global___ChallengeRequest: ...
+    @_builtins.property
+    def provision(self) -> Global___ProvisionRequest: ...
+    @_builtins.property
+    def confirm(self) -> Global___ConfirmRequest: ...
+    def __init__(
+        self,
+        *,
+        challenge: Global___ChallengeRequest | None = ...,
+        provision: Global___ProvisionRequest | None = ...,
+        confirm: Global___ConfirmRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "challenge", b"challenge", "confirm", b"confirm", "provision", b"provision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "challenge", b"challenge", "confirm", b"confirm", "provision", b"provision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["challenge", "provision", "confirm"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___SocketRequest: _TypeAlias = SocketRequest  # noqa: Y015
+
+@_typing.final
+class SocketResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    PROVISION_FIELD_NUMBER: _builtins.int
+    CONFIRM_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def challenge(self) -> Global___ChallengeResponse: ...
+    @_builtins.property
+    def provision(self) -> Global___ProvisionResponse: ...
+    @_builtins.property
+    def confirm(self) -> Global___ConfirmResponse: ...
+    @_builtins.property
+    def refusal(self) -> Global___Refusal:
+        """The request was refused: what the unary call would have ended with."""
+
+    def __init__(
+        self,
+        *,
+        challenge: Global___ChallengeResponse | None = ...,
+        provision: Global___ProvisionResponse | None = ...,
+        confirm: Global___ConfirmResponse | None = ...,
+        refusal: Global___Refusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "challenge", b"challenge", "confirm", b"confirm", "provision", b"provision", "refusal", b"refusal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "challenge", b"challenge", "confirm", b"confirm", "provision", b"provision", "refusal", b"refusal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["challenge", "provision", "confirm", "refusal"]  # noqa: Y015
+    _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_answer) -> _WhichOneofReturnType_answer | None: ...
+
+Global___SocketResponse: _TypeAlias = SocketResponse  # noqa: Y015
+
+@_typing.final
+class Refusal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (its number: 3 INVALID_ARGUMENT, 4 DEADLINE_EXCEEDED, 6
+    ALREADY_EXISTS, 8 RESOURCE_EXHAUSTED, 9 FAILED_PRECONDITION, 14 UNAVAILABLE, ...).
+    """
+    message: _builtins.str
+    """One line naming what was wrong."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refusal: _TypeAlias = Refusal  # noqa: Y015

@@ -54,6 +54,11 @@ class StationServiceStub:
                 request_serializer=securethread_dot_proto_dot_station__pb2.ConfirmRequest.SerializeToString,
                 response_deserializer=securethread_dot_proto_dot_station__pb2.ConfirmResponse.FromString,
                 _registered_method=True)
+        self.Socket = channel.stream_stream(
+                '/securethread.station.v1.StationService/Socket',
+                request_serializer=securethread_dot_proto_dot_station__pb2.SocketRequest.SerializeToString,
+                response_deserializer=securethread_dot_proto_dot_station__pb2.SocketResponse.FromString,
+                _registered_method=True)
 
 
 class StationServiceServicer:
@@ -88,6 +93,20 @@ class StationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Socket(self, request_iterator, context):
+        """One socket's devices: each SocketRequest is one of the calls above and gets one
+        SocketResponse, in the order sent (a station may write several before reading).  The
+        checks, counts and errors are the unary calls'; an error that concerns one device comes
+        back as a Refusal and the stream goes on, while a station that is not (or no longer)
+        allowed ends the stream with PERMISSION_DENIED.  When the stream ends, the challenges it
+        asked for and did not answer are forgotten; a device it provisioned and did not confirm
+        is kept as with the unary calls (a later Provision of the chip recovers it, and a unary
+        Confirm with its session still records it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +129,11 @@ def add_StationServiceServicer_to_server(servicer, server):
                     servicer.Confirm,
                     request_deserializer=securethread_dot_proto_dot_station__pb2.ConfirmRequest.FromString,
                     response_serializer=securethread_dot_proto_dot_station__pb2.ConfirmResponse.SerializeToString,
+            ),
+            'Socket': grpc.stream_stream_rpc_method_handler(
+                    servicer.Socket,
+                    request_deserializer=securethread_dot_proto_dot_station__pb2.SocketRequest.FromString,
+                    response_serializer=securethread_dot_proto_dot_station__pb2.SocketResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +244,33 @@ class StationService:
             '/securethread.station.v1.StationService/Confirm',
             securethread_dot_proto_dot_station__pb2.ConfirmRequest.SerializeToString,
             securethread_dot_proto_dot_station__pb2.ConfirmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Socket(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/securethread.station.v1.StationService/Socket',
+            securethread_dot_proto_dot_station__pb2.SocketRequest.SerializeToString,
+            securethread_dot_proto_dot_station__pb2.SocketResponse.FromString,
             options,
             channel_credentials,
             insecure,

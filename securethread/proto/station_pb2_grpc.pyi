@@ -25,6 +25,12 @@ Per device:
   Confirm(session, boot)     -> programmed (recorded in the ledger)
 and once per job: GetImage(job) -> the encrypted image, streamed.
 
+The same three calls can go as messages over one stream per socket (Socket): the reference
+station does so.  A device then costs two round trips (answer -> release, boot -> recorded),
+the next chip's Challenge is written right behind the last one's Confirm and is answered
+while that chip programs, and the challenges a stream asked for and never answered die with
+the stream instead of holding the job until they expire.
+
 Errors are gRPC status codes with one line of text naming what was wrong:
   INVALID_ARGUMENT     malformed request, unknown session, an answer that does not verify
                        (another challenge, a vendor the job does not name, a device
@@ -76,6 +82,16 @@ class StationServiceStub:
     """The job's encrypted image (the ciphertext the manifest names), in chunks."""
     Confirm: _grpc.UnaryUnaryMultiCallable[_station_pb2.ConfirmRequest, _station_pb2.ConfirmResponse]
     """The chip's boot confirmation for the session's device: recorded as programmed."""
+    Socket: _grpc.StreamStreamMultiCallable[_station_pb2.SocketRequest, _station_pb2.SocketResponse]
+    """One socket's devices: each SocketRequest is one of the calls above and gets one
+    SocketResponse, in the order sent (a station may write several before reading).  The
+    checks, counts and errors are the unary calls'; an error that concerns one device comes
+    back as a Refusal and the stream goes on, while a station that is not (or no longer)
+    allowed ends the stream with PERMISSION_DENIED.  When the stream ends, the challenges it
+    asked for and did not answer are forgotten; a device it provisioned and did not confirm
+    is kept as with the unary calls (a later Provision of the chip recovers it, and a unary
+    Confirm with its session still records it).
+    """
 
 @_typing.type_check_only
 class StationServiceAsyncStub(StationServiceStub):
@@ -90,6 +106,16 @@ class StationServiceAsyncStub(StationServiceStub):
     """The job's encrypted image (the ciphertext the manifest names), in chunks."""
     Confirm: _aio.UnaryUnaryMultiCallable[_station_pb2.ConfirmRequest, _station_pb2.ConfirmResponse]  # type: ignore[assignment]
     """The chip's boot confirmation for the session's device: recorded as programmed."""
+    Socket: _aio.StreamStreamMultiCallable[_station_pb2.SocketRequest, _station_pb2.SocketResponse]  # type: ignore[assignment]
+    """One socket's devices: each SocketRequest is one of the calls above and gets one
+    SocketResponse, in the order sent (a station may write several before reading).  The
+    checks, counts and errors are the unary calls'; an error that concerns one device comes
+    back as a Refusal and the stream goes on, while a station that is not (or no longer)
+    allowed ends the stream with PERMISSION_DENIED.  When the stream ends, the challenges it
+    asked for and did not answer are forgotten; a device it provisioned and did not confirm
+    is kept as with the unary calls (a later Provision of the chip recovers it, and a unary
+    Confirm with its session still records it).
+    """
 
 class StationServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -125,5 +151,21 @@ class StationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_station_pb2.ConfirmResponse, _abc.Awaitable[_station_pb2.ConfirmResponse]]:
         """The chip's boot confirmation for the session's device: recorded as programmed."""
+
+    @_abc_1.abstractmethod
+    def Socket(
+        self,
+        request_iterator: _MaybeAsyncIterator[_station_pb2.SocketRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_station_pb2.SocketResponse], _abc.AsyncIterator[_station_pb2.SocketResponse]]:
+        """One socket's devices: each SocketRequest is one of the calls above and gets one
+        SocketResponse, in the order sent (a station may write several before reading).  The
+        checks, counts and errors are the unary calls'; an error that concerns one device comes
+        back as a Refusal and the stream goes on, while a station that is not (or no longer)
+        allowed ends the stream with PERMISSION_DENIED.  When the stream ends, the challenges it
+        asked for and did not answer are forgotten; a device it provisioned and did not confirm
+        is kept as with the unary calls (a later Provision of the chip recovers it, and a unary
+        Confirm with its session still records it).
+        """
 
 def add_StationServiceServicer_to_server(servicer: StationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,12 +24,12 @@ import io
 import itertools
 import math
 import os
+import queue
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import attrs
@@ -170,8 +170,91 @@ def _describe_rpc(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return code, text[:300]
 
 
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class _Refusal(Exception):
+    """A Socket request the appliance refused (a ``Refusal`` answer): the unary call's
+    status, the stream going on."""
+
+    def __init__(self, code: grpc.StatusCode, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = " ".join(text.split())[:300]
+
+
+class _Stream:
+    """One socket's ``Socket`` stream to one appliance.  Requests are written in order and
+    answered in that order, so several may be in flight (a challenge asked ahead rides in
+    front of the chip's Confirm); :meth:`result` reads up to a request's answer, keeping
+    the earlier ones for their own readers.  Used by one socket thread at a time."""
+
+    def __init__(self, stub: pb_grpc.StationServiceStub) -> None:
+        self._out: queue.SimpleQueue[pb.SocketRequest | None] = queue.SimpleQueue()
+        self._answers: Any = stub.Socket(iter(self._out.get, None))
+        self._sent = 0
+        self._read = 0
+        self._kept: dict[int, pb.SocketResponse] = {}
+        self.waiting_since: float | None = None  # reading an answer since (the watchdog's)
+        self.broken = False
+        # challenges asked ahead on this stream: (job id, when asked, ticket)
+        self.ahead: collections.deque[tuple[str, float, int]] = collections.deque()
+
+    def send(self, request: pb.SocketRequest) -> int:
+        """Write ``request``; its ticket for :meth:`result`."""
+        ticket = self._sent
+        self._sent += 1
+        self._out.put(request)
+        return ticket
+
+    def result(self, ticket: int) -> Any:
+        """The answer to request ``ticket`` (a ChallengeResponse, ProvisionResponse or
+        ConfirmResponse); raises :class:`_Refusal`, or ``grpc.RpcError`` when the stream
+        broke (it is then :attr:`broken`: every answer still due on it is lost)."""
+        while self._read <= ticket:
+            self.waiting_since = time.monotonic()
+            try:
+                self._kept[self._read] = next(self._answers)
+            except grpc.RpcError:
+                self.broken = True
+                raise
+            except StopIteration:  # ended without a status: as if the connection dropped
+                self.broken = True
+                raise _StreamEnded() from None
+            finally:
+                self.waiting_since = None
+            self._read += 1
+        answer = self._kept.pop(ticket)
+        which = answer.WhichOneof("answer")
+        if which is None:
+            raise _Refusal(grpc.StatusCode.UNKNOWN, "the appliance's answer carried nothing")
+        if which == "refusal":
+            raise _Refusal(_CODES.get(answer.refusal.code, grpc.StatusCode.UNKNOWN),
+                           answer.refusal.message)  # fmt: skip
+        return getattr(answer, which)
+
+    def close(self) -> None:
+        """Done writing: the appliance forgets the challenges asked on it and not answered."""
+        self._out.put(None)
+
+    def cancel(self) -> None:
+        self.broken = True
+        self._answers.cancel()
+
+
+class _StreamEnded(grpc.RpcError):
+    """The appliance ended a Socket stream without a status."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the appliance ended the stream"
+
+
 class ApplianceClient:
-    """The station API of one appliance at ``target`` (``host:port``)."""
+    """The station API of one appliance at ``target`` (``host:port``).  Each socket thread
+    has a ``Socket`` stream of its own to it (:meth:`device`)."""
 
     def __init__(self, target: str, creds: StationCredentials) -> None:
         self.target = target
@@ -184,21 +267,31 @@ class ApplianceClient:
         self._stub = pb_grpc.StationServiceStub(self._channel)
         self._images: dict[str, bytes] = {}
         self._image_lock = threading.Lock()
-        # Challenges asked for ahead, per job: (when asked, the call in flight).
-        self._ahead: dict[str, collections.deque[tuple[float, Any]]] = {}
-        self._ahead_lock = threading.Lock()
+        self._local = threading.local()  # this thread's stream
+        self._streams: list[_Stream] = []
+        self._lock = threading.Lock()  # the stream list and every stream's ``ahead``
+        self._closed = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            streams, self._streams = self._streams, []
+        for stream in streams:
+            stream.close()
         self._channel.close()
 
-    def _fail(self, exc: grpc.RpcError, doing: str, counted: bool) -> Exception:
-        code, text = _describe_rpc(exc)
+    def _fail(self, code: grpc.StatusCode, text: str, doing: str, counted: bool) -> Exception:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not counted:
             return _Unreachable(f"appliance {self.target}: {doing}: {_unavailable(text)}")
         if code in _STATION_REFUSED:
             return StationCallError(f"appliance {self.target} refused {doing}: {text}",
                                     code=code.name, exit_code=_EXIT.get(code, 1))  # fmt: skip
         return _DeviceRefused(code.name, f"{doing}: {code.name}: {text}")
+
+    def _rpc_failed(self, exc: grpc.RpcError, doing: str, counted: bool) -> Exception:
+        code, text = _describe_rpc(exc)
+        return self._fail(code, text, doing, counted)
 
     def image(self, job_id: str) -> bytes:
         """The job's encrypted image, fetched once from this appliance."""
@@ -215,66 +308,106 @@ class ApplianceClient:
                     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the image limit, not quota
                         raise StationCallError(f"appliance {self.target} refused GetImage: {text}",
                                                code="IMAGE_LIMIT", exit_code=1) from None
-                    raise self._fail(exc, "GetImage", counted=False) from None
+                    raise self._rpc_failed(exc, "GetImage", counted=False) from None
                 data = self._images[job_id] = buf.getvalue()
             return data
 
+    # -- this thread's stream
+
+    def _stream(self) -> _Stream:
+        stream: _Stream | None = getattr(self._local, "stream", None)
+        if stream is None or stream.broken:
+            stream = _Stream(self._stub)
+            self._local.stream = stream
+            with self._lock:
+                self._streams = [s for s in self._streams if not s.broken] + [stream]
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                                      name=f"watchdog-{self.target}")  # fmt: skip
+                    self._watchdog.start()
+        return stream
+
+    def _watch(self) -> None:
+        """Cancel a stream whose answer is overdue (an appliance that hangs): its reader
+        then hears CANCELLED, as a unary call's deadline would have said."""
+        while not self._closed.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s in self._streams
+                        if s.waiting_since is not None and now - s.waiting_since > _CALL_TIMEOUT_S]
+            for stream in late:  # fmt: skip
+                stream.cancel()
+
+    def _call(self, stream: _Stream, ticket: int, doing: str, counted: bool) -> Any:
+        try:
+            return stream.result(ticket)
+        except _Refusal as ref:
+            raise self._fail(ref.code, ref.text, doing, counted) from None
+        except grpc.RpcError as exc:
+            with self._lock:
+                stream.ahead.clear()  # lost with the stream
+            raise self._rpc_failed(exc, doing, counted) from None
+
     def ask_ahead(self, job_id: str) -> None:
-        """Ask now for the challenge of this job's next device, without waiting: its round
-        trip overlaps the chip in hand's programming instead of delaying the next chip."""
-        call = self._stub.Challenge.future(pb.ChallengeRequest(job_id=job_id),
-                                           timeout=_CALL_TIMEOUT_S)  # fmt: skip
-        with self._ahead_lock:
-            self._ahead.setdefault(job_id, collections.deque()).append((time.monotonic(), call))
+        """Ask now, on this thread's stream, for the challenge of this job's next device,
+        without waiting: its round trip overlaps the chip in hand's programming instead of
+        delaying the next chip."""
+        stream = self._stream()
+        ticket = stream.send(pb.SocketRequest(challenge=pb.ChallengeRequest(job_id=job_id)))
+        with self._lock:
+            stream.ahead.append((job_id, time.monotonic(), ticket))
 
     def ahead(self, job_id: str) -> int:
-        """Challenges asked ahead for ``job_id`` and not yet taken by a device."""
-        with self._ahead_lock:
-            return len(self._ahead.get(job_id, ()))
+        """Challenges asked ahead for ``job_id`` (on any thread's stream) not yet taken."""
+        with self._lock:
+            return sum(1 for s in self._streams if not s.broken
+                       for j, _t, _n in s.ahead if j == job_id)  # fmt: skip
 
-    def _challenge(self, job_id: str) -> Any:
-        """A challenge asked ahead if one is at hand with at least half its lifetime left
-        (a chip slow to answer is not then refused as late), else a fresh one.  One that
-        failed or aged is dropped (the appliance forgets it when it expires); the fresh
-        call's failure is the one reported."""
-        with self._ahead_lock:
-            queue = self._ahead.get(job_id)
-            asked, call = queue.popleft() if queue else (0.0, None)
-        if call is not None:
+    def _challenge(self, stream: _Stream, job_id: str) -> Any:
+        """A challenge asked ahead on ``stream`` if one is at hand with at least half its
+        lifetime left (a chip slow to answer is not then refused as late), else a fresh
+        one.  One that was refused or aged is dropped (the appliance forgets it when the
+        stream ends); the fresh request's refusal is the one reported."""
+        with self._lock:
+            found = next((a for a in stream.ahead if a[0] == job_id), None)
+            if found is not None:
+                stream.ahead.remove(found)
+        if found is not None:
+            _job, asked, ticket = found
             try:
-                ch = call.result()
-            except grpc.RpcError:
+                ch = stream.result(ticket)
+            except _Refusal:
                 pass
+            except grpc.RpcError as exc:
+                with self._lock:
+                    stream.ahead.clear()
+                raise self._rpc_failed(exc, "Challenge", counted=False) from None
             else:
                 if time.monotonic() - asked < ch.expires_in_s / 2:
                     return ch
-        try:
-            return self._stub.Challenge(pb.ChallengeRequest(job_id=job_id),
-                                        timeout=_CALL_TIMEOUT_S)  # fmt: skip
-        except grpc.RpcError as exc:
-            raise self._fail(exc, "Challenge", counted=False) from None
+        ticket = stream.send(pb.SocketRequest(challenge=pb.ChallengeRequest(job_id=job_id)))
+        return self._call(stream, ticket, "Challenge", counted=False)
 
     def device(self, job_id: str, open_chip: ChipFactory,
                next_chip: Callable[[ApplianceClient], None] | None = None) -> str:  # fmt: skip
-        """One device through the API; returns ``provisioned``, ``recovered`` or
-        ``already_done``, or raises :class:`_DeviceRefused` (the device's refusal),
+        """One device through this thread's stream; returns ``provisioned``, ``recovered``
+        or ``already_done``, or raises :class:`_DeviceRefused` (the device's refusal),
         :class:`_Unreachable` (nothing counted: try another appliance) or
         :class:`StationCallError` (the station's).  ``next_chip`` is called once the
         appliance answered Provision (to :meth:`ask_ahead` for a chip still to come)."""
         image = self.image(job_id)
         chip = open_chip()
-        ch = self._challenge(job_id)
+        stream = self._stream()
+        ch = self._challenge(stream, job_id)
         try:
             answer = chip.identify(ch.challenge)
         except Exception as exc:
             raise _DeviceRefused("CHIP", f"the chip did not answer its challenge: {exc}") from None
-        try:
-            prov = self._stub.Provision(pb.ProvisionRequest(session=ch.session, chip_answer=answer),
-                                        timeout=_CALL_TIMEOUT_S)  # fmt: skip
-        except grpc.RpcError as exc:
-            # The appliance may have counted it before it went away: never retried elsewhere;
-            # a later run against it recovers the device (RECOVERED, no second count).
-            raise self._fail(exc, "Provision", counted=True) from None
+        # The appliance may have counted it before it went away: never retried elsewhere;
+        # a later run against it recovers the device (RECOVERED, no second count).
+        ticket = stream.send(pb.SocketRequest(
+            provision=pb.ProvisionRequest(session=ch.session, chip_answer=answer)))
+        prov = self._call(stream, ticket, "Provision", counted=True)
         if next_chip is not None:
             next_chip(self)
         if prov.state == pb.ProvisionResponse.ALREADY_PROGRAMMED:
@@ -293,11 +426,9 @@ class ApplianceClient:
                                     prov.boot_nonce)  # fmt: skip
         except Exception as exc:
             raise _DeviceRefused("CHIP", f"the chip refused its image: {exc}") from None
-        try:
-            self._stub.Confirm(pb.ConfirmRequest(session=ch.session, boot=boot),
-                               timeout=_CALL_TIMEOUT_S)  # fmt: skip
-        except grpc.RpcError as exc:
-            raise self._fail(exc, "Confirm", counted=True) from None
+        ticket = stream.send(pb.SocketRequest(
+            confirm=pb.ConfirmRequest(session=ch.session, boot=boot)))
+        self._call(stream, ticket, "Confirm", counted=True)
         return "recovered" if prov.state == pb.ProvisionResponse.RECOVERED else "provisioned"
 
 
@@ -464,8 +595,7 @@ def run_station(
                     tally.latencies.append(time.perf_counter() - started)
             return
 
-    def done(fut: Future[None]) -> None:
-        exc = fut.exception()
+    def done(exc: BaseException | None) -> None:
         with lock:
             if isinstance(exc, StationCallError) and exc.code == "RESOURCE_EXHAUSTED":
                 tally.quota = True
@@ -476,18 +606,31 @@ def run_station(
             if progress is not None:
                 progress(1, dict(tally.outcomes))
 
+    feed: Iterator[tuple[str, ChipFactory]] = iter(chips)
+    feed_lock = threading.Lock()
+
+    def socket() -> None:
+        # One socket: takes the next chip until there is none (or the run stops), so a
+        # device needs no other thread's turn to start.
+        while not stop.is_set():
+            with feed_lock:
+                item = next(feed, None)
+            if item is None:
+                return
+            try:
+                one(*item)
+            except BaseException as exc:  # noqa: BLE001 -- the run's outcome, raised below
+                done(exc)
+            else:
+                done(None)
+
     try:
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="socket") as pool:
-            running: set[Future[None]] = set()
-            feed: Iterator[tuple[str, ChipFactory]] = iter(chips)
-            for label, opener in feed:
-                if stop.is_set():
-                    break
-                while len(running) >= parallel * 2:
-                    _finished, running = _wait_some(running)
-                fut = pool.submit(one, label, opener)
-                fut.add_done_callback(done)
-                running.add(fut)
+        sockets = [threading.Thread(target=socket, name=f"socket-{n}", daemon=True)
+                   for n in range(parallel)]  # fmt: skip
+        for t in sockets:
+            t.start()
+        for t in sockets:
+            t.join()
     finally:
         for c in clients:
             c.close()
@@ -509,11 +652,6 @@ def run_station(
         p99_ms=_percentile(tally.latencies, 0.99),
         quota_exhausted=tally.quota,
     )
-
-
-def _wait_some(running: set[Future[None]]) -> tuple[set[Future[None]], set[Future[None]]]:
-    finished, pending = wait(running, return_when=FIRST_COMPLETED)
-    return set(finished), set(pending)
 
 
 def progress_bar(total: int, *, enabled: bool) -> tuple[Callable[[int, dict[str, int]], None],

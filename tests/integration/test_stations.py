@@ -166,14 +166,16 @@ def test_challenges_asked_ahead_are_one_per_chip_to_come_and_fresh(
 
     client = ApplianceClient(world["server"].target, creds)
     try:
+        stream = client._stream()
         client.ask_ahead("j")
-        stale = client._ahead["j"][0][1].result()
+        assert client.ahead("j") == 1
         time.sleep(TTL / 2 + 0.2)  # past half its lifetime: not handed to a chip
-        fresh = client._challenge("j")
-        assert fresh.session != stale.session and client.ahead("j") == 0
+        fresh = client._challenge(stream, "j")
+        # the stale one was read and dropped, a second asked: the fresh one is its answer
+        assert stream._sent == 2 and client.ahead("j") == 0 and len(fresh.challenge) == 32
         client.ask_ahead("no-such-job")  # an ahead call that failed: the fresh one's error
         with pytest.raises(StationCallError, match="refused Challenge"):
-            client._challenge("no-such-job")
+            client._challenge(stream, "no-such-job")
     finally:
         client.close()
 
