@@ -194,35 +194,85 @@ def _nearest_rank(values: list[float], q: float) -> float:
     return round(s[max(0, math.ceil(q * len(s)) - 1)], 2)
 
 
-def line_latency(workdir: str, vendor: str, job: str, n: int) -> dict[str, Any]:
-    """The in-process line's per-device latency at batch size 1 (workers=0: no IPC), from
-    the times between its progress callbacks (one per batch = one device: open the chip,
-    identify, count, issue, commit, release, program, commit); the first device, which
-    starts the run, is not among them."""
+def line_latency(workdir: str, vendor: str, job: str, n: int, first: int = 0) -> list[float]:
+    """The in-process line's per-device latency in ms at batch size 1 (workers=0: no IPC),
+    chips ``first`` .. ``first + n - 1``: the times between its progress callbacks (one per
+    batch = one device: open the chip, identify, count, issue, commit, release, program,
+    commit); the first device, which starts the run, is not among them."""
     from securethread.demo.line import provision_simulated
 
     stamps: list[float] = []
-    r = provision_simulated(workdir, job_id=job, chips_from=vendor, devices=n, workers=0,
-                            batch_size=1, progress=lambda _p: stamps.append(time.perf_counter()))
+    r = provision_simulated(workdir, job_id=job, chips_from=vendor, devices=n, first=first,
+                            workers=0, batch_size=1,
+                            progress=lambda _p: stamps.append(time.perf_counter()))  # fmt: skip
     assert r.details["programmed"] == n, r.details
-    gaps = [1000 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"devices": len(gaps), "p50_ms": _nearest_rank(gaps, 0.50),
-            "p99_ms": _nearest_rank(gaps, 0.99), "mean_ms": round(sum(gaps) / len(gaps), 2)}
+    return [1000 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def _line_latency(sites: dict[str, Path], job: str, n: int) -> dict[str, Any]:
-    """:func:`line_latency` in a process of its own, as the station server is."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_stations", "--line-latency",
-                           str(sites["factory"]), str(sites["vendor"]), job, str(n)],
+def station_latency(files: dict[str, str], target: str, job: str, vendor: str, n: int,
+                    first: int) -> list[float]:  # fmt: skip
+    """One station socket's per-device latency in ms (chip opened to Confirm answered), chips
+    ``first`` .. ``first + n - 1``, as ``securethread station run --parallel 1`` drives them
+    (its heap frozen as the CLI freezes it); the first device, which opens the stream and asks
+    its challenge without one asked ahead, is not among them (as the line's first is not)."""
+    from securethread.demo.line import SimulatedFab
+    from securethread.heap import freeze_startup_heap
+    from securethread.station import SimulatedChips, StationCredentials, run_station
+
+    creds = StationCredentials.from_files(cert=files["cert"], key=files["key"], ca=files["ca"])
+    chips = SimulatedChips(SimulatedFab(vendor), range(FIRST_UID + first, FIRST_UID + first + n))
+    freeze_startup_heap()
+    r = run_station(creds, [target], job_id=job, chips=chips, parallel=1)
+    assert r.programmed == n and len(r.latencies_ms) == n, r
+    return list(r.latencies_ms[1:])
+
+
+def _in_process(*args: str) -> list[float]:
+    """:func:`line_latency` or :func:`station_latency` in a process of its own."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_stations", *args],
                           capture_output=True, text=True, env=child_env(), timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def paired_latency(sites: dict[str, Path], files: dict[str, str], target: str,
+                   jobs: tuple[str, str], n: int, rounds: int = 6) -> dict[str, Any]:  # fmt: skip
+    """The line's and one station socket's per-device latency, ``n`` devices each, on two
+    jobs alike (``jobs``: the line's, the station's; the appliance holds a job it serves, so
+    the line cannot run one it is serving), in ``rounds`` interleaved rounds (line then
+    station, station then line, ...; each a process of its own on fresh chips), so both
+    sample the same stretch of the machine's load rather than one the first half and the
+    other the second.  Each round's first device is
+    left out on both sides."""
+    per = max(2, n // rounds)
+    line_job, station_job = jobs
+    line: list[float] = []
+    station: list[float] = []
+    for r in range(rounds):
+        runs = [("line", r * per), ("station", r * per)]
+        for side, at in runs if r % 2 == 0 else runs[::-1]:
+            if side == "line":
+                line += _in_process("--line-latency", str(sites["factory"]), str(sites["vendor"]),
+                                    line_job, str(per), str(at))  # fmt: skip
+            else:
+                station += _in_process("--station-latency", json.dumps(files), target,
+                                       station_job, str(sites["vendor"]), str(per),
+                                       str(at))  # fmt: skip
+    return {
+        "line": {"devices": len(line), "p50_ms": _nearest_rank(line, 0.50),
+                 "p99_ms": _nearest_rank(line, 0.99), "mean_ms": round(sum(line) / len(line), 2)},
+        "station": {"stations": 1, "sockets": 1, "devices": len(station),
+                    "p50_ms": _nearest_rank(station, 0.50), "p99_ms": _nearest_rank(station, 0.99),
+                    "mean_ms": round(sum(station) / len(station), 2)},
+        "rounds": rounds,
+    }  # fmt: skip
+
+
 def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int = 300,
         work: Path | None = None) -> dict[str, Any]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="bench-stations-")) if work is None else work
-    jobs = {"line": (n, n), "lat": (2 * latency_n, 2 * latency_n)}
+    jobs = {"line": (n, n), "lat-line": (latency_n, latency_n),
+            "lat-station": (latency_n, latency_n)}
     jobs.update({f"s{k}": (n, n) for k in counts})
     log(f"stations: two sites, {len(jobs)} jobs")
     sites = build_sites(tmp, jobs)
@@ -232,13 +282,14 @@ def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int
     line_rate = line["devices_per_s"]
     server = ServerProcess(sites["factory"])
     try:
-        # Latency first and back to back (the machine is shared: its load drifts): the line's
-        # per-device p50/p99 at batch size 1, then one station socket's, same job and chips.
-        log(f"stations: in-process line, batch size 1, {latency_n} devices (latency)")
-        lat_line = _line_latency(sites, "lat", latency_n)
+        # Latency first: the line's per-device time at batch size 1 and one station socket's,
+        # same job and fab, in interleaved rounds (the machine's load drifts).
+        log(f"stations: latency, in-process line at batch size 1 against 1 station socket, "
+            f"{latency_n} devices each in 6 interleaved rounds")  # fmt: skip
+        lat = paired_latency(sites, files[0], server.target, ("lat-line", "lat-station"),
+                             latency_n)
+        lat_line, one = lat["line"], lat["station"]
         line_ms_b1 = lat_line["mean_ms"]
-        log(f"stations: 1 station, 1 socket, {latency_n} devices (latency)")
-        one = _stations(sites, files[:1], server.target, "lat", latency_n, 1, latency_n)
         points = []
         for k in counts:
             log(f"stations: {k} station process(es), {n} devices")
@@ -273,12 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=400)
     ap.add_argument("--latency-devices", type=int, default=300)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--line-latency", nargs=4, metavar=("WORKDIR", "VENDOR", "JOB", "N"),
-                    help=argparse.SUPPRESS)  # the line's latency, in a process of its own
+    ap.add_argument("--line-latency", nargs=5, help=argparse.SUPPRESS)  # WORKDIR VENDOR JOB N FIRST
+    ap.add_argument("--station-latency", nargs=6,
+                    help=argparse.SUPPRESS)  # FILES(JSON) TARGET JOB VENDOR N FIRST
     args = ap.parse_args(argv)
     if args.line_latency:
-        workdir, vendor, job, count = args.line_latency
-        print(json.dumps(line_latency(workdir, vendor, job, int(count))))
+        workdir, vendor, job, count, first = args.line_latency
+        print(json.dumps(line_latency(workdir, vendor, job, int(count), int(first))))
+        return 0
+    if args.station_latency:
+        files, target, job, vendor, count, first = args.station_latency
+        print(json.dumps(station_latency(json.loads(files), target, job, vendor, int(count),
+                                         int(first))))  # fmt: skip
         return 0
     t0 = time.perf_counter()
 

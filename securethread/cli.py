@@ -1313,7 +1313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="UID of the first chip, as an offset in the fab (default 0)",
     )
     c.add_argument(
-        "--parallel", type=int, default=4, help="sockets driven at once (default 4)"
+        "--parallel", type=int, default=4, help="sockets driven at once (default 4, at most 16)"
     )
     c.add_argument(
         "--keep-flash",

@@ -7,6 +7,9 @@ same :class:`~securethread.programmer.line.ProductionLine` as ``programmer provi
 (identify under the vendor CAs the OEM-signed job names -> count -> issue -> commit ->
 release) and returns the device's certificate, provisioning data and license; the station
 programs the chip and returns its boot confirmation, which the line verifies and records.
+The three calls also go as messages of one ``Socket`` stream per station socket (the same
+checks and counts; a device's refusal is a message and the stream goes on; the challenges a
+stream leaves unanswered are forgotten when it ends).
 
 **Group commit.**  A commit with fsync and a checkpoint signature per device would cap the
 rate far below the token's; so every job has one *batcher* thread that holds the job's
@@ -113,6 +116,11 @@ _CONNECTED_S = 10.0  # a station that called within this many seconds counts as 
 IMAGE_FETCHES = 16
 IMAGE_WINDOW_S = 60.0
 IMAGE_STREAMS = 2
+#: Socket streams open at once: per station (the reference station opens one per socket and
+#: appliance, ``--parallel`` at most this), and in all, below the server's threads
+#: (``max_workers``; the rest serve unary calls and GetImage).
+SOCKET_STREAMS = 16
+SOCKET_THREADS_SPARE = 16
 
 
 class StationRegistryError(ConfigurationError):
@@ -362,6 +370,35 @@ class _ImageLimit:
                             "job and keep it")  # fmt: skip
             recent.append(now)
             self._open[station] = self._open.get(station, 0) + 1
+
+    def leave(self, station: str) -> None:
+        with self._lock:
+            self._open[station] = max(0, self._open.get(station, 0) - 1)
+
+
+class _SocketLimit:
+    """Open ``Socket`` streams: at most ``per_station`` per station and ``total`` in all.
+    Each holds a server thread while open, so no station -- nor all of them -- can take the
+    threads the unary calls, GetImage and other stations need.  A station over its own limit
+    hears RESOURCE_EXHAUSTED; past the total, UNAVAILABLE (try another appliance)."""
+
+    def __init__(self, *, per_station: int, total: int) -> None:
+        self.per_station, self.total = per_station, total
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, station: str) -> None:
+        with self._lock:
+            mine = self._open.get(station, 0)
+            if mine >= self.per_station:
+                raise _Call(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"station {station} has {mine} socket streams open already (at "
+                            f"most {self.per_station} at once)")  # fmt: skip
+            if sum(self._open.values()) >= self.total:
+                raise _Call(grpc.StatusCode.UNAVAILABLE,
+                            f"the appliance serves {self.total} socket streams already: try "
+                            "another appliance, or later")  # fmt: skip
+            self._open[station] = mine + 1
 
     def leave(self, station: str) -> None:
         with self._lock:
@@ -932,6 +969,11 @@ class _Servicer(pb_grpc.StationServiceServicer):
         """The three calls as messages of one stream, answered in order.  The station is
         checked on every message (a withdrawn one is refused mid-stream and the stream
         ends); the challenges the stream asked for and left unanswered die with it."""
+        first = self._station(context)
+        try:
+            self._s._sockets.enter(first)
+        except _Call as call:
+            _abort(context, call)
         asked: set[bytes] = set()
         try:
             for request in request_iterator:
@@ -957,6 +999,7 @@ class _Servicer(pb_grpc.StationServiceServicer):
                                                                message=call.message))  # fmt: skip
         finally:  # ended, broken or cancelled: its unanswered challenges hold nothing
             self._s.forget_unanswered(asked)
+            self._s._sockets.leave(first)
 
     def GetImage(
         self, request: pb.ImageRequest, context: grpc.ServicerContext
@@ -1008,6 +1051,10 @@ class StationServer:
         self._seen: dict[str, float] = {}
         self._images = _ImageLimit(fetches=image_fetches, window_s=IMAGE_WINDOW_S,
                                    streams=IMAGE_STREAMS)  # fmt: skip
+        if max_workers <= SOCKET_THREADS_SPARE:
+            raise ConfigurationError(f"max_workers must be above {SOCKET_THREADS_SPARE}")
+        self._sockets = _SocketLimit(per_station=SOCKET_STREAMS,
+                                     total=max_workers - SOCKET_THREADS_SPARE)  # fmt: skip
         self._lock = threading.Lock()
         self._jobs_lock = threading.Lock()
         self._token_lock = threading.Lock()
@@ -1170,7 +1217,7 @@ def serve_stations(
     challenge_ttl_s: float = CHALLENGE_TTL_S,
     batch_size: int = 32,
     window_s: float = 0.003,
-    max_workers: int = 64,
+    max_workers: int = 128,
     image_fetches: int = IMAGE_FETCHES,
 ) -> StationServer:
     """Serve the station API of ``work``'s appliance on ``listen`` (``host:port``; port 0

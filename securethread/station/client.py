@@ -2,13 +2,15 @@
 
 Per device (``securethread/proto/station.proto``): Challenge -> the chip signs it ->
 Provision -> the chip takes its provisioning data and programs the image with its license
--> Confirm with the chip's boot confirmation.  The image is fetched once per appliance and
-job (GetImage).  Once the appliance answered a device's Provision, the station asks for
-the challenge of a chip still to come (one per chip, never more), so that round trip runs
-while the chip in hand programs rather than in the next chip's time.  Calls go over
-mutual TLS (the station's own key and the certificate the appliance issued for it; the
-appliance checked under the station CA and by the name ``securethread-appliance`` in its
-certificate, whatever address is dialled).
+-> Confirm with the chip's boot confirmation.  Each socket (a thread) sends these as
+messages of one ``Socket`` stream per appliance, so a device costs two round trips and no
+call setup; once the appliance answered a device's Provision, the socket asks on its stream
+for the challenge of a chip still to come (one per chip, never more), answered while the chip
+in hand programs.  Closing a stream frees the challenges it left unanswered.  The image is
+fetched once per appliance and job (GetImage).  Calls go over mutual TLS (the station's own
+key and the certificate the appliance issued for it; the appliance checked under the station
+CA and by the name ``securethread-appliance`` in its certificate, whatever address is
+dialled).
 
 Several appliances: each device goes to the next reachable one (client-side round-robin, as
 opentitan-provisioning's stations do); one that does not answer is skipped for a while.  A
@@ -59,6 +61,9 @@ SERVER_NAME = "securethread-appliance"
 _DOWN_S = 5.0  # an appliance that did not answer is skipped this long
 _CALL_TIMEOUT_S = 120.0
 MAX_NOTES = 20
+#: Sockets of one station: the appliance serves at most this many Socket streams of one
+#: station at once (securethread/programmer/stations.py, SOCKET_STREAMS).
+MAX_PARALLEL = 16
 
 # exit codes (docs/cli.md): 1 OS/network, 2 configuration, 4 verification, 5 quota
 _EXIT = {
@@ -482,7 +487,7 @@ class StationResult:
     """What a station run did: ``provisioned`` (counted now), ``recovered`` (counted on an
     earlier run, programmed now), ``programmed`` (both), ``already_done`` (provisioned and
     programmed before: a resumed run), ``refused`` by gRPC status (or ``CHIP``), the
-    first notes, and per-device latency (challenge to confirmation)."""
+    first notes, and per-device latency (chip opened to Confirm answered)."""
 
     job_id: str
     appliances: tuple[str, ...]
@@ -497,6 +502,8 @@ class StationResult:
     p50_ms: float | None
     p99_ms: float | None
     quota_exhausted: bool
+    #: each device's latency in ms, in the order they finished (not in :meth:`to_json`)
+    latencies_ms: tuple[float, ...] = attrs.field(default=(), repr=False)
 
     @property
     def devices_per_s(self) -> float | None:
@@ -505,6 +512,7 @@ class StationResult:
 
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self)
+        del out["latencies_ms"]
         out["appliances"] = list(self.appliances)
         out["notes"] = list(self.notes)
         out["devices_per_s"] = self.devices_per_s
@@ -544,8 +552,9 @@ def run_station(
     or no appliance answers; the result says what was done up to then otherwise."""
     if not appliances:
         raise ConfigurationError("give at least one --appliance HOST:PORT")
-    if parallel < 1:
-        raise ConfigurationError("--parallel must be at least 1")
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise ConfigurationError(f"--parallel must be 1 to {MAX_PARALLEL} (an appliance serves "
+                                 f"at most {MAX_PARALLEL} sockets of one station at once)")
     clients = [ApplianceClient(t, creds) for t in appliances]
     balancer = _Balancer(clients)
     tally = _Tally()
@@ -651,6 +660,7 @@ def run_station(
         p50_ms=_percentile(tally.latencies, 0.50),
         p99_ms=_percentile(tally.latencies, 0.99),
         quota_exhausted=tally.quota,
+        latencies_ms=tuple(round(x * 1000, 3) for x in tally.latencies),
     )
 
 
