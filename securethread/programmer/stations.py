@@ -121,6 +121,8 @@ IMAGE_STREAMS = 2
 #: (``max_workers``; the rest serve unary calls and GetImage).
 SOCKET_STREAMS = 16
 SOCKET_THREADS_SPARE = 16
+#: Challenges one Socket stream may hold unanswered (the reference station holds at most 2).
+STREAM_CHALLENGES = 64
 
 
 class StationRegistryError(ConfigurationError):
@@ -981,13 +983,21 @@ class _Servicer(pb_grpc.StationServiceServicer):
                 kind = request.WhichOneof("call")
                 try:
                     if kind == "challenge":
+                        if len(asked) >= STREAM_CHALLENGES:
+                            asked = self._s.unanswered(asked)
+                        if len(asked) >= STREAM_CHALLENGES:
+                            raise _Call(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"this stream has {len(asked)} challenges unanswered "
+                                        f"(at most {STREAM_CHALLENGES}): answer them first")
                         ch = self._challenge(station, request.challenge)
                         asked.add(ch.session)
                         yield pb.SocketResponse(challenge=ch)
                     elif kind == "provision":
-                        asked.discard(request.provision.session)
-                        yield pb.SocketResponse(provision=self._provision(station,
-                                                                          request.provision))
+                        try:
+                            answer = self._provision(station, request.provision)
+                        finally:  # answered (used) now, or refused and still open
+                            asked = self._s.unanswered(asked)
+                        yield pb.SocketResponse(provision=answer)
                     elif kind == "confirm":
                         yield pb.SocketResponse(confirm=self._confirm(station, request.confirm))
                     else:
@@ -1090,6 +1100,13 @@ class StationServer:
         if session.used:
             return session.waiting
         return now < session.expires
+
+    def unanswered(self, sessions: set[bytes]) -> set[bytes]:
+        """Those of ``sessions`` whose challenge can still be answered."""
+        now = time.monotonic()
+        with self._lock:
+            return {sid for sid in sessions if (s := self._sessions.get(sid)) is not None
+                    and not s.used and now <= s.expires}  # fmt: skip
 
     def forget_unanswered(self, sessions: set[bytes]) -> None:
         """Drop the challenges of ``sessions`` that were never answered (a Socket stream

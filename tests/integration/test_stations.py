@@ -542,9 +542,6 @@ def test_bad_requests_on_the_stream_are_refusals_that_count_nothing(
     assert _counts(world["factory"], "j") == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Socket drops the session from the stream's "
-                   "unanswered set before Provision's size check refuses it unused "
-                   "(securethread/programmer/stations.py, Socket and _provision)")
 def test_a_challenge_refused_as_too_large_on_a_stream_dies_with_the_stream(
     world: dict[str, Any],
 ) -> None:
@@ -563,6 +560,52 @@ def test_a_challenge_refused_as_too_large_on_a_stream_dies_with_the_stream(
                                                                 chip_answer=b"\xa1")),
              grpc.StatusCode.INVALID_ARGUMENT, "unknown session")  # fmt: skip
     assert _counts(world["factory"], "j") == before
+
+
+def test_a_station_holds_at_most_16_streams_and_a_stream_64_unanswered_challenges(
+    world: dict[str, Any],
+) -> None:
+    """Each open stream holds a server thread: a station's 17th is refused
+    (RESOURCE_EXHAUSTED, one line) and, once one of its 16 ends, a new one is served.  One
+    stream holds at most 64 challenges unanswered: the 65th is a Refusal (RESOURCE_EXHAUSTED)
+    and the stream goes on; answering one makes room."""
+    before = _counts(world["factory"], "j")
+    world["files"]["s5"] = add_station(world, "s5")  # its own: no other test's streams count
+    socks = [_socket(world, "s5") for _ in range(16)]
+    for sock in socks:
+        assert len(_challenge(sock).challenge) == 32
+    extra = _socket(world, "s5")
+    with pytest.raises(grpc.RpcError) as info:
+        extra.ask(challenge=pb.ChallengeRequest(job_id="j"))
+    err: Any = info.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert "16 socket streams open already" in err.details() and "\n" not in err.details()
+    socks.pop().end()
+    again = _socket(world, "s5")
+    assert len(_challenge(again).challenge) == 32
+    for sock in [*socks, again]:
+        sock.end()
+
+    sock = _socket(world, "s5")
+    asked = [_challenge(sock) for _ in range(64)]
+    _refusal(sock.ask(challenge=pb.ChallengeRequest(job_id="j")),
+             grpc.StatusCode.RESOURCE_EXHAUSTED, "64 challenges unanswered")  # fmt: skip
+    _refusal(sock.ask(provision=pb.ProvisionRequest(session=asked[0].session,
+                                                    chip_answer=b"\xa1")),
+             grpc.StatusCode.INVALID_ARGUMENT, "identification")  # fmt: skip
+    assert len(_challenge(sock).challenge) == 32  # the answered one made room
+    sock.end()
+    assert _counts(world["factory"], "j") == before
+
+
+def test_station_run_parallel_is_bounded_by_what_an_appliance_serves(
+    world: dict[str, Any],
+) -> None:
+    args = station_args(world["files"]["s1"], world["server"].target, "j", devices=1, first=0,
+                        chips=world["vendor"], parallel=17)  # fmt: skip
+    proc = cli(*args, ok=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "--parallel must be 1 to 16" in _one_line(proc.stderr)
 
 
 def test_another_stations_session_is_refused_on_its_stream_and_unary(
