@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=400)
     ap.add_argument("--latency-devices", type=int, default=300)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only the line against one station socket (no 1/2/4-station points)")
     ap.add_argument("--line-latency", nargs=5, help=argparse.SUPPRESS)  # WORKDIR VENDOR JOB N FIRST
     ap.add_argument("--station-latency", nargs=6,
                     help=argparse.SUPPRESS)  # FILES(JSON) TARGET JOB VENDOR N FIRST
@@ -342,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    r = run(args.devices, log, latency_n=args.latency_devices)
+    r = run(args.devices, log, latency_n=args.latency_devices,
+            counts=(2,) if args.latency_only else (1, 2, 4))
     if args.json:
         print(json.dumps(r))
     else:
