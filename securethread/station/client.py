@@ -4,8 +4,9 @@ Per device (``securethread/proto/station.proto``): Challenge -> the chip signs i
 Provision -> the chip takes its provisioning data and programs the image with its license
 -> Confirm with the chip's boot confirmation.  Each socket (a thread) sends these as
 messages of one ``Socket`` stream per appliance, so a device costs two round trips and no
-call setup; right behind a chip's Confirm the socket asks on its stream for the challenge of
-a chip still to come (one per chip, never more), answered while the next chip opens.
+call setup; once the appliance answered a chip's Provision, the socket asks on its stream for
+the challenge of a chip still to come (one per chip, never more), answered while the chip in
+hand programs.
 Closing a stream frees the challenges it left unanswered.  The image is fetched once per
 appliance and job (GetImage).  Calls go over mutual TLS (the station's own key and the
 certificate the appliance issued for it; the appliance checked under the station CA and by
@@ -398,8 +399,8 @@ class ApplianceClient:
         or ``already_done``, or raises :class:`_DeviceRefused` (the device's refusal),
         :class:`_Unreachable` (nothing counted: try another appliance) or
         :class:`StationCallError` (the station's).  ``next_chip`` is called once the
-        chip's Confirm is written (to :meth:`ask_ahead` for a chip still to come: answered
-        right behind the Confirm, while the next chip opens, not while this one programs)."""
+        appliance answered Provision (to :meth:`ask_ahead` for a chip still to come: its
+        answer is at hand before the next chip opens)."""
         image = self.image(job_id)
         chip = open_chip()
         stream = self._stream()
@@ -413,9 +414,9 @@ class ApplianceClient:
         ticket = stream.send(pb.SocketRequest(
             provision=pb.ProvisionRequest(session=ch.session, chip_answer=answer)))
         prov = self._call(stream, ticket, "Provision", counted=True)
+        if next_chip is not None:  # answered while this chip programs
+            next_chip(self)
         if prov.state == pb.ProvisionResponse.ALREADY_PROGRAMMED:
-            if next_chip is not None:
-                next_chip(self)
             return "already_done"
         try:
             if prov.provisioning_data:  # none for a "program" job: the chip has its fab's
@@ -433,8 +434,6 @@ class ApplianceClient:
             raise _DeviceRefused("CHIP", f"the chip refused its image: {exc}") from None
         ticket = stream.send(pb.SocketRequest(
             confirm=pb.ConfirmRequest(session=ch.session, boot=boot)))
-        if next_chip is not None:  # behind the Confirm: answered while the next chip opens
-            next_chip(self)
         self._call(stream, ticket, "Confirm", counted=True)
         return "recovered" if prov.state == pb.ProvisionResponse.RECOVERED else "provisioned"
 
