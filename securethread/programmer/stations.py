@@ -1122,28 +1122,40 @@ class StationServer:
         ``programmer provision``, can then take them)."""
         while not self._stopped:
             time.sleep(min(0.5, self.idle_s / 2))
-            now = time.monotonic()
-            retired = []
-            # Both locks: no challenge is handed out for a job while it is being released
-            # (Challenge checks ``retired`` under the session lock).
-            with self._jobs_lock, self._lock:
-                # a dead session is kept a while, so a late answer hears "expired" and a
-                # retried Confirm "recorded before", not "unknown session"
-                for sid in [k for k, v in self._sessions.items()
-                            if not self._live(v, now) and now > v.expires + _KEEP_S]:
-                    del self._sessions[sid]  # fmt: skip
-                live_jobs = {id(v.job) for v in self._sessions.values() if self._live(v, now)}
-                for job_id, job in list(self._jobs.items()):
-                    if now - job.last_call < self.idle_s:
-                        continue
-                    if job.retire_if_idle(id(job) not in live_jobs):
-                        del self._jobs[job_id]
-                        self._retiring[job_id] = job
-                        retired.append(job)
-            for job in retired:
+            for job in self._reap_once(time.monotonic()):
                 job.join()
                 with self._jobs_lock:
                     self._retiring.pop(job.job_id, None)
+
+    def _reap_once(self, now: float) -> list[_Job]:
+        """One pass of :meth:`_reap`: the jobs it released (to join outside the locks)."""
+        retired: list[_Job] = []
+        # Both locks: no challenge is handed out for a job while it is being released
+        # (Challenge checks ``retired`` under the session lock).
+        with self._jobs_lock, self._lock:
+            # A dead session is kept a while, so a late answer hears "expired" and a retried
+            # Confirm "recorded before", not "unknown session".  Sessions are in the order they
+            # were made, hence of expiry (one lifetime for all): only the front, past expiry
+            # and that while, is looked at -- not every session of the last minutes on each
+            # pass, under the lock every call takes.
+            dead = []
+            for sid, v in self._sessions.items():
+                if now <= v.expires + _KEEP_S:
+                    break
+                if not self._live(v, now):
+                    dead.append(sid)
+            for sid in dead:
+                del self._sessions[sid]
+            # Which jobs a live session holds: looked for only when a job is idle.
+            idle = [(k, j) for k, j in self._jobs.items() if now - j.last_call >= self.idle_s]
+            live_jobs = ({id(v.job) for v in self._sessions.values() if self._live(v, now)}
+                         if idle else set())  # fmt: skip
+            for job_id, job in idle:
+                if job.retire_if_idle(id(job) not in live_jobs):
+                    del self._jobs[job_id]
+                    self._retiring[job_id] = job
+                    retired.append(job)
+        return retired
 
     def _job(self, job_id: str) -> _Job:
         try:
