@@ -853,7 +853,21 @@ class _Servicer(pb_grpc.StationServiceServicer):
     def __init__(self, server: StationServer) -> None:
         self._s = server
 
-    def _station(self, context: grpc.ServicerContext) -> str:
+    def _station(self, context: grpc.ServicerContext, fingerprint: str | None = None) -> str:
+        """The calling station's name, checked against the station list now; ``fingerprint``:
+        its certificate's, when already read from this call's TLS peer (a stream's)."""
+        if fingerprint is None:
+            fingerprint = self._fingerprint(context)
+        name = self._s._allowed.name_of(fingerprint)
+        if name is None:
+            _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED,
+                                  "this station is not (or no longer) allowed on this appliance"))
+        self._s._seen[name] = time.monotonic()
+        return name
+
+    def _fingerprint(self, context: grpc.ServicerContext) -> str:
+        """The SHA-256 of the TLS peer's certificate (the same for every message of a
+        stream: read once per stream)."""
         # grpc's auth context maps each property to a list of values (grpc/_server.py)
         found: Any = context.auth_context().get("x509_pem_cert")
         certs: list[bytes] = list(found or ())
@@ -862,12 +876,7 @@ class _Servicer(pb_grpc.StationServiceServicer):
         fingerprint = self._s._allowed.fingerprint_of(certs[0])
         if fingerprint is None:
             _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED, "unreadable certificate"))
-        name = self._s._allowed.name_of(fingerprint)
-        if name is None:
-            _abort(context, _Call(grpc.StatusCode.PERMISSION_DENIED,
-                                  "this station is not (or no longer) allowed on this appliance"))
-        self._s._seen[name] = time.monotonic()
-        return name
+        return fingerprint
 
     # The three per-device calls, as functions of (station, request) raising _Call: the
     # unary handlers end the call with it, Socket answers it as a Refusal and goes on.
@@ -971,7 +980,8 @@ class _Servicer(pb_grpc.StationServiceServicer):
         """The three calls as messages of one stream, answered in order.  The station is
         checked on every message (a withdrawn one is refused mid-stream and the stream
         ends); the challenges the stream asked for and left unanswered die with it."""
-        first = self._station(context)
+        peer = self._fingerprint(context)
+        first = self._station(context, peer)
         try:
             self._s._sockets.enter(first)
         except _Call as call:
@@ -979,7 +989,7 @@ class _Servicer(pb_grpc.StationServiceServicer):
         asked: set[bytes] = set()
         try:
             for request in request_iterator:
-                station = self._station(context)
+                station = self._station(context, peer)
                 kind = request.WhichOneof("call")
                 try:
                     if kind == "challenge":
