@@ -6,11 +6,11 @@ Provision -> the chip takes its provisioning data and programs the image with it
 messages of one ``Socket`` stream per appliance, so a device costs two round trips and no
 call setup; once the appliance answered a chip's Provision, the socket asks on its stream for
 the challenge of a chip still to come (one per chip, never more), answered while the chip in
-hand programs.
-Closing a stream frees the challenges it left unanswered.  The image is fetched once per
-appliance and job (GetImage).  Calls go over mutual TLS (the station's own key and the
-certificate the appliance issued for it; the appliance checked under the station CA and by
-the name ``securethread-appliance`` in its certificate, whatever address is dialled).
+hand programs.  Closing a stream frees the challenges it left unanswered.  The image is
+fetched once per appliance and job (GetImage).  Calls go over mutual TLS (the station's own
+key and the certificate the appliance issued for it; the appliance checked under the station
+CA and by the name ``securethread-appliance`` in its certificate, whatever address is
+dialled).
 
 Several appliances: each device goes to the next reachable one (client-side round-robin, as
 opentitan-provisioning's stations do); one that does not answer is skipped for a while.  A
