@@ -130,7 +130,9 @@ def reconcile_joint(
     root = from_pem(work.read(L.ROOT_CA, "OEM root certificate"))
     officers = OfficerBundle.open(work.read(L.OFFICERS, "officer bundle"), root.public_key())  # type: ignore[arg-type]
     issued, job = _issued(work, job_id, officers)
-    work.refuse_done(f"{jdir}/reconciliation.json", step=f"reconcile-joint {job_id}")
+    step = f"reconcile-joint {job_id}"
+    if (earlier := work.done_before(f"{jdir}/reconciliation.json", step=step)) is not None:
+        return earlier  # done, but killed before its answer was out: that answer
     devices = ProvisionedDevices(job.provisioned_by)
     digests: dict[str, bytes] = {}
     oem = work.open_token(L.TOKEN)
@@ -166,10 +168,11 @@ def reconcile_joint(
     )
     record = joint.to_json() | {"ledger_sha256": {j: d.hex() for j, d in digests.items()}}
     text = json.dumps(record, sort_keys=True) + "\n"
-    written = [work.write(f"{jdir}/reconciliation.json", text.encode())]
-    return work.finish(
-        "oem reconcile-joint", written, [tx], {"job": job_id, **record, "lines": joint.human()}
-    )
+    result = work.finish("oem reconcile-joint", [f"{jdir}/reconciliation.json"], [tx],
+                         {"job": job_id, **record, "lines": joint.human()})  # fmt: skip
+    result = work.pending(step, result)  # the answer recorded before the step is marked done
+    work.write(f"{jdir}/reconciliation.json", text.encode())  # last: marks the step done
+    return result
 
 
 __all__ = ["reconcile_joint"]

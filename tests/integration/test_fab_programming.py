@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,16 @@ from securethread.demo.fab import FAB, FACTORY, PROGRAM_JOB, PROVISION_JOB
 from securethread.demo.line import SimulatedFab
 from securethread.formats import ledger
 from securethread.formats.identity import IdentificationResponse
+from securethread.formats.transcript import verify_transcript
 from securethread.pki import cert_fingerprint, from_pem
-from tests.integration.fab_support import EXIT_CONFIG, EXIT_VERIFY, issue_job, run, token_labels
+from tests.integration.fab_support import (
+    CLI,
+    EXIT_CONFIG,
+    EXIT_VERIFY,
+    issue_job,
+    run,
+    token_labels,
+)
 from tests.integration.fab_support import answer as _json
 from tests.integration.fab_support import one_line as _one_line
 
@@ -235,3 +244,41 @@ def test_a_revoked_provisioning_ca_is_named_by_no_program_job_and_reconciles_not
                 "lot-2=fab/outbox/ledger-lot-2.bin", ok=False)  # fmt: skip
     assert proc.returncode in (EXIT_CONFIG, EXIT_VERIFY), proc.stderr
     assert "revoked by this OEM's root" in _one_line(proc)
+
+
+def test_reconcile_joint_killed_before_its_answer_answers_the_next_run(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """``oem reconcile-joint`` SIGKILLed once everything is written, before it printed (as
+    tests/integration/test_step_answers.py does to every other step): the next run prints
+    that answer, appending no second transcript record; the run after is refused, one line.
+    On a copy of the demo's OEM directory (the same token, a transcript of its own) whose
+    joint reconciliation is undone."""
+    from tests.integration.test_step_answers import _killed_before_printing
+
+    root = world["root"]
+    oem = tmp_path / "oem"
+    shutil.copytree(root / "oem", oem)
+    (oem / "jobs" / PROGRAM_JOB / "reconciliation.json").unlink()
+    inbox = root / "oem" / "inbox"
+    args = ("oem", "reconcile-joint", "--workdir", str(oem),
+            str(inbox / f"ledger-{PROGRAM_JOB}.bin"), "--job", PROGRAM_JOB, "--provisioned",
+            f"{PROVISION_JOB}={inbox / f'ledger-{PROVISION_JOB}.bin'}")  # fmt: skip
+    identity = from_pem((oem / "oem-identity.pem").read_bytes()).public_key()
+
+    def joint_records() -> int:
+        summary = verify_transcript(oem / "transcript.bin", public_key=identity)  # type: ignore[arg-type]
+        return sum(r.operation == "joint-reconciliation" for r in summary.records)
+
+    before = joint_records()
+    lost = _killed_before_printing(tmp_path, *args)
+    assert lost["ok"] and lost["job"] == PROGRAM_JOB and joint_records() == before + 1
+    again = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True,
+                           env=child_env(), timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == lost  # the answer it lost
+    assert joint_records() == before + 1
+    twice = subprocess.run([*CLI, *args], capture_output=True, text=True, env=child_env(),
+                           timeout=300)  # fmt: skip
+    assert twice.returncode == EXIT_CONFIG and "already done" in _one_line(twice), twice.stderr
+    assert joint_records() == before + 1
