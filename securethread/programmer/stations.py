@@ -121,8 +121,11 @@ IMAGE_STREAMS = 2
 #: (``max_workers``; the rest serve unary calls and GetImage).
 SOCKET_STREAMS = 16
 SOCKET_THREADS_SPARE = 16
-#: Challenges one Socket stream may hold unanswered (the reference station holds at most 2).
+#: Challenges one Socket stream may hold unanswered (the reference station holds at most 2),
+#: and one station over all its calls, unary or streamed (sessions cost the appliance memory
+#: and its reaper time until they expire).
 STREAM_CHALLENGES = 64
+STATION_CHALLENGES = 256
 
 
 class StationRegistryError(ConfigurationError):
@@ -891,8 +894,9 @@ class _Servicer(pb_grpc.StationServiceServicer):
             job = self._s._job(request.job_id)
             with self._s._lock:
                 if not job.retired:
-                    self._s._sessions[sid] = _Session(job, station, challenge,
-                                                      time.monotonic() + ttl)  # fmt: skip
+                    now = time.monotonic()
+                    self._s.admit_challenge(station, sid, now)
+                    self._s._sessions[sid] = _Session(job, station, challenge, now + ttl)
                     break
         else:
             raise _Call(grpc.StatusCode.UNAVAILABLE, "the job is being released")
@@ -1068,6 +1072,7 @@ class StationServer:
         self._retiring: dict[str, _Job] = {}
         self._served: dict[str, _Job] = {}  # every job served since the start (status)
         self._sessions: dict[bytes, _Session] = {}
+        self._held: dict[str, collections.deque[bytes]] = {}  # per station: admit_challenge
         self._seen: dict[str, float] = {}
         self._images = _ImageLimit(fetches=image_fetches, window_s=IMAGE_WINDOW_S,
                                    streams=IMAGE_STREAMS)  # fmt: skip
@@ -1110,6 +1115,23 @@ class StationServer:
         if session.used:
             return session.waiting
         return now < session.expires
+
+    def admit_challenge(self, station: str, sid: bytes, now: float) -> None:
+        """Count challenge ``sid`` as one ``station`` holds unanswered, or refuse it if the
+        station holds :data:`STATION_CHALLENGES` already (called under the session lock)."""
+        held = self._held.get(station)
+        if held is None:
+            held = self._held[station] = collections.deque()
+        if len(held) >= STATION_CHALLENGES:  # forget those answered, expired or dropped
+            held = self._held[station] = collections.deque(
+                k for k in held
+                if (v := self._sessions.get(k)) is not None and not v.used and now <= v.expires
+            )  # fmt: skip
+        if len(held) >= STATION_CHALLENGES:
+            raise _Call(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"station {station} holds {len(held)} challenges unanswered (at most "
+                        f"{STATION_CHALLENGES}): answer them or let them expire")  # fmt: skip
+        held.append(sid)
 
     def unanswered(self, sessions: set[bytes]) -> set[bytes]:
         """Those of ``sessions`` whose challenge can still be answered."""

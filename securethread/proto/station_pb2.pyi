@@ -38,7 +38,9 @@ Errors are gRPC status codes with one line of text naming what was wrong:
   PERMISSION_DENIED    unknown or withdrawn station, or a session of another station
   FAILED_PRECONDITION  the job is not opened on this appliance, or closed
   RESOURCE_EXHAUSTED   the job's quota is used up; or (GetImage) this station's image limit
-                       (16 calls a minute, 2 streams at once: fetch the image once per job)
+                       (16 calls a minute, 2 streams at once: fetch the image once per job);
+                       or (Challenge, Socket) this station's limits: 256 challenges held
+                       unanswered, 64 on one stream, 16 Socket streams open at once
   DEADLINE_EXCEEDED    the answer came after the challenge expired
   ALREADY_EXISTS       the session was used already (a replay)
   UNAVAILABLE          the appliance is draining (stopping); try another appliance

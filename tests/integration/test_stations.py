@@ -598,6 +598,26 @@ def test_a_station_holds_at_most_16_streams_and_a_stream_64_unanswered_challenge
     assert _counts(world["factory"], "j") == before
 
 
+def test_a_station_holds_at_most_256_unanswered_challenges_over_its_unary_calls(
+    world: dict[str, Any],
+) -> None:
+    """Unary Challenge calls too: a station holding 256 challenges unanswered is refused the
+    next (RESOURCE_EXHAUSTED, one line); answering one makes room.  (A station certified
+    here; its challenges expire after the test server's TTL.)"""
+    before = _counts(world["factory"], "j")
+    files = add_station(world, "s6")
+    stub = pb_grpc.StationServiceStub(_channel(files, world["server"].target))
+    asked = [stub.Challenge(pb.ChallengeRequest(job_id="j")) for _ in range(256)]
+    text = _refused(lambda: stub.Challenge(pb.ChallengeRequest(job_id="j")),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "256 challenges unanswered")  # fmt: skip
+    assert "s6" in text
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(session=asked[0].session,
+                                                        chip_answer=b"\xa1")),
+             grpc.StatusCode.INVALID_ARGUMENT, "identification")  # fmt: skip
+    assert len(stub.Challenge(pb.ChallengeRequest(job_id="j")).challenge) == 32
+    assert _counts(world["factory"], "j") == before
+
+
 def test_station_run_parallel_is_bounded_by_what_an_appliance_serves(
     world: dict[str, Any],
 ) -> None:
