@@ -13,7 +13,8 @@ first station's process start; the line's counted devices over its run time), th
 provisioning-only rate, per-device p50/p99 at the stations (chip opened to Confirm answered;
 nearest rank), and what the service adds to a device's latency: p50 and p99 of one station
 driving one socket minus the same quantile of the in-process line's per-device time at batch
-size 1 (workers=0), measured back to back on the same job.
+size 1 (workers=0), measured in six interleaved rounds on two jobs alike
+(:func:`paired_latency`).
 """
 
 from __future__ import annotations
@@ -242,8 +243,7 @@ def paired_latency(sites: dict[str, Path], files: dict[str, str], target: str,
     the line cannot run one it is serving), in ``rounds`` interleaved rounds (line then
     station, station then line, ...; each a process of its own on fresh chips), so both
     sample the same stretch of the machine's load rather than one the first half and the
-    other the second.  Each round's first device is
-    left out on both sides."""
+    other the second.  Each round's first device is left out on both sides."""
     per = max(2, n // rounds)
     line_job, station_job = jobs
     line: list[float] = []
@@ -283,7 +283,7 @@ def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int
     server = ServerProcess(sites["factory"])
     try:
         # Latency first: the line's per-device time at batch size 1 and one station socket's,
-        # same job and fab, in interleaved rounds (the machine's load drifts).
+        # on two jobs alike and the same fab, in interleaved rounds (the machine's load drifts).
         log(f"stations: latency, in-process line at batch size 1 against 1 station socket, "
             f"{latency_n} devices each in 6 interleaved rounds")  # fmt: skip
         lat = paired_latency(sites, files[0], server.target, ("lat-line", "lat-station"),
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-devices", type=int, default=300)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--latency-only", action="store_true",
-                    help="only the line against one station socket (no 1/2/4-station points)")
+                    help="the latency pair and the 2-station point only (no 1- or 4-station)")
     ap.add_argument("--line-latency", nargs=5, help=argparse.SUPPRESS)  # WORKDIR VENDOR JOB N FIRST
     ap.add_argument("--station-latency", nargs=6,
                     help=argparse.SUPPRESS)  # FILES(JSON) TARGET JOB VENDOR N FIRST
