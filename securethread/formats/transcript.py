@@ -719,6 +719,24 @@ class Transcript:
         self._size += len(frame)
         return record
 
+    def append_unless_last(
+        self,
+        operation: str,
+        *,
+        artefacts: Mapping[str, bytes],
+        details: Mapping[str, DetailValue],
+    ) -> CeremonyRecord:
+        """:meth:`append`, unless the newest record is this very one -- the same operation
+        over the same artefacts with the same details: a step killed after appending it and
+        before it marked itself done, run again, records itself once, not twice.  (Another
+        record appended in between and the step's record is written again: a second record,
+        never a missing one.)"""
+        last = self._last
+        if (last is not None and last.operation == operation
+                and last.artefacts == _pairs(artefacts) and last.details == _pairs(details)):
+            return last  # fmt: skip
+        return self.append(operation, artefacts=artefacts, details=details)
+
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)

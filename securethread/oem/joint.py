@@ -155,7 +155,7 @@ def reconcile_joint(
     )
     joint = JointReport(program=program, provisioning=tuple(devices.reports))
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
-    tx.append(
+    tx.append_unless_last(  # a rerun after a kill right after it: recorded once
         "joint-reconciliation",
         artefacts={f"ledger-{j}": d for j, d in sorted(digests.items())},
         details={

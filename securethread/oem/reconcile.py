@@ -66,7 +66,7 @@ def reconcile(
     oem = work.open_token(L.TOKEN)
     tx = work.transcript(oem.private_key(L.L_IDENTITY))
     ledger_sha256 = hashed.digest()
-    tx.append(
+    tx.append_unless_last(  # a rerun after a kill right after it: recorded once
         "reconciliation",
         artefacts={"ledger": ledger_sha256},
         details={

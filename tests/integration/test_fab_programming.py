@@ -249,12 +249,13 @@ def test_a_revoked_provisioning_ca_is_named_by_no_program_job_and_reconciles_not
 def test_reconcile_joint_killed_before_its_answer_answers_the_next_run(
     world: dict[str, Any], tmp_path: Path
 ) -> None:
-    """``oem reconcile-joint`` SIGKILLed once everything is written, before it printed (as
+    """``oem reconcile-joint`` SIGKILLed right after its transcript record (the rerun adds no
+    second record), then once everything is written, before it printed (as
     tests/integration/test_step_answers.py does to every other step): the next run prints
     that answer, appending no second transcript record; the run after is refused, one line.
     On a copy of the demo's OEM directory (the same token, a transcript of its own) whose
     joint reconciliation is undone."""
-    from tests.integration.test_step_answers import _killed_before_printing
+    from tests.integration.test_step_answers import _KILLED_IN_OPEN_KEYS, _killed_before_printing
 
     root = world["root"]
     oem = tmp_path / "oem"
@@ -271,6 +272,20 @@ def test_reconcile_joint_killed_before_its_answer_answers_the_next_run(
         return sum(r.operation == "joint-reconciliation" for r in summary.records)
 
     before = joint_records()
+    # Killed right after its transcript record, before its answer is recorded: the rerun
+    # records nothing more (the record it finds newest is its own).
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_OPEN_KEYS, *args, "--json"],
+        capture_output=True, text=True, env={**child_env(), "KILL_AT": "answer written"},
+        timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9 and killed.stdout == "", (killed.returncode, killed.stderr)
+    assert joint_records() == before + 1
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=child_env(),
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert joint_records() == before + 1
+    (oem / "jobs" / PROGRAM_JOB / "reconciliation.json").unlink()  # undone once more
     lost = _killed_before_printing(tmp_path, *args)
     assert lost["ok"] and lost["job"] == PROGRAM_JOB and joint_records() == before + 1
     again = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True,

@@ -403,3 +403,43 @@ def test_a_damaged_record_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_VERIFY and len(lines) == 1 and "damaged" in lines[0], proc.stderr
     assert str(record) in lines[0]
     assert _state(work) == before
+
+
+def test_reconcile_killed_right_after_its_transcript_record_records_it_once(
+    chain: Chain, tmp_path: Path
+) -> None:
+    """``oem reconcile`` SIGKILLed after its transcript record and before its answer is
+    recorded (no reconciliation.json, nothing in undelivered/): the rerun reconciles and
+    answers, and the transcript ends with that one record, not two.  On a copy of the
+    chain's OEM directory (the same token) with its reconciliation undone."""
+    import shutil
+
+    oem = tmp_path / "oem"
+    shutil.copytree(chain.oem, oem)
+    (oem / "jobs" / "j" / "reconciliation.json").unlink()
+    shutil.rmtree(oem / "undelivered", ignore_errors=True)
+    ledger = chain.fac / "outbox" / "ledger-j.bin"
+    args = ("oem", "reconcile", "--workdir", str(oem), str(ledger), "--job", "j")
+    identity = from_pem((oem / "oem-identity.pem").read_bytes()).public_key()
+    digest = hashlib.sha256(ledger.read_bytes()).digest()
+
+    def records() -> list[int]:
+        summary = verify_transcript(oem / "transcript.bin", public_key=identity)  # type: ignore[arg-type]
+        return [r.seq for r in summary.records if r.operation == "reconciliation"
+                and dict(r.artefacts).get("ledger") == digest]  # fmt: skip
+
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_OPEN_KEYS, *args, "--json"],
+        capture_output=True, text=True, env={**child_env(), "KILL_AT": "answer written"},
+        timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9 and killed.stdout == "", (killed.returncode, killed.stderr)
+    assert not (oem / "jobs" / "j" / "reconciliation.json").exists()
+    after_kill = records()
+    summary = verify_transcript(oem / "transcript.bin", public_key=identity)  # type: ignore[arg-type]
+    assert after_kill and summary.records[-1].seq == after_kill[-1]  # its record is the newest
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["reconciled"] is True
+    assert records() == after_kill  # recorded once
+    assert (oem / "jobs" / "j" / "reconciliation.json").is_file()

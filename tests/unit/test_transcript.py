@@ -444,3 +444,26 @@ def test_signed_record_round_trip(signer: PrivateKey) -> None:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     assert s.signer == hashlib.sha256(spki).digest()
+
+
+def test_append_unless_last_records_a_rerun_step_once(tmp_path: Path, signer: PrivateKey) -> None:
+    """A step killed right after appending its record, run again, finds that record newest
+    and does not sign a second; other details, another operation, or a record in between and
+    it is appended (a second record, never a missing one)."""
+    path = tmp_path / "oem.transcript"
+    t = Transcript(path, signer, "oem", clock=clock())
+    t.append("root-ca")
+    ledger = {"ledger": bytes(range(32))}
+    first = t.append_unless_last("reconciliation", artefacts=ledger, details={"job": "j"})
+    # the rerun opens the file afresh, as a new process would
+    again = Transcript(path, signer, "oem", clock=clock(T0 + 60))
+    assert again.append_unless_last("reconciliation", artefacts=ledger,
+                                    details={"job": "j"}) == first  # fmt: skip
+    assert [r.operation for r in verify_transcript(path, public_key=signer.public_key()).records] \
+        == ["root-ca", "reconciliation"]  # fmt: skip
+    other = again.append_unless_last("reconciliation", artefacts=ledger, details={"job": "k"})
+    assert other.seq == first.seq + 1
+    again.append("job-issuance")
+    third = again.append_unless_last("reconciliation", artefacts=ledger, details={"job": "k"})
+    assert third.seq == other.seq + 2
+    assert len(verify_transcript(path, public_key=signer.public_key()).records) == 5
