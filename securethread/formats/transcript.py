@@ -728,9 +728,9 @@ class Transcript:
     ) -> CeremonyRecord:
         """:meth:`append`, unless the newest record is this very one -- the same operation
         over the same artefacts with the same details: a step killed after appending it and
-        before it marked itself done, run again, records itself once, not twice.  (Another
-        record appended in between and the step's record is written again: a second record,
-        never a missing one.)"""
+        before it marked itself done, run again, records itself once, not twice.  (If another
+        record came in between, the step's record is written again: a second record, never a
+        missing one.)"""
         last = self._last
         if (last is not None and last.operation == operation
                 and last.artefacts == _pairs(artefacts) and last.details == _pairs(details)):
