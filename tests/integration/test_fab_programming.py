@@ -255,7 +255,10 @@ def test_reconcile_joint_killed_before_its_answer_answers_the_next_run(
     that answer, appending no second transcript record; the run after is refused, one line.
     On a copy of the demo's OEM directory (the same token, a transcript of its own) whose
     joint reconciliation is undone."""
-    from tests.integration.test_step_answers import _KILLED_IN_OPEN_KEYS, _killed_before_printing
+    from tests.integration.test_step_answers import (
+        _killed_before_printing,
+        killed_before_its_answer_is_recorded,
+    )
 
     root = world["root"]
     oem = tmp_path / "oem"
@@ -274,12 +277,7 @@ def test_reconcile_joint_killed_before_its_answer_answers_the_next_run(
     before = joint_records()
     # Killed right after its transcript record, before its answer is recorded: the rerun
     # records nothing more (the record it finds newest is its own).
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_IN_OPEN_KEYS, *args, "--json"],
-        capture_output=True, text=True, env={**child_env(), "KILL_AT": "answer written"},
-        timeout=300,
-    )  # fmt: skip
-    assert killed.returncode == -9 and killed.stdout == "", (killed.returncode, killed.stderr)
+    killed_before_its_answer_is_recorded(*args)
     assert joint_records() == before + 1
     done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=child_env(),
                           timeout=300)  # fmt: skip

@@ -116,6 +116,17 @@ def _killed_before_printing(tmp: Path, *args: str) -> dict[str, Any]:
     return result
 
 
+def killed_before_its_answer_is_recorded(*args: str) -> None:
+    """Run the step; it is killed once its writes are done (its transcript record too) and
+    before its answer is recorded (``PartyDir.pending``): the step's state file not written."""
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_OPEN_KEYS, *args, "--json"],
+        capture_output=True, text=True, env={**child_env(), "KILL_AT": "answer written"},
+        timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9 and killed.stdout == "", (killed.returncode, killed.stderr)
+
+
 class Chain:
     """Both sites, each step's answer lost once: ``steps`` maps a step to (args, answer)."""
 
@@ -428,12 +439,7 @@ def test_reconcile_killed_right_after_its_transcript_record_records_it_once(
         return [r.seq for r in summary.records if r.operation == "reconciliation"
                 and dict(r.artefacts).get("ledger") == digest]  # fmt: skip
 
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_IN_OPEN_KEYS, *args, "--json"],
-        capture_output=True, text=True, env={**child_env(), "KILL_AT": "answer written"},
-        timeout=300,
-    )  # fmt: skip
-    assert killed.returncode == -9 and killed.stdout == "", (killed.returncode, killed.stderr)
+    killed_before_its_answer_is_recorded(*args)
     assert not (oem / "jobs" / "j" / "reconciliation.json").exists()
     after_kill = records()
     summary = verify_transcript(oem / "transcript.bin", public_key=identity)  # type: ignore[arg-type]
