@@ -61,6 +61,21 @@ def _fast(raw: bytes) -> Any:
 # --- a CBOR writer that can make any one head longer than it must be ------------------------
 
 
+def _corrupted(rng: random.Random, frame: bytes) -> bytes:
+    """``frame`` with one to three random bytes overwritten, deleted or inserted."""
+    raw = bytearray(frame)
+    for _ in range(rng.randrange(1, 4)):
+        pos = rng.randrange(len(raw))
+        op = rng.randrange(3)
+        if op == 0:
+            raw[pos] = rng.randrange(256)
+        elif op == 1:
+            del raw[pos]
+        else:
+            raw.insert(pos, rng.randrange(256))
+    return bytes(raw)
+
+
 def _head(major: int, arg: int, extra: int) -> bytes:
     """A head of ``major`` with argument ``arg`` in ``extra`` more bytes (0: inline)."""
     if extra == 0:
@@ -200,17 +215,7 @@ def test_random_corruptions_accepted_one_pass_are_accepted_the_long_way() -> Non
     rng = random.Random(21)
     accepted = 0
     for _ in range(20_000):
-        raw = bytearray(rng.choice(RECORDS))
-        for _ in range(rng.randrange(1, 4)):
-            op = rng.randrange(3)
-            pos = rng.randrange(len(raw))
-            if op == 0:
-                raw[pos] = rng.randrange(256)
-            elif op == 1:
-                del raw[pos]
-            else:
-                raw.insert(pos, rng.randrange(256))
-        data = bytes(raw)
+        data = _corrupted(rng, rng.choice(RECORDS))
         hit = _fast(data)
         long = _long_way(data)
         if hit is not None:
@@ -374,17 +379,7 @@ def test_decode_sign1_accepts_only_what_decode_accepts() -> None:
     rng = random.Random(18)
     accepted = 0
     for _ in range(20_000):
-        raw = bytearray(rng.choice(frames))
-        for _ in range(rng.randrange(1, 4)):
-            pos = rng.randrange(len(raw))
-            op = rng.randrange(3)
-            if op == 0:
-                raw[pos] = rng.randrange(256)
-            elif op == 1:
-                del raw[pos]
-            else:
-                raw.insert(pos, rng.randrange(256))
-        data = bytes(raw)
+        data = _corrupted(rng, rng.choice(frames))
         fast = cbor.decode_sign1(data, max_size=1 << 16)
         assert fast == _sign1_the_long_way(data), data.hex()
         accepted += fast is not None
