@@ -48,7 +48,7 @@ from securethread.demo import (  # the demo's image, device class and chip UIDs
     log_stderr,
 )
 
-__all__ = ["FabDemoResult", "run"]
+__all__ = ["FabDemoResult", "run", "token_labels"]
 
 FAB = "fab-1"
 FACTORY = "factory-1"
@@ -208,21 +208,28 @@ def run(
     )  # fmt: skip
 
 
-def _image_keys(site: Path) -> int:
-    """Image keys in an appliance's token (a fab's must hold none: it can mint, not license),
-    counted by a process of its own (its own module load and login, as the party's steps)."""
+def token_labels(site: Path) -> dict[str, list[str]]:
+    """The labels of the secret and private keys in a programmer installation's token, read
+    by a process of its own (its own module load and login, as the party's steps)."""
     code = (
-        "import sys\n"
-        "from pkcs11 import ObjectClass\n"
+        "import json, sys\nfrom pkcs11 import ObjectClass\n"
         "from securethread.programmer import layout as L\n"
         "t = L.open_programmer(sys.argv[1]).open_token(L.TOKEN)\n"
-        "print(sum(s.startswith('image-') for s in t.labels(ObjectClass.SECRET_KEY)))\n"
+        "print(json.dumps({'secret': t.labels(ObjectClass.SECRET_KEY),"
+        " 'private': t.labels(ObjectClass.PRIVATE_KEY)}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True,
                           text=True, env=child_env())  # fmt: skip
     if proc.returncode != 0:
-        raise DemoStepError(f"cannot list the fab token's keys: {proc.stderr.strip()[-200:]}")
-    return int(proc.stdout.strip().splitlines()[-1])
+        raise DemoStepError(f"cannot list the keys of {str(site)!r}'s token: "
+                            f"{proc.stderr.strip()[-200:]}")  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _image_keys(site: Path) -> int:
+    """Image keys in an appliance's token (a fab's must hold none: it can mint, not
+    license)."""
+    return sum(label.startswith("image-") for label in token_labels(site)["secret"])
 
 
 if __name__ == "__main__":  # pragma: no cover - by hand: python -m securethread.demo.fab DIR N

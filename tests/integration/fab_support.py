@@ -79,19 +79,3 @@ def issue_job(
         run("oem", "approve-job", "--workdir", str(oem), "--job", job, "--officer", str(n),
             "--pin-file", str(pin), "--job-hash", draft["job_sha256"], cwd=cwd)  # fmt: skip
     return answer(run("oem", "issue-job", "--workdir", str(oem), "--job", job, cwd=cwd))
-
-
-def token_labels(site: Path) -> dict[str, list[str]]:
-    """The labels of the secret and private keys in a programmer installation's token, read
-    by a process of its own (its own module load and login)."""
-    code = (
-        "import json, sys\nfrom pkcs11 import ObjectClass\n"
-        "from securethread.programmer import layout as L\n"
-        "t = L.open_programmer(sys.argv[1]).open_token(L.TOKEN)\n"
-        "print(json.dumps({'secret': t.labels(ObjectClass.SECRET_KEY),"
-        " 'private': t.labels(ObjectClass.PRIVATE_KEY)}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True,
-                          text=True, env=child_env())  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

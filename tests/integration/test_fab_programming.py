@@ -29,7 +29,7 @@ import pytest
 
 from securethread.demo import FIRST_UID, IMAGE_ID, child_env
 from securethread.demo import fab as fab_demo
-from securethread.demo.fab import FAB, FACTORY, PROGRAM_JOB, PROVISION_JOB
+from securethread.demo.fab import FAB, FACTORY, PROGRAM_JOB, PROVISION_JOB, token_labels
 from securethread.demo.line import SimulatedFab
 from securethread.formats import ledger
 from securethread.formats.identity import IdentificationResponse
@@ -41,7 +41,6 @@ from tests.integration.fab_support import (
     EXIT_VERIFY,
     issue_job,
     run,
-    token_labels,
 )
 from tests.integration.fab_support import answer as _json
 from tests.integration.fab_support import one_line as _one_line

@@ -26,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from securethread.demo import child_env
+from securethread.demo.fab import token_labels
 from securethread.demo.line import SimulatedFab
 from securethread.formats import cbor, ledger
 from securethread.formats.identity import vendor_ca_id
@@ -38,7 +39,6 @@ from tests.integration.fab_support import (
     issue_job,
     oem_init,
     onboard,
-    token_labels,
 )
 from tests.integration.fab_support import answer as _json
 from tests.integration.fab_support import files as _files
