@@ -52,10 +52,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import attrs
 import grpc
@@ -847,6 +847,10 @@ class StationStatus:
         }
 
 
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
 def _abort(context: grpc.ServicerContext, call: _Call) -> NoReturn:
     context.abort(call.code, call.message)
     raise AssertionError("unreachable")  # context.abort raises
@@ -954,29 +958,28 @@ class _Servicer(pb_grpc.StationServiceServicer):
         except FutureTimeout:
             raise _Call(grpc.StatusCode.UNAVAILABLE, "the appliance is overloaded") from None
 
+    def _unary(self, call: Callable[[str, _Req], _Resp], request: _Req,
+               context: grpc.ServicerContext) -> _Resp:  # fmt: skip
+        """One of the three as a unary call: the station checked, a refusal its status."""
+        try:
+            return call(self._station(context), request)
+        except _Call as refused:
+            _abort(context, refused)
+
     def Challenge(
         self, request: pb.ChallengeRequest, context: grpc.ServicerContext
     ) -> pb.ChallengeResponse:
-        try:
-            return self._challenge(self._station(context), request)
-        except _Call as call:
-            _abort(context, call)
+        return self._unary(self._challenge, request, context)
 
     def Provision(
         self, request: pb.ProvisionRequest, context: grpc.ServicerContext
     ) -> pb.ProvisionResponse:
-        try:
-            return self._provision(self._station(context), request)
-        except _Call as call:
-            _abort(context, call)
+        return self._unary(self._provision, request, context)
 
     def Confirm(
         self, request: pb.ConfirmRequest, context: grpc.ServicerContext
     ) -> pb.ConfirmResponse:
-        try:
-            return self._confirm(self._station(context), request)
-        except _Call as call:
-            _abort(context, call)
+        return self._unary(self._confirm, request, context)
 
     def Socket(
         self, request_iterator: Iterator[pb.SocketRequest], context: grpc.ServicerContext
@@ -1124,21 +1127,23 @@ class StationServer:
             held = self._held[station] = collections.deque()
         if len(held) >= STATION_CHALLENGES:  # forget those answered, expired or dropped
             held = self._held[station] = collections.deque(
-                k for k in held
-                if (v := self._sessions.get(k)) is not None and not v.used and now <= v.expires
-            )  # fmt: skip
+                k for k in held if self._answerable(k, now))  # fmt: skip
         if len(held) >= STATION_CHALLENGES:
             raise _Call(grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"station {station} holds {len(held)} challenges unanswered (at most "
                         f"{STATION_CHALLENGES}): answer them or let them expire")  # fmt: skip
         held.append(sid)
 
+    def _answerable(self, sid: bytes, now: float) -> bool:
+        """Is session ``sid``'s challenge still open to an answer (under the session lock)?"""
+        session = self._sessions.get(sid)
+        return session is not None and not session.used and now <= session.expires
+
     def unanswered(self, sessions: set[bytes]) -> set[bytes]:
         """Those of ``sessions`` whose challenge can still be answered."""
         now = time.monotonic()
         with self._lock:
-            return {sid for sid in sessions if (s := self._sessions.get(sid)) is not None
-                    and not s.used and now <= s.expires}  # fmt: skip
+            return {sid for sid in sessions if self._answerable(sid, now)}
 
     def forget_unanswered(self, sessions: set[bytes]) -> None:
         """Drop the challenges of ``sessions`` that were never answered (a Socket stream

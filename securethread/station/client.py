@@ -348,9 +348,7 @@ class ApplianceClient:
             return stream.result(ticket)
         except _Refusal as ref:
             raise self._fail(ref.code, ref.text, doing, counted) from None
-        except grpc.RpcError as exc:
-            with self._lock:
-                stream.ahead.clear()  # lost with the stream
+        except grpc.RpcError as exc:  # the stream broke: what it asked ahead is lost with it
             raise self._rpc_failed(exc, doing, counted) from None
 
     def ask_ahead(self, job_id: str) -> None:
@@ -384,8 +382,6 @@ class ApplianceClient:
             except _Refusal:
                 pass
             except grpc.RpcError as exc:
-                with self._lock:
-                    stream.ahead.clear()
                 raise self._rpc_failed(exc, "Challenge", counted=False) from None
             else:
                 if time.monotonic() - asked < ch.expires_in_s / 2:
