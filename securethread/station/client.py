@@ -289,6 +289,11 @@ class ApplianceClient:
     def _fail(self, code: grpc.StatusCode, text: str, doing: str, counted: bool) -> Exception:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not counted:
             return _Unreachable(f"appliance {self.target}: {doing}: {_unavailable(text)}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and doing != "Provision":
+            # Only a Provision's is the job's quota; on a challenge (or the stream that
+            # carries it) it is the appliance's bound on one station's streams or challenges.
+            return StationCallError(f"appliance {self.target} refused {doing}: {text}",
+                                    code="STATION_LIMIT", exit_code=1)  # fmt: skip
         if code in _STATION_REFUSED:
             return StationCallError(f"appliance {self.target} refused {doing}: {text}",
                                     code=code.name, exit_code=_EXIT.get(code, 1))  # fmt: skip

@@ -94,7 +94,8 @@ def _counts(factory: Path, job: str) -> dict[str, int]:
     db = sqlite3.connect(f"{(factory / 'jobs' / job / 'store.sqlite').as_uri()}?mode=ro",
                          uri=True)  # fmt: skip
     try:
-        out = {k: n for k, n in db.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind")}
+        out = {"provisioned": 0, "programmed": 0}  # a test run alone finds none yet
+        out.update(db.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind"))
         out["distinct_provisioned"] = db.execute(
             "SELECT COUNT(DISTINCT device_id) FROM records WHERE kind = 'provisioned'"
         ).fetchone()[0]
@@ -626,6 +627,31 @@ def test_station_run_parallel_is_bounded_by_what_an_appliance_serves(
     proc = cli(*args, ok=False)
     assert proc.returncode == 2, proc.stderr
     assert "--parallel must be 1 to 16" in _one_line(proc.stderr)
+
+
+def test_a_station_run_refused_more_streams_says_so_and_not_that_the_quota_is_used_up(
+    world: dict[str, Any],
+) -> None:
+    """Another process of the same station holds its 16 streams: ``station run`` is refused
+    its own with RESOURCE_EXHAUSTED, the code the quota's refusal also has.  It ends with the
+    appliance's reason (exit 1, one line), counts nothing, and says nothing of the quota."""
+    before = _counts(world["factory"], "j")
+    world["files"]["s7"] = add_station(world, "s7")
+    socks = [_socket(world, "s7") for _ in range(16)]
+    for sock in socks:
+        assert len(_challenge(sock).challenge) == 32
+    args = station_args(world["files"]["s7"], world["server"].target, "j", devices=3,
+                        first=700, chips=world["vendor"])  # fmt: skip
+    proc = cli(*args, ok=False)
+    assert proc.returncode == 1, proc.stderr
+    line = _one_line(proc.stderr)
+    assert "16 socket streams open already" in line and "quota" not in line.lower(), line
+    proc = cli(*args, "--json", ok=False)
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 1 and "quota" not in json.dumps(out).lower(), out
+    for sock in socks:
+        sock.end()
+    assert _counts(world["factory"], "j") == before
 
 
 def test_another_stations_session_is_refused_on_its_stream_and_unary(
