@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench_stations
 
     r["stations"] = bench_stations.run(200 if quick else 1000, log,
-                                       latency_n=150 if quick else 300)  # fmt: skip
+                                       latency_n=150 if quick else 1200)  # fmt: skip
     from . import bench_lot
 
     r["lot"] = bench_lot.run(2000 if quick else 100_000, log, line_n=n)

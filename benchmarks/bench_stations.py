@@ -268,7 +268,7 @@ def paired_latency(sites: dict[str, Path], files: dict[str, str], target: str,
     }  # fmt: skip
 
 
-def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int = 300,
+def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int = 1200,
         work: Path | None = None) -> dict[str, Any]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="bench-stations-")) if work is None else work
     jobs = {"line": (n, n), "lat-line": (latency_n, latency_n),
@@ -322,7 +322,7 @@ def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_stations")
     ap.add_argument("--devices", type=int, default=400)
-    ap.add_argument("--latency-devices", type=int, default=300)
+    ap.add_argument("--latency-devices", type=int, default=1200)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--latency-only", action="store_true",
                     help="the latency pair and the 2-station point only (no 1- or 4-station)")

@@ -271,8 +271,10 @@ def prelicense(
     """Pre-license a vendor's lot for ``factory`` (see the module docstring).
 
     Every check on the inputs comes before the token is opened: a refused lot changes
-    nothing.  A lot is pre-licensed once; run again after a kill, it reuses the lot's
-    production CA and starts the chips again (nothing left the OEM before the package)."""
+    nothing.  A lot is pre-licensed once; run again after a kill before the package, it
+    reuses the lot's production CA and starts the chips again (nothing left the OEM before
+    the package); after a kill once all is written, before its answer was out, it gives that
+    answer (``PartyDir.done_before``)."""
     t0 = time.perf_counter()
     work = L.open_oem(workdir)
     check_name("factory", factory)
@@ -285,7 +287,9 @@ def prelicense(
     lot = verify_lot(data, vendor_cas=[_vendor(vendor_ca)])
     t_lot = time.perf_counter() - t_lot
     ldir = lot_dir(lot.lot_id)
-    work.refuse_done(f"{ldir}/package.bin", step=f"prelicense of lot {lot.lot_id}")
+    step = f"prelicense of lot {lot.lot_id}"
+    if (earlier := work.done_before(f"{ldir}/package.bin", step=step)) is not None:
+        return earlier  # done, and killed before its answer was out: that answer
     idir = L.image_dir(image)
     work.require(f"{idir}/manifest.bin", step="prelicense", needs=f"master-image ({image})")
     manifest_bytes = work.read(f"{idir}/manifest.bin", "manifest")
@@ -380,12 +384,11 @@ def prelicense(
             f"{ldir}/prelicense.json",
             json.dumps({"factory": factory, "image": image, "chips": len(lot)}).encode(),
         ),
-        work.write(f"{ldir}/package.bin", signed),  # the OEM's record: reconcile-lot reads it
         work.write(out_pkg, signed),
     ]
     copy_atomic(enc, work.path(out_img))
-    written.append(out_img)
-    return work.finish(
+    written += [out_img, f"{ldir}/package.bin"]
+    result = work.finish(
         "oem prelicense",
         written,
         [tx],
@@ -404,6 +407,10 @@ def prelicense(
             "elapsed_s": round(time.perf_counter() - t0, 3),
         },
     )
+    result = work.pending(step, result)  # the answer recorded before the step is marked done
+    # Last: marks the lot pre-licensed, and is the OEM's record of it (reconcile-lot reads it).
+    work.write(f"{ldir}/package.bin", signed)
+    return result
 
 
 def _file_sha256(path: Path) -> bytes:

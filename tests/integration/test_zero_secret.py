@@ -357,3 +357,33 @@ def test_a_prelicensing_killed_before_its_package_is_done_again_with_the_same_ca
     conf = world.flash_args("conf9.bin", first=FIRST + 900, devices=2, lot="lot-9",
                             package="oem/outbox/package-lot-9.bin")  # fmt: skip
     assert _ok(r, *conf, code=NO_PKCS11)["flashed"] == 2
+
+
+def test_a_prelicensing_killed_before_its_answer_answers_the_next_run(
+    world: World, tmp_path: Path
+) -> None:
+    """``oem prelicense`` SIGKILLed once everything is written, before it printed (as
+    tests/integration/test_step_answers.py does to every other step): the next run prints
+    that answer byte for byte, signs no second transcript record and leaves the package the
+    killed run wrote; the run after is refused as done, one line."""
+    from tests.integration.test_step_answers import _killed_before_printing
+
+    r = world.root
+    _ok(r, "vendor", "lot", "--workdir", "vendor", "--lot-id", "lot-8", "--device-class",
+        "sensor-v1", "--devices", "2", "--first-uid", f"{FIRST + 800:016x}", "--out",
+        "lot8.bin")  # fmt: skip
+    args = ("oem", "prelicense", "--workdir", str(r / "oem"), str(r / "lot8.bin"),
+            "--vendor-ca", str(r / "vendor" / "root-ca.pem"), "--image", "fw-1",
+            "--factory", "factory-1")  # fmt: skip
+    records = len(world.transcript_records())
+    lost = _killed_before_printing(tmp_path, *args)
+    assert lost["ok"] and lost["lot"] == "lot-8" and lost["chips"] == 2
+    package = (r / "oem" / "outbox" / "package-lot-8.bin").read_bytes()
+    assert (r / "oem" / "lots" / "lot-8" / "package.bin").read_bytes() == package
+    assert len(world.transcript_records()) == records + 1
+    again = _run(r, *args, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == lost  # the answer it lost
+    assert (r / "oem" / "outbox" / "package-lot-8.bin").read_bytes() == package
+    assert len(world.transcript_records()) == records + 1
+    _refused(r, *args, exit_code=EXIT_CONFIG, match="already done")
