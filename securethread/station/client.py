@@ -27,6 +27,7 @@ import itertools
 import math
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -55,6 +56,7 @@ from securethread.errors import (
 from securethread.proto import station_pb2 as pb
 from securethread.proto import station_pb2_grpc as pb_grpc
 from securethread.station.adapters import ChipFactory, ChipSource
+from securethread.workdir import check_name
 
 #: The name in the appliance's TLS certificate (securethread/programmer/stations.py).
 SERVER_NAME = "securethread-appliance"
@@ -540,6 +542,21 @@ class _Tally:
     fatal: BaseException | None = None
 
 
+# HOST:PORT: a DNS name or IPv4 address, or an IPv6 address in brackets (gRPC's target form)
+_TARGET = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):([0-9]{1,5})")
+
+
+def check_target(target: str) -> str:
+    """``target`` if it is an appliance's station API address, ``HOST:PORT``; else one
+    :class:`ConfigurationError` naming it (before any call: gRPC would report a bad address
+    as each device's failure to connect)."""
+    found = _TARGET.fullmatch(target)
+    if found is None or not 1 <= int(found.group(1)) <= 65535:
+        raise ConfigurationError(f"--appliance {target!r} is not HOST:PORT (a port 1-65535; "
+                                 "an IPv6 address in brackets)")  # fmt: skip
+    return target
+
+
 def run_station(
     creds: StationCredentials,
     appliances: Sequence[str],
@@ -554,6 +571,11 @@ def run_station(
     or no appliance answers; the result says what was done up to then otherwise."""
     if not appliances:
         raise ConfigurationError("give at least one --appliance HOST:PORT")
+    for target in appliances:
+        check_target(target)
+    if len(set(appliances)) != len(appliances):
+        raise ConfigurationError("an --appliance is given twice")
+    check_name("job id", job_id)
     if not 1 <= parallel <= MAX_PARALLEL:
         raise ConfigurationError(f"--parallel must be 1 to {MAX_PARALLEL} (an appliance serves "
                                  f"at most {MAX_PARALLEL} sockets of one station at once)")
@@ -693,6 +715,7 @@ __all__ = [
     "StationCallError",
     "StationCredentials",
     "StationResult",
+    "check_target",
     "keygen",
     "progress_bar",
     "run_station",

@@ -629,6 +629,22 @@ def test_station_run_parallel_is_bounded_by_what_an_appliance_serves(
     assert "--parallel must be 1 to 16" in _one_line(proc.stderr)
 
 
+def test_station_run_refuses_a_bad_address_or_job_id_in_one_line_before_any_call(
+    world: dict[str, Any],
+) -> None:
+    """Not each device's failure to connect (exit 4, a refusal per chip): one line, exit 2."""
+    target = world["server"].target
+    for appliance, job, says in (("", "j", "is not HOST:PORT"),
+                                 ("127.0.0.1:notaport", "j", "is not HOST:PORT"),
+                                 (f"{target},{target}", "j", "is not HOST:PORT"),
+                                 (target, "", "job id must be")):  # fmt: skip
+        args = station_args(world["files"]["s1"], appliance, job, devices=2, first=0,
+                            chips=world["vendor"])  # fmt: skip
+        proc = cli(*args, ok=False)
+        assert proc.returncode == 2, proc.stderr
+        assert says in _one_line(proc.stderr)
+
+
 def test_a_station_run_refused_more_streams_says_so_and_not_that_the_quota_is_used_up(
     world: dict[str, Any],
 ) -> None:

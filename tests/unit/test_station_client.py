@@ -26,8 +26,10 @@ from securethread.station.client import (
     StationResult,
     _percentile,
     _unavailable,
+    check_target,
     keygen,
     progress_bar,
+    run_station,
 )
 
 
@@ -213,3 +215,35 @@ def test_a_reset_during_the_handshake_is_an_unreachable_appliance(
     """Only a certificate fault is reported as the TLS handshake failing (exit 4); an
     appliance that went away mid-handshake is not reachable (exit 1, run again)."""
     assert ("TLS handshake failed" in _unavailable(grpc_text)) is tls
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:5000", "appliance-1.factory.example:443",
+                                    "[::1]:5000", "[fe80::1]:65535"])  # fmt: skip
+def test_an_appliance_address_is_host_colon_port(target: str) -> None:
+    assert check_target(target) == target
+
+
+@pytest.mark.parametrize("target", ["", "127.0.0.1", "127.0.0.1:", "127.0.0.1:notaport",
+                                    "127.0.0.1:0", "127.0.0.1:65536", "a:1,b:2", ":5000",
+                                    "::1:5000", "-x:5000", "host:5000/path", "host :5000"])  # fmt: skip
+def test_a_bad_appliance_address_is_refused_naming_it(target: str) -> None:
+    with pytest.raises(ConfigurationError, match="is not HOST:PORT") as info:
+        check_target(target)
+    assert repr(target) in str(info.value)
+
+
+def test_station_run_refuses_bad_addresses_and_job_ids_before_any_call() -> None:
+    """Refused before a channel is made: no appliance need be running."""
+    creds = StationCredentials(b"", b"", b"")  # never used: every check comes first
+    chips = SimulatedChips.__new__(SimulatedChips)
+
+    def run(appliances: list[str], job: str = "j") -> None:
+        run_station(creds, appliances, job_id=job, chips=chips, parallel=1)
+
+    with pytest.raises(ConfigurationError, match="is not HOST:PORT"):
+        run(["127.0.0.1:1", "not an address"])
+    with pytest.raises(ConfigurationError, match="given twice"):
+        run(["127.0.0.1:1", "127.0.0.1:1"])
+    for job in ("", "../j", "j/k", ".j"):
+        with pytest.raises(ConfigurationError, match="job id must be"):
+            run(["127.0.0.1:1"], job)
