@@ -223,9 +223,12 @@ def test_an_appliance_address_is_host_colon_port(target: str) -> None:
     assert check_target(target) == target
 
 
-@pytest.mark.parametrize("target", ["", "127.0.0.1", "127.0.0.1:", "127.0.0.1:notaport",
-                                    "127.0.0.1:0", "127.0.0.1:65536", "a:1,b:2", ":5000",
-                                    "::1:5000", "-x:5000", "host:5000/path", "host :5000"])  # fmt: skip
+_BAD_TARGETS = ["", "127.0.0.1", "127.0.0.1:", "127.0.0.1:notaport", "127.0.0.1:0",
+                "127.0.0.1:65536", "a:1,b:2", ":5000", "::1:5000", "-x:5000", "host:5000/path",
+                "host :5000"]  # fmt: skip
+
+
+@pytest.mark.parametrize("target", _BAD_TARGETS)
 def test_a_bad_appliance_address_is_refused_naming_it(target: str) -> None:
     with pytest.raises(ConfigurationError, match="is not HOST:PORT") as info:
         check_target(target)
