@@ -53,6 +53,7 @@ from securethread.programmer.operator_api import (
     send_event,
 )
 from securethread.programmer.runner import PortFactory, Progress
+from securethread.proto.address import check_address
 from securethread.workdir import PartyDir, StepResult, write_atomic
 
 LOCK = "appliance.lock"
@@ -162,6 +163,8 @@ class Appliance:
         chips: ChipSource | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
+        if stations is not None:  # refused before the state is touched
+            check_address(stations, what="--stations", listen=True)
         self.root = Path(state).resolve()
         self.socket_path = Path(socket_path).absolute()
         self.operators = operators

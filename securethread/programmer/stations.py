@@ -95,6 +95,7 @@ from securethread.programmer.quota_mark import block_for, open_store
 from securethread.programmer.runner import RunLock, build_line, verified_manifest
 from securethread.proto import station_pb2 as pb
 from securethread.proto import station_pb2_grpc as pb_grpc
+from securethread.proto.address import check_address
 from securethread.workdir import PartyDir, StepResult, check_name
 
 STATION_CA_LABEL = "station-ca"
@@ -1063,6 +1064,7 @@ class StationServer:
         batch_size: int, window_s: float, max_workers: int, idle_s: float = 2.0,
         confirm_ttl_s: float = 600.0, image_fetches: int = IMAGE_FETCHES,
     ) -> None:  # fmt: skip
+        check_address(listen, what="--stations", listen=True)  # before the token is touched
         self._work = work
         self.idle_s = idle_s
         self.confirm_ttl_s = confirm_ttl_s
@@ -1289,6 +1291,7 @@ def serve_stations(
     """Serve the station API of ``work``'s appliance on ``listen`` (``host:port``; port 0
     picks one: :attr:`StationServer.port`).  Jobs are opened on first use (their store, run
     lock and quota mark, as a run of ``programmer provision``)."""
+    check_address(listen, what="--stations", listen=True)  # before the token is opened
     tok = token if token is not None else work.open_token(L.TOKEN, pin or work.pin_callback())
     return StationServer(work, tok, listen=listen, challenge_ttl_s=challenge_ttl_s,
                          batch_size=batch_size, window_s=window_s, max_workers=max_workers,

@@ -27,7 +27,6 @@ import itertools
 import math
 import os
 import queue
-import re
 import shutil
 import sys
 import threading
@@ -55,6 +54,7 @@ from securethread.errors import (
 )
 from securethread.proto import station_pb2 as pb
 from securethread.proto import station_pb2_grpc as pb_grpc
+from securethread.proto.address import check_address
 from securethread.station.adapters import ChipFactory, ChipSource
 from securethread.workdir import check_name
 
@@ -542,19 +542,11 @@ class _Tally:
     fatal: BaseException | None = None
 
 
-# HOST:PORT: a DNS name or IPv4 address, or an IPv6 address in brackets (gRPC's target form)
-_TARGET = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):([0-9]{1,5})")
-
-
 def check_target(target: str) -> str:
     """``target`` if it is an appliance's station API address, ``HOST:PORT``; else one
     :class:`ConfigurationError` naming it (before any call: gRPC would report a bad address
     as each device's failure to connect)."""
-    found = _TARGET.fullmatch(target)
-    if found is None or not 1 <= int(found.group(1)) <= 65535:
-        raise ConfigurationError(f"--appliance {target!r} is not HOST:PORT (a port 1-65535; "
-                                 "an IPv6 address in brackets)")  # fmt: skip
-    return target
+    return check_address(target, what="--appliance")
 
 
 def run_station(

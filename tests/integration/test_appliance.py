@@ -114,6 +114,24 @@ def test_serve_refuses_a_state_directory_others_can_read(state: Path, tmp_path: 
     assert not (tmp_path / "s").exists()
 
 
+def test_serve_refuses_a_stations_address_grpc_would_misread(state: Path, tmp_path: Path) -> None:
+    """gRPC takes a port modulo 65536 (99999 listened on 34463) and logs a failed lookup on
+    stderr: the address is checked first -- one line, exit 2, the state untouched (no
+    station CA made, no socket)."""
+    def files() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in sorted(state.rglob("*")) if p.is_file()}
+
+    before = files()
+    for address, says in (("127.0.0.1:99999", "is not HOST:PORT"),
+                          ("127.0.0.1", "is not HOST:PORT"),
+                          ("no-such-host.invalid:0", "no address for")):  # fmt: skip
+        proc = cli("appliance", "serve", "--state", str(state), "--socket", str(tmp_path / "s"),
+                   "--stations", address)  # fmt: skip
+        assert address in one_line(proc, EXIT_CONFIG, says)
+        assert not (tmp_path / "s").exists()
+    assert files() == before
+
+
 def test_two_appliances_on_one_state_directory(state: Path, tmp_path: Path) -> None:
     first = Serving(state, tmp_path / "a.sock")
     try:

@@ -1,6 +1,6 @@
 """The reference station's pure parts: keys and CSRs, the credential check before any call,
-the progress bar's width, the result's figures.  (The station against a real appliance:
-tests/integration/test_stations.py.)"""
+the station API's addresses, the progress bar's width, the result's figures.  (The station
+against a real appliance: tests/integration/test_stations.py.)"""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from securethread.errors import ConfigurationError, RollbackError, VerificationError
+from securethread.proto.address import check_address
 from securethread.station.adapters import SimulatedChips
 from securethread.station.client import (
     StationCredentials,
@@ -233,6 +234,19 @@ def test_a_bad_appliance_address_is_refused_naming_it(target: str) -> None:
     with pytest.raises(ConfigurationError, match="is not HOST:PORT") as info:
         check_target(target)
     assert repr(target) in str(info.value)
+
+
+def test_where_to_listen_may_take_port_0_and_must_resolve() -> None:
+    assert check_address("127.0.0.1:0", what="--stations", listen=True) == "127.0.0.1:0"
+    assert check_address("[::1]:0", what="--stations", listen=True) == "[::1]:0"
+    assert check_address("localhost:50051", what="--stations", listen=True)
+    with pytest.raises(ConfigurationError, match="--appliance '127.0.0.1:0' is not HOST:PORT"):
+        check_address("127.0.0.1:0", what="--appliance")  # a station dials a real port
+    for bad in ("127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1"):
+        with pytest.raises(ConfigurationError, match="--stations .* is not HOST:PORT"):
+            check_address(bad, what="--stations", listen=True)
+    with pytest.raises(ConfigurationError, match="no address for 'no-such-host.invalid'"):
+        check_address("no-such-host.invalid:0", what="--stations", listen=True)
 
 
 def test_station_run_refuses_bad_addresses_and_job_ids_before_any_call() -> None:
