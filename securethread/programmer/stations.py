@@ -266,7 +266,8 @@ def add_station(
     """Certify station ``name``'s key from its CSR (its own key; a P-256 request whose
     signature verifies); returns the client certificate (PEM).  The station CA signs in the
     token (``token``, else the work directory's programmer token opened here).  A name
-    that is in the list (even withdrawn) is refused: a withdrawn name never comes back."""
+    that is in the list (even withdrawn) is refused: a withdrawn name never comes back; so
+    is a key certified under another name (even withdrawn): one key, one station."""
     check_name("station name", name)
     csr, key = untrusted.load_csr_with_key(
         csr_pem, what="station certificate request", curves=(Curve.P256,)
@@ -277,12 +278,22 @@ def add_station(
     if name in registry:
         state = "withdrawn" if registry[name].get("removed") else "certified"
         raise StationRegistryError(f"station {name!r} is already {state}; choose another name")
+    # Withdrawing a station withdraws its key: the same key under a second name would still
+    # be let in after remove-station of the first (entries older than key_sha256: not known).
+    spki = key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    key_sha256 = hashlib.sha256(spki).hexdigest()
+    for other, entry in registry.items():
+        if entry.get("key_sha256") == key_sha256:
+            state = "withdrawn" if entry.get("removed") else "certified"
+            raise StationRegistryError(f"this key was certified as station {other!r} ({state}): "
+                                       "a station makes a new key (station keygen) for each name")
     tok = token if token is not None else work.open_token(L.TOKEN, work.pin_callback())
     signer, ca = _station_ca(work, tok)
     cert = _leaf(signer, ca, subject=name, key=key, usage=ExtendedKeyUsageOID.CLIENT_AUTH,
                  days=_STATION_CERT_DAYS)  # fmt: skip
     der = cert.public_bytes(serialization.Encoding.DER)
-    registry[name] = {"sha256": _fingerprint(der), "removed": False,
+    registry[name] = {"sha256": _fingerprint(der), "key_sha256": key_sha256, "removed": False,
                       "added": _now().strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
     _write_registry(work, registry)
     return cert.public_bytes(serialization.Encoding.PEM)

@@ -281,6 +281,31 @@ def test_add_station_refuses_a_bad_request_and_a_taken_name(
     assert "s9" not in (world["factory"] / "stations" / "stations.json").read_text()
 
 
+def test_add_station_refuses_a_key_certified_under_another_name(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """One key, one station: the key of k1 under a second name is refused while k1 is
+    certified and after it is withdrawn (else remove-station k1 would leave the key let in
+    as k2).  Each refusal is one line, exit 2, and leaves the station list as it was."""
+    key, csr = tmp_path / "k.pem", tmp_path / "k.csr"
+    cli("station", "keygen", "--name", "k1", "--key", str(key), "--csr", str(csr))
+    fac = world["factory"]
+
+    def add(name: str) -> subprocess.CompletedProcess[str]:
+        return cli("programmer", "add-station", "--workdir", str(fac), str(csr), "--name", name,
+                   ok=False)  # fmt: skip
+
+    assert add("k1").returncode == 0
+    for then in ("certified", "withdrawn"):
+        listed = (fac / "stations" / "stations.json").read_bytes()
+        proc = add(f"k2-{then}")
+        assert proc.returncode == 2, proc.stderr
+        assert f"this key was certified as station 'k1' ({then})" in _one_line(proc.stderr)
+        assert (fac / "stations" / "stations.json").read_bytes() == listed
+        if then == "certified":
+            cli("programmer", "remove-station", "--workdir", str(fac), "--name", "k1")
+
+
 # --- the chip's answer -------------------------------------------------------------------------
 
 
