@@ -641,9 +641,15 @@ def station_keygen(a: argparse.Namespace) -> int:
     from securethread.station import keygen
     from securethread.workdir import write_atomic
 
+    key, csr = Path(a.key), Path(a.csr)
+    if key.resolve() == csr.resolve():
+        raise ConfigurationError("--key and --csr name the same file")
+    if key.exists():  # the station's key may be certified already: never replaced here
+        raise ConfigurationError(f"--key {a.key!r} exists: a station keeps its key (move it "
+                                 "away first to make a new one)")  # fmt: skip
     key_pem, csr_pem = keygen(a.name)
-    write_atomic(Path(a.key), key_pem, mode=0o600)
-    write_atomic(Path(a.csr), csr_pem)
+    write_atomic(key, key_pem, mode=0o600)
+    write_atomic(csr, csr_pem)
     _emit(
         a,
         [f"station keygen: key {a.key} (keep it), request {a.csr} (for 'programmer "

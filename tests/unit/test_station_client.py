@@ -197,6 +197,25 @@ def test_station_run_refuses_a_keep_flash_that_is_a_file(tmp_path: Path) -> None
     assert "Traceback" not in proc.stderr and (tmp_path / "taken").read_text() == "not a directory"
 
 
+def test_station_keygen_never_replaces_a_key(tmp_path: Path) -> None:
+    """A station's key may be certified already: a second keygen onto it is refused (exit
+    2, one line, the key as it was), and so is a CSR path that is the key's."""
+    def keygen_cli(key: str, csr: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "securethread.cli", "station", "keygen",
+                               "--name", "st-1", "--key", key, "--csr", csr],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60)  # fmt: skip
+
+    assert keygen_cli("k.pem", "c.csr").returncode == 0
+    key = (tmp_path / "k.pem").read_bytes()
+    for args, says in ((("k.pem", "d.csr"), "exists: a station keeps its key"),
+                       (("n.pem", "./n.pem"), "the same file")):  # fmt: skip
+        proc = keygen_cli(*args)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+    assert (tmp_path / "k.pem").read_bytes() == key
+    assert not (tmp_path / "d.csr").exists() and not (tmp_path / "n.pem").exists()
+
+
 @pytest.mark.parametrize(
     ("grpc_text", "tls"),
     [
