@@ -54,7 +54,7 @@ from securethread.programmer.operator_api import (
 )
 from securethread.programmer.runner import PortFactory, Progress
 from securethread.proto.address import check_address
-from securethread.workdir import PartyDir, StepResult, write_atomic
+from securethread.workdir import PartyDir, StepResult, check_name, write_atomic
 
 LOCK = "appliance.lock"
 OPERATIONS_LOG = "operations.log"
@@ -109,6 +109,7 @@ def init(state: str | os.PathLike[str], *, name: str) -> StepResult:
     """``appliance init``: make the state directory (0700) with the programmer's token."""
     from securethread.programmer import enrolment
 
+    check_name("programmer name", name)  # before the directory is made
     root = Path(state).resolve()
     if root.exists():
         check_state_dir(root)
@@ -224,6 +225,10 @@ class Appliance:
         old = os.umask(0o177)  # never, not even for an instant, open to everyone
         try:
             sock.bind(str(path))
+        except OSError as exc:  # no such directory, not writable, a path too long for AF_UNIX
+            sock.close()
+            raise ConfigurationError(f"cannot make the socket {str(path)!r}: "
+                                     f"{exc.strerror or exc}") from None  # fmt: skip
         finally:
             os.umask(old)
         if gid is not None and path.stat().st_gid != gid:  # a setgid directory gave it already

@@ -107,6 +107,23 @@ def test_init_makes_a_private_state_directory(state: Path, tmp_path: Path) -> No
     assert list(open_dir.iterdir()) == []
 
 
+def test_init_with_a_bad_name_makes_nothing(tmp_path: Path) -> None:
+    proc = cli("appliance", "init", "--state", str(tmp_path / "st"), "--name", "bad name")
+    one_line(proc, EXIT_CONFIG, "programmer name must be")
+    assert not (tmp_path / "st").exists()
+
+
+def test_serve_names_a_socket_it_cannot_make(state: Path, tmp_path: Path) -> None:
+    """Not "OSError: No such file or directory": which socket, and why (exit 2)."""
+    for sock, why in ((tmp_path / "no-such-dir" / "app.sock", "No such file or directory"),
+                      (tmp_path / ("x" * 120) / "app.sock", "")):  # fmt: skip
+        if why == "":  # a path too long for AF_UNIX (108 bytes) in a directory that exists
+            sock.parent.mkdir()
+        proc = cli("appliance", "serve", "--state", str(state), "--socket", str(sock))
+        line = one_line(proc, EXIT_CONFIG, "cannot make the socket")
+        assert str(sock) in line and why in line
+
+
 def test_serve_refuses_a_state_directory_others_can_read(state: Path, tmp_path: Path) -> None:
     os.chmod(state, 0o750)
     proc = cli("appliance", "serve", "--state", str(state), "--socket", str(tmp_path / "s"))
