@@ -24,6 +24,7 @@ from tests.integration.line_support import (
     check_settled,
     finish,
     ledger_view,
+    own_lines,
     run_sub,
     start_run,
 )
@@ -56,7 +57,8 @@ def test_signal_finishes_the_batch_in_flight(
     chips = job.chips(world.specs)
     run = run_sub(job.dump(chips), fault=fault, workers=workers)
     assert run.returncode == code, run.stderr
-    assert run.stderr.count("\n") == 1 and run.stderr.startswith("interrupted: stopped by SIG")
+    lines = own_lines(run.stderr)
+    assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIG"), run.stderr
     assert "Traceback" not in run.stderr
     r = run.result
     assert r is not None and r["interrupted_by"] == signal.Signals(code - 128).name
