@@ -93,6 +93,7 @@ from securethread.programmer.line import (
 from securethread.programmer.provision import run_config
 from securethread.programmer.quota_mark import block_for, open_store
 from securethread.programmer.runner import RunLock, build_line, verified_manifest
+from securethread.proto import MAX_CHIP_MESSAGE, MAX_REQUEST_BYTES
 from securethread.proto import station_pb2 as pb
 from securethread.proto import station_pb2_grpc as pb_grpc
 from securethread.proto.address import check_address
@@ -930,7 +931,7 @@ class _Servicer(pb_grpc.StationServiceServicer):
         return session
 
     def _provision(self, station: str, request: pb.ProvisionRequest) -> pb.ProvisionResponse:
-        if len(request.chip_answer) > 16 << 10:
+        if len(request.chip_answer) > MAX_CHIP_MESSAGE:
             raise _Call(grpc.StatusCode.INVALID_ARGUMENT, "chip answer too large")
         with self._s._lock:
             session = self._session(request.session, station)
@@ -951,7 +952,7 @@ class _Servicer(pb_grpc.StationServiceServicer):
         return response
 
     def _confirm(self, station: str, request: pb.ConfirmRequest) -> pb.ConfirmResponse:
-        if len(request.boot) > 16 << 10:
+        if len(request.boot) > MAX_CHIP_MESSAGE:
             raise _Call(grpc.StatusCode.INVALID_ARGUMENT, "boot confirmation too large")
         with self._s._lock:
             session = self._session(request.session, station)
@@ -1105,8 +1106,11 @@ class StationServer:
         creds = grpc.ssl_server_credentials(
             [(key_pem, chain_pem)], root_certificates=ca_pem, require_client_auth=True
         )
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
-                                                      thread_name_prefix="station-api"))
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="station-api"),
+            # a station's message is read whole before any check of ours: bounded here
+            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        )
         pb_grpc.add_StationServiceServicer_to_server(_Servicer(self), self._server)
         host = listen.rsplit(":", 1)[0] if ":" in listen else listen
         try:

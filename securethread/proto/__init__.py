@@ -16,6 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+#: The largest chip answer (``ProvisionRequest.chip_answer``) and boot confirmation
+#: (``ConfirmRequest.boot``) the appliance takes; a station refuses a chip's larger one
+#: itself, as that chip's refusal.
+MAX_CHIP_MESSAGE = 16 << 10
+#: The largest request the appliance's gRPC server reads at all (gRPC's default is 4 MiB):
+#: any legitimate one is below ``MAX_CHIP_MESSAGE`` plus a few bytes of framing.
+MAX_REQUEST_BYTES = 64 << 10
+
 HERE = Path(__file__).resolve().parent
 PROTO = "securethread/proto/station.proto"
 GENERATED = ("station_pb2.py", "station_pb2.pyi", "station_pb2_grpc.py", "station_pb2_grpc.pyi")

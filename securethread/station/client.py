@@ -52,6 +52,7 @@ from securethread.errors import (
     Error,
     VerificationError,
 )
+from securethread.proto import MAX_CHIP_MESSAGE
 from securethread.proto import station_pb2 as pb
 from securethread.proto import station_pb2_grpc as pb_grpc
 from securethread.proto.address import check_address
@@ -412,6 +413,7 @@ class ApplianceClient:
             answer = chip.identify(ch.challenge)
         except Exception as exc:
             raise _DeviceRefused("CHIP", f"the chip did not answer its challenge: {exc}") from None
+        _check_size(answer, "answer to its challenge")
         # The appliance may have counted it before it went away: never retried elsewhere;
         # a later run against it recovers the device (RECOVERED, no second count).
         ticket = stream.send(pb.SocketRequest(
@@ -435,10 +437,19 @@ class ApplianceClient:
                                     prov.boot_nonce)  # fmt: skip
         except Exception as exc:
             raise _DeviceRefused("CHIP", f"the chip refused its image: {exc}") from None
+        _check_size(boot, "boot confirmation")
         ticket = stream.send(pb.SocketRequest(
             confirm=pb.ConfirmRequest(session=ch.session, boot=boot)))
         self._call(stream, ticket, "Confirm", counted=True)
         return "recovered" if prov.state == pb.ProvisionResponse.RECOVERED else "provisioned"
+
+
+def _check_size(data: bytes, what: str) -> None:
+    """A chip's message the appliance would refuse for its size is that chip's refusal here,
+    never sent (on the stream it would be read as the station's fault)."""
+    if len(data) > MAX_CHIP_MESSAGE:
+        raise _DeviceRefused("CHIP", f"the chip's {what} is {len(data)} bytes (at most "
+                                     f"{MAX_CHIP_MESSAGE})")  # fmt: skip
 
 
 def _unavailable(text: str) -> str:

@@ -14,6 +14,7 @@ import datetime
 import io
 import json
 import queue
+import re
 import sqlite3
 import subprocess
 import time
@@ -586,6 +587,55 @@ def test_a_challenge_refused_as_too_large_on_a_stream_dies_with_the_stream(
                                                                 chip_answer=b"\xa1")),
              grpc.StatusCode.INVALID_ARGUMENT, "unknown session")  # fmt: skip
     assert _counts(world["factory"], "j") == before
+
+
+def test_the_appliance_reads_no_request_above_64_kib(world: dict[str, Any]) -> None:
+    """gRPC reads a message whole before any check of the servicer (its default limit is
+    4 MiB): a larger one is refused by gRPC itself, unary or on the stream (which ends), and
+    counts nothing; the session it named can still be answered."""
+    before = _counts(world["factory"], "j")
+    stub = _stub(world)
+    ch = stub.Challenge(pb.ChallengeRequest(job_id="j"))
+    big = b"\x00" * (100 << 10)
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(session=ch.session, chip_answer=big)),
+             grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max")  # fmt: skip
+    sock = _socket(world)
+    with pytest.raises(grpc.RpcError) as info:
+        sock.ask(confirm=pb.ConfirmRequest(session=ch.session, boot=big))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    _refused(lambda: stub.Provision(pb.ProvisionRequest(session=ch.session,
+                                                        chip_answer=b"\xa1")),
+             grpc.StatusCode.INVALID_ARGUMENT, "identification")  # fmt: skip
+    assert _counts(world["factory"], "j") == before
+
+
+def test_a_chip_answer_the_appliance_would_refuse_for_its_size_is_that_chips_refusal(
+    world: dict[str, Any],
+) -> None:
+    """A hostile chip's 17 KiB answer is refused at the station as that chip's (CHIP), never
+    sent -- on the stream it would have read as the station's fault -- and the run goes on
+    with the next chip."""
+    from securethread.station import SimulatedChips, StationCredentials, run_station
+
+    class _Loud:
+        def __init__(self, chip: Any) -> None:
+            self._chip = chip
+
+        def identify(self, challenge: bytes) -> bytes:
+            return bytes(self._chip.identify(challenge)) + b"\x00" * (17 << 10)
+
+    real = list(SimulatedChips(SimulatedFab(world["vendor"]), range(FIRST_UID + 730,
+                                                                    FIRST_UID + 732)))
+    chips = [(real[0][0], lambda: _Loud(real[0][1]())), real[1]]
+    f = world["files"]["s1"]
+    creds = StationCredentials.from_files(cert=f["cert"], key=f["key"], ca=f["ca"])
+    before = _counts(world["factory"], "j")
+    r = run_station(creds, [world["server"].target], job_id="j", chips=chips,  # type: ignore[arg-type]
+                    parallel=1)  # fmt: skip
+    assert (r.provisioned, r.refused, r.quota_exhausted) == (1, {"CHIP": 1}, False), r
+    assert re.search(r"answer to its challenge is 18\d{3} bytes \(at most 16384\)",
+                     r.notes[0]), r.notes  # a signature's DER length varies
+    assert _counts(world["factory"], "j")["provisioned"] == before["provisioned"] + 1
 
 
 def test_a_station_holds_at_most_16_streams_and_a_stream_64_unanswered_challenges(
