@@ -446,7 +446,8 @@ class ApplianceClient:
 
 def _check_size(data: bytes, what: str) -> None:
     """A chip's message the appliance would refuse for its size is that chip's refusal here,
-    never sent (on the stream it would be read as the station's fault)."""
+    never sent: above 64 KiB gRPC itself would end the stream with RESOURCE_EXHAUSTED, which
+    on a Provision reads as the job's quota used up."""
     if len(data) > MAX_CHIP_MESSAGE:
         raise _DeviceRefused("CHIP", f"the chip's {what} is {len(data)} bytes (at most "
                                      f"{MAX_CHIP_MESSAGE})")  # fmt: skip
