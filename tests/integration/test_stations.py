@@ -612,9 +612,9 @@ def test_the_appliance_reads_no_request_above_64_kib(world: dict[str, Any]) -> N
 def test_a_chip_answer_the_appliance_would_refuse_for_its_size_is_that_chips_refusal(
     world: dict[str, Any],
 ) -> None:
-    """A hostile chip's 17 KiB answer is refused at the station as that chip's (CHIP), never
-    sent -- on the stream it would have read as the station's fault -- and the run goes on
-    with the next chip."""
+    """A hostile chip's answer 17 KiB too long is refused at the station as that chip's
+    (CHIP), never sent (above 64 KiB gRPC would end the stream with RESOURCE_EXHAUSTED, read
+    on a Provision as the quota used up), and the run goes on with the next chip."""
     from securethread.station import SimulatedChips, StationCredentials, run_station
 
     class _Loud:
@@ -732,7 +732,7 @@ def test_a_station_run_refused_more_streams_says_so_and_not_that_the_quota_is_us
     for sock in socks:
         assert len(_challenge(sock).challenge) == 32
     args = station_args(world["files"]["s7"], world["server"].target, "j", devices=3,
-                        first=700, chips=world["vendor"])  # fmt: skip
+                        first=740, chips=world["vendor"])  # fmt: skip
     proc = cli(*args, ok=False)
     assert proc.returncode == 1, proc.stderr
     line = _one_line(proc.stderr)
