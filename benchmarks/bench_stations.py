@@ -258,14 +258,15 @@ def paired_latency(sites: dict[str, Path], files: dict[str, str], target: str,
                 station += _in_process("--station-latency", json.dumps(files), target,
                                        station_job, str(sites["vendor"]), str(per),
                                        str(at))  # fmt: skip
-    return {
-        "line": {"devices": len(line), "p50_ms": _nearest_rank(line, 0.50),
-                 "p99_ms": _nearest_rank(line, 0.99), "mean_ms": round(sum(line) / len(line), 2)},
-        "station": {"stations": 1, "sockets": 1, "devices": len(station),
-                    "p50_ms": _nearest_rank(station, 0.50), "p99_ms": _nearest_rank(station, 0.99),
-                    "mean_ms": round(sum(station) / len(station), 2)},
-        "rounds": rounds,
-    }  # fmt: skip
+    return {"line": _quantiles(line),
+            "station": {"stations": 1, "sockets": 1, **_quantiles(station)},
+            "rounds": rounds}  # fmt: skip
+
+
+def _quantiles(ms: list[float]) -> dict[str, Any]:
+    """One side's per-device latencies (ms): how many, p50, p99 and mean."""
+    return {"devices": len(ms), "p50_ms": _nearest_rank(ms, 0.50),
+            "p99_ms": _nearest_rank(ms, 0.99), "mean_ms": round(sum(ms) / len(ms), 2)}  # fmt: skip
 
 
 def run(n: int, log: Any, *, counts: tuple[int, ...] = (1, 2, 4), latency_n: int = 1200,

@@ -325,11 +325,6 @@ class PartyDir:
                 f"{step} needs {needs} first ({rel} does not exist in {self.root})"
             )
 
-    def refuse_done(self, rel: str, *, step: str) -> None:
-        """Refuse ``step`` if its state file ``rel`` exists (it was done already)."""
-        if self.exists(rel):
-            raise StepOrderError(f"{step} was already done in {self.root} ({rel} exists)")
-
     def done_before(self, rel: str, *, step: str) -> StepResult | None:
         """``step``'s earlier result if its state file ``rel`` exists but that result never
         reached its caller (the run was killed after its last write); refuse ``step`` if it

@@ -80,7 +80,7 @@ from securethread.heap import freeze_startup_heap
 from securethread.hsm import PinCallback
 from securethread.hsm.token import Token
 from securethread.keys import SIGNING, Curve
-from securethread.keys.ecutil import CryptographyKeyAdapter
+from securethread.keys.ecutil import CryptographyKeyAdapter, spki_der
 from securethread.pki import device_id_of, untrusted
 from securethread.programmer import layout as L
 from securethread.programmer.line import (
@@ -141,8 +141,9 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _fingerprint(cert_der: bytes) -> str:
-    return hashlib.sha256(cert_der).hexdigest()
+def _fingerprint(der: bytes) -> str:
+    """SHA-256 (hex) of a certificate's or a public key's DER: how the station list names them."""
+    return hashlib.sha256(der).hexdigest()
 
 
 def _station_ca(work: PartyDir, token: Token) -> tuple[CryptographyKeyAdapter, x509.Certificate]:
@@ -281,9 +282,7 @@ def add_station(
         raise StationRegistryError(f"station {name!r} is already {state}; choose another name")
     # Withdrawing a station withdraws its key: the same key under a second name would still
     # be let in after remove-station of the first (entries older than key_sha256: not known).
-    spki = key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
-    key_sha256 = hashlib.sha256(spki).hexdigest()
+    key_sha256 = _fingerprint(spki_der(key))
     for other, entry in registry.items():
         if entry.get("key_sha256") == key_sha256:
             state = "withdrawn" if entry.get("removed") else "certified"

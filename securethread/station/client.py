@@ -293,10 +293,12 @@ class ApplianceClient:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not counted:
             return _Unreachable(f"appliance {self.target}: {doing}: {_unavailable(text)}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and doing != "Provision":
-            # Only a Provision's is the job's quota; on a challenge (or the stream that
-            # carries it) it is the appliance's bound on one station's streams or challenges.
+            # Only a Provision's is the job's quota; elsewhere it is one of the appliance's
+            # bounds on a station: its image fetches (GetImage), or its streams or challenges
+            # (a challenge, or the stream that carries it).
+            limit = "IMAGE_LIMIT" if doing == "GetImage" else "STATION_LIMIT"
             return StationCallError(f"appliance {self.target} refused {doing}: {text}",
-                                    code="STATION_LIMIT", exit_code=1)  # fmt: skip
+                                    code=limit, exit_code=1)  # fmt: skip
         if code in _STATION_REFUSED:
             return StationCallError(f"appliance {self.target} refused {doing}: {text}",
                                     code=code.name, exit_code=_EXIT.get(code, 1))  # fmt: skip
@@ -317,10 +319,6 @@ class ApplianceClient:
                                                      timeout=_CALL_TIMEOUT_S):  # fmt: skip
                         buf.write(chunk.data)
                 except grpc.RpcError as exc:
-                    code, text = _describe_rpc(exc)
-                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the image limit, not quota
-                        raise StationCallError(f"appliance {self.target} refused GetImage: {text}",
-                                               code="IMAGE_LIMIT", exit_code=1) from None
                     raise self._rpc_failed(exc, "GetImage", counted=False) from None
                 data = self._images[job_id] = buf.getvalue()
             return data
